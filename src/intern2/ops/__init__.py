@@ -1,0 +1,4 @@
+"""Operators: DCNv3 (functional core and module)."""
+from .dcnv3 import IMPLS, DCNv3Geometry, dcnv3, dcnv3_decompositions, dcnv3_reference
+
+__all__ = ["IMPLS", "DCNv3Geometry", "dcnv3", "dcnv3_decompositions", "dcnv3_reference"]
