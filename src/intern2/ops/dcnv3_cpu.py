@@ -1,13 +1,16 @@
-"""DCNv3 CPU kernels compiled by numba (LLVM shipped in the llvmlite wheel: no C compiler needed).
+"""DCNv3 CPU kernels compiled by numba (LLVM ships in the llvmlite wheel: no C compiler needed).
 
-Design (see docs/architecture.md): for every (output pixel, group, point) the bilinear corner indices and
-weights are computed once, with the mask folded in, then a channel loop over the group's D contiguous
-channels does four loads and four FMAs per channel; LLVM vectorises that loop. Out-of-image corners get
-weight zero and a clamped (valid) index, so the channel loop has no branches.
+Design (docs/architecture.md has the measurements behind it):
 
-Backward recomputes the same indices and weights from (input, offset, mask). It runs in parallel over
-(batch, group) pairs: each pair owns a disjoint slice of grad_input, so the scatter needs no atomics and the
-result is deterministic.
+* For every (output pixel, group, point) the four bilinear corner rows and weights are computed once (the mask
+  folded in); corners outside the image get weight zero and a clamped index, so channel loops have no branches.
+* Channels are processed in blocks of 16 lanes accumulated in a stack buffer. A fixed trip count lets LLVM's
+  SLP vectoriser turn each block into whole vector registers, and the stack buffer cannot alias the input,
+  so no runtime alias checks are needed. (LLVM's loop vectoriser, numba's default, leaves the usual D=16
+  group width in a scalar tail loop.) Indices are unsigned: numba adds a negative-index fix-up to signed ones,
+  which blocks vectorisation.
+* Backward recomputes indices and weights from (input, offset, mask) and runs in parallel over (batch, group):
+  each pair owns a disjoint slice of grad_input, so the scatter needs no atomics and is deterministic.
 """
 from __future__ import annotations
 
@@ -18,7 +21,9 @@ from contextlib import contextmanager
 import numba
 import numpy as np
 import torch
-from numba import prange
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .dcnv3 import DCNv3Geometry
 
@@ -27,18 +32,38 @@ _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 _JIT = dict(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
 # numba's fallback 'workqueue' threading layer aborts on concurrent calls; serialise only in that case.
 _WORKQUEUE_LOCK = threading.Lock()
+_LANES = 16
+_ULANES = np.uint64(_LANES)
+_ZERO = np.uint64(0)
+
+
+@intrinsic
+def _lane_buffer(typingctx, dtype):
+    """A (_LANES,) array on the stack, allocated once in the function's entry block."""
+    array_type = types.Array(dtype.dtype, 1, "C")
+
+    def codegen(context, builder, signature, args):
+        element = context.get_data_type(dtype.dtype)
+        data = cgutils.alloca_once(builder, element, size=_LANES)
+        itemsize = context.get_constant(types.intp, context.get_abi_sizeof(element))
+        array = context.make_array(array_type)(context, builder)
+        context.populate_array(array, data=data, shape=[context.get_constant(types.intp, _LANES)],
+                               strides=[itemsize], itemsize=itemsize, meminfo=None)
+        return array._getvalue()
+
+    return array_type(dtype), codegen
 
 
 @numba.njit(inline="always")
-def _sample_corners(cx, cy, i, j, dw, dh, half_w, half_h, off, n, ho, wo, q, offset_scale, height, width):
+def _sample_corners(cx, cy, i, j, dw, dh, half_w, half_h, off_x, off_y, offset_scale, height, width):
     """Bilinear corners of point (i, j) of window (cx, cy): clamped indices, fractions and validity flags.
 
     ``inside`` is False when the point lies fully outside the image (the official kernel skips it).
     Corners outside the image get validity 0 and an index clamped into the image, so callers can load
     unconditionally and multiply by the flag.
     """
-    x = cx + (i * dw - half_w + off[n, ho, wo, 2 * q]) * offset_scale
-    y = cy + (j * dh - half_h + off[n, ho, wo, 2 * q + 1]) * offset_scale
+    x = cx + (i * dw - half_w + off_x) * offset_scale
+    y = cy + (j * dh - half_h + off_y) * offset_scale
     inside = x > -1.0 and y > -1.0 and x < width and y < height
     x0f = math.floor(x) if inside else 0.0
     y0f = math.floor(y) if inside else 0.0
@@ -52,6 +77,42 @@ def _sample_corners(cx, cy, i, j, dw, dh, half_w, half_h, off, n, ho, wo, q, off
             x - x0f, y - y0f, vx0, vx1, vy0, vy1)
 
 
+@numba.njit(inline="always")
+def _rows(n, x0, x1, y0, y1, height, width, channels, start):
+    """Flat offsets of the four corner rows (from channel ``start``) of a (N, H, W, C) array."""
+    top = (n * height + y0) * width
+    bottom = (n * height + y1) * width
+    return (np.uint64((top + x0) * channels + start), np.uint64((top + x1) * channels + start),
+            np.uint64((bottom + x0) * channels + start), np.uint64((bottom + x1) * channels + start))
+
+
+@numba.njit(inline="always")
+def _mix4(acc, inp, r00, r01, r10, r11, w00, w01, w10, w11, count):
+    """acc[c] += bilinear mix of the four corner rows, c < count."""
+    for c in range(count):
+        acc[c] += w00 * inp[r00 + c] + w01 * inp[r01 + c] + w10 * inp[r10 + c] + w11 * inp[r11 + c]
+
+
+@numba.njit(inline="always")
+def _dot4_scatter4(grad, inp, grad_in, r00, r01, r10, r11, a00, a01, a10, a11, count):
+    """Dot products of ``grad`` with the four corner rows, then grad_in[row] += weight * grad, c < count."""
+    s00 = s01 = s10 = s11 = grad[0] * 0
+    for c in range(count):  # loads only: vectorises without alias checks
+        s00 += grad[c] * inp[r00 + c]
+        s01 += grad[c] * inp[r01 + c]
+        s10 += grad[c] * inp[r10 + c]
+        s11 += grad[c] * inp[r11 + c]
+    for c in range(count):  # rows may coincide after clamping: update them one after the other
+        grad_in[r00 + c] += a00 * grad[c]
+    for c in range(count):
+        grad_in[r01 + c] += a01 * grad[c]
+    for c in range(count):
+        grad_in[r10 + c] += a10 * grad[c]
+    for c in range(count):
+        grad_in[r11 + c] += a11 * grad[c]
+    return s00, s01, s10, s11
+
+
 @numba.njit(**_JIT)
 def _forward_kernel(inp, off, msk, out, kh, kw, sh, sw, ph, pw, dh, dw, group, offset_scale, remove_center):
     n_batch, height, width, channels = inp.shape
@@ -61,35 +122,50 @@ def _forward_kernel(inp, off, msk, out, kh, kw, sh, sw, ph, pw, dh, dw, group, o
     centre = (kw // 2) * kh + kh // 2 if remove_center else -1
     half_h = (dh * (kh - 1)) // 2
     half_w = (dw * (kw - 1)) // 2
-    typed = inp.dtype.type  # keep the channel loop in the input dtype
+    typed = inp.dtype.type  # keep the channel loops in the input dtype
+    in_flat = inp.reshape(-1)
+    out_flat = out.reshape(-1)
+    dim = np.uint64(d_group)
     for row in prange(n_batch * out_h):
         n = row // out_h
         ho = row - n * out_h
+        acc = _lane_buffer(inp.dtype)
         cy = ho * sh - ph + half_h
         for wo in range(out_w):
             cx = wo * sw - pw + half_w
             for g in range(group):
-                base = g * d_group
-                p = 0
-                for k in range(kh * kw):
-                    if k == centre:
-                        continue
-                    q = g * points + p
-                    p += 1
-                    i = k // kh
-                    inside, x0, x1, y0, y1, lx, ly, vx0, vx1, vy0, vy1 = _sample_corners(
-                        cx, cy, i, k - i * kh, dw, dh, half_w, half_h, off, n, ho, wo, q, offset_scale,
-                        height, width)
-                    if not inside:
-                        continue
-                    m = msk[n, ho, wo, q]
-                    w00 = typed((1.0 - ly) * (1.0 - lx) * vy0 * vx0 * m)
-                    w01 = typed((1.0 - ly) * lx * vy0 * vx1 * m)
-                    w10 = typed(ly * (1.0 - lx) * vy1 * vx0 * m)
-                    w11 = typed(ly * lx * vy1 * vx1 * m)
-                    for c in range(base, base + d_group):
-                        out[n, ho, wo, c] += (w00 * inp[n, y0, x0, c] + w01 * inp[n, y0, x1, c]
-                                              + w10 * inp[n, y1, x0, c] + w11 * inp[n, y1, x1, c])
+                o = np.uint64(((n * out_h + ho) * out_w + wo) * channels + g * d_group)
+                start = _ZERO
+                while start < dim:
+                    count = min(_ULANES, dim - start)
+                    for c in range(_ULANES):
+                        acc[c] = 0.0
+                    p = 0
+                    for k in range(kh * kw):
+                        if k == centre:
+                            continue
+                        q = g * points + p
+                        p += 1
+                        i = k // kh
+                        inside, x0, x1, y0, y1, lx, ly, vx0, vx1, vy0, vy1 = _sample_corners(
+                            cx, cy, i, k - i * kh, dw, dh, half_w, half_h, off[n, ho, wo, 2 * q],
+                            off[n, ho, wo, 2 * q + 1], offset_scale, height, width)
+                        if not inside:
+                            continue
+                        m = msk[n, ho, wo, q]
+                        w00 = typed((1.0 - ly) * (1.0 - lx) * vy0 * vx0 * m)
+                        w01 = typed((1.0 - ly) * lx * vy0 * vx1 * m)
+                        w10 = typed(ly * (1.0 - lx) * vy1 * vx0 * m)
+                        w11 = typed(ly * lx * vy1 * vx1 * m)
+                        r00, r01, r10, r11 = _rows(n, x0, x1, y0, y1, height, width, channels,
+                                                   g * d_group + int(start))
+                        if count == _ULANES:  # constant trip count: one vector per corner row
+                            _mix4(acc, in_flat, r00, r01, r10, r11, w00, w01, w10, w11, _ULANES)
+                        else:
+                            _mix4(acc, in_flat, r00, r01, r10, r11, w00, w01, w10, w11, count)
+                    for c in range(count):
+                        out_flat[o + start + c] = acc[c]
+                    start += _ULANES
 
 
 @numba.njit(**_JIT)
@@ -103,14 +179,19 @@ def _backward_kernel(gout, inp, off, msk, gin, goff, gmsk,
     half_h = (dh * (kh - 1)) // 2
     half_w = (dw * (kw - 1)) // 2
     typed = inp.dtype.type
+    in_flat = inp.reshape(-1)
+    gin_flat = gin.reshape(-1)
+    gout_flat = gout.reshape(-1)
+    dim = np.uint64(d_group)
     for ng in prange(n_batch * group):
         n = ng // group
         g = ng - n * group
-        base = g * d_group
+        grad = _lane_buffer(inp.dtype)
         for ho in range(out_h):
             cy = ho * sh - ph + half_h
             for wo in range(out_w):
                 cx = wo * sw - pw + half_w
+                o = np.uint64(((n * out_h + ho) * out_w + wo) * channels + g * d_group)
                 p = 0
                 for k in range(kh * kw):
                     if k == centre:
@@ -119,8 +200,8 @@ def _backward_kernel(gout, inp, off, msk, gin, goff, gmsk,
                     p += 1
                     i = k // kh
                     inside, x0, x1, y0, y1, lx, ly, vx0, vx1, vy0, vy1 = _sample_corners(
-                        cx, cy, i, k - i * kh, dw, dh, half_w, half_h, off, n, ho, wo, q, offset_scale,
-                        height, width)
+                        cx, cy, i, k - i * kh, dw, dh, half_w, half_h, off[n, ho, wo, 2 * q],
+                        off[n, ho, wo, 2 * q + 1], offset_scale, height, width)
                     if not inside:
                         continue
                     m = msk[n, ho, wo, q]
@@ -128,18 +209,26 @@ def _backward_kernel(gout, inp, off, msk, gin, goff, gmsk,
                     a01 = typed((1.0 - ly) * lx * vy0 * vx1 * m)
                     a10 = typed(ly * (1.0 - lx) * vy1 * vx0 * m)
                     a11 = typed(ly * lx * vy1 * vx1 * m)
-                    # Dot products of grad_output with the four corner rows (clamped rows are zeroed below).
-                    s00 = s01 = s10 = s11 = typed(0.0)
-                    for c in range(base, base + d_group):
-                        go = gout[n, ho, wo, c]
-                        s00 += go * inp[n, y0, x0, c]
-                        s01 += go * inp[n, y0, x1, c]
-                        s10 += go * inp[n, y1, x0, c]
-                        s11 += go * inp[n, y1, x1, c]
-                        gin[n, y0, x0, c] += a00 * go
-                        gin[n, y0, x1, c] += a01 * go
-                        gin[n, y1, x0, c] += a10 * go
-                        gin[n, y1, x1, c] += a11 * go
+                    s00 = s01 = s10 = s11 = 0.0
+                    start = _ZERO
+                    while start < dim:
+                        count = min(_ULANES, dim - start)
+                        for c in range(count):  # the stack copy cannot alias grad_input
+                            grad[c] = gout_flat[o + start + c]
+                        r00, r01, r10, r11 = _rows(n, x0, x1, y0, y1, height, width, channels,
+                                                   g * d_group + int(start))
+                        if count == _ULANES:
+                            t00, t01, t10, t11 = _dot4_scatter4(grad, in_flat, gin_flat, r00, r01, r10, r11,
+                                                                a00, a01, a10, a11, _ULANES)
+                        else:
+                            t00, t01, t10, t11 = _dot4_scatter4(grad, in_flat, gin_flat, r00, r01, r10, r11,
+                                                                a00, a01, a10, a11, count)
+                        s00 += t00
+                        s01 += t01
+                        s10 += t10
+                        s11 += t11
+                        start += _ULANES
+                    # Corners outside the image hold zeros: their dot products must not count.
                     v00 = s00 * vy0 * vx0
                     v01 = s01 * vy0 * vx1
                     v10 = s10 * vy1 * vx0
@@ -151,6 +240,17 @@ def _backward_kernel(gout, inp, off, msk, gin, goff, gmsk,
                     goff[n, ho, wo, 2 * q + 1] = scale * ((1.0 - lx) * (v10 - v00) + lx * (v11 - v01))
 
 
+@contextmanager
+def _slp_vectorizer():
+    """numba leaves LLVM's SLP vectoriser off by default; the fixed-width channel blocks above need it."""
+    previous = numba.config.SLP_VECTORIZE
+    numba.config.SLP_VECTORIZE = 1
+    try:
+        yield
+    finally:
+        numba.config.SLP_VECTORIZE = previous
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -159,11 +259,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _numba_threads():
     """Run numba's parallel loops on as many threads as torch is allowed to use."""
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    if _uses_workqueue():
-        with _WORKQUEUE_LOCK:
+    with _slp_vectorizer():
+        if _uses_workqueue():
+            with _WORKQUEUE_LOCK:
+                yield
+        else:
             yield
-    else:
-        yield
 
 
 def _uses_workqueue() -> bool:
