@@ -94,8 +94,13 @@ def _mix4(acc, inp, r00, r01, r10, r11, w00, w01, w10, w11, count):
 
 
 @numba.njit(inline="always")
-def _dot4_scatter4(grad, inp, grad_in, r00, r01, r10, r11, a00, a01, a10, a11, count):
-    """Dot products of ``grad`` with the four corner rows, then grad_in[row] += weight * grad, c < count."""
+def _dot4_scatter4(grad, grad_out, o, inp, grad_in, r00, r01, r10, r11, a00, a01, a10, a11, count):
+    """Dot products of grad_out[o:o+count] with the four corner rows, then grad_in[row] += weight * grad_out.
+
+    ``grad`` is a stack copy of the grad_out slice: it cannot alias grad_in, so every loop vectorises.
+    """
+    for c in range(count):
+        grad[c] = grad_out[o + c]
     s00 = s01 = s10 = s11 = grad[0] * 0
     for c in range(count):  # loads only: vectorises without alias checks
         s00 += grad[c] * inp[r00 + c]
@@ -125,6 +130,8 @@ def _forward_kernel(inp, off, msk, out, kh, kw, sh, sw, ph, pw, dh, dw, group, o
     typed = inp.dtype.type  # keep the channel loops in the input dtype
     in_flat = inp.reshape(-1)
     out_flat = out.reshape(-1)
+    off_flat = off.reshape(-1)
+    msk_flat = msk.reshape(-1)
     dim = np.uint64(d_group)
     for row in prange(n_batch * out_h):
         n = row // out_h
@@ -134,7 +141,9 @@ def _forward_kernel(inp, off, msk, out, kh, kw, sh, sw, ph, pw, dh, dw, group, o
         for wo in range(out_w):
             cx = wo * sw - pw + half_w
             for g in range(group):
-                o = np.uint64(((n * out_h + ho) * out_w + wo) * channels + g * d_group)
+                pixel = (n * out_h + ho) * out_w + wo
+                o = np.uint64(pixel * channels + g * d_group)
+                q0 = np.uint64(pixel * group * points + g * points)  # first mask index of this group
                 start = _ZERO
                 while start < dim:
                     count = min(_ULANES, dim - start)
@@ -144,15 +153,15 @@ def _forward_kernel(inp, off, msk, out, kh, kw, sh, sw, ph, pw, dh, dw, group, o
                     for k in range(kh * kw):
                         if k == centre:
                             continue
-                        q = g * points + p
+                        q = q0 + np.uint64(p)
                         p += 1
                         i = k // kh
                         inside, x0, x1, y0, y1, lx, ly, vx0, vx1, vy0, vy1 = _sample_corners(
-                            cx, cy, i, k - i * kh, dw, dh, half_w, half_h, off[n, ho, wo, 2 * q],
-                            off[n, ho, wo, 2 * q + 1], offset_scale, height, width)
+                            cx, cy, i, k - i * kh, dw, dh, half_w, half_h, off_flat[2 * q],
+                            off_flat[2 * q + 1], offset_scale, height, width)
                         if not inside:
                             continue
-                        m = msk[n, ho, wo, q]
+                        m = msk_flat[q]
                         w00 = typed((1.0 - ly) * (1.0 - lx) * vy0 * vx0 * m)
                         w01 = typed((1.0 - ly) * lx * vy0 * vx1 * m)
                         w10 = typed(ly * (1.0 - lx) * vy1 * vx0 * m)
@@ -170,7 +179,7 @@ def _forward_kernel(inp, off, msk, out, kh, kw, sh, sw, ph, pw, dh, dw, group, o
 
 @numba.njit(**_JIT)
 def _backward_kernel(gout, inp, off, msk, gin, goff, gmsk,
-                     kh, kw, sh, sw, ph, pw, dh, dw, group, offset_scale, remove_center):
+                     kh, kw, sh, sw, ph, pw, dh, dw, group, offset_scale, remove_center, group_chunks):
     n_batch, height, width, channels = inp.shape
     out_h, out_w = gout.shape[1], gout.shape[2]
     d_group = channels // group
@@ -182,62 +191,68 @@ def _backward_kernel(gout, inp, off, msk, gin, goff, gmsk,
     in_flat = inp.reshape(-1)
     gin_flat = gin.reshape(-1)
     gout_flat = gout.reshape(-1)
+    off_flat = off.reshape(-1)
+    msk_flat = msk.reshape(-1)
+    goff_flat = goff.reshape(-1)
+    gmsk_flat = gmsk.reshape(-1)
     dim = np.uint64(d_group)
-    for ng in prange(n_batch * group):
-        n = ng // group
-        g = ng - n * group
+    chunk = (group + group_chunks - 1) // group_chunks
+    for item in prange(n_batch * group_chunks):
+        n = item // group_chunks
+        g_first = (item - n * group_chunks) * chunk
         grad = _lane_buffer(inp.dtype)
         for ho in range(out_h):
             cy = ho * sh - ph + half_h
             for wo in range(out_w):
                 cx = wo * sw - pw + half_w
-                o = np.uint64(((n * out_h + ho) * out_w + wo) * channels + g * d_group)
-                p = 0
-                for k in range(kh * kw):
-                    if k == centre:
-                        continue
-                    q = g * points + p
-                    p += 1
-                    i = k // kh
-                    inside, x0, x1, y0, y1, lx, ly, vx0, vx1, vy0, vy1 = _sample_corners(
-                        cx, cy, i, k - i * kh, dw, dh, half_w, half_h, off[n, ho, wo, 2 * q],
-                        off[n, ho, wo, 2 * q + 1], offset_scale, height, width)
-                    if not inside:
-                        continue
-                    m = msk[n, ho, wo, q]
-                    a00 = typed((1.0 - ly) * (1.0 - lx) * vy0 * vx0 * m)
-                    a01 = typed((1.0 - ly) * lx * vy0 * vx1 * m)
-                    a10 = typed(ly * (1.0 - lx) * vy1 * vx0 * m)
-                    a11 = typed(ly * lx * vy1 * vx1 * m)
-                    s00 = s01 = s10 = s11 = 0.0
-                    start = _ZERO
-                    while start < dim:
-                        count = min(_ULANES, dim - start)
-                        for c in range(count):  # the stack copy cannot alias grad_input
-                            grad[c] = gout_flat[o + start + c]
-                        r00, r01, r10, r11 = _rows(n, x0, x1, y0, y1, height, width, channels,
-                                                   g * d_group + int(start))
-                        if count == _ULANES:
-                            t00, t01, t10, t11 = _dot4_scatter4(grad, in_flat, gin_flat, r00, r01, r10, r11,
-                                                                a00, a01, a10, a11, _ULANES)
-                        else:
-                            t00, t01, t10, t11 = _dot4_scatter4(grad, in_flat, gin_flat, r00, r01, r10, r11,
-                                                                a00, a01, a10, a11, count)
-                        s00 += t00
-                        s01 += t01
-                        s10 += t10
-                        s11 += t11
-                        start += _ULANES
-                    # Corners outside the image hold zeros: their dot products must not count.
-                    v00 = s00 * vy0 * vx0
-                    v01 = s01 * vy0 * vx1
-                    v10 = s10 * vy1 * vx0
-                    v11 = s11 * vy1 * vx1
-                    gmsk[n, ho, wo, q] = ((1.0 - ly) * ((1.0 - lx) * v00 + lx * v01)
-                                          + ly * ((1.0 - lx) * v10 + lx * v11))
-                    scale = m * offset_scale
-                    goff[n, ho, wo, 2 * q] = scale * ((1.0 - ly) * (v01 - v00) + ly * (v11 - v10))
-                    goff[n, ho, wo, 2 * q + 1] = scale * ((1.0 - lx) * (v10 - v00) + lx * (v11 - v01))
+                for g in range(g_first, min(g_first + chunk, group)):
+                    pixel = (n * out_h + ho) * out_w + wo
+                    o = np.uint64(pixel * channels + g * d_group)
+                    q0 = np.uint64(pixel * group * points + g * points)  # first mask index of this group
+                    p = 0
+                    for k in range(kh * kw):
+                        if k == centre:
+                            continue
+                        q = q0 + np.uint64(p)
+                        p += 1
+                        i = k // kh
+                        inside, x0, x1, y0, y1, lx, ly, vx0, vx1, vy0, vy1 = _sample_corners(
+                            cx, cy, i, k - i * kh, dw, dh, half_w, half_h, off_flat[2 * q],
+                            off_flat[2 * q + 1], offset_scale, height, width)
+                        if not inside:
+                            continue
+                        m = msk_flat[q]
+                        a00 = typed((1.0 - ly) * (1.0 - lx) * vy0 * vx0 * m)
+                        a01 = typed((1.0 - ly) * lx * vy0 * vx1 * m)
+                        a10 = typed(ly * (1.0 - lx) * vy1 * vx0 * m)
+                        a11 = typed(ly * lx * vy1 * vx1 * m)
+                        s00 = s01 = s10 = s11 = 0.0
+                        start = _ZERO
+                        while start < dim:
+                            count = min(_ULANES, dim - start)
+                            r00, r01, r10, r11 = _rows(n, x0, x1, y0, y1, height, width, channels,
+                                                       g * d_group + int(start))
+                            if count == _ULANES:
+                                t00, t01, t10, t11 = _dot4_scatter4(grad, gout_flat, o + start, in_flat, gin_flat,
+                                                                    r00, r01, r10, r11, a00, a01, a10, a11, _ULANES)
+                            else:
+                                t00, t01, t10, t11 = _dot4_scatter4(grad, gout_flat, o + start, in_flat, gin_flat,
+                                                                    r00, r01, r10, r11, a00, a01, a10, a11, count)
+                            s00 += t00
+                            s01 += t01
+                            s10 += t10
+                            s11 += t11
+                            start += _ULANES
+                        # Corners outside the image hold zeros: their dot products must not count.
+                        v00 = s00 * vy0 * vx0
+                        v01 = s01 * vy0 * vx1
+                        v10 = s10 * vy1 * vx0
+                        v11 = s11 * vy1 * vx1
+                        gmsk_flat[q] = ((1.0 - ly) * ((1.0 - lx) * v00 + lx * v01)
+                                              + ly * ((1.0 - lx) * v10 + lx * v11))
+                        scale = m * offset_scale
+                        goff_flat[2 * q] = scale * ((1.0 - ly) * (v01 - v00) + ly * (v11 - v10))
+                        goff_flat[2 * q + 1] = scale * ((1.0 - lx) * (v10 - v00) + lx * (v11 - v01))
 
 
 @contextmanager
@@ -258,13 +273,14 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 @contextmanager
 def _numba_threads():
     """Run numba's parallel loops on as many threads as torch is allowed to use."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(threads)
     with _slp_vectorizer():
         if _uses_workqueue():
             with _WORKQUEUE_LOCK:
-                yield
+                yield threads
         else:
-            yield
+            yield threads
 
 
 def _uses_workqueue() -> bool:
@@ -299,7 +315,11 @@ def dcnv3_backward(grad_output: torch.Tensor, input: torch.Tensor, offset: torch
     """Gradients w.r.t. (input, offset, mask) of sum(output * grad_output)."""
     dtype = _compute_dtype(input.dtype)
     grads = [torch.zeros(t.shape, dtype=dtype) for t in (input, offset, mask)]
-    with _numba_threads():
+    with _numba_threads() as threads:
+        # Work items are (image, block of groups); split groups only as far as needed to feed every thread,
+        # since a whole pixel's channels are contiguous in memory.
+        group_chunks = min(geo.group, -(-2 * threads // input.shape[0]))
         _backward_kernel(_as_numpy(grad_output, dtype), _as_numpy(input, dtype), _as_numpy(offset, dtype),
-                         _as_numpy(mask, dtype), *(gr.numpy() for gr in grads), *_geometry_args(geo))
+                         _as_numpy(mask, dtype), *(gr.numpy() for gr in grads), *_geometry_args(geo),
+                         group_chunks)
     return tuple(gr.to(t.dtype) for gr, t in zip(grads, (input, offset, mask)))
