@@ -38,20 +38,27 @@ _ZERO = np.uint64(0)
 
 
 @intrinsic
-def _lane_buffer(typingctx, dtype):
-    """A (_LANES,) array on the stack, allocated once in the function's entry block."""
+def _stack_array(typingctx, size, dtype):
+    """A 1-D array of a literal ``size`` on the stack, allocated once in the function's entry block.
+
+    Stack memory provably aliases no argument array, which is what lets LLVM vectorise loops that mix
+    loads from the inputs with stores to these buffers.
+    """
+    if not isinstance(size, types.IntegerLiteral):
+        return None
+    length = size.literal_value
     array_type = types.Array(dtype.dtype, 1, "C")
 
     def codegen(context, builder, signature, args):
         element = context.get_data_type(dtype.dtype)
-        data = cgutils.alloca_once(builder, element, size=_LANES)
+        data = cgutils.alloca_once(builder, element, size=length)
         itemsize = context.get_constant(types.intp, context.get_abi_sizeof(element))
         array = context.make_array(array_type)(context, builder)
-        context.populate_array(array, data=data, shape=[context.get_constant(types.intp, _LANES)],
+        context.populate_array(array, data=data, shape=[context.get_constant(types.intp, length)],
                                strides=[itemsize], itemsize=itemsize, meminfo=None)
         return array._getvalue()
 
-    return array_type(dtype), codegen
+    return array_type(size, dtype), codegen
 
 
 @numba.njit(inline="always")
@@ -94,6 +101,15 @@ def _mix4(acc, inp, r00, r01, r10, r11, w00, w01, w10, w11, count):
 
 
 @numba.njit(inline="always")
+def _dot(grad, inp, row, count):
+    """sum(grad[c] * inp[row + c]) for c < count."""
+    total = inp.dtype.type(0.0)
+    for c in range(count):
+        total += grad[c] * inp[row + c]
+    return total
+
+
+@numba.njit(inline="always")
 def _dot4_scatter4(grad, grad_out, o, inp, grad_in, r00, r01, r10, r11, a00, a01, a10, a11, count):
     """Dot products of grad_out[o:o+count] with the four corner rows, then grad_in[row] += weight * grad_out.
 
@@ -101,12 +117,8 @@ def _dot4_scatter4(grad, grad_out, o, inp, grad_in, r00, r01, r10, r11, a00, a01
     """
     for c in range(count):
         grad[c] = grad_out[o + c]
-    s00 = s01 = s10 = s11 = grad[0] * 0
-    for c in range(count):  # loads only: vectorises without alias checks
-        s00 += grad[c] * inp[r00 + c]
-        s01 += grad[c] * inp[r01 + c]
-        s10 += grad[c] * inp[r10 + c]
-        s11 += grad[c] * inp[r11 + c]
+    dots = (_dot(grad, inp, r00, count), _dot(grad, inp, r01, count), _dot(grad, inp, r10, count),
+            _dot(grad, inp, r11, count))
     for c in range(count):  # rows may coincide after clamping: update them one after the other
         grad_in[r00 + c] += a00 * grad[c]
     for c in range(count):
@@ -115,7 +127,7 @@ def _dot4_scatter4(grad, grad_out, o, inp, grad_in, r00, r01, r10, r11, a00, a01
         grad_in[r10 + c] += a10 * grad[c]
     for c in range(count):
         grad_in[r11 + c] += a11 * grad[c]
-    return s00, s01, s10, s11
+    return dots
 
 
 @numba.njit(**_JIT)
@@ -136,7 +148,7 @@ def _forward_kernel(inp, off, msk, out, kh, kw, sh, sw, ph, pw, dh, dw, group, o
     for row in prange(n_batch * out_h):
         n = row // out_h
         ho = row - n * out_h
-        acc = _lane_buffer(inp.dtype)
+        acc = _stack_array(_LANES, inp.dtype)
         cy = ho * sh - ph + half_h
         for wo in range(out_w):
             cx = wo * sw - pw + half_w
@@ -200,7 +212,7 @@ def _backward_kernel(gout, inp, off, msk, gin, goff, gmsk,
     for item in prange(n_batch * group_chunks):
         n = item // group_chunks
         g_first = (item - n * group_chunks) * chunk
-        grad = _lane_buffer(inp.dtype)
+        grad = _stack_array(_LANES, inp.dtype)
         for ho in range(out_h):
             cy = ho * sh - ph + half_h
             for wo in range(out_w):
@@ -226,7 +238,7 @@ def _backward_kernel(gout, inp, off, msk, gin, goff, gmsk,
                         a01 = typed((1.0 - ly) * lx * vy0 * vx1 * m)
                         a10 = typed(ly * (1.0 - lx) * vy1 * vx0 * m)
                         a11 = typed(ly * lx * vy1 * vx1 * m)
-                        s00 = s01 = s10 = s11 = 0.0
+                        s00 = s01 = s10 = s11 = typed(0.0)
                         start = _ZERO
                         while start < dim:
                             count = min(_ULANES, dim - start)
