@@ -315,7 +315,7 @@ def dcnv3_forward(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor,
     """Forward on CPU tensors; half types are computed in float32."""
     dtype = _compute_dtype(input.dtype)
     n, h, w, c = input.shape
-    out = torch.zeros((n, *offset.shape[1:3], c), dtype=dtype)
+    out = torch.empty((n, *offset.shape[1:3], c), dtype=dtype)  # the kernel writes every element
     with _numba_threads():
         _forward_kernel(_as_numpy(input, dtype), _as_numpy(offset, dtype), _as_numpy(mask, dtype), out.numpy(),
                         *_geometry_args(geo))
