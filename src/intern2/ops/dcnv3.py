@@ -159,8 +159,7 @@ def dcnv3_reference(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tenso
     kernel = geo.kernel_grid(input.dtype, input.device)  # (P, 2)
     loc = centres[:, :, None, None] + (kernel + offset.view(n, ho, wo, g, p, 2)) * geo.offset_scale
     # grid_sample with align_corners=False maps normalised u to pixel ((u + 1) * size - 1) / 2.
-    size = torch.tensor([w, h], dtype=input.dtype, device=input.device)
-    grid = (2 * loc + 1) / size - 1
+    grid = torch.stack(((2 * loc[..., 0] + 1) / w - 1, (2 * loc[..., 1] + 1) / h - 1), -1)
     grid = grid.permute(0, 3, 1, 2, 4, 5).reshape(n * g, ho * wo, p, 2)
     value = input.view(n, h, w, g, d).permute(0, 3, 4, 1, 2).reshape(n * g, d, h, w)
     sampled = F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -1,0 +1,42 @@
+"""Shared test helpers: golden fixtures from ../shared/fixtures, Triton interpreter on CPU-only machines."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Triton kernels run on CPU tensors through the interpreter; the flag is read when kernels are defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+
+
+def fixture_path(*parts: str) -> Path:
+    """Path inside ../shared/fixtures, skipping the test when the fixtures are not checked out."""
+    path = FIXTURES.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"golden fixture {path} not present (../shared/fixtures is outside this repository)")
+    return path
+
+
+def load_fixture(name: str):
+    """(json metadata or None, tensors) of ../shared/fixtures/<name>.{json,safetensors}."""
+    from safetensors.torch import load_file
+    tensors = load_file(str(fixture_path(f"{name}.safetensors")))
+    meta_path = FIXTURES / f"{name}.json"
+    return (json.loads(meta_path.read_text()) if meta_path.exists() else None), tensors
+
+
+def fixture_cases(name: str, key: str) -> list:
+    """Case list of a fixture's JSON for parametrisation (empty when fixtures are absent: tests then skip)."""
+    path = FIXTURES / f"{name}.json"
+    if not path.exists():
+        return [pytest.param(None, marks=pytest.mark.skip(reason=f"{path} not present"))]
+    return json.loads(path.read_text())[key]
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
