@@ -1,0 +1,58 @@
+"""`intern2 <command> [args]`: every command is a ``main(argv) -> int`` that tests call in-process."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Dict, List, Optional, Tuple
+
+# command -> (module:function, one-line help). Modules are imported only when their command runs.
+COMMANDS: Dict[str, Tuple[str, str]] = {
+    "list": ("intern2.cli:list_main", "list registered models"),
+    "demo": ("intern2.demo:main", "run the end-to-end demonstration on built-in data"),
+}
+
+
+def list_main(argv: Optional[List[str]] = None) -> int:
+    """Print registered model names, optionally filtered by a shell pattern."""
+    parser = argparse.ArgumentParser(prog="intern2 list", description=list_main.__doc__)
+    parser.add_argument("pattern", nargs="?", help="shell-style filter, e.g. 'internimage_*'")
+    args = parser.parse_args(argv)
+    from .registry import list_models
+    names = list_models(args.pattern)
+    if not names:
+        print(f"no registered model matches {args.pattern!r}" if args.pattern else "no models registered")
+        return 1 if args.pattern else 0
+    print("\n".join(names))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="intern2", description="INTERN 2.0 general models in plain PyTorch.",
+        epilog="Run 'intern2 <command> --help' for a command's options.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("command", choices=sorted(COMMANDS), metavar="<command>",
+                        help="; ".join(f"{name}: {text}" for name, (_, text) in COMMANDS.items()))
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    if argv[0] == "--version":
+        from . import __version__
+        print(f"intern2 {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        parser.error(f"unknown command {command!r}; choose from {', '.join(sorted(COMMANDS))}")
+    module_name, function = COMMANDS[command][0].split(":")
+    return int(getattr(importlib.import_module(module_name), function)(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
