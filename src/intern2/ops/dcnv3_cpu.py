@@ -110,13 +110,14 @@ def _dot(grad, inp, row, count):
 
 
 @numba.njit(inline="always")
-def _dot4_scatter4(grad, grad_out, o, inp, grad_in, r00, r01, r10, r11, a00, a01, a10, a11, count):
-    """Dot products of grad_out[o:o+count] with the four corner rows, then grad_in[row] += weight * grad_out.
-
-    ``grad`` is a stack copy of the grad_out slice: it cannot alias grad_in, so every loop vectorises.
-    """
+def _copy(dst, src, start, count):
     for c in range(count):
-        grad[c] = grad_out[o + c]
+        dst[c] = src[start + c]
+
+
+@numba.njit(inline="always")
+def _dot4_scatter4(grad, inp, grad_in, r00, r01, r10, r11, a00, a01, a10, a11, count):
+    """Dot products of ``grad`` with the four corner rows, then grad_in[row] += weight * grad; c < count."""
     dots = (_dot(grad, inp, r00, count), _dot(grad, inp, r01, count), _dot(grad, inp, r10, count),
             _dot(grad, inp, r11, count))
     for c in range(count):  # rows may coincide after clamping: update them one after the other
@@ -221,50 +222,51 @@ def _backward_kernel(gout, inp, off, msk, gin, goff, gmsk,
                     pixel = (n * out_h + ho) * out_w + wo
                     o = np.uint64(pixel * channels + g * d_group)
                     q0 = np.uint64(pixel * group * points + g * points)  # first mask index of this group
-                    p = 0
-                    for k in range(kh * kw):
-                        if k == centre:
-                            continue
-                        q = q0 + np.uint64(p)
-                        p += 1
-                        i = k // kh
-                        inside, x0, x1, y0, y1, lx, ly, vx0, vx1, vy0, vy1 = _sample_corners(
-                            cx, cy, i, k - i * kh, dw, dh, half_w, half_h, off_flat[2 * q],
-                            off_flat[2 * q + 1], offset_scale, height, width)
-                        if not inside:
-                            continue
-                        m = msk_flat[q]
-                        a00 = typed((1.0 - ly) * (1.0 - lx) * vy0 * vx0 * m)
-                        a01 = typed((1.0 - ly) * lx * vy0 * vx1 * m)
-                        a10 = typed(ly * (1.0 - lx) * vy1 * vx0 * m)
-                        a11 = typed(ly * lx * vy1 * vx1 * m)
-                        s00 = s01 = s10 = s11 = typed(0.0)
-                        start = _ZERO
-                        while start < dim:
-                            count = min(_ULANES, dim - start)
+                    start = _ZERO
+                    while start < dim:
+                        count = min(_ULANES, dim - start)
+                        # One stack copy of this block of grad_output serves all P points (and cannot alias
+                        # grad_input). Gradients are linear in the per-block dot products: accumulate them.
+                        if count == _ULANES:
+                            _copy(grad, gout_flat, o + start, _ULANES)
+                        else:
+                            _copy(grad, gout_flat, o + start, count)
+                        p = 0
+                        for k in range(kh * kw):
+                            if k == centre:
+                                continue
+                            q = q0 + np.uint64(p)
+                            p += 1
+                            i = k // kh
+                            inside, x0, x1, y0, y1, lx, ly, vx0, vx1, vy0, vy1 = _sample_corners(
+                                cx, cy, i, k - i * kh, dw, dh, half_w, half_h, off_flat[2 * q],
+                                off_flat[2 * q + 1], offset_scale, height, width)
+                            if not inside:
+                                continue
+                            m = msk_flat[q]
+                            a00 = typed((1.0 - ly) * (1.0 - lx) * vy0 * vx0 * m)
+                            a01 = typed((1.0 - ly) * lx * vy0 * vx1 * m)
+                            a10 = typed(ly * (1.0 - lx) * vy1 * vx0 * m)
+                            a11 = typed(ly * lx * vy1 * vx1 * m)
                             r00, r01, r10, r11 = _rows(n, x0, x1, y0, y1, height, width, channels,
                                                        g * d_group + int(start))
                             if count == _ULANES:
-                                t00, t01, t10, t11 = _dot4_scatter4(grad, gout_flat, o + start, in_flat, gin_flat,
-                                                                    r00, r01, r10, r11, a00, a01, a10, a11, _ULANES)
+                                s00, s01, s10, s11 = _dot4_scatter4(grad, in_flat, gin_flat, r00, r01, r10, r11,
+                                                                    a00, a01, a10, a11, _ULANES)
                             else:
-                                t00, t01, t10, t11 = _dot4_scatter4(grad, gout_flat, o + start, in_flat, gin_flat,
-                                                                    r00, r01, r10, r11, a00, a01, a10, a11, count)
-                            s00 += t00
-                            s01 += t01
-                            s10 += t10
-                            s11 += t11
-                            start += _ULANES
-                        # Corners outside the image hold zeros: their dot products must not count.
-                        v00 = s00 * vy0 * vx0
-                        v01 = s01 * vy0 * vx1
-                        v10 = s10 * vy1 * vx0
-                        v11 = s11 * vy1 * vx1
-                        gmsk_flat[q] = ((1.0 - ly) * ((1.0 - lx) * v00 + lx * v01)
-                                              + ly * ((1.0 - lx) * v10 + lx * v11))
-                        scale = m * offset_scale
-                        goff_flat[2 * q] = scale * ((1.0 - ly) * (v01 - v00) + ly * (v11 - v10))
-                        goff_flat[2 * q + 1] = scale * ((1.0 - lx) * (v10 - v00) + lx * (v11 - v01))
+                                s00, s01, s10, s11 = _dot4_scatter4(grad, in_flat, gin_flat, r00, r01, r10, r11,
+                                                                    a00, a01, a10, a11, count)
+                            # Corners outside the image hold zeros: their dot products must not count.
+                            v00 = s00 * vy0 * vx0
+                            v01 = s01 * vy0 * vx1
+                            v10 = s10 * vy1 * vx0
+                            v11 = s11 * vy1 * vx1
+                            gmsk_flat[q] += ((1.0 - ly) * ((1.0 - lx) * v00 + lx * v01)
+                                             + ly * ((1.0 - lx) * v10 + lx * v11))
+                            scale = m * offset_scale
+                            goff_flat[2 * q] += scale * ((1.0 - ly) * (v01 - v00) + ly * (v11 - v10))
+                            goff_flat[2 * q + 1] += scale * ((1.0 - lx) * (v10 - v00) + lx * (v11 - v01))
+                        start += _ULANES
 
 
 @contextmanager
