@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Iterable, Optional
 
 import pytest
 import torch
@@ -31,12 +32,16 @@ def load_fixture(name: str):
     return (json.loads(meta_path.read_text()) if meta_path.exists() else None), tensors
 
 
-def fixture_cases(name: str, key: str) -> list:
-    """Case list of a fixture's JSON for parametrisation (empty when fixtures are absent: tests then skip)."""
+def fixture_cases(name: str, key: str, only: Optional[Iterable[str]] = None) -> list:
+    """Case list of a fixture's JSON for parametrisation, optionally only the cases whose "name" is in ``only``.
+
+    When the fixtures are absent this returns one skipped placeholder, so the tests report a skip, not nothing.
+    """
     path = FIXTURES / f"{name}.json"
     if not path.exists():
         return [pytest.param(None, marks=pytest.mark.skip(reason=f"{path} not present"))]
-    return json.loads(path.read_text())[key]
+    cases = json.loads(path.read_text())[key]
+    return [c for c in cases if only is None or c["name"] in only]
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -72,7 +72,7 @@ def test_core_matches_dcn_perf_golden(name, impl):
     assert (diff > 1e-3).float().mean() < 1e-3
 
 
-@pytest.mark.parametrize("case", [c for c in CORE_CASES if c is None or c["name"] in TRITON_CASES],
+@pytest.mark.parametrize("case", fixture_cases("internimage/dcnv3_core", "cases", only=TRITON_CASES),
                          ids=lambda c: c["name"] if c else "absent")
 def test_triton_matches_exact_official(case):
     _, tensors = load_fixture("internimage/dcnv3_core")
