@@ -1,0 +1,494 @@
+"""InternImage (T, S, B, L, XL, H, G): the general image model of INTERN 2.0, built on DCNv3.
+
+The module tree mirrors the official ``classification/models/intern_image.py`` state-dict keys, so official
+checkpoints load strictly. Constructor keywords are the official config names (``InternImage(**official_cfg)``
+builds the same model). ``features_only=True`` gives the detection/segmentation backbone: per-level NCHW maps
+after the level norm and before downsampling (strides 4, 8, 16, 32), without the classification head.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..layers import build_act_layer, build_norm_layer
+from ..ops import DCNv3
+from ..registry import register_model
+
+__all__ = ["InternImage", "InternImageConfig", "checkpoint_filter_fn", "INTERNIMAGE_VARIANTS"]
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class InternImageConfig:
+    """Architecture of one InternImage variant; field names are those of the official configs."""
+
+    channels: int = 64
+    depths: Tuple[int, ...] = (4, 4, 18, 4)
+    groups: Tuple[int, ...] = (4, 8, 16, 32)
+    num_classes: int = 1000
+    mlp_ratio: float = 4.0
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.1
+    drop_path_type: str = "linear"
+    act_layer: str = "GELU"
+    norm_layer: str = "LN"
+    layer_scale: Optional[float] = None
+    offset_scale: float = 1.0
+    post_norm: bool = False
+    cls_scale: float = 1.5
+    with_cp: bool = False
+    dw_kernel_size: Optional[int] = None
+    use_clip_projector: bool = False
+    level2_post_norm: bool = False
+    level2_post_norm_block_ids: Optional[Tuple[int, ...]] = None
+    res_post_norm: bool = False
+    center_feature_scale: bool = False
+    remove_center: bool = False
+
+    def __post_init__(self):
+        for name in ("depths", "groups", "level2_post_norm_block_ids"):  # JSON/YAML give lists
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(int(v) for v in value))
+        if len(self.depths) != len(self.groups):
+            raise ValueError(f"depths {self.depths} and groups {self.groups} must have the same length")
+        for i, group in enumerate(self.groups):
+            if (self.channels * 2 ** i) % group:
+                raise ValueError(f"groups[{i}]={group} must divide the level's channels {self.channels * 2 ** i}")
+        if self.drop_path_type not in ("linear", "uniform"):
+            raise ValueError(f"drop_path_type: expected 'linear' or 'uniform', got {self.drop_path_type!r}")
+        if self.use_clip_projector and len(self.depths) != 4:
+            raise ValueError("use_clip_projector needs 4 levels")
+
+    @classmethod
+    def from_dict(cls, values: Dict) -> "InternImageConfig":
+        """Build from an official or HF config dict; keys that are not architecture fields are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def to_dict(self) -> Dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @property
+    def num_features(self) -> int:
+        return int(self.channels * 2 ** (len(self.depths) - 1))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (row mode), rescaled by 1/keep_prob."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torchvision.ops.stochastic_depth(x, self.p, "row", self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class StemLayer(nn.Module):
+    """Two stride-2 3x3 convs with norms: NCHW image -> NHWC features at stride 4."""
+
+    def __init__(self, in_chans: int, out_chans: int, act_layer: str, norm_layer: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, out_chans // 2, 3, stride=2, padding=1)
+        self.norm1 = build_norm_layer(out_chans // 2, norm_layer, "channels_first", "channels_first")
+        self.act = build_act_layer(act_layer)
+        self.conv2 = nn.Conv2d(out_chans // 2, out_chans, 3, stride=2, padding=1)
+        self.norm2 = build_norm_layer(out_chans, norm_layer, "channels_first", "channels_last")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm2(self.conv2(self.act(self.norm1(self.conv1(x)))))
+
+
+class DownsampleLayer(nn.Module):
+    """NHWC -> NHWC at half resolution and twice the channels."""
+
+    def __init__(self, channels: int, norm_layer: str):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1, bias=False)
+        self.norm = build_norm_layer(2 * channels, norm_layer, "channels_first", "channels_last")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x.permute(0, 3, 1, 2)))
+
+
+class MLPLayer(nn.Module):
+    def __init__(self, in_features: int, hidden_features: int, act_layer: str, drop: float):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = build_act_layer(act_layer)
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class InternImageLayer(nn.Module):
+    """DCNv3 + MLP residual block in one of the official layouts.
+
+    * pre-norm (T): ``x + dcn(norm1(x))``;
+    * post-norm (G): ``x + norm1(dcn(x))``;
+    * res_post_norm "sandwich" (H): ``x + res_post_norm1(dcn(norm1(x)))``;
+    * layer scale (S-XL cls, every det/seg backbone): ``x + gamma1 * norm1(dcn(x))`` with post-norm, else
+      ``x + gamma1 * dcn(norm1(x))``; res_post_norm is ignored, as in the official code.
+    """
+
+    def __init__(self, channels: int, group: int, cfg: InternImageConfig, drop_path: float,
+                 dcn_impl: Optional[str] = None):
+        super().__init__()
+        self.post_norm = cfg.post_norm
+        self.res_post_norm = cfg.res_post_norm
+        self.with_cp = cfg.with_cp
+        self.norm1 = build_norm_layer(channels, "LN")
+        self.dcn = DCNv3(channels, kernel_size=3, dw_kernel_size=cfg.dw_kernel_size, stride=1, pad=1, dilation=1,
+                         group=group, offset_scale=cfg.offset_scale, act_layer=cfg.act_layer,
+                         norm_layer=cfg.norm_layer, center_feature_scale=cfg.center_feature_scale,
+                         remove_center=cfg.remove_center, impl=dcn_impl)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = build_norm_layer(channels, "LN")
+        self.mlp = MLPLayer(channels, int(channels * cfg.mlp_ratio), cfg.act_layer, cfg.drop_rate)
+        self.layer_scale = cfg.layer_scale is not None
+        if self.layer_scale:
+            self.gamma1 = nn.Parameter(torch.full((channels,), float(cfg.layer_scale)))
+            self.gamma2 = nn.Parameter(torch.full((channels,), float(cfg.layer_scale)))
+        if self.res_post_norm:
+            self.res_post_norm1 = build_norm_layer(channels, "LN")
+            self.res_post_norm2 = build_norm_layer(channels, "LN")
+
+    def _residuals(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layer_scale:
+            if self.post_norm:
+                x = x + self.drop_path(self.gamma1 * self.norm1(self.dcn(x)))
+                return x + self.drop_path(self.gamma2 * self.norm2(self.mlp(x)))
+            x = x + self.drop_path(self.gamma1 * self.dcn(self.norm1(x)))
+            return x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x)))
+        if self.post_norm:
+            x = x + self.drop_path(self.norm1(self.dcn(x)))
+            return x + self.drop_path(self.norm2(self.mlp(x)))
+        if self.res_post_norm:
+            x = x + self.drop_path(self.res_post_norm1(self.dcn(self.norm1(x))))
+            return x + self.drop_path(self.res_post_norm2(self.mlp(self.norm2(x))))
+        x = x + self.drop_path(self.dcn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.with_cp and x.requires_grad:
+            return checkpoint(self._residuals, x, use_reentrant=False)
+        return self._residuals(x)
+
+
+class InternImageBlock(nn.Module):
+    """One level: ``depth`` layers, optional extra post norms after given blocks, level norm, downsample."""
+
+    def __init__(self, channels: int, depth: int, group: int, cfg: InternImageConfig, drop_path: Sequence[float],
+                 downsample: bool, post_norm_block_ids: Optional[Tuple[int, ...]], dcn_impl: Optional[str]):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            InternImageLayer(channels, group, cfg, drop_path[i], dcn_impl) for i in range(depth))
+        self.has_norm = not cfg.post_norm or cfg.center_feature_scale
+        if self.has_norm:
+            self.norm = build_norm_layer(channels, "LN")
+        self.post_norm_block_ids = post_norm_block_ids
+        if post_norm_block_ids is not None:
+            self.post_norms = nn.ModuleList(build_norm_layer(channels, "LN") for _ in post_norm_block_ids)
+        self.downsample = DownsampleLayer(channels, cfg.norm_layer) if downsample else None
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Returns (output after downsample, NHWC features before downsample)."""
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if self.post_norm_block_ids is not None and i in self.post_norm_block_ids:
+                x = self.post_norms[self.post_norm_block_ids.index(i)](x)
+        if self.has_norm:
+            x = self.norm(x)
+        return (self.downsample(x) if self.downsample is not None else x), x
+
+
+class CrossAttention(nn.Module):
+    """Multi-head cross attention with separate q/k/v biases (official clip-projector naming)."""
+
+    def __init__(self, dim: int, num_heads: int, out_dim: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(dim, dim, bias=False)
+        self.v = nn.Linear(dim, dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.k_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.proj = nn.Linear(dim, out_dim)
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        def heads(t: torch.Tensor, layer: nn.Linear, bias: torch.Tensor) -> torch.Tensor:
+            b, n, _ = t.shape
+            return F.linear(t, layer.weight, bias).reshape(b, n, self.num_heads, -1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(heads(x, self.q, self.q_bias), heads(k, self.k, self.k_bias),
+                                             heads(v, self.v, self.v_bias))
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+
+class AttentionPoolingBlock(nn.Module):
+    """Attention pooling: the mean token queries all tokens (InternImage-H/G clip projector)."""
+
+    def __init__(self, dim: int, num_heads: int, out_dim: int, norm_layer: str):
+        super().__init__()
+        self.norm1_q = build_norm_layer(dim, norm_layer)
+        self.norm1_k = build_norm_layer(dim, norm_layer)
+        self.norm1_v = build_norm_layer(dim, norm_layer)
+        self.cross_dcn = CrossAttention(dim, num_heads, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        query = self.norm1_q(x.mean(1, keepdim=True))
+        return self.cross_dcn(query, self.norm1_k(x), self.norm1_v(x)).squeeze(1)
+
+
+class InternImage(nn.Module):
+    """InternImage image classifier / dense-prediction backbone.
+
+    Keyword arguments are the fields of :class:`InternImageConfig` (the official config names), plus:
+
+    Args:
+        in_chans: input image channels.
+        features_only: build the det/seg backbone (no head); forward returns a list of NCHW maps.
+        out_indices: levels returned when ``features_only``.
+        dcn_impl: DCNv3 core implementation for every layer (None: best for the device).
+        core_op: accepted for official configs ('DCNv3' or 'DCNv3_pytorch'; both compute the same function).
+    """
+
+    # Head modules (absent in the det/seg backbone).
+    HEAD_PREFIXES = ("conv_head.", "head.", "dcnv3_head_x4.", "dcnv3_head_x3.", "clip_projector.", "fc_norm.")
+    CLIP_DIM, CLIP_HEADS, CLIP_OUT_DIM = 1024, 16, 768  # fixed in the official code
+
+    def __init__(self, *, in_chans: int = 3, features_only: bool = False,
+                 out_indices: Sequence[int] = (0, 1, 2, 3), dcn_impl: Optional[str] = None,
+                 core_op: str = "DCNv3", **config):
+        super().__init__()
+        if core_op not in ("DCNv3", "DCNv3_pytorch"):
+            raise ValueError(f"core_op: expected 'DCNv3' or 'DCNv3_pytorch', got {core_op!r}")
+        known = {f.name for f in dataclasses.fields(InternImageConfig)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"InternImage got unknown config keys {unknown}; valid keys: {sorted(known)}")
+        cfg = InternImageConfig(**config)
+        self.config = cfg
+        self.features_only = features_only
+        self.num_levels = len(cfg.depths)
+        self.out_indices = tuple(out_indices)
+        if features_only and not all(0 <= i < self.num_levels for i in self.out_indices):
+            raise ValueError(f"out_indices {self.out_indices} must be level indices < {self.num_levels}")
+        self.num_features = cfg.num_features
+        self.feature_info = [dict(num_chs=cfg.channels * 2 ** i, reduction=4 * 2 ** i, module=f"levels.{i}")
+                             for i in range(self.num_levels)]
+
+        self.patch_embed = StemLayer(in_chans, cfg.channels, cfg.act_layer, cfg.norm_layer)
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        total = sum(cfg.depths)
+        dpr = (torch.linspace(0, cfg.drop_path_rate, total, device="cpu").tolist() if cfg.drop_path_type == "linear"
+               else [cfg.drop_path_rate] * total)
+        self.levels = nn.ModuleList()
+        for i, (depth, group) in enumerate(zip(cfg.depths, cfg.groups)):
+            start = sum(cfg.depths[:i])
+            self.levels.append(InternImageBlock(
+                cfg.channels * 2 ** i, depth, group, cfg, dpr[start:start + depth],
+                downsample=i < self.num_levels - 1,
+                post_norm_block_ids=cfg.level2_post_norm_block_ids if cfg.level2_post_norm and i == 2 else None,
+                dcn_impl=dcn_impl))
+        self.num_classes = 0 if features_only else cfg.num_classes
+        if not features_only:
+            self._build_head(cfg)
+        self.apply(self._init_weights)
+        for module in self.modules():
+            if isinstance(module, DCNv3):
+                module.reset_parameters()
+
+    def _build_head(self, cfg: InternImageConfig) -> None:
+        if cfg.use_clip_projector:
+            self.dcnv3_head_x4 = nn.Sequential(nn.Conv2d(self.num_features, self.CLIP_DIM * 4, 1), nn.PixelShuffle(2))
+            self.dcnv3_head_x3 = nn.Conv2d(self.num_features // 2, self.CLIP_DIM, 1)
+            self.clip_projector = AttentionPoolingBlock(self.CLIP_DIM, self.CLIP_HEADS, self.CLIP_OUT_DIM,
+                                                        cfg.norm_layer)
+            self.fc_norm = build_norm_layer(self.CLIP_OUT_DIM, cfg.norm_layer)
+            self.head_features = self.CLIP_OUT_DIM
+        else:
+            self.head_features = int(self.num_features * cfg.cls_scale)
+            self.conv_head = nn.Sequential(
+                nn.Conv2d(self.num_features, self.head_features, 1, bias=False),
+                build_norm_layer(self.head_features, "BN", "channels_first", "channels_first"),
+                build_act_layer(cfg.act_layer))
+        self.head = nn.Linear(self.head_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    # ---------------------------------------------------------------------------------------------- timm surface
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for level in self.levels:
+            for block in level.blocks:
+                block.with_cp = enable
+
+    def no_weight_decay(self) -> set:
+        """Parameter names exempt from weight decay beyond the usual 1-D tensors (none for InternImage)."""
+        return set()
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the last Linear by a fresh one with ``num_classes`` outputs (0: identity)."""
+        if self.features_only:
+            raise ValueError("reset_classifier: a features_only backbone has no classifier")
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.head_features, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            self._init_weights(self.head)
+
+    def _levels(self, x: torch.Tensor, stop: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Run the stem and levels 0..stop; returns (last output, per-level NHWC maps before downsampling)."""
+        if x.dim() != 4 or x.shape[1] != self.patch_embed.conv1.in_channels:
+            raise ValueError(f"InternImage input: expected (N, {self.patch_embed.conv1.in_channels}, H, W), "
+                             f"got {tuple(x.shape)}")
+        x = self.pos_drop(self.patch_embed(x))
+        maps = []
+        for level in self.levels[:stop + 1]:
+            x, before_downsample = level(x)
+            maps.append(before_downsample)
+        return x, maps
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Sequence[int]] = None) -> List[torch.Tensor]:
+        """Per-level NCHW maps (after the level norm, before downsampling) for the given level indices."""
+        indices = tuple(range(self.num_levels)) if indices is None else tuple(indices)
+        _, maps = self._levels(x, max(indices))
+        return [maps[i].permute(0, 3, 1, 2).contiguous() for i in indices]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Unpooled features the head consumes: the last level's NCHW map, or for the clip-projector head the
+        fused level-2/3 map (N, 1024, H/16, W/16)."""
+        if self.features_only:
+            raise ValueError("forward_features: a features_only backbone returns its maps from forward()")
+        _, maps = self._levels(x, self.num_levels - 1)
+        if self.config.use_clip_projector:
+            x4 = self.dcnv3_head_x4(maps[3].permute(0, 3, 1, 2))
+            return x4 + self.dcnv3_head_x3(maps[2].permute(0, 3, 1, 2))
+        return maps[-1].permute(0, 3, 1, 2)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.config.use_clip_projector:
+            x = self.fc_norm(self.clip_projector(x.flatten(2).transpose(1, 2)))
+        else:
+            x = torch.flatten(F.adaptive_avg_pool2d(self.conv_head(x), 1), 1)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
+        if self.features_only:
+            return self.forward_intermediates(x, self.out_indices)
+        return self.forward_head(self.forward_features(x))
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: InternImage) -> Dict[str, torch.Tensor]:
+    """Adapt an official InternImage state dict (prefixes already stripped) to ``model``.
+
+    * a features_only backbone drops the classification head keys;
+    * layer-scale models loaded from checkpoints without ``gamma`` keys (the det/seg T backbone fine-tuned
+      from the ImageNet T weights) get gamma = 1.0, the identity, as the official det code does.
+    """
+    out = dict(state_dict)
+    if model.features_only:
+        dropped = [k for k in out if k.startswith(InternImage.HEAD_PREFIXES)]
+        for key in dropped:
+            del out[key]
+        if dropped:
+            log.info("features_only backbone: ignoring %d classification-head keys of the checkpoint", len(dropped))
+    model_keys = model.state_dict()
+    missing_gamma = [k for k in model_keys if k.rsplit(".", 1)[-1] in ("gamma1", "gamma2") and k not in out]
+    if missing_gamma and len(missing_gamma) == sum(k.endswith((".gamma1", ".gamma2")) for k in model_keys):
+        log.info("checkpoint has no layer-scale gamma keys: setting %d gammas to 1.0 (identity)", len(missing_gamma))
+        for key in missing_gamma:
+            out[key] = torch.ones_like(model_keys[key], device="cpu")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ variants
+def _in1k_cfg(file: str, input_size: int, hub: str, num_classes: int = 1000) -> Dict:
+    """Pretrained config: official file name, where it is published, and the official eval preprocessing."""
+    return dict(file=file, hf_hub_id=hub, num_classes=num_classes, input_size=(3, input_size, input_size),
+                crop_pct=1.0, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                label_names="imagenet-1k" if num_classes == 1000 else None)
+
+
+_HUB = "OpenGVLab/InternImage"
+INTERNIMAGE_VARIANTS: Dict[str, Tuple[InternImageConfig, Dict[str, Dict]]] = {
+    "internimage_t": (InternImageConfig(64, (4, 4, 18, 4), (4, 8, 16, 32), drop_path_rate=0.1),
+                      {"in1k": _in1k_cfg("internimage_t_1k_224.pth", 224, _HUB)}),
+    "internimage_s": (InternImageConfig(80, (4, 4, 21, 4), (5, 10, 20, 40), drop_path_rate=0.4, layer_scale=1e-5,
+                                        post_norm=True),
+                      {"in1k": _in1k_cfg("internimage_s_1k_224.pth", 224, _HUB)}),
+    "internimage_b": (InternImageConfig(112, (4, 4, 21, 4), (7, 14, 28, 56), drop_path_rate=0.5, layer_scale=1e-5,
+                                        post_norm=True),
+                      {"in1k": _in1k_cfg("internimage_b_1k_224.pth", 224, _HUB)}),
+    "internimage_l": (InternImageConfig(160, (5, 5, 22, 5), (10, 20, 40, 80), drop_path_rate=0.1, layer_scale=1e-5,
+                                        offset_scale=2.0, post_norm=True),
+                      {"in22k_ft_in1k": _in1k_cfg("internimage_l_22kto1k_384.pth", 384, _HUB),
+                       "in22k": _in1k_cfg("internimage_l_22k_192to384.pth", 384, _HUB, num_classes=21841)}),
+    "internimage_xl": (InternImageConfig(192, (5, 5, 24, 5), (12, 24, 48, 96), drop_path_rate=0.2,
+                                         layer_scale=1e-5, offset_scale=2.0, post_norm=True),
+                       {"in22k_ft_in1k": _in1k_cfg("internimage_xl_22kto1k_384.pth", 384, _HUB),
+                        "in22k": _in1k_cfg("internimage_xl_22k_192to384.pth", 384, _HUB, num_classes=21841)}),
+    "internimage_h": (InternImageConfig(320, (6, 6, 32, 6), (10, 20, 40, 80), drop_path_rate=0.2,
+                                        dw_kernel_size=5, res_post_norm=True, level2_post_norm=True,
+                                        level2_post_norm_block_ids=(5, 11, 17, 23, 29), center_feature_scale=True,
+                                        use_clip_projector=True),
+                      {"in22k_ft_in1k": _in1k_cfg("internimage_h_22kto1k_640.pth", 640, _HUB)}),
+    "internimage_g": (InternImageConfig(512, (2, 2, 48, 4), (16, 32, 64, 128), drop_path_rate=0.4,
+                                        post_norm=True, dw_kernel_size=5, level2_post_norm=True,
+                                        level2_post_norm_block_ids=tuple(range(5, 48, 6)),
+                                        center_feature_scale=True, use_clip_projector=True),
+                      {"in22k_ft_in1k": _in1k_cfg("internimage_g_22kto1k_512.pth", 512, _HUB)}),
+}
+
+
+def _build(name: str, **kwargs) -> InternImage:
+    cfg, tags = INTERNIMAGE_VARIANTS[name]
+    tag = kwargs.pop("pretrained_tag", None) or next(iter(tags))
+    if tag not in tags:
+        raise ValueError(f"unknown pretrained tag {tag!r} for {name}; known: {sorted(tags)}")
+    config = {**cfg.to_dict(), "num_classes": tags[tag]["num_classes"], **kwargs}
+    model = InternImage(**config)
+    model.pretrained_cfg = dict(tags[tag], architecture=name, tag=tag)
+    return model
+
+
+def _register(name: str):
+    def builder(**kwargs) -> InternImage:
+        return _build(name, **kwargs)
+    builder.__name__ = name
+    builder.__doc__ = f"{name} with the official configuration; kwargs override config fields."
+    builder.pretrained_tags = tuple(INTERNIMAGE_VARIANTS[name][1])
+    builder.filter_fn = checkpoint_filter_fn
+    return register_model(builder)
+
+
+for _name in INTERNIMAGE_VARIANTS:
+    _register(_name)
