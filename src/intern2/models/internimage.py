@@ -343,6 +343,14 @@ class InternImage(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
+    def checkpoint_filter(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Used by :func:`intern2.load_checkpoint` to adapt official layouts."""
+        return checkpoint_filter_fn(state_dict, self)
+
+    def export_config(self) -> Dict:
+        """Everything :func:`intern2.from_pretrained` needs to rebuild this model."""
+        return dict(self.config.to_dict(), features_only=self.features_only, out_indices=list(self.out_indices))
+
     # ---------------------------------------------------------------------------------------------- timm surface
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for level in self.levels:
@@ -407,14 +415,26 @@ class InternImage(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: InternImage) -> Dict[str, torch.Tensor]:
-    """Adapt an official InternImage state dict (prefixes already stripped) to ``model``.
+def _strip_prefixes(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """mmdet/mmseg files keep the backbone under 'backbone.' beside the heads; OpenGVLab's HF-hub folders prefix
+    every key with 'model.'; distillation checkpoints with 'student.'."""
+    if any(k.startswith("backbone.") for k in state_dict):
+        return {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+    for prefix in ("model.", "student."):
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            return {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict
 
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: InternImage) -> Dict[str, torch.Tensor]:
+    """Adapt an official InternImage state dict (classification, det/seg or HF-hub layout) to ``model``.
+
+    * prefixes are stripped ('backbone.' of mmcv files, 'model.' of HF-hub folders, 'student.');
     * a features_only backbone drops the classification head keys;
     * layer-scale models loaded from checkpoints without ``gamma`` keys (the det/seg T backbone fine-tuned
       from the ImageNet T weights) get gamma = 1.0, the identity, as the official det code does.
     """
-    out = dict(state_dict)
+    out = _strip_prefixes(state_dict)
     if model.features_only:
         dropped = [k for k in out if k.startswith(InternImage.HEAD_PREFIXES)]
         for key in dropped:

@@ -1,0 +1,174 @@
+"""Reading and writing weights: official .pth / mmcv / HF-hub layouts in, safetensors + config.json out.
+
+Nothing here executes code from a checkpoint: pickles are read with ``torch.load(weights_only=True)``. Official
+InternImage training files also pickle a yacs ``CfgNode``; it is read as a plain ``OrderedDict`` through a data-only
+stand-in class, so yacs need not be installed and a malicious pickle still cannot run anything.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+__all__ = ["read_checkpoint", "read_state_dict", "load_checkpoint", "save_pretrained", "atomic_write",
+           "WEIGHTS_NAME", "CONFIG_NAME"]
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+_PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl")
+# Containers that hold the weights, in the order they are looked for.
+_WEIGHT_KEYS = ("state_dict", "model", "module", "model_ema")
+Source = Union[str, os.PathLike, Mapping[str, Any]]
+
+
+class _YacsConfigNode(dict):
+    """Data-only stand-in for ``yacs.config.CfgNode``: unpickles as an OrderedDict, runs no yacs code."""
+
+    def __new__(cls, *args, **kwargs):
+        return OrderedDict()
+
+
+_YacsConfigNode.__module__ = "yacs.config"
+_YacsConfigNode.__qualname__ = _YacsConfigNode.__name__ = "CfgNode"
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        with torch.serialization.safe_globals([_YacsConfigNode]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle.UnpicklingError, RuntimeError for truncated zips, ...
+        first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"cannot read checkpoint {path}: {first_line}. intern2 loads pickles with "
+                         f"weights_only=True and refuses objects other than tensors and plain data") from exc
+
+
+def _read_folder(folder: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    config_path = folder / CONFIG_NAME
+    if not config_path.exists():
+        raise ValueError(f"checkpoint folder {folder} has no {CONFIG_NAME}")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config_path}: not valid JSON ({exc})") from exc
+    for name in (WEIGHTS_NAME, "pytorch_model.bin", "model.pth"):
+        if (folder / name).exists():
+            state, _ = read_checkpoint(folder / name)
+            return state, config
+    raise ValueError(f"checkpoint folder {folder} has {CONFIG_NAME} but no {WEIGHTS_NAME} or pytorch_model.bin")
+
+
+def _unwrap(obj: Any, where: str) -> Dict[str, torch.Tensor]:
+    """Find the state dict inside a training checkpoint and drop DistributedDataParallel's 'module.' prefix."""
+    if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in _WEIGHT_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                return _unwrap(obj[key], where)
+        raise ValueError(f"{where}: no weights found; expected a state dict or a dict with one of "
+                         f"{list(_WEIGHT_KEYS)}, got top-level keys {sorted(map(str, obj))[:12]}")
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{where}: expected a dict of tensors, got {type(obj).__name__}")
+    state = dict(obj)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def read_checkpoint(source: Source) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, Any]]]:
+    """(state dict, config or None) from a path (.safetensors, .pth/.bin/..., or a folder with config.json) or
+    an in-memory dict in any supported layout."""
+    if isinstance(source, Mapping):
+        return _unwrap(source, "in-memory checkpoint"), None
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        return _read_folder(path)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path)), None
+        except SafetensorError as exc:
+            raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
+    if path.suffix in _PICKLE_SUFFIXES:
+        return _unwrap(_torch_load(path), str(path)), None
+    raise ValueError(f"checkpoint {path}: unsupported file type {path.suffix!r}; expected .safetensors, "
+                     f"{', '.join(_PICKLE_SUFFIXES)} or a folder with {CONFIG_NAME}")
+
+
+def read_state_dict(source: Source) -> Dict[str, torch.Tensor]:
+    """The state dict of :func:`read_checkpoint`."""
+    return read_checkpoint(source)[0]
+
+
+def _classifier_keys(model: nn.Module) -> set:
+    get_classifier = getattr(model, "get_classifier", None)
+    if get_classifier is None or getattr(model, "features_only", False):
+        return set()
+    head = get_classifier()
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)] for p in head.parameters() if id(p) in names}
+
+
+def load_checkpoint(model: nn.Module, source: Source, strict: bool = True):
+    """Load weights from ``source`` into ``model``; returns torch's (missing_keys, unexpected_keys).
+
+    The model's own ``checkpoint_filter`` (if any) adapts official layouts first. A classifier whose shape differs
+    (a replaced head, e.g. 1000 -> 10 classes) is left at its fresh initialisation and logged; every other
+    mismatch is an error when ``strict``.
+    """
+    state = read_state_dict(source)
+    where = source if not isinstance(source, Mapping) else "in-memory checkpoint"
+    if hasattr(model, "checkpoint_filter"):
+        state = model.checkpoint_filter(state)
+    own = model.state_dict()
+    head = _classifier_keys(model)
+    replaced = [k for k in head if k in state and state[k].shape != own[k].shape]
+    if replaced:
+        log.info("%s: classifier shape differs (checkpoint %s, model %s): keeping a freshly initialised head (%s)",
+                 where, tuple(state[replaced[0]].shape), tuple(own[replaced[0]].shape), ", ".join(sorted(replaced)))
+        state = {k: v for k, v in state.items() if k not in replaced}
+    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if wrong:
+        listed = "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, a, b in wrong[:5])
+        raise ValueError(f"{where}: {len(wrong)} tensor shapes do not match the model: {listed}")
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k not in replaced]
+    if strict and (missing or result.unexpected_keys):
+        raise ValueError(f"{where}: checkpoint does not fit the model: {len(missing)} missing keys "
+                         f"{missing[:8]}, {len(result.unexpected_keys)} unexpected keys {result.unexpected_keys[:8]}")
+    return result
+
+
+def atomic_write(path: Union[str, os.PathLike], write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], config: Dict[str, Any]) -> Path:
+    """Write ``config.json`` (``config``) and ``model.safetensors`` (the state dict) into ``directory``."""
+    from safetensors.torch import save_file
+    directory = Path(directory)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    return directory
