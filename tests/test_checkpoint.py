@@ -1,0 +1,172 @@
+"""Checkpoint layouts in (official .pth, mmcv, HF-hub folders), safe unpickling, save/load round trips."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import intern2
+from intern2.checkpoint import read_checkpoint
+
+TINY = dict(channels=16, depths=(1, 1, 1, 1), groups=(1, 2, 4, 8), num_classes=7, drop_path_rate=0.0)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    torch.manual_seed(0)
+    model = intern2.create_model("internimage_t", **TINY).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    return model
+
+
+def _same_outputs(a, b):
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(a.eval()(x), b.eval()(x), atol=0, rtol=0)
+
+
+def _fresh():
+    return intern2.create_model("internimage_t", **TINY)
+
+
+def test_official_classification_pth_with_yacs_config(reference, tmp_path):
+    yacs = pytest.importorskip("yacs.config")
+    cfg = yacs.CfgNode()
+    cfg.MODEL = yacs.CfgNode()
+    cfg.MODEL.TYPE = "intern_image"
+    cfg.MODEL.INTERN_IMAGE = yacs.CfgNode()
+    cfg.MODEL.INTERN_IMAGE.DEPTHS = [1, 1, 1, 1]
+    cfg.freeze()
+    path = tmp_path / "internimage_t_1k_224.pth"
+    torch.save({"model": reference.state_dict(), "optimizer": {"state": {}}, "epoch": 299, "config": cfg,
+                "max_accuracy": 83.5}, path)
+    model = intern2.create_model("internimage_t", checkpoint_path=path, **TINY)
+    _same_outputs(model, reference)
+
+
+@pytest.mark.parametrize("wrap", ["bare", "module", "ddp_prefix"])
+def test_other_classification_layouts(reference, tmp_path, wrap):
+    state = reference.state_dict()
+    obj = {"bare": state, "module": {"module": state},
+           "ddp_prefix": {"model": {f"module.{k}": v for k, v in state.items()}}}[wrap]
+    torch.save(obj, tmp_path / "ckpt.pth")
+    model = _fresh()
+    intern2.load_checkpoint(model, tmp_path / "ckpt.pth")
+    _same_outputs(model, reference)
+
+
+def test_mmdet_checkpoint_into_backbone(reference, tmp_path):
+    state = {f"backbone.{k}": v for k, v in reference.state_dict().items()}
+    state.update({"neck.lateral_convs.0.conv.weight": torch.zeros(256, 16, 1, 1), "rpn_head.rpn_cls.bias": torch.zeros(3)})
+    torch.save({"state_dict": state, "meta": {"epoch": 12, "mmdet_version": "2.28.1"}}, tmp_path / "mask_rcnn.pth")
+    backbone = intern2.create_model("internimage_t", **TINY, features_only=True, checkpoint_path=tmp_path / "mask_rcnn.pth")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for got, want in zip(backbone(x), reference.eval().forward_intermediates(x)):
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_hf_hub_folder(reference, tmp_path):
+    config = {"architectures": ["InternImageModelForImageClassification"], "model_type": "intern_image",
+              "auto_map": {"AutoConfig": "configuration_internimage.InternImageConfig"}, "core_op": "DCNv3",
+              "torch_dtype": "float32", **{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file({f"model.{k}": v.contiguous() for k, v in reference.state_dict().items()}, tmp_path / "model.safetensors")
+    _same_outputs(intern2.from_pretrained(tmp_path), reference)
+
+
+def test_save_pretrained_round_trip(reference, tmp_path):
+    reference.pretrained_cfg = _fresh().pretrained_cfg
+    intern2.save_pretrained(reference, tmp_path / "saved")
+    assert sorted(os.listdir(tmp_path / "saved")) == ["config.json", "model.safetensors"]
+    loaded = intern2.from_pretrained(tmp_path / "saved")
+    assert loaded.config == reference.config
+    for (k, a), (_, b) in zip(reference.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    _same_outputs(loaded, reference)
+
+
+def test_malicious_pickle_does_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.ones(1)}, "payload": Exploit()}, path)
+    with pytest.raises(ValueError, match=f"cannot read checkpoint {path}.*weights_only=True"):
+        intern2.load_checkpoint(_fresh(), path)
+    assert not marker.exists()
+
+
+def test_replaced_head_is_logged_and_fresh(reference, caplog):
+    model = intern2.create_model("internimage_t", **{**TINY, "num_classes": 3})
+    fresh_head = model.head.weight.detach().clone()
+    with caplog.at_level(logging.INFO, logger="intern2.checkpoint"):
+        intern2.load_checkpoint(model, reference.state_dict())
+    assert "keeping a freshly initialised head" in caplog.text
+    assert torch.equal(model.head.weight, fresh_head)
+    assert torch.equal(model.patch_embed.conv1.weight, reference.patch_embed.conv1.weight)
+
+
+def test_mismatches_are_clear_errors(reference, tmp_path):
+    state = dict(reference.state_dict())
+    state["patch_embed.conv1.weight"] = torch.zeros(8, 3, 5, 5)
+    with pytest.raises(ValueError, match=r"patch_embed.conv1.weight: checkpoint \(8, 3, 5, 5\) vs model \(8, 3, 3, 3\)"):
+        intern2.load_checkpoint(_fresh(), state)
+    partial = {k: v for k, v in reference.state_dict().items() if not k.startswith("levels.3.")}
+    with pytest.raises(ValueError, match="missing keys"):
+        intern2.load_checkpoint(_fresh(), partial)
+    result = intern2.load_checkpoint(_fresh(), partial, strict=False)
+    assert any(k.startswith("levels.3.") for k in result.missing_keys)
+    with pytest.raises(ValueError, match="no weights found"):
+        read_checkpoint({"epoch": 3, "optimizer": {"x": 1}})
+
+
+@pytest.mark.parametrize("name,content", [("junk.pth", b"not a checkpoint at all"),
+                                          ("junk.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{bad"),
+                                          ("junk.txt", b"hello")])
+def test_corrupt_files_name_the_file(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=str(path)):
+        read_checkpoint(path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_checkpoint(tmp_path / "missing.pth")
+
+
+def test_pretrained_needs_a_local_file(reference, tmp_path, monkeypatch):
+    monkeypatch.setenv("INTERN2_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="internimage_t_1k_224.pth not found.*huggingface.co/OpenGVLab"):
+        intern2.create_model("internimage_t", pretrained=True, **TINY)
+    torch.save({"model": reference.state_dict()}, tmp_path / "internimage_t_1k_224.pth")
+    _same_outputs(intern2.create_model("internimage_t", pretrained=True, **TINY), reference)
+    other = tmp_path / "elsewhere.pth"
+    torch.save(reference.state_dict(), other)
+    model = intern2.create_model("internimage_t.in1k", pretrained=True, pretrained_cfg_overlay=dict(file=str(other)),
+                                 **TINY)
+    _same_outputs(model, reference)
+    assert model.pretrained_cfg["crop_pct"] == 1.0 and model.pretrained_cfg["interpolation"] == "bicubic"
+
+
+@pytest.mark.parametrize("order", ["intern2_first", "timm_first"])
+def test_timm_registration(order, tmp_path, reference):
+    pytest.importorskip("timm")
+    path = tmp_path / "w.pth"
+    torch.save({"model": reference.state_dict()}, path)
+    imports = "import intern2; import timm" if order == "intern2_first" else "import timm; import intern2"
+    script = (f"{imports}\nimport torch\n"
+              f"m = timm.create_model('internimage_t', pretrained=True, pretrained_cfg_overlay=dict(file={str(path)!r}),"
+              f" channels=16, depths=(1, 1, 1, 1), groups=(1, 2, 4, 8), num_classes=7)\n"
+              f"print(type(m).__name__, m.num_classes, 'internimage_t' in timm.list_models('internimage*'))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["InternImage", "7", "True"]
