@@ -119,19 +119,19 @@ def _classifier_keys(model: nn.Module) -> set:
     return {names[id(p)] for p in head.parameters() if id(p) in names}
 
 
-def load_checkpoint(model: nn.Module, source: Source, strict: bool = True):
+def load_checkpoint(model: nn.Module, source: Source, strict: bool = True, allow_new_head: bool = True):
     """Load weights from ``source`` into ``model``; returns torch's (missing_keys, unexpected_keys).
 
-    The model's own ``checkpoint_filter`` (if any) adapts official layouts first. A classifier whose shape differs
-    (a replaced head, e.g. 1000 -> 10 classes) is left at its fresh initialisation and logged; every other
-    mismatch is an error when ``strict``.
+    The model's own ``checkpoint_filter`` (if any) adapts official layouts first. With ``allow_new_head``, a
+    classifier whose shape differs (a replaced head, e.g. 1000 -> 10 classes) is left at its fresh
+    initialisation and logged; every other mismatch is an error when ``strict``.
     """
     state = read_state_dict(source)
     where = source if not isinstance(source, Mapping) else "in-memory checkpoint"
     if hasattr(model, "checkpoint_filter"):
         state = model.checkpoint_filter(state)
     own = model.state_dict()
-    head = _classifier_keys(model)
+    head = _classifier_keys(model) if allow_new_head else set()
     replaced = [k for k in head if k in state and state[k].shape != own[k].shape]
     if replaced:
         log.info("%s: classifier shape differs (checkpoint %s, model %s): keeping a freshly initialised head (%s)",

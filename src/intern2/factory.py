@@ -98,5 +98,5 @@ def from_pretrained(directory: Union[str, os.PathLike], **kwargs) -> nn.Module:
     else:
         raise ValueError(f"{Path(directory) / CONFIG_NAME}: cannot tell the model: expected an 'architecture' "
                          f"known to intern2 or model_type 'intern_image', got {arch or config.get('model_type')!r}")
-    load_checkpoint(model, state)
+    load_checkpoint(model, state, allow_new_head=False)
     return model

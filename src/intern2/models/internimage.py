@@ -349,13 +349,35 @@ class InternImage(nn.Module):
 
     def export_config(self) -> Dict:
         """Everything :func:`intern2.from_pretrained` needs to rebuild this model."""
-        return dict(self.config.to_dict(), features_only=self.features_only, out_indices=list(self.out_indices))
+        return dict(self.config.to_dict(), num_classes=self.num_classes if not self.features_only else
+                    self.config.num_classes, features_only=self.features_only, out_indices=list(self.out_indices))
 
     # ---------------------------------------------------------------------------------------------- timm surface
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for level in self.levels:
             for block in level.blocks:
                 block.with_cp = enable
+
+    def fsdp_units(self) -> List[nn.Module]:
+        """Modules to wrap with FSDP2 ``fully_shard`` one by one (each residual block)."""
+        return [block for level in self.levels for block in level.blocks]
+
+    @property
+    def num_layer_ids(self) -> int:
+        return sum(self.config.depths) + 2
+
+    def layer_id(self, name: str) -> int:
+        """Depth index for layer-wise lr decay: stem 0, residual blocks 1..sum(depths) in order, a level's norms
+        and downsample with its last block, the head last."""
+        if name.startswith("patch_embed."):
+            return 0
+        if name.startswith("levels."):
+            parts = name.split(".")
+            level = int(parts[1])
+            before = sum(self.config.depths[:level])
+            block = int(parts[3]) if parts[2] == "blocks" else self.config.depths[level] - 1
+            return before + block + 1
+        return self.num_layer_ids - 1
 
     def no_weight_decay(self) -> set:
         """Parameter names exempt from weight decay beyond the usual 1-D tensors (none for InternImage)."""

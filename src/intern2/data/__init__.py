@@ -1,0 +1,1 @@
+"""Datasets and loaders (images; video and text come with their tasks)."""

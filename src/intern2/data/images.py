@@ -1,0 +1,192 @@
+"""Image classification data: ImageFolder-style directories, CSV lists, built-in datasets; seeded augmentation.
+
+Unreadable or non-image files never stop training: the dataset logs a warning naming the file and returns
+``None``; :func:`collate_images` drops it and counts it in the batch (``batch["skipped"]``).
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+__all__ = ["ImageSource", "open_image_source", "split_source", "ClassificationDataset", "collate_images",
+           "train_transform", "eval_transform", "load_image", "IMAGE_EXTENSIONS"]
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+Sample = Union[str, np.ndarray]  # a file path, or an HxW / HxWx3 uint8 array (built-in data)
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    samples: Tuple[Tuple[Sample, int], ...]
+    classes: Tuple[str, ...]
+    name: str
+
+
+def _builtin_digits() -> ImageSource:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise ValueError("data 'builtin:digits' needs scikit-learn (pip install 'intern2[data]')") from exc
+    digits = load_digits()
+    images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)  # 8x8, values 0..16
+    return ImageSource(tuple((img, int(y)) for img, y in zip(images, digits.target)),
+                       tuple(str(i) for i in range(10)), "builtin:digits")
+
+
+BUILTIN = {"builtin:digits": _builtin_digits}
+
+
+def _folder(root: Path, classes: Optional[Sequence[str]] = None) -> ImageSource:
+    """One sub-folder per class; with ``classes`` (a model's labels) folders may cover a subset of them."""
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise ValueError(f"data {root}: expected one sub-folder per class (ImageFolder layout), found none")
+    names = list(classes) if classes is not None else folders
+    index = {name: i for i, name in enumerate(names)}
+    unknown = [f for f in folders if f not in index]
+    if unknown:
+        raise ValueError(f"data {root}: class folders {unknown[:10]} are not among the model's classes {names[:10]}")
+    samples = []
+    for name in folders:
+        files = sorted(p for p in (root / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        samples.extend((str(p), index[name]) for p in files)
+    if not samples:
+        raise ValueError(f"data {root}: class folders hold no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return ImageSource(tuple(samples), tuple(names), str(root))
+
+
+def _csv(path: Path, classes: Optional[Sequence[str]] = None) -> ImageSource:
+    """Rows ``path,label`` (optional header); relative paths are relative to the CSV file."""
+    with path.open(newline="") as fh:
+        rows = [row for row in csv.reader(fh) if row and not row[0].startswith("#")]
+    if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
+        rows = rows[1:]
+    for number, row in enumerate(rows, 1):
+        if len(row) < 2:
+            raise ValueError(f"data {path}: row {number} {row!r}: expected 'path,label'")
+    names = list(classes) if classes is not None else sorted({row[1].strip() for row in rows})
+    index = {name: i for i, name in enumerate(names)}
+    samples = []
+    for number, (file, label, *_) in enumerate(rows, 1):
+        if label.strip() not in index:
+            raise ValueError(f"data {path}: row {number}: unknown label {label.strip()!r}; known: {names[:20]}")
+        file_path = Path(file.strip())
+        samples.append((str(file_path if file_path.is_absolute() else path.parent / file_path), index[label.strip()]))
+    if not samples:
+        raise ValueError(f"data {path}: no rows")
+    return ImageSource(tuple(samples), tuple(names), str(path))
+
+
+def open_image_source(spec: str, classes: Optional[Sequence[str]] = None) -> ImageSource:
+    """'builtin:digits', an ImageFolder-style directory, or a CSV list of ``path,label`` rows.
+
+    ``classes`` fixes the label order (a trained model's classes); otherwise it is the sorted class names.
+    """
+    if spec in BUILTIN:
+        return BUILTIN[spec]()
+    if spec.startswith("builtin:"):
+        raise ValueError(f"data {spec!r}: unknown built-in dataset; available: {sorted(BUILTIN)}")
+    path = Path(spec)
+    if not path.exists():
+        raise ValueError(f"data {spec}: no such file or directory")
+    return _folder(path, classes) if path.is_dir() else _csv(path, classes)
+
+
+def split_source(source: ImageSource, val_fraction: float, seed: int) -> Tuple[ImageSource, ImageSource]:
+    """Deterministic per-class split into (train, validation)."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction: expected a value in (0, 1), got {val_fraction}")
+    gen = np.random.default_rng(seed)
+    train, val = [], []
+    labels = np.array([y for _, y in source.samples])
+    for label in range(len(source.classes)):
+        members = np.flatnonzero(labels == label)
+        gen.shuffle(members)
+        cut = int(round(len(members) * val_fraction))
+        val.extend(members[:cut].tolist())
+        train.extend(members[cut:].tolist())
+    pick = lambda idx: tuple(source.samples[i] for i in sorted(idx))  # noqa: E731
+    return (ImageSource(pick(train), source.classes, source.name + "[train]"),
+            ImageSource(pick(val), source.classes, source.name + "[val]"))
+
+
+def load_image(sample: Sample) -> Image.Image:
+    """RGB PIL image from a path or a uint8 array; raises ValueError naming the file if it is not an image."""
+    if isinstance(sample, np.ndarray):
+        return Image.fromarray(sample).convert("RGB")
+    try:
+        with Image.open(sample) as img:
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
+        raise ValueError(f"{sample}: not a readable image ({exc.__class__.__name__}: {exc})") from exc
+
+
+def train_transform(img_size: int, mean: Sequence[float], std: Sequence[float], crop_scale=(0.6, 1.0),
+                    hflip: float = 0.5) -> Callable:
+    steps = [v2.PILToTensor(), v2.RandomResizedCrop(img_size, scale=tuple(crop_scale),
+                                                    interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
+    if hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(hflip))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(steps)
+
+
+def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float = 1.0) -> Callable:
+    """The official eval preprocessing: shorter side to img_size / crop_pct (bicubic), centre crop img_size."""
+    return v2.Compose([v2.PILToTensor(),
+                       v2.Resize(int(round(img_size / crop_pct)), interpolation=v2.InterpolationMode.BICUBIC,
+                                 antialias=True),
+                       v2.CenterCrop(img_size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+class ClassificationDataset(Dataset):
+    """(image, label) samples through a transform whose randomness is seeded by (seed, epoch, index)."""
+
+    def __init__(self, source: ImageSource, transform: Callable, seed: int = 0):
+        self.source = source
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.source.samples)
+
+    def __getitem__(self, index: int) -> Optional[Dict[str, Any]]:
+        sample, label = self.source.samples[index]
+        try:
+            image = load_image(sample)
+        except ValueError as exc:
+            log.warning("skipping unreadable image: %s", exc)
+            return None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(zlib.crc32(f"{self.seed}:{self.epoch}:{index}".encode()))
+            tensor = self.transform(image)
+        return {"image": tensor, "label": label, "index": index}
+
+
+def collate_images(samples: List[Optional[Dict[str, Any]]]) -> Dict[str, Any]:
+    """Stack the readable samples; ``skipped`` counts the unreadable ones."""
+    good = [s for s in samples if s is not None]
+    if not good:
+        return {"image": torch.empty(0, 3, 1, 1), "label": torch.empty(0, dtype=torch.long),
+                "index": torch.empty(0, dtype=torch.long), "skipped": len(samples)}
+    return {"image": torch.stack([s["image"] for s in good]),
+            "label": torch.tensor([s["label"] for s in good], dtype=torch.long),
+            "index": torch.tensor([s["index"] for s in good], dtype=torch.long),
+            "skipped": len(samples) - len(good)}

@@ -1,0 +1,466 @@
+"""The training loop every task shares. It knows nothing about images, video or text: a :class:`Task` supplies
+the model, datasets, loss and metrics.
+
+One process or many under ``torchrun`` (DDP, or FSDP2 ``fully_shard`` for models that do not fit), AdamW with
+warmup + cosine and optional layer-wise lr decay, bf16 autocast, gradient accumulation and clipping, EMA,
+atomic checkpoints with exact resume (model, optimizer, scheduler, EMA, step and position in the epoch, every
+rank's RNG), JSONL metrics, and a progress bar on rank 0 at a terminal.
+
+Exact resume rests on two choices: the epoch's sample order is a function of (seed, epoch) and can start
+mid-epoch (:class:`ShardedSampler`), and datasets derive per-sample augmentation randomness from
+(seed, epoch, index) (see ``intern2.data.SeededDataset``), so neither depends on worker processes.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Protocol, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..checkpoint import atomic_write
+from ..config import to_dict
+from .distributed import DistInfo, cleanup, init_distributed
+from .optim import build_optimizer, warmup_cosine
+
+__all__ = ["Task", "TrainConfig", "Trainer", "ShardedSampler", "ModelEma", "accumulate_eval"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and bookkeeping; ``batch_size`` is per process (global = batch_size * world * grad_accum)."""
+
+    epochs: int = 10
+    max_steps: Optional[int] = None
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.01
+    warmup_steps: int = 0
+    weight_decay: float = 0.05
+    layer_decay: Optional[float] = None
+    clip_grad: Optional[float] = 5.0
+    amp: str = "none"  # "none" or "bf16"
+    ema_decay: Optional[float] = None
+    freeze_bn: bool = False
+    grad_checkpointing: bool = False
+    fsdp: bool = False
+    device: str = "auto"
+    num_workers: int = 0
+    seed: int = 0
+    log_every: int = 10
+    eval_every: Optional[int] = None  # optimizer steps; None: at the end of every epoch
+    checkpoint_every: Optional[int] = None  # optimizer steps; None: at the end of every epoch
+    out_dir: str = "runs/train"
+    resume: Optional[str] = None  # a checkpoint path, or "auto": <out_dir>/checkpoints/last.pt if it exists
+
+    def __post_init__(self):
+        if self.amp not in ("none", "bf16"):
+            raise ValueError(f"train.amp: expected 'none' or 'bf16', got {self.amp!r}")
+        for name in ("epochs", "batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}: expected a positive integer, got {getattr(self, name)}")
+
+
+class Task(Protocol):
+    """What a task plugs into the trainer."""
+
+    def build_model(self) -> nn.Module: ...
+
+    def train_dataset(self) -> Dataset: ...
+
+    def eval_dataset(self) -> Optional[Dataset]: ...
+
+    def collate(self, samples: List[Any]) -> Any: ...
+
+    def training_step(self, model: nn.Module, batch: Any) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """(loss, scalars to log); the loss is computed in float32."""
+
+    def eval_step(self, model: nn.Module, batch: Any) -> Dict[str, torch.Tensor]:
+        """Sums over the batch (counts, correct predictions, ...): the trainer adds them over batches and ranks."""
+
+    def summarize(self, sums: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        """Metrics from the summed eval_step outputs."""
+
+    def save_model(self, model: nn.Module, directory: Path) -> None:
+        """Write the final model (config + weights + whatever inference needs) into ``directory``."""
+
+
+class ShardedSampler(Sampler[int]):
+    """The epoch's order is a permutation seeded by (seed, epoch), split into equal per-rank shards (the remainder
+    is dropped so every rank runs the same number of steps); iteration can start ``start`` samples into the shard."""
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True):
+        self.size, self.rank, self.world_size, self.seed, self.shuffle = size, rank, world_size, seed, shuffle
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _shard(self) -> torch.Tensor:
+        order = (torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+                 if self.shuffle else torch.arange(self.size))
+        return order[self.rank::self.world_size][:self.size // self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._shard()[self.start:].tolist())
+
+    def __len__(self) -> int:
+        return max(0, self.size // self.world_size - self.start)
+
+
+class ModelEma:
+    """Exponential moving average of a model's parameters (buffers are copied)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for ema, live in zip(self.module.state_dict().values(), model.state_dict().values()):
+            if ema.dtype.is_floating_point:
+                ema.lerp_(live.detach(), 1 - self.decay)
+            else:
+                ema.copy_(live)
+
+
+@dataclass
+class _Progress:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batches_done: int = 0  # micro-batches consumed in this epoch (per rank)
+    history: Dict[str, Any] = field(default_factory=dict)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+@torch.no_grad()
+def accumulate_eval(model: nn.Module, loader: DataLoader, eval_step, device: torch.device,
+                    autocast=contextlib.nullcontext) -> Dict[str, torch.Tensor]:
+    """Sum ``eval_step(model, batch)`` outputs over a loader, with the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    sums: Dict[str, torch.Tensor] = {}
+    for batch in loader:
+        with autocast():
+            for key, value in eval_step(model, _to_device(batch, device)).items():
+                sums[key] = sums.get(key, 0) + value.detach().double()
+    model.train(was_training)
+    return sums
+
+
+def _rng_state() -> Dict[str, Any]:
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Runs a :class:`Task` under a :class:`TrainConfig`; ``fit()`` returns the final eval metrics."""
+
+    def __init__(self, task: Task, cfg: TrainConfig, config_to_save: Optional[Dict[str, Any]] = None):
+        self.task = task
+        self.cfg = cfg
+        self.config_to_save = config_to_save or {"train": to_dict(cfg)}
+        self.out_dir = Path(cfg.out_dir)
+        self.dist: DistInfo = DistInfo()
+
+    # --------------------------------------------------------------------------------------------------- setup
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.cfg.fsdp:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+            if not dist.is_initialized():
+                raise ValueError("train.fsdp needs a process group: launch with torchrun")
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+                if self.cfg.amp == "bf16" else MixedPrecisionPolicy()
+            for module in getattr(model, "fsdp_units", lambda: [])():  # e.g. one unit per residual block
+                fully_shard(module, mp_policy=policy)
+            fully_shard(model, mp_policy=policy)
+            return model
+        if self.dist.distributed:
+            device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+            return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        return model
+
+    def _loader(self, dataset: Dataset, sampler: Sampler, drop_last: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.cfg.batch_size, sampler=sampler, drop_last=drop_last,
+                          num_workers=self.cfg.num_workers, collate_fn=self.task.collate,
+                          pin_memory=self.dist.device.type == "cuda", persistent_workers=False)
+
+    def _autocast(self):
+        if self.cfg.amp == "bf16":
+            return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ----------------------------------------------------------------------------------------------- checkpoints
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / "checkpoints" / "last.pt"
+
+    def _save(self, model, optimizer, scheduler, ema, progress: _Progress) -> None:
+        model_state, optim_state = get_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        rng = [_rng_state()]
+        if self.dist.distributed:
+            rng = [None] * self.dist.world_size
+            dist.all_gather_object(rng, _rng_state())
+        if self.dist.is_main:
+            payload = {"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                       "ema": ema.module.state_dict() if ema else None, "rng": rng,
+                       "progress": {"step": progress.step, "epoch": progress.epoch,
+                                    "batches_done": progress.batches_done},
+                       "world_size": self.dist.world_size, "config": self.config_to_save}
+            atomic_write(self.checkpoint_path(), lambda tmp: torch.save(payload, tmp))
+            log.info("checkpoint step %d -> %s", progress.step, self.checkpoint_path())
+        if self.dist.distributed:
+            dist.barrier()
+
+    def _resume_source(self) -> Optional[Path]:
+        if self.cfg.resume is None:
+            return None
+        if self.cfg.resume == "auto":
+            return self.checkpoint_path() if self.checkpoint_path().exists() else None
+        path = Path(self.cfg.resume)
+        if not path.exists():
+            raise FileNotFoundError(f"train.resume: checkpoint {path} does not exist")
+        return path
+
+    def _load(self, path: Path, model, optimizer, scheduler, ema, progress: _Progress) -> None:
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"train.resume: cannot read training checkpoint {path}: {exc}") from exc
+        if payload.get("world_size", 1) != self.dist.world_size:
+            raise ValueError(f"train.resume: {path} was written by {payload['world_size']} processes, this run has "
+                             f"{self.dist.world_size}; the data order would not continue exactly")
+        set_state_dict(model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+        scheduler.load_state_dict(payload["scheduler"])
+        if ema is not None and payload["ema"] is not None:
+            ema.module.load_state_dict(payload["ema"])
+        for key, value in payload["progress"].items():
+            setattr(progress, key, value)
+        _set_rng_state(payload["rng"][self.dist.rank])
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, progress.step, progress.epoch,
+                 progress.batches_done)
+
+    # ------------------------------------------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, dataset: Dataset) -> Dict[str, float]:
+        """Run ``eval_step`` over the dataset (sharded across ranks unless FSDP), sum, summarise."""
+        shard = self.dist.distributed and not self.cfg.fsdp
+        indices = list(range(len(dataset)))[self.dist.rank::self.dist.world_size] if shard else None
+        loader = DataLoader(dataset, batch_size=self.cfg.batch_size, sampler=indices,
+                            num_workers=self.cfg.num_workers, collate_fn=self.task.collate)
+        sums = accumulate_eval(model, loader, self.task.eval_step, self.dist.device, self._autocast)
+        if shard:
+            for key in sorted(sums):
+                dist.all_reduce(sums[key])
+        return self.task.summarize({k: v.cpu() for k, v in sums.items()})
+
+    # ------------------------------------------------------------------------------------------------------- fit
+    def fit(self) -> Dict[str, float]:
+        try:
+            return self._fit()
+        finally:
+            cleanup()
+
+    def _fit(self) -> Dict[str, float]:
+        cfg = self.cfg
+        self.dist = init_distributed(cfg.device)
+        if cfg.fsdp and cfg.ema_decay:
+            raise ValueError("train.ema_decay is not supported with train.fsdp (EMA of sharded parameters)")
+        _seed_everything(cfg.seed)  # same initial weights on every rank
+        model = self.task.build_model()
+        if cfg.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        model.to(self.dist.device)
+        _seed_everything(cfg.seed + self.dist.rank)  # per-rank dropout / drop-path streams
+        train_set, eval_set = self.task.train_dataset(), self.task.eval_dataset()
+        sampler = ShardedSampler(len(train_set), self.dist.rank, self.dist.world_size, cfg.seed)
+        steps_per_epoch = len(sampler) // cfg.batch_size // cfg.grad_accum
+        if steps_per_epoch < 1:
+            raise ValueError(f"train.batch_size={cfg.batch_size} x grad_accum={cfg.grad_accum} x {self.dist.world_size} "
+                             f"process(es) is larger than the {len(train_set)} training samples")
+        total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+        wrapped = self._wrap(model)
+        optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, layer_decay=cfg.layer_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(total_steps, cfg.warmup_steps, cfg.min_lr_ratio))
+        ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay else None
+        progress = _Progress()
+        source = self._resume_source()
+        if source is not None:
+            self._load(source, wrapped, optimizer, scheduler, ema, progress)
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(self.config_to_save, indent=2))
+        loader = self._loader(train_set, sampler, drop_last=True)
+        metrics_file = (self.out_dir / "metrics.jsonl").open("a") if self.dist.is_main else None
+        bar = self._progress_bar(total_steps, progress.step)
+        log.info("training %d steps (%d per epoch), %d process(es), device %s", total_steps, steps_per_epoch,
+                 self.dist.world_size, self.dist.device)
+        wrapped.train()
+        if cfg.freeze_bn:
+            self._freeze_bn(model)
+        eval_metrics: Dict[str, float] = {}
+        window: Dict[str, List[float]] = {}
+        bad_steps = 0
+        started = time.perf_counter()
+        try:
+            while progress.step < total_steps:
+                sampler.set_epoch(progress.epoch, start=progress.batches_done * cfg.batch_size)
+                if hasattr(train_set, "set_epoch"):
+                    train_set.set_epoch(progress.epoch)
+                for batch in loader:
+                    micro = progress.batches_done % cfg.grad_accum
+                    boundary = micro == cfg.grad_accum - 1
+                    no_sync = wrapped.no_sync if (not boundary and isinstance(wrapped, nn.parallel.DistributedDataParallel)) \
+                        else contextlib.nullcontext
+                    with no_sync(), self._autocast():
+                        loss, scalars = self.task.training_step(wrapped, _to_device(batch, self.dist.device))
+                    with no_sync():
+                        (loss / cfg.grad_accum).backward()
+                    progress.batches_done += 1
+                    for key, value in {"loss": loss.item(), **scalars}.items():
+                        window.setdefault(key, []).append(float(value))
+                    if not boundary:
+                        continue
+                    if not math.isfinite(loss.item()):
+                        bad_steps += 1
+                        optimizer.zero_grad(set_to_none=True)
+                        log.warning("non-finite loss at step %d: step skipped (%d in a row)", progress.step, bad_steps)
+                        if bad_steps >= 10:
+                            raise FloatingPointError("10 consecutive non-finite losses: lower train.lr or check data")
+                        continue
+                    bad_steps = 0
+                    if cfg.clip_grad:
+                        window.setdefault("grad_norm", []).append(
+                            float(nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.clip_grad)))
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if ema is not None:
+                        ema.update(model)
+                    progress.step += 1
+                    if bar is not None:
+                        bar.update(1)
+                    last_of_epoch = progress.batches_done // cfg.grad_accum >= steps_per_epoch
+                    if progress.step % cfg.log_every == 0 or progress.step == total_steps:
+                        self._log(metrics_file, progress, scheduler, window, started)
+                        window = {}
+                    if cfg.eval_every and progress.step % cfg.eval_every == 0 and eval_set is not None:
+                        eval_metrics = self._eval_and_log(model, ema, eval_set, metrics_file, progress)
+                    if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0:
+                        self._save(wrapped, optimizer, scheduler, ema, progress)
+                    if progress.step >= total_steps or last_of_epoch:
+                        break
+                if progress.step >= total_steps and progress.batches_done // cfg.grad_accum < steps_per_epoch:
+                    break  # max_steps reached mid-epoch
+                progress.epoch += 1
+                progress.batches_done = 0
+                optimizer.zero_grad(set_to_none=True)  # micro-batches past the last full accumulation
+                if cfg.eval_every is None and eval_set is not None:
+                    eval_metrics = self._eval_and_log(model, ema, eval_set, metrics_file, progress)
+                if cfg.checkpoint_every is None:
+                    self._save(wrapped, optimizer, scheduler, ema, progress)
+            if eval_set is not None and not eval_metrics:
+                eval_metrics = self._eval_and_log(model, ema, eval_set, metrics_file, progress)
+            if cfg.checkpoint_every:
+                self._save(wrapped, optimizer, scheduler, ema, progress)
+            final = self._final_model(wrapped, model, ema)
+            if self.dist.is_main:
+                self.task.save_model(final, self.out_dir / "model")
+                log.info("final model -> %s", self.out_dir / "model")
+        finally:
+            if metrics_file is not None:
+                metrics_file.close()
+            if bar is not None:
+                bar.close()
+        return eval_metrics
+
+    # --------------------------------------------------------------------------------------------------- helpers
+    @staticmethod
+    def _freeze_bn(model: nn.Module) -> None:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+                module.requires_grad_(False)
+
+    def _final_model(self, wrapped: nn.Module, model: nn.Module, ema: Optional[ModelEma]) -> nn.Module:
+        if ema is not None:
+            return ema.module
+        if self.cfg.fsdp:  # gather full weights into an unsharded copy
+            full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if not self.dist.is_main:
+                return model
+            plain = self.task.build_model()
+            plain.load_state_dict(full)
+            return plain
+        return model
+
+    def _eval_and_log(self, model, ema, eval_set, metrics_file, progress: _Progress) -> Dict[str, float]:
+        metrics = self.evaluate(ema.module if ema is not None else model, eval_set)
+        if metrics_file is not None:
+            metrics_file.write(json.dumps({"split": "eval", "step": progress.step, "epoch": progress.epoch,
+                                           **metrics}) + "\n")
+            metrics_file.flush()
+        log.info("eval step %d: %s", progress.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                                                              if isinstance(v, (int, float))))
+        return metrics
+
+    def _log(self, metrics_file, progress: _Progress, scheduler, window: Dict[str, List[float]], started) -> None:
+        values = {k: sum(v) / len(v) for k, v in window.items() if v}
+        record = {"split": "train", "step": progress.step, "epoch": progress.epoch,
+                  "lr": scheduler.get_last_lr()[0], "time_s": round(time.perf_counter() - started, 3), **values}
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            log.info("step %d epoch %d lr %.3g %s", progress.step, progress.epoch, record["lr"],
+                     " ".join(f"{k} {v:.4g}" for k, v in values.items()))
+
+    def _progress_bar(self, total: int, done: int):
+        if not (self.dist.is_main and sys.stderr.isatty()):
+            return None
+        from tqdm import tqdm
+        return tqdm(total=total, initial=done, desc="train", unit="step", dynamic_ncols=True)

@@ -1,0 +1,291 @@
+"""Image classification: `intern2 train image-cls`, `intern2 eval`, `intern2 predict`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import load_config, to_dict
+from ..data.images import (ClassificationDataset, ImageSource, collate_images, eval_transform, load_image,
+                           open_image_source, split_source, train_transform)
+from ..engine import Trainer, TrainConfig
+from ..engine.trainer import accumulate_eval
+from ..factory import create_model, from_pretrained, save_pretrained
+
+__all__ = ["ImageClsConfig", "ImageClassificationTask", "ClassificationMetrics", "load_classifier", "predict", "train_main", "eval_main",
+           "predict_main", "imagenet_classes"]
+
+log = logging.getLogger(__name__)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ImageClsConfig:
+    model: str = "internimage_t"
+    model_args: Optional[Dict[str, Any]] = None  # architecture overrides, e.g. {depths: [1, 1, 2, 1]}
+    pretrained: bool = False
+    checkpoint: Optional[str] = None  # initial weights (a replaced head is re-initialised)
+    data: str = "builtin:digits"
+    val_data: Optional[str] = None  # default: a val_fraction split of `data`
+    val_fraction: float = 0.2
+    img_size: int = 224
+    crop_pct: float = 1.0
+    train_crop_scale: Tuple[float, float] = (0.6, 1.0)
+    hflip: float = 0.5
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def imagenet_classes() -> List[str]:
+    """The 1000 ImageNet-1k class names (from torchvision's bundled metadata; no download)."""
+    from torchvision.models import ResNet50_Weights
+    return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def class_names(model: nn.Module) -> List[str]:
+    cfg = getattr(model, "pretrained_cfg", {})
+    names = cfg.get("label_names")
+    if names == "imagenet-1k" and model.num_classes == 1000:
+        return imagenet_classes()
+    if isinstance(names, list) and len(names) == model.num_classes:
+        return names
+    return [str(i) for i in range(model.num_classes)]
+
+
+class ClassificationMetrics:
+    """Top-1/top-5 accuracy, loss and per-class accuracy from summable per-batch counts."""
+
+    def __init__(self, classes: Sequence[str]):
+        self.classes = list(classes)
+
+    def eval_step(self, model: nn.Module, batch) -> Dict[str, torch.Tensor]:
+        labels = batch["label"]
+        num_classes = len(self.classes)
+        sums = {"count": torch.tensor(float(labels.numel())), "skipped": torch.tensor(float(batch["skipped"]))}
+        if labels.numel() == 0:
+            return sums
+        logits = model(batch["image"]).float()
+        hits = logits.topk(min(5, num_classes), dim=1).indices == labels[:, None]
+        sums.update(loss=F.cross_entropy(logits, labels, reduction="sum"), top1=hits[:, 0].sum().float(),
+                    top5=hits.any(1).sum().float(),
+                    class_count=torch.bincount(labels, minlength=num_classes).float(),
+                    class_correct=torch.bincount(labels[hits[:, 0]], minlength=num_classes).float())
+        return {k: v.cpu() for k, v in sums.items()}
+
+    def summarize(self, sums: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+        count = float(sums.get("count", 0))
+        if count == 0:
+            return {"count": 0, "skipped": int(sums.get("skipped", 0))}
+        per_class = (sums["class_correct"] / sums["class_count"].clamp(min=1) * 100).tolist()
+        return {"top1": float(sums["top1"]) / count * 100, "top5": float(sums["top5"]) / count * 100,
+                "loss": float(sums["loss"]) / count, "count": int(count), "skipped": int(sums["skipped"]),
+                "per_class_top1": {name: round(acc, 2) for name, acc in zip(self.classes, per_class)}}
+
+
+class ImageClassificationTask:
+    """Cross-entropy classification of an ImageFolder / CSV / built-in dataset with any intern2 image model."""
+
+    def __init__(self, cfg: ImageClsConfig):
+        self.cfg = cfg
+        source = open_image_source(cfg.data)
+        if cfg.val_data:
+            self.train_source, self.val_source = source, open_image_source(cfg.val_data, source.classes)
+        else:
+            self.train_source, self.val_source = split_source(source, cfg.val_fraction, cfg.train.seed)
+        self.classes = source.classes
+        self.metrics = ClassificationMetrics(self.classes)
+        self.skipped = 0
+        self._mix = self._batch_mixing()
+
+    def _batch_mixing(self):
+        from torchvision.transforms import v2
+        mixers = []
+        if self.cfg.mixup > 0:
+            mixers.append(v2.MixUp(alpha=self.cfg.mixup, num_classes=len(self.classes)))
+        if self.cfg.cutmix > 0:
+            mixers.append(v2.CutMix(alpha=self.cfg.cutmix, num_classes=len(self.classes)))
+        return v2.RandomChoice(mixers) if mixers else None
+
+    def build_model(self) -> nn.Module:
+        model = create_model(self.cfg.model, pretrained=self.cfg.pretrained and not self.cfg.checkpoint,
+                             **(self.cfg.model_args or {}))
+        if self.cfg.checkpoint:
+            from ..checkpoint import load_checkpoint
+            load_checkpoint(model, self.cfg.checkpoint)
+        if model.num_classes != len(self.classes):
+            model.reset_classifier(len(self.classes))
+        return model
+
+    def _dataset(self, source: ImageSource, train: bool) -> Dataset:
+        cfg = self.cfg
+        transform = (train_transform(cfg.img_size, IMAGENET_MEAN, IMAGENET_STD, cfg.train_crop_scale, cfg.hflip)
+                     if train else eval_transform(cfg.img_size, IMAGENET_MEAN, IMAGENET_STD, cfg.crop_pct))
+        return ClassificationDataset(source, transform, seed=cfg.train.seed)
+
+    def train_dataset(self) -> Dataset:
+        return self._dataset(self.train_source, train=True)
+
+    def eval_dataset(self) -> Optional[Dataset]:
+        return self._dataset(self.val_source, train=False) if self.val_source.samples else None
+
+    def collate(self, samples):
+        return collate_images(samples)
+
+    def training_step(self, model: nn.Module, batch) -> Tuple[torch.Tensor, Dict[str, float]]:
+        self.skipped += batch["skipped"]
+        images, labels = batch["image"], batch["label"]
+        if images.shape[0] == 0:  # every image of the batch was unreadable: a zero loss keeps ranks in step
+            return sum(p.sum() * 0 for p in model.parameters()), {"skipped_images": self.skipped}
+        targets = labels
+        if self._mix is not None and model.training:
+            images, targets = self._mix(images, labels)
+        logits = model(images).float()
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.cfg.label_smoothing)
+        return loss, {"skipped_images": self.skipped}
+
+    def eval_step(self, model: nn.Module, batch) -> Dict[str, torch.Tensor]:
+        return self.metrics.eval_step(model, batch)
+
+    def summarize(self, sums: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+        return self.metrics.summarize(sums)
+
+    def save_model(self, model: nn.Module, directory: Path) -> None:
+        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "file": None, "num_classes": len(self.classes),
+                                "input_size": (3, self.cfg.img_size, self.cfg.img_size), "crop_pct": self.cfg.crop_pct,
+                                "interpolation": "bicubic", "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+                                "label_names": list(self.classes)}
+        save_pretrained(model, directory)
+
+
+# ------------------------------------------------------------------------------------------------------- inference
+def load_classifier(checkpoint: Optional[str], model_name: Optional[str]) -> nn.Module:
+    """A folder written by training / save_pretrained (or an HF-hub InternImage folder), or ``model_name`` with an
+    optional weight file in any supported layout."""
+    if checkpoint and Path(checkpoint).is_dir():
+        return from_pretrained(checkpoint).eval()
+    if model_name is None:
+        raise ValueError("--model is required unless --checkpoint is a model folder (config.json + weights)")
+    if checkpoint is None:
+        log.warning("no --checkpoint: %s has random weights", model_name)
+    return create_model(model_name, checkpoint_path=checkpoint).eval()
+
+
+def _preprocess(model: nn.Module):
+    cfg = getattr(model, "pretrained_cfg", {})
+    size = cfg.get("input_size", (3, 224, 224))[-1]
+    return eval_transform(size, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD), cfg.get("crop_pct", 1.0))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, files: Sequence[str], topk: int = 5) -> List[Dict[str, Any]]:
+    """Top-k labels and probabilities per file; an unreadable file gets an 'error' entry naming it."""
+    names, transform = class_names(model), _preprocess(model)
+    results = []
+    for file in files:
+        try:
+            image = transform(load_image(file))
+        except ValueError as exc:
+            results.append({"file": file, "error": str(exc)})
+            continue
+        probs = model(image[None]).float().softmax(-1)[0]
+        values, indices = probs.topk(min(topk, probs.numel()))
+        results.append({"file": file, "top": [{"label": names[i], "index": int(i), "prob": round(float(p), 6)}
+                                              for p, i in zip(values.tolist(), indices.tolist())]})
+    return results
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def train_main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="intern2 train image-cls", description="Train an image classifier.")
+    parser.add_argument("--config", help="YAML file with ImageClsConfig fields (model, data, train: {...})")
+    parser.add_argument("--data", help="ImageFolder directory, CSV of path,label, or builtin:digits")
+    parser.add_argument("--model", help="registered model name, e.g. internimage_t")
+    parser.add_argument("--out", help="output folder (train.out_dir)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set train.lr=1e-3 --set model_args.depths=[1,1,2,1]")
+    args = parser.parse_args(argv)
+    _setup_logging()
+    overrides = list(args.overrides)
+    for flag, key in ((args.data, "data"), (args.model, "model"), (args.out, "train.out_dir")):
+        if flag is not None:
+            overrides.insert(0, f"{key}={flag}")
+    try:
+        cfg = load_config(ImageClsConfig, args.config, overrides)
+        task = ImageClassificationTask(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        parser.error(str(exc))
+    metrics = Trainer(task, cfg.train, config_to_save=to_dict(cfg)).fit()
+    if task.skipped:
+        log.warning("%d unreadable images were skipped during training", task.skipped)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "per_class_top1"}))
+    return 0
+
+
+def eval_main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="intern2 eval", description="Evaluate an image classifier on a dataset.")
+    parser.add_argument("--data", required=True, help="ImageFolder directory, CSV of path,label, or builtin:digits")
+    parser.add_argument("--checkpoint", help="model folder, or a weight file used with --model")
+    parser.add_argument("--model", help="registered model name (needed unless --checkpoint is a model folder)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    args = parser.parse_args(argv)
+    _setup_logging()
+    try:
+        model = load_classifier(args.checkpoint, args.model)
+        source = open_image_source(args.data, class_names(model))
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        parser.error(str(exc))
+    size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+    loader = DataLoader(ClassificationDataset(source, _preprocess(model)), batch_size=args.batch_size,
+                        collate_fn=collate_images)
+    metrics_of = ClassificationMetrics(source.classes)
+    metrics = metrics_of.summarize(accumulate_eval(model, loader, metrics_of.eval_step, torch.device("cpu")))
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(f"{source.name}: top-1 {metrics.get('top1', 0):.2f}%  top-5 {metrics.get('top5', 0):.2f}%  "
+              f"({metrics['count']} images at {size}px, {metrics.get('skipped', 0)} unreadable)")
+        for name, acc in metrics.get("per_class_top1", {}).items():
+            print(f"  {name}: {acc:.2f}%")
+    return 0
+
+
+def predict_main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="intern2 predict", description="Classify images.")
+    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--checkpoint", help="model folder, or a weight file used with --model")
+    parser.add_argument("--model", help="registered model name (needed unless --checkpoint is a model folder)")
+    parser.add_argument("--topk", type=int, default=5)
+    parser.add_argument("--json", action="store_true", help="print results as JSON")
+    args = parser.parse_args(argv)
+    _setup_logging()
+    try:
+        model = load_classifier(args.checkpoint, args.model)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        parser.error(str(exc))
+    results = predict(model, args.images, args.topk)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    for result in results:
+        if "error" in result:
+            print(f"error: {result['error']}", file=sys.stderr)
+        elif not args.json:
+            print(f"{result['file']}: " + ", ".join(f"{t['label']} ({t['prob']:.3f})" for t in result["top"]))
+    return 1 if any("error" in r for r in results) else 0
