@@ -13,6 +13,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "train": ("intern2.tasks:train_main", "train a model: intern2 train image-cls ..."),
     "eval": ("intern2.tasks.image_cls:eval_main", "evaluate an image classifier on a dataset"),
     "predict": ("intern2.tasks.image_cls:predict_main", "classify image files"),
+    "export": ("intern2.export:main", "export a model: intern2 export onnx ..."),
 }
 
 

@@ -91,7 +91,8 @@ class ClassificationMetrics:
         per_class = (sums["class_correct"] / sums["class_count"].clamp(min=1) * 100).tolist()
         return {"top1": float(sums["top1"]) / count * 100, "top5": float(sums["top5"]) / count * 100,
                 "loss": float(sums["loss"]) / count, "count": int(count), "skipped": int(sums["skipped"]),
-                "per_class_top1": {name: round(acc, 2) for name, acc in zip(self.classes, per_class)}}
+                "per_class_top1": {name: round(acc, 2) for name, acc, n in
+                                   zip(self.classes, per_class, sums["class_count"].tolist()) if n > 0}}
 
 
 class ImageClassificationTask:

@@ -1,0 +1,76 @@
+"""`intern2 export onnx`: a standard ONNX graph (DCNv3 becomes GridSample), checked with onnx and onnxruntime."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["export_onnx", "main"]
+
+log = logging.getLogger(__name__)
+
+
+def export_onnx(model: nn.Module, path: Path, img_size: int, opset: int = 18, check: bool = True,
+                atol: float = 1e-4) -> float:
+    """Export with dynamic batch, height and width; returns max |onnxruntime - torch| on a test input (or -1)."""
+    model = model.eval()
+    # torch.export specialises size-1 dimensions: trace at a size whose last level is still >= 2x2.
+    trace_size = max(img_size, 64)
+    example = torch.randn(2, 3, trace_size, trace_size, generator=torch.Generator().manual_seed(0))
+    batch, height, width = (torch.export.Dim("batch", min=1, max=1024),
+                            torch.export.Dim.AUTO, torch.export.Dim.AUTO)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=opset, input_names=["image"],
+                      output_names=["output"], dynamic_shapes={"x": {0: batch, 2: height, 3: width}})
+    if not check:
+        return -1.0
+    import onnx
+    import onnxruntime as ort
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    probe = torch.randn(3, 3, img_size, img_size + 32, generator=torch.Generator().manual_seed(1))
+    (got,) = session.run(None, {session.get_inputs()[0].name: probe.numpy()})[:1]
+    with torch.no_grad():
+        want = model(probe)
+    diff = float((torch.from_numpy(got) - want).abs().max())
+    if diff > atol:
+        raise RuntimeError(f"{path}: onnxruntime output differs from PyTorch by {diff:.2e} (> {atol})")
+    return diff
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="intern2 export", description="Export a model.")
+    parser.add_argument("format", choices=["onnx"])
+    parser.add_argument("--model", help="registered model name (needed unless --checkpoint is a model folder)")
+    parser.add_argument("--checkpoint", help="model folder, or a weight file used with --model")
+    parser.add_argument("--out", required=True, help="output .onnx file")
+    parser.add_argument("--img-size", type=int, help="example input size (default: the model's input size)")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17; GridSample needs >= 16)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="model config override, e.g. --set depths=[1,1,2,1] (with --model)")
+    parser.add_argument("--no-check", action="store_true", help="skip onnx.checker and the onnxruntime parity check")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.opset < 17:
+        parser.error(f"--opset {args.opset}: expected >= 17")
+    import yaml
+    from .tasks.image_cls import load_classifier
+    try:
+        overrides = {k: yaml.safe_load(v) for k, _, v in (o.partition("=") for o in args.overrides)}
+        if overrides and not args.model:
+            parser.error("--set needs --model")
+        if overrides:
+            from .factory import create_model
+            model = create_model(args.model, checkpoint_path=args.checkpoint, **overrides).eval()
+        else:
+            model = load_classifier(args.checkpoint, args.model)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        parser.error(str(exc))
+    size = args.img_size or getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[-1]
+    diff = export_onnx(model, Path(args.out), size, args.opset, check=not args.no_check)
+    print(f"wrote {args.out}" + (f" (onnxruntime vs torch max |diff| {diff:.2e})" if diff >= 0 else ""))
+    return 0
