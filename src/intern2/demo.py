@@ -1,8 +1,10 @@
 """`intern2 demo`: the project's main job on built-in data, with a JSON summary of every figure.
 
-Stage one (the DCNv3 operator): the three implementations agree, the fast CPU path is timed against the
-readable reference, and DCNv3's offset gradients are put to work: free offsets are fitted by gradient
-descent until they recover a known displacement field from a pair of generated images.
+1. The DCNv3 operator: the implementations agree, the fast CPU path is timed against the readable reference,
+   and DCNv3's offset gradients are put to work: free offsets are fitted by gradient descent until they
+   recover a known displacement field from a pair of generated images.
+2. InternImage: a small InternImage is trained on scikit-learn's handwritten digits (shipped inside the
+   package, no download) with the training engine, evaluated on held-out digits, and used to predict a few.
 """
 from __future__ import annotations
 
@@ -106,6 +108,37 @@ def recover_displacement(steps: int, size: int = 32, seed: int = 0) -> Dict[str,
             "final_loss": losses[-1], "steps": steps}
 
 
+DIGITS_MODEL = dict(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8], drop_path_rate=0.0)
+
+
+def train_digits(out_dir: Path, epochs: int) -> Dict[str, object]:
+    """Train a small InternImage on the built-in digits; held-out accuracy and a few predictions."""
+    from .engine import TrainConfig, Trainer
+    from .tasks.image_cls import ImageClassificationTask, ImageClsConfig, predict
+    cfg = ImageClsConfig(model="internimage_t", model_args=DIGITS_MODEL, data="builtin:digits", img_size=32,
+                         hflip=0.0, label_smoothing=0.1,
+                         train=TrainConfig(epochs=epochs, batch_size=32, lr=2e-3, warmup_steps=10, log_every=50,
+                                           out_dir=str(out_dir), device="cpu"))
+    task = ImageClassificationTask(cfg)
+    metrics = Trainer(task, cfg.train).fit()
+    from .factory import from_pretrained
+    model = from_pretrained(out_dir / "model").eval()
+    examples = []
+    samples = task.val_source.samples[:6]
+    files = []
+    for i, (array, label) in enumerate(samples):
+        from PIL import Image
+        path = out_dir / f"example_{i}_label{label}.png"
+        Image.fromarray(array).save(path)  # native 8x8, so predict sees what evaluation sees
+        files.append(str(path))
+    for (array, label), result in zip(samples, predict(model, files, topk=1)):
+        examples.append({"file": result["file"], "label": task.classes[label], "predicted": result["top"][0]["label"],
+                         "prob": result["top"][0]["prob"]})
+    return {"top1": metrics["top1"], "top5": metrics["top5"], "val_images": metrics["count"],
+            "chance": 100.0 / len(task.classes), "epochs": epochs, "model_dir": str(out_dir / "model"),
+            "examples": examples}
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -118,6 +151,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", default="runs/demo", help="folder for summary.json (default: runs/demo)")
     parser.add_argument("--steps", type=_positive, default=300, help="optimisation steps of the displacement fit")
     parser.add_argument("--rounds", type=_positive, default=5, help="timing rounds")
+    parser.add_argument("--epochs", type=_positive, default=8, help="epochs of the InternImage digits run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out_dir = Path(args.out)
@@ -137,10 +171,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     summary["displacement_fit"] = fit = recover_displacement(args.steps)
     log.info("  mean displacement error %.3f px -> %.3f px (loss %.2e -> %.2e)", fit["start_error_px"],
              fit["final_error_px"], fit["start_loss"], fit["final_loss"])
+    log.info("InternImage: training on the built-in handwritten digits (%d epochs)...", args.epochs)
+    summary["internimage_digits"] = digits = train_digits(out_dir / "internimage_digits", args.epochs)
+    log.info("  held-out top-1 %.2f%% on %d images (chance %.0f%%)", digits["top1"], digits["val_images"],
+             digits["chance"])
+    for example in digits["examples"]:
+        log.info("  %s: predicted %s (%.2f), true %s", Path(example["file"]).name, example["predicted"],
+                 example["prob"], example["label"])
     path = out_dir / "summary.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(path)
     log.info("summary written to %s", path)
-    ok = all(d < 1e-3 for d in diffs.values()) and fit["final_error_px"] < 0.25 * fit["start_error_px"]
+    ok = (all(d < 1e-3 for d in diffs.values()) and fit["final_error_px"] < 0.25 * fit["start_error_px"]
+          and digits["top1"] > 5 * digits["chance"])
     return 0 if ok else 1

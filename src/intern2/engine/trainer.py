@@ -205,6 +205,7 @@ class Trainer:
         self.config_to_save = config_to_save or {"train": to_dict(cfg)}
         self.out_dir = Path(cfg.out_dir)
         self.dist: DistInfo = DistInfo()
+        self.model: Optional[nn.Module] = None  # the trained (unwrapped) model, after fit()
 
     # --------------------------------------------------------------------------------------------------- setup
     def _wrap(self, model: nn.Module) -> nn.Module:
@@ -314,6 +315,8 @@ class Trainer:
         model = self.task.build_model()
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
+        if cfg.freeze_bn:  # before wrapping: DDP must not expect gradients for frozen parameters
+            self._freeze_bn(model)
         model.to(self.dist.device)
         _seed_everything(cfg.seed + self.dist.rank)  # per-rank dropout / drop-path streams
         train_set, eval_set = self.task.train_dataset(), self.task.eval_dataset()
@@ -341,8 +344,6 @@ class Trainer:
         log.info("training %d steps (%d per epoch), %d process(es), device %s", total_steps, steps_per_epoch,
                  self.dist.world_size, self.dist.device)
         wrapped.train()
-        if cfg.freeze_bn:
-            self._freeze_bn(model)
         eval_metrics: Dict[str, float] = {}
         window: Dict[str, List[float]] = {}
         bad_steps = 0
@@ -409,6 +410,7 @@ class Trainer:
             if cfg.checkpoint_every:
                 self._save(wrapped, optimizer, scheduler, ema, progress)
             final = self._final_model(wrapped, model, ema)
+            self.model = model
             if self.dist.is_main:
                 self.task.save_model(final, self.out_dir / "model")
                 log.info("final model -> %s", self.out_dir / "model")
@@ -422,10 +424,13 @@ class Trainer:
     # --------------------------------------------------------------------------------------------------- helpers
     @staticmethod
     def _freeze_bn(model: nn.Module) -> None:
+        """BatchNorm layers keep their running statistics and affine parameters, whatever train() says."""
+        def use_running_stats(module: nn.Module, args) -> None:
+            module.training = False
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
                 module.requires_grad_(False)
+                module.register_forward_pre_hook(use_running_stats)
 
     def _final_model(self, wrapped: nn.Module, model: nn.Module, ema: Optional[ModelEma]) -> nn.Module:
         if ema is not None:
