@@ -225,9 +225,11 @@ class Trainer:
         return model
 
     def _loader(self, dataset: Dataset, sampler: Sampler, drop_last: bool) -> DataLoader:
+        # A private generator: creating an iterator (every epoch, and on resume) must not draw from the global RNG.
         return DataLoader(dataset, batch_size=self.cfg.batch_size, sampler=sampler, drop_last=drop_last,
                           num_workers=self.cfg.num_workers, collate_fn=self.task.collate,
-                          pin_memory=self.dist.device.type == "cuda", persistent_workers=False)
+                          pin_memory=self.dist.device.type == "cuda", persistent_workers=False,
+                          generator=torch.Generator().manual_seed(self.cfg.seed))
 
     def _autocast(self):
         if self.cfg.amp == "bf16":

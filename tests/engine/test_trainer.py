@@ -1,0 +1,135 @@
+"""Training engine: exact resume, bookkeeping, optimiser groups, schedules, configs."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from intern2.config import apply_overrides, load_config
+from intern2.engine import TrainConfig, Trainer
+from intern2.engine.optim import param_groups, warmup_cosine
+from intern2.engine.trainer import ShardedSampler
+from intern2.tasks.image_cls import ImageClassificationTask, ImageClsConfig
+
+pytest.importorskip("sklearn")
+TINY = dict(channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8], drop_path_rate=0.1)
+
+
+def _cfg(out, **train) -> ImageClsConfig:
+    base = TrainConfig(max_steps=6, batch_size=16, lr=1e-3, out_dir=str(out), device="cpu", log_every=1, seed=3,
+                       checkpoint_every=2, warmup_steps=2)
+    return ImageClsConfig(model="internimage_t", model_args=TINY, data="builtin:digits", img_size=32, hflip=0.5,
+                          mixup=0.2, train=replace(base, **train))
+
+
+class Interrupted(Exception):
+    pass
+
+
+class InterruptingTask(ImageClassificationTask):
+    """Dies in the middle of the run, after the checkpoint of step 4 (a crash or a pre-empted job)."""
+
+    def __init__(self, cfg, die_after: int):
+        super().__init__(cfg)
+        self.calls, self.die_after = 0, die_after
+
+    def training_step(self, model, batch):
+        self.calls += 1
+        if self.calls > self.die_after:
+            raise Interrupted()
+        return super().training_step(model, batch)
+
+
+def _weights(out):
+    return load_file(out / "model" / "model.safetensors")
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_resume_is_exact(tmp_path, grad_accum):
+    """Drop path, mixup and augmentation are random: an interrupted + resumed run still ends bit-identical."""
+    full = _cfg(tmp_path / "full", grad_accum=grad_accum)
+    Trainer(ImageClassificationTask(full), full.train).fit()
+    broken = _cfg(tmp_path / "broken", grad_accum=grad_accum)
+    with pytest.raises(Interrupted):
+        Trainer(InterruptingTask(broken, die_after=5 * grad_accum), broken.train).fit()
+    checkpoint = torch.load(tmp_path / "broken" / "checkpoints" / "last.pt", weights_only=True)
+    assert checkpoint["progress"]["step"] == 4
+    resumed = replace(broken, train=replace(broken.train, resume="auto"))
+    Trainer(ImageClassificationTask(resumed), resumed.train).fit()
+    want, got = _weights(tmp_path / "full"), _weights(tmp_path / "broken")
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
+def test_bookkeeping_files_and_metrics(tmp_path):
+    cfg = _cfg(tmp_path, max_steps=4, amp="bf16", ema_decay=0.9, eval_every=2)
+    metrics = Trainer(ImageClassificationTask(cfg), cfg.train).fit()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [line for line in lines if line["split"] == "train"]
+    assert [line["step"] for line in train_lines] == [1, 2, 3, 4]
+    assert all(line["loss"] > 0 and "lr" in line and "grad_norm" in line for line in train_lines)
+    assert [line["step"] for line in lines if line["split"] == "eval"] == [2, 4]
+    assert 0 <= metrics["top1"] <= 100 and metrics["count"] == 359
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt"]  # no temp files left
+    saved = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert saved["num_classes"] == 10 and saved["pretrained_cfg"]["label_names"] == [str(i) for i in range(10)]
+
+
+def test_resume_from_a_different_world_size_is_refused(tmp_path):
+    cfg = _cfg(tmp_path, max_steps=2)
+    Trainer(ImageClassificationTask(cfg), cfg.train).fit()
+    path = tmp_path / "checkpoints" / "last.pt"
+    payload = torch.load(path, weights_only=True)
+    payload["world_size"] = 4
+    torch.save(payload, path)
+    again = replace(cfg, train=replace(cfg.train, resume=str(path)))
+    with pytest.raises(ValueError, match="written by 4 processes"):
+        Trainer(ImageClassificationTask(again), again.train).fit()
+    with pytest.raises(FileNotFoundError, match="train.resume"):
+        bad = replace(cfg, train=replace(cfg.train, resume=str(tmp_path / "nope.pt")))
+        Trainer(ImageClassificationTask(bad), bad.train).fit()
+
+
+def test_sampler_shards_and_resumes_mid_epoch():
+    shards = [list(ShardedSampler(10, rank, 3, seed=1)) for rank in range(3)]
+    assert all(len(s) == 3 for s in shards) and len(set(sum(shards, []))) == 9
+    sampler = ShardedSampler(10, 0, 1, seed=1)
+    sampler.set_epoch(2)
+    whole = list(sampler)
+    sampler.set_epoch(2, start=4)
+    assert list(sampler) == whole[4:] and len(sampler) == 6
+    sampler.set_epoch(3)
+    assert list(sampler) != whole
+
+
+def test_param_groups_and_schedule():
+    from intern2 import create_model
+    model = create_model("internimage_t", **TINY, num_classes=3)
+    groups = param_groups(model, weight_decay=0.05, layer_decay=0.5)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert by_param[id(named["head.bias"])]["weight_decay"] == 0.0
+    assert by_param[id(named["head.weight"])]["weight_decay"] == 0.05
+    assert by_param[id(named["head.weight"])]["lr_scale"] == 1.0
+    assert by_param[id(named["patch_embed.conv1.weight"])]["lr_scale"] == 0.5 ** (model.num_layer_ids - 1)
+    factor = warmup_cosine(total_steps=10, warmup_steps=2, min_lr_ratio=0.1)
+    assert [round(factor(s), 4) for s in (0, 1, 2, 10)] == [0.5, 1.0, 1.0, 0.1]
+
+
+def test_config_files_and_overrides(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("model: internimage_s\ntrain:\n  lr: 3.0e-4\n  epochs: 2\n")
+    cfg = load_config(ImageClsConfig, path, ["train.lr=1e-3", "model_args.depths=[1, 1, 2, 1]", "train_crop_scale=[0.5, 1]"])
+    assert cfg.model == "internimage_s" and cfg.train.epochs == 2 and cfg.train.lr == 1e-3
+    assert cfg.model_args == {"depths": [1, 1, 2, 1]} and cfg.train_crop_scale == (0.5, 1)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['lrr'\]"):
+        apply_overrides(cfg, ["train.lrr=1"])
+    with pytest.raises(ValueError, match="expected key=value"):
+        apply_overrides(cfg, ["train.lr"])
+    with pytest.raises(ValueError, match="train.lr: expected a number"):
+        apply_overrides(cfg, ["train.lr=fast"])
+    with pytest.raises(ValueError, match="train.amp: expected 'none' or 'bf16'"):
+        apply_overrides(cfg, ["train.amp=fp8"])
