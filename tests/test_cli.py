@@ -38,11 +38,14 @@ def test_list_filters_by_pattern(capsys):
 
 
 def test_demo_runs_and_writes_summary(tmp_path, capsys):
-    assert cli.main(["demo", "--out", str(tmp_path), "--steps", "150", "--rounds", "1"]) == 0
+    assert cli.main(["demo", "--out", str(tmp_path), "--steps", "150", "--rounds", "1", "--epochs", "2"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert all(diff < 1e-3 for diff in summary["max_abs_diff_vs_reference"].values())
     fit = summary["displacement_fit"]
     assert fit["final_error_px"] < 0.1 < fit["start_error_px"]
     assert fit["final_loss"] < fit["start_loss"] / 100
     assert set(summary["fwd_bwd_ms"]) == {"reference", "fast"}
+    digits = summary["internimage_digits"]
+    assert digits["top1"] > 5 * digits["chance"] and digits["val_images"] == 359
+    assert len(digits["examples"]) == 6 and (tmp_path / "internimage_digits" / "model" / "model.safetensors").exists()
 

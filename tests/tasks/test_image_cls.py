@@ -1,0 +1,92 @@
+"""Image classification end to end through the CLI, in-process: data layouts, train, eval, predict, export."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from intern2 import cli
+from intern2.data.images import open_image_source, split_source
+
+pytest.importorskip("sklearn")
+TINY = "model_args={channels: 16, depths: [1, 1, 1, 1], groups: [1, 2, 4, 8], drop_path_rate: 0.0}"
+
+
+def _write_folder(root, per_class=6, bad=()):
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    for label in (3, 7):
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+        images = digits.images[digits.target == label][:per_class]
+        for i, img in enumerate(images):
+            Image.fromarray((img * 255 / 16).astype(np.uint8)).save(root / str(label) / f"{i}.png")
+    for name in bad:
+        (root / "3" / name).write_bytes(b"\x89PNG not really")
+    return root
+
+
+def test_data_sources(tmp_path):
+    folder = _write_folder(tmp_path / "folder")
+    source = open_image_source(str(folder))
+    assert source.classes == ("3", "7") and len(source.samples) == 12
+    csv_path = tmp_path / "list.csv"
+    csv_path.write_text("path,label\n" + "".join(f"folder/{c}/{i}.png,{c}\n" for c in (3, 7) for i in range(2)))
+    listed = open_image_source(str(csv_path))
+    assert listed.classes == ("3", "7") and listed.samples[0][0].endswith("folder/3/0.png")
+    train, val = split_source(source, 0.5, seed=0)
+    assert len(train.samples) == len(val.samples) == 6 and {y for _, y in val.samples} == {0, 1}
+    # A subset of a model's classes keeps the model's label indices.
+    subset = open_image_source(str(folder), classes=[str(i) for i in range(10)])
+    assert {y for _, y in subset.samples} == {3, 7}
+    for spec, message in ((str(tmp_path / "missing"), "no such file"), ("builtin:cifar", "unknown built-in"),
+                          (str(tmp_path), "not among|no image files|expected one sub-folder")):
+        with pytest.raises(ValueError, match=message):
+            open_image_source(spec, classes=["x"] if spec == str(tmp_path) else None)
+    (tmp_path / "bad.csv").write_text("a.png\n")
+    with pytest.raises(ValueError, match=r"bad.csv: row 1 .*expected 'path,label'"):
+        open_image_source(str(tmp_path / "bad.csv"))
+
+
+def test_train_eval_predict_export(tmp_path, capsys, caplog):
+    data = _write_folder(tmp_path / "data", per_class=10, bad=("broken.png",))
+    out = tmp_path / "run"
+    code = cli.main(["train", "image-cls", "--data", str(data), "--model", "internimage_t", "--out", str(out),
+                     "--set", TINY, "--set", "img_size=32", "--set", "train.epochs=1", "--set", "train.batch_size=5",
+                     "--set", "val_fraction=0.3", "--set", "train.device=cpu"])
+    assert code == 0
+    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert final["count"] == 6 and 0 <= final["top1"] <= 100
+    assert "skipping unreadable image" in caplog.text and "broken.png" in caplog.text
+
+    assert cli.main(["eval", "--data", str(data), "--checkpoint", str(out / "model"), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["count"] == 20 and metrics["skipped"] == 1 and set(metrics["per_class_top1"]) == {"3", "7"}
+
+    good = data / "7" / "0.png"
+    assert cli.main(["predict", str(good), "--checkpoint", str(out / "model"), "--topk", "2", "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["file"] == str(good) and len(result["top"]) == 2
+    assert {t["label"] for t in result["top"]} <= {"3", "7"} and abs(sum(t["prob"] for t in result["top"]) - 1) < 1e-4
+
+    assert cli.main(["predict", str(good), str(data / "3" / "broken.png"), "--checkpoint", str(out / "model")]) == 1
+    captured = capsys.readouterr()
+    assert "broken.png: not a readable image" in captured.err and str(good) in captured.out
+
+    onnx_path = tmp_path / "model.onnx"
+    assert cli.main(["export", "onnx", "--checkpoint", str(out / "model"), "--out", str(onnx_path)]) == 0
+    assert onnx_path.exists() and "onnxruntime vs torch max |diff|" in capsys.readouterr().out
+
+
+def test_cli_errors_name_the_problem(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "image-cls", "--data", str(tmp_path / "nowhere")])
+    assert exc.value.code == 2 and "nowhere: no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["predict", "x.png"])
+    assert "--model is required" in capsys.readouterr().err
+    assert cli.main(["train", "video-cls"]) == 2
+    with pytest.raises(SystemExit):
+        cli.main(["train", "image-cls", "--set", "train.lr"])
+    assert "expected key=value" in capsys.readouterr().err
