@@ -17,6 +17,18 @@ from .dcnv3 import IMPLS, dcnv3
 __all__ = ["DCNv3"]
 
 
+def _softmax_points(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the short last dimension (the P points of a group).
+
+    For inference this is written out: ATen's softmax kernel is ~4x slower on a 9-wide last dimension on CPU
+    (8% of InternImage-T's forward). Under autograd F.softmax keeps its lean backward (it saves only its output).
+    """
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return F.softmax(logits, -1)
+    weights = (logits - logits.amax(-1, keepdim=True)).exp_()
+    return weights.div_(weights.sum(-1, keepdim=True))
+
+
 class DCNv3(nn.Module):
     """Dynamic sparse convolution v3 on channels-last input (N, H, W, C) -> (N, H, W, C).
 
@@ -109,7 +121,7 @@ class DCNv3(nn.Module):
         x_proj = self.input_proj(x)
         query = self.dw_conv(x.permute(0, 3, 1, 2))
         offset = self.offset(query)
-        mask = F.softmax(self.mask(query).reshape(n, h, w, self.group, -1), -1).reshape(n, h, w, -1)
+        mask = _softmax_points(self.mask(query).reshape(n, h, w, self.group, -1)).reshape(n, h, w, -1)
         out = dcnv3(x_proj, offset, mask.to(x_proj.dtype), self.kernel_size, self.stride, self.pad, self.dilation,
                     self.group, self.offset_scale, self.remove_center, impl=self.impl)
         if self.center_feature_scale:
