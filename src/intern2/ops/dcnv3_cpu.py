@@ -332,7 +332,7 @@ def dcnv3_backward(grad_output: torch.Tensor, input: torch.Tensor, offset: torch
     with _numba_threads() as threads:
         # Work items are (image, block of groups); split groups only as far as needed to feed every thread,
         # since a whole pixel's channels are contiguous in memory.
-        group_chunks = min(geo.group, -(-2 * threads // input.shape[0]))
+        group_chunks = min(geo.group, -(-2 * threads // max(1, input.shape[0])))
         _backward_kernel(_as_numpy(grad_output, dtype), _as_numpy(input, dtype), _as_numpy(offset, dtype),
                          _as_numpy(mask, dtype), *(gr.numpy() for gr in grads), *_geometry_args(geo),
                          group_chunks)
