@@ -62,35 +62,41 @@ def _stack_array(typingctx, size, dtype):
 
 
 @numba.njit(inline="always")
-def _sample_corners(cx, cy, i, j, dw, dh, half_w, half_h, off_x, off_y, offset_scale, height, width):
-    """Bilinear corners of point (i, j) of window (cx, cy): clamped indices, fractions and validity flags.
+def _sample_point(p, q, cx, cy, kh, centre, dw, dh, half_w, half_h, off, offset_scale, n, height, width, channels,
+                  column):
+    """Bilinear sampling of point p (offset index q) of the window centred at (cx, cy).
 
-    ``inside`` is False when the point lies fully outside the image (the official kernel skips it).
-    Corners outside the image get validity 0 and an index clamped into the image, so callers can load
-    unconditionally and multiply by the flag.
+    Returns (inside, four corner row offsets from channel ``column``, four unmasked bilinear weights, four corner
+    validity flags, x and y fractions). ``inside`` is False when the point lies fully outside the image (the
+    official kernel skips it). Corners outside the image get weight and validity 0 and a row clamped into the
+    image, so channel loops load unconditionally. Row offsets are unsigned: numba adds a negative-index fix-up to
+    signed indices, which blocks vectorisation.
     """
-    x = cx + (i * dw - half_w + off_x) * offset_scale
-    y = cy + (j * dh - half_h + off_y) * offset_scale
+    k = p + 1 if 0 <= centre <= p else p  # kernel position; a removed centre shifts later points
+    i = k // kh
+    x = cx + (i * dw - half_w + off[2 * q]) * offset_scale
+    y = cy + ((k - i * kh) * dh - half_h + off[2 * q + 1]) * offset_scale
     inside = x > -1.0 and y > -1.0 and x < width and y < height
     x0f = math.floor(x) if inside else 0.0
     y0f = math.floor(y) if inside else 0.0
+    lx = x - x0f
+    ly = y - y0f
     x0 = int(x0f)
     y0 = int(y0f)
     vx0 = 1.0 if x0 >= 0 else 0.0
     vx1 = 1.0 if x0 + 1 < width else 0.0
     vy0 = 1.0 if y0 >= 0 else 0.0
     vy1 = 1.0 if y0 + 1 < height else 0.0
-    return (inside, max(x0, 0), min(x0 + 1, width - 1), max(y0, 0), min(y0 + 1, height - 1),
-            x - x0f, y - y0f, vx0, vx1, vy0, vy1)
-
-
-@numba.njit(inline="always")
-def _rows(n, x0, x1, y0, y1, height, width, channels, start):
-    """Flat offsets of the four corner rows (from channel ``start``) of a (N, H, W, C) array."""
-    top = (n * height + y0) * width
-    bottom = (n * height + y1) * width
-    return (np.uint64((top + x0) * channels + start), np.uint64((top + x1) * channels + start),
-            np.uint64((bottom + x0) * channels + start), np.uint64((bottom + x1) * channels + start))
+    top = (n * height + max(y0, 0)) * width
+    bottom = (n * height + min(y0 + 1, height - 1)) * width
+    left = max(x0, 0)
+    right = min(x0 + 1, width - 1)
+    return (inside,
+            np.uint64((top + left) * channels + column), np.uint64((top + right) * channels + column),
+            np.uint64((bottom + left) * channels + column), np.uint64((bottom + right) * channels + column),
+            (1.0 - ly) * (1.0 - lx) * vy0 * vx0, (1.0 - ly) * lx * vy0 * vx1,
+            ly * (1.0 - lx) * vy1 * vx0, ly * lx * vy1 * vx1,
+            vy0 * vx0, vy0 * vx1, vy1 * vx0, vy1 * vx1, lx, ly)
 
 
 @numba.njit(inline="always")
@@ -162,25 +168,15 @@ def _forward_kernel(inp, off, msk, out, kh, kw, sh, sw, ph, pw, dh, dw, group, o
                     count = min(_ULANES, dim - start)
                     for c in range(_ULANES):
                         acc[c] = 0.0
-                    p = 0
-                    for k in range(kh * kw):
-                        if k == centre:
-                            continue
+                    for p in range(points):
                         q = q0 + np.uint64(p)
-                        p += 1
-                        i = k // kh
-                        inside, x0, x1, y0, y1, lx, ly, vx0, vx1, vy0, vy1 = _sample_corners(
-                            cx, cy, i, k - i * kh, dw, dh, half_w, half_h, off_flat[2 * q],
-                            off_flat[2 * q + 1], offset_scale, height, width)
+                        inside, r00, r01, r10, r11, b00, b01, b10, b11, _, _, _, _, _, _ = _sample_point(
+                            p, q, cx, cy, kh, centre, dw, dh, half_w, half_h, off_flat, offset_scale, n, height,
+                            width, channels, g * d_group + int(start))
                         if not inside:
                             continue
                         m = msk_flat[q]
-                        w00 = typed((1.0 - ly) * (1.0 - lx) * vy0 * vx0 * m)
-                        w01 = typed((1.0 - ly) * lx * vy0 * vx1 * m)
-                        w10 = typed(ly * (1.0 - lx) * vy1 * vx0 * m)
-                        w11 = typed(ly * lx * vy1 * vx1 * m)
-                        r00, r01, r10, r11 = _rows(n, x0, x1, y0, y1, height, width, channels,
-                                                   g * d_group + int(start))
+                        w00, w01, w10, w11 = typed(b00 * m), typed(b01 * m), typed(b10 * m), typed(b11 * m)
                         if count == _ULANES:  # constant trip count: one vector per corner row
                             _mix4(acc, in_flat, r00, r01, r10, r11, w00, w01, w10, w11, _ULANES)
                         else:
@@ -231,25 +227,15 @@ def _backward_kernel(gout, inp, off, msk, gin, goff, gmsk,
                             _copy(grad, gout_flat, o + start, _ULANES)
                         else:
                             _copy(grad, gout_flat, o + start, count)
-                        p = 0
-                        for k in range(kh * kw):
-                            if k == centre:
-                                continue
+                        for p in range(points):
                             q = q0 + np.uint64(p)
-                            p += 1
-                            i = k // kh
-                            inside, x0, x1, y0, y1, lx, ly, vx0, vx1, vy0, vy1 = _sample_corners(
-                                cx, cy, i, k - i * kh, dw, dh, half_w, half_h, off_flat[2 * q],
-                                off_flat[2 * q + 1], offset_scale, height, width)
+                            inside, r00, r01, r10, r11, b00, b01, b10, b11, v00, v01, v10, v11, lx, ly = \
+                                _sample_point(p, q, cx, cy, kh, centre, dw, dh, half_w, half_h, off_flat, offset_scale,
+                                              n, height, width, channels, g * d_group + int(start))
                             if not inside:
                                 continue
                             m = msk_flat[q]
-                            a00 = typed((1.0 - ly) * (1.0 - lx) * vy0 * vx0 * m)
-                            a01 = typed((1.0 - ly) * lx * vy0 * vx1 * m)
-                            a10 = typed(ly * (1.0 - lx) * vy1 * vx0 * m)
-                            a11 = typed(ly * lx * vy1 * vx1 * m)
-                            r00, r01, r10, r11 = _rows(n, x0, x1, y0, y1, height, width, channels,
-                                                       g * d_group + int(start))
+                            a00, a01, a10, a11 = typed(b00 * m), typed(b01 * m), typed(b10 * m), typed(b11 * m)
                             if count == _ULANES:
                                 s00, s01, s10, s11 = _dot4_scatter4(grad, in_flat, gin_flat, r00, r01, r10, r11,
                                                                     a00, a01, a10, a11, _ULANES)
@@ -257,15 +243,11 @@ def _backward_kernel(gout, inp, off, msk, gin, goff, gmsk,
                                 s00, s01, s10, s11 = _dot4_scatter4(grad, in_flat, gin_flat, r00, r01, r10, r11,
                                                                     a00, a01, a10, a11, count)
                             # Corners outside the image hold zeros: their dot products must not count.
-                            v00 = s00 * vy0 * vx0
-                            v01 = s01 * vy0 * vx1
-                            v10 = s10 * vy1 * vx0
-                            v11 = s11 * vy1 * vx1
-                            gmsk_flat[q] += ((1.0 - ly) * ((1.0 - lx) * v00 + lx * v01)
-                                             + ly * ((1.0 - lx) * v10 + lx * v11))
+                            s00, s01, s10, s11 = s00 * v00, s01 * v01, s10 * v10, s11 * v11
+                            gmsk_flat[q] += b00 * s00 + b01 * s01 + b10 * s10 + b11 * s11
                             scale = m * offset_scale
-                            goff_flat[2 * q] += scale * ((1.0 - ly) * (v01 - v00) + ly * (v11 - v10))
-                            goff_flat[2 * q + 1] += scale * ((1.0 - lx) * (v10 - v00) + lx * (v11 - v01))
+                            goff_flat[2 * q] += scale * ((1.0 - ly) * (s01 - s00) + ly * (s11 - s10))
+                            goff_flat[2 * q + 1] += scale * ((1.0 - lx) * (s10 - s00) + lx * (s11 - s01))
                         start += _ULANES
 
 
