@@ -43,10 +43,10 @@ def export_onnx(model: nn.Module, path: Path, img_size: int, opset: int = 18, ch
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .tasks.image_cls import add_model_arguments, load_classifier
     parser = argparse.ArgumentParser(prog="intern2 export", description="Export a model.")
     parser.add_argument("format", choices=["onnx"])
-    parser.add_argument("--model", help="registered model name (needed unless --checkpoint is a model folder)")
-    parser.add_argument("--checkpoint", help="model folder, or a weight file used with --model")
+    add_model_arguments(parser)
     parser.add_argument("--out", required=True, help="output .onnx file")
     parser.add_argument("--img-size", type=int, help="example input size (default: the model's input size)")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17; GridSample needs >= 16)")
@@ -58,7 +58,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.opset < 17:
         parser.error(f"--opset {args.opset}: expected >= 17")
     import yaml
-    from .tasks.image_cls import load_classifier
     try:
         overrides = {k: yaml.safe_load(v) for k, _, v in (o.partition("=") for o in args.overrides)}
         if overrides and not args.model:

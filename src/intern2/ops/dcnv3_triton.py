@@ -28,9 +28,13 @@ MAX_BLOCK_D = 64
 if AVAILABLE:
 
     @triton.jit
-    def _sample(off_ptr, msk_ptr, q, q_mask, n, ho, wo, g, k, G, P, H, W, kh, sh, sw, ph, pw, dh, dw, half_h,
+    def _sample(off_ptr, msk_ptr, q, q_mask, Ho, Wo, g, k, G, P, H, W, kh, sh, sw, ph, pw, dh, dw, half_h,
                 half_w, centre, offset_scale, ACC: tl.constexpr):
-        """Corner indices, validity masks and (unmasked) bilinear fractions of kernel point k for a q-block."""
+        """Corner indices, validity masks and (unmasked) bilinear fractions of kernel point k for the output
+        positions q (flattened n, ho, wo) of group g."""
+        wo = q % Wo
+        ho = (q // Wo) % Ho
+        n = (q // (Wo * Ho)).to(tl.int64)
         i = k // kh
         j = k - i * kh
         p = tl.where((centre >= 0) & (k > centre), k - 1, k)  # later points shift down past a removed centre
@@ -64,9 +68,6 @@ if AVAILABLE:
         g = tl.program_id(1)
         q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
         q_mask = q < Q
-        wo = q % Wo
-        ho = (q // Wo) % Ho
-        n = (q // (Wo * Ho)).to(tl.int64)
         lanes = tl.arange(0, BLOCK_D)
         for d0 in range(0, D, BLOCK_D):
             d_mask = (d0 + lanes) < D
@@ -74,7 +75,7 @@ if AVAILABLE:
             acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=ACC)
             for k in range(0, KK):
                 index, p_mask, m, lx, ly, r00, r01, r10, r11, c00, c01, c10, c11 = _sample(
-                    off_ptr, msk_ptr, q, q_mask, n, ho, wo, g, k, G, P, H, W, kh, sh, sw, ph, pw, dh, dw, half_h,
+                    off_ptr, msk_ptr, q, q_mask, Ho, Wo, g, k, G, P, H, W, kh, sh, sw, ph, pw, dh, dw, half_h,
                     half_w, centre, offset_scale, ACC)
                 v00 = tl.load(inp_ptr + r00[:, None] * C + column, mask=c00[:, None] & d_mask[None, :], other=0.0)
                 v01 = tl.load(inp_ptr + r01[:, None] * C + column, mask=c01[:, None] & d_mask[None, :], other=0.0)
@@ -104,13 +105,10 @@ if AVAILABLE:
         g = tl.program_id(1)
         q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
         q_mask = q < Q
-        wo = q % Wo
-        ho = (q // Wo) % Ho
-        n = (q // (Wo * Ho)).to(tl.int64)
         lanes = tl.arange(0, BLOCK_D)
         for k in range(0, KK):
             index, p_mask, m, lx, ly, r00, r01, r10, r11, c00, c01, c10, c11 = _sample(
-                off_ptr, msk_ptr, q, q_mask, n, ho, wo, g, k, G, P, H, W, kh, sh, sw, ph, pw, dh, dw, half_h,
+                off_ptr, msk_ptr, q, q_mask, Ho, Wo, g, k, G, P, H, W, kh, sh, sw, ph, pw, dh, dw, half_h,
                 half_w, centre, offset_scale, ACC)
             s00 = tl.zeros((BLOCK_Q,), dtype=ACC)
             s01 = tl.zeros((BLOCK_Q,), dtype=ACC)

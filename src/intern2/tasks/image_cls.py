@@ -239,11 +239,16 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint / --model, shared by the commands that run a trained or official classifier."""
+    parser.add_argument("--checkpoint", help="model folder, or a weight file used with --model")
+    parser.add_argument("--model", help="registered model name (needed unless --checkpoint is a model folder)")
+
+
 def eval_main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="intern2 eval", description="Evaluate an image classifier on a dataset.")
     parser.add_argument("--data", required=True, help="ImageFolder directory, CSV of path,label, or builtin:digits")
-    parser.add_argument("--checkpoint", help="model folder, or a weight file used with --model")
-    parser.add_argument("--model", help="registered model name (needed unless --checkpoint is a model folder)")
+    add_model_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     args = parser.parse_args(argv)
@@ -271,8 +276,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
 def predict_main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="intern2 predict", description="Classify images.")
     parser.add_argument("images", nargs="+", help="image files")
-    parser.add_argument("--checkpoint", help="model folder, or a weight file used with --model")
-    parser.add_argument("--model", help="registered model name (needed unless --checkpoint is a model folder)")
+    add_model_arguments(parser)
     parser.add_argument("--topk", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     args = parser.parse_args(argv)
