@@ -10,9 +10,9 @@ from typing import Dict, List, Optional, Tuple
 COMMANDS: Dict[str, Tuple[str, str]] = {
     "list": ("intern2.cli:list_main", "list registered models"),
     "demo": ("intern2.demo:main", "run the end-to-end demonstration on built-in data"),
-    "train": ("intern2.tasks:train_main", "train a model: intern2 train image-cls ..."),
-    "eval": ("intern2.tasks.image_cls:eval_main", "evaluate an image classifier on a dataset"),
-    "predict": ("intern2.tasks.image_cls:predict_main", "classify image files"),
+    "train": ("intern2.tasks:train_main", "train a model: intern2 train image-cls|segment ..."),
+    "eval": ("intern2.tasks:eval_main", "evaluate a model on a dataset (accuracy, mIoU)"),
+    "predict": ("intern2.tasks:predict_main", "run a model on image files (labels, segmentation overlays)"),
     "export": ("intern2.export:main", "export a model: intern2 export onnx ..."),
 }
 

@@ -50,7 +50,11 @@ class UperNet(nn.Module):
             else None
         return self.decode_head(features), aux
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, return_heads: bool = False):
+        """Logits at the input resolution, or with ``return_heads`` the raw (decode, auxiliary) head outputs
+        (what the loss needs; going through forward keeps DDP/FSDP hooks in the loop)."""
+        if return_heads:
+            return self.forward_heads(images)
         logits, _ = self.forward_heads(images)
         return F.interpolate(logits, size=images.shape[2:], mode="bilinear", align_corners=False)
 
@@ -137,7 +141,7 @@ def _register(name: str) -> None:
     def builder(pretrained_tag: Optional[str] = None, backbone: Optional[Dict] = None, **kwargs) -> UperNet:
         if pretrained_tag not in (None, "ade20k"):
             raise ValueError(f"unknown pretrained tag {pretrained_tag!r} for {name}; known: ['ade20k']")
-        model = UperNet(_seg_backbone(variant, **overrides, **(backbone or {})), **kwargs)
+        model = UperNet(_seg_backbone(variant, **{**overrides, **(backbone or {})}), **kwargs)
         model.pretrained_cfg = dict(_ade_cfg(file, crop), architecture=name, tag="ade20k",
                                     num_classes=model.num_classes)
         return model

@@ -1,10 +1,22 @@
-"""Tasks: dataset -> model -> loss -> metrics, plugged into the engine by `intern2 train <task>`."""
+"""Tasks: dataset -> model -> loss -> metrics, plugged into the engine by `intern2 train <task>`.
+
+`intern2 eval` and `intern2 predict` pick the task from ``--task`` or from the model's architecture name.
+"""
 from __future__ import annotations
 
+import argparse
 import importlib
+import json
+from pathlib import Path
 from typing import List, Optional
 
-TASKS = {"image-cls": "intern2.tasks.image_cls:train_main"}
+TASKS = {"image-cls": "intern2.tasks.image_cls", "segment": "intern2.tasks.segment"}
+# Architecture name prefix -> task, for eval/predict.
+_PREFIXES = (("upernet_", "segment"),)
+
+
+def _run(task: str, function: str, argv: List[str]) -> int:
+    return getattr(importlib.import_module(TASKS[task]), function)(argv)
 
 
 def train_main(argv: Optional[List[str]] = None) -> int:
@@ -14,5 +26,33 @@ def train_main(argv: Optional[List[str]] = None) -> int:
         known = ", ".join(sorted(TASKS))
         print(f"usage: intern2 train <task> [options]   (tasks: {known}; 'intern2 train <task> --help' for options)")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    module, function = TASKS[argv[0]].split(":")
-    return getattr(importlib.import_module(module), function)(argv[1:])
+    return _run(argv[0], "train_main", argv[1:])
+
+
+def task_of(argv: List[str]) -> str:
+    """--task, else the task of --model / the architecture in --checkpoint's config.json; image-cls by default."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--task", choices=sorted(TASKS))
+    parser.add_argument("--model")
+    parser.add_argument("--checkpoint")
+    args, _ = parser.parse_known_args(argv)
+    if args.task:
+        return args.task
+    name = args.model or ""
+    config = Path(args.checkpoint or "") / "config.json"
+    if not name and args.checkpoint and config.is_file():
+        try:
+            name = json.loads(config.read_text()).get("architecture") or ""
+        except json.JSONDecodeError:
+            name = ""
+    return next((task for prefix, task in _PREFIXES if name.startswith(prefix)), "image-cls")
+
+
+def eval_main(argv: Optional[List[str]] = None) -> int:
+    argv = list(argv or [])
+    return _run(task_of(argv), "eval_main", argv)
+
+
+def predict_main(argv: Optional[List[str]] = None) -> int:
+    argv = list(argv or [])
+    return _run(task_of(argv), "predict_main", argv)

@@ -240,9 +240,11 @@ def train_main(argv: Optional[List[str]] = None) -> int:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--checkpoint / --model, shared by the commands that run a trained or official classifier."""
+    """--checkpoint / --model (and the --task chosen by the dispatcher), shared by the commands that run a
+    trained or official model."""
     parser.add_argument("--checkpoint", help="model folder, or a weight file used with --model")
     parser.add_argument("--model", help="registered model name (needed unless --checkpoint is a model folder)")
+    parser.add_argument("--task", help="image-cls or segment (default: from the model's architecture)")
 
 
 def eval_main(argv: Optional[List[str]] = None) -> int:
