@@ -1,0 +1,106 @@
+"""Mask R-CNN with an InternImage + FPN backbone on torchvision's detection stack (no mmcv/mmdet).
+
+``model(images)`` (a list of CHW float tensors in [0, 1]) returns torchvision's per-image dicts (boxes, labels,
+scores, masks); ``model(images, targets)`` in training mode returns the loss dict. Official mmdet checkpoints
+(``{'state_dict'}`` with backbone./neck./rpn_head./roi_head. keys) are converted on load.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+from torchvision.models.detection import MaskRCNN
+
+from ..heads.detection import InternImageFPN, mask_rcnn_components, mmdet_to_torchvision
+from ..registry import register_model
+from .internimage import InternImage, checkpoint_filter_fn
+from .upernet import _seg_backbone
+
+__all__ = ["InternImageMaskRCNN", "MASK_RCNN_VARIANTS"]
+
+log = logging.getLogger(__name__)
+_MMDET_PREFIXES = ("neck.", "rpn_head.", "roi_head.")
+
+
+class InternImageMaskRCNN(MaskRCNN):
+    """torchvision MaskRCNN configured like the official mmdet InternImage Mask R-CNN.
+
+    Args:
+        backbone: InternImage config (the det flavour: layer scale 1.0).
+        num_classes: object classes, background excluded (80 for COCO).
+        min_size, max_size: test/train resize (mmdet's (1333, 800) keep-ratio).
+    """
+
+    def __init__(self, backbone: Dict, num_classes: int = 80, min_size: int = 800, max_size: int = 1333, **kwargs):
+        body = InternImage(**backbone, features_only=True)
+        super().__init__(InternImageFPN(body), num_classes=num_classes + 1, min_size=min_size, max_size=max_size,
+                         image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+                         **mask_rcnn_components(), **kwargs)
+        self.backbone_config = dict(backbone)
+        self.num_classes = num_classes
+        self.head_config = dict(num_classes=num_classes, min_size=min_size, max_size=max_size)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.backbone.body.set_grad_checkpointing(enable)
+
+    def fsdp_units(self) -> List[nn.Module]:
+        return self.backbone.body.fsdp_units()
+
+    def no_weight_decay(self) -> set:
+        return set()
+
+    def checkpoint_filter(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """mmdet files are converted; a bare InternImage state dict initialises the backbone only."""
+        if any(k.startswith(_MMDET_PREFIXES) for k in state_dict):
+            state_dict = mmdet_to_torchvision(state_dict)
+        elif not any(k.startswith(("backbone.body.", "rpn.", "roi_heads.")) for k in state_dict):
+            log.info("checkpoint has no detector keys: loading it into the backbone only")
+            body = checkpoint_filter_fn(state_dict, self.backbone.body)
+            return {**{f"backbone.body.{k}": v for k, v in body.items()},
+                    **{k: v for k, v in self.state_dict().items() if not k.startswith("backbone.body.")}}
+        body = {k[len("backbone.body."):]: v for k, v in state_dict.items() if k.startswith("backbone.body.")}
+        rest = {k: v for k, v in state_dict.items() if not k.startswith("backbone.body.")}
+        return {**{f"backbone.body.{k}": v for k, v in checkpoint_filter_fn(body, self.backbone.body).items()},
+                **rest}
+
+    def export_config(self) -> Dict:
+        return dict(backbone=self.backbone_config, **self.head_config)
+
+
+def _coco_cfg(file: str) -> Dict:
+    return dict(file=file, hf_hub_id="OpenGVLab/InternImage", num_classes=80, label_names="coco")
+
+
+# name -> (backbone variant, backbone overrides, {tag: official file})
+MASK_RCNN_VARIANTS = {
+    "mask_rcnn_internimage_t": ("internimage_t", dict(drop_path_rate=0.2),
+                                {"coco_1x": "mask_rcnn_internimage_t_fpn_1x_coco.pth",
+                                 "coco_3x": "mask_rcnn_internimage_t_fpn_3x_coco.pth"}),
+    "mask_rcnn_internimage_s": ("internimage_s", dict(drop_path_rate=0.3),
+                                {"coco_1x": "mask_rcnn_internimage_s_fpn_1x_coco.pth",
+                                 "coco_3x": "mask_rcnn_internimage_s_fpn_3x_coco.pth"}),
+    "mask_rcnn_internimage_b": ("internimage_b", dict(drop_path_rate=0.3),
+                                {"coco_1x": "mask_rcnn_internimage_b_fpn_1x_coco.pth",
+                                 "coco_3x": "mask_rcnn_internimage_b_fpn_3x_coco.pth"}),
+}
+
+
+def _register(name: str) -> None:
+    variant, overrides, files = MASK_RCNN_VARIANTS[name]
+
+    def builder(pretrained_tag: Optional[str] = None, backbone: Optional[Dict] = None, **kwargs) -> InternImageMaskRCNN:
+        tag = pretrained_tag or "coco_1x"
+        if tag not in files:
+            raise ValueError(f"unknown pretrained tag {tag!r} for {name}; known: {sorted(files)}")
+        model = InternImageMaskRCNN(_seg_backbone(variant, **{**overrides, **(backbone or {})}), **kwargs)
+        model.pretrained_cfg = dict(_coco_cfg(files[tag]), architecture=name, tag=tag, num_classes=model.num_classes)
+        return model
+    builder.__name__ = name
+    builder.__doc__ = f"Mask R-CNN + FPN + {variant} (official mmdet COCO configuration) on torchvision."
+    register_model(builder)
+
+
+for _name in MASK_RCNN_VARIANTS:
+    _register(_name)
