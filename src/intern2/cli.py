@@ -10,10 +10,11 @@ from typing import Dict, List, Optional, Tuple
 COMMANDS: Dict[str, Tuple[str, str]] = {
     "list": ("intern2.cli:list_main", "list registered models"),
     "demo": ("intern2.demo:main", "run the end-to-end demonstration on built-in data"),
-    "train": ("intern2.tasks:train_main", "train a model: intern2 train image-cls|segment ..."),
-    "eval": ("intern2.tasks:eval_main", "evaluate a model on a dataset (accuracy, mIoU)"),
-    "predict": ("intern2.tasks:predict_main", "run a model on image files (labels, segmentation overlays)"),
+    "train": ("intern2.tasks:train_main", "train a model: intern2 train image-cls|segment|detect ..."),
+    "eval": ("intern2.tasks:eval_main", "evaluate a model on a dataset (accuracy, mIoU, COCO AP)"),
+    "predict": ("intern2.tasks:predict_main", "run a model on image files (labels, overlays, detections)"),
     "export": ("intern2.export:main", "export a model: intern2 export onnx ..."),
+    "convert": ("intern2.convert:main", "convert an official checkpoint into a model folder"),
 }
 
 

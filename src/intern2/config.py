@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional, Sequence, Type, TypeVar, Union
 
 import yaml
 
-__all__ = ["from_dict", "to_dict", "load_config", "apply_overrides"]
+__all__ = ["from_dict", "to_dict", "load_config", "apply_overrides", "parse_assignments"]
 
 T = TypeVar("T")
 
@@ -113,3 +113,17 @@ def _deep_update(base: Dict[str, Any], update: Dict[str, Any], where: str) -> No
             _deep_update(base[key], value, f"{where}:{key}")
         else:
             base[key] = value
+
+
+def parse_assignments(assignments: Sequence[str]) -> Dict[str, Any]:
+    """``["depths=[1, 1, 2, 1]", "num_classes=3"]`` -> keyword arguments (values parsed as YAML)."""
+    kwargs = {}
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {assignment!r}: expected key=value")
+        try:
+            kwargs[key] = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--set {assignment!r}: value is not valid YAML ({exc})") from exc
+    return kwargs

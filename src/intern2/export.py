@@ -57,9 +57,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.opset < 17:
         parser.error(f"--opset {args.opset}: expected >= 17")
-    import yaml
+    from .config import parse_assignments
     try:
-        overrides = {k: yaml.safe_load(v) for k, _, v in (o.partition("=") for o in args.overrides)}
+        overrides = parse_assignments(args.overrides)
         if overrides and not args.model:
             parser.error("--set needs --model")
         if overrides:

@@ -290,7 +290,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------ eval
     @torch.no_grad()
     def evaluate(self, model: nn.Module, dataset: Dataset) -> Dict[str, float]:
-        """Run ``eval_step`` over the dataset (sharded across ranks unless FSDP), sum, summarise."""
+        """Run ``eval_step`` over the dataset (sharded across ranks unless FSDP), sum, summarise; a task whose
+        metrics are not sums (COCO AP) provides ``evaluate(model, dataset, batch_size, device)`` instead."""
+        if hasattr(self.task, "evaluate"):
+            return self.task.evaluate(model, dataset, self.cfg.batch_size, self.dist.device)
         shard = self.dist.distributed and not self.cfg.fsdp
         indices = list(range(len(dataset)))[self.dist.rank::self.dist.world_size] if shard else None
         loader = DataLoader(dataset, batch_size=self.cfg.batch_size, sampler=indices,

@@ -10,9 +10,10 @@ import json
 from pathlib import Path
 from typing import List, Optional
 
-TASKS = {"image-cls": "intern2.tasks.image_cls", "segment": "intern2.tasks.segment"}
+TASKS = {"image-cls": "intern2.tasks.image_cls", "segment": "intern2.tasks.segment",
+         "detect": "intern2.tasks.detect"}
 # Architecture name prefix -> task, for eval/predict.
-_PREFIXES = (("upernet_", "segment"),)
+_PREFIXES = (("upernet_", "segment"), ("mask_rcnn_", "detect"))
 
 
 def _run(task: str, function: str, argv: List[str]) -> int:

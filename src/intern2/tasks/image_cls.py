@@ -244,7 +244,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     trained or official model."""
     parser.add_argument("--checkpoint", help="model folder, or a weight file used with --model")
     parser.add_argument("--model", help="registered model name (needed unless --checkpoint is a model folder)")
-    parser.add_argument("--task", help="image-cls or segment (default: from the model's architecture)")
+    parser.add_argument("--task", help="image-cls, segment or detect (default: from the model's architecture)")
 
 
 def eval_main(argv: Optional[List[str]] = None) -> int:

@@ -1,0 +1,26 @@
+"""`intern2 convert`: an official checkpoint (classification .pth, mmdet / mmseg file, HF folder) into a
+``save_pretrained`` folder (config.json + model.safetensors) that ``intern2.from_pretrained`` loads."""
+from __future__ import annotations
+
+import argparse
+from typing import List, Optional
+
+__all__ = ["main"]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="intern2 convert", description=__doc__)
+    parser.add_argument("--model", required=True, help="registered model, e.g. mask_rcnn_internimage_t")
+    parser.add_argument("--checkpoint", required=True, help="the official weight file")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="model config override (e.g. num_classes=3) when the file is not the default config")
+    args = parser.parse_args(argv)
+    from .config import parse_assignments
+    from .factory import create_model, save_pretrained
+    try:
+        model = create_model(args.model, checkpoint_path=args.checkpoint, **parse_assignments(args.overrides))
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        parser.error(str(exc))
+    print(f"wrote {save_pretrained(model, args.out)}")
+    return 0

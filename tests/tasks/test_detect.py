@@ -1,0 +1,109 @@
+"""Detection end to end: COCO data (polygons, RLE, malformed input), train/eval/predict/convert CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from intern2 import cli
+from intern2.data.coco import CocoDetection, decode_segmentation, open_coco_source
+from intern2.data.shapes import generate_shapes
+
+pytest.importorskip("pycocotools")
+TINY = ("model_args={backbone: {channels: 16, depths: [1, 1, 1, 1], groups: [1, 2, 4, 8], drop_path_rate: 0.0}, "
+        "fpn_channels: 32, box_batch_size_per_image: 32, rpn_post_nms_top_n_train: 100, rpn_pre_nms_top_n_train: 200}")
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return generate_shapes(tmp_path_factory.mktemp("data") / "shapes", num_train=6, num_val=3, size=32)
+
+
+def _coco_folder(root, annotations, images=({"id": 1, "file_name": "a.png", "height": 20, "width": 30},)):
+    (root / "images" / "train").mkdir(parents=True)
+    for entry in images:
+        Image.new("RGB", (entry["width"], entry["height"])).save(root / "images" / "train" / entry["file_name"])
+    categories = [{"id": 7, "name": "cat"}, {"id": 3, "name": "box"}]
+    (root / "instances_train.json").write_text(json.dumps({"images": list(images), "annotations": annotations,
+                                                           "categories": categories}))
+    return root
+
+
+def test_polygons_rle_and_degenerate_boxes(tmp_path, caplog):
+    annotations = [
+        {"id": 1, "image_id": 1, "category_id": 7, "bbox": [2, 3, 10, 8], "iscrowd": 0,
+         "segmentation": [[2, 3, 12, 3, 12, 11, 2, 11]]},
+        {"id": 2, "image_id": 1, "category_id": 3, "bbox": [20, 5, 40, 10], "iscrowd": 0},  # clipped to the image
+        {"id": 3, "image_id": 1, "category_id": 3, "bbox": [5, 5, 0, 4], "iscrowd": 0},  # empty: skipped
+        {"id": 4, "image_id": 1, "category_id": 3, "bbox": [40, 30, 5, 5], "iscrowd": 0},  # outside: skipped
+    ]
+    source = open_coco_source(str(_coco_folder(tmp_path, annotations)), "train")
+    assert source.skipped_annotations == 2 and "skipped 2" in caplog.text
+    assert source.classes == ["box", "cat"] and source.category_ids == [3, 7]
+    sample = CocoDetection(source, train=False)[0]
+    target = sample["target"]
+    assert target["labels"].tolist() == [2, 1]
+    assert target["boxes"][1].tolist() == [20.0, 5.0, 30.0, 15.0]
+    assert target["masks"].shape == (2, 20, 30) and target["masks"][0].sum() > 60
+    assert target["masks"][1, 5:15, 20:30].all()  # no segmentation: the box is the mask
+    rle = {"size": [4, 4], "counts": [2, 3, 11]}  # uncompressed RLE
+    assert decode_segmentation(rle, 4, 4).sum() == 3
+
+
+def test_flip_keeps_boxes_on_masks(shapes):
+    dataset = CocoDetection(open_coco_source(str(shapes), "train"), train=True, hflip=1.0)
+    sample = dataset[0]
+    for box, mask in zip(sample["target"]["boxes"], sample["target"]["masks"]):
+        ys, xs = np.nonzero(mask.numpy())
+        assert abs(xs.min() - box[0].item()) <= 1 and abs(xs.max() + 1 - box[2].item()) <= 1
+
+
+@pytest.mark.parametrize("content,message", [("{not json", "not a readable COCO JSON"),
+                                             ('{"images": [], "annotations": {}}', "expected a list under")])
+def test_malformed_annotation_files(tmp_path, content, message):
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    (tmp_path / "instances_train.json").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        open_coco_source(str(tmp_path), "train")
+
+
+def test_missing_image_file_is_named(tmp_path):
+    root = _coco_folder(tmp_path, [])
+    (root / "images" / "train" / "a.png").unlink()
+    with pytest.raises(ValueError, match="a.png is missing"):
+        open_coco_source(str(root), "train")
+
+
+def test_train_eval_predict_convert(shapes, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "detect", "--data", str(shapes), "--out", str(out), "--set", TINY,
+                     "--set", "min_size=64", "--set", "max_size=64", "--set", "train.max_steps=2",
+                     "--set", "train.batch_size=2", "--set", "train.device=cpu", "--set", "train.lr=1e-4"]) == 0
+    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"bbox_AP", "segm_AP", "bbox_AP50"} <= set(final) and final["images"] == 3
+    assert cli.main(["eval", "--data", str(shapes), "--checkpoint", str(out / "model"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 3
+    image = shapes / "images" / "val" / "000000.png"
+    assert cli.main(["predict", str(image), "--checkpoint", str(out / "model"), "--out", str(tmp_path / "pred"),
+                     "--threshold", "0.0", "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert Image.open(result["drawing"]).size == (32, 32)
+    assert all(o["label"] in ("circle", "square", "triangle", "star", "ring") for o in result["objects"])
+    # An official-layout (mmdet) file converts into a model folder that reproduces the model.
+    from intern2 import from_pretrained
+    from intern2.heads.detection import torchvision_to_mmdet
+    model = from_pretrained(out / "model").eval()
+    torch.save({"state_dict": torchvision_to_mmdet(model.state_dict())}, tmp_path / "official.pth")
+    config = json.loads((out / "model" / "config.json").read_text())
+    overrides = ["--set", f"num_classes={config['num_classes']}", "--set", "min_size=64", "--set", "max_size=64",
+                 "--set", f"backbone={json.dumps(config['backbone'])}", "--set", "fpn_channels=32"]
+    assert cli.main(["convert", "--model", "mask_rcnn_internimage_t", "--checkpoint", str(tmp_path / "official.pth"),
+                     "--out", str(tmp_path / "converted"), *overrides]) == 0
+    converted = from_pretrained(tmp_path / "converted").eval()
+    images = [torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))]
+    with torch.no_grad():
+        for key in ("boxes", "scores"):
+            torch.testing.assert_close(converted(images)[0][key], model(images)[0][key])
