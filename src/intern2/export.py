@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 from pathlib import Path
 from typing import List, Optional
@@ -15,24 +16,29 @@ log = logging.getLogger(__name__)
 
 
 def export_onnx(model: nn.Module, path: Path, img_size: int, opset: int = 18, check: bool = True,
-                atol: float = 1e-4) -> float:
-    """Export with dynamic batch, height and width; returns max |onnxruntime - torch| on a test input (or -1)."""
+                atol: float = 1e-4, dynamic: bool = True) -> float:
+    """Export (dynamic batch, height and width unless ``dynamic=False``: then fixed at img_size); returns
+    max |onnxruntime - torch| on a test input (or -1 without the check)."""
     model = model.eval()
     # torch.export specialises size-1 dimensions: trace at a size whose last level is still >= 2x2.
-    trace_size = max(img_size, 64)
-    example = torch.randn(2, 3, trace_size, trace_size, generator=torch.Generator().manual_seed(0))
-    batch, height, width = (torch.export.Dim("batch", min=1, max=1024),
-                            torch.export.Dim.AUTO, torch.export.Dim.AUTO)
+    trace_size = max(img_size, 64) if dynamic else img_size
+    example = torch.randn(2 if dynamic else 1, 3, trace_size, trace_size, generator=torch.Generator().manual_seed(0))
+    shapes = None
+    if dynamic:
+        name = next(iter(inspect.signature(model.forward).parameters))
+        shapes = {name: {0: torch.export.Dim("batch", min=1, max=1024), 2: torch.export.Dim.AUTO,
+                         3: torch.export.Dim.AUTO}}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=opset, input_names=["image"],
-                      output_names=["output"], dynamic_shapes={"x": {0: batch, 2: height, 3: width}})
+                      output_names=["output"], dynamic_shapes=shapes)
     if not check:
         return -1.0
     import onnx
     import onnxruntime as ort
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    probe = torch.randn(3, 3, img_size, img_size + 32, generator=torch.Generator().manual_seed(1))
+    probe = torch.randn(*((3, 3, img_size, img_size + 32) if dynamic else example.shape),
+                        generator=torch.Generator().manual_seed(1))
     (got,) = session.run(None, {session.get_inputs()[0].name: probe.numpy()})[:1]
     with torch.no_grad():
         want = model(probe)
@@ -52,6 +58,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17; GridSample needs >= 16)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="model config override, e.g. --set depths=[1,1,2,1] (with --model)")
+    parser.add_argument("--static", action="store_true", help="fixed input size (--img-size) instead of dynamic")
     parser.add_argument("--no-check", action="store_true", help="skip onnx.checker and the onnxruntime parity check")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -69,7 +76,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             model = load_classifier(args.checkpoint, args.model)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         parser.error(str(exc))
-    size = args.img_size or getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[-1]
-    diff = export_onnx(model, Path(args.out), size, args.opset, check=not args.no_check)
+    cfg = getattr(model, "pretrained_cfg", {})
+    size = args.img_size or cfg.get("input_size", (3, cfg.get("crop_size", 224)))[-1]
+    diff = export_onnx(model, Path(args.out), size, args.opset, check=not args.no_check, dynamic=not args.static)
     print(f"wrote {args.out}" + (f" (onnxruntime vs torch max |diff| {diff:.2e})" if diff >= 0 else ""))
     return 0

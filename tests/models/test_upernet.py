@@ -80,3 +80,14 @@ def test_save_pretrained_round_trip(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
+
+
+def test_onnx_export_matches_onnxruntime(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from intern2.export import export_onnx
+    model = intern2.create_model("upernet_internimage_t", **TINY).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    diff = export_onnx(model, tmp_path / "upernet.onnx", img_size=64, dynamic=False)
+    assert 0 <= diff <= 1e-4

@@ -1,0 +1,63 @@
+"""Dense-prediction inference on CPU: Mask R-CNN InternImage-T and UperNet InternImage-T against torchvision's
+maskrcnn_resnet50_fpn, random init, one process, interleaved rounds, median.
+
+The official test sizes (1333x800 for COCO, 2048x512 for ADE20K) take seconds per image on a laptop CPU; the
+default here is one 512x512 image (stated in the output), resized by neither model.
+
+    python benchmarks/dense.py [--size 512] [--rounds 3] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dcnv3 import peak_bytes  # noqa: E402
+
+import intern2  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    size = args.size
+    image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(0))
+    runs = {
+        "mask_rcnn_internimage_t": intern2.create_model("mask_rcnn_internimage_t", min_size=size, max_size=size).eval(),
+        "maskrcnn_resnet50_fpn (torchvision)": maskrcnn_resnet50_fpn(weights=None, weights_backbone=None,
+                                                                      min_size=size, max_size=size).eval(),
+        "upernet_internimage_t": intern2.create_model("upernet_internimage_t").eval(),
+    }
+    inputs = {name: ([image] if "mask" in name else image[None]) for name in runs}
+    times = {name: [] for name in runs}
+    with torch.inference_mode():
+        for name, model in runs.items():
+            model(inputs[name])  # warm-up
+        for _ in range(args.rounds):
+            for name, model in runs.items():
+                start = time.perf_counter()
+                model(inputs[name])
+                times[name].append(time.perf_counter() - start)
+        peaks = {name: peak_bytes(lambda: model(inputs[name]), torch.device("cpu")) / 2**20
+                 for name, model in runs.items()}
+    base = statistics.median(times["maskrcnn_resnet50_fpn (torchvision)"])
+    print(f"one {size}x{size} image, {args.threads} thread(s), {args.rounds} rounds, torch {torch.__version__}")
+    print(f"{'model':<40} {'s/image':>8} {'img/s':>7} {'vs torchvision R50 Mask R-CNN':>30} {'peak MiB':>9}")
+    for name in runs:
+        median = statistics.median(times[name])
+        print(f"{name:<40} {median:>8.3f} {1 / median:>7.3f} {base / median:>29.2f}x {peaks[name]:>9.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
