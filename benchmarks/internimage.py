@@ -21,7 +21,7 @@ from typing import Callable, Dict, List
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dcnv3 import geomean, official_core, peak_bytes  # noqa: E402
+from dcnv3 import official_core, peak_bytes  # noqa: E402
 
 import intern2  # noqa: E402
 import intern2.ops.dcnv3_module as dcnv3_module  # noqa: E402

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from .ops import DCNv3Geometry, dcnv3
+from .ops import dcnv3
 
 log = logging.getLogger("intern2.demo")
 

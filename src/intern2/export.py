@@ -49,7 +49,7 @@ def export_onnx(model: nn.Module, path: Path, img_size: int, opset: int = 18, ch
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .tasks.image_cls import add_model_arguments, load_classifier
+    from .tasks.common import add_model_arguments, load_model
     parser = argparse.ArgumentParser(prog="intern2 export", description="Export a model.")
     parser.add_argument("format", choices=["onnx"])
     add_model_arguments(parser)
@@ -73,7 +73,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .factory import create_model
             model = create_model(args.model, checkpoint_path=args.checkpoint, **overrides).eval()
         else:
-            model = load_classifier(args.checkpoint, args.model)
+            model = load_model(args.checkpoint, args.model)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         parser.error(str(exc))
     cfg = getattr(model, "pretrained_cfg", {})

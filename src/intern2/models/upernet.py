@@ -6,7 +6,7 @@ checkpoints (``{'state_dict': ...}``) load directly.
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F

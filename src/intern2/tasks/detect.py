@@ -18,11 +18,11 @@ from PIL import Image, ImageDraw
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import load_config, to_dict
 from ..data.coco import CocoDetection, CocoSource, collate_detection, open_coco_source
 from ..data.images import load_image
-from ..engine import Trainer, TrainConfig
+from ..engine import TrainConfig
 from ..factory import create_model, save_pretrained
+from .common import add_model_arguments, model_from_args, train_cli
 
 __all__ = ["DetectConfig", "DetectionTask", "coco_evaluate", "evaluate_detector", "draw_detections", "train_main", "eval_main",
            "predict_main"]
@@ -173,36 +173,12 @@ def _class_names(model: nn.Module) -> List[str]:
     return names if isinstance(names, list) else [str(i + 1) for i in range(model.num_classes)]
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-
-
 def train_main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="intern2 train detect", description="Train Mask R-CNN.")
-    parser.add_argument("--config", help="YAML file with DetectConfig fields")
-    parser.add_argument("--data", help="COCO-format folder or builtin:shapes")
-    parser.add_argument("--model", help="registered detector, e.g. mask_rcnn_internimage_t")
-    parser.add_argument("--out", help="output folder (train.out_dir)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    _setup_logging()
-    overrides = list(args.overrides)
-    for flag, key in ((args.data, "data"), (args.model, "model"), (args.out, "train.out_dir")):
-        if flag is not None:
-            overrides.insert(0, f"{key}={flag}")
-    try:
-        cfg = load_config(DetectConfig, args.config, overrides)
-        task = DetectionTask(cfg)
-    except (ValueError, FileNotFoundError) as exc:
-        parser.error(str(exc))
-    metrics = Trainer(task, cfg.train, config_to_save=to_dict(cfg)).fit()
-    print(json.dumps(metrics))
-    return 0
+    return train_cli(argv, "detect", "Train Mask R-CNN.", DetectConfig, DetectionTask,
+                     "COCO-format folder or builtin:shapes", "mask_rcnn_internimage_t", hide=())
 
 
 def eval_main(argv: Optional[List[str]] = None) -> int:
-    from .image_cls import add_model_arguments, load_classifier
     parser = argparse.ArgumentParser(prog="intern2 eval", description="Evaluate a detector (COCO box/mask AP).")
     parser.add_argument("--data", required=True, help="COCO-format folder or builtin:shapes")
     parser.add_argument("--split", default="val")
@@ -210,11 +186,10 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    _setup_logging()
+    model = model_from_args(parser, args)
     try:
-        model = load_classifier(args.checkpoint, args.model)
         source = open_coco_source(args.data, args.split)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except ValueError as exc:
         parser.error(str(exc))
     metrics = evaluate_detector(model, CocoDetection(source, False), args.batch_size, torch.device("cpu"))
     print(json.dumps(metrics) if args.json else
@@ -224,7 +199,6 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
 
 
 def predict_main(argv: Optional[List[str]] = None) -> int:
-    from .image_cls import add_model_arguments, load_classifier
     parser = argparse.ArgumentParser(prog="intern2 predict", description="Detect and segment objects in images.")
     parser.add_argument("images", nargs="+")
     add_model_arguments(parser)
@@ -232,11 +206,7 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", default="predictions", help="folder for <name>_det.png drawings")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    _setup_logging()
-    try:
-        model = load_classifier(args.checkpoint, args.model)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        parser.error(str(exc))
+    model = model_from_args(parser, args)
     classes = _class_names(model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

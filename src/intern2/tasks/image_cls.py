@@ -14,14 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import load_config, to_dict
 from ..data.images import (ClassificationDataset, ImageSource, collate_images, eval_transform, load_image,
                            open_image_source, split_source, train_transform)
-from ..engine import Trainer, TrainConfig
+from ..engine import TrainConfig
 from ..engine.trainer import accumulate_eval
-from ..factory import create_model, from_pretrained, save_pretrained
+from ..factory import create_model, save_pretrained
+from .common import add_model_arguments, model_from_args, train_cli
 
-__all__ = ["ImageClsConfig", "ImageClassificationTask", "ClassificationMetrics", "load_classifier", "predict", "train_main", "eval_main",
+__all__ = ["ImageClsConfig", "ImageClassificationTask", "ClassificationMetrics", "predict", "train_main", "eval_main",
            "predict_main", "imagenet_classes"]
 
 log = logging.getLogger(__name__)
@@ -171,18 +171,6 @@ class ImageClassificationTask:
 
 
 # ------------------------------------------------------------------------------------------------------- inference
-def load_classifier(checkpoint: Optional[str], model_name: Optional[str]) -> nn.Module:
-    """A folder written by training / save_pretrained (or an HF-hub InternImage folder), or ``model_name`` with an
-    optional weight file in any supported layout."""
-    if checkpoint and Path(checkpoint).is_dir():
-        return from_pretrained(checkpoint).eval()
-    if model_name is None:
-        raise ValueError("--model is required unless --checkpoint is a model folder (config.json + weights)")
-    if checkpoint is None:
-        log.warning("no --checkpoint: %s has random weights", model_name)
-    return create_model(model_name, checkpoint_path=checkpoint).eval()
-
-
 def _preprocess(model: nn.Module):
     cfg = getattr(model, "pretrained_cfg", {})
     size = cfg.get("input_size", (3, 224, 224))[-1]
@@ -208,43 +196,10 @@ def predict(model: nn.Module, files: Sequence[str], topk: int = 5) -> List[Dict[
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI
-def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-
-
 def train_main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="intern2 train image-cls", description="Train an image classifier.")
-    parser.add_argument("--config", help="YAML file with ImageClsConfig fields (model, data, train: {...})")
-    parser.add_argument("--data", help="ImageFolder directory, CSV of path,label, or builtin:digits")
-    parser.add_argument("--model", help="registered model name, e.g. internimage_t")
-    parser.add_argument("--out", help="output folder (train.out_dir)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set train.lr=1e-3 --set model_args.depths=[1,1,2,1]")
-    args = parser.parse_args(argv)
-    _setup_logging()
-    overrides = list(args.overrides)
-    for flag, key in ((args.data, "data"), (args.model, "model"), (args.out, "train.out_dir")):
-        if flag is not None:
-            overrides.insert(0, f"{key}={flag}")
-    try:
-        cfg = load_config(ImageClsConfig, args.config, overrides)
-        task = ImageClassificationTask(cfg)
-    except (ValueError, FileNotFoundError) as exc:
-        parser.error(str(exc))
-    metrics = Trainer(task, cfg.train, config_to_save=to_dict(cfg)).fit()
-    if task.skipped:
-        log.warning("%d unreadable images were skipped during training", task.skipped)
-    print(json.dumps({k: v for k, v in metrics.items() if k != "per_class_top1"}))
-    return 0
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--checkpoint / --model (and the --task chosen by the dispatcher), shared by the commands that run a
-    trained or official model."""
-    parser.add_argument("--checkpoint", help="model folder, or a weight file used with --model")
-    parser.add_argument("--model", help="registered model name (needed unless --checkpoint is a model folder)")
-    parser.add_argument("--task", help="image-cls, segment or detect (default: from the model's architecture)")
+    return train_cli(argv, "image-cls", "Train an image classifier.", ImageClsConfig, ImageClassificationTask,
+                     "ImageFolder directory, CSV of path,label, or builtin:digits", "internimage_t",
+                     hide=("per_class_top1",))
 
 
 def eval_main(argv: Optional[List[str]] = None) -> int:
@@ -254,11 +209,10 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     args = parser.parse_args(argv)
-    _setup_logging()
+    model = model_from_args(parser, args)
     try:
-        model = load_classifier(args.checkpoint, args.model)
         source = open_image_source(args.data, class_names(model))
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except ValueError as exc:
         parser.error(str(exc))
     size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
     loader = DataLoader(ClassificationDataset(source, _preprocess(model)), batch_size=args.batch_size,
@@ -282,11 +236,7 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--topk", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     args = parser.parse_args(argv)
-    _setup_logging()
-    try:
-        model = load_classifier(args.checkpoint, args.model)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        parser.error(str(exc))
+    model = model_from_args(parser, args)
     results = predict(model, args.images, args.topk)
     if args.json:
         print(json.dumps(results, indent=2))

@@ -16,13 +16,13 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import load_config, to_dict
 from ..data.images import load_image
 from ..data.segmentation import (IGNORE_INDEX, SegmentationDataset, collate_segmentation, keep_ratio_size,
                                  open_seg_source)
-from ..engine import Trainer, TrainConfig
+from ..engine import TrainConfig
 from ..engine.trainer import accumulate_eval
 from ..factory import create_model, save_pretrained
+from .common import add_model_arguments, model_from_args, train_cli
 
 __all__ = ["SegmentConfig", "SegmentationTask", "SegmentationMetrics", "colourise", "train_main", "eval_main",
            "predict_main"]
@@ -186,36 +186,12 @@ def segment_image(model: nn.Module, image: Image.Image) -> np.ndarray:
     return logits.argmax(1)[0].numpy().astype(np.int64)
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-
-
 def train_main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="intern2 train segment", description="Train a semantic segmentation model.")
-    parser.add_argument("--config", help="YAML file with SegmentConfig fields")
-    parser.add_argument("--data", help="folder with images/<split> + annotations/<split>, or builtin:shapes")
-    parser.add_argument("--model", help="registered segmentation model, e.g. upernet_internimage_t")
-    parser.add_argument("--out", help="output folder (train.out_dir)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    _setup_logging()
-    overrides = list(args.overrides)
-    for flag, key in ((args.data, "data"), (args.model, "model"), (args.out, "train.out_dir")):
-        if flag is not None:
-            overrides.insert(0, f"{key}={flag}")
-    try:
-        cfg = load_config(SegmentConfig, args.config, overrides)
-        task = SegmentationTask(cfg)
-    except (ValueError, FileNotFoundError) as exc:
-        parser.error(str(exc))
-    metrics = Trainer(task, cfg.train, config_to_save=to_dict(cfg)).fit()
-    print(json.dumps({k: v for k, v in metrics.items() if k != "per_class_IoU"}))
-    return 0
+    return train_cli(argv, "segment", "Train a semantic segmentation model.", SegmentConfig, SegmentationTask,
+                     "folder with images/<split> + annotations/<split>, or builtin:shapes", "upernet_internimage_t", hide=("per_class_IoU",))
 
 
 def eval_main(argv: Optional[List[str]] = None) -> int:
-    from .image_cls import add_model_arguments, load_classifier
     parser = argparse.ArgumentParser(prog="intern2 eval", description="Evaluate a segmentation model (mIoU).")
     parser.add_argument("--data", required=True, help="folder with images/<split> + annotations/<split>, or builtin:shapes")
     parser.add_argument("--split", default="val")
@@ -224,11 +200,10 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     add_model_arguments(parser)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    _setup_logging()
+    model = model_from_args(parser, args)
     try:
-        model = load_classifier(args.checkpoint, args.model)
         source = open_seg_source(args.data, args.split)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except ValueError as exc:
         parser.error(str(exc))
     names = model.pretrained_cfg.get("label_names")
     classes = names if isinstance(names, list) else [str(i) for i in range(model.num_classes)]
@@ -250,18 +225,13 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
 
 
 def predict_main(argv: Optional[List[str]] = None) -> int:
-    from .image_cls import add_model_arguments, load_classifier
     parser = argparse.ArgumentParser(prog="intern2 predict", description="Segment images.")
     parser.add_argument("images", nargs="+")
     add_model_arguments(parser)
     parser.add_argument("--out", default="predictions", help="folder for overlays (<name>_seg.png) and masks")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    _setup_logging()
-    try:
-        model = load_classifier(args.checkpoint, args.model)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        parser.error(str(exc))
+    model = model_from_args(parser, args)
     names = model.pretrained_cfg.get("label_names")
     classes = names if isinstance(names, list) else [str(i) for i in range(model.num_classes)]
     out = Path(args.out)
