@@ -8,9 +8,10 @@ from __future__ import annotations
 from typing import Callable, Union
 
 import torch
+import torchvision
 from torch import nn
 
-__all__ = ["ToChannelsFirst", "ToChannelsLast", "build_norm_layer", "build_act_layer"]
+__all__ = ["ToChannelsFirst", "ToChannelsLast", "DropPath", "build_norm_layer", "build_act_layer"]
 
 
 class ToChannelsFirst(nn.Module):
@@ -63,3 +64,17 @@ def build_act_layer(act_layer: Union[str, Callable[[], nn.Module]]) -> nn.Module
     if act_layer not in _ACTIVATIONS:
         raise ValueError(f"act_layer: expected one of {sorted(_ACTIVATIONS)}, got {act_layer!r}")
     return _ACTIVATIONS[act_layer]()
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (row mode), rescaled by 1/keep_prob."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torchvision.ops.stochastic_depth(x, self.p, "row", self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"

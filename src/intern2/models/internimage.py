@@ -14,11 +14,10 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import build_act_layer, build_norm_layer
+from ..layers import DropPath, build_act_layer, build_norm_layer
 from ..ops import DCNv3
 from ..registry import register_model
 
@@ -84,20 +83,6 @@ class InternImageConfig:
     @property
     def num_features(self) -> int:
         return int(self.channels * 2 ** (len(self.depths) - 1))
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample (row mode), rescaled by 1/keep_prob."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torchvision.ops.stochastic_depth(x, self.p, "row", self.training)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 class StemLayer(nn.Module):
