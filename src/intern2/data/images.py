@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 __all__ = ["ImageSource", "open_image_source", "split_source", "ClassificationDataset", "collate_images",
-           "train_transform", "eval_transform", "load_image", "IMAGE_EXTENSIONS"]
+           "collate_skipping", "train_transform", "eval_transform", "load_image", "IMAGE_EXTENSIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -180,13 +180,16 @@ class ClassificationDataset(Dataset):
         return {"image": tensor, "label": label, "index": index}
 
 
-def collate_images(samples: List[Optional[Dict[str, Any]]]) -> Dict[str, Any]:
-    """Stack the readable samples; ``skipped`` counts the unreadable ones."""
+def collate_skipping(samples: List[Optional[Dict[str, Any]]], key: str, empty_shape: Sequence[int]) -> Dict[str, Any]:
+    """Stack the readable samples' ``key`` tensors, labels and indices; ``skipped`` counts the unreadable ones
+    (``None``). A batch with none readable has a ``key`` tensor of ``empty_shape``."""
     good = [s for s in samples if s is not None]
-    if not good:
-        return {"image": torch.empty(0, 3, 1, 1), "label": torch.empty(0, dtype=torch.long),
-                "index": torch.empty(0, dtype=torch.long), "skipped": len(samples)}
-    return {"image": torch.stack([s["image"] for s in good]),
+    return {key: torch.stack([s[key] for s in good]) if good else torch.empty(tuple(empty_shape)),
             "label": torch.tensor([s["label"] for s in good], dtype=torch.long),
             "index": torch.tensor([s["index"] for s in good], dtype=torch.long),
             "skipped": len(samples) - len(good)}
+
+
+def collate_images(samples: List[Optional[Dict[str, Any]]]) -> Dict[str, Any]:
+    """Stack the readable samples; ``skipped`` counts the unreadable ones."""
+    return collate_skipping(samples, "image", (0, 3, 1, 1))

@@ -1,0 +1,444 @@
+"""Video data: a PyAV reader, dense and segment-based (TSN) frame sampling, seeded clip transforms, and a
+dataset over Kinetics-style annotation lists with multi-view (clips x crops) testing.
+
+Frames travel as uint8 ``(T, H, W, 3)`` tensors until the transform, which returns normalised float
+``(C, T, H, W)`` clips (the layout of the video ViT's Conv3d tubelet embedding).
+
+A missing, corrupt, truncated or video-less file raises :class:`VideoDecodeError` naming it; the dataset
+turns that into a logged warning and ``None`` (unless ``skip_errors=False``), which :func:`collate_videos`
+drops and counts in ``batch["skipped"]``, so one bad file never stops a long run.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from .images import collate_skipping
+
+__all__ = ["VideoDecodeError", "VideoInfo", "probe_video", "read_video", "write_video", "dense_indices",
+           "segment_indices", "clip_positions", "FrameSampler", "VideoTrainTransform", "VideoEvalTransform",
+           "VideoSource", "read_annotations", "VideoDataset", "collate_videos", "IMAGENET_MEAN", "IMAGENET_STD",
+           "CLIP_MEAN", "CLIP_STD", "VIDEO_EXTENSIONS"]
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv")
+FrameSpec = Union[Sequence[int], Callable[[int], Sequence[int]]]
+
+
+class VideoDecodeError(ValueError):
+    """A video file that cannot be read: missing, corrupt, truncated, or without a video stream."""
+
+
+def _av():
+    try:
+        import av
+    except ImportError as exc:
+        raise ImportError("reading video needs PyAV (pip install 'intern2[video]')") from exc
+    return av
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    num_frames: int
+    fps: float
+    width: int
+    height: int
+
+
+def _open(path: Union[str, Path]):
+    """(container, video stream), or VideoDecodeError saying why not."""
+    av = _av()
+    if not os.path.isfile(path):
+        raise VideoDecodeError(f"{path}: no such video file")
+    try:
+        container = av.open(str(path))
+    except av.FFmpegError as exc:
+        raise VideoDecodeError(f"{path}: not a readable video container (corrupt or truncated file?): {exc}") from exc
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        container.close()
+        raise VideoDecodeError(f"{path}: no video stream (streams: {', '.join(kinds)})")
+    return container, container.streams.video[0]
+
+
+def _frame_count(container, stream) -> int:
+    """The container's frame count; else counted from the packets (demuxing only, no decoding)."""
+    if stream.frames > 0:
+        return int(stream.frames)
+    count = sum(1 for packet in container.demux(stream) if packet.size > 0)
+    container.seek(0)
+    return count
+
+
+def probe_video(path: Union[str, Path]) -> VideoInfo:
+    """Frame count, frame rate and size of a video file without decoding it."""
+    container, stream = _open(path)
+    with container:
+        try:
+            count = _frame_count(container, stream)
+        except _av().FFmpegError as exc:
+            raise VideoDecodeError(f"{path}: cannot read packets ({exc})") from exc
+        rate = stream.average_rate or stream.guessed_rate
+        return VideoInfo(count, float(rate) if rate else 0.0, stream.width, stream.height)
+
+
+def read_video(path: Union[str, Path], frames: Optional[FrameSpec] = None) -> torch.Tensor:
+    """Decode the frames at ``frames`` (indices, or a function of the frame count giving them; all frames
+    when None) as a uint8 tensor (len(indices), H, W, 3), in the order asked (repeats allowed).
+
+    Decodes sequentially from the start and stops after the last wanted frame; only wanted frames are
+    converted to RGB. No keyframe seeking: for clips of a few hundred frames a sequential decode costs about
+    what decord's random access does, and frame indices stay exact for variable-frame-rate files.
+    """
+    av = _av()
+    container, stream = _open(path)
+    with container:
+        try:
+            total = _frame_count(container, stream)
+        except av.FFmpegError as exc:
+            raise VideoDecodeError(f"{path}: cannot read packets ({exc})") from exc
+        if total == 0:
+            raise VideoDecodeError(f"{path}: the video stream has no frames")
+        indices = list(range(total)) if frames is None else [int(i) for i in (frames(total) if callable(frames)
+                                                                              else frames)]
+        if not indices:
+            raise ValueError(f"{path}: no frame indices to read")
+        if min(indices) < 0 or max(indices) >= total:
+            raise ValueError(f"{path}: frame indices must lie in [0, {total}), got {min(indices)}..{max(indices)}")
+        wanted, last = set(indices), max(indices)
+        decoded: Dict[int, np.ndarray] = {}
+        position = -1
+        try:
+            for position, frame in enumerate(container.decode(stream)):
+                if position in wanted:
+                    decoded[position] = frame.to_ndarray(format="rgb24")
+                if position >= last:
+                    break
+        except av.FFmpegError as exc:
+            raise VideoDecodeError(f"{path}: decoding failed after frame {position} of {total} "
+                                   f"(damaged or truncated file): {exc}") from exc
+    if not decoded:
+        raise VideoDecodeError(f"{path}: no frame could be decoded ({total} expected)")
+    if position < last:
+        # Container frame counts can overstate the decodable frames by a few (edit lists, a dropped last
+        # frame); repeat the last frame over such a small gap, but a larger one is a truncated file.
+        if total - (position + 1) > max(3, total // 20):
+            raise VideoDecodeError(f"{path}: the stream ends at frame {position + 1} of {total} (truncated file)")
+        final = decoded[max(decoded)]
+        decoded.update({i: final for i in wanted if i > position})
+    return torch.from_numpy(np.stack([decoded[i] for i in indices]))
+
+
+def write_video(path: Union[str, Path], frames: Union[np.ndarray, torch.Tensor], fps: float = 8.0,
+                crf: int = 23) -> Path:
+    """Encode uint8 frames (T, H, W, 3) (even H and W) to an H.264 yuv420p file."""
+    av = _av()
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"write_video: expected uint8 frames (T, H, W, 3), got {frames.dtype} {frames.shape}")
+    if frames.shape[1] % 2 or frames.shape[2] % 2:
+        raise ValueError(f"write_video: yuv420p needs even height and width, got {frames.shape[1:3]}")
+    path = Path(path)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("h264", rate=int(round(fps)))
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for image in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+
+def dense_indices(total: int, num_frames: int, stride: int, position: float) -> List[int]:
+    """``num_frames`` frames ``stride`` apart from a window start at ``position`` in [0, 1] of the free range.
+
+    A video shorter than the window starts at 0 and repeats its last frame: looping back to the start would
+    put a jump into the clip that reverses the apparent motion of direction-dependent actions.
+    """
+    span = (num_frames - 1) * stride + 1
+    start = int(round(min(max(position, 0.0), 1.0) * max(total - span, 0)))
+    return [min(start + i * stride, total - 1) for i in range(num_frames)]
+
+
+def segment_indices(total: int, num_segments: int, position: Union[float, Sequence[float]]) -> List[int]:
+    """TSN sampling: ``num_segments`` equal segments, one frame each at ``position`` in [0, 1) within its
+    segment (one value for all segments, or one per segment). Shorter videos repeat frames."""
+    positions = [position] * num_segments if isinstance(position, (int, float)) else list(position)
+    if len(positions) != num_segments:
+        raise ValueError(f"segment_indices: {len(positions)} positions for {num_segments} segments")
+    size = total / num_segments
+    return [min(int(size * (k + min(max(p, 0.0), 1.0))), total - 1) for k, p in enumerate(positions)]
+
+
+def clip_positions(num_clips: int) -> List[float]:
+    """Evenly spaced test-view positions in (0, 1): the middle of ``num_clips`` equal parts (0.5 for one)."""
+    return [(k + 0.5) / num_clips for k in range(num_clips)]
+
+
+@dataclass(frozen=True)
+class FrameSampler:
+    """Which frames make a clip: ``dense`` (``num_frames`` at ``stride``, as VideoMAE on Kinetics) or
+    ``segment`` (TSN: ``num_frames`` segments, one frame each, as on Something-Something)."""
+    num_frames: int = 16
+    stride: int = 4
+    mode: str = "dense"
+
+    def __post_init__(self):
+        if self.mode not in ("dense", "segment"):
+            raise ValueError(f"FrameSampler.mode: expected 'dense' or 'segment', got {self.mode!r}")
+        if self.num_frames < 1 or self.stride < 1:
+            raise ValueError(f"FrameSampler: num_frames and stride must be >= 1, got {self.num_frames}, {self.stride}")
+
+    def __call__(self, total: int, position: Optional[float] = None,
+                 generator: Optional[torch.Generator] = None) -> List[int]:
+        """Indices for a video of ``total`` frames: at ``position`` (test views), random when it is None."""
+        if self.mode == "dense":
+            where = float(torch.rand((), generator=generator)) if position is None else position
+            return dense_indices(total, self.num_frames, self.stride, where)
+        where = torch.rand(self.num_frames, generator=generator).tolist() if position is None else position
+        return segment_indices(total, self.num_frames, where)
+
+
+# ----------------------------------------------------------------------------------------------- transforms
+
+def _normalise(clip: torch.Tensor, size: Tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (T, H, W, C) -> resized (bilinear, antialiased) normalised float (C, T, h, w)."""
+    x = clip.permute(0, 3, 1, 2).float()
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    x = (x / 255.0 - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    return x.permute(1, 0, 2, 3).contiguous()
+
+
+def _check_clip(video: torch.Tensor) -> None:
+    if video.dim() != 4 or video.shape[-1] != 3 or video.dtype != torch.uint8:
+        raise ValueError(f"video transform: expected uint8 frames (T, H, W, 3), got {video.dtype} {tuple(video.shape)}")
+
+
+@dataclass(frozen=True)
+class VideoTrainTransform:
+    """Random resized crop (one box for all frames) to ``size`` and an optional horizontal flip.
+
+    The crop covers ``scale`` of the frame area at an aspect ratio within ``ratio``; a short-side resize
+    before it would not change what such a crop sees, so none is done. Turn ``flip`` off for classes that
+    depend on direction (moving left vs right): a flip turns one into the other.
+    """
+    size: int = 224
+    scale: Tuple[float, float] = (0.25, 1.0)
+    ratio: Tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+    mean: Tuple[float, ...] = IMAGENET_MEAN
+    std: Tuple[float, ...] = IMAGENET_STD
+
+    def crop_box(self, height: int, width: int, generator: Optional[torch.Generator] = None) -> Tuple[int, int, int, int]:
+        """(top, left, h, w); falls back to the largest centred box within ``ratio`` after 10 misses."""
+        area = height * width
+        log_ratio = torch.log(torch.tensor(self.ratio))
+        for _ in range(10):
+            target = area * float(torch.empty(()).uniform_(*self.scale, generator=generator))
+            aspect = math.exp(float(torch.empty(()).uniform_(float(log_ratio[0]), float(log_ratio[1]),
+                                                              generator=generator)))
+            w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, (), generator=generator))
+                left = int(torch.randint(0, width - w + 1, (), generator=generator))
+                return top, left, h, w
+        aspect = min(max(width / height, self.ratio[0]), self.ratio[1])
+        w, h = (width, int(round(width / aspect))) if width / height < aspect else (int(round(height * aspect)), height)
+        w, h = min(w, width), min(h, height)
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def __call__(self, video: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """uint8 (T, H, W, 3) -> float (C, T, size, size)."""
+        _check_clip(video)
+        top, left, h, w = self.crop_box(video.shape[1], video.shape[2], generator)
+        clip = video[:, top:top + h, left:left + w]
+        if self.flip and float(torch.rand((), generator=generator)) < 0.5:
+            clip = clip.flip(2)
+        return _normalise(clip, (self.size, self.size), self.mean, self.std)
+
+
+@dataclass(frozen=True)
+class VideoEvalTransform:
+    """Shorter side to ``resize`` (default ``size``), then ``num_crops`` square crops of ``size``: one
+    centred, or three along the longer side (left/centre/right or top/middle/bottom) as in VideoMAE testing."""
+    size: int = 224
+    resize: Optional[int] = None
+    num_crops: int = 1
+    mean: Tuple[float, ...] = IMAGENET_MEAN
+    std: Tuple[float, ...] = IMAGENET_STD
+
+    def __post_init__(self):
+        if self.num_crops not in (1, 3):
+            raise ValueError(f"VideoEvalTransform.num_crops: expected 1 or 3, got {self.num_crops}")
+        if self.resize is not None and self.resize < self.size:
+            raise ValueError(f"VideoEvalTransform: resize {self.resize} is smaller than the crop size {self.size}")
+
+    def crop_boxes(self, height: int, width: int) -> List[Tuple[int, int]]:
+        """(top, left) of each crop in the resized frame of size ``resized_size(height, width)``."""
+        h, w = self.resized_size(height, width)
+        size = self.size
+        if self.num_crops == 1:
+            return [((h - size) // 2, (w - size) // 2)]
+        if w >= h:
+            return [((h - size) // 2, left) for left in (0, (w - size) // 2, w - size)]
+        return [(top, (w - size) // 2) for top in (0, (h - size) // 2, h - size)]
+
+    def resized_size(self, height: int, width: int) -> Tuple[int, int]:
+        short = self.resize or self.size
+        scale = short / min(height, width)
+        return max(short, int(round(height * scale))), max(short, int(round(width * scale)))
+
+    def __call__(self, video: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """uint8 (T, H, W, 3) -> float (num_crops, C, T, size, size); ``generator`` is unused (deterministic)."""
+        _check_clip(video)
+        height, width = video.shape[1:3]
+        frames = _normalise(video, self.resized_size(height, width), self.mean, self.std)
+        size = self.size
+        return torch.stack([frames[..., top:top + size, left:left + size] for top, left in
+                            self.crop_boxes(height, width)])
+
+
+# ----------------------------------------------------------------------------------------------- datasets
+
+@dataclass(frozen=True)
+class VideoSource:
+    samples: Tuple[Tuple[str, int], ...]
+    classes: Tuple[str, ...]
+    name: str
+
+
+def _list_rows(path: Path) -> List[Tuple[int, str, str]]:
+    """(line number, file, label) rows of a ``path label`` list or a ``path,label`` CSV."""
+    text = path.read_text()
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)]
+    lines = [(n, line) for n, line in lines if line and not line.startswith("#")]
+    is_csv = path.suffix.lower() == ".csv" or (lines and lines[0][1].replace(" ", "").lower().startswith("path,label"))
+    rows = []
+    for number, line in lines:
+        if is_csv:
+            fields = next(csv.reader([line]))
+            if [f.strip().lower() for f in fields[:2]] == ["path", "label"]:
+                continue
+        else:  # split from the right so paths may contain spaces
+            fields = line.rsplit(None, 1)
+        if len(fields) < 2 or not fields[0].strip() or not fields[1].strip():
+            expected = "'path,label'" if is_csv else "'path label'"
+            raise ValueError(f"annotations {path}: line {number} {line!r}: expected {expected}")
+        rows.append((number, fields[0].strip(), fields[1].strip()))
+    if not rows:
+        raise ValueError(f"annotations {path}: no samples listed")
+    return rows
+
+
+def read_annotations(path: Union[str, Path], root: Optional[Union[str, Path]] = None,
+                     classes: Optional[Sequence[str]] = None) -> VideoSource:
+    """A Kinetics-style list: ``path label`` lines (space separated) or a CSV with a ``path,label`` header.
+
+    Paths are relative to ``root`` (default: the list's folder). Labels are class indices or class names.
+    ``classes`` fixes the label order; else ``classes.txt`` next to the list (one name per line) when it
+    exists, else the sorted names (or ``0..max`` for integer labels). Missing files are named in a warning
+    (they are skipped when read); a list whose files are all missing is an error (a wrong root).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"annotations {path}: no such file")
+    root = Path(root) if root is not None else path.parent
+    rows = _list_rows(path)
+    if classes is None and (path.parent / "classes.txt").is_file():
+        classes = [c.strip() for c in (path.parent / "classes.txt").read_text().splitlines() if c.strip()]
+    numeric = all(label.lstrip("-").isdigit() for _, _, label in rows)
+    if classes is None:
+        classes = ([str(i) for i in range(max(int(label) for _, _, label in rows) + 1)] if numeric
+                   else sorted({label for _, _, label in rows}))
+    index = {name: i for i, name in enumerate(classes)}
+    samples = []
+    for number, file, label in rows:
+        target = int(label) if numeric else index.get(label, -1)
+        if not 0 <= target < len(classes):
+            raise ValueError(f"annotations {path}: line {number}: label {label!r} is not a class index in "
+                             f"[0, {len(classes)}) nor a class name; classes: {list(classes)[:20]}")
+        samples.append((str(root / file), target))
+    missing = [file for file, _ in samples if not os.path.exists(file)]
+    if len(missing) == len(samples):
+        raise ValueError(f"annotations {path}: none of the {len(samples)} listed files exist under {root} "
+                         f"(first: {missing[0]}); is the root right?")
+    if missing:
+        log.warning("annotations %s: %d of %d listed files are missing (they will be skipped): %s", path,
+                    len(missing), len(samples), ", ".join(missing[:5]))
+    return VideoSource(tuple(samples), tuple(classes), str(path))
+
+
+class VideoDataset(Dataset):
+    """Decoded, sampled and transformed clips of a :class:`VideoSource`, read inside ``__getitem__`` (so in
+    DataLoader workers; the dataset holds only paths and is picklable).
+
+    Training (``train=True``): one random clip, ``{"video": (C, T, H, W), "label", "index"}``; randomness is
+    seeded by (seed, epoch, index). Testing: ``num_clips`` evenly spaced clips x the transform's crops,
+    ``{"video": (V, C, T, H, W), ...}`` with V = clips x crops (clip-major), for the evaluator to average.
+    """
+
+    def __init__(self, source: VideoSource, sampler: FrameSampler,
+                 transform: Union[VideoTrainTransform, VideoEvalTransform], train: bool, num_clips: int = 1,
+                 seed: int = 0, skip_errors: bool = True):
+        if train and num_clips != 1:
+            raise ValueError(f"VideoDataset: training samples one clip per video, got num_clips={num_clips}")
+        self.source = source
+        self.sampler = sampler
+        self.transform = transform
+        self.train = train
+        self.num_clips = num_clips
+        self.seed = seed
+        self.skip_errors = skip_errors
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.source.samples)
+
+    def _indices(self, total: int, generator: torch.Generator) -> List[int]:
+        if self.train:
+            return self.sampler(total, generator=generator)
+        return [i for p in clip_positions(self.num_clips) for i in self.sampler(total, position=p)]
+
+    def __getitem__(self, index: int) -> Optional[Dict[str, Any]]:
+        path, label = self.source.samples[index]
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{self.epoch}:{index}".encode()))
+        try:
+            frames = read_video(path, lambda total: self._indices(total, generator))
+        except VideoDecodeError as exc:
+            if not self.skip_errors:
+                raise
+            log.warning("skipping unreadable video: %s", exc)
+            return None
+        if self.train:
+            video = self.transform(frames, generator)
+        else:  # one decode for all clips, then (clips, crops, C, T, H, W) -> (views, C, T, H, W)
+            video = torch.stack([self.transform(clip, generator) for clip in frames.chunk(self.num_clips)])
+            video = video.flatten(0, 1)
+        return {"video": video, "label": label, "index": index}
+
+
+def collate_videos(samples: List[Optional[Dict[str, Any]]]) -> Dict[str, Any]:
+    """Stack the readable clips; ``skipped`` counts the unreadable ones (``None``)."""
+    return collate_skipping(samples, "video", (0, 3, 0, 0, 0))
