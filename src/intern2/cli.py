@@ -15,6 +15,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "predict": ("intern2.tasks:predict_main", "run a model on image files (labels, overlays, detections)"),
     "export": ("intern2.export:main", "export a model: intern2 export onnx ..."),
     "convert": ("intern2.convert:main", "convert an official checkpoint into a model folder"),
+    "languages": ("intern2.text.languages:main", "list the translation languages: intern2 languages --filter fra"),
 }
 
 
