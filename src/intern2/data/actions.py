@@ -88,10 +88,9 @@ def render_action(label: int, seed: int, num_frames: int = 16, size: int = 64) -
             ramp = max(2, num_frames // 5)
             onset = int(rng.integers(num_frames // 8, num_frames - num_frames // 8 - ramp + 1))
             alpha = np.clip((np.arange(num_frames) - onset + 1) / ramp, 0.0, 1.0)
-    others = [c for c in _COLOURS if c != colour]
     distractor = None
     if rng.random() < 0.5:  # a static second object, drawn under the moving one
-        d_shape, d_colour = _pick(rng, SHAPE_CLASSES), _pick(rng, others)
+        d_shape, d_colour = _pick(rng, SHAPE_CLASSES), _pick(rng, [c for c in _COLOURS if c != colour])
         d_r = rng.uniform(0.07, 0.1) * size
         d_mask = _shape_mask(d_shape, size, *rng.uniform(d_r, size - d_r, 2), d_r, rng.uniform(0, 2 * math.pi))
         background[d_mask] = _COLOURS[d_colour]

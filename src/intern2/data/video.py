@@ -29,7 +29,7 @@ from .images import collate_skipping
 __all__ = ["VideoDecodeError", "VideoInfo", "probe_video", "read_video", "write_video", "dense_indices",
            "segment_indices", "clip_positions", "FrameSampler", "VideoTrainTransform", "VideoEvalTransform",
            "VideoSource", "read_annotations", "VideoDataset", "collate_videos", "IMAGENET_MEAN", "IMAGENET_STD",
-           "CLIP_MEAN", "CLIP_STD", "VIDEO_EXTENSIONS"]
+           "CLIP_MEAN", "CLIP_STD"]
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv")
 FrameSpec = Union[Sequence[int], Callable[[int], Sequence[int]]]
 
 
@@ -173,8 +172,8 @@ def dense_indices(total: int, num_frames: int, stride: int, position: float) -> 
     A video shorter than the window starts at 0 and repeats its last frame: looping back to the start would
     put a jump into the clip that reverses the apparent motion of direction-dependent actions.
     """
-    span = (num_frames - 1) * stride + 1
-    start = int(round(min(max(position, 0.0), 1.0) * max(total - span, 0)))
+    free = max(total - (num_frames - 1) * stride - 1, 0)  # latest start that fits the window
+    start = min(int(max(position, 0.0) * (free + 1)), free)  # uniform over 0..free for position in [0, 1)
     return [min(start + i * stride, total - 1) for i in range(num_frames)]
 
 
@@ -196,7 +195,7 @@ def clip_positions(num_clips: int) -> List[float]:
 @dataclass(frozen=True)
 class FrameSampler:
     """Which frames make a clip: ``dense`` (``num_frames`` at ``stride``, as VideoMAE on Kinetics) or
-    ``segment`` (TSN: ``num_frames`` segments, one frame each, as on Something-Something)."""
+    ``segment`` (TSN: ``num_frames`` segments, one frame each, as on Something-Something; ``stride`` unused)."""
     num_frames: int = 16
     stride: int = 4
     mode: str = "dense"
@@ -242,7 +241,7 @@ class VideoTrainTransform:
     depend on direction (moving left vs right): a flip turns one into the other.
     """
     size: int = 224
-    scale: Tuple[float, float] = (0.25, 1.0)
+    scale: Tuple[float, float] = (0.08, 1.0)
     ratio: Tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
     mean: Tuple[float, ...] = IMAGENET_MEAN
@@ -353,7 +352,7 @@ def read_annotations(path: Union[str, Path], root: Optional[Union[str, Path]] = 
                      classes: Optional[Sequence[str]] = None) -> VideoSource:
     """A Kinetics-style list: ``path label`` lines (space separated) or a CSV with a ``path,label`` header.
 
-    Paths are relative to ``root`` (default: the list's folder). Labels are class indices or class names.
+    Paths are relative to ``root`` (default: the list's folder). A label is a class name, else a class index.
     ``classes`` fixes the label order; else ``classes.txt`` next to the list (one name per line) when it
     exists, else the sorted names (or ``0..max`` for integer labels). Missing files are named in a warning
     (they are skipped when read); a list whose files are all missing is an error (a wrong root).
@@ -365,14 +364,14 @@ def read_annotations(path: Union[str, Path], root: Optional[Union[str, Path]] = 
     rows = _list_rows(path)
     if classes is None and (path.parent / "classes.txt").is_file():
         classes = [c.strip() for c in (path.parent / "classes.txt").read_text().splitlines() if c.strip()]
-    numeric = all(label.lstrip("-").isdigit() for _, _, label in rows)
     if classes is None:
+        numeric = all(label.isdigit() for _, _, label in rows)
         classes = ([str(i) for i in range(max(int(label) for _, _, label in rows) + 1)] if numeric
                    else sorted({label for _, _, label in rows}))
     index = {name: i for i, name in enumerate(classes)}
     samples = []
     for number, file, label in rows:
-        target = int(label) if numeric else index.get(label, -1)
+        target = index.get(label, int(label) if label.lstrip("-").isdigit() else -1)
         if not 0 <= target < len(classes):
             raise ValueError(f"annotations {path}: line {number}: label {label!r} is not a class index in "
                              f"[0, {len(classes)}) nor a class name; classes: {list(classes)[:20]}")
