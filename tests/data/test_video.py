@@ -226,6 +226,18 @@ def test_bad_files_name_the_file(video_file, tmp_path):
         probe_video(audio)
 
 
+def test_overstated_frame_count(video_file, monkeypatch):
+    """A container that claims a few frames more than decode repeats the last one; many more is truncation."""
+    import intern2.data.video as video
+    path, frames = video_file
+    monkeypatch.setattr(video, "_frame_count", lambda *args: 22)
+    tail = read_video(path, [0, 21]).numpy().astype(int)
+    assert np.abs(tail - frames[[0, 19]]).mean() < 3
+    monkeypatch.setattr(video, "_frame_count", lambda *args: 40)
+    with pytest.raises(VideoDecodeError, match=r"clip\.mp4: the stream ends at frame 20 of 40"):
+        read_video(path, [39])
+
+
 def test_truncated_stream_with_index_first(tmp_path):
     """A 'faststart' file keeps its index at the front: cut short, its frames run out mid-decode."""
     path = tmp_path / "faststart.mp4"

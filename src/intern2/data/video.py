@@ -76,12 +76,15 @@ def _open(path: Union[str, Path]):
     return container, container.streams.video[0]
 
 
-def _frame_count(container, stream) -> int:
+def _frame_count(path, container, stream) -> int:
     """The container's frame count; else counted from the packets (demuxing only, no decoding)."""
     if stream.frames > 0:
         return int(stream.frames)
-    count = sum(1 for packet in container.demux(stream) if packet.size > 0)
-    container.seek(0)
+    try:
+        count = sum(1 for packet in container.demux(stream) if packet.size > 0)
+        container.seek(0)
+    except _av().FFmpegError as exc:
+        raise VideoDecodeError(f"{path}: cannot read packets (corrupt or truncated file?): {exc}") from exc
     return count
 
 
@@ -89,12 +92,9 @@ def probe_video(path: Union[str, Path]) -> VideoInfo:
     """Frame count, frame rate and size of a video file without decoding it."""
     container, stream = _open(path)
     with container:
-        try:
-            count = _frame_count(container, stream)
-        except _av().FFmpegError as exc:
-            raise VideoDecodeError(f"{path}: cannot read packets ({exc})") from exc
         rate = stream.average_rate or stream.guessed_rate
-        return VideoInfo(count, float(rate) if rate else 0.0, stream.width, stream.height)
+        return VideoInfo(_frame_count(path, container, stream), float(rate) if rate else 0.0, stream.width,
+                         stream.height)
 
 
 def read_video(path: Union[str, Path], frames: Optional[FrameSpec] = None) -> torch.Tensor:
@@ -108,21 +108,20 @@ def read_video(path: Union[str, Path], frames: Optional[FrameSpec] = None) -> to
     av = _av()
     container, stream = _open(path)
     with container:
-        try:
-            total = _frame_count(container, stream)
-        except av.FFmpegError as exc:
-            raise VideoDecodeError(f"{path}: cannot read packets ({exc})") from exc
+        total = _frame_count(path, container, stream)
         if total == 0:
             raise VideoDecodeError(f"{path}: the video stream has no frames")
-        indices = list(range(total)) if frames is None else [int(i) for i in (frames(total) if callable(frames)
-                                                                              else frames)]
+        if frames is None:
+            indices = list(range(total))
+        else:
+            indices = [int(i) for i in (frames(total) if callable(frames) else frames)]
         if not indices:
             raise ValueError(f"{path}: no frame indices to read")
         if min(indices) < 0 or max(indices) >= total:
             raise ValueError(f"{path}: frame indices must lie in [0, {total}), got {min(indices)}..{max(indices)}")
         wanted, last = set(indices), max(indices)
         decoded: Dict[int, np.ndarray] = {}
-        position = -1
+        position, frame = -1, None
         try:
             for position, frame in enumerate(container.decode(stream)):
                 if position in wanted:
@@ -130,17 +129,18 @@ def read_video(path: Union[str, Path], frames: Optional[FrameSpec] = None) -> to
                 if position >= last:
                     break
         except av.FFmpegError as exc:
-            raise VideoDecodeError(f"{path}: decoding failed after frame {position} of {total} "
+            raise VideoDecodeError(f"{path}: decoding failed at frame {position + 1} of {total} "
                                    f"(damaged or truncated file): {exc}") from exc
-    if not decoded:
-        raise VideoDecodeError(f"{path}: no frame could be decoded ({total} expected)")
-    if position < last:
-        # Container frame counts can overstate the decodable frames by a few (edit lists, a dropped last
-        # frame); repeat the last frame over such a small gap, but a larger one is a truncated file.
-        if total - (position + 1) > max(3, total // 20):
-            raise VideoDecodeError(f"{path}: the stream ends at frame {position + 1} of {total} (truncated file)")
-        final = decoded[max(decoded)]
-        decoded.update({i: final for i in wanted if i > position})
+        if frame is None:
+            raise VideoDecodeError(f"{path}: no frame could be decoded ({total} expected)")
+        if position < last:
+            # Container frame counts can overstate the decodable frames by a few (edit lists, a dropped
+            # last frame): repeat the last frame over such a small gap; a larger one is a truncated file.
+            if total - (position + 1) > max(3, total // 20):
+                raise VideoDecodeError(f"{path}: the stream ends at frame {position + 1} of {total} "
+                                       "(truncated file)")
+            final = frame.to_ndarray(format="rgb24")
+            decoded.update({i: final for i in wanted if i > position})
     return torch.from_numpy(np.stack([decoded[i] for i in indices]))
 
 
@@ -247,7 +247,8 @@ class VideoTrainTransform:
     mean: Tuple[float, ...] = IMAGENET_MEAN
     std: Tuple[float, ...] = IMAGENET_STD
 
-    def crop_box(self, height: int, width: int, generator: Optional[torch.Generator] = None) -> Tuple[int, int, int, int]:
+    def crop_box(self, height: int, width: int,
+                 generator: Optional[torch.Generator] = None) -> Tuple[int, int, int, int]:
         """(top, left, h, w); falls back to the largest centred box within ``ratio`` after 10 misses."""
         area = height * width
         log_ratio = torch.log(torch.tensor(self.ratio))
