@@ -107,11 +107,17 @@ class _Registry:
         if base is None:
             raise self._unknown(text)
         lang = self.languages[base]
-        script = next((p.title() for p in parts[1:] if len(p) == 4 and p.isalpha()), None)
-        if script is None and text.lower().endswith(("@latin", "@cyrillic")):
-            script = "Latn" if text.lower().endswith("@latin") else "Cyrl"
+        script = region = None
+        for part in parts[1:]:
+            if len(part) == 4 and part.isalpha() and script is None and region is None:
+                script = part.title()
+            elif (len(part) == 2 and part.isalpha() or len(part) == 3 and part.isdigit()) and region is None:
+                region = part.upper()
+            elif part.lower() in ("latin", "cyrillic") and text[-len(part) - 1] == "@" and script is None:
+                script = "Latn" if part.lower() == "latin" else "Cyrl"  # glibc locale modifier: sr@latin
+            else:  # variants and extensions would be silently ignored: better to say we do not know the tag
+                raise self._unknown(text)
         if script is None:
-            region = next((p.upper() for p in parts[1:] if len(p) in (2, 3) and p.isalnum()), None)
             script = self.region_scripts.get(lang.iso639_3, {}).get(region or "")
         if script is None or script == lang.script:
             return base
