@@ -1,0 +1,885 @@
+"""The general translation model: an NLLB-200 / M2M-100 encoder-decoder Transformer.
+
+Architecture (fairseq ``transformer_24_24`` for the 1.3B preset, HF ``M2M100ForConditionalGeneration``): pre-LN
+layers with a final LayerNorm on encoder and decoder, ReLU feed-forward, sinusoidal positions counted from
+``padding_idx + 1`` (pads get the zero row), token embeddings scaled by ``sqrt(d_model)``, and one embedding matrix
+shared by encoder input, decoder input and output projection.
+
+The module tree mirrors HF's state-dict names (``model.shared.weight``, ``model.encoder.layers.0.self_attn.q_proj``,
+``lm_head.weight``), so HF NLLB/M2M-100 folders load with :meth:`TranslationModel.from_pretrained`, fairseq NLLB
+checkpoints load after :func:`convert_fairseq_state_dict`, and :meth:`TranslationModel.save_pretrained` writes a
+folder that transformers and CTranslate2's ``ct2-transformers-converter`` read unchanged.
+
+Presets (registered model names): ``intern2_mt_tiny``, ``intern2_mt_small`` (d512 6+6, the benchmark model),
+``intern2_mt_600m`` (NLLB-200-distilled-600M), ``intern2_mt_1p3b`` (the INTERN 2.0 "intern2-mt-1.3b": NLLB-200-1.3B
+dimensions, 1,370,638,336 parameters) and ``intern2_mt_3p3b`` (NLLB-200-3.3B).
+
+Decoding (:meth:`TranslationModel.generate`) follows transformers' ``generate`` semantics token for token (greedy,
+sampling, beam search with HF's length-normalised scores), with a key/value cache: self-attention keys/values are
+written into preallocated buffers, cross-attention keys/values are computed once per source sentence and shared by
+its beams, beams are reordered with ``index_select`` and the encoder runs once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write, read_checkpoint, read_state_dict
+from ..registry import register_model
+
+__all__ = ["TranslatorConfig", "TranslationModel", "Seq2SeqLMOutput", "GenerateOutput", "DecoderCache",
+           "convert_fairseq_state_dict", "split_sentences", "translate_in_sentences", "TRANSLATOR_VARIANTS",
+           "MAX_TRAINED_SOURCE_TOKENS"]
+
+# NLLB was trained on sentences of at most 512 tokens (model card); longer inputs degrade or get cut short.
+MAX_TRAINED_SOURCE_TOKENS = 512
+# The encoder, decoder and output projection share ``model.shared``; HF writes it once and re-ties on load.
+TIED_KEYS = ("model.shared.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight",
+             "lm_head.weight")
+_ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+# transformers' beam search marks impossible candidates with this finite penalty (not -inf); kept for equal scores.
+_BEAM_PENALTY = -1.0e9
+
+
+@dataclass(frozen=True)
+class TranslatorConfig:
+    """Architecture of one variant; field names and defaults are those of HF's ``M2M100Config``."""
+
+    vocab_size: int = 128112
+    d_model: int = 1024
+    encoder_layers: int = 12
+    decoder_layers: int = 12
+    encoder_attention_heads: int = 16
+    decoder_attention_heads: int = 16
+    encoder_ffn_dim: int = 4096
+    decoder_ffn_dim: int = 4096
+    max_position_embeddings: int = 1024
+    activation_function: str = "relu"
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation_dropout: float = 0.0
+    init_std: float = 0.02
+    scale_embedding: bool = True
+    pad_token_id: int = 1
+    bos_token_id: int = 0
+    eos_token_id: int = 2
+    decoder_start_token_id: int = 2
+
+    def __post_init__(self):
+        for side in ("encoder", "decoder"):
+            heads = getattr(self, f"{side}_attention_heads")
+            if self.d_model % heads:
+                raise ValueError(f"d_model={self.d_model} is not divisible by {side}_attention_heads={heads}")
+        if self.activation_function not in _ACTIVATIONS:
+            raise ValueError(f"activation_function {self.activation_function!r} is not supported; "
+                             f"expected one of {sorted(_ACTIVATIONS)}")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ValueError(f"{name}={getattr(self, name)} is outside the vocabulary (vocab_size={self.vocab_size})")
+
+    @classmethod
+    def from_dict(cls, values: Dict) -> "TranslatorConfig":
+        """From an HF ``config.json`` dict; keys that are not architecture fields are ignored."""
+        if values.get("tie_word_embeddings") is False:
+            raise ValueError("config has tie_word_embeddings=false; NLLB/M2M-100 models share the embedding with "
+                             "the output projection and intern2 supports only that layout")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def to_dict(self) -> Dict:
+        return dataclasses.asdict(self)
+
+    def to_hf_dict(self) -> Dict:
+        """``config.json`` content that transformers reads as an ``M2M100ForConditionalGeneration``."""
+        return dict(architectures=["M2M100ForConditionalGeneration"], model_type="m2m_100", **self.to_dict(),
+                    encoder_layerdrop=0.0, decoder_layerdrop=0.0, tie_word_embeddings=True, is_encoder_decoder=True,
+                    use_cache=True)
+
+
+@dataclass
+class Seq2SeqLMOutput:
+    """What :meth:`TranslationModel.forward` returns (HF names)."""
+
+    logits: Tensor
+    loss: Optional[Tensor] = None
+    encoder_last_hidden_state: Optional[Tensor] = None
+
+
+@dataclass
+class GenerateOutput:
+    """``generate(..., return_dict_in_generate=True)``: sequences and, for beam search, their final scores
+    (sum of token log-probs divided by generated length ** length_penalty, as transformers reports them)."""
+
+    sequences: Tensor
+    sequences_scores: Optional[Tensor] = None
+
+
+# ------------------------------------------------------------------------------------------------------ layers
+class SinusoidalPositions(nn.Module):
+    """fairseq's sinusoidal table: sin in the first half of the columns, cos in the second, row ``padding_idx``
+    zero. Non-persistent (not in the state dict), so it is recomputed, never loaded."""
+
+    offset = 2  # rows 0..padding_idx are reserved: the first real token is at position padding_idx + 1
+
+    def __init__(self, num_positions: int, dim: int, padding_idx: int):
+        super().__init__()
+        self.dim, self.padding_idx = dim, padding_idx
+        self.register_buffer("weights", self.table(num_positions + self.offset), persistent=False)
+
+    def table(self, rows: int, device: Optional[torch.device] = None) -> Tensor:
+        half = self.dim // 2
+        freq = torch.exp(torch.arange(half, dtype=torch.float32, device=device) * -(math.log(10000.0) / (half - 1)))
+        angles = torch.arange(rows, dtype=torch.float32, device=device)[:, None] * freq[None]
+        table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+        if self.dim % 2:
+            table = F.pad(table, (0, 1))
+        table[self.padding_idx] = 0
+        return table
+
+    def reset(self, device: Union[str, torch.device] = "cpu") -> None:
+        """Recompute the table (after the model was built on the meta device)."""
+        self.weights = self.table(self.weights.shape[0], device=device)
+
+    def forward(self, input_ids: Tensor, past_length: int = 0) -> Tensor:
+        needed = self.padding_idx + 1 + input_ids.shape[1] + past_length
+        if needed > self.weights.shape[0]:  # longer than max_position_embeddings: sinusoids extrapolate
+            self.weights = self.table(needed + self.offset, self.weights.device).to(self.weights.dtype)
+        real = input_ids.ne(self.padding_idx).int()
+        positions = (torch.cumsum(real, dim=1) + past_length) * real + self.padding_idx
+        return self.weights.index_select(0, positions.view(-1)).view(*input_ids.shape, -1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with HF's projection names; keys/values are projected separately so the decoder can
+    cache them."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.num_heads, self.dropout = num_heads, dropout
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.q_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # [B, T, E] -> [B, H, T, E/H]
+
+    def keys_values(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        return self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+
+    def attend(self, x: Tensor, keys: Tensor, values: Tensor, mask: Optional[Tensor] = None,
+               is_causal: bool = False) -> Tensor:
+        """Queries from ``x`` [N, T, E] over ``keys``/``values`` [B, H, S, E/H]; when N = B * G (beams or returned
+        samples of one source), the G rows of a source are folded into its query length, so they share one copy
+        of its cross-attention keys/values."""
+        q = self._heads(self.q_proj(x))
+        groups = q.shape[0] // keys.shape[0]
+        if groups > 1:
+            q = q.unflatten(0, (-1, groups)).transpose(1, 2).flatten(2, 3)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=is_causal,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        if groups > 1:
+            out = out.unflatten(2, (groups, -1)).transpose(1, 2).flatten(0, 1)
+        return self.out_proj(out.transpose(1, 2).flatten(2))
+
+
+class _Layer(nn.Module):
+    """What encoder and decoder layers share: the pre-LN feed-forward sub-block."""
+
+    def _init_feed_forward(self, cfg: TranslatorConfig, ffn_dim: int) -> None:
+        self.fc1 = nn.Linear(cfg.d_model, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, cfg.d_model)
+        self.final_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.act = _ACTIVATIONS[cfg.activation_function]
+        self.dropout, self.activation_dropout = cfg.dropout, cfg.activation_dropout
+
+    def _drop(self, x: Tensor, p: float) -> Tensor:
+        return F.dropout(x, p, self.training) if p else x
+
+    def _feed_forward(self, x: Tensor) -> Tensor:
+        h = self._drop(self.act(self.fc1(self.final_layer_norm(x))), self.activation_dropout)
+        return x + self._drop(self.fc2(h), self.dropout)
+
+
+class EncoderLayer(_Layer):
+    def __init__(self, cfg: TranslatorConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg.d_model, cfg.encoder_attention_heads, cfg.attention_dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
+        self._init_feed_forward(cfg, cfg.encoder_ffn_dim)
+
+    def forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        h = self.self_attn_layer_norm(x)
+        x = x + self._drop(self.self_attn.attend(h, *self.self_attn.keys_values(h), mask=mask), self.dropout)
+        return self._feed_forward(x)
+
+
+class DecoderLayer(_Layer):
+    def __init__(self, cfg: TranslatorConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg.d_model, cfg.decoder_attention_heads, cfg.attention_dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.encoder_attn = Attention(cfg.d_model, cfg.decoder_attention_heads, cfg.attention_dropout)
+        self.encoder_attn_layer_norm = nn.LayerNorm(cfg.d_model)
+        self._init_feed_forward(cfg, cfg.decoder_ffn_dim)
+
+    def forward(self, x: Tensor, memory: Tuple[Tensor, Tensor], memory_mask: Optional[Tensor],
+                cache: Optional["DecoderCache"] = None, index: int = 0) -> Tensor:
+        h = self.self_attn_layer_norm(x)
+        keys, values = self.self_attn.keys_values(h)
+        if cache is not None:
+            keys, values = cache.extend(index, keys, values)
+        # Without a cache queries and keys cover the same positions; with one, a single new token sees all.
+        attn = self.self_attn.attend(h, keys, values, is_causal=x.shape[1] > 1)
+        x = x + self._drop(attn, self.dropout)
+        h = self.encoder_attn_layer_norm(x)
+        x = x + self._drop(self.encoder_attn.attend(h, *memory, mask=memory_mask), self.dropout)
+        return self._feed_forward(x)
+
+
+class DecoderCache:
+    """What the decoder reuses between generation steps.
+
+    ``memory``: per layer, the cross-attention keys/values of the encoder output, computed once ([B, H, S, E/H],
+    one copy per source even when it has several beams). Self-attention keys/values are written into buffers of
+    ``max_length`` positions allocated at the first step. Tokens after the first call are fed one at a time.
+    """
+
+    def __init__(self, memory: List[Tuple[Tensor, Tensor]], memory_mask: Tensor, max_length: int):
+        self.memory, self.memory_mask, self.max_length = memory, memory_mask, max_length
+        self.keys: List[Optional[Tensor]] = [None] * len(memory)
+        self.values: List[Optional[Tensor]] = [None] * len(memory)
+        self.length = 0  # positions already cached
+
+    def extend(self, index: int, keys: Tensor, values: Tensor) -> Tuple[Tensor, Tensor]:
+        """Store layer ``index``'s new keys/values; the cached ones up to and including them."""
+        if self.keys[index] is None:
+            shape = (keys.shape[0], keys.shape[1], self.max_length, keys.shape[3])
+            self.keys[index] = keys.new_empty(shape)
+            self.values[index] = values.new_empty(shape)
+        end = self.length + keys.shape[2]
+        self.keys[index][:, :, self.length:end] = keys
+        self.values[index][:, :, self.length:end] = values
+        return self.keys[index][:, :, :end], self.values[index][:, :, :end]
+
+    def reorder(self, rows: Tensor) -> None:
+        """Beam search: row i continues the hypothesis that was row ``rows[i]``."""
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                buffer[:, :, :self.length] = buffer[:, :, :self.length].index_select(0, rows)
+
+
+class TranslatorEncoder(nn.Module):
+    def __init__(self, cfg: TranslatorConfig, embed_tokens: nn.Embedding):
+        super().__init__()
+        self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
+        self.dropout = cfg.dropout
+        self.embed_tokens = embed_tokens
+        self.embed_positions = SinusoidalPositions(cfg.max_position_embeddings, cfg.d_model, cfg.pad_token_id)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.layer_norm = nn.LayerNorm(cfg.d_model)
+        self.grad_checkpointing = False
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """Input of the first layer: scaled token embeddings + positions."""
+        return self.embed_tokens(input_ids) * self.embed_scale + self.embed_positions(input_ids)
+
+    def forward(self, input_ids: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """``mask``: bool [B, 1, 1, S], True where a key may be attended (see :func:`_key_mask`)."""
+        x = F.dropout(self.embed(input_ids), self.dropout, self.training)
+        for layer in self.layers:
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(layer, x, mask, use_reentrant=False)
+            else:
+                x = layer(x, mask)
+        return self.layer_norm(x)
+
+
+class TranslatorDecoder(nn.Module):
+    def __init__(self, cfg: TranslatorConfig, embed_tokens: nn.Embedding):
+        super().__init__()
+        self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
+        self.dropout = cfg.dropout
+        self.embed_tokens = embed_tokens
+        self.embed_positions = SinusoidalPositions(cfg.max_position_embeddings, cfg.d_model, cfg.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
+        self.layer_norm = nn.LayerNorm(cfg.d_model)
+        self.grad_checkpointing = False
+
+    def forward(self, input_ids: Tensor, memory: Optional[Tensor] = None, memory_mask: Optional[Tensor] = None,
+                cache: Optional[DecoderCache] = None) -> Tensor:
+        """Teacher forcing with ``memory`` (encoder output), or one generation step with ``cache``."""
+        past = cache.length if cache is not None else 0
+        x = self.embed_tokens(input_ids) * self.embed_scale + self.embed_positions(input_ids, past)
+        x = F.dropout(x, self.dropout, self.training)
+        if cache is not None:
+            memory_mask = cache.memory_mask
+        for i, layer in enumerate(self.layers):
+            kv = cache.memory[i] if cache is not None else layer.encoder_attn.keys_values(memory)
+            if self.grad_checkpointing and self.training and cache is None:
+                x = checkpoint(layer, x, kv, memory_mask, use_reentrant=False)
+            else:
+                x = layer(x, kv, memory_mask, cache, i)
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+        return self.layer_norm(x)
+
+
+class EncoderDecoder(nn.Module):
+    """HF's ``M2M100Model``: the shared embedding, encoder and decoder (``model.*`` in the state dict)."""
+
+    def __init__(self, cfg: TranslatorConfig):
+        super().__init__()
+        self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
+        self.encoder = TranslatorEncoder(cfg, self.shared)
+        self.decoder = TranslatorDecoder(cfg, self.shared)
+
+
+def _key_mask(attention_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """[B, S] 1/0 padding mask -> bool [B, 1, 1, S] for scaled_dot_product_attention."""
+    return None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+
+
+# ------------------------------------------------------------------------------------------------------ decoding
+@dataclass(frozen=True)
+class _ScoreRules:
+    """transformers' logits processors that generate() supports, applied in transformers' order."""
+
+    eos_token_id: int
+    forced_bos_token_id: Optional[int] = None
+    min_new_tokens: int = 0
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
+
+    def __call__(self, seqs: Tensor, scores: Tensor) -> Tensor:
+        """``seqs`` [N, t]: decoder tokens so far (start token first); ``scores`` [N, V] for token t, edited in place."""
+        generated = seqs.shape[1] - 1
+        if self.repetition_penalty != 1.0:  # CTRL penalty on every token already in the decoder input
+            seen = scores.gather(1, seqs)
+            scores.scatter_(1, seqs, torch.where(seen < 0, seen * self.repetition_penalty,
+                                                 seen / self.repetition_penalty))
+        n = self.no_repeat_ngram_size
+        if n and seqs.shape[1] >= n:
+            grams = seqs.unfold(1, n, 1)  # [N, windows, n]: every n-gram so far
+            last = seqs[:, seqs.shape[1] - n + 1:]  # the n-1 tokens a new n-gram would start with
+            hit = (grams[:, :, :-1] == last[:, None]).all(-1)
+            rows, cols = hit.nonzero(as_tuple=True)
+            scores[rows, grams[rows, cols, -1]] = -math.inf
+        if generated < self.min_new_tokens:
+            scores[:, self.eos_token_id] = -math.inf
+        if self.forced_bos_token_id is not None and generated == 0:
+            scores.fill_(-math.inf)
+            scores[:, self.forced_bos_token_id] = 0.0
+        return scores
+
+
+@dataclass(frozen=True)
+class _Sampler:
+    """transformers' sampling warpers (temperature, top-k, top-p) and the draw itself."""
+
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    min_keep: int = 1  # beam sampling keeps at least 2 so some candidate need not end
+    generator: Optional[torch.Generator] = None
+
+    def warp(self, scores: Tensor) -> Tensor:
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        if self.top_k:
+            kth = scores.topk(min(max(self.top_k, self.min_keep), scores.shape[-1])).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, -math.inf)
+        if self.top_p < 1.0:
+            ordered, order = scores.sort(dim=-1, descending=True)
+            probs = ordered.softmax(-1)
+            drop = probs.cumsum(-1) - probs >= self.top_p  # the tokens before it already hold top_p of the mass
+            drop[:, :self.min_keep] = False
+            scores = scores.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), -math.inf)
+        return scores
+
+    def draw(self, scores: Tensor, num: int) -> Tensor:
+        return torch.multinomial(scores.softmax(-1), num, generator=self.generator)
+
+
+# ------------------------------------------------------------------------------------------------------ model
+class TranslationModel(nn.Module):
+    """NLLB/M2M-100 encoder-decoder with HF's ``M2M100ForConditionalGeneration`` state-dict names and API."""
+
+    def __init__(self, config: TranslatorConfig):
+        super().__init__()
+        self.config = config
+        self.model = EncoderDecoder(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.pretrained_cfg: Dict = {}
+        self.init_weights()
+        self.tie_weights()
+
+    # ----------------------------------------------------------------------------------------- weights
+    def init_weights(self) -> None:
+        """HF's initialisation: normal(0, init_std) weights, zero biases, zero padding row, unit LayerNorms."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def tie_weights(self) -> None:
+        self.lm_head.weight = self.model.shared.weight
+
+    def checkpoint_filter(self, state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """Adapt a checkpoint to this model (used by :func:`intern2.load_checkpoint` and :meth:`from_pretrained`).
+
+        fairseq layouts are converted; the position tables some old HF files carry are dropped (they are
+        recomputed); the tied names missing from HF files that store the embedding once are filled in; an
+        embedding whose row count differs from ``vocab_size`` is a clear error.
+        """
+        if "decoder.embed_tokens.weight" in state_dict and not any(k.startswith("model.") for k in state_dict):
+            state_dict = convert_fairseq_state_dict(state_dict)
+        state = {k: v for k, v in state_dict.items() if not k.endswith("embed_positions.weights")}
+        shared = _shared_embedding({k: state[k] for k in TIED_KEYS if k in state}, "checkpoint")
+        if shared.shape[0] != self.config.vocab_size:
+            raise ValueError(f"checkpoint embedding has {shared.shape[0]} rows but the model has vocab_size="
+                             f"{self.config.vocab_size}; build the model with vocab_size={shared.shape[0]} "
+                             f"(keep every checkpoint row: token ids index them directly)")
+        state.update((k, shared) for k in TIED_KEYS)
+        return state
+
+    def export_config(self) -> Dict:
+        """Everything :func:`intern2.from_pretrained` needs to rebuild this model."""
+        return self.config.to_dict()
+
+    @classmethod
+    def from_pretrained(cls, folder: Union[str, Path], dtype: Optional[torch.dtype] = None,
+                        device: Union[str, torch.device, None] = None) -> "TranslationModel":
+        """Load an HF M2M100/NLLB folder (config.json + model.safetensors, pytorch_model.bin or their sharded
+        forms; pickles are read with ``weights_only=True``) or one written by :meth:`save_pretrained`.
+
+        The model is built on the meta device and takes the checkpoint tensors as they are (no random init, no
+        second copy); ``dtype`` defaults to the checkpoint's. Returned in eval mode.
+        """
+        folder = Path(folder)
+        state, values = _read_hf_folder(folder)
+        if values.get("model_type", "m2m_100") != "m2m_100":
+            raise ValueError(f"{folder / CONFIG_NAME}: model_type {values['model_type']!r} is not an NLLB/M2M-100 "
+                             f"dense model (expected 'm2m_100')")
+        with torch.device("meta"):
+            model = cls(TranslatorConfig.from_dict(values))
+        state = model.checkpoint_filter(state)
+        try:
+            model.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as exc:
+            raise ValueError(f"{folder}: weights do not fit {CONFIG_NAME}: {exc}") from None
+        model.tie_weights()
+        for module in model.modules():
+            if isinstance(module, SinusoidalPositions):
+                module.reset()
+        return model.to(device=device, dtype=dtype or model.model.shared.weight.dtype).eval()
+
+    def save_pretrained(self, folder: Union[str, Path]) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (atomically) in HF's layout: transformers loads the
+        folder as ``M2M100ForConditionalGeneration`` and CTranslate2's ``ct2-transformers-converter`` converts it.
+        The shared embedding is stored once, as HF does."""
+        from safetensors.torch import save_file
+        folder = Path(folder)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if k not in TIED_KEYS[1:]}
+        atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        config = json.dumps(self.config.to_hf_dict(), indent=2)
+        atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config))
+        return folder
+
+    def quantize_dynamic(self, inplace: bool = False) -> "TranslationModel":
+        """int8 dynamic quantisation of every Linear (int8 weights, per-batch activation scales) for CPU
+        inference: ~4x smaller Linear weights and faster matmuls. The output projection becomes its own int8
+        copy (the fp32 embedding stays), so the result is for inference only and cannot be saved in HF layout."""
+        if any(p.device.type != "cpu" for p in self.parameters()):
+            raise ValueError("quantize_dynamic: int8 dynamic quantisation runs on CPU; move the model to CPU first")
+        from torch.ao.quantization import quantize_dynamic
+        with warnings.catch_warnings():  # torch.ao is deprecated in favour of torchao, which is not a dependency
+            warnings.simplefilter("ignore")
+            return quantize_dynamic(self, {nn.Linear}, dtype=torch.qint8, inplace=inplace).eval()
+
+    # ----------------------------------------------------------------------------------------- timm surface
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.encoder.grad_checkpointing = self.model.decoder.grad_checkpointing = enable
+
+    def fsdp_units(self) -> List[nn.Module]:
+        """Modules to wrap with FSDP2 ``fully_shard`` one by one (every layer; the shared embedding stays at
+        the root so its tying survives)."""
+        return [*self.model.encoder.layers, *self.model.decoder.layers]
+
+    # ----------------------------------------------------------------------------------------- forward
+    def encode(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        """Encoder output [B, S, d_model] (after the final LayerNorm)."""
+        return self.model.encoder(input_ids, _key_mask(attention_mask))
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                decoder_input_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                label_smoothing: float = 0.0) -> Seq2SeqLMOutput:
+        """Teacher-forced logits [B, T, V]; with ``labels`` (-100 = ignored) also the mean token cross-entropy
+        (float32). Without ``decoder_input_ids`` they are the labels shifted right behind the start token."""
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("forward needs decoder_input_ids or labels")
+            decoder_input_ids = self._shift_right(labels)
+        memory = self.encode(input_ids, attention_mask)
+        hidden = self.model.decoder(decoder_input_ids, memory, _key_mask(attention_mask))
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                   label_smoothing=label_smoothing)
+        return Seq2SeqLMOutput(logits=logits, loss=loss, encoder_last_hidden_state=memory)
+
+    def _shift_right(self, labels: Tensor) -> Tensor:
+        shifted = labels.new_full(labels.shape, self.config.decoder_start_token_id)
+        shifted[:, 1:] = labels[:, :-1]
+        return shifted.masked_fill(shifted == -100, self.config.pad_token_id)
+
+    # ----------------------------------------------------------------------------------------- generate
+    @torch.inference_mode()
+    def generate(
+            self,
+            input_ids: Tensor,
+            attention_mask: Optional[Tensor] = None,
+            forced_bos_token_id: Optional[int] = None,
+            max_new_tokens: Optional[int] = None,
+            min_new_tokens: int = 0,
+            num_beams: int = 1,
+            num_return_sequences: int = 1,
+            length_penalty: float = 1.0,
+            early_stopping: Union[bool, str] = False,
+            no_repeat_ngram_size: int = 0,
+            repetition_penalty: float = 1.0,
+            do_sample: bool = False,
+            temperature: float = 1.0,
+            top_k: int = 50,
+            top_p: float = 1.0,
+            generator: Optional[torch.Generator] = None,
+            return_dict_in_generate: bool = False,
+    ) -> Union[Tensor, GenerateOutput]:
+        """Translate a batch of source token ids with transformers' ``generate`` semantics.
+
+        Args:
+            input_ids: [B, S] NLLB layout ``[src_lang, tokens..., eos]``, right- or left-padded.
+            attention_mask: [B, S], 1 for real tokens; default: ``input_ids != pad``.
+            forced_bos_token_id: the target-language token, forced as first generated token (NLLB/M2M-100
+                answer in an arbitrary language without it, so leaving it out warns).
+            max_new_tokens: default ``min(2 * source length + 10, max_position_embeddings)`` (source length =
+                longest unpadded row), long enough for any sane translation, never a fixed 20/200 that truncates.
+            min_new_tokens: EOS is forbidden until this many tokens (the forced one included) exist.
+            num_beams, num_return_sequences, length_penalty, early_stopping (True, False or "never"): beam search;
+                scores are sum log-prob / generated_length ** length_penalty.
+            no_repeat_ngram_size, repetition_penalty: against repetition loops (e.g. 3 and 1.2).
+            do_sample, temperature, top_k, top_p, generator: sampling (also with beams, as transformers does).
+            return_dict_in_generate: return :class:`GenerateOutput` (sequences + beam scores).
+
+        Returns:
+            [B * num_return_sequences, 1 + generated] token ids starting with the decoder start token, padded
+            with ``pad_token_id`` after EOS.
+        """
+        cfg = self.config
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected [batch, length] token ids, got shape {tuple(input_ids.shape)}")
+        if attention_mask is None:
+            attention_mask = input_ids.ne(cfg.pad_token_id)
+        elif attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids "
+                             f"{tuple(input_ids.shape)}")
+        if forced_bos_token_id is None:
+            warnings.warn("generate() without forced_bos_token_id: NLLB/M2M-100 models need the target-language "
+                          "token forced or they may translate into the wrong language", stacklevel=3)
+        elif not 0 <= forced_bos_token_id < cfg.vocab_size:
+            raise ValueError(f"forced_bos_token_id={forced_bos_token_id} is outside the vocabulary "
+                             f"(vocab_size={cfg.vocab_size})")
+        if num_beams < 1 or num_return_sequences < 1 or (num_beams > 1 and num_return_sequences > num_beams):
+            raise ValueError(f"need num_beams >= 1 and 1 <= num_return_sequences (<= num_beams with beam search), "
+                             f"got num_beams={num_beams}, num_return_sequences={num_return_sequences}")
+        if num_beams == 1 and num_return_sequences > 1 and not do_sample:
+            raise ValueError("greedy decoding returns one sequence per input; use num_beams or do_sample for more")
+        if early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping: expected True, False or 'never', got {early_stopping!r}")
+        if do_sample and temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+
+        source_length = int(attention_mask.sum(1).max())
+        if source_length > MAX_TRAINED_SOURCE_TOKENS:
+            warnings.warn(f"source has {source_length} tokens; NLLB models are trained on at most "
+                          f"{MAX_TRAINED_SOURCE_TOKENS} and translate long inputs poorly or only in part: split the "
+                          f"text into sentences (intern2.models.translator.translate_in_sentences)", stacklevel=3)
+        if max_new_tokens is None:
+            max_new_tokens = min(2 * source_length + 10, cfg.max_position_embeddings)
+        rules = _ScoreRules(cfg.eos_token_id, forced_bos_token_id, min_new_tokens, no_repeat_ngram_size,
+                            repetition_penalty)
+        sampler = _Sampler(temperature, top_k, top_p, 2 if num_beams > 1 else 1, generator) if do_sample else None
+
+        rows = num_beams if num_beams > 1 else num_return_sequences  # decoder rows per source
+        memory = self.encode(input_ids, attention_mask)
+        cache = DecoderCache([layer.encoder_attn.keys_values(memory) for layer in self.model.decoder.layers],
+                             _key_mask(attention_mask), max_length=max_new_tokens + 1)
+        if num_beams > 1:
+            sequences, scores = self._beam_search(cache, input_ids.shape[0], num_beams, max_new_tokens, rules,
+                                                  sampler, length_penalty, early_stopping, num_return_sequences)
+        else:
+            sequences, scores = self._greedy_or_sample(cache, input_ids.shape[0] * rows, max_new_tokens, rules,
+                                                       sampler), None
+        return GenerateOutput(sequences, scores) if return_dict_in_generate else sequences
+
+    def _next_scores(self, tokens: Tensor, cache: DecoderCache) -> Tensor:
+        """float32 logits [N, V] for the token after ``tokens`` [N, 1]."""
+        return self.lm_head(self.model.decoder(tokens, cache=cache)[:, -1]).float()
+
+    def _greedy_or_sample(self, cache: DecoderCache, rows: int, max_new_tokens: int, rules: _ScoreRules,
+                          sampler: Optional[_Sampler]) -> Tensor:
+        cfg = self.config
+        device = cache.memory_mask.device
+        seqs = torch.full((rows, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
+        done = torch.zeros(rows, dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            scores = rules(seqs, self._next_scores(seqs[:, -1:], cache))
+            token = sampler.draw(sampler.warp(scores), 1)[:, 0] if sampler else scores.argmax(-1)
+            token = token.masked_fill(done, cfg.pad_token_id)  # finished rows only pad
+            seqs = torch.cat([seqs, token[:, None]], dim=1)
+            done |= token == cfg.eos_token_id
+            if done.all():
+                break
+        return seqs
+
+    def _beam_search(self, cache: DecoderCache, batch: int, beams: int, max_new_tokens: int, rules: _ScoreRules,
+                     sampler: Optional[_Sampler], length_penalty: float, early_stopping: Union[bool, str],
+                     num_return: int) -> Tuple[Tensor, Tensor]:
+        """transformers' vectorised beam search: each step keeps 2 * beams candidates per source, the best
+        ``beams`` that do not end go on, the ones among the first ``beams`` that end (EOS or length limit) compete
+        for the ``beams`` finished slots by length-normalised score."""
+        cfg = self.config
+        device = cache.memory_mask.device
+        keep, total = 2 * beams, max_new_tokens + 1
+        running = torch.full((batch, beams, total), cfg.pad_token_id, dtype=torch.long, device=device)
+        running[:, :, 0] = cfg.decoder_start_token_id
+        running_scores = torch.zeros(batch, beams, device=device)
+        running_scores[:, 1:] = _BEAM_PENALTY  # the beams start identical: only the first may expand
+        finished = running.clone()
+        finished_scores = torch.full((batch, beams), _BEAM_PENALTY, device=device)
+        finished_length = torch.zeros(batch, beams, dtype=torch.long, device=device)
+        is_finished = torch.zeros(batch, beams, dtype=torch.bool, device=device)
+        improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
+        first = torch.arange(keep, device=device) < beams
+        offsets = torch.arange(batch, device=device)[:, None] * beams
+
+        def take(x: Tensor, index: Tensor) -> Tensor:
+            return x.gather(1, index[..., None].expand(-1, -1, total) if x.dim() == 3 else index)
+
+        for t in range(1, total):  # t tokens exist; choose token t
+            scores = self._next_scores(running[:, :, t - 1].reshape(-1, 1), cache).log_softmax(-1)
+            scores = rules(running[:, :, :t].reshape(batch * beams, t), scores)
+            if sampler:
+                scores = sampler.warp(scores)
+            vocab = scores.shape[-1]
+            total_scores = (scores.view(batch, beams, vocab) + running_scores[..., None]).view(batch, -1)
+            if sampler:
+                index = sampler.draw(total_scores, keep)
+                top = total_scores.gather(1, index)
+            else:
+                top, index = total_scores.topk(keep)
+            origin = index // vocab
+            candidates = take(running, origin)
+            candidates[:, :, t] = index % vocab
+            ends = (candidates[:, :, t] == cfg.eos_token_id) | (t == total - 1)
+
+            going_on = top + ends.float() * _BEAM_PENALTY
+            pick = going_on.topk(beams).indices
+            running, running_scores = take(candidates, pick), going_on.gather(1, pick)
+
+            ended = ends & first
+            score = top / t ** length_penalty
+            score = score + (is_finished.all(1, keepdim=True) & (early_stopping is True)).float() * _BEAM_PENALTY
+            score = score + (~improvable).float() * _BEAM_PENALTY
+            score = score + (~ended).float() * _BEAM_PENALTY
+            merged_scores = torch.cat([finished_scores, score], 1)
+            best = merged_scores.topk(beams).indices
+            finished_scores = merged_scores.gather(1, best)
+            finished = take(torch.cat([finished, candidates], 1), best)
+            is_finished = take(torch.cat([is_finished, ended], 1), best)
+            finished_length = take(torch.cat([finished_length, torch.full_like(ended, t, dtype=torch.long)], 1), best)
+
+            # Can a running beam still beat the worst finished one? ("never" assumes it may grow to the limit.)
+            best_length = total - 1 if early_stopping == "never" and length_penalty > 0 else t
+            worst = torch.where(is_finished, finished_scores.min(1, keepdim=True).values, _BEAM_PENALTY)
+            improvable &= (running_scores[:, :1] / best_length ** length_penalty > worst).any(1, keepdim=True)
+            if not improvable.any() or (early_stopping is True and is_finished.all()) or ends.all():
+                break
+            cache.reorder((take(origin, pick) + offsets).view(-1))
+
+        length = 1 + int(finished_length[:, :num_return].max())
+        return finished[:, :num_return, :length].flatten(0, 1), finished_scores[:, :num_return].flatten()
+
+
+# ------------------------------------------------------------------------------------------------------ checkpoints
+def _shared_embedding(candidates: Dict[str, Tensor], where: str) -> Tensor:
+    """The one embedding matrix behind several tied names; differing shapes or values are an error."""
+    if not candidates:
+        raise ValueError(f"{where} has no embedding; expected one of {list(TIED_KEYS)}")
+    (first_name, first), *rest = candidates.items()
+    for name, tensor in rest:
+        if tensor.shape != first.shape:
+            raise ValueError(f"{where}: {name} has shape {tuple(tensor.shape)} but {first_name} has "
+                             f"{tuple(first.shape)}; the vocabularies differ and one shared embedding is needed")
+        if tensor.data_ptr() != first.data_ptr() and not torch.equal(tensor, first):
+            raise ValueError(f"{where}: {name} differs from {first_name}; intern2's translator needs one embedding "
+                             f"shared by encoder, decoder and output projection")
+    return first
+
+
+def convert_fairseq_state_dict(state_dict: Dict[str, Tensor], vocab_size: Optional[int] = None) -> Dict[str, Tensor]:
+    """fairseq NLLB/M2M-100 state dict (the ``model`` entry of checkpoint.pt) -> HF names for this model.
+
+    A pure rename (``encoder.layers.0...`` -> ``model.encoder.layers.0...``; ``decoder.embed_tokens`` /
+    ``encoder.embed_tokens`` / ``decoder.output_projection`` -> the four tied names) that drops fairseq's
+    bookkeeping (``*.version``, ``*._float_tensor``) and keeps every embedding row: the checkpoint's 256,206 rows are
+    the vocabulary (NLLB's dict.txt gives only 256,203 entries; never rebuild it from there). With ``vocab_size``,
+    a different row count is a clear error.
+    """
+    out: Dict[str, Tensor] = {}
+    embeddings: Dict[str, Tensor] = {}
+    unknown = []
+    for key, value in state_dict.items():
+        if key.endswith((".version", "._float_tensor")):
+            continue
+        if key in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "decoder.output_projection.weight"):
+            embeddings[key] = value
+        elif key.startswith(("encoder.", "decoder.")):
+            out[f"model.{key}"] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"fairseq checkpoint: {len(unknown)} keys outside encoder./decoder.: {unknown[:8]}")
+    shared = _shared_embedding(embeddings, "fairseq checkpoint")
+    if vocab_size is not None and shared.shape[0] != vocab_size:
+        raise ValueError(f"fairseq checkpoint embedding has {shared.shape[0]} rows, expected vocab_size={vocab_size}; "
+                         f"use vocab_size={shared.shape[0]} (NLLB-200: 256206 rows for 255,997 pieces + 4 specials "
+                         f"+ 202 languages + <mask> + 2 unused)")
+    out.update((k, shared) for k in TIED_KEYS)
+    return out
+
+
+def _read_hf_folder(folder: Path) -> Tuple[Dict[str, Tensor], Dict]:
+    """(state dict, config) of an HF folder, including sharded ones (``*.index.json`` + shards)."""
+    for index_name in (f"{WEIGHTS_NAME}.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.exists():
+            if not (folder / CONFIG_NAME).exists():
+                raise ValueError(f"checkpoint folder {folder} has no {CONFIG_NAME}")
+            state: Dict[str, Tensor] = {}
+            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+                state.update(read_state_dict(folder / shard))
+            return state, json.loads((folder / CONFIG_NAME).read_text())
+    return read_checkpoint(folder)
+
+
+# ------------------------------------------------------------------------------------------------------ long text
+# A sentence ends at . ! ? … followed by whitespace, right after a CJK/Devanagari/Arabic full stop, or at a line
+# break. Abbreviations ("Dr. Smith") are split too: harmless for translation, which only needs short pieces.
+_BOUNDARY = re.compile(r"(?<=[.!?…])\s+|(?<=[。！？؟।])\s*|\s*\n\s*")
+_PADDED = re.compile(r"(\s*)(.*?)(\s*)", re.DOTALL)
+
+
+def split_sentences(text: str) -> List[Tuple[str, str]]:
+    """``(sentence, separator)`` pairs; joining them in order gives back ``text`` exactly."""
+    pairs, start = [], 0
+    for match in _BOUNDARY.finditer(text):
+        if match.end() == start:  # an empty boundary right after the previous one
+            continue
+        pairs.append((text[start:match.start()], match.group()))
+        start = match.end()
+    pairs.append((text[start:], ""))
+    return pairs
+
+
+def translate_in_sentences(text: str, translate: Callable[[List[str]], List[str]]) -> str:
+    """Translate long text sentence by sentence (NLLB is a sentence-level model: whole paragraphs get truncated
+    or summarised) and re-join with the original whitespace and line breaks.
+
+    ``translate`` maps a list of sentences to their translations in one call (tokenise, ``generate``, decode),
+    so the caller controls batching.
+    """
+    pairs = split_sentences(text)
+    padded = [_PADDED.fullmatch(sentence).groups() for sentence, _ in pairs]
+    sentences = [core for _, core, _ in padded if core]
+    translated = list(translate(sentences)) if sentences else []
+    if len(translated) != len(sentences):
+        raise ValueError(f"translate returned {len(translated)} translations for {len(sentences)} sentences")
+    translations = iter(translated)
+    out = []
+    for (lead, core, trail), (_, separator) in zip(padded, pairs):
+        out.append(f"{lead}{next(translations) if core else ''}{trail}{separator}")
+    return "".join(out)
+
+
+# ------------------------------------------------------------------------------------------------------ variants
+def _nllb_cfg(hub: str) -> Dict:
+    """Pretrained config: the HF folder name (looked up in $INTERN2_HOME; intern2 never downloads) and its hub id."""
+    return dict(file=hub.split("/")[-1], hf_hub_id=hub)
+
+
+_NLLB = dict(vocab_size=256206, d_model=1024, encoder_attention_heads=16, decoder_attention_heads=16,
+             max_position_embeddings=1024)
+TRANSLATOR_VARIANTS: Dict[str, Tuple[TranslatorConfig, Dict[str, Dict]]] = {
+    # Built-in demo / test sizes; vocab_size follows the tokenizer trained for them (override it).
+    "intern2_mt_tiny": (TranslatorConfig(vocab_size=8192, d_model=128, encoder_layers=2, decoder_layers=2,
+                                         encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=512,
+                                         decoder_ffn_dim=512, max_position_embeddings=256), {}),
+    "intern2_mt_small": (TranslatorConfig(vocab_size=32000, d_model=512, encoder_layers=6, decoder_layers=6,
+                                          encoder_attention_heads=8, decoder_attention_heads=8, encoder_ffn_dim=2048,
+                                          decoder_ffn_dim=2048), {}),
+    "intern2_mt_600m": (TranslatorConfig(**_NLLB, encoder_layers=12, decoder_layers=12, encoder_ffn_dim=4096,
+                                         decoder_ffn_dim=4096),
+                        {"nllb200_distilled": _nllb_cfg("facebook/nllb-200-distilled-600M")}),
+    "intern2_mt_1p3b": (TranslatorConfig(**_NLLB, encoder_layers=24, decoder_layers=24, encoder_ffn_dim=8192,
+                                         decoder_ffn_dim=8192),
+                        {"nllb200": _nllb_cfg("facebook/nllb-200-1.3B"),
+                         "nllb200_distilled": _nllb_cfg("facebook/nllb-200-distilled-1.3B")}),
+    "intern2_mt_3p3b": (TranslatorConfig(**{**_NLLB, "d_model": 2048}, encoder_layers=24, decoder_layers=24,
+                                         encoder_ffn_dim=8192, decoder_ffn_dim=8192),
+                        {"nllb200": _nllb_cfg("facebook/nllb-200-3.3B")}),
+}
+
+
+def _build(name: str, **kwargs) -> TranslationModel:
+    cfg, tags = TRANSLATOR_VARIANTS[name]
+    tag = kwargs.pop("pretrained_tag", None) or next(iter(tags), None)
+    if tag is not None and tag not in tags:
+        raise ValueError(f"unknown pretrained tag {tag!r} for {name}; known: {sorted(tags)}")
+    model = TranslationModel(dataclasses.replace(cfg, **kwargs))
+    model.pretrained_cfg = dict(tags.get(tag, {}), architecture=name, tag=tag)
+    return model
+
+
+def _register(name: str):
+    def builder(**kwargs) -> TranslationModel:
+        return _build(name, **kwargs)
+    builder.__name__ = name
+    builder.__doc__ = f"{name} translation model; kwargs override TranslatorConfig fields."
+    builder.pretrained_tags = tuple(TRANSLATOR_VARIANTS[name][1])
+    return register_model(builder)
+
+
+for _name in TRANSLATOR_VARIANTS:
+    _register(_name)
