@@ -1,11 +1,11 @@
-"""Build ``src/intern2/text/languages.json``, the language registry's data file (run offline, output committed).
+"""Build ``src/intern2/text/languages.json``, the language registry's data (run offline; output committed).
 
     python tools/build_languages.py [--fixtures ../shared/fixtures/translation]
 
-Inputs: the NLLB-200 code list (tokenizer order) and the partial MADLAD-400 list from the translation fixtures,
-langcodes + language_data (CLDR names, likely scripts, macrolanguage data), pycountry (ISO 639 tables) and babel
-(CLDR locales: autonyms, script names, which languages have locale data). langcodes and pycountry are needed
-here only; the package reads the JSON this writes.
+Inputs: the NLLB-200 code list (tokenizer order) and the partial MADLAD-400 list from the translation
+fixtures, langcodes + language_data (CLDR names, likely scripts, macrolanguage data), pycountry (ISO 639
+tables) and babel (CLDR locales: autonyms, script names, which languages have locale data). langcodes and
+pycountry are needed here only; the package reads the JSON this writes.
 """
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "src" / "intern2" / "text" / "languages.json"
 ENGLISH = Locale("en")
 
-# Macrolanguage (ISO 639-3) -> the individual language a bare macro code means. CLDR's "dominant language" table
-# (langcodes NORMALIZED_MACROLANGUAGES: ar->arb, fa->pes, ms->zsm, sw->swh, ...) is the default; these entries
-# override it where NLLB-200 chose a different member, so that the code a user types reaches a language the
-# models were trained on.
+# Macrolanguage (ISO 639-3) -> the individual language a bare macro code means. CLDR's "dominant language"
+# table (langcodes NORMALIZED_MACROLANGUAGES: ar->arb, fa->pes, ms->zsm, sw->swh, ...) is the default; these
+# entries override it where NLLB-200 chose a different member, so that the code a user types reaches a
+# language the models were trained on.
 MACRO_OVERRIDES: Dict[str, str] = {
     "nor": "nob",  # Norwegian: Bokmal is ~90% of written Norwegian; NLLB has nob and nno, MADLAD only 'no'.
     "pus": "pbt",  # Pashto: NLLB trained Southern Pashto (pbt), CLDR names Northern (pbu) dominant.
@@ -220,7 +220,7 @@ def build(fixtures: Path) -> dict:
     for code, key in sorted(macros.items()):
         if len(code) == 2:
             short.setdefault(key, code)
-    # Other English names users type: ISO 639-3's (pycountry) and those of macro/alias codes ('Arabic' -> arb).
+    # Other English names users type: ISO 639-3's and those of macro/alias codes ('Arabic' -> arb).
     other_names: Dict[str, List[str]] = {}
     for key, e in entries.items():
         other_names[key] = [iso_name(e["iso639_3"])]

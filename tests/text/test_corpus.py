@@ -8,7 +8,8 @@ import pytest
 pytest.importorskip("babel")
 
 from intern2.text.corpus import (  # noqa: E402
-    DEFAULT_LANGUAGES, builtin_concepts, builtin_pairs, concept_split, gettext_pairs, read_flores, read_flores_pair,
+    DEFAULT_LANGUAGES, builtin_concepts, builtin_pairs, concept_split, gettext_pairs, read_flores,
+    read_flores_pair,
 )
 
 
@@ -33,6 +34,12 @@ def test_split_is_by_concept_and_disjoint_in_every_language():
     # The split depends on the concept only: held out for one language pair, held out for every other pair.
     held_out = set(builtin_concepts(["en", "fr"], "test"))
     assert held_out and not held_out & set(builtin_concepts(["de", "ru", "zh", "ar"], "train"))
+
+
+def test_split_hash_is_pinned():
+    # The split must not change between Python versions or machines (it decides what is held out).
+    assert [concept_split(c) for c in ("territory:FR", "territory:AD", "month:5", "territory:BG")] == [
+        "train", "dev", "test", "dev"]
 
 
 def test_drop_identical_and_bad_split():
@@ -67,7 +74,8 @@ def test_read_flores(tmp_path):
     root = _flores(tmp_path / "flores200_dataset")
     assert read_flores(root, "devtest", "fra_Latn") == ["Bonjour.", "Deux lignes."]
     assert read_flores(tmp_path, "dev", "fr") == ["Bonjour.", "Deux lignes."]  # parent folder, short code
-    assert read_flores_pair(root, "dev", "en", "fr") == (["Hello.", "Two lines."], ["Bonjour.", "Deux lignes."])
+    src, tgt = read_flores_pair(root, "dev", "en", "fr")
+    assert src == ["Hello.", "Two lines."] and tgt == ["Bonjour.", "Deux lignes."]
     with pytest.raises(FileNotFoundError, match=r"spa_Latn not found: expected .*devtest/spa_Latn\.devtest"):
         read_flores(root, "devtest", "es")
     with pytest.raises(ValueError, match="not aligned"):

@@ -43,7 +43,8 @@ def test_madlad_codes_resolve_to_their_tag():
 
 
 @pytest.mark.parametrize("query", [
-    "fra_Latn", "fr", "fra", "fre", "FR", "fr-FR", "fr_CA", "<2fr>", "French", "french", "  French ", "français",
+    "fra_Latn", "fr", "fra", "fre", "FR", "fr-FR", "fr_CA", "<2fr>", "French", "french", "  French ",
+    "français",
 ])
 def test_lookup_by_any_code_or_name(query):
     assert get_language(query).key == "fra_Latn"
@@ -52,7 +53,8 @@ def test_lookup_by_any_code_or_name(query):
 @pytest.mark.parametrize("query, key", [
     ("ar", "arb_Arab"), ("ara", "arb_Arab"), ("Arabic", "arb_Arab"),
     ("no", "nob_Latn"), ("nor", "nob_Latn"), ("nb", "nob_Latn"), ("nn", "nno_Latn"),
-    ("zh", "zho_Hans"), ("cmn", "zho_Hans"), ("zh-Hant", "zho_Hant"), ("zh-TW", "zho_Hant"), ("zh_CN", "zho_Hans"),
+    ("zh", "zho_Hans"), ("cmn", "zho_Hans"), ("zh-Hant", "zho_Hant"), ("zh-TW", "zho_Hant"),
+    ("zh_CN", "zho_Hans"),
     ("fa", "pes_Arab"), ("ms", "zsm_Latn"), ("sw", "swh_Latn"), ("lv", "lvs_Latn"), ("mn", "khk_Cyrl"),
     ("uz", "uzn_Latn"), ("ps", "pbt_Arab"), ("qu", "quy_Latn"), ("ku", "kmr_Latn"), ("et", "est_Latn"),
     ("ne", "npi_Deva"), ("sq", "als_Latn"), ("yi", "ydd_Hebr"), ("fil", "tgl_Latn"), ("tl", "tgl_Latn"),
@@ -68,6 +70,10 @@ def test_script_variants():
     assert get_language("Acehnese (Arabic)").key == "ace_Arab"
     with pytest.raises(UnknownLanguageError, match="registered only as srp_Cyrl"):
         get_language("sr-Latn")
+    with pytest.raises(UnknownLanguageError, match="registered only as srp_Cyrl"):
+        get_language("sr@latin")  # glibc locale folder name
+    with pytest.raises(UnknownLanguageError):
+        get_language("en@quot")  # unknown subtags are an error, not silently dropped
 
 
 def test_fields():

@@ -37,7 +37,8 @@ def test_token_layout(trained):
     assert [tok.lang_token_id(code) for code in LANGS] == list(range(n + 1, n + 1 + len(LANGS)))
     assert tok.mask_id == n + 1 + len(LANGS) == tok.vocab_size - 1 == len(tok) - 1
     assert tok.convert_ids_to_tokens([tok.mask_id]) == ["<mask>"]
-    assert tok.lang_code(n + 1) == "eng_Latn" and tok.lang_code(5) is None and tok.lang_code(tok.mask_id) is None
+    assert tok.lang_code(n + 1) == "eng_Latn"
+    assert tok.lang_code(5) is None and tok.lang_code(tok.mask_id) is None
 
 
 def test_training_is_deterministic(trained):
@@ -56,6 +57,10 @@ def test_encode_decode_round_trip(trained):
     for text, lang in [("Франция", "rus_Cyrl"), ("法国", "zho_Hans"), ("lundi", "fra")]:
         assert tok.decode(tok.encode(text, lang)) == text
     assert tok.encode("", "en") == [tok.lang_token_id("en"), tok.eos_id]
+    unknown = tok.encode("Paris\u2603Rome", "en")  # the snowman is not in the corpus: <unk>
+    assert tok.unk_id in unknown
+    assert tok.decode(unknown) == "ParisRome"
+    assert tok.decode(unknown, skip_special_tokens=False) == "eng_Latn Paris <unk> Rome </s>"
     assert len(tok.encode("Frankreich und Deutschland", "de", max_length=4)) == 4
 
 

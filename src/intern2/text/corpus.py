@@ -6,8 +6,9 @@
 * gettext catalogs of the system (``/usr/share/locale/*/LC_MESSAGES/*.mo``), optional: short UI sentences with
   the English msgid as the pivot. Contents depend on the installed OS packages, so nothing may rely on them.
 
-Both split train/dev/test by a stable hash of the concept (CLDR key or English msgid), so a held-out concept is
-held out in every language and no translation of a test phrase leaks into training through a third language.
+Both split train/dev/test by a stable hash of the concept (CLDR key or English msgid), so a held-out concept
+is held out in every language and no translation of a test phrase leaks into training through a third
+language.
 """
 from __future__ import annotations
 
@@ -17,13 +18,15 @@ import re
 import struct
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from types import MappingProxyType
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .languages import get_language
 
 __all__ = [
     "CLDR_KINDS", "DEFAULT_LANGUAGES", "SPLITS", "concept_split", "cldr_phrases", "builtin_concepts",
-    "builtin_pairs", "builtin_sentences", "gettext_phrases", "gettext_pairs", "read_flores", "read_flores_pair",
+    "builtin_pairs", "builtin_sentences", "gettext_phrases", "gettext_pairs", "read_flores",
+    "read_flores_pair",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -40,7 +43,7 @@ Langs = Union[str, Sequence[str]]
 
 
 def concept_split(concept_id: str) -> str:
-    """'train' (80%), 'dev' (10%) or 'test' (10%) by a hash of the concept id, stable across runs and machines."""
+    """'train' (80%), 'dev' (10%) or 'test' (10%) by a hash of the concept id, stable across machines."""
     bucket = int.from_bytes(hashlib.sha256(concept_id.encode("utf-8")).digest()[:4], "little") % 100
     return "train" if bucket < 80 else "dev" if bucket < 90 else "test"
 
@@ -65,8 +68,8 @@ def _clean(text) -> Optional[str]:
 # ---------------------------------------------------------------------------------------------- CLDR (babel)
 
 @lru_cache(maxsize=64)
-def cldr_phrases(lang: str, kinds: Tuple[str, ...] = CLDR_KINDS) -> Dict[str, str]:
-    """``{concept_id: phrase}`` of one language from babel's CLDR data, e.g. ``'territory:FR' -> 'France'``."""
+def cldr_phrases(lang: str, kinds: Tuple[str, ...] = CLDR_KINDS) -> Mapping[str, str]:
+    """``{concept_id: phrase}`` of one language from babel's CLDR data, e.g. ``'territory:FR': 'France'``."""
     from babel import Locale, UnknownLocaleError
     from babel.core import get_global
 
@@ -114,7 +117,7 @@ def cldr_phrases(lang: str, kinds: Tuple[str, ...] = CLDR_KINDS) -> Dict[str, st
     if "timezone" in kinds:
         for zone, names in locale.meta_zones.items():
             put("timezone", zone, (names.get("long") or {}).get("standard"))
-    return phrases
+    return MappingProxyType(phrases)  # cached: read-only
 
 
 def builtin_concepts(langs: Langs = DEFAULT_LANGUAGES, split: Optional[str] = None,
@@ -142,8 +145,9 @@ def _pairs(concepts: Dict[str, Dict[str, str]], src_keys: List[str], tgt_keys: L
     return pairs
 
 
-def builtin_pairs(split: str = "train", src_langs: Langs = DEFAULT_LANGUAGES, tgt_langs: Langs = DEFAULT_LANGUAGES,
-                  kinds: Iterable[str] = CLDR_KINDS, drop_identical: bool = False) -> List[Pair]:
+def builtin_pairs(split: str = "train", src_langs: Langs = DEFAULT_LANGUAGES,
+                  tgt_langs: Langs = DEFAULT_LANGUAGES, kinds: Iterable[str] = CLDR_KINDS,
+                  drop_identical: bool = False) -> List[Pair]:
     """Parallel CLDR phrases ``(src_lang, tgt_lang, src, tgt)`` for every ordered pair of distinct languages.
 
     Languages may be given by any code the registry knows and come back as registry keys. About half of the
@@ -202,7 +206,7 @@ def _sentence_like(text: str) -> bool:
 
 
 @lru_cache(maxsize=32)
-def gettext_phrases(lang: str, root: Union[str, Path] = GETTEXT_ROOT) -> Dict[str, str]:
+def gettext_phrases(lang: str, root: Union[str, Path] = GETTEXT_ROOT) -> Mapping[str, str]:
     """``{English msgid: translation}`` of one language from the system's gettext catalogs ({} when none).
 
     Locale folders are matched through the registry ('pt_BR', 'zh_CN', 'sr@latin'); the folder that is exactly
@@ -231,7 +235,7 @@ def gettext_phrases(lang: str, root: Union[str, Path] = GETTEXT_ROOT) -> Dict[st
                 msgid, msgstr = " ".join(msgid.split()), " ".join(msgstr.split())
                 if msgid != msgstr and _sentence_like(msgid) and _sentence_like(msgstr):
                     phrases.setdefault(msgid, msgstr)
-    return phrases
+    return MappingProxyType(phrases)  # cached: read-only
 
 
 def gettext_pairs(split: str = "train", src_langs: Langs = "eng_Latn", tgt_langs: Langs = ("fra_Latn",),
@@ -282,8 +286,8 @@ def read_flores(root: Union[str, Path], split: str, code: str) -> List[str]:
             have = sorted(p.name.split(".")[0] for p in folder.glob("*")) if folder.is_dir() else []
             hint = f"; {folder} has {len(have)} files" + (f", e.g. {', '.join(have[:5])}" if have else "") \
                 if folder.is_dir() else f"; there is no {split}/ folder under {root}"
-            raise FileNotFoundError(f"FLORES-200 file for {key} not found: expected {root / split / f'{key}.{split}'}"
-                                    + hint)
+            expected = root / split / f"{key}.{split}"
+            raise FileNotFoundError(f"FLORES-200 file for {key} not found: expected {expected}{hint}")
     try:
         return path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:

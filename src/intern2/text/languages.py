@@ -1,4 +1,4 @@
-"""Language registry: ~500 languages keyed ``<iso639-3>_<Script>`` (the NLLB convention), read from languages.json.
+"""Language registry: ~500 languages keyed ``<iso639-3>_<Script>`` (NLLB's convention), from languages.json.
 
 The data file is built offline by ``tools/build_languages.py`` from the NLLB-200 and MADLAD-400 code lists,
 CLDR (babel, langcodes) and ISO 639 (pycountry); nothing here needs those libraries or a network.
@@ -13,10 +13,10 @@ Lookup accepts any code or name a user is likely to type::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
 import re
-from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from typing import Dict, List, Optional, Tuple
@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Tuple
 __all__ = ["Language", "UnknownLanguageError", "get_language", "list_languages", "nllb_codes", "main"]
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Language:
     """One registered language (a language in one script)."""
 
@@ -35,7 +35,7 @@ class Language:
     script: str  # ISO 15924, e.g. 'Latn'
     script_name: str
     iso639_3: str
-    iso639_1: Optional[str]  # own two-letter code, or that of the macrolanguage this entry stands for (arb -> ar)
+    iso639_1: Optional[str]  # own two-letter code, or that of the macrolanguage it stands for (arb -> ar)
     bcp47: str  # shortest tag that resolves to this entry ('fr', 'zh-Hant', 'ace-Arab')
     macrolanguage: Optional[str]  # ISO 639-3 macrolanguage this language belongs to (arb -> ara)
     nllb_code: Optional[str]  # NLLB-200 language token, when NLLB covers it
@@ -71,7 +71,8 @@ class _Registry:
         # Codes first, names last, so a code never loses to a name that happens to spell the same.
         codes: Dict[str, str] = {}
         names: Dict[str, str] = {}
-        by_script = sorted(self.languages.values(), key=lambda lang: "-" in lang.bcp47)  # default script first
+        # Default-script entries first: 'ace' and 'Acehnese' mean ace_Latn, not ace_Arab.
+        by_script = sorted(self.languages.values(), key=lambda lang: "-" in lang.bcp47)
         for lang in by_script:
             for code in (lang.key, lang.bcp47, lang.iso639_3, lang.iso639_1, lang.nllb_code, lang.madlad_tag,
                          lang.madlad_code):
@@ -126,8 +127,8 @@ class _Registry:
             return key
         variants = sorted(k for k, v in self.languages.items() if v.iso639_3 == lang.iso639_3)
         raise UnknownLanguageError(
-            text, f"language {text!r}: {lang.name} is registered only as {', '.join(variants)}, not in script "
-            f"{script!r}", variants)
+            text, f"language {text!r}: {lang.name} is registered only as {', '.join(variants)}, not in "
+            f"script {script!r}", variants)
 
     def _unknown(self, query: str) -> UnknownLanguageError:
         matches = difflib.get_close_matches(query.lower(), list(self.index), n=8, cutoff=0.6)
@@ -169,8 +170,8 @@ def list_languages(filter: Optional[str] = None, source: Optional[str] = None) -
     if filter:
         needle = filter.lower()
         langs = [lang for lang in langs if any(
-            needle in field.lower() for field in (lang.key, lang.name, lang.autonym, lang.bcp47, lang.iso639_1,
-                                                  lang.madlad_tag, lang.script_name) if field)]
+            needle in field.lower() for field in (lang.key, lang.name, lang.autonym, lang.bcp47,
+                                                  lang.iso639_1, lang.madlad_tag, lang.script_name) if field)]
     return langs
 
 
@@ -192,7 +193,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     for lang in langs:
         if args.json:
-            print(json.dumps(lang.__dict__, ensure_ascii=False))
+            print(json.dumps(dataclasses.asdict(lang), ensure_ascii=False))
             continue
         models = " ".join(t for t in (lang.nllb_code and "nllb", lang.madlad_tag) if t)
         print(f"{lang.key:<10} {lang.bcp47:<9} {lang.name:<28} {lang.autonym or '':<24} {models}".rstrip())

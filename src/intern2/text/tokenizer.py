@@ -8,9 +8,9 @@ Token ids::
     n + 1 + L                                   <mask>, after the L languages the tokenizer was built with
     n + 2 + L + j                               language j added later with ``add_languages``
 
-With NLLB's 256,000-piece model and its 202 languages this gives eng_Latn = 256047 and <mask> = 256203, the ids of
-the released checkpoints. Languages added later go after <mask> so no existing id ever changes and a model only
-appends embedding rows.
+With NLLB's 256,000-piece model and its 202 languages this gives eng_Latn = 256047 and <mask> = 256203, the
+ids of the released checkpoints. Languages added later go after <mask> so no existing id ever changes and a
+model only appends embedding rows.
 
 Sequences use the non-legacy NLLB layout: source ``[src_lang] pieces </s>``; labels ``[tgt_lang] pieces </s>``
 (the decoder starts from ``</s>`` and the target language token is forced as the first generated token).
@@ -45,12 +45,12 @@ def _spm():
     try:
         import sentencepiece
     except ImportError:
-        raise ImportError("the translation tokenizer needs sentencepiece: pip install 'intern2[text]'") from None
+        raise ImportError("the tokenizer needs sentencepiece: pip install 'intern2[text]'") from None
     return sentencepiece
 
 
 class NllbTokenizer:
-    """SentencePiece pieces shifted by one behind the four fairseq specials, then language tokens and <mask>."""
+    """SentencePiece pieces shifted by one behind four fairseq specials, then language tokens and <mask>."""
 
     bos_id = 0
     pad_id = 1
@@ -60,7 +60,7 @@ class NllbTokenizer:
     def __init__(self, model_proto: bytes, languages: Optional[Sequence[str]] = None,
                  added_languages: Sequence[str] = ()):
         """``model_proto``: a serialized SentencePiece model; ``languages``: language codes in token order
-        (default: the 202 NLLB-200 codes in NLLB's order); ``added_languages``: languages placed after <mask>."""
+        (default: the 202 NLLB-200 codes in NLLB's order); ``added_languages``: languages after <mask>."""
         self.sp = _spm().SentencePieceProcessor(model_proto=model_proto)
         self.num_pieces = self.sp.get_piece_size()
         base = nllb_codes() if languages is None else list(languages)
@@ -101,7 +101,7 @@ class NllbTokenizer:
         """Train a new SentencePiece model on ``corpus_lines`` (in memory, single-threaded, so the same lines
         give the same model) with ``vocab_size`` pieces; save it to the folder ``path`` when given.
 
-        Extra keyword arguments go to ``sentencepiece.SentencePieceTrainer.train`` (e.g. ``byte_fallback=True``).
+        Extra keyword arguments go to ``SentencePieceTrainer.train`` (e.g. ``byte_fallback=True``).
         """
         lines = (line for line in corpus_lines if line and line.strip())
         model = io.BytesIO()
@@ -120,8 +120,8 @@ class NllbTokenizer:
 
     @classmethod
     def from_pretrained(cls, folder: Union[str, Path]) -> "NllbTokenizer":
-        """Load a folder written by ``save_pretrained``, or a Hugging Face NLLB folder (``sentencepiece.bpe.model``
-        without our JSON: the NLLB-200 languages are assumed)."""
+        """Load a folder written by ``save_pretrained``, or a Hugging Face NLLB folder
+        (``sentencepiece.bpe.model`` without our JSON: the NLLB-200 languages are assumed)."""
         folder = Path(folder)
         model_path = folder / MODEL_FILE
         if not model_path.is_file():
@@ -132,15 +132,16 @@ class NllbTokenizer:
             return cls.from_file(model_path)
         config = json.loads(config_path.read_text(encoding="utf-8"))
         if config.get("format") != "intern2-nllb-tokenizer":
-            raise ValueError(f"{config_path}: not an intern2 tokenizer config (format {config.get('format')!r})")
+            raise ValueError(f"{config_path}: not an intern2 tokenizer config "
+                             f"(format {config.get('format')!r})")
         tokenizer = cls(model_path.read_bytes(), config["languages"], config.get("added_languages", ()))
         if tokenizer.num_pieces != config["num_pieces"]:
-            raise ValueError(f"{config_path} was written for a SentencePiece model with {config['num_pieces']} "
-                             f"pieces but {model_path} has {tokenizer.num_pieces}")
+            raise ValueError(f"{config_path} was written for a SentencePiece model with "
+                             f"{config['num_pieces']} pieces but {model_path} has {tokenizer.num_pieces}")
         return tokenizer
 
     def save_pretrained(self, folder: Union[str, Path]) -> Path:
-        """Write ``sentencepiece.bpe.model`` and ``intern2_tokenizer.json`` (language order) into ``folder``."""
+        """Write ``sentencepiece.bpe.model`` and ``intern2_tokenizer.json`` (language order) to ``folder``."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / MODEL_FILE).write_bytes(self.sp.serialized_model_proto())
@@ -172,8 +173,9 @@ class NllbTokenizer:
         """
         key = get_language(code).key
         if key not in self._lang_to_id:
-            raise MissingLanguageTokenError(f"language {key} is registered but this tokenizer has no token for it "
-                           f"({len(self.languages)} languages); add it with add_languages([{key!r}])")
+            raise MissingLanguageTokenError(
+                f"language {key} is registered but this tokenizer has no token for it "
+                f"({len(self.languages)} languages); add it with add_languages([{key!r}])")
         return self._lang_to_id[key]
 
     def lang_code(self, token_id: int) -> Optional[str]:
@@ -185,11 +187,11 @@ class NllbTokenizer:
     def add_languages(self, codes: Sequence[str]) -> List[int]:
         """Append language tokens after all existing ids and return their ids, in the order of ``codes``.
 
-        Contract for the model side (``resize_embeddings_for_languages``): every returned id needs an embedding
-        row, initialised e.g. from ``lang_token_id(init_from)`` of a related language; rows are only appended and
-        the tied output projection must grow with the input embedding. A returned id can be smaller than an
-        existing checkpoint's row count (NLLB-200 has two unused rows after <mask>, 256204 and 256205): such a
-        row exists but was never trained and must be initialised all the same.
+        Contract for the model side (``resize_embeddings_for_languages``): every returned id needs an
+        embedding row, initialised e.g. from ``lang_token_id(init_from)`` of a related language; rows are only
+        appended and the tied output projection must grow with the input embedding. A returned id can be
+        smaller than an existing checkpoint's row count (NLLB-200 has two unused rows after <mask>, 256204 and
+        256205): such a row exists but was never trained and must be initialised all the same.
         Raises ``ValueError`` if a language already has a token (re-initialising its row would lose training).
         """
         keys = self._canonical(codes, "add_languages codes")
@@ -240,8 +242,9 @@ class NllbTokenizer:
         return self.sp.encode(text, out_type=str)
 
     def encode(self, text: str, src_lang: str, max_length: Optional[int] = None) -> List[int]:
-        """``[lang_token, pieces..., </s>]`` for ``text`` in language ``src_lang`` (also the label layout, with
-        the target language). ``max_length`` truncates the pieces, keeping the language token and </s>."""
+        """``[lang_token, pieces..., </s>]`` for ``text`` in language ``src_lang`` (also the label layout,
+        with the target language). ``max_length`` truncates the pieces, keeping the language token and
+        </s>."""
         lang_id = self.lang_token_id(src_lang)
         pieces = [p + 1 if p else self.unk_id for p in self.sp.encode(text)]
         if max_length is not None:
@@ -273,7 +276,7 @@ class NllbTokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of a sequence of ids. With ``skip_special_tokens`` the fairseq specials (<unk> included, as in
-        Hugging Face), language tokens and <mask> are dropped; otherwise they appear as their token strings."""
+        Hugging Face), language tokens and <mask> are dropped; otherwise they appear as token strings."""
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
         parts: List[str] = []
@@ -281,14 +284,14 @@ class NllbTokenizer:
         for i in map(int, ids):
             if 4 <= i <= self.num_pieces:
                 run.append(i - 1)
-                continue
-            if run:
-                parts.append(self.sp.decode(run))
-                run = []
-            if not skip_special_tokens:
+            elif skip_special_tokens:  # a skipped token does not split the text around it
+                if not 0 <= i < self.vocab_size:
+                    raise IndexError(f"token id {i} is outside the vocabulary (size {self.vocab_size})")
+            else:
+                if run:
+                    parts.append(self.sp.decode(run))
+                    run = []
                 parts.append(self.convert_ids_to_tokens([i])[0])
-            elif not 0 <= i < self.vocab_size:
-                raise IndexError(f"token id {i} is outside the vocabulary (size {self.vocab_size})")
         if run:
             parts.append(self.sp.decode(run))
         return " ".join(part for part in parts if part)
