@@ -7,7 +7,9 @@ import pytest
 
 from conftest import fixture_path
 from intern2 import cli
-from intern2.text.languages import Language, UnknownLanguageError, get_language, list_languages, nllb_codes
+from intern2.text.languages import (
+    Language, UnknownLanguageError, get_language, list_languages, macrolanguages, nllb_codes,
+)
 
 
 def test_at_least_400_distinct_languages():
@@ -62,6 +64,15 @@ def test_lookup_by_any_code_or_name(query):
 ])
 def test_macrolanguage_and_alias_map(query, key):
     assert get_language(query).key == key
+
+
+def test_macrolanguage_map_points_at_registered_languages():
+    table = macrolanguages()
+    assert table["ar"] == table["ara"] == "arb_Arab"
+    assert table["no"] == "nob_Latn" and table["fa"] == "pes_Arab" and table["ms"] == "zsm_Latn"
+    for code, key in table.items():
+        assert get_language(code).key == key
+        assert get_language(key).iso639_3 != code
 
 
 def test_script_variants():

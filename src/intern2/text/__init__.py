@@ -3,6 +3,9 @@
 Only the registry is imported here (standard library only); ``tokenizer`` needs sentencepiece and ``corpus``
 needs babel (the ``text`` extra).
 """
-from .languages import Language, UnknownLanguageError, get_language, list_languages, nllb_codes
+from .languages import (
+    Language, UnknownLanguageError, get_language, list_languages, macrolanguages, nllb_codes,
+)
 
-__all__ = ["Language", "UnknownLanguageError", "get_language", "list_languages", "nllb_codes"]
+__all__ = ["Language", "UnknownLanguageError", "get_language", "list_languages", "macrolanguages",
+           "nllb_codes"]

@@ -21,7 +21,8 @@ from functools import lru_cache
 from importlib import resources
 from typing import Dict, List, Optional, Tuple
 
-__all__ = ["Language", "UnknownLanguageError", "get_language", "list_languages", "nllb_codes", "main"]
+__all__ = ["Language", "UnknownLanguageError", "get_language", "list_languages", "macrolanguages",
+           "nllb_codes", "main"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,7 @@ class _Registry:
             self.languages[entry["key"]] = Language(**entry)
         self.nllb_codes: List[str] = list(data["nllb_codes"])
         self.region_scripts: Dict[str, Dict[str, str]] = data["region_scripts"]
+        self.macrolanguages: Dict[str, str] = dict(data["macrolanguages"])
         # Codes first, names last, so a code never loses to a name that happens to spell the same.
         codes: Dict[str, str] = {}
         names: Dict[str, str] = {}
@@ -173,6 +175,16 @@ def list_languages(filter: Optional[str] = None, source: Optional[str] = None) -
             needle in field.lower() for field in (lang.key, lang.name, lang.autonym, lang.bcp47,
                                                   lang.iso639_1, lang.madlad_tag, lang.script_name) if field)]
     return langs
+
+
+def macrolanguages() -> Dict[str, str]:
+    """Macrolanguage code (ISO 639-1 or -3) -> the registered language it means, e.g. 'ar' -> 'arb_Arab'.
+
+    The member is CLDR's dominant language unless NLLB-200 trained another one (ps -> pbt_Arab, qu ->
+    quy_Latn); the choices are documented in tools/build_languages.py. Macrolanguages that NLLB itself keys
+    by the macro code (zh -> zho_Hans, et -> est_Latn) resolve through their ISO 639-1 code instead.
+    """
+    return dict(_registry().macrolanguages)
 
 
 def nllb_codes() -> List[str]:
