@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -69,6 +70,47 @@ def test_frame_count_without_container_count(tmp_path):
     assert np.abs(picked - frames[[11, 0]]).mean() < 6
 
 
+def _write_stream(path, num_frames, gop=10, variable_rate=False):
+    """A 32x48 H.264 stream (B-frames, a keyframe every ``gop``), optionally with a frame-rate change."""
+    frames = np.random.default_rng(1).integers(0, 256, (num_frames, 32, 48, 3), dtype=np.uint8)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("h264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+        stream.options = {"g": str(gop), "bf": "2"}
+        if variable_rate:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        for t, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            if variable_rate:  # 30 fps, then 15 fps from frame 60
+                frame.pts, frame.time_base = 33 * t + 33 * max(t - 60, 0), Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+@pytest.mark.parametrize("name, variable_rate", [("cfr.mp4", False), ("cfr.mkv", False), ("vfr.mp4", True)])
+def test_seeking_reads_the_same_frames(tmp_path, monkeypatch, name, variable_rate):
+    import intern2.data.video as video
+    path = _write_stream(tmp_path / name, 120, variable_rate=variable_rate)
+    seeks = []
+
+    def spy(*args):
+        outcome = "seek"
+        try:
+            yield from by_timestamp(*args)
+        except video._NoTimestampIndex:
+            outcome = "fallback"
+            raise
+        finally:
+            seeks.append(outcome)
+
+    by_timestamp = video._by_timestamp
+    monkeypatch.setattr(video, "_by_timestamp", spy)
+    for indices in (list(range(40, 104, 4)), segment_indices(120, 8, 0.5)[4:], [119, 35, 119]):
+        assert torch.equal(read_video(path, indices), read_video(path, indices, seek=False))
+    assert seeks == (["fallback"] * 3 if variable_rate else ["seek"] * 3)
+
+
 def test_dense_indices():
     assert dense_indices(100, 4, 3, 0.0) == [0, 3, 6, 9]
     assert dense_indices(100, 4, 3, 1.0) == dense_indices(100, 4, 3, 0.999) == [90, 93, 96, 99]
@@ -100,7 +142,8 @@ def test_segment_indices():
 def test_train_transform_same_crop_every_frame():
     # Every frame is the same ramp image plus a per-frame offset: one crop box keeps the differences flat.
     ramp = torch.arange(60 * 80).reshape(60, 80) % 200
-    video = (ramp[None, :, :, None] + 5 * torch.arange(8)[:, None, None, None]).expand(8, 60, 80, 3).to(torch.uint8)
+    video = ramp[None, :, :, None] + 5 * torch.arange(8)[:, None, None, None]
+    video = video.expand(8, 60, 80, 3).to(torch.uint8)
     transform = VideoTrainTransform(32, flip=False, mean=(0.0,) * 3, std=(1.0,) * 3)
     generator = torch.Generator().manual_seed(0)
     top, left, h, w = transform.crop_box(60, 80, torch.Generator().manual_seed(0))
@@ -116,6 +159,8 @@ def test_train_transform_same_crop_every_frame():
                                                                           torch.Generator().manual_seed(s))
                for s in range(10)]
     assert len({float(f[0, 0, 0, 0]) for f in flipped}) == 2
+    # No box of the full area fits a square into 60x80: the largest centred square it is.
+    assert VideoTrainTransform(scale=(1, 1), ratio=(1, 1)).crop_box(60, 80) == (0, 10, 60, 60)
 
 
 def test_normalisation_constants():

@@ -111,7 +111,8 @@ def _write_split(root: Path, split: str, count: int, num_frames: int, size: int,
     """Clips 2j and 2j + 1 share a scene seed, so each training scene appears in both directions."""
     folder = root / "videos" / split
     folder.mkdir(parents=True)
-    scene_seeds = np.random.default_rng([seed, 0 if split == "train" else 1]).integers(0, 2 ** 31, (count + 1) // 2)
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+    scene_seeds = rng.integers(0, 2 ** 31, (count + 1) // 2)
     lines, captions = [], []
     for index in range(count):
         label = index % len(ACTION_CLASSES)

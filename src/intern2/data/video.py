@@ -38,6 +38,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 FrameSpec = Union[Sequence[int], Callable[[int], Sequence[int]]]
+SEEK_MIN_FRAMES = 32  # closer to the start, decoding from frame 0 costs about what a seek saves
 
 
 class VideoDecodeError(ValueError):
@@ -54,6 +55,7 @@ def _av():
 
 @dataclass(frozen=True)
 class VideoInfo:
+    """What :func:`probe_video` reads from the container (``fps`` 0 when it states none)."""
     num_frames: int
     fps: float
     width: int
@@ -68,7 +70,8 @@ def _open(path: Union[str, Path]):
     try:
         container = av.open(str(path))
     except av.FFmpegError as exc:
-        raise VideoDecodeError(f"{path}: not a readable video container (corrupt or truncated file?): {exc}") from exc
+        raise VideoDecodeError(f"{path}: not a readable video container (corrupt or truncated file?): "
+                               f"{exc}") from exc
     if not container.streams.video:
         kinds = sorted({s.type for s in container.streams}) or ["none"]
         container.close()
@@ -97,15 +100,51 @@ def probe_video(path: Union[str, Path]) -> VideoInfo:
                          stream.height)
 
 
-def read_video(path: Union[str, Path], frames: Optional[FrameSpec] = None) -> torch.Tensor:
+class _NoTimestampIndex(Exception):
+    """Frame timestamps that do not number the frames one by one (variable frame rate, missing pts)."""
+
+
+def _by_timestamp(container, stream, first: int):
+    """(index, frame) from the keyframe at or before frame ``first``, indices from the timestamps of a
+    constant-rate stream; raises _NoTimestampIndex when they do not advance one frame at a time."""
+    per_frame = 1 / (stream.average_rate * stream.time_base)  # timestamp units per frame
+    origin = stream.start_time
+    container.seek(origin + int(first * per_frame), stream=stream, backward=True)
+    expected = None
+    for frame in container.decode(stream):
+        index = None if frame.pts is None else round((frame.pts - origin) / per_frame)
+        if index is None or (index != expected if expected is not None else index > first):
+            raise _NoTimestampIndex
+        yield index, frame
+        expected = index + 1
+
+
+def _collect(path, frames, wanted: set, last: int, total: int):
+    """(RGB arrays of the wanted indices, last index reached, last frame) from (index, frame) pairs."""
+    decoded: Dict[int, np.ndarray] = {}
+    index, frame = -1, None
+    try:
+        for index, frame in frames:
+            if index in wanted:
+                decoded[index] = frame.to_ndarray(format="rgb24")
+            if index >= last:
+                break
+    except _av().FFmpegError as exc:
+        raise VideoDecodeError(f"{path}: decoding failed at frame {index + 1} of {total} "
+                               f"(damaged or truncated file): {exc}") from exc
+    return decoded, index, frame
+
+
+def read_video(path: Union[str, Path], frames: Optional[FrameSpec] = None, seek: bool = True) -> torch.Tensor:
     """Decode the frames at ``frames`` (indices, or a function of the frame count giving them; all frames
     when None) as a uint8 tensor (len(indices), H, W, 3), in the order asked (repeats allowed).
 
-    Decodes sequentially from the start and stops after the last wanted frame; only wanted frames are
-    converted to RGB. No keyframe seeking: for clips of a few hundred frames a sequential decode costs about
-    what decord's random access does, and frame indices stay exact for variable-frame-rate files.
+    Decodes up to the last wanted frame and converts only wanted frames to RGB. From the start, an index
+    counts decoded frames. When the first wanted frame lies ``SEEK_MIN_FRAMES`` or more into the video,
+    ``seek`` jumps to the keyframe before it and numbers frames by timestamp at the average frame rate,
+    checking that the numbers advance by one per decoded frame; where they do not (a variable frame rate),
+    it decodes from the start instead.
     """
-    av = _av()
     container, stream = _open(path)
     with container:
         total = _frame_count(path, container, stream)
@@ -118,19 +157,19 @@ def read_video(path: Union[str, Path], frames: Optional[FrameSpec] = None) -> to
         if not indices:
             raise ValueError(f"{path}: no frame indices to read")
         if min(indices) < 0 or max(indices) >= total:
-            raise ValueError(f"{path}: frame indices must lie in [0, {total}), got {min(indices)}..{max(indices)}")
+            raise ValueError(f"{path}: frame indices must lie in [0, {total}), "
+                             f"got {min(indices)}..{max(indices)}")
         wanted, last = set(indices), max(indices)
-        decoded: Dict[int, np.ndarray] = {}
-        position, frame = -1, None
-        try:
-            for position, frame in enumerate(container.decode(stream)):
-                if position in wanted:
-                    decoded[position] = frame.to_ndarray(format="rgb24")
-                if position >= last:
-                    break
-        except av.FFmpegError as exc:
-            raise VideoDecodeError(f"{path}: decoding failed at frame {position + 1} of {total} "
-                                   f"(damaged or truncated file): {exc}") from exc
+        result = None
+        if (seek and min(indices) >= SEEK_MIN_FRAMES and stream.average_rate and stream.time_base
+                and stream.start_time is not None):
+            try:
+                result = _collect(path, _by_timestamp(container, stream, min(indices)), wanted, last, total)
+            except _NoTimestampIndex:
+                container.seek(0)
+        if result is None:
+            result = _collect(path, enumerate(container.decode(stream)), wanted, last, total)
+        decoded, position, frame = result
         if frame is None:
             raise VideoDecodeError(f"{path}: no frame could be decoded ({total} expected)")
         if position < last:
@@ -204,7 +243,8 @@ class FrameSampler:
         if self.mode not in ("dense", "segment"):
             raise ValueError(f"FrameSampler.mode: expected 'dense' or 'segment', got {self.mode!r}")
         if self.num_frames < 1 or self.stride < 1:
-            raise ValueError(f"FrameSampler: num_frames and stride must be >= 1, got {self.num_frames}, {self.stride}")
+            raise ValueError(f"FrameSampler: num_frames and stride must be >= 1, "
+                             f"got {self.num_frames}, {self.stride}")
 
     def __call__(self, total: int, position: Optional[float] = None,
                  generator: Optional[torch.Generator] = None) -> List[int]:
@@ -218,7 +258,8 @@ class FrameSampler:
 
 # ----------------------------------------------------------------------------------------------- transforms
 
-def _normalise(clip: torch.Tensor, size: Tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def _normalise(clip: torch.Tensor, size: Tuple[int, int], mean: Sequence[float],
+               std: Sequence[float]) -> torch.Tensor:
     """uint8 (T, H, W, C) -> resized (bilinear, antialiased) normalised float (C, T, h, w)."""
     x = clip.permute(0, 3, 1, 2).float()
     if tuple(x.shape[-2:]) != tuple(size):
@@ -229,7 +270,8 @@ def _normalise(clip: torch.Tensor, size: Tuple[int, int], mean: Sequence[float],
 
 def _check_clip(video: torch.Tensor) -> None:
     if video.dim() != 4 or video.shape[-1] != 3 or video.dtype != torch.uint8:
-        raise ValueError(f"video transform: expected uint8 frames (T, H, W, 3), got {video.dtype} {tuple(video.shape)}")
+        raise ValueError(f"video transform: expected uint8 frames (T, H, W, 3), got {video.dtype} "
+                         f"{tuple(video.shape)}")
 
 
 @dataclass(frozen=True)
@@ -262,8 +304,10 @@ class VideoTrainTransform:
                 left = int(torch.randint(0, width - w + 1, (), generator=generator))
                 return top, left, h, w
         aspect = min(max(width / height, self.ratio[0]), self.ratio[1])
-        w, h = (width, int(round(width / aspect))) if width / height < aspect else (int(round(height * aspect)), height)
-        w, h = min(w, width), min(h, height)
+        if width / height < aspect:
+            w, h = width, min(height, int(round(width / aspect)))
+        else:
+            w, h = min(width, int(round(height * aspect))), height
         return (height - h) // 2, (width - w) // 2, h, w
 
     def __call__(self, video: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -290,7 +334,8 @@ class VideoEvalTransform:
         if self.num_crops not in (1, 3):
             raise ValueError(f"VideoEvalTransform.num_crops: expected 1 or 3, got {self.num_crops}")
         if self.resize is not None and self.resize < self.size:
-            raise ValueError(f"VideoEvalTransform: resize {self.resize} is smaller than the crop size {self.size}")
+            raise ValueError(f"VideoEvalTransform: resize {self.resize} is smaller than the crop size "
+                             f"{self.size}")
 
     def crop_boxes(self, height: int, width: int) -> List[Tuple[int, int]]:
         """(top, left) of each crop in the resized frame of size ``resized_size(height, width)``."""
@@ -321,6 +366,7 @@ class VideoEvalTransform:
 
 @dataclass(frozen=True)
 class VideoSource:
+    """(absolute path, class index) samples of an annotation list, the class names, and the list's name."""
     samples: Tuple[Tuple[str, int], ...]
     classes: Tuple[str, ...]
     name: str
@@ -331,7 +377,8 @@ def _list_rows(path: Path) -> List[Tuple[int, str, str]]:
     text = path.read_text()
     lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)]
     lines = [(n, line) for n, line in lines if line and not line.startswith("#")]
-    is_csv = path.suffix.lower() == ".csv" or (lines and lines[0][1].replace(" ", "").lower().startswith("path,label"))
+    header = lines[0][1].replace(" ", "").lower() if lines else ""
+    is_csv = path.suffix.lower() == ".csv" or header.startswith("path,label")
     rows = []
     for number, line in lines:
         if is_csv:
@@ -433,9 +480,9 @@ class VideoDataset(Dataset):
             return None
         if self.train:
             video = self.transform(frames, generator)
-        else:  # one decode for all clips, then (clips, crops, C, T, H, W) -> (views, C, T, H, W)
-            video = torch.stack([self.transform(clip, generator) for clip in frames.chunk(self.num_clips)])
-            video = video.flatten(0, 1)
+        else:  # one decode for all clips; each gives (crops, C, T, H, W), or (C, T, H, W) for one view
+            views = [self.transform(clip, generator) for clip in frames.chunk(self.num_clips)]
+            video = torch.cat([v.reshape(-1, *v.shape[-4:]) for v in views])
         return {"video": video, "label": label, "index": index}
 
 
