@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from fractions import Fraction
 
 import numpy as np
@@ -352,6 +353,7 @@ def test_builtin_root_is_cached_and_loads_in_workers(tmp_path):
     assert (root / "train.txt").stat().st_mtime_ns == stamp
     source = read_annotations(root / "val.txt")
     dataset = VideoDataset(source, FrameSampler(8, 2), VideoTrainTransform(32, flip=False), train=True)
+    assert pickle.loads(pickle.dumps(dataset))[3]["label"] == dataset[3]["label"]  # spawn-started workers
     loader = DataLoader(dataset, batch_size=5, num_workers=2, collate_fn=collate_videos)
     batches = list(loader)
     assert [b["video"].shape for b in batches] == [(5, 3, 8, 32, 32)] * 2
