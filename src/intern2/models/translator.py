@@ -86,7 +86,8 @@ class TranslatorConfig:
                              f"expected one of {sorted(_ACTIVATIONS)}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
-                raise ValueError(f"{name}={getattr(self, name)} is outside the vocabulary (vocab_size={self.vocab_size})")
+                raise ValueError(f"{name}={getattr(self, name)} is outside the vocabulary "
+                                 f"(vocab_size={self.vocab_size})")
 
     @classmethod
     def from_dict(cls, values: Dict) -> "TranslatorConfig":
@@ -363,7 +364,8 @@ class _ScoreRules:
     repetition_penalty: float = 1.0
 
     def __call__(self, seqs: Tensor, scores: Tensor) -> Tensor:
-        """``seqs`` [N, t]: decoder tokens so far (start token first); ``scores`` [N, V] for token t, edited in place."""
+        """``seqs`` [N, t]: decoder tokens so far, start token first; ``scores`` [N, V] for token t (edited in
+        place)."""
         generated = seqs.shape[1] - 1
         if self.repetition_penalty != 1.0:  # CTRL penalty on every token already in the decoder input
             seen = scores.gather(1, seqs)
@@ -773,9 +775,9 @@ def convert_fairseq_state_dict(state_dict: Dict[str, Tensor], vocab_size: Option
         raise ValueError(f"fairseq checkpoint: {len(unknown)} keys outside encoder./decoder.: {unknown[:8]}")
     shared = _shared_embedding(embeddings, "fairseq checkpoint")
     if vocab_size is not None and shared.shape[0] != vocab_size:
-        raise ValueError(f"fairseq checkpoint embedding has {shared.shape[0]} rows, expected vocab_size={vocab_size}; "
-                         f"use vocab_size={shared.shape[0]} (NLLB-200: 256206 rows for 255,997 pieces + 4 specials "
-                         f"+ 202 languages + <mask> + 2 unused)")
+        raise ValueError(f"fairseq checkpoint embedding has {shared.shape[0]} rows, expected vocab_size="
+                         f"{vocab_size}; use vocab_size={shared.shape[0]} (NLLB-200: 256206 rows for 255,997 pieces "
+                         f"+ 4 specials + 202 languages + <mask> + 2 unused)")
     out.update((k, shared) for k in TIED_KEYS)
     return out
 
