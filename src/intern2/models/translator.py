@@ -235,8 +235,10 @@ class DecoderLayer(_Layer):
         self.encoder_attn_layer_norm = nn.LayerNorm(cfg.d_model)
         self._init_feed_forward(cfg, cfg.decoder_ffn_dim)
 
-    def forward(self, x: Tensor, memory: Tuple[Tensor, Tensor], memory_mask: Optional[Tensor],
+    def forward(self, x: Tensor, memory: Optional[Tensor], memory_mask: Optional[Tensor],
                 cache: Optional["DecoderCache"] = None, index: int = 0) -> Tensor:
+        """``memory``: encoder output (teacher forcing); with ``cache``, its precomputed keys/values are used."""
+        memory_kv = cache.memory[index] if cache is not None else self.encoder_attn.keys_values(memory)
         h = self.self_attn_layer_norm(x)
         keys, values = self.self_attn.keys_values(h)
         if cache is not None:
@@ -245,7 +247,7 @@ class DecoderLayer(_Layer):
         attn = self.self_attn.attend(h, keys, values, is_causal=x.shape[1] > 1)
         x = x + self._drop(attn, self.dropout)
         h = self.encoder_attn_layer_norm(x)
-        x = x + self._drop(self.encoder_attn.attend(h, *memory, mask=memory_mask), self.dropout)
+        x = x + self._drop(self.encoder_attn.attend(h, *memory_kv, mask=memory_mask), self.dropout)
         return self._feed_forward(x)
 
 
@@ -327,11 +329,10 @@ class TranslatorDecoder(nn.Module):
         if cache is not None:
             memory_mask = cache.memory_mask
         for i, layer in enumerate(self.layers):
-            kv = cache.memory[i] if cache is not None else layer.encoder_attn.keys_values(memory)
             if self.grad_checkpointing and self.training and cache is None:
-                x = checkpoint(layer, x, kv, memory_mask, use_reentrant=False)
+                x = checkpoint(layer, x, memory, memory_mask, use_reentrant=False)
             else:
-                x = layer(x, kv, memory_mask, cache, i)
+                x = layer(x, memory, memory_mask, cache, i)
         if cache is not None:
             cache.length += input_ids.shape[1]
         return self.layer_norm(x)
