@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import List, Optional
 
 TASKS = {"image-cls": "intern2.tasks.image_cls", "segment": "intern2.tasks.segment",
-         "detect": "intern2.tasks.detect"}
+         "detect": "intern2.tasks.detect", "video-cls": "intern2.tasks.video_cls",
+         "video-pretrain": "intern2.tasks.video_pretrain"}
 # Architecture name prefix -> task, for eval/predict.
-_PREFIXES = (("upernet_", "segment"), ("mask_rcnn_", "detect"))
+_PREFIXES = (("upernet_", "segment"), ("mask_rcnn_", "detect"), ("videomae_vit_", "video-cls"))
 
 
 def _run(task: str, function: str, argv: List[str]) -> int:

@@ -71,12 +71,16 @@ class ClassificationMetrics:
         self.classes = list(classes)
 
     def eval_step(self, model: nn.Module, batch) -> Dict[str, torch.Tensor]:
-        labels = batch["label"]
+        logits = model(batch["image"]) if batch["label"].numel() else None
+        return self.sums(logits, batch["label"], batch["skipped"])
+
+    def sums(self, logits: Optional[torch.Tensor], labels: torch.Tensor, skipped: int) -> Dict[str, torch.Tensor]:
+        """Summable counts for a batch of logits (None for an empty batch)."""
         num_classes = len(self.classes)
-        sums = {"count": torch.tensor(float(labels.numel())), "skipped": torch.tensor(float(batch["skipped"]))}
-        if labels.numel() == 0:
+        sums = {"count": torch.tensor(float(labels.numel())), "skipped": torch.tensor(float(skipped))}
+        if logits is None or labels.numel() == 0:
             return sums
-        logits = model(batch["image"]).float()
+        logits = logits.float()
         hits = logits.topk(min(5, num_classes), dim=1).indices == labels[:, None]
         sums.update(loss=F.cross_entropy(logits, labels, reduction="sum"), top1=hits[:, 0].sum().float(),
                     top5=hits.any(1).sum().float(),

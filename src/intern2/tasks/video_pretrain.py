@@ -1,0 +1,119 @@
+"""VideoMAE masked pre-training: `intern2 train video-pretrain`.
+
+Tube masks (and VideoMAEv2 running-cell decoder masks) are drawn on the batch's device from torch's RNG, which
+the trainer checkpoints, so a resumed run draws the same masks. Evaluation reports the reconstruction loss on
+the validation clips with masks seeded by the clips' indices (the same masks every time).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..data.video import collate_videos
+from ..engine import TrainConfig
+from ..factory import create_model, save_pretrained
+from ..models.video_vit import VideoMAEPretrain, pixel_targets, running_cell_mask, tube_mask, videomae_loss
+from .common import train_cli
+from .video_cls import VideoDataConfig, video_datasets
+
+__all__ = ["VideoPretrainConfig", "VideoPretrainTask", "train_main"]
+
+
+@dataclass(frozen=True)
+class VideoPretrainConfig(VideoDataConfig):
+    model: str = "videomae_pretrain_vit_s"
+    model_args: Optional[Dict[str, Any]] = None  # e.g. {encoder_depth: 4, decoder_depth: 1}
+    checkpoint: Optional[str] = None  # continue from a pre-training checkpoint
+    mask_ratio: float = 0.9  # tube masking: share of spatial positions hidden from the encoder
+    decoder_mask_ratio: Optional[float] = None  # VideoMAEv2 dual masking: share NOT reconstructed (0.5)
+    normalize_target: bool = True  # per-tubelet normalised pixels (the official default)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(weight_decay=0.05))
+
+
+def _unwrap(model: nn.Module) -> VideoMAEPretrain:
+    return getattr(model, "module", model)
+
+
+class VideoPretrainTask:
+    """Masked video modelling on unlabelled clips (labels in the list are ignored)."""
+
+    def __init__(self, cfg: VideoPretrainConfig):
+        if not 0 < cfg.mask_ratio < 1:
+            raise ValueError(f"mask_ratio: expected a value in (0, 1), got {cfg.mask_ratio}")
+        self.cfg = cfg
+        _, self._train_set, self._eval_set = video_datasets(cfg, cfg.train.seed)
+        self.skipped = 0
+
+    def build_model(self) -> nn.Module:
+        cfg = self.cfg
+        model = create_model(cfg.model, **{"all_frames": cfg.num_frames, "img_size": cfg.img_size,
+                                           **(cfg.model_args or {})})
+        if not isinstance(model, VideoMAEPretrain):
+            raise ValueError(f"model: {cfg.model} is not a VideoMAE pre-training model "
+                             f"(use videomae_pretrain_vit_*)")
+        if cfg.checkpoint:
+            from ..checkpoint import load_checkpoint
+            load_checkpoint(model, cfg.checkpoint)
+        return model
+
+    def train_dataset(self) -> Dataset:
+        return self._train_set
+
+    def eval_dataset(self) -> Optional[Dataset]:
+        return self._eval_set
+
+    def collate(self, samples):
+        return collate_videos(samples)
+
+    def _loss(self, model: nn.Module, video: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        core = _unwrap(model)
+        embed = core.encoder.patch_embed
+        grid = (video.shape[2] // embed.tubelet_size, video.shape[3] // embed.patch_size,
+                video.shape[4] // embed.patch_size)
+        mask = tube_mask(video.shape[0], grid, self.cfg.mask_ratio, generator, video.device)
+        decode_mask = None
+        if self.cfg.decoder_mask_ratio is not None:
+            decode_mask = running_cell_mask(video.shape[0], grid, self.cfg.decoder_mask_ratio, generator,
+                                            video.device)
+        targets = pixel_targets(video, embed.patch_size, embed.tubelet_size, self.cfg.normalize_target,
+                                self.cfg.mean, self.cfg.std)
+        return videomae_loss(model(video, mask, decode_mask), targets, mask, decode_mask)
+
+    def training_step(self, model: nn.Module, batch) -> Tuple[torch.Tensor, Dict[str, float]]:
+        self.skipped += batch["skipped"]
+        video = batch["video"]
+        if video.shape[0] == 0:
+            return sum(p.sum() * 0 for p in model.parameters()), {"skipped_videos": self.skipped}
+        return self._loss(model, video, None), {"skipped_videos": self.skipped}
+
+    def eval_step(self, model: nn.Module, batch) -> Dict[str, torch.Tensor]:
+        video = batch["video"]
+        count = torch.tensor(float(video.shape[0]))
+        if video.shape[0] == 0:
+            return {"count": count}
+        first_view = video[:, 0]  # (B, V, C, T, H, W): the first test view of each clip
+        generator = torch.Generator(first_view.device).manual_seed(int(batch["index"][0]))
+        return {"count": count, "loss": self._loss(model, first_view, generator).detach().cpu() * count}
+
+    def summarize(self, sums: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        count = float(sums.get("count", 0))
+        return {"reconstruction_loss": float(sums["loss"]) / count, "count": int(count)} if count else {"count": 0}
+
+    def save_model(self, model: nn.Module, directory: Path) -> None:
+        cfg = self.cfg
+        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "file": None,
+                                "input_size": (3, cfg.num_frames, cfg.img_size, cfg.img_size),
+                                "mean": tuple(cfg.mean), "std": tuple(cfg.std), "num_frames": cfg.num_frames,
+                                "stride": cfg.stride, "sampling": cfg.sampling, "mask_ratio": cfg.mask_ratio}
+        save_pretrained(model, directory)
+
+
+def train_main(argv: Optional[List[str]] = None) -> int:
+    return train_cli(argv, "video-pretrain", "VideoMAE masked pre-training of a video ViT.", VideoPretrainConfig,
+                     VideoPretrainTask, "annotation list (`path label` lines or path,label CSV) or builtin:actions",
+                     "videomae_pretrain_vit_s")
