@@ -142,7 +142,9 @@ def load_checkpoint(model: nn.Module, source: Source, strict: bool = True, allow
         listed = "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, a, b in wrong[:5])
         raise ValueError(f"{where}: {len(wrong)} tensor shapes do not match the model: {listed}")
     result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if k not in replaced]
+    # A tied alias (stored once by save_pretrained) was filled through the tensor it shares.
+    tied = _tied_names(model) if result.missing_keys else {}
+    missing = [k for k in result.missing_keys if k not in replaced and not any(n in state for n in tied.get(k, ()))]
     if strict and (missing or result.unexpected_keys):
         raise ValueError(f"{where}: checkpoint does not fit the model: {len(missing)} missing keys "
                          f"{missing[:8]}, {len(result.unexpected_keys)} unexpected keys {result.unexpected_keys[:8]}")
@@ -164,11 +166,42 @@ def atomic_write(path: Union[str, os.PathLike], write) -> None:
         raise
 
 
+def _alias_key(tensor: torch.Tensor) -> Tuple:
+    """Equal for two tensors that are the same memory seen the same way (tied weights)."""
+    return tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride()
+
+
+def _tied_names(model: nn.Module) -> Dict[str, Tuple[str, ...]]:
+    """``{name: every state-dict name of the same tensor}`` for the tied entries of ``model``."""
+    groups: Dict[Tuple, list] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.numel():
+            groups.setdefault(_alias_key(tensor), []).append(name)
+    return {name: tuple(group) for group in groups.values() if len(group) > 1 for name in group}
+
+
+def _unique_storage(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Drop tied aliases (safetensors refuses tensors that share memory) and copy other overlapping views."""
+    seen: Dict[Tuple, str] = {}
+    storages = set()
+    out = {}
+    for name, tensor in state.items():
+        key = _alias_key(tensor)
+        if tensor.numel() and key in seen:
+            continue  # the model re-ties it on load (load_checkpoint accepts a missing alias)
+        storage = tensor.untyped_storage().data_ptr()
+        out[name] = tensor.clone() if tensor.numel() and storage in storages else tensor
+        seen[key] = name
+        storages.add(storage)
+    return out
+
+
 def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], config: Dict[str, Any]) -> Path:
-    """Write ``config.json`` (``config``) and ``model.safetensors`` (the state dict) into ``directory``."""
+    """Write ``config.json`` (``config``) and ``model.safetensors`` (the state dict) into ``directory``; a tensor
+    tied to another one (same memory) is stored once, under its first name."""
     from safetensors.torch import save_file
     directory = Path(directory)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = _unique_storage({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
     return directory

@@ -1,6 +1,7 @@
 """Public model API: create_model, from_pretrained, save_pretrained (re-exported by ``intern2``)."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
@@ -81,9 +82,23 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike]) -> Pat
     return _save(model, directory, config)
 
 
+def _hf_model_type(directory: Path) -> Optional[str]:
+    """``model_type`` of an HF folder's config.json that names no intern2 architecture."""
+    try:
+        config = json.loads((directory / CONFIG_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # read_checkpoint reports it
+    return None if not isinstance(config, dict) or config.get("architecture") else config.get("model_type")
+
+
 def from_pretrained(directory: Union[str, os.PathLike], **kwargs) -> nn.Module:
-    """Rebuild a model from a folder written by :func:`save_pretrained`, or from an OpenGVLab HF-hub InternImage
-    folder (config.json with model_type 'intern_image'; no remote code is executed)."""
+    """Rebuild a model from a folder written by :func:`save_pretrained`, from an OpenGVLab HF-hub InternImage
+    folder (config.json with model_type 'intern_image'; no remote code is executed), or from an HF NLLB/M2M-100
+    folder (model_type 'm2m_100', e.g. one written by ``TranslationModel.save_pretrained``; ``kwargs`` are its
+    ``dtype`` / ``device``)."""
+    if _hf_model_type(Path(directory)) == "m2m_100":  # also sharded folders, which read_checkpoint does not read
+        from .models.translator import TranslationModel
+        return TranslationModel.from_pretrained(directory, **kwargs)
     state, config = read_checkpoint(Path(directory))
     arch = config.get("architecture")
     if arch is None and config.get("model_type") == "intern_image":
@@ -97,6 +112,7 @@ def from_pretrained(directory: Union[str, os.PathLike], **kwargs) -> nn.Module:
         model.pretrained_cfg = {**model.pretrained_cfg, **config.get("pretrained_cfg", {})}
     else:
         raise ValueError(f"{Path(directory) / CONFIG_NAME}: cannot tell the model: expected an 'architecture' "
-                         f"known to intern2 or model_type 'intern_image', got {arch or config.get('model_type')!r}")
+                         f"known to intern2 or model_type 'intern_image' or 'm2m_100', "
+                         f"got {arch or config.get('model_type')!r}")
     load_checkpoint(model, state, allow_new_head=False)
     return model

@@ -28,7 +28,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ from ..registry import register_model
 
 __all__ = ["TranslatorConfig", "TranslationModel", "Seq2SeqLMOutput", "GenerateOutput", "DecoderCache",
            "convert_fairseq_state_dict", "split_sentences", "translate_in_sentences", "TRANSLATOR_VARIANTS",
-           "MAX_TRAINED_SOURCE_TOKENS"]
+           "MAX_TRAINED_SOURCE_TOKENS", "resize_embeddings_for_languages"]
 
 # NLLB was trained on sentences of at most 512 tokens (model card); longer inputs degrade or get cut short.
 MAX_TRAINED_SOURCE_TOKENS = 512
@@ -795,6 +795,40 @@ def _read_hf_folder(folder: Path) -> Tuple[Dict[str, Tensor], Dict]:
                 state.update(read_state_dict(folder / shard))
             return state, json.loads((folder / CONFIG_NAME).read_text())
     return read_checkpoint(folder)
+
+
+@torch.no_grad()
+def resize_embeddings_for_languages(model: TranslationModel, new_ids: Sequence[int],
+                                    init_from: Optional[int] = None) -> TranslationModel:
+    """Give the language tokens ``new_ids`` (from ``NllbTokenizer.add_languages``) embedding rows, in place.
+
+    Rows are only appended (no existing id moves), the output projection stays tied to the grown embedding, and
+    ``model.config.vocab_size`` follows. Every row in ``new_ids`` is initialised, also one that already existed
+    unused (NLLB-200's rows after <mask>): from row ``init_from`` (e.g. the token of a related language, so the
+    new language starts as "like French") or else from the mean embedding. Resize before building the optimizer.
+    """
+    shared = model.model.shared
+    old_rows = shared.num_embeddings
+    if not new_ids:
+        return model
+    if min(new_ids) <= model.config.eos_token_id:
+        raise ValueError(f"new_ids {sorted(new_ids)[:4]} include special-token ids; expected language-token ids")
+    if init_from is not None and not 0 <= init_from < old_rows:
+        raise ValueError(f"init_from={init_from} is not a row of the embedding ({old_rows} rows)")
+    source = (shared.weight[init_from] if init_from is not None else shared.weight.mean(0)).clone()
+    rows = max(old_rows, max(new_ids) + 1)
+    weight = shared.weight
+    if rows > old_rows:  # rows between the old end and a new id (ids of other added tokens) start at the mean
+        grown = weight.new_empty(rows, weight.shape[1])
+        grown[:old_rows] = weight
+        grown[old_rows:] = weight.mean(0)
+        weight = nn.Parameter(grown, requires_grad=shared.weight.requires_grad)
+    weight[list(new_ids)] = source
+    shared.weight, shared.num_embeddings = weight, rows
+    model.lm_head.out_features = rows
+    model.config = dataclasses.replace(model.config, vocab_size=rows)
+    model.tie_weights()
+    return model
 
 
 # ------------------------------------------------------------------------------------------------------ long text
