@@ -1,4 +1,5 @@
-"""AdamW parameter groups (no decay on 1-D tensors, layer-wise lr decay) and the warmup + cosine schedule."""
+"""AdamW parameter groups (no decay on 1-D tensors, layer-wise lr decay) and the lr schedules (warmup + cosine,
+warmup + inverse square root)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +8,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-__all__ = ["param_groups", "build_optimizer", "warmup_cosine"]
+__all__ = ["param_groups", "build_optimizer", "warmup_cosine", "inverse_sqrt", "lr_schedule", "SCHEDULES"]
+
+SCHEDULES = ("cosine", "inverse_sqrt")
 
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: Optional[float] = None) -> List[Dict]:
@@ -46,3 +49,23 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_lr_ratio: float) -> C
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return factor
+
+
+def inverse_sqrt(warmup_steps: int) -> Callable[[int], float]:
+    """LR multiplier of the Transformer / fairseq translation recipe: linear warmup to 1, then
+    ``sqrt(warmup_steps / step)`` (no end point, so training can go on)."""
+    warmup = max(1, warmup_steps)
+
+    def factor(step: int) -> float:
+        step += 1
+        return step / warmup if step < warmup else math.sqrt(warmup / step)
+    return factor
+
+
+def lr_schedule(name: str, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
+    """The multiplier function of schedule ``name`` (one of :data:`SCHEDULES`)."""
+    if name == "inverse_sqrt":
+        return inverse_sqrt(warmup_steps)
+    if name == "cosine":
+        return warmup_cosine(total_steps, warmup_steps, min_lr_ratio)
+    raise ValueError(f"unknown lr schedule {name!r}; expected one of {SCHEDULES}")

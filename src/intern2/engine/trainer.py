@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..checkpoint import atomic_write
 from ..config import to_dict
 from .distributed import DistInfo, cleanup, init_distributed
-from .optim import build_optimizer, warmup_cosine
+from .optim import SCHEDULES, build_optimizer, lr_schedule
 
 __all__ = ["Task", "TrainConfig", "Trainer", "ShardedSampler", "ModelEma", "accumulate_eval"]
 
@@ -48,11 +48,13 @@ class TrainConfig:
 
     epochs: int = 10
     max_steps: Optional[int] = None
+    time_limit_s: Optional[float] = None  # stop after the step that passes this much training time (eval, save follow)
     batch_size: int = 32
     grad_accum: int = 1
     lr: float = 1e-3
     min_lr_ratio: float = 0.01
     warmup_steps: int = 0
+    schedule: str = "cosine"  # or "inverse_sqrt" (translation): warmup, then lr * sqrt(warmup_steps / step)
     weight_decay: float = 0.05
     layer_decay: Optional[float] = None
     clip_grad: Optional[float] = 5.0
@@ -71,6 +73,8 @@ class TrainConfig:
     resume: Optional[str] = None  # a checkpoint path, or "auto": <out_dir>/checkpoints/last.pt if it exists
 
     def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"train.schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
         if self.amp not in ("none", "bf16"):
             raise ValueError(f"train.amp: expected 'none' or 'bf16', got {self.amp!r}")
         for name in ("epochs", "batch_size", "grad_accum", "log_every"):
@@ -334,7 +338,7 @@ class Trainer:
         wrapped = self._wrap(model)
         optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, layer_decay=cfg.layer_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(total_steps, cfg.warmup_steps, cfg.min_lr_ratio))
+            optimizer, lr_schedule(cfg.schedule, total_steps, cfg.warmup_steps, cfg.min_lr_ratio))
         ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay else None
         progress = _Progress()
         source = self._resume_source()
@@ -389,6 +393,8 @@ class Trainer:
                     if ema is not None:
                         ema.update(model)
                     progress.step += 1
+                    if cfg.time_limit_s is not None and self._out_of_time(started):
+                        total_steps = progress.step  # ends the run like max_steps would
                     if bar is not None:
                         bar.update(1)
                     last_of_epoch = progress.batches_done // cfg.grad_accum >= steps_per_epoch
@@ -436,6 +442,13 @@ class Trainer:
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.requires_grad_(False)
                 module.register_forward_pre_hook(use_running_stats)
+
+    def _out_of_time(self, started: float) -> bool:
+        """train.time_limit_s has passed (on any rank: all ranks must stop at the same step)."""
+        late = torch.tensor(float(time.perf_counter() - started >= self.cfg.time_limit_s), device=self.dist.device)
+        if self.dist.distributed:
+            dist.all_reduce(late, op=dist.ReduceOp.MAX)
+        return bool(late)
 
     def _final_model(self, wrapped: nn.Module, model: nn.Module, ema: Optional[ModelEma]) -> nn.Module:
         if ema is not None:
