@@ -16,9 +16,15 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "predict": ("intern2.tasks:predict_main", "run a model on image or video files (labels, overlays, detections)"),
     "extract-features": ("intern2.tasks.video_cls:extract_features_main",
                          "pooled video features per file, to .safetensors or .npy"),
+    "retrieve": ("intern2.tasks.video_text:retrieve_main", "rank videos by a text query with a video-text model"),
+    "zero-shot": ("intern2.tasks.video_text:zero_shot_main", "classify videos against free-text labels"),
+    "embed": ("intern2.tasks.video_text:embed_main", "video and text embeddings to .safetensors or .npy"),
     "export": ("intern2.export:main", "export a model: intern2 export onnx ..."),
     "convert": ("intern2.convert:main", "convert an official checkpoint into a model folder"),
+    "translate": ("intern2.tasks.translation:translate_main",
+                  "translate text: intern2 translate --src eng_Latn --tgt fra_Latn 'Good morning'"),
     "languages": ("intern2.text.languages:main", "list the translation languages: intern2 languages --filter fra"),
+    "serve": ("intern2.serve:main", "HTTP API + web page for the models: intern2 serve --image-model DIR ..."),
 }
 
 

@@ -1,0 +1,90 @@
+"""`intern2 serve`: an HTTP API and a web page in front of the image, video and translation models.
+
+:func:`intern2.serve.app.create_app` builds the app (it needs the ``serve`` extra: FastAPI, uvicorn,
+python-multipart); this module only parses the command line, so ``intern2 serve --help`` works without them.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any, List, Optional, Tuple
+
+__all__ = ["main", "load_model_spec", "load_translator", "load_retrieval"]
+
+log = logging.getLogger(__name__)
+
+SPEC_HELP = "a model folder (config.json + weights), or a registered model name optionally followed by :WEIGHTS"
+
+
+def load_model_spec(spec: str) -> Any:
+    """A model from ``FOLDER``, ``NAME`` (random weights: for trying the API) or ``NAME:WEIGHTS_FILE``."""
+    from ..tasks.common import load_model
+    if Path(spec).is_dir():
+        return load_model(spec, None)
+    name, _, weights = spec.partition(":")
+    return load_model(weights or None, name)
+
+
+def load_translator(folder: str, tokenizer_folder: Optional[str] = None) -> Tuple[Any, Any]:
+    """(TranslationModel, NllbTokenizer) from an NLLB/M2M-100 folder; the tokenizer files (sentencepiece.bpe.model)
+    are read from ``tokenizer_folder``, by default the same folder as in Hugging Face's NLLB folders."""
+    from ..models.translator import TranslationModel
+    from ..text.tokenizer import NllbTokenizer
+    return TranslationModel.from_pretrained(folder), NllbTokenizer.from_pretrained(tokenizer_folder or folder)
+
+
+def load_retrieval(folder: str) -> Tuple[Any, Any]:
+    """(VideoTextModel, BPETokenizer) from a video-text model folder holding its ``tokenizer.json``."""
+    from ..tasks.common import load_model
+    from ..text.bpe import BPETokenizer
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"--retrieval-model {folder}: expected a video-text model folder (config.json, "
+                                f"weights and tokenizer.json)")
+    return load_model(folder, None), BPETokenizer.from_file(folder)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`intern2 serve [--host H] [--port P] [--image-model SPEC] ... [--translator FOLDER]`."""
+    parser = argparse.ArgumentParser(
+        prog="intern2 serve", description="Serve the models over HTTP (JSON API, OpenAPI schema at /openapi.json, "
+        "web page at /). Models are loaded once, at start; endpoints of models not given answer 503.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--image-model", metavar="SPEC", help=f"image classifier: {SPEC_HELP}")
+    parser.add_argument("--detect-model", metavar="SPEC", help=f"Mask R-CNN detector: {SPEC_HELP}")
+    parser.add_argument("--segment-model", metavar="SPEC", help=f"UperNet segmentor: {SPEC_HELP}")
+    parser.add_argument("--video-model", metavar="SPEC", help=f"video classifier: {SPEC_HELP}")
+    parser.add_argument("--retrieval-model", metavar="FOLDER",
+                        help="video-text model folder (with its tokenizer.json) for /v1/video/retrieve")
+    parser.add_argument("--translator", metavar="FOLDER", help="translation model folder (NLLB/M2M-100 layout)")
+    parser.add_argument("--tokenizer", metavar="FOLDER", help="translator's tokenizer folder (default: --translator)")
+    parser.add_argument("--max-upload-mb", type=float, default=50.0, help="largest request body (default 50)")
+    parser.add_argument("--max-image-pixels", type=int, default=40_000_000,
+                        help="largest image or video frame, in pixels (default 40 million)")
+    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    args = parser.parse_args(argv)
+    try:
+        import uvicorn
+
+        from .app import create_app
+    except ImportError as exc:
+        parser.error(f"serving needs FastAPI, uvicorn and python-multipart: pip install 'intern2[serve]' ({exc})")
+    from ..tasks.common import setup_logging
+    setup_logging()
+    models = {}
+    try:
+        for flag in ("image_model", "detect_model", "segment_model", "video_model"):
+            if getattr(args, flag):
+                models[flag] = load_model_spec(getattr(args, flag))
+        if args.retrieval_model:
+            models["retrieval"] = load_retrieval(args.retrieval_model)
+        if args.translator:
+            models["translator"] = load_translator(args.translator, args.tokenizer)
+        app = create_app(**models, max_upload_mb=args.max_upload_mb, max_image_pixels=args.max_image_pixels)
+    except (ValueError, TypeError, FileNotFoundError, KeyError) as exc:
+        parser.error(str(exc))
+    if not models:
+        log.warning("no model given: every endpoint but /healthz and /v1/models answers 503 (see --help)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,500 @@
+"""The FastAPI app behind `intern2 serve`: one JSON endpoint per model, the web page at ``/``.
+
+Models are built by the caller and handed to :func:`create_app` once. Each runs in a worker thread, one request at
+a time (a capacity limiter of one is its lock), behind a bounded queue, so the event loop keeps answering
+``/healthz`` while a model works and concurrent requests never run one model twice at once. Bad input is a 4xx
+JSON error ``{"error": code, "detail": message}``, never a stack trace or a dead server.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import shutil
+import tempfile
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import anyio
+import numpy as np
+import torch
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from torch import nn
+
+__all__ = ["create_app", "ServeError", "mask_to_rle", "DEFAULT_MAX_UPLOAD_MB", "DEFAULT_MAX_IMAGE_PIXELS"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_UPLOAD_MB = 50.0
+# 40 megapixels: a phone photo fits; a decompression bomb (a tiny file declaring a huge canvas) does not.
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+DEFAULT_MAX_TEXT_CHARS = 5000
+STATIC = Path(__file__).parent / "static"
+SLOTS = ("image", "detect", "segment", "video", "retrieval", "translator")
+FLAGS = {"image": "--image-model", "detect": "--detect-model", "segment": "--segment-model",
+         "video": "--video-model", "retrieval": "--retrieval-model", "translator": "--translator"}
+MAX_CAPTIONS = 200
+
+
+class ServeError(Exception):
+    """An error answered as ``{"error": code, "detail": message, **extra}`` with an HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str, **extra: Any):
+        super().__init__(message)
+        self.status, self.code, self.message, self.extra = status, code, message, extra
+
+
+def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": message, **extra}, status_code=status)
+
+
+class _BodyLimit:
+    """413 for request bodies over ``max_bytes``: at once from Content-Length, else while the body streams in,
+    so an oversized upload is never read into memory or spooled to disk."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def _message(self) -> str:
+        return f"request body is larger than the server's limit of {self.max_bytes / 2 ** 20:g} MB"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"").decode("latin-1")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await _error(413, "payload_too_large", self._message())(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                # FastAPI re-raises HTTPExceptions from body parsing as they are (other errors become a 400).
+                raise StarletteHTTPException(413, self._message())
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+@dataclass
+class _Slot:
+    """A loaded model and the limiter that lets one request at a time run it; ``waiting`` bounds the queue."""
+    name: str
+    model: Any
+    max_waiting: int
+    limiter: Optional[anyio.CapacityLimiter] = None
+    waiting: int = 0
+    info: Dict[str, Any] = field(default_factory=dict)
+
+    async def run(self, function: Callable, *args: Any) -> Any:
+        if self.waiting >= self.max_waiting:
+            raise ServeError(503, "busy", f"the {self.name} model has {self.waiting} requests waiting; retry later")
+        self.waiting += 1
+        try:
+            return await anyio.to_thread.run_sync(function, *args, limiter=self.limiter)
+        finally:
+            self.waiting -= 1
+
+
+# --------------------------------------------------------------------------------------------------- decoding
+def _decode_image(data: bytes, filename: str, max_pixels: int) -> Image.Image:
+    """RGB image from uploaded bytes; the pixel count is checked from the header, before any decoding."""
+    if not data:
+        raise ServeError(400, "invalid_image", f"{filename}: the upload is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ServeError(413, "image_too_large", f"{filename}: {width} x {height} pixels is more than the "
+                                 f"server's limit of {max_pixels:,} pixels")
+            img.load()
+            return img.convert("RGB")
+    except ServeError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ServeError(413, "image_too_large", f"{filename}: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise ServeError(400, "invalid_image", f"{filename}: not an image in a format PIL can read") from exc
+    except Exception as exc:  # PIL's decoders raise many types (OSError, SyntaxError, struct.error...) on junk
+        raise ServeError(400, "invalid_image", f"{filename}: not a readable image "
+                         f"({exc.__class__.__name__}: {exc})") from exc
+
+
+def _png_base64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def mask_to_rle(mask: np.ndarray) -> Dict[str, Any]:
+    """COCO's uncompressed RLE of a binary HxW mask: run lengths in column-major order, starting with zeros
+    (``pycocotools.mask.frPyObjects(rle, h, w)`` reads it)."""
+    flat = np.asarray(mask, dtype=bool).ravel(order="F")
+    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    counts = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    if flat.size and flat[0]:
+        counts.insert(0, 0)
+    return {"size": list(mask.shape), "counts": counts}
+
+
+def _labels(model: nn.Module) -> List[str]:
+    """The model's label names when its pretrained config lists them, else class indices."""
+    names = getattr(model, "pretrained_cfg", {}).get("label_names")
+    count = model.num_classes
+    return list(names) if isinstance(names, list) and len(names) == count else [str(i) for i in range(count)]
+
+
+# -------------------------------------------------------------------------------------------------- inference
+@torch.inference_mode()
+def _classify(model: nn.Module, image: Image.Image, topk: int) -> Dict[str, Any]:
+    from ..tasks.image_cls import _preprocess, class_names
+    probs = model(_preprocess(model)(image)[None]).float().softmax(-1)[0]
+    values, indices = probs.topk(min(topk, probs.numel()))
+    names = class_names(model)
+    return {"top": [{"label": names[i], "index": i, "prob": round(p, 6)}
+                    for p, i in zip(values.tolist(), indices.tolist())]}
+
+
+@torch.inference_mode()
+def _detect(model: nn.Module, image: Image.Image, threshold: float, masks: bool, draw: bool) -> Dict[str, Any]:
+    from ..tasks.detect import detect, draw_detections
+    (output,) = detect(model, [torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255])
+    names = _labels(model)
+    keep = output["scores"] >= threshold
+    objects = []
+    for i in keep.nonzero().flatten().tolist():
+        label = int(output["labels"][i])
+        entry = {"label": names[label - 1], "index": label - 1, "score": round(float(output["scores"][i]), 4),
+                 "box": [round(v, 1) for v in output["boxes"][i].tolist()]}
+        if masks and "masks" in output:
+            entry["mask"] = mask_to_rle(output["masks"][i, 0].numpy() > 0.5)
+        objects.append(entry)
+    result = {"width": image.width, "height": image.height, "objects": objects}
+    if draw:
+        result["overlay_png"] = _png_base64(draw_detections(image, output, names, threshold))
+    return result
+
+
+@torch.inference_mode()
+def _segment(model: nn.Module, image: Image.Image, include_mask: bool) -> Dict[str, Any]:
+    from ..tasks.segment import _palette, colourise, segment_image
+    prediction = segment_image(model, image)
+    names = _labels(model)
+    palette = _palette(len(names))
+    counts = np.bincount(prediction.ravel(), minlength=len(names))
+    classes = [{"label": names[i], "index": i, "fraction": round(float(counts[i]) / prediction.size, 6),
+                "colour": "#%02x%02x%02x" % tuple(int(c) for c in palette[i])}
+               for i in np.argsort(-counts, kind="stable").tolist() if counts[i]]
+    result = {"width": image.width, "height": image.height, "classes": classes,
+              "overlay_png": _png_base64(colourise(image, prediction))}
+    if include_mask:  # class index per pixel, as an 8- or 16-bit greyscale PNG
+        mode = "L" if len(names) <= 256 else "I;16"
+        result["mask_png"] = _png_base64(Image.fromarray(prediction.astype(np.uint8 if mode == "L" else np.uint16)))
+    return result
+
+
+def _video_upload(upload: UploadFile, work: Callable[[str], Dict[str, Any]], max_pixels: int) -> Dict[str, Any]:
+    """Copy an upload into a named temporary file (PyAV reads from a path), run ``work`` on it, always delete it;
+    decoding errors name the uploaded file, not the temporary one."""
+    from ..data.video import probe_video
+    from ..tasks.video_cls import VIDEO_SUFFIXES
+    filename = upload.filename or "upload"
+    suffix = Path(filename).suffix.lower()
+    with tempfile.NamedTemporaryFile(prefix="intern2-upload-", suffix=suffix if suffix in VIDEO_SUFFIXES else "") \
+            as tmp:
+        upload.file.seek(0)
+        shutil.copyfileobj(upload.file, tmp)
+        tmp.flush()
+        if tmp.tell() == 0:
+            raise ServeError(400, "invalid_video", f"{filename}: the upload is empty")
+        try:
+            info = probe_video(tmp.name)
+            if info.width * info.height > max_pixels:
+                raise ServeError(413, "video_too_large", f"{filename}: {info.width} x {info.height} frames are "
+                                 f"more than the server's limit of {max_pixels:,} pixels")
+            return work(tmp.name)
+        except ValueError as exc:  # VideoDecodeError and bad frame ranges: the file, not the server
+            raise ServeError(400, "invalid_video", str(exc).replace(tmp.name, filename)) from exc
+
+
+@torch.inference_mode()
+def _classify_video(model: nn.Module, path: str, topk: int) -> Dict[str, Any]:
+    from ..tasks.video_cls import predict_videos
+    (result,) = predict_videos(model, [path], topk)
+    if "error" in result:
+        raise ValueError(result["error"])
+    return {"top": result["top"]}
+
+
+@torch.inference_mode()
+def _retrieve(model: nn.Module, tokenizer: Any, path: str, captions: List[str], topk: int) -> Dict[str, Any]:
+    """Captions ranked by cosine similarity to the video (test views averaged), with softmax probabilities at the
+    model's temperature."""
+    from ..tasks.video_cls import _inference_setup, _load_views
+    views = _load_views(path, *_inference_setup(model))
+    video = torch.nn.functional.normalize(model.encode_video(views, normalize=True).mean(0), dim=-1)
+    similarity = model.encode_text(tokenizer(captions), normalize=True) @ video
+    probs = (similarity * model.logit_scale.exp().clamp(max=100.0)).softmax(0)
+    order = similarity.argsort(descending=True)[:topk].tolist()
+    return {"ranking": [{"text": captions[i], "index": i, "similarity": round(float(similarity[i]), 6),
+                         "prob": round(float(probs[i]), 6)} for i in order]}
+
+
+def _translate(model: nn.Module, tokenizer: Any, text: str, src_lang: str, tgt_lang: str, num_beams: int,
+               max_new_tokens: Optional[int]) -> Dict[str, Any]:
+    """Sentence by sentence (NLLB is a sentence-level model), in one batch."""
+    from ..models.translator import MAX_TRAINED_SOURCE_TOKENS, translate_in_sentences
+    target = tokenizer.lang_token_id(tgt_lang)
+    max_length = min(MAX_TRAINED_SOURCE_TOKENS, model.config.max_position_embeddings)
+
+    def run(sentences: List[str]) -> List[str]:
+        batch = tokenizer.encode_batch(sentences, src_lang, max_length=max_length, return_tensors="pt")
+        output = model.generate(**batch, forced_bos_token_id=target, num_beams=num_beams,
+                                max_new_tokens=max_new_tokens, no_repeat_ngram_size=3)
+        return tokenizer.decode_batch(output)
+
+    return {"translation": translate_in_sentences(text, run)}
+
+
+class TranslateRequest(BaseModel):
+    text: str = Field(description="text to translate; long text is split into sentences")
+    src_lang: str = Field(description="source language: any registered code or name ('en', 'eng_Latn', 'English')")
+    tgt_lang: str = Field(description="target language, as src_lang")
+    num_beams: int = Field(1, ge=1, le=8, description="beam size (1: greedy)")
+    max_new_tokens: Optional[int] = Field(None, ge=1, le=1024, description="per sentence; default from its length")
+
+
+# ------------------------------------------------------------------------------------------------------- app
+def _describe(slot: str, model: Any) -> Dict[str, Any]:
+    if slot in ("translator", "retrieval"):
+        model, tokenizer = model
+        info = {"architecture": model.pretrained_cfg.get("architecture", type(model).__name__),
+                "parameters": sum(p.numel() for p in model.parameters())}
+        return {**info, "languages": tokenizer.languages} if slot == "translator" else info
+    cfg = getattr(model, "pretrained_cfg", {})
+    info = {"architecture": cfg.get("architecture", type(model).__name__),
+            "parameters": sum(p.numel() for p in model.parameters()), "num_classes": model.num_classes}
+    labels = _labels(model)
+    if slot == "image":
+        from ..tasks.image_cls import class_names
+        labels = class_names(model)
+    info["labels"] = labels if len(labels) <= 100 else labels[:100] + [f"... {len(labels) - 100} more"]
+    return info
+
+
+def _check_models(models: Dict[str, Any]) -> None:
+    """A model in the wrong slot would fail on every request: say so at start instead."""
+    from ..models.internimage import InternImage
+    from ..models.mask_rcnn import InternImageMaskRCNN
+    from ..models.translator import TranslationModel
+    from ..models.upernet import UperNet
+    from ..models.video_vit import VideoViT
+    from ..models.videotext import VideoTextModel
+    expected = {"image": InternImage, "detect": InternImageMaskRCNN, "segment": UperNet, "video": VideoViT}
+    pairs = {"translator": (TranslationModel, "NllbTokenizer"), "retrieval": (VideoTextModel, "BPETokenizer")}
+    for slot, model in models.items():
+        if slot in pairs:
+            cls, tokenizer_name = pairs[slot]
+            if not (isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], cls)):
+                raise TypeError(f"{slot}: expected a ({cls.__name__}, {tokenizer_name}) pair")
+            rows = model[0].config.vocab_size if slot == "translator" else model[0].vocab_size
+            if model[1].vocab_size > rows:
+                raise ValueError(f"{slot}: the tokenizer has {model[1].vocab_size} ids but the model only {rows} "
+                                 f"embedding rows")
+        elif not isinstance(model, expected[slot]):
+            raise TypeError(f"{slot}_model: expected {expected[slot].__name__}, got {type(model).__name__}")
+        elif slot == "image" and getattr(model, "features_only", False):
+            raise TypeError("image_model: a features_only backbone has no classifier")
+
+
+def create_app(image_model: Optional[nn.Module] = None, detect_model: Optional[nn.Module] = None,
+               segment_model: Optional[nn.Module] = None, video_model: Optional[nn.Module] = None,
+               translator: Optional[Tuple[nn.Module, Any]] = None, retrieval: Optional[Tuple[nn.Module, Any]] = None,
+               max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+               max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+               max_waiting: int = 16) -> FastAPI:
+    """The intern2 HTTP API and web page for the given models (any may be None: its endpoints answer 503).
+
+    Args:
+        image_model: an InternImage classifier; detect_model: an InternImage Mask R-CNN;
+            segment_model: an UperNet; video_model: a video ViT classifier (all used in eval mode).
+        translator: ``(TranslationModel, NllbTokenizer)``; retrieval: ``(VideoTextModel, BPETokenizer)``.
+        max_upload_mb: largest request body; max_image_pixels: largest image (or video frame) in pixels;
+            max_text_chars: longest text to translate; max_waiting: requests queued per model before 503.
+    """
+    given = {"image": image_model, "detect": detect_model, "segment": segment_model, "video": video_model,
+             "translator": translator, "retrieval": retrieval}
+    models = {slot: model for slot, model in given.items() if model is not None}
+    _check_models(models)
+    for slot, model in models.items():
+        (model[0] if isinstance(model, tuple) else model).eval()
+    slots = {slot: _Slot(slot, model, max_waiting, info=_describe(slot, model)) for slot, model in models.items()}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        for slot in slots.values():  # anyio limiters belong to the event loop that serves the app
+            slot.limiter = anyio.CapacityLimiter(1)
+        yield
+
+    app = FastAPI(title="intern2", version=_version(), lifespan=lifespan,
+                  description="InternImage, InternVideo and multilingual translation models over HTTP.")
+    app.add_middleware(_BodyLimit, max_bytes=int(max_upload_mb * 2 ** 20))
+    app.state.slots = slots
+
+    @app.exception_handler(ServeError)
+    async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.message, **exc.extra)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+        detail = str(exc.detail)
+        if exc.status_code == 400:  # FastAPI's own message does not say what a body should be
+            detail += " (expected UTF-8 JSON for /v1/translate, multipart form data for uploads)"
+        return _error(exc.status_code, codes.get(exc.status_code, f"http_{exc.status_code}"), detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for e in exc.errors():
+            where = ".".join(str(p) for p in e.get("loc", ()))
+            cause = (e.get("ctx") or {}).get("error")  # JSON syntax errors keep the reason here
+            problems.append(f"{where}: {e.get('msg', 'invalid')}" + (f" ({cause})" if isinstance(cause, str) else ""))
+        return _error(422, "invalid_request", "; ".join(problems))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette still re-raises it afterwards, so the server logs the traceback.
+        return _error(500, "internal_error", f"{exc.__class__.__name__}: {exc}")
+
+    def slot_of(name: str) -> _Slot:
+        if name not in slots:
+            raise ServeError(503, "model_not_loaded", f"no {name} model is loaded; start the server with "
+                             f"`intern2 serve {FLAGS[name]} ...`")
+        return slots[name]
+
+    async def read_upload(upload: UploadFile) -> Tuple[bytes, str]:
+        return await upload.read(), upload.filename or "upload"
+
+    @app.get("/healthz", summary="liveness: ok while the server answers")
+    async def healthz() -> Dict[str, Any]:
+        return {"status": "ok", "models": sorted(slots)}
+
+    @app.get("/v1/models", summary="the loaded models, their labels and languages")
+    async def list_models() -> Dict[str, Any]:
+        return {"models": {name: ({"loaded": True, **slots[name].info} if name in slots else
+                                  {"loaded": False, "flag": FLAGS[name]}) for name in SLOTS},
+                "limits": {"max_upload_mb": max_upload_mb, "max_image_pixels": max_image_pixels,
+                           "max_text_chars": max_text_chars}}
+
+    @app.post("/v1/classify", summary="image classification: top-k labels")
+    async def classify(file: UploadFile = File(..., description="an image file"),
+                       topk: int = Form(5, ge=1, le=100)) -> Dict[str, Any]:
+        slot = slot_of("image")
+        data, filename = await read_upload(file)
+        return await slot.run(lambda: _timed(_classify, slot.model, _decode_image(data, filename, max_image_pixels),
+                                             topk))
+
+    @app.post("/v1/detect", summary="object detection + instance masks (COCO RLE), optionally drawn")
+    async def detect(file: UploadFile = File(..., description="an image file"),
+                     threshold: float = Form(0.5, ge=0.0, le=1.0), masks: bool = Form(True),
+                     draw: bool = Form(True)) -> Dict[str, Any]:
+        slot = slot_of("detect")
+        data, filename = await read_upload(file)
+        return await slot.run(lambda: _timed(_detect, slot.model, _decode_image(data, filename, max_image_pixels),
+                                             threshold, masks, draw))
+
+    @app.post("/v1/segment", summary="semantic segmentation: class histogram and overlay")
+    async def segment(file: UploadFile = File(..., description="an image file"),
+                      include_mask: bool = Form(False)) -> Dict[str, Any]:
+        slot = slot_of("segment")
+        data, filename = await read_upload(file)
+        return await slot.run(lambda: _timed(_segment, slot.model, _decode_image(data, filename, max_image_pixels),
+                                             include_mask))
+
+    @app.post("/v1/video/classify", summary="action recognition on a video file: top-k labels")
+    async def video_classify(file: UploadFile = File(..., description="a video file (mp4, webm, avi, ...)"),
+                             topk: int = Form(5, ge=1, le=100)) -> Dict[str, Any]:
+        slot = slot_of("video")
+        return await slot.run(lambda: _timed(_video_upload, file,
+                                             lambda path: _classify_video(slot.model, path, topk), max_image_pixels))
+
+    @app.post("/v1/video/retrieve", summary="video-to-text retrieval: rank candidate captions for a video")
+    async def video_retrieve(file: UploadFile = File(..., description="a video file (mp4, webm, avi, ...)"),
+                             texts: str = Form(..., description="candidate captions, one per line"),
+                             topk: int = Form(10, ge=1, le=MAX_CAPTIONS)) -> Dict[str, Any]:
+        slot = slot_of("retrieval")
+        captions = [line.strip() for line in texts.splitlines() if line.strip()]
+        if not captions:
+            raise ServeError(400, "empty_text", "texts: no captions to rank (one caption per line)")
+        if len(captions) > MAX_CAPTIONS:
+            raise ServeError(413, "too_many_texts", f"texts: {len(captions)} captions is more than the limit of "
+                             f"{MAX_CAPTIONS}")
+        model, tokenizer = slot.model
+        return await slot.run(lambda: _timed(_video_upload, file,
+                                             lambda path: _retrieve(model, tokenizer, path, captions, topk),
+                                             max_image_pixels))
+
+    @app.post("/v1/translate", summary="translate text between any two languages the translator has")
+    async def translate(request: TranslateRequest) -> Dict[str, Any]:
+        slot = slot_of("translator")
+        text = request.text
+        if not text.strip():
+            raise ServeError(400, "empty_text", "text: nothing to translate (empty or only whitespace)")
+        if len(text) > max_text_chars:
+            raise ServeError(413, "text_too_long", f"text: {len(text)} characters is more than the server's limit "
+                             f"of {max_text_chars}; send it in parts")
+        model, tokenizer = slot.model
+        languages = {}
+        for name in ("src_lang", "tgt_lang"):
+            languages[name] = _resolve_language(tokenizer, name, getattr(request, name))
+        translation = await slot.run(lambda: _timed(_translate, model, tokenizer, text, languages["src_lang"],
+                                                    languages["tgt_lang"], request.num_beams, request.max_new_tokens))
+        return {**translation, **languages}
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    return app
+
+
+def _resolve_language(tokenizer: Any, field_name: str, code: str) -> str:
+    """Registry key of ``code``; unknown codes and languages the tokenizer lacks are 422s that say what exists."""
+    from ..text.languages import UnknownLanguageError, get_language
+    from ..text.tokenizer import MissingLanguageTokenError
+    try:
+        key = get_language(code).key
+        tokenizer.lang_token_id(key)
+    except UnknownLanguageError as exc:
+        raise ServeError(422, "unknown_language", f"{field_name}: {exc}", suggestions=exc.suggestions) from exc
+    except MissingLanguageTokenError as exc:
+        raise ServeError(422, "unsupported_language", f"{field_name}: this translator has no token for {key} "
+                         f"({len(tokenizer.languages)} languages; GET /v1/models lists them)") from exc
+    return key
+
+
+def _timed(function: Callable[..., Any], *args: Any) -> Dict[str, Any]:
+    start = time.perf_counter()
+    return {**function(*args), "seconds": round(time.perf_counter() - start, 4)}
+
+
+def _version() -> str:
+    from .. import __version__
+    return __version__
