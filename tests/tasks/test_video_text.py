@@ -1,0 +1,132 @@
+"""Video-text training, evaluation, retrieval, zero-shot and embedding commands end to end on generated clips."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+import intern2
+from intern2 import cli
+from intern2.tasks.video_text import read_captions, retrieval_metrics
+
+pytest.importorskip("av")
+pytest.importorskip("tokenizers")
+TRAIN = ["--set", "train.epochs=2", "--set", "train.batch_size=4", "--set", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def actions(tmp_path_factory):
+    from intern2.data.actions import generate_actions
+    return generate_actions(tmp_path_factory.mktemp("data") / "actions", num_train=12, num_val=6, num_frames=8,
+                            size=32)
+
+
+@pytest.fixture(scope="module")
+def trained(actions, tmp_path_factory):
+    out = tmp_path_factory.mktemp("video_text")
+    assert cli.main(["train", "video-text", "--data", str(actions / "train_captions.jsonl"), "--out", str(out),
+                     *TRAIN]) == 0
+    return out
+
+
+def test_training_reports_retrieval_and_zero_shot(trained):
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["split"] == "train"]
+    assert losses and np.isfinite(losses).all()
+    final = [r for r in records if r["split"] == "eval"][-1]
+    for key in ("t2v_r1", "t2v_r5", "t2v_r10", "t2v_median_rank", "v2t_r1", "v2t_median_rank",
+                "zero_shot_top1", "chance_t2v_r1", "chance_zero_shot"):
+        assert key in final, key
+    assert final["videos"] == 6 and final["chance_zero_shot"] == 10.0
+    model_dir = trained / "model"
+    assert (model_dir / "tokenizer.json").is_file()
+    model = intern2.from_pretrained(model_dir)
+    assert model.pretrained_cfg["prompt"] == "a video of {}" and len(model.pretrained_cfg["label_names"]) == 10
+    assert model.pretrained_cfg["mean"][0] == pytest.approx(0.48145466)
+
+
+def test_retrieve_zero_shot_embed_and_eval_commands(actions, trained, tmp_path, capsys):
+    model = str(trained / "model")
+    videos = actions / "videos" / "val"
+    assert cli.main(["retrieve", "--videos", str(videos), "--query", "a red circle moves to the right",
+                     "--checkpoint", model, "--topk", "3", "--json"]) == 0
+    ranked = json.loads(capsys.readouterr().out)
+    assert len(ranked) == 3 and all(r["file"].endswith(".mp4") for r in ranked)
+    assert ranked[0]["score"] >= ranked[1]["score"] >= ranked[2]["score"]
+    assert cli.main(["zero-shot", str(videos / "00000.mp4"), "--labels", "moving right, moving left,moving up",
+                     "--checkpoint", model, "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert {t["label"] for t in result["top"]} == {"moving right", "moving left", "moving up"}
+    assert sum(t["prob"] for t in result["top"]) == pytest.approx(1.0, abs=1e-4)
+    out = tmp_path / "emb.safetensors"
+    assert cli.main(["embed", "--videos", str(videos), "--texts", "a red square", "a blue star", "--checkpoint",
+                     model, "--out", str(out)]) == 0
+    with safe_open(str(out), "pt") as f:
+        assert f.get_tensor("video").shape == (6, 64) and f.get_tensor("text").shape == (2, 64)
+        assert len(json.loads(f.metadata()["files"])) == 6
+        torch.testing.assert_close(f.get_tensor("text").norm(dim=-1), torch.ones(2))
+    assert cli.main(["embed", "--texts", "a red square", "--checkpoint", model, "--out", str(tmp_path / "t.npy")]) == 0
+    assert np.load(tmp_path / "t.npy").shape == (1, 64)
+    capsys.readouterr()
+    assert cli.main(["eval", "--task", "video-text", "--data", str(actions / "val_captions.jsonl"),
+                     "--checkpoint", model, "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["videos"] == 6 and "zero_shot_top1" in metrics
+
+
+def test_bad_inputs_get_clear_messages(actions, trained, tmp_path, capsys):
+    model = str(trained / "model")
+    (tmp_path / "empty").mkdir()
+    cases = [(["retrieve", "--videos", str(tmp_path / "empty"), "--query", "x", "--checkpoint", model],
+              "no video files found"),
+             (["retrieve", "--videos", str(tmp_path / "nowhere"), "--query", "x", "--checkpoint", model],
+              "no such file or folder"),
+             (["retrieve", "--videos", str(actions / "videos"), "--query", "  ", "--checkpoint", model],
+              "--query is empty"),
+             (["zero-shot", str(actions / "videos" / "val" / "00000.mp4"), "--labels", "left,", "--checkpoint",
+               model], "at least two"),
+             (["retrieve", "--videos", str(actions / "videos"), "--query", "x", "--model", "internvideo_mm_tiny"],
+              "--tokenizer is required")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err, argv
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video")
+    assert cli.main(["zero-shot", str(bad), "--labels", "a,b", "--checkpoint", model]) == 1
+    err = capsys.readouterr().err
+    assert "bad.mp4" in err and "Traceback" not in err
+    captions = tmp_path / "train.jsonl"
+    captions.write_text('{"path": "a.mp4"}\n')
+    with pytest.raises(SystemExit):
+        cli.main(["train", "video-text", "--data", str(captions), "--out", str(tmp_path / "run")])
+    assert "line 1" in capsys.readouterr().err
+
+
+def test_read_captions_groups_videos_and_resolves_labels(actions, tmp_path):
+    lines = [{"path": str(actions / "videos/val/00000.mp4"), "caption": "one", "label": "moving right"},
+             {"path": str(actions / "videos/val/00001.mp4"), "caption": "two"},
+             {"path": str(actions / "videos/val/00000.mp4"), "caption": "three", "label": 0}]
+    (tmp_path / "list.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    (tmp_path / "classes.txt").write_text("moving right\nmoving left\n")
+    source = read_captions(tmp_path / "list.jsonl")
+    paths, labels, text_to_video = source.videos()
+    assert len(paths) == 2 and labels == [0, -1] and text_to_video.tolist() == [0, 1, 0]
+    assert source.classes == ("moving right", "moving left")
+
+
+def test_retrieval_metrics_known_values():
+    # 3 captions, 2 videos; captions 0 and 2 describe video 0, caption 1 video 1.
+    similarity = torch.tensor([[0.9, 0.1],
+                               [0.8, 0.2],
+                               [0.1, 0.5]])
+    metrics = retrieval_metrics(similarity, torch.tensor([0, 1, 0]))
+    # t2v ranks: caption 0 -> 1, caption 1 -> 2, caption 2 -> 2.
+    assert metrics["t2v_r1"] == pytest.approx(100 / 3) and metrics["t2v_median_rank"] == 2
+    assert metrics["t2v_r5"] == 100.0 and metrics["t2v_mean_rank"] == pytest.approx(5 / 3)
+    # v2t: video 0's best caption (0.9) ranks 1; video 1's caption (0.2) ranks 2, behind caption 2 (0.5).
+    assert metrics["v2t_r1"] == 50.0 and metrics["v2t_mean_rank"] == pytest.approx(1.5)
