@@ -6,7 +6,7 @@ STAMP := $(VENV)/.intern2-installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo bench clean
+.PHONY: venv browser test demo bench clean
 
 venv: $(STAMP)
 
@@ -18,7 +18,17 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e '.[all]' $(TORCH_PINS)
 	touch $(STAMP)
 
-test: venv
+# The web page test drives Debian's chromium (about 35 s to install). Install it when we can, as root with
+# apt-get; never fail the build when we cannot: the test then skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    echo "installing chromium for the web page test" && \
+	    apt-get update -qq >/dev/null 2>&1 && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1; } || \
+	  echo "chromium is not installed: the web page test will be skipped"
+
+test: venv browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: venv

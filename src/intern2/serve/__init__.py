@@ -35,13 +35,12 @@ def load_translator(folder: str, tokenizer_folder: Optional[str] = None) -> Tupl
 
 
 def load_retrieval(folder: str) -> Tuple[Any, Any]:
-    """(VideoTextModel, BPETokenizer) from a video-text model folder holding its ``tokenizer.json``."""
-    from ..tasks.common import load_model
-    from ..text.bpe import BPETokenizer
+    """(VideoTextModel, BPETokenizer) from a folder written by `intern2 train video-text` (with tokenizer.json)."""
+    from ..tasks.video_text import load_video_text
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"--retrieval-model {folder}: expected a video-text model folder (config.json, "
                                 f"weights and tokenizer.json)")
-    return load_model(folder, None), BPETokenizer.from_file(folder)
+    return load_video_text(folder)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -82,7 +81,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.translator:
             models["translator"] = load_translator(args.translator, args.tokenizer)
         app = create_app(**models, max_upload_mb=args.max_upload_mb, max_image_pixels=args.max_image_pixels)
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, KeyError, ImportError) as exc:
         parser.error(str(exc))
     if not models:
         log.warning("no model given: every endpoint but /healthz and /v1/models answers 503 (see --help)")

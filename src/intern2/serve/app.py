@@ -244,10 +244,11 @@ def _classify_video(model: nn.Module, path: str, topk: int) -> Dict[str, Any]:
 def _retrieve(model: nn.Module, tokenizer: Any, path: str, captions: List[str], topk: int) -> Dict[str, Any]:
     """Captions ranked by cosine similarity to the video (test views averaged), with softmax probabilities at the
     model's temperature."""
-    from ..tasks.video_cls import _inference_setup, _load_views
-    views = _load_views(path, *_inference_setup(model))
-    video = torch.nn.functional.normalize(model.encode_video(views, normalize=True).mean(0), dim=-1)
-    similarity = model.encode_text(tokenizer(captions), normalize=True) @ video
+    from ..tasks.video_text import encode_texts, encode_videos
+    features, _, errors = encode_videos(model, [path])
+    if errors:
+        raise ValueError(errors[0])
+    similarity = encode_texts(model, tokenizer, captions) @ features[0]
     probs = (similarity * model.logit_scale.exp().clamp(max=100.0)).softmax(0)
     order = similarity.argsort(descending=True)[:topk].tolist()
     return {"ranking": [{"text": captions[i], "index": i, "similarity": round(float(similarity[i]), 6),

@@ -1,0 +1,532 @@
+"""`intern2 serve`: the API through TestClient with tiny random-init models, a real uvicorn server under concurrent
+requests, a fuzz pass of bad input, and the web page driven in headless Chromium."""
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import select
+import shutil
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("fastapi")
+pytest.importorskip("multipart")
+pytest.importorskip("httpx")
+pytest.importorskip("sentencepiece")
+pytest.importorskip("babel")
+pytest.importorskip("av")
+
+import httpx  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+import intern2  # noqa: E402
+from intern2 import cli  # noqa: E402
+from intern2.data.video import write_video  # noqa: E402
+from intern2.serve import load_model_spec, load_retrieval, load_translator  # noqa: E402
+from intern2.serve.app import ServeError, _Slot, create_app, mask_to_rle  # noqa: E402
+from intern2.text.corpus import builtin_sentences  # noqa: E402
+from intern2.text.tokenizer import NllbTokenizer  # noqa: E402
+
+BACKBONE = dict(channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8], drop_path_rate=0.0)
+LANGS = ["eng_Latn", "fra_Latn", "deu_Latn"]
+IMAGE_CLASSES = ["cat", "dog", "bird"]
+CAPTIONS = ["a red circle moves to the right", "a blue square turns", "a green star fades in"]
+
+
+# ------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def models():
+    """Tiny random-init models for every slot, small inputs so each request takes milliseconds."""
+    torch.manual_seed(0)
+    image = intern2.create_model("internimage_t", num_classes=3, **BACKBONE)
+    image.pretrained_cfg.update(input_size=(3, 64, 64), label_names=IMAGE_CLASSES)
+    detect = intern2.create_model("mask_rcnn_internimage_t", backbone=BACKBONE, fpn_channels=32, num_classes=2,
+                                  min_size=64, max_size=96, box_detections_per_img=5, box_score_thresh=0.0)
+    detect.pretrained_cfg["label_names"] = ["circle", "square"]
+    segment = intern2.create_model("upernet_internimage_t", backbone=BACKBONE, channels=16, aux_channels=16,
+                                   num_classes=4)
+    segment.pretrained_cfg["test_size"] = (96, 64)
+    video = intern2.create_model("videomae_vit_s", embed_dim=32, depth=1, num_heads=2, patch_size=16, img_size=32,
+                                 all_frames=4, num_classes=3)
+    video.pretrained_cfg.update(num_frames=4, stride=1, input_size=(3, 4, 32, 32))
+    tokenizer = NllbTokenizer.train(builtin_sentences(LANGS), 300, LANGS)
+    translator = intern2.create_model("intern2_mt_tiny", vocab_size=tokenizer.vocab_size, encoder_layers=1,
+                                      decoder_layers=1)
+    found = dict(image_model=image, detect_model=detect, segment_model=segment, video_model=video,
+                 translator=(translator, tokenizer))
+    if _has("tokenizers"):
+        from intern2.text.bpe import BPETokenizer
+        retrieval = intern2.create_model("internvideo_mm_tiny", num_frames=4)
+        found["retrieval"] = (retrieval, BPETokenizer.train(CAPTIONS, vocab_size=300, context_length=32))
+    return found
+
+
+def _has(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def client(models):
+    with TestClient(create_app(**models)) as test_client:
+        yield test_client
+
+
+def _png(width: int = 64, height: int = 48, seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A valid PNG signature and IHDR declaring a huge canvas, with almost no pixel data: a decompression bomb's
+    header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def video_bytes(tmp_path_factory) -> bytes:
+    frames = np.random.default_rng(0).integers(0, 255, (12, 32, 48, 3), dtype=np.uint8)
+    return write_video(tmp_path_factory.mktemp("video") / "clip.mp4", frames).read_bytes()
+
+
+def _upload(name: str, data: bytes, kind: str = "image/png"):
+    return {"file": (name, data, kind)}
+
+
+def _decode_png(base64_text: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(base64_text)))
+
+
+# ------------------------------------------------------------------------------------------------- API
+def test_health_models_schema_and_page(client, models):
+    assert client.get("/healthz").json()["status"] == "ok"
+    listed = client.get("/v1/models").json()["models"]
+    assert listed["image"]["labels"] == IMAGE_CLASSES and listed["image"]["loaded"]
+    assert listed["translator"]["languages"] == LANGS
+    assert listed["retrieval"]["loaded"] == ("retrieval" in models)
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/healthz", "/v1/models", "/v1/classify", "/v1/detect", "/v1/segment", "/v1/video/classify",
+            "/v1/video/retrieve", "/v1/translate"} <= set(paths)
+    page = client.get("/")
+    assert page.status_code == 200 and "/static/app.js" in page.text
+    for asset in ("app.js", "style.css"):
+        assert client.get(f"/static/{asset}").status_code == 200
+    assert client.get("/no/such/path").json()["error"] == "not_found"
+
+
+def test_classify_top_k(client):
+    response = client.post("/v1/classify", files=_upload("a.png", _png()), data={"topk": 2})
+    assert response.status_code == 200, response.text
+    top = response.json()["top"]
+    assert len(top) == 2 and {t["label"] for t in top} <= set(IMAGE_CLASSES)
+    assert top[0]["prob"] >= top[1]["prob"] and all(IMAGE_CLASSES[t["index"]] == t["label"] for t in top)
+    everything = client.post("/v1/classify", files=_upload("a.png", _png()), data={"topk": 50}).json()["top"]
+    assert len(everything) == 3 and abs(sum(t["prob"] for t in everything) - 1) < 1e-4
+    assert client.post("/v1/classify", files=_upload("a.png", _png()), data={"topk": 0}).status_code == 422
+
+
+def test_detect_boxes_masks_and_drawing(client):
+    response = client.post("/v1/detect", files=_upload("a.png", _png()), data={"threshold": 0.0})
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert (result["width"], result["height"]) == (64, 48) and 0 < len(result["objects"]) <= 5
+    for obj in result["objects"]:
+        assert obj["label"] in ("circle", "square") and 0 <= obj["score"] <= 1
+        x0, y0, x1, y1 = obj["box"]
+        assert 0 <= x0 <= x1 <= 64 and 0 <= y0 <= y1 <= 48
+        assert obj["mask"]["size"] == [48, 64] and sum(obj["mask"]["counts"]) == 48 * 64
+    assert _decode_png(result["overlay_png"]).size == (64, 48)
+    bare = client.post("/v1/detect", files=_upload("a.png", _png()),
+                       data={"threshold": 1.0, "draw": "false"}).json()
+    assert bare["objects"] == [] and "overlay_png" not in bare
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mask_rle_is_coco_rle(seed):
+    mask = np.random.default_rng(seed).random((7, 5)) > 0.5
+    mask[0, 0] = seed == 1  # runs must start with zeros, also when the first pixel is set
+    rle = mask_to_rle(mask)
+    flat = np.concatenate([np.full(n, i % 2, dtype=bool) for i, n in enumerate(rle["counts"])])
+    assert np.array_equal(flat.reshape(5, 7).T, mask)
+    mask_utils = pytest.importorskip("pycocotools.mask")
+    assert np.array_equal(mask_utils.decode(mask_utils.frPyObjects(rle, 7, 5)), mask)
+
+
+def test_segment_histogram_overlay_and_mask(client):
+    response = client.post("/v1/segment", files=_upload("a.png", _png()), data={"include_mask": "true"})
+    assert response.status_code == 200, response.text
+    result = response.json()
+    fractions = [c["fraction"] for c in result["classes"]]
+    assert abs(sum(fractions) - 1) < 1e-4 and fractions == sorted(fractions, reverse=True)
+    assert all(c["colour"].startswith("#") and len(c["colour"]) == 7 for c in result["classes"])
+    assert _decode_png(result["overlay_png"]).size == (64, 48)
+    mask = np.asarray(_decode_png(result["mask_png"]))
+    assert mask.shape == (48, 64) and set(np.unique(mask).tolist()) == {c["index"] for c in result["classes"]}
+
+
+def test_video_classify_and_retrieve(client, models, video_bytes):
+    response = client.post("/v1/video/classify", files=_upload("clip.mp4", video_bytes, "video/mp4"),
+                           data={"topk": 2})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["top"]) == 2
+    if "retrieval" not in models:
+        pytest.skip("the video-text tokenizer needs the 'tokenizers' package")
+    texts = "\n".join(CAPTIONS) + "\n\n"
+    response = client.post("/v1/video/retrieve", files=_upload("clip.mp4", video_bytes, "video/mp4"),
+                           data={"texts": texts})
+    assert response.status_code == 200, response.text
+    ranking = response.json()["ranking"]
+    assert sorted(r["text"] for r in ranking) == sorted(CAPTIONS)
+    assert [r["similarity"] for r in ranking] == sorted((r["similarity"] for r in ranking), reverse=True)
+    empty = client.post("/v1/video/retrieve", files=_upload("clip.mp4", video_bytes, "video/mp4"),
+                        data={"texts": " \n "})
+    assert empty.status_code == 400 and empty.json()["error"] == "empty_text"
+
+
+def test_translate_and_language_errors(client):
+    response = client.post("/v1/translate", json={"text": "Hello. How are you?", "src_lang": "en",
+                                                  "tgt_lang": "French"})
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert isinstance(result["translation"], str)
+    assert (result["src_lang"], result["tgt_lang"]) == ("eng_Latn", "fra_Latn")
+    unknown = client.post("/v1/translate", json={"text": "Hi", "src_lang": "en", "tgt_lang": "klingonx"})
+    assert unknown.status_code == 422 and unknown.json()["error"] == "unknown_language"
+    assert "tgt_lang" in unknown.json()["detail"] and "tlh_Latn" in unknown.json()["suggestions"]
+    missing = client.post("/v1/translate", json={"text": "Hi", "src_lang": "ja", "tgt_lang": "fr"})
+    assert missing.status_code == 422 and missing.json()["error"] == "unsupported_language"
+    for body, status, code in [
+        ({"text": " \n", "src_lang": "en", "tgt_lang": "fr"}, 400, "empty_text"),
+        ({"text": "x" * 6000, "src_lang": "en", "tgt_lang": "fr"}, 413, "text_too_long"),
+        ({"text": "Hi", "src_lang": "en", "tgt_lang": "fr", "num_beams": 0}, 422, "invalid_request"),
+        ({"text": "Hi", "src_lang": "en"}, 422, "invalid_request"),
+    ]:
+        response = client.post("/v1/translate", json=body)
+        assert (response.status_code, response.json()["error"]) == (status, code), response.text
+
+
+def test_models_not_loaded_answer_503():
+    with TestClient(create_app()) as empty:
+        assert empty.get("/v1/models").json()["models"]["image"] == {"loaded": False, "flag": "--image-model"}
+        for path in ("/v1/classify", "/v1/detect", "/v1/segment", "/v1/video/classify"):
+            response = empty.post(path, files=_upload("a.png", _png()))
+            assert response.status_code == 503 and response.json()["error"] == "model_not_loaded"
+        response = empty.post("/v1/translate", json={"text": "Hi", "src_lang": "en", "tgt_lang": "fr"})
+        assert response.status_code == 503 and "--translator" in response.json()["detail"]
+
+
+def test_wrong_model_for_a_slot_fails_at_start(models):
+    with pytest.raises(TypeError, match="image_model: expected InternImage"):
+        create_app(image_model=models["detect_model"])
+    with pytest.raises(TypeError, match="translator"):
+        create_app(translator=models["image_model"])
+
+
+def test_queue_is_bounded():
+    """Requests beyond max_waiting get a 503 at once instead of piling up (and holding their uploads)."""
+    import anyio
+    release = threading.Event()
+    slot = _Slot("image", None, max_waiting=2)
+
+    async def scenario():
+        slot.limiter = anyio.CapacityLimiter(1)
+        async with anyio.create_task_group() as group:
+            for _ in range(2):
+                group.start_soon(slot.run, release.wait)
+            await anyio.sleep(0.05)
+            with pytest.raises(ServeError) as caught:
+                await slot.run(release.wait)
+            release.set()
+        return caught.value
+
+    error = anyio.run(scenario)
+    assert (error.status, error.code) == (503, "busy") and slot.waiting == 0
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+def test_fuzz_bad_inputs_are_4xx_and_leave_no_files(models, video_bytes, tmp_path, monkeypatch):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # uploads spool and land here: count them
+    created = []
+    named_temporary_file = tempfile.NamedTemporaryFile
+
+    def recording(*args, **kwargs):
+        handle = named_temporary_file(*args, **kwargs)
+        created.append(handle.name)
+        return handle
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", recording)
+    rng = np.random.default_rng(1)
+    valid = _png()
+    image_cases = [rng.bytes(int(n)) for n in rng.integers(1, 5000, 8)] + [
+        b"", valid[:len(valid) // 2], b"GIF89a" + rng.bytes(100), b"\xff\xd8\xff\xe0" + rng.bytes(200),
+        _png_header_only(8000, 8000),  # under PIL's own bomb limit, over the server's pixel limit
+        _png_header_only(60000, 60000),  # over PIL's bomb limit
+    ]
+    video_cases = [rng.bytes(int(n)) for n in rng.integers(1, 5000, 4)] + [
+        b"", video_bytes[:len(video_bytes) // 3], video_bytes[:200], b"\0" * 4096]  # (FFmpeg reads a PNG as a
+    # one-frame video, so an image is not bad input here)
+    with TestClient(create_app(**models, max_upload_mb=1)) as client:
+        for data in image_cases:
+            for path in ("/v1/classify", "/v1/detect", "/v1/segment"):
+                response = client.post(path, files=_upload("junk.png", data))
+                assert 400 <= response.status_code < 500, (path, data[:20], response.text)
+                assert response.json()["error"] in ("invalid_image", "image_too_large")
+        for data in video_cases:
+            response = client.post("/v1/video/classify", files=_upload("junk.mp4", data, "video/mp4"))
+            assert response.status_code == 400 and response.json()["error"] == "invalid_video", response.text
+            assert "junk.mp4" in response.json()["detail"] and str(scratch) not in response.json()["detail"]
+        huge = client.post("/v1/classify", files=_upload("huge.png", _png_header_only(8000, 8000)))
+        assert huge.status_code == 413 and "8000 x 8000" in huge.json()["detail"]
+        requests = [
+            dict(content=b'{"text": "\xff\xfe\xfd", "src_lang": "en", "tgt_lang": "fr"}'),  # invalid UTF-8
+            dict(content=b'{"text": "Hi", "src_lang": '),  # truncated JSON
+            dict(content=b"[1, 2, 3]"),
+            dict(content=rng.bytes(300)),
+        ]
+        for request in requests:
+            response = client.post("/v1/translate", headers={"content-type": "application/json"}, **request)
+            assert response.status_code in (400, 422), response.text
+        assert client.post("/v1/classify", data={"topk": 3}).status_code == 422  # no file
+        assert client.post("/v1/classify", content=rng.bytes(500),
+                           headers={"content-type": "multipart/form-data; boundary=xyz"}).status_code in (400, 422)
+        too_big = client.post("/v1/classify", files=_upload("big.png", rng.bytes(2 * 2 ** 20)))
+        assert too_big.status_code == 413 and too_big.json()["error"] == "payload_too_large"
+        streamed = client.post("/v1/classify", content=(rng.bytes(2 ** 16) for _ in range(40)),
+                               headers={"content-type": "multipart/form-data; boundary=xyz"})
+        assert streamed.status_code == 413  # no Content-Length: counted while it streams in
+        assert client.get("/healthz").status_code == 200
+        assert client.post("/v1/classify", files=_upload("a.png", valid)).status_code == 200
+    assert len(created) >= len(video_cases) - 1 and all(Path(name).parent == scratch for name in created)
+    assert list(scratch.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------- real server
+@contextlib.contextmanager
+def _server(app, limit_s: float = 120.0):
+    """uvicorn on 127.0.0.1 on a free port, in a thread; a watchdog stops it after ``limit_s`` whatever happens."""
+    import uvicorn
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    watchdog = threading.Timer(limit_s, lambda: setattr(server, "should_exit", True))
+    watchdog.daemon = True
+    thread.start()
+    watchdog.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        watchdog.cancel()
+        thread.join(timeout=15)
+        sock.close()
+    assert not thread.is_alive(), "uvicorn did not stop"
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads memory use from /proc")
+def test_uvicorn_concurrent_requests(models):
+    png, junk = _png(), np.random.default_rng(2).bytes(3000)
+
+    def call(base: str, index: int):
+        with httpx.Client(base_url=base, timeout=60) as http:
+            kind = index % 4
+            if kind == 0:
+                response = http.post("/v1/classify", files=_upload("a.png", png))
+            elif kind == 1:
+                response = http.post("/v1/translate", json={"text": f"Monday {index}.", "src_lang": "en",
+                                                            "tgt_lang": "de"})
+            elif kind == 2:
+                response = http.post("/v1/segment", files=_upload("junk.png", junk))
+            else:
+                response = http.get("/healthz")
+            return kind, response.status_code
+
+    expected = {0: 200, 1: 200, 2: 400, 3: 200}
+    with _server(create_app(**models)) as base:
+        start = time.monotonic()
+        with ThreadPoolExecutor(6) as pool:
+            assert all(status == expected[kind] for kind, status in pool.map(lambda i: call(base, i), range(24)))
+        before = _rss_mb()
+        with ThreadPoolExecutor(6) as pool:
+            assert all(status == expected[kind] for kind, status in pool.map(lambda i: call(base, i), range(48)))
+        assert _rss_mb() - before < 200, "memory grew under repeated requests"
+        assert time.monotonic() - start < 60
+        assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200
+
+
+# ------------------------------------------------------------------------------------------------- web page
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class _DevTools:
+    """Headless Chromium driven over the DevTools protocol on a pipe: Chromium reads commands on fd 3 and answers
+    on fd 4 (NUL-separated JSON), so the standard library suffices."""
+
+    def __init__(self, binary: str, profile: Path):
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-default-apps",
+                 "--disable-sync", "--disable-extensions", "--no-first-run", "--remote-debugging-pipe",
+                 f"--user-data-dir={profile}", "about:blank"]
+        # The shell moves our pipes to fds 3 and 4, then points stdin/stdout elsewhere.
+        self.proc = subprocess.Popen(["sh", "-c", 'exec "$0" "$@" 3<&0 4>&1 </dev/null >/dev/null', binary, *flags],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self._next_id, self._buffer, self.session = 0, b"", None
+
+    def call(self, method: str, timeout: float = 15.0, **params):
+        self._next_id += 1
+        message = {"id": self._next_id, "method": method, "params": params}
+        if self.session and not method.startswith("Target."):
+            message["sessionId"] = self.session
+        self.proc.stdin.write(json.dumps(message).encode() + b"\0")
+        self.proc.stdin.flush()
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\0" in self._buffer:
+                raw, _, self._buffer = self._buffer.partition(b"\0")
+                reply = json.loads(raw)
+                if reply.get("id") == self._next_id:
+                    if "error" in reply:
+                        raise RuntimeError(f"{method}: {reply['error']}")
+                    return reply["result"]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"DevTools {method}: no answer in {timeout} s")
+            if select.select([self.proc.stdout], [], [], remaining)[0]:
+                chunk = os.read(self.proc.stdout.fileno(), 1 << 20)
+                if not chunk:
+                    raise RuntimeError("chromium exited")
+                self._buffer += chunk
+
+    def evaluate(self, expression: str):
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 20.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            time.sleep(0.05)
+        raise TimeoutError(f"page: {expression} stayed false for {timeout} s")
+
+    def open(self, url: str) -> None:
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.call("Page.navigate", url=url)
+
+    def upload(self, selector: str, path: Path) -> None:
+        root = self.call("DOM.getDocument")["root"]["nodeId"]
+        node = self.call("DOM.querySelector", nodeId=root, selector=selector)["nodeId"]
+        self.call("DOM.setFileInputFiles", nodeId=node, files=[str(path)])
+
+    def submit(self, card: str) -> str:
+        """Submit a card's form and wait until its result is rendered; returns 'done' or 'error'."""
+        self.evaluate(f"document.querySelector('#{card} form').requestSubmit()")
+        return self.wait_for(f"['done', 'error'].includes(document.querySelector('#{card}').dataset.state) && "
+                             f"document.querySelector('#{card}').dataset.state")
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install chromium; "
+                                             "`make test` installs it when run as root)")
+def test_page_in_headless_chromium(models, tmp_path):
+    image = tmp_path / "photo.png"
+    image.write_bytes(_png(80, 60))
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"this is not an image")
+    with _server(create_app(**models)) as base:
+        browser = _DevTools(CHROMIUM, tmp_path / "profile")
+        try:
+            browser.call("Target.getTargets")  # the pipe is up
+            browser.open(base + "/")
+            browser.wait_for("document.body && document.body.dataset.ready === 'true'")
+            assert "models loaded" in browser.evaluate("document.getElementById('status').textContent")
+
+            browser.upload("#classify input[type=file]", image)
+            assert browser.submit("classify") == "done"
+            labels = browser.evaluate("[...document.querySelectorAll('#classify .bar-label')]"
+                                      ".map(e => e.textContent)")
+            assert len(labels) == 3 and set(labels) == set(IMAGE_CLASSES)
+
+            browser.upload("#segment input[type=file]", image)
+            assert browser.submit("segment") == "done"
+            assert browser.wait_for("document.querySelector('#segment img.drawing').complete && "
+                                    "document.querySelector('#segment img.drawing').naturalWidth") == 80
+
+            browser.upload("#detect input[type=file]", image)
+            assert browser.submit("detect") == "done"
+            assert browser.wait_for("document.querySelector('#detect img.drawing').naturalHeight") == 60
+
+            browser.evaluate("document.querySelector('#translate textarea').value = 'Good morning.'")
+            assert browser.submit("translate") == "done"
+            assert "eng_Latn → fra_Latn" in browser.evaluate("document.querySelector('#translate .timing')"
+                                                             ".textContent")
+
+            browser.upload("#classify input[type=file]", junk)
+            assert browser.submit("classify") == "error"
+            assert "not an image" in browser.evaluate("document.querySelector('#classify .error').textContent")
+        finally:
+            browser.close()
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def test_serve_cli_arguments(models, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--help"])
+    assert exit_info.value.code == 0 and "--image-model" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--image-model", "no_such_model"])
+    assert "no_such_model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--translator", str(tmp_path / "missing")])
+    assert "missing" in capsys.readouterr().err
+    intern2.save_pretrained(models["image_model"], tmp_path / "image")
+    loaded = load_model_spec(str(tmp_path / "image"))
+    assert loaded.pretrained_cfg["label_names"] == IMAGE_CLASSES and not loaded.training
+    model, tokenizer = models["translator"]
+    model.save_pretrained(tmp_path / "mt")
+    tokenizer.save_pretrained(tmp_path / "mt")
+    assert load_translator(str(tmp_path / "mt"))[1].languages == LANGS
+    if "retrieval" in models:
+        model, tokenizer = models["retrieval"]
+        intern2.save_pretrained(model, tmp_path / "vt")
+        tokenizer.save(tmp_path / "vt")
+        create_app(retrieval=load_retrieval(str(tmp_path / "vt")))
