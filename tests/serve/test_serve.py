@@ -207,6 +207,13 @@ def test_video_classify_and_retrieve(client, models, video_bytes):
     assert empty.status_code == 400 and empty.json()["error"] == "empty_text"
 
 
+def test_video_frame_pixel_limit(models, video_bytes):
+    with TestClient(create_app(video_model=models["video_model"], max_frame_pixels=1000)) as client:
+        response = client.post("/v1/video/classify", files=_upload("clip.mp4", video_bytes, "video/mp4"))
+    assert response.status_code == 413 and response.json()["error"] == "video_too_large"
+    assert "48 x 32" in response.json()["detail"]
+
+
 def test_translate_and_language_errors(client):
     response = client.post("/v1/translate", json={"text": "Hello. How are you?", "src_lang": "en",
                                                   "tgt_lang": "French"})
@@ -253,7 +260,6 @@ def test_queue_is_bounded():
     slot = _Slot("image", None, max_waiting=2)
 
     async def scenario():
-        slot.limiter = anyio.CapacityLimiter(1)
         async with anyio.create_task_group() as group:
             for _ in range(2):
                 group.start_soon(slot.run, release.wait)

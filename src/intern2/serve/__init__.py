@@ -10,9 +10,16 @@ import logging
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
-__all__ = ["main", "load_model_spec", "load_translator", "load_retrieval"]
+__all__ = ["main", "load_model_spec", "load_translator", "load_retrieval", "DEFAULT_MAX_UPLOAD_MB",
+           "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_FRAME_PIXELS"]
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MAX_UPLOAD_MB = 50.0
+# 40 megapixels: a phone photo fits; a decompression bomb (a tiny file declaring a huge canvas) does not.
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+# Video frames are decoded a clip at a time (16 frames and more): 4K UHD is the largest frame by default.
+DEFAULT_MAX_FRAME_PIXELS = 3840 * 2160
 
 SPEC_HELP = "a model folder (config.json + weights), or a registered model name optionally followed by :WEIGHTS"
 
@@ -58,9 +65,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="video-text model folder (with its tokenizer.json) for /v1/video/retrieve")
     parser.add_argument("--translator", metavar="FOLDER", help="translation model folder (NLLB/M2M-100 layout)")
     parser.add_argument("--tokenizer", metavar="FOLDER", help="translator's tokenizer folder (default: --translator)")
-    parser.add_argument("--max-upload-mb", type=float, default=50.0, help="largest request body (default 50)")
-    parser.add_argument("--max-image-pixels", type=int, default=40_000_000,
-                        help="largest image or video frame, in pixels (default 40 million)")
+    parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
+                        help="largest request body, in MB (default %(default)s)")
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="largest image, in pixels (default %(default)s)")
+    parser.add_argument("--max-frame-pixels", type=int, default=DEFAULT_MAX_FRAME_PIXELS,
+                        help="largest video frame, in pixels (default %(default)s: 4K UHD)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     args = parser.parse_args(argv)
     try:
@@ -80,7 +90,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             models["retrieval"] = load_retrieval(args.retrieval_model)
         if args.translator:
             models["translator"] = load_translator(args.translator, args.tokenizer)
-        app = create_app(**models, max_upload_mb=args.max_upload_mb, max_image_pixels=args.max_image_pixels)
+        app = create_app(**models, max_upload_mb=args.max_upload_mb, max_image_pixels=args.max_image_pixels,
+                         max_frame_pixels=args.max_frame_pixels)
     except (ValueError, TypeError, FileNotFoundError, KeyError, ImportError) as exc:
         parser.error(str(exc))
     if not models:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import io
-import logging
 import shutil
 import tempfile
 import time
@@ -31,13 +30,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from torch import nn
 
-__all__ = ["create_app", "ServeError", "mask_to_rle", "DEFAULT_MAX_UPLOAD_MB", "DEFAULT_MAX_IMAGE_PIXELS"]
+from . import DEFAULT_MAX_FRAME_PIXELS, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_UPLOAD_MB
 
-log = logging.getLogger(__name__)
+__all__ = ["create_app", "ServeError", "mask_to_rle"]
 
-DEFAULT_MAX_UPLOAD_MB = 50.0
-# 40 megapixels: a phone photo fits; a decompression bomb (a tiny file declaring a huge canvas) does not.
-DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 DEFAULT_MAX_TEXT_CHARS = 5000
 STATIC = Path(__file__).parent / "static"
 SLOTS = ("image", "detect", "segment", "video", "retrieval", "translator")
@@ -101,6 +97,8 @@ class _Slot:
     info: Dict[str, Any] = field(default_factory=dict)
 
     async def run(self, function: Callable, *args: Any) -> Any:
+        if self.limiter is None:  # served without a lifespan (which gives each event loop its own limiter)
+            self.limiter = anyio.CapacityLimiter(1)
         if self.waiting >= self.max_waiting:
             raise ServeError(503, "busy", f"the {self.name} model has {self.waiting} requests waiting; retry later")
         self.waiting += 1
@@ -202,14 +200,16 @@ def _segment(model: nn.Module, image: Image.Image, include_mask: bool) -> Dict[s
     result = {"width": image.width, "height": image.height, "classes": classes,
               "overlay_png": _png_base64(colourise(image, prediction))}
     if include_mask:  # class index per pixel, as an 8- or 16-bit greyscale PNG
-        mode = "L" if len(names) <= 256 else "I;16"
-        result["mask_png"] = _png_base64(Image.fromarray(prediction.astype(np.uint8 if mode == "L" else np.uint16)))
+        result["mask_png"] = _png_base64(Image.fromarray(prediction.astype(np.uint8 if len(names) <= 256 else
+                                                                           np.uint16)))
     return result
 
 
 def _video_upload(upload: UploadFile, work: Callable[[str], Dict[str, Any]], max_pixels: int) -> Dict[str, Any]:
     """Copy an upload into a named temporary file (PyAV reads from a path), run ``work`` on it, always delete it;
     decoding errors name the uploaded file, not the temporary one."""
+    import av
+
     from ..data.video import probe_video
     from ..tasks.video_cls import VIDEO_SUFFIXES
     filename = upload.filename or "upload"
@@ -227,7 +227,7 @@ def _video_upload(upload: UploadFile, work: Callable[[str], Dict[str, Any]], max
                 raise ServeError(413, "video_too_large", f"{filename}: {info.width} x {info.height} frames are "
                                  f"more than the server's limit of {max_pixels:,} pixels")
             return work(tmp.name)
-        except ValueError as exc:  # VideoDecodeError and bad frame ranges: the file, not the server
+        except (ValueError, av.FFmpegError) as exc:  # VideoDecodeError, bad frame ranges: the file, not the server
             raise ServeError(400, "invalid_video", str(exc).replace(tmp.name, filename)) from exc
 
 
@@ -265,7 +265,7 @@ def _translate(model: nn.Module, tokenizer: Any, text: str, src_lang: str, tgt_l
     def run(sentences: List[str]) -> List[str]:
         batch = tokenizer.encode_batch(sentences, src_lang, max_length=max_length, return_tensors="pt")
         output = model.generate(**batch, forced_bos_token_id=target, num_beams=num_beams,
-                                max_new_tokens=max_new_tokens, no_repeat_ngram_size=3)
+                                max_new_tokens=max_new_tokens)
         return tokenizer.decode_batch(output)
 
     return {"translation": translate_in_sentences(text, run)}
@@ -326,16 +326,17 @@ def create_app(image_model: Optional[nn.Module] = None, detect_model: Optional[n
                segment_model: Optional[nn.Module] = None, video_model: Optional[nn.Module] = None,
                translator: Optional[Tuple[nn.Module, Any]] = None, retrieval: Optional[Tuple[nn.Module, Any]] = None,
                max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
-               max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
-               max_waiting: int = 16) -> FastAPI:
+               max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS,
+               max_text_chars: int = DEFAULT_MAX_TEXT_CHARS, max_waiting: int = 16) -> FastAPI:
     """The intern2 HTTP API and web page for the given models (any may be None: its endpoints answer 503).
 
     Args:
         image_model: an InternImage classifier; detect_model: an InternImage Mask R-CNN;
             segment_model: an UperNet; video_model: a video ViT classifier (all used in eval mode).
         translator: ``(TranslationModel, NllbTokenizer)``; retrieval: ``(VideoTextModel, BPETokenizer)``.
-        max_upload_mb: largest request body; max_image_pixels: largest image (or video frame) in pixels;
-            max_text_chars: longest text to translate; max_waiting: requests queued per model before 503.
+        max_upload_mb: largest request body; max_image_pixels: largest image, in pixels; max_frame_pixels:
+            largest video frame; max_text_chars: longest text to translate; max_waiting: requests queued per model
+            before 503s.
     """
     given = {"image": image_model, "detect": detect_model, "segment": segment_model, "video": video_model,
              "translator": translator, "retrieval": retrieval}
@@ -354,7 +355,6 @@ def create_app(image_model: Optional[nn.Module] = None, detect_model: Optional[n
     app = FastAPI(title="intern2", version=_version(), lifespan=lifespan,
                   description="InternImage, InternVideo and multilingual translation models over HTTP.")
     app.add_middleware(_BodyLimit, max_bytes=int(max_upload_mb * 2 ** 20))
-    app.state.slots = slots
 
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
@@ -400,7 +400,7 @@ def create_app(image_model: Optional[nn.Module] = None, detect_model: Optional[n
         return {"models": {name: ({"loaded": True, **slots[name].info} if name in slots else
                                   {"loaded": False, "flag": FLAGS[name]}) for name in SLOTS},
                 "limits": {"max_upload_mb": max_upload_mb, "max_image_pixels": max_image_pixels,
-                           "max_text_chars": max_text_chars}}
+                           "max_frame_pixels": max_frame_pixels, "max_text_chars": max_text_chars}}
 
     @app.post("/v1/classify", summary="image classification: top-k labels")
     async def classify(file: UploadFile = File(..., description="an image file"),
@@ -432,7 +432,7 @@ def create_app(image_model: Optional[nn.Module] = None, detect_model: Optional[n
                              topk: int = Form(5, ge=1, le=100)) -> Dict[str, Any]:
         slot = slot_of("video")
         return await slot.run(lambda: _timed(_video_upload, file,
-                                             lambda path: _classify_video(slot.model, path, topk), max_image_pixels))
+                                             lambda path: _classify_video(slot.model, path, topk), max_frame_pixels))
 
     @app.post("/v1/video/retrieve", summary="video-to-text retrieval: rank candidate captions for a video")
     async def video_retrieve(file: UploadFile = File(..., description="a video file (mp4, webm, avi, ...)"),
@@ -448,7 +448,7 @@ def create_app(image_model: Optional[nn.Module] = None, detect_model: Optional[n
         model, tokenizer = slot.model
         return await slot.run(lambda: _timed(_video_upload, file,
                                              lambda path: _retrieve(model, tokenizer, path, captions, topk),
-                                             max_image_pixels))
+                                             max_frame_pixels))
 
     @app.post("/v1/translate", summary="translate text between any two languages the translator has")
     async def translate(request: TranslateRequest) -> Dict[str, Any]:
@@ -460,9 +460,8 @@ def create_app(image_model: Optional[nn.Module] = None, detect_model: Optional[n
             raise ServeError(413, "text_too_long", f"text: {len(text)} characters is more than the server's limit "
                              f"of {max_text_chars}; send it in parts")
         model, tokenizer = slot.model
-        languages = {}
-        for name in ("src_lang", "tgt_lang"):
-            languages[name] = _resolve_language(tokenizer, name, getattr(request, name))
+        languages = {name: _resolve_language(tokenizer, name, getattr(request, name))
+                     for name in ("src_lang", "tgt_lang")}
         translation = await slot.run(lambda: _timed(_translate, model, tokenizer, text, languages["src_lang"],
                                                     languages["tgt_lang"], request.num_beams, request.max_new_tokens))
         return {**translation, **languages}
