@@ -113,7 +113,7 @@ async function init() {
       loaded += model.loaded ? 1 : 0;
       card.querySelector(".model").textContent = model.loaded
         ? `${model.architecture} · ${model.parameters.toLocaleString()} parameters`
-        : `Not loaded: start the server with ${model.flag} …`;
+        : `Not loaded (start the server with ${model.flag})`;
     }
     const languages = info.models.translator.languages || [];
     document.getElementById("languages").replaceChildren(...languages.map((code) => el("option", {value: code})));
