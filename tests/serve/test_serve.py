@@ -395,6 +395,40 @@ def test_uvicorn_concurrent_requests(models):
         assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200
 
 
+def test_inference_is_off_the_event_loop_and_one_at_a_time(models):
+    """While a classification is stuck in the model, /healthz still answers, and a second classification waits for
+    the first instead of running the same model concurrently."""
+    entered, release = threading.Event(), threading.Event()
+    active, most = [0], [0]
+    lock = threading.Lock()
+
+    def hold(module, inputs):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        entered.set()
+        release.wait(timeout=30)
+        with lock:
+            active[0] -= 1
+
+    handle = models["image_model"].register_forward_pre_hook(hold)
+    try:
+        with _server(create_app(**models)) as base, ThreadPoolExecutor(3) as pool:
+            def classify():
+                return httpx.post(f"{base}/v1/classify", files=_upload("a.png", _png()), timeout=60).status_code
+            pending = [pool.submit(classify) for _ in range(3)]
+            assert entered.wait(timeout=30)
+            start = time.monotonic()
+            assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200
+            assert time.monotonic() - start < 2
+            release.set()
+            assert [future.result(timeout=60) for future in pending] == [200, 200, 200]
+    finally:
+        handle.remove()
+        release.set()
+    assert most[0] == 1
+
+
 # ------------------------------------------------------------------------------------------------- web page
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
