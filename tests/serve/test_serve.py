@@ -507,9 +507,11 @@ class _DevTools:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install chromium; "
                                              "`make test` installs it when run as root)")
-def test_page_in_headless_chromium(models, tmp_path):
+def test_page_in_headless_chromium(models, video_bytes, tmp_path):
     image = tmp_path / "photo.png"
     image.write_bytes(_png(80, 60))
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(video_bytes)
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"this is not an image")
     with _server(create_app(**models)) as base:
@@ -534,6 +536,19 @@ def test_page_in_headless_chromium(models, tmp_path):
             browser.upload("#detect input[type=file]", image)
             assert browser.submit("detect") == "done"
             assert browser.wait_for("document.querySelector('#detect img.drawing').naturalHeight") == 60
+
+            browser.upload("#video input[type=file]", video)
+            assert browser.submit("video") == "done"
+            assert browser.evaluate("document.querySelectorAll('#video .bar-row').length") == 3
+
+            if "retrieval" in models:
+                browser.upload("#retrieve input[type=file]", video)
+                captions = json.dumps("\n".join(CAPTIONS))
+                browser.evaluate(f"document.querySelector('#retrieve textarea').value = {captions}")
+                assert browser.submit("retrieve") == "done"
+                ranked = browser.evaluate("[...document.querySelectorAll('#retrieve .caption')]"
+                                          ".map(e => e.textContent)")
+                assert sorted(ranked) == sorted(CAPTIONS)
 
             browser.evaluate("document.querySelector('#translate textarea').value = 'Good morning.'")
             assert browser.submit("translate") == "done"
