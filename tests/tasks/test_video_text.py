@@ -130,3 +130,53 @@ def test_retrieval_metrics_known_values():
     assert metrics["t2v_r5"] == 100.0 and metrics["t2v_mean_rank"] == pytest.approx(5 / 3)
     # v2t: video 0's best caption (0.9) ranks 1; video 1's caption (0.2) ranks 2, behind caption 2 (0.5).
     assert metrics["v2t_r1"] == 50.0 and metrics["v2t_mean_rank"] == pytest.approx(1.5)
+
+
+# ------------------------------------------------------------------------------------------------ UMT
+TINY_STUDENT = ["--set", "model=videomae_vit_s", "--set",
+                "model_args={embed_dim: 32, depth: 2, num_heads: 2, patch_size: 8}", "--set", "student_layers=2"]
+
+
+@pytest.mark.parametrize("masking", ["attention", "random"])
+def test_umt_distils_a_video_text_teacher_into_a_student(actions, trained, tmp_path, capsys, masking):
+    out = tmp_path / "umt"
+    assert cli.main(["train", "umt", "--data", str(actions / "train.txt"), "--out", str(out), "--set",
+                     f"teacher={trained / 'model'}", "--set", f"masking={masking}", *TINY_STUDENT,
+                     "--set", "train.epochs=1", "--set", "train.batch_size=4"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 <= metrics["distill_loss"] <= 4 and metrics["count"] == 6
+    student = intern2.from_pretrained(out / "model")
+    assert student.pretrained_cfg["keep_ratio"] == 0.2 and student.num_classes == 0
+    classifier = intern2.create_model("videomae_vit_s", embed_dim=32, depth=2, num_heads=2, patch_size=8,
+                                      img_size=32, all_frames=8, num_classes=10)
+    intern2.load_checkpoint(classifier, out / "model")  # fine-tuning starts from the distilled student
+    torch.testing.assert_close(classifier.blocks[1].attn.qkv.weight, student.blocks[1].attn.qkv.weight)
+
+
+def test_umt_masks_targets_and_loss():
+    from intern2.models.video_vit import VideoViT, keep_visible
+    from intern2.tasks.umt import UMTDistiller, _resample, attention_mask, random_mask, umt_loss
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randn(3, 64, 16, generator=generator)
+    for mask in (attention_mask(target, 13, generator), random_mask(3, 64, 13, generator)):
+        assert mask.shape == (3, 64) and ((~mask).sum(1) == 13).all()
+    # A token that dominates the teacher's pooled attention is almost always kept.
+    target[:, 5] = target.mean(1) * 40
+    kept = sum(int(~attention_mask(target, 4, generator)[0, 5]) for _ in range(20))
+    assert kept >= 18
+    # Per-frame teacher maps (T=8, 4x4) onto a student grid of 2-frame tubelets at 2x2.
+    features = torch.randn(2, 16, 8, 4, 4, generator=generator)
+    resampled = _resample(features, (4, 2, 2))
+    assert resampled.shape == (2, 16, 16)
+    torch.testing.assert_close(resampled[:, 0], features[:, :, :2, :2, :2].mean((2, 3, 4)))
+    assert umt_loss([target, target], target).item() == pytest.approx(0.0, abs=1e-6)
+    assert umt_loss([-target], target).item() == pytest.approx(4.0, abs=1e-5)
+    student = VideoViT(img_size=32, patch_size=8, num_classes=0, embed_dim=32, depth=2, num_heads=2, all_frames=8)
+    distiller = UMTDistiller(student, teacher_dim=16, student_layers=2)
+    video = torch.randn(2, 3, 8, 32, 32, generator=generator)
+    mask = random_mask(2, 64, 13, generator)
+    loss = umt_loss(distiller(video, mask), keep_visible(torch.randn(2, 64, 16, generator=generator), mask))
+    loss.backward()
+    # Everything but the pooling norm (used by a classifier, not by distillation) learns.
+    assert [n for n, p in distiller.named_parameters() if p.grad is None] == ["student.fc_norm.weight",
+                                                                              "student.fc_norm.bias"]

@@ -185,7 +185,8 @@ class VisionTransformer(nn.Module):
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
+    def embed(self, video: torch.Tensor) -> Tuple[torch.Tensor, int, Tuple[int, int]]:
+        """(frame tokens (B*T, 1 + H'*W', width) after ``ln_pre``, T, (H', W'))."""
         size = self.input_resolution
         if video.dim() != 5 or video.shape[1] != 3 or tuple(video.shape[-2:]) != (size, size):
             raise ValueError(f"video tower input: expected (B, 3, T, {size}, {size}), got {tuple(video.shape)}")
@@ -193,9 +194,20 @@ class VisionTransformer(nn.Module):
         batch, width, frames, height, wide = x.shape
         x = x.permute(0, 2, 3, 4, 1).reshape(batch * frames, height * wide, width)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype))
-        x = self.transformer(x, frames, (height, wide))
-        return self.ln_post(x) @ self.proj
+        return self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)), frames, (height, wide)
+
+    def forward_tokens(self, video: torch.Tensor) -> torch.Tensor:
+        """Per-frame patch features of the last CLIP layer through ``ln_post`` and ``proj`` (what UMT distils
+        from a CLIP teacher), (B, T, H', W', output_dim); the temporal global blocks are not run."""
+        x, frames, grid = self.embed(video)
+        for index in range(self.transformer.layers):
+            x = self.transformer.run_block(index, x)
+        x = self.ln_post(x[:, 1:]) @ self.proj
+        return x.reshape(-1, frames, *grid, x.shape[-1])
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        x, frames, grid = self.embed(video)
+        return self.ln_post(self.transformer(x, frames, grid)) @ self.proj
 
 
 def _causal_mask(length: int, device: torch.device) -> torch.Tensor:

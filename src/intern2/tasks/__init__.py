@@ -12,7 +12,8 @@ from typing import List, Optional
 
 TASKS = {"image-cls": "intern2.tasks.image_cls", "segment": "intern2.tasks.segment",
          "detect": "intern2.tasks.detect", "video-cls": "intern2.tasks.video_cls",
-         "video-pretrain": "intern2.tasks.video_pretrain", "video-text": "intern2.tasks.video_text"}
+         "video-pretrain": "intern2.tasks.video_pretrain", "video-text": "intern2.tasks.video_text",
+         "umt": "intern2.tasks.umt"}
 # Architecture name prefix -> task, for eval/predict.
 _PREFIXES = (("upernet_", "segment"), ("mask_rcnn_", "detect"), ("videomae_vit_", "video-cls"))
 
