@@ -13,9 +13,10 @@ from typing import List, Optional
 TASKS = {"image-cls": "intern2.tasks.image_cls", "segment": "intern2.tasks.segment",
          "detect": "intern2.tasks.detect", "video-cls": "intern2.tasks.video_cls",
          "video-pretrain": "intern2.tasks.video_pretrain", "video-text": "intern2.tasks.video_text",
-         "umt": "intern2.tasks.umt"}
+         "umt": "intern2.tasks.umt", "translation": "intern2.tasks.translation"}
 # Architecture name prefix -> task, for eval/predict.
-_PREFIXES = (("upernet_", "segment"), ("mask_rcnn_", "detect"), ("videomae_vit_", "video-cls"))
+_PREFIXES = (("upernet_", "segment"), ("mask_rcnn_", "detect"), ("videomae_vit_", "video-cls"),
+             ("intern2_mt_", "translation"), ("m2m_100", "translation"))
 
 
 def _run(task: str, function: str, argv: List[str]) -> int:
@@ -45,14 +46,18 @@ def task_of(argv: List[str]) -> str:
     config = Path(args.checkpoint or "") / "config.json"
     if not name and args.checkpoint and config.is_file():
         try:
-            name = json.loads(config.read_text()).get("architecture") or ""
+            values = json.loads(config.read_text())
+            name = values.get("architecture") or values.get("model_type") or ""  # HF folders: model_type
         except json.JSONDecodeError:
             name = ""
     return next((task for prefix, task in _PREFIXES if name.startswith(prefix)), "image-cls")
 
 
 def eval_main(argv: Optional[List[str]] = None) -> int:
+    """`intern2 eval [<task>] [options]`."""
     argv = list(argv or [])
+    if argv and argv[0] in TASKS:
+        return _run(argv[0], "eval_main", argv[1:])
     return _run(task_of(argv), "eval_main", argv)
 
 
