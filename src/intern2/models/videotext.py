@@ -220,7 +220,7 @@ class VideoTextModel(nn.Module):
 
     ``text`` is (B, context_length) token ids in CLIP's layout (start, tokens, end-of-text = the largest id, then
     padding); ``encode_text(text, masked_indices)`` replaces masked positions by ``text_mask_embedding`` (the
-    official masked-language-modelling input).
+    official masked-language-modelling input; loaded from checkpoints, not trained).
     """
 
     def __init__(self, embed_dim: int = 768, vision: str = "clip", image_resolution: int = 224,
@@ -258,7 +258,9 @@ class VideoTextModel(nn.Module):
         self.ln_final = nn.LayerNorm(transformer_width)
         self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        self.text_mask_embedding = nn.Parameter(torch.empty(1, 1, transformer_width))
+        # Only the official masked-language-modelling objective uses it, and intern2 does not train that one:
+        # frozen, so that DDP does not wait for a gradient the contrastive loss never produces.
+        self.text_mask_embedding = nn.Parameter(torch.empty(1, 1, transformer_width), requires_grad=False)
         self._init_text()
 
     def _init_text(self) -> None:
@@ -424,10 +426,11 @@ def official_state_dict(model: VideoTextModel) -> Dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------------ variants
 _HUB = "OpenGVLab/InternVideo (InternVideo-MM-L-14)"
 VIDEOTEXT_VARIANTS: Dict[str, Dict] = {
-    # For tests and the CPU demo: 32 px frames, two-layer towers.
+    # For tests and the CPU demo: 32 px frames, two-layer towers, no dropout in the global block (the official
+    # 0.5 slows the few minutes of training such a model gets).
     "tiny": dict(embed_dim=64, image_resolution=32, vision_patch_size=8, vision_width=64, vision_layers=2,
-                 vision_heads=2, num_frames=8, temporal_layers=1, context_length=32, vocab_size=1024,
-                 transformer_width=64, transformer_heads=2, transformer_layers=2),
+                 vision_heads=2, num_frames=8, temporal_layers=1, temporal_mlp_dropout=0.0, context_length=32,
+                 vocab_size=1024, transformer_width=64, transformer_heads=2, transformer_layers=2),
     # CLIP ViT-B/16 + the 512-wide CLIP text encoder, global blocks over layers 8-11.
     "b16": dict(embed_dim=512, vision_patch_size=16, vision_width=768, vision_layers=12, vision_heads=12,
                 transformer_width=512, transformer_heads=8),

@@ -118,6 +118,9 @@ class UMTDistiller(nn.Module):
         if not 0 < student_layers <= len(student.blocks):
             raise ValueError(f"student_layers must be in [1, {len(student.blocks)}], got {student_layers}")
         self.student = student
+        # The pooling norm serves a classifier, not distillation: frozen so DDP sees no unused parameter.
+        if student.fc_norm is not None:
+            student.fc_norm.requires_grad_(False)
         self.first_aligned = len(student.blocks) - student_layers
         dim = student.embed_dim
         self.heads = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, teacher_dim))
