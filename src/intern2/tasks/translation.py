@@ -506,7 +506,14 @@ def _default_model() -> Path:
     """NLLB-200-distilled-600M in $INTERN2_HOME (intern2 never downloads; the error says where to put it)."""
     from ..factory import pretrained_file
     from ..models.translator import TRANSLATOR_VARIANTS
-    return pretrained_file(TRANSLATOR_VARIANTS["intern2_mt_600m"][1]["nllb200_distilled"])
+    cfg = TRANSLATOR_VARIANTS["intern2_mt_600m"][1]["nllb200_distilled"]
+    try:
+        return pretrained_file(cfg)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"no --model given and {str(exc).split('. ')[0]}; intern2 does not download: put "
+                                f"the folder of https://huggingface.co/{cfg['hf_hub_id']} there (or set "
+                                f"$INTERN2_HOME), or pass --model DIR (e.g. a folder from "
+                                f"'intern2 train translation')") from None
 
 
 def translate_main(argv: Optional[List[str]] = None) -> int:
