@@ -39,6 +39,7 @@ from intern2 import cli  # noqa: E402
 from intern2.data.video import write_video  # noqa: E402
 from intern2.serve import load_model_spec, load_retrieval, load_translator  # noqa: E402
 from intern2.serve.app import ServeError, _Slot, create_app, mask_to_rle  # noqa: E402
+from intern2.tasks.translation import Translator  # noqa: E402
 from intern2.text.corpus import builtin_sentences  # noqa: E402
 from intern2.text.tokenizer import NllbTokenizer  # noqa: E402
 
@@ -68,7 +69,7 @@ def models():
     translator = intern2.create_model("intern2_mt_tiny", vocab_size=tokenizer.vocab_size, encoder_layers=1,
                                       decoder_layers=1)
     found = dict(image_model=image, detect_model=detect, segment_model=segment, video_model=video,
-                 translator=(translator, tokenizer))
+                 translator=Translator(translator, tokenizer))
     if _has("tokenizers"):
         from intern2.text.bpe import BPETokenizer
         retrieval = intern2.create_model("internvideo_mm_tiny", num_frames=4)
@@ -576,10 +577,9 @@ def test_serve_cli_arguments(models, tmp_path, capsys):
     intern2.save_pretrained(models["image_model"], tmp_path / "image")
     loaded = load_model_spec(str(tmp_path / "image"))
     assert loaded.pretrained_cfg["label_names"] == IMAGE_CLASSES and not loaded.training
-    model, tokenizer = models["translator"]
-    model.save_pretrained(tmp_path / "mt")
-    tokenizer.save_pretrained(tmp_path / "mt")
-    assert load_translator(str(tmp_path / "mt"))[1].languages == LANGS
+    models["translator"].model.save_pretrained(tmp_path / "mt")
+    models["translator"].tokenizer.save_pretrained(tmp_path / "mt")
+    assert load_translator(str(tmp_path / "mt")).tokenizer.languages == LANGS
     if "retrieval" in models:
         model, tokenizer = models["retrieval"]
         intern2.save_pretrained(model, tmp_path / "vt")

@@ -33,12 +33,11 @@ def load_model_spec(spec: str) -> Any:
     return load_model(weights or None, name)
 
 
-def load_translator(folder: str, tokenizer_folder: Optional[str] = None) -> Tuple[Any, Any]:
-    """(TranslationModel, NllbTokenizer) from an NLLB/M2M-100 folder; the tokenizer files (sentencepiece.bpe.model)
-    are read from ``tokenizer_folder``, by default the same folder as in Hugging Face's NLLB folders."""
-    from ..models.translator import TranslationModel
-    from ..text.tokenizer import NllbTokenizer
-    return TranslationModel.from_pretrained(folder), NllbTokenizer.from_pretrained(tokenizer_folder or folder)
+def load_translator(folder: str, int8: bool = False) -> Any:
+    """A :class:`~intern2.tasks.translation.Translator` from a model folder holding the tokenizer too (written by
+    `intern2 train translation`, or a Hugging Face NLLB folder)."""
+    from ..tasks.translation import Translator
+    return Translator.from_pretrained(folder, int8=int8)
 
 
 def load_retrieval(folder: str) -> Tuple[Any, Any]:
@@ -63,8 +62,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--video-model", metavar="SPEC", help=f"video classifier: {SPEC_HELP}")
     parser.add_argument("--retrieval-model", metavar="FOLDER",
                         help="video-text model folder (with its tokenizer.json) for /v1/video/retrieve")
-    parser.add_argument("--translator", metavar="FOLDER", help="translation model folder (NLLB/M2M-100 layout)")
-    parser.add_argument("--tokenizer", metavar="FOLDER", help="translator's tokenizer folder (default: --translator)")
+    parser.add_argument("--translator", metavar="FOLDER",
+                        help="translation model folder with its tokenizer (NLLB/M2M-100 layout)")
+    parser.add_argument("--int8", action="store_true", help="int8 dynamic quantisation of the translator (CPU)")
     parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
                         help="largest request body, in MB (default %(default)s)")
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
@@ -89,7 +89,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.retrieval_model:
             models["retrieval"] = load_retrieval(args.retrieval_model)
         if args.translator:
-            models["translator"] = load_translator(args.translator, args.tokenizer)
+            models["translator"] = load_translator(args.translator, args.int8)
         app = create_app(**models, max_upload_mb=args.max_upload_mb, max_image_pixels=args.max_image_pixels,
                          max_frame_pixels=args.max_frame_pixels)
     except (ValueError, TypeError, FileNotFoundError, KeyError, ImportError) as exc:

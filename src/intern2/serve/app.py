@@ -15,7 +15,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import anyio
 import numpy as np
@@ -31,6 +31,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from torch import nn
 
 from . import DEFAULT_MAX_FRAME_PIXELS, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_UPLOAD_MB
+
+if TYPE_CHECKING:
+    from ..tasks.translation import Translator
 
 __all__ = ["create_app", "ServeError", "mask_to_rle"]
 
@@ -255,20 +258,11 @@ def _retrieve(model: nn.Module, tokenizer: Any, path: str, captions: List[str], 
                          "prob": round(float(probs[i]), 6)} for i in order]}
 
 
-def _translate(model: nn.Module, tokenizer: Any, text: str, src_lang: str, tgt_lang: str, num_beams: int,
+def _translate(translator: Any, text: str, src_lang: str, tgt_lang: str, num_beams: int,
                max_new_tokens: Optional[int]) -> Dict[str, Any]:
-    """Sentence by sentence (NLLB is a sentence-level model), in one batch."""
-    from ..models.translator import MAX_TRAINED_SOURCE_TOKENS, translate_in_sentences
-    target = tokenizer.lang_token_id(tgt_lang)
-    max_length = min(MAX_TRAINED_SOURCE_TOKENS, model.config.max_position_embeddings)
-
-    def run(sentences: List[str]) -> List[str]:
-        batch = tokenizer.encode_batch(sentences, src_lang, max_length=max_length, return_tensors="pt")
-        output = model.generate(**batch, forced_bos_token_id=target, num_beams=num_beams,
-                                max_new_tokens=max_new_tokens)
-        return tokenizer.decode_batch(output)
-
-    return {"translation": translate_in_sentences(text, run)}
+    (translation,) = translator.translate([text], src_lang, tgt_lang, num_beams=num_beams,
+                                          max_new_tokens=max_new_tokens)
+    return {"translation": translation}
 
 
 class TranslateRequest(BaseModel):
@@ -280,51 +274,52 @@ class TranslateRequest(BaseModel):
 
 
 # ------------------------------------------------------------------------------------------------------- app
+def _module(slot: str, model: Any) -> nn.Module:
+    """The network inside a slot's model: a Translator's, a (model, tokenizer) pair's, or the model itself."""
+    return model.model if slot == "translator" else model[0] if slot == "retrieval" else model
+
+
 def _describe(slot: str, model: Any) -> Dict[str, Any]:
-    if slot in ("translator", "retrieval"):
-        model, tokenizer = model
-        info = {"architecture": model.pretrained_cfg.get("architecture", type(model).__name__),
-                "parameters": sum(p.numel() for p in model.parameters())}
-        return {**info, "languages": tokenizer.languages} if slot == "translator" else info
-    cfg = getattr(model, "pretrained_cfg", {})
-    info = {"architecture": cfg.get("architecture", type(model).__name__),
-            "parameters": sum(p.numel() for p in model.parameters()), "num_classes": model.num_classes}
-    labels = _labels(model)
-    if slot == "image":
-        from ..tasks.image_cls import class_names
-        labels = class_names(model)
-    info["labels"] = labels if len(labels) <= 100 else labels[:100] + [f"... {len(labels) - 100} more"]
-    return info
+    module = _module(slot, model)
+    info = {"architecture": getattr(module, "pretrained_cfg", {}).get("architecture", type(module).__name__),
+            "parameters": sum(p.numel() for p in module.parameters())}
+    if slot == "translator":
+        return {**info, "languages": model.tokenizer.languages}
+    if slot == "retrieval":
+        return info
+    from ..tasks.image_cls import class_names
+    labels = class_names(module) if slot == "image" else _labels(module)
+    return {**info, "num_classes": module.num_classes,
+            "labels": labels if len(labels) <= 100 else labels[:100] + [f"... {len(labels) - 100} more"]}
 
 
 def _check_models(models: Dict[str, Any]) -> None:
     """A model in the wrong slot would fail on every request: say so at start instead."""
     from ..models.internimage import InternImage
     from ..models.mask_rcnn import InternImageMaskRCNN
-    from ..models.translator import TranslationModel
     from ..models.upernet import UperNet
     from ..models.video_vit import VideoViT
     from ..models.videotext import VideoTextModel
-    expected = {"image": InternImage, "detect": InternImageMaskRCNN, "segment": UperNet, "video": VideoViT}
-    pairs = {"translator": (TranslationModel, "NllbTokenizer"), "retrieval": (VideoTextModel, "BPETokenizer")}
+    from ..tasks.translation import Translator
+    expected = {"image": InternImage, "detect": InternImageMaskRCNN, "segment": UperNet, "video": VideoViT,
+                "translator": Translator}
     for slot, model in models.items():
-        if slot in pairs:
-            cls, tokenizer_name = pairs[slot]
-            if not (isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], cls)):
-                raise TypeError(f"{slot}: expected a ({cls.__name__}, {tokenizer_name}) pair")
-            rows = model[0].config.vocab_size if slot == "translator" else model[0].vocab_size
-            if model[1].vocab_size > rows:
-                raise ValueError(f"{slot}: the tokenizer has {model[1].vocab_size} ids but the model only {rows} "
-                                 f"embedding rows")
+        if slot == "retrieval":
+            if not (isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], VideoTextModel)):
+                raise TypeError("retrieval: expected a (VideoTextModel, BPETokenizer) pair")
+            if model[1].vocab_size > model[0].vocab_size:
+                raise ValueError(f"retrieval: the tokenizer has {model[1].vocab_size} ids but the model only "
+                                 f"{model[0].vocab_size} embedding rows")
         elif not isinstance(model, expected[slot]):
-            raise TypeError(f"{slot}_model: expected {expected[slot].__name__}, got {type(model).__name__}")
+            name = slot if slot == "translator" else f"{slot}_model"
+            raise TypeError(f"{name}: expected {expected[slot].__name__}, got {type(model).__name__}")
         elif slot == "image" and getattr(model, "features_only", False):
             raise TypeError("image_model: a features_only backbone has no classifier")
 
 
 def create_app(image_model: Optional[nn.Module] = None, detect_model: Optional[nn.Module] = None,
                segment_model: Optional[nn.Module] = None, video_model: Optional[nn.Module] = None,
-               translator: Optional[Tuple[nn.Module, Any]] = None, retrieval: Optional[Tuple[nn.Module, Any]] = None,
+               translator: Optional[Translator] = None, retrieval: Optional[Tuple[nn.Module, Any]] = None,
                max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
                max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS,
                max_text_chars: int = DEFAULT_MAX_TEXT_CHARS, max_waiting: int = 16) -> FastAPI:
@@ -333,7 +328,8 @@ def create_app(image_model: Optional[nn.Module] = None, detect_model: Optional[n
     Args:
         image_model: an InternImage classifier; detect_model: an InternImage Mask R-CNN;
             segment_model: an UperNet; video_model: a video ViT classifier (all used in eval mode).
-        translator: ``(TranslationModel, NllbTokenizer)``; retrieval: ``(VideoTextModel, BPETokenizer)``.
+        translator: a :class:`~intern2.tasks.translation.Translator` (model + tokenizer);
+            retrieval: ``(VideoTextModel, BPETokenizer)``.
         max_upload_mb: largest request body; max_image_pixels: largest image, in pixels; max_frame_pixels:
             largest video frame; max_text_chars: longest text to translate; max_waiting: requests queued per model
             before 503s.
@@ -343,7 +339,7 @@ def create_app(image_model: Optional[nn.Module] = None, detect_model: Optional[n
     models = {slot: model for slot, model in given.items() if model is not None}
     _check_models(models)
     for slot, model in models.items():
-        (model[0] if isinstance(model, tuple) else model).eval()
+        _module(slot, model).eval()
     slots = {slot: _Slot(slot, model, max_waiting, info=_describe(slot, model)) for slot, model in models.items()}
 
     @asynccontextmanager
@@ -459,10 +455,9 @@ def create_app(image_model: Optional[nn.Module] = None, detect_model: Optional[n
         if len(text) > max_text_chars:
             raise ServeError(413, "text_too_long", f"text: {len(text)} characters is more than the server's limit "
                              f"of {max_text_chars}; send it in parts")
-        model, tokenizer = slot.model
-        languages = {name: _resolve_language(tokenizer, name, getattr(request, name))
+        languages = {name: _resolve_language(slot.model.tokenizer, name, getattr(request, name))
                      for name in ("src_lang", "tgt_lang")}
-        translation = await slot.run(lambda: _timed(_translate, model, tokenizer, text, languages["src_lang"],
+        translation = await slot.run(lambda: _timed(_translate, slot.model, text, languages["src_lang"],
                                                     languages["tgt_lang"], request.num_beams, request.max_new_tokens))
         return {**translation, **languages}
 
