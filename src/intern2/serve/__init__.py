@@ -1,7 +1,8 @@
 """`intern2 serve`: an HTTP API and a web page in front of the image, video and translation models.
 
 :func:`intern2.serve.app.create_app` builds the app (it needs the ``serve`` extra: FastAPI, uvicorn,
-python-multipart); this module only parses the command line, so ``intern2 serve --help`` works without them.
+python-multipart); this module holds the command line and the model loading and imports neither, so
+``intern2 serve --help`` works without them.
 """
 from __future__ import annotations
 
