@@ -95,6 +95,8 @@ def test_eval_cli(model_dir, tmp_path, capsys):
     assert cli.main(["eval", "--checkpoint", str(model_dir), "--src-file", str(tmp_path / "src.txt"),
                      "--ref-file", str(tmp_path / "ref.txt"), "--src", "eng_Latn", "--tgt", "fra_Latn"]) == 0
     assert "copy-the-source chrF++" in capsys.readouterr().out
+    assert cli.main(["predict", "--checkpoint", str(model_dir)]) == 2
+    assert "intern2 translate" in capsys.readouterr().err
     # A FLORES-200 directory.
     for split in ("dev", "devtest"):
         (tmp_path / "flores" / split).mkdir(parents=True)

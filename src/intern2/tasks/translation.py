@@ -42,7 +42,7 @@ from .common import setup_logging, train_cli
 
 __all__ = ["TranslationConfig", "TranslationTask", "Translator", "MultilingualBatches", "pair_probabilities",
            "token_batches", "load_pairs", "translation_metrics", "run_translation_demo", "train_main", "eval_main",
-           "translate_main"]
+           "predict_main", "translate_main"]
 
 log = logging.getLogger(__name__)
 
@@ -500,6 +500,13 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
         print(f"  {name}: chrF++ {values['chrf']:.2f}  BLEU {values['bleu']:.2f}  copy {values['copy_chrf']:.2f}"
               f"  ({values['count']})")
     return 0
+
+
+def predict_main(argv: Optional[List[str]] = None) -> int:
+    """`intern2 predict` on a translation model: text goes through `intern2 translate`."""
+    print("intern2 predict: a translation model translates text: intern2 translate --model DIR --src eng_Latn "
+          "--tgt fra_Latn 'text'", file=sys.stderr)
+    return 2
 
 
 def _default_model() -> Path:
