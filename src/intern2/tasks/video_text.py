@@ -441,7 +441,7 @@ def run_video_text_demo(out_dir: Path, seconds: float = 120, batch_size: int = 3
     torch.manual_seed(seed)
     task = VideoTextTask(VideoTextConfig(num_frames=num_frames, model_args={"vision": vision},
                                          train=TrainConfig(batch_size=batch_size, seed=seed)))
-    samples = [s for s in (task.train_dataset()[i] for i in range(len(task.train_dataset()))) if s is not None]
+    samples = [task.train_dataset()[i] for i in range(len(task.train_dataset()))]
     model = task.build_model().train()
     optimizer = build_optimizer(model, lr, weight_decay=0.2)
     # Evaluation decodes the validation clips: budget it like the training set's decoding.
