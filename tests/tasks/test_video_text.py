@@ -181,3 +181,14 @@ def test_umt_masks_targets_and_loss():
     assert all(p.grad is not None for p in distiller.parameters() if p.requires_grad)
     assert [n for n, p in distiller.named_parameters() if not p.requires_grad] == ["student.fc_norm.weight",
                                                                                    "student.fc_norm.bias"]
+
+
+def test_demo_trains_on_time_and_reports_against_chance(actions, tmp_path, monkeypatch):
+    import intern2.data.actions as builtin
+    from intern2.tasks.video_text import run_video_text_demo
+    monkeypatch.setattr(builtin, "builtin_actions_root", lambda: actions)
+    result = run_video_text_demo(tmp_path, seconds=6, batch_size=4)
+    assert result["steps"] >= 1 and result["seconds"] < 30
+    assert result["chance_t2v_r1"] == pytest.approx(100 / 6) and result["chance_zero_shot"] == 10.0
+    assert 0 <= result["t2v_r1"] <= 100 and 0 <= result["zero_shot_top1"] <= 100
+    assert (tmp_path / "model" / "tokenizer.json").is_file()

@@ -444,8 +444,8 @@ def run_video_text_demo(out_dir: Path, seconds: float = 120, batch_size: int = 3
     samples = [task.train_dataset()[i] for i in range(len(task.train_dataset()))]
     model = task.build_model().train()
     optimizer = build_optimizer(model, lr, weight_decay=0.2)
-    # Evaluation decodes the validation clips: budget it like the training set's decoding.
-    eval_reserve = (time.perf_counter() - started) * len(task.eval_dataset()) / len(samples) + 5.0
+    # Evaluation decodes the validation clips (budgeted like the training clips' decoding) and encodes them.
+    eval_reserve = (time.perf_counter() - started) * len(task.eval_dataset()) / len(samples) + 0.05 * seconds
     train_end = deadline - eval_reserve
     train_start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
