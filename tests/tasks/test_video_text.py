@@ -97,9 +97,12 @@ def test_bad_inputs_get_clear_messages(actions, trained, tmp_path, capsys):
         assert message in capsys.readouterr().err, argv
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"not a video")
-    assert cli.main(["zero-shot", str(bad), "--labels", "a,b", "--checkpoint", model]) == 1
-    err = capsys.readouterr().err
-    assert "bad.mp4" in err and "Traceback" not in err
+    good = str(actions / "videos" / "val" / "00000.mp4")
+    assert cli.main(["zero-shot", str(bad), good, "--labels", "a,b", "--checkpoint", model, "--json"]) == 1
+    captured = capsys.readouterr()
+    assert "bad.mp4" in captured.err and "Traceback" not in captured.err
+    results = json.loads(captured.out)  # in the order given, the unreadable file named
+    assert results[0]["file"] == str(bad) and "error" in results[0] and results[1]["file"] == good
     captions = tmp_path / "train.jsonl"
     captions.write_text('{"path": "a.mp4"}\n')
     with pytest.raises(SystemExit):

@@ -403,9 +403,13 @@ def zero_shot(model: nn.Module, tokenizer, files: Sequence[str], labels: Sequenc
     features, done, errors = encode_videos(model, files)
     scale = _unwrap(model).logit_scale.exp().clamp(max=100.0).item()
     probs = (scale * features @ encode_texts(model, tokenizer, [prompt.format(l) for l in labels]).t()).softmax(-1)
-    results = [{"error": e} for e in errors]
-    for file, row in zip(done, probs):
-        values, indices = row.topk(min(topk, len(labels)))
+    rows, messages = dict(zip(done, probs)), iter(errors)  # errors come in the order of the failed files
+    results = []
+    for file in files:
+        if file not in rows:
+            results.append({"file": file, "error": next(messages)})
+            continue
+        values, indices = rows[file].topk(min(topk, len(labels)))
         results.append({"file": file, "top": [{"label": labels[i], "prob": round(float(p), 6)}
                                               for p, i in zip(values.tolist(), indices.tolist())]})
     return results
