@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 import intern2
 from intern2 import cli
+from intern2.data.actions import ACTION_CLASSES
 from intern2.tasks.video_text import read_captions, retrieval_metrics
 
 pytest.importorskip("av")
@@ -61,6 +62,11 @@ def test_retrieve_zero_shot_embed_and_eval_commands(actions, trained, tmp_path, 
     (result,) = json.loads(capsys.readouterr().out)
     assert {t["label"] for t in result["top"]} == {"moving right", "moving left", "moving up"}
     assert sum(t["prob"] for t in result["top"]) == pytest.approx(1.0, abs=1e-4)
+    # predict: zero-shot over the classes the model was trained with
+    assert cli.main(["predict", "--task", "video-text", str(videos / "00001.mp4"), "--checkpoint", model,
+                     "--topk", "10", "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert len(result["top"]) == 10 and result["top"][0]["label"] in ACTION_CLASSES
     out = tmp_path / "emb.safetensors"
     assert cli.main(["embed", "--videos", str(videos), "--texts", "a red square", "a blue star", "--checkpoint",
                      model, "--out", str(out)]) == 0

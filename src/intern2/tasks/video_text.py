@@ -1,5 +1,5 @@
 """Video-text contrastive learning (InternVideo-MM): `intern2 train video-text`, `intern2 eval --task video-text`,
-`intern2 retrieve`, `intern2 zero-shot`, `intern2 embed`.
+`intern2 retrieve`, `intern2 zero-shot` (also `intern2 predict --task video-text`), `intern2 embed`.
 
 Data: a JSON-lines caption list, one ``{"path", "caption"[, "label"]}`` object per line (a video may appear on
 several lines, one per caption), or ``builtin:actions`` (generated clips with captions). Evaluation reports
@@ -36,7 +36,7 @@ from .video_cls import BUILTIN, VIDEO_SUFFIXES, VideoDataConfig, _inference_setu
 __all__ = ["VideoTextConfig", "VideoTextTask", "CaptionSource", "RetrievalSet", "read_captions",
            "retrieval_metrics", "evaluate_video_text", "encode_videos", "encode_texts", "zero_shot",
            "retrieve", "load_video_text", "run_video_text_demo", "train_main", "eval_main", "retrieve_main",
-           "zero_shot_main", "embed_main"]
+           "zero_shot_main", "predict_main", "embed_main"]
 
 log = logging.getLogger(__name__)
 DEFAULT_PROMPT = "a video of {}"
@@ -565,24 +565,30 @@ def retrieve_main(argv: Optional[List[str]] = None) -> int:
     return 0 if ranked else 1
 
 
-def zero_shot_main(argv: Optional[List[str]] = None) -> int:
-    """`intern2 zero-shot VIDEO --labels a,b,c`."""
-    parser = argparse.ArgumentParser(prog="intern2 zero-shot",
-                                     description="Classify videos against free-text labels (no training).")
+def zero_shot_main(argv: Optional[List[str]] = None, prog: str = "intern2 zero-shot") -> int:
+    """`intern2 zero-shot VIDEO --labels a,b,c` (without --labels: the classes the model was trained with)."""
+    parser = argparse.ArgumentParser(prog=prog, description="Classify videos against free-text labels (no "
+                                     "training).")
     parser.add_argument("videos", nargs="+", help="video files or folders")
-    parser.add_argument("--labels", required=True, help="comma-separated class names, e.g. 'moving left,moving up'")
+    parser.add_argument("--labels", help="comma-separated class names, e.g. 'moving left,moving up' (default: "
+                        "the class names of the model's training list)")
     parser.add_argument("--prompt", help="prompt template (default: as trained, else 'a video of {}')")
     _add_inference_arguments(parser)
     parser.add_argument("--topk", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     args = parser.parse_args(argv)
-    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
-    if len(labels) < 2:
-        parser.error(f"--labels {args.labels!r}: give at least two comma-separated class names")
     if args.prompt is not None and "{}" not in args.prompt:
         parser.error(f"--prompt {args.prompt!r}: needs a '{{}}' where the label goes")
     files = _files_or_error(parser, args.videos)
     model, tokenizer = _load(parser, args)
+    if args.labels is None:
+        labels = list(model.pretrained_cfg.get("label_names") or [])
+        if len(labels) < 2:
+            parser.error("--labels is required: the model records no class names of its own")
+    else:
+        labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+        if len(labels) < 2:
+            parser.error(f"--labels {args.labels!r}: give at least two comma-separated class names")
     prompt = args.prompt or model.pretrained_cfg.get("prompt", DEFAULT_PROMPT)
     results = zero_shot(model, tokenizer, files, labels, prompt, args.topk)
     if args.json:
@@ -593,6 +599,11 @@ def zero_shot_main(argv: Optional[List[str]] = None) -> int:
         elif not args.json:
             print(f"{result['file']}: " + ", ".join(f"{t['label']} ({t['prob']:.3f})" for t in result["top"]))
     return 1 if any("error" in r for r in results) else 0
+
+
+def predict_main(argv: Optional[List[str]] = None) -> int:
+    """`intern2 predict --task video-text VIDEO`: zero-shot over the model's training classes (or --labels)."""
+    return zero_shot_main(argv, prog="intern2 predict")
 
 
 def embed_main(argv: Optional[List[str]] = None) -> int:
