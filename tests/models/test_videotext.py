@@ -204,7 +204,8 @@ def test_bpe_tokenizer_layout_and_round_trip(tmp_path):
     assert tokenizer.eot_id == tokenizer.vocab_size - 1 and tokenizer.sot_id == tokenizer.vocab_size - 2
     ids = tokenizer(["a yellow ring fades in", "a red circle moves to the right near a blue square"])
     assert ids.shape == (2, 10) and ids.dtype == torch.long
-    assert (ids[:, 0] == tokenizer.sot_id).all() and (ids.argmax(-1) == (ids == tokenizer.eot_id).int().argmax(-1)).all()
+    assert (ids[:, 0] == tokenizer.sot_id).all()
+    assert (ids.argmax(-1) == (ids == tokenizer.eot_id).int().argmax(-1)).all()
     assert ids[1, -1] == tokenizer.eot_id  # truncated, the end-of-text token kept
     assert ids[0, (ids[0] == tokenizer.eot_id).nonzero()[0, 0] + 1:].eq(0).all()  # padded with 0
     assert tokenizer.decode(ids[0].tolist()) == "a yellow ring fades in"

@@ -6,7 +6,8 @@ Video tower (``vision``):
   whose last ``temporal_layers`` blocks feed UniFormerV2-style global blocks: a depth-wise 3x3x3 Conv3d position
   encoding (``dpe``) on the patch tokens and a cross-attention extractor (``dec``) in which one learnable
   ``temporal_cls_token`` queries all frames' tokens. The clip feature is
-  ``(1 - sigmoid(balance)) * temporal_cls + sigmoid(balance) * mean_t(frame class token)``, then ``ln_post`` and ``proj``.
+  ``(1 - sigmoid(balance)) * temporal_cls + sigmoid(balance) * mean_t(frame class token)``, then ``ln_post``
+  and ``proj``.
 * ``"videomae"``: the VideoMAE :class:`~intern2.models.video_vit.VideoViT` (mean-pooled tokens + ``fc_norm``) whose
   ``head`` is the projection into the joint space.
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -167,7 +168,8 @@ class TemporalTransformer(Transformer):
 
 
 class VisionTransformer(nn.Module):
-    """CLIP ViT over the frames of a clip (B, 3, T, H, W) with InternVideo-MM temporal global blocks -> (B, output_dim)."""
+    """CLIP ViT over the frames of a clip (B, 3, T, H, W) with InternVideo-MM temporal global blocks
+    -> (B, output_dim)."""
 
     def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int,
                  output_dim: int, temporal_layers: int = 4, mlp_dropout: float = 0.5, drop_path_rate: float = 0.0):

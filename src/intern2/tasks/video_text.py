@@ -30,7 +30,7 @@ from ..engine import TrainConfig
 from ..engine.optim import build_optimizer
 from ..factory import create_model, save_pretrained
 from ..models.videotext import VideoTextModel, clip_contrastive_loss
-from .common import add_model_arguments, model_from_args, setup_logging, train_cli
+from .common import add_model_arguments, setup_logging, train_cli
 from .video_cls import BUILTIN, VIDEO_SUFFIXES, VideoDataConfig, _inference_setup, _load_views, _video_files
 
 __all__ = ["VideoTextConfig", "VideoTextTask", "CaptionSource", "RetrievalSet", "read_captions",
@@ -463,7 +463,8 @@ def run_video_text_demo(out_dir: Path, seconds: float = 120, batch_size: int = 3
             factor = min(1.0, (steps + 1) / 10) * 0.5 * (1 + math.cos(math.pi * progress))  # warmup + cosine
             for group in optimizer.param_groups:
                 group["lr"] = lr * factor
-            loss, _ = task.training_step(model, collate_captioned([samples[i] for i in order[first:first + batch_size]]))
+            batch = collate_captioned([samples[i] for i in order[first:first + batch_size]])
+            loss, _ = task.training_step(model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 5.0)

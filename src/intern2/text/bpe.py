@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, List, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
@@ -73,7 +73,7 @@ class BPETokenizer:
         return cls(tokenizer, context_length)
 
     @classmethod
-    def from_file(cls, path: Union[str, os.PathLike], context_length: int = None) -> "BPETokenizer":
+    def from_file(cls, path: Union[str, os.PathLike], context_length: Optional[int] = None) -> "BPETokenizer":
         """Read ``tokenizer.json`` (or a folder holding it); the context length saved in it unless given."""
         path = Path(path)
         if path.is_dir():
