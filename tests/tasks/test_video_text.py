@@ -109,6 +109,10 @@ def test_bad_inputs_get_clear_messages(actions, trained, tmp_path, capsys):
     assert "bad.mp4" in captured.err and "Traceback" not in captured.err
     results = json.loads(captured.out)  # in the order given, the unreadable file named
     assert results[0]["file"] == str(bad) and "error" in results[0] and results[1]["file"] == good
+    for override, message in (("model=videomae_vit_s", "not a video-text model"), ("prompt=a video", "needs a '{}'")):
+        with pytest.raises(SystemExit):
+            cli.main(["train", "video-text", "--data", str(actions / "train_captions.jsonl"), "--set", override])
+        assert message in capsys.readouterr().err
     captions = tmp_path / "train.jsonl"
     captions.write_text('{"path": "a.mp4"}\n')
     with pytest.raises(SystemExit):
@@ -160,6 +164,21 @@ def test_umt_distils_a_video_text_teacher_into_a_student(actions, trained, tmp_p
                                       img_size=32, all_frames=8, num_classes=10)
     intern2.load_checkpoint(classifier, out / "model")  # fine-tuning starts from the distilled student
     torch.testing.assert_close(classifier.blocks[1].attn.qkv.weight, student.blocks[1].attn.qkv.weight)
+
+
+def test_umt_with_a_videomae_teacher(actions, tmp_path, capsys):
+    # A registered VideoMAE ViT-S (random weights here) with 16-pixel patches, resampled to the student's 8-pixel grid.
+    assert cli.main(["train", "umt", "--data", str(actions / "train.txt"), "--out", str(tmp_path), "--set",
+                     "teacher=videomae_vit_s", "--set", "img_size=32", *TINY_STUDENT, "--set", "train.epochs=1",
+                     "--set", "train.batch_size=4"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["count"] == 6
+
+
+def test_umt_bad_teacher_is_a_usage_error(actions, capsys):
+    for teacher, message in (("no_such_model", "unknown model"), ("", "teacher: give a model folder")):
+        with pytest.raises(SystemExit):
+            cli.main(["train", "umt", "--data", str(actions / "train.txt"), "--set", f"teacher={teacher}"])
+        assert message in capsys.readouterr().err
 
 
 def test_umt_masks_targets_and_loss():

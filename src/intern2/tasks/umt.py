@@ -150,9 +150,12 @@ class UMTTask:
             raise ValueError(f"keep_ratio: expected a value in (0, 1), got {cfg.keep_ratio}")
         if cfg.masking not in ("attention", "random"):
             raise ValueError(f"masking: expected 'attention' or 'random', got {cfg.masking!r}")
-        folder = Path(cfg.teacher)
-        self.teacher = (load_model(cfg.teacher, None) if folder.is_dir()
-                        else load_model(cfg.teacher_checkpoint, cfg.teacher)).requires_grad_(False)
+        try:
+            teacher = load_model(cfg.teacher, None) if Path(cfg.teacher).is_dir() else \
+                load_model(cfg.teacher_checkpoint, cfg.teacher)
+        except KeyError as exc:  # an unknown model name
+            raise ValueError(f"teacher: {exc.args[0]}") from None
+        self.teacher = teacher.requires_grad_(False)
         teacher_cfg = getattr(self.teacher, "pretrained_cfg", {})
         size = cfg.img_size or teacher_cfg.get("input_size", (3, cfg.num_frames, 224, 224))[-1]
         # The clips are normalised as the teacher expects; the student learns from the same input.

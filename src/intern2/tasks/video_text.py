@@ -275,7 +275,10 @@ def evaluate_video_text(model: nn.Module, data: RetrievalSet, tokenizer, prompt:
 def _model_config(cfg: VideoTextConfig) -> Dict[str, Any]:
     """The architecture config of ``cfg.model`` with its overrides, from a parameter-free meta build."""
     with torch.device("meta"):
-        return create_model(cfg.model, **(cfg.model_args or {})).config
+        model = create_model(cfg.model, **(cfg.model_args or {}))
+    if not isinstance(model, VideoTextModel):
+        raise ValueError(f"model: {cfg.model} is not a video-text model (use internvideo_mm_*)")
+    return model.config
 
 
 class VideoTextTask:
@@ -283,6 +286,8 @@ class VideoTextTask:
 
     def __init__(self, cfg: VideoTextConfig):
         from ..text.bpe import BPETokenizer
+        if "{}" not in cfg.prompt:
+            raise ValueError(f"prompt {cfg.prompt!r}: needs a '{{}}' where the class name goes")
         arch = _model_config(cfg)
         # The frame count and size the config leaves open are the model's.
         cfg = dataclasses.replace(cfg, num_frames=cfg.num_frames or arch["num_frames"],
@@ -319,8 +324,6 @@ class VideoTextTask:
                                            "vocab_size": self.tokenizer.vocab_size,
                                            "context_length": self.tokenizer.context_length,
                                            **(cfg.model_args or {})})
-        if not isinstance(model, VideoTextModel):
-            raise ValueError(f"model: {cfg.model} is not a video-text model (use internvideo_mm_*)")
         if cfg.checkpoint:
             from ..checkpoint import load_checkpoint
             load_checkpoint(model, cfg.checkpoint)
