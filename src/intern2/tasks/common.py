@@ -10,7 +10,7 @@ from typing import Any, Callable, List, Optional, Type
 
 from torch import nn
 
-__all__ = ["setup_logging", "train_cli", "add_model_arguments", "load_model", "model_from_args"]
+__all__ = ["setup_logging", "train_cli", "add_model_arguments", "load_model", "model_from_args", "print_topk"]
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +79,16 @@ def model_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         return load_model(args.checkpoint, args.model)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         parser.error(str(exc))
+
+
+def print_topk(results: List[dict], as_json: bool) -> int:
+    """Print per-file top-k results (JSON, or one line per file); errors go to stderr. Exit status: 1 when a file
+    failed or none was given."""
+    if as_json:
+        print(json.dumps(results, indent=2))
+    for result in results:
+        if "error" in result:
+            print(f"error: {result['error']}", file=sys.stderr)
+        elif not as_json:
+            print(f"{result['file']}: " + ", ".join(f"{t['label']} ({t['prob']:.3f})" for t in result["top"]))
+    return 1 if any("error" in r for r in results) or not results else 0

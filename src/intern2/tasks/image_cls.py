@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -19,7 +18,7 @@ from ..data.images import (ClassificationDataset, ImageSource, collate_images, e
 from ..engine import TrainConfig
 from ..engine.trainer import accumulate_eval
 from ..factory import create_model, save_pretrained
-from .common import add_model_arguments, model_from_args, train_cli
+from .common import add_model_arguments, model_from_args, print_topk, train_cli
 
 __all__ = ["ImageClsConfig", "ImageClassificationTask", "ClassificationMetrics", "predict", "train_main", "eval_main",
            "predict_main", "imagenet_classes"]
@@ -242,11 +241,4 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     model = model_from_args(parser, args)
     results = predict(model, args.images, args.topk)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    for result in results:
-        if "error" in result:
-            print(f"error: {result['error']}", file=sys.stderr)
-        elif not args.json:
-            print(f"{result['file']}: " + ", ".join(f"{t['label']} ({t['prob']:.3f})" for t in result["top"]))
-    return 1 if any("error" in r for r in results) else 0
+    return print_topk(results, args.json)

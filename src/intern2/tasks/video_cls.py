@@ -21,10 +21,10 @@ from ..data.video import (IMAGENET_MEAN, IMAGENET_STD, FrameSampler, VideoDatase
 from ..engine import TrainConfig
 from ..engine.trainer import accumulate_eval
 from ..factory import create_model, save_pretrained
-from .common import add_model_arguments, model_from_args, setup_logging, train_cli
+from .common import add_model_arguments, model_from_args, print_topk, setup_logging, train_cli
 from .image_cls import ClassificationMetrics
 
-__all__ = ["VideoDataConfig", "VideoClsConfig", "VideoClassificationTask", "open_video_sources", "video_datasets",
+__all__ = ["VideoDataConfig", "VideoClsConfig", "VideoTask", "VideoClassificationTask", "open_video_sources", "video_datasets",
            "predict_videos", "extract_features", "train_main", "eval_main", "predict_main", "extract_features_main"]
 
 log = logging.getLogger(__name__)
@@ -104,25 +104,24 @@ def _eval_sums(model: nn.Module, batch, metrics: ClassificationMetrics) -> Dict[
     return metrics.sums(logits, batch["label"], batch["skipped"])
 
 
-class VideoClassificationTask:
-    """Cross-entropy fine-tuning of a video ViT on annotation lists or the built-in actions."""
+class VideoTask:
+    """Plumbing shared by the video tasks: datasets from a :class:`VideoDataConfig`, the skip-counting collate,
+    model creation at the clip size, and a loss that keeps ranks in step when a whole batch was unreadable."""
 
-    def __init__(self, cfg: VideoClsConfig):
+    def __init__(self, cfg):
         self.cfg = cfg
         self.train_source, self._train_set, self._eval_set = video_datasets(cfg, cfg.train.seed)
-        self.classes = self.train_source.classes
-        self.metrics = ClassificationMetrics(self.classes)
         self.skipped = 0
 
-    def build_model(self) -> nn.Module:
+    def _create_model(self) -> nn.Module:
         cfg = self.cfg
-        model = create_model(cfg.model, **{"all_frames": cfg.num_frames, "img_size": cfg.img_size,
-                                           **(cfg.model_args or {})})
-        if model.num_classes != len(self.classes):
-            model.reset_classifier(len(self.classes))
-        if cfg.checkpoint:
+        return create_model(cfg.model, **{"all_frames": cfg.num_frames, "img_size": cfg.img_size,
+                                          **(cfg.model_args or {})})
+
+    def _load_initial_weights(self, model: nn.Module) -> nn.Module:
+        if self.cfg.checkpoint:
             from ..checkpoint import load_checkpoint
-            load_checkpoint(model, cfg.checkpoint)
+            load_checkpoint(model, self.cfg.checkpoint)
         return model
 
     def train_dataset(self) -> Dataset:
@@ -137,10 +136,32 @@ class VideoClassificationTask:
     def training_step(self, model: nn.Module, batch) -> Tuple[torch.Tensor, Dict[str, float]]:
         self.skipped += batch["skipped"]
         if batch["video"].shape[0] == 0:  # every clip of the batch was unreadable: keep ranks in step
-            return sum(p.sum() * 0 for p in model.parameters()), {"skipped_videos": self.skipped}
-        logits = model(batch["video"]).float()
-        loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.cfg.label_smoothing)
+            loss = sum(p.sum() * 0 for p in model.parameters())
+        else:
+            loss = self.loss(model, batch)
         return loss, {"skipped_videos": self.skipped}
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class VideoClassificationTask(VideoTask):
+    """Cross-entropy fine-tuning of a video ViT on annotation lists or the built-in actions."""
+
+    def __init__(self, cfg: VideoClsConfig):
+        super().__init__(cfg)
+        self.classes = self.train_source.classes
+        self.metrics = ClassificationMetrics(self.classes)
+
+    def build_model(self) -> nn.Module:
+        model = self._create_model()
+        if model.num_classes != len(self.classes):
+            model.reset_classifier(len(self.classes))
+        return self._load_initial_weights(model)
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        logits = model(batch["video"]).float()
+        return F.cross_entropy(logits, batch["label"], label_smoothing=self.cfg.label_smoothing)
 
     def eval_step(self, model: nn.Module, batch) -> Dict[str, torch.Tensor]:
         return _eval_sums(model, batch, self.metrics)
@@ -287,14 +308,7 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     model = model_from_args(parser, args)
     results = predict_videos(model, _video_files(args.videos), args.topk, args.clips, args.crops)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    for result in results:
-        if "error" in result:
-            print(f"error: {result['error']}", file=sys.stderr)
-        elif not args.json:
-            print(f"{result['file']}: " + ", ".join(f"{t['label']} ({t['prob']:.3f})" for t in result["top"]))
-    return 1 if any("error" in r for r in results) or not results else 0
+    return print_topk(results, args.json)
 
 
 def extract_features_main(argv: Optional[List[str]] = None) -> int:

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
-from ..data.video import collate_videos
 from ..engine import TrainConfig
-from ..factory import create_model, save_pretrained
+from ..factory import save_pretrained
 from ..models.video_vit import VideoMAEPretrain, pixel_targets, running_cell_mask, tube_mask, videomae_loss
 from .common import train_cli
-from .video_cls import VideoDataConfig, video_datasets
+from .video_cls import VideoDataConfig, VideoTask
 
 __all__ = ["VideoPretrainConfig", "VideoPretrainTask", "train_main"]
 
@@ -39,40 +37,25 @@ def _unwrap(model: nn.Module) -> VideoMAEPretrain:
     return getattr(model, "module", model)
 
 
-class VideoPretrainTask:
+class VideoPretrainTask(VideoTask):
     """Masked video modelling on unlabelled clips (labels in the list are ignored)."""
 
     def __init__(self, cfg: VideoPretrainConfig):
         if not 0 < cfg.mask_ratio < 1:
             raise ValueError(f"mask_ratio: expected a value in (0, 1), got {cfg.mask_ratio}")
-        self.cfg = cfg
-        _, self._train_set, self._eval_set = video_datasets(cfg, cfg.train.seed)
-        self.skipped = 0
+        super().__init__(cfg)
 
     def build_model(self) -> nn.Module:
-        cfg = self.cfg
-        model = create_model(cfg.model, **{"all_frames": cfg.num_frames, "img_size": cfg.img_size,
-                                           **(cfg.model_args or {})})
+        model = self._create_model()
         if not isinstance(model, VideoMAEPretrain):
-            raise ValueError(f"model: {cfg.model} is not a VideoMAE pre-training model "
+            raise ValueError(f"model: {self.cfg.model} is not a VideoMAE pre-training model "
                              f"(use videomae_pretrain_vit_*)")
-        if cfg.checkpoint:
-            from ..checkpoint import load_checkpoint
-            load_checkpoint(model, cfg.checkpoint)
-        return model
+        return self._load_initial_weights(model)
 
-    def train_dataset(self) -> Dataset:
-        return self._train_set
-
-    def eval_dataset(self) -> Optional[Dataset]:
-        return self._eval_set
-
-    def collate(self, samples):
-        return collate_videos(samples)
-
-    def _loss(self, model: nn.Module, video: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-        core = _unwrap(model)
-        embed = core.encoder.patch_embed
+    def loss(self, model: nn.Module, batch, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Reconstruction loss of a batch with freshly drawn masks (from ``generator``, else torch's RNG)."""
+        video = batch["video"]
+        embed = _unwrap(model).encoder.patch_embed
         grid = (video.shape[2] // embed.tubelet_size, video.shape[3] // embed.patch_size,
                 video.shape[4] // embed.patch_size)
         mask = tube_mask(video.shape[0], grid, self.cfg.mask_ratio, generator, video.device)
@@ -84,21 +67,15 @@ class VideoPretrainTask:
                                 self.cfg.mean, self.cfg.std)
         return videomae_loss(model(video, mask, decode_mask), targets, mask, decode_mask)
 
-    def training_step(self, model: nn.Module, batch) -> Tuple[torch.Tensor, Dict[str, float]]:
-        self.skipped += batch["skipped"]
-        video = batch["video"]
-        if video.shape[0] == 0:
-            return sum(p.sum() * 0 for p in model.parameters()), {"skipped_videos": self.skipped}
-        return self._loss(model, video, None), {"skipped_videos": self.skipped}
-
     def eval_step(self, model: nn.Module, batch) -> Dict[str, torch.Tensor]:
         video = batch["video"]
         count = torch.tensor(float(video.shape[0]))
         if video.shape[0] == 0:
             return {"count": count}
-        first_view = video[:, 0]  # (B, V, C, T, H, W): the first test view of each clip
-        generator = torch.Generator(first_view.device).manual_seed(int(batch["index"][0]))
-        return {"count": count, "loss": self._loss(model, first_view, generator).detach().cpu() * count}
+        generator = torch.Generator(video.device).manual_seed(int(batch["index"][0]))
+        # (B, V, C, T, H, W): the first test view of each clip
+        loss = self.loss(model, {"video": video[:, 0]}, generator)
+        return {"count": count, "loss": loss.detach().cpu() * count}
 
     def summarize(self, sums: Dict[str, torch.Tensor]) -> Dict[str, float]:
         count = float(sums.get("count", 0))
