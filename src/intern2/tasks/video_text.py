@@ -432,7 +432,8 @@ def retrieve(model: nn.Module, tokenizer, files: Sequence[str], query: str,
 
 # ------------------------------------------------------------------------------------------------------------ demo
 def run_video_text_demo(out_dir: Path, seconds: float = 120, batch_size: int = 32, num_frames: int = 8,
-                        lr: float = 2e-3, vision: str = "clip", seed: int = 0) -> Dict[str, Any]:
+                        lr: float = 2e-3, model_args: Optional[Dict[str, Any]] = None,
+                        seed: int = 0) -> Dict[str, Any]:
     """Train ``internvideo_mm_tiny`` on the built-in captioned action clips for about ``seconds`` (wall clock,
     data preparation and evaluation included) and evaluate on their validation split.
 
@@ -446,7 +447,7 @@ def run_video_text_demo(out_dir: Path, seconds: float = 120, batch_size: int = 3
     deadline = started + seconds
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    task = VideoTextTask(VideoTextConfig(num_frames=num_frames, model_args={"vision": vision},
+    task = VideoTextTask(VideoTextConfig(num_frames=num_frames, model_args=model_args,
                                          train=TrainConfig(batch_size=batch_size, seed=seed)))
     samples = [task.train_dataset()[i] for i in range(len(task.train_dataset()))]
     model = task.build_model().train()
