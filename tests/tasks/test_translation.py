@@ -12,8 +12,8 @@ import torch
 import intern2
 from intern2 import cli
 from intern2.models.translator import TIED_KEYS, TranslationModel, resize_embeddings_for_languages
-from intern2.tasks.translation import (MultilingualBatches, Translator, directions, pair_probabilities,
-                                       run_translation_demo, token_batches)
+from intern2.tasks.translation import (MultilingualBatches, Translator, directions, load_pairs,
+                                       pair_probabilities, run_translation_demo, token_batches)
 
 pytest.importorskip("sentencepiece")
 pytest.importorskip("sacrebleu")
@@ -144,9 +144,17 @@ def test_multilingual_batches_sample_pairs_by_temperature():
     assert data[0] == first  # an epoch is a function of (seed, epoch): resume is exact
 
 
-def test_directions():
+def test_directions_and_data_specs(tmp_path):
     assert directions(["en"], ["fr", "en", "de"], both=True) == [
         ("eng_Latn", "fra_Latn"), ("eng_Latn", "deu_Latn"), ("fra_Latn", "eng_Latn"), ("deu_Latn", "eng_Latn")]
+    (tmp_path / "a.txt").write_text("one\ntwo\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("un\n", encoding="utf-8")
+    for spec, message in (("builtin:wiki", "expected builtin:cldr or builtin:gettext"),
+                          ("web:x", "unknown translation data"),
+                          (f"files:{tmp_path / 'a.txt'},{tmp_path / 'b.txt'}", "has 2 lines but .* has 1"),
+                          (f"files:{tmp_path / 'a.txt'},{tmp_path / 'none.txt'}", "does not exist")):
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            load_pairs(spec, "train", [("eng_Latn", "fra_Latn")])
 
 
 def test_resize_embeddings_for_new_languages():

@@ -11,6 +11,7 @@ Data (``data`` / ``--data``):
 
 * ``builtin:cldr``: CLDR names from babel (no download), split by concept so held-out concepts are unseen in
   every language; train on ``train``, evaluate on ``dev`` (``intern2 eval`` defaults to ``test``).
+* ``builtin:gettext``: short UI sentences from the system's gettext catalogs, when installed (same splits).
 * ``flores:ROOT``: a FLORES-200 directory; train on ``dev``, evaluate on ``devtest``.
 * ``files:SRC_FILE,TGT_FILE``: aligned plain-text files (one sentence per line) for one direction.
 
@@ -112,10 +113,11 @@ def load_pairs(spec: str, split: str, pairs: Sequence[Tuple[str, str]]) -> List[
     """
     kind, _, rest = spec.partition(":")
     if kind == "builtin":
-        if rest != "cldr":
-            raise ValueError(f"unknown built-in translation corpus {spec!r}; expected builtin:cldr")
-        from ..text.corpus import builtin_pairs
-        return [p for s, t in pairs for p in builtin_pairs(split, [s], [t])]
+        from ..text.corpus import builtin_pairs, gettext_pairs
+        read = {"cldr": builtin_pairs, "gettext": gettext_pairs}.get(rest)
+        if read is None:
+            raise ValueError(f"unknown built-in translation corpus {spec!r}; expected builtin:cldr or builtin:gettext")
+        return [p for s, t in pairs for p in read(split, [s], [t])]
     if kind == "flores":
         from ..text.corpus import read_flores_pair
         flores_split = "dev" if split == "train" else "devtest"
@@ -134,7 +136,8 @@ def load_pairs(spec: str, split: str, pairs: Sequence[Tuple[str, str]]) -> List[
             raise ValueError(f"{files[0]} has {len(sources)} lines but {files[1]} has {len(targets)}; "
                              "the files must be aligned line by line")
         return [(s, t, a, b) for a, b in zip(sources, targets) if a.strip() and b.strip()]
-    raise ValueError(f"unknown translation data {spec!r}; expected builtin:cldr, flores:ROOT or files:SRC,TGT")
+    raise ValueError(f"unknown translation data {spec!r}; expected builtin:cldr, builtin:gettext, flores:ROOT "
+                     "or files:SRC,TGT")
 
 
 def pair_probabilities(sizes: Sequence[int], temperature: float) -> List[float]:
@@ -440,8 +443,9 @@ class TranslationTask:
 # ------------------------------------------------------------------------------------------------------------ CLI
 def train_main(argv: Optional[List[str]] = None) -> int:
     return train_cli(argv, "translation", "Train a multilingual translation model (NLLB architecture).",
-                     TranslationConfig, TranslationTask, "builtin:cldr, flores:ROOT or files:SRC_FILE,TGT_FILE",
-                     "intern2_mt_tiny", hide=("pairs", "examples"))
+                     TranslationConfig, TranslationTask,
+                     "builtin:cldr, builtin:gettext, flores:ROOT or files:SRC_FILE,TGT_FILE", "intern2_mt_tiny",
+                     hide=("pairs", "examples"))
 
 
 def _codes(text: Optional[str]) -> List[str]:
