@@ -36,7 +36,7 @@ from .video_vit import VideoViT
 
 __all__ = ["VideoTextModel", "VisionTransformer", "Transformer", "TemporalTransformer", "Extractor",
            "ResidualAttentionBlock", "clip_contrastive_loss", "gather_features", "checkpoint_filter_fn",
-           "CLIP_MEAN", "CLIP_STD"]
+           "official_state_dict", "VIDEOTEXT_VARIANTS", "CLIP_MEAN", "CLIP_STD"]
 
 log = logging.getLogger(__name__)
 
