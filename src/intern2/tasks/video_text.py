@@ -30,7 +30,7 @@ from ..engine import TrainConfig
 from ..engine.optim import build_optimizer
 from ..factory import create_model, save_pretrained
 from ..models.videotext import VideoTextModel, clip_contrastive_loss
-from .common import add_model_arguments, setup_logging, train_cli
+from .common import add_model_arguments, print_topk, setup_logging, train_cli
 from .video_cls import BUILTIN, VIDEO_SUFFIXES, VideoDataConfig, _inference_setup, _load_views, _video_files
 
 __all__ = ["VideoTextConfig", "VideoTextTask", "CaptionSource", "RetrievalSet", "read_captions",
@@ -595,15 +595,7 @@ def zero_shot_main(argv: Optional[List[str]] = None, prog: str = "intern2 zero-s
         if len(labels) < 2:
             parser.error(f"--labels {args.labels!r}: give at least two comma-separated class names")
     prompt = args.prompt or model.pretrained_cfg.get("prompt", DEFAULT_PROMPT)
-    results = zero_shot(model, tokenizer, files, labels, prompt, args.topk)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    for result in results:
-        if "error" in result:
-            print(f"error: {result['error']}", file=sys.stderr)
-        elif not args.json:
-            print(f"{result['file']}: " + ", ".join(f"{t['label']} ({t['prob']:.3f})" for t in result["top"]))
-    return 1 if any("error" in r for r in results) else 0
+    return print_topk(zero_shot(model, tokenizer, files, labels, prompt, args.topk), args.json)
 
 
 def predict_main(argv: Optional[List[str]] = None) -> int:
