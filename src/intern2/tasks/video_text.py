@@ -54,6 +54,7 @@ class VideoTextConfig(VideoDataConfig):
     num_frames: Optional[int] = None  # default: the model's (8)
     img_size: Optional[int] = None  # default: the model's image_resolution
     sampling: str = "segment"  # InternVideo-MM: frames spread over the whole video
+    train_scale: Tuple[float, float] = (0.8, 1.0)  # mild crops: a small one can cut out what the caption names
     flip: Optional[bool] = False  # a flip contradicts captions that say left or right
     mean: Tuple[float, float, float] = CLIP_MEAN
     std: Tuple[float, float, float] = CLIP_STD
@@ -456,6 +457,8 @@ def run_video_text_demo(out_dir: Path, seconds: float = 120, batch_size: int = 3
     eval_reserve = (time.perf_counter() - started) * len(task.eval_dataset()) / len(samples) + 0.05 * seconds
     train_end = deadline - eval_reserve
     train_start = time.perf_counter()
+    log.info("video-text demo: %d clips decoded in %.1f s; training for %.0f s", len(samples),
+             train_start - started, train_end - train_start)
     generator = torch.Generator().manual_seed(seed)
     steps = 0
     while time.perf_counter() < train_end:
@@ -474,6 +477,7 @@ def run_video_text_demo(out_dir: Path, seconds: float = 120, batch_size: int = 3
             nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             optimizer.step()
             steps += 1
+    log.info("video-text demo: %d steps; evaluating", steps)
     metrics = task.evaluate(model, task.eval_dataset(), batch_size, torch.device("cpu"))
     task.save_model(model.eval(), out_dir / "model")
     keys = ("t2v_r1", "t2v_r5", "t2v_median_rank", "v2t_r1", "chance_t2v_r1", "zero_shot_top1", "chance_zero_shot")
