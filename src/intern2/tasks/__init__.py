@@ -16,7 +16,7 @@ TASKS = {"image-cls": "intern2.tasks.image_cls", "segment": "intern2.tasks.segme
          "umt": "intern2.tasks.umt", "translation": "intern2.tasks.translation"}
 # Architecture name prefix -> task, for eval/predict.
 _PREFIXES = (("upernet_", "segment"), ("mask_rcnn_", "detect"), ("videomae_vit_", "video-cls"),
-             ("intern2_mt_", "translation"), ("m2m_100", "translation"))
+             ("internvideo_mm_", "video-text"), ("intern2_mt_", "translation"), ("m2m_100", "translation"))
 
 
 def _run(task: str, function: str, argv: List[str]) -> int:
