@@ -23,7 +23,8 @@ CPU = torch.device("cpu")
 SEG_MODEL = {"backbone": {"channels": 32, "depths": [1, 1, 2, 1], "groups": [2, 4, 8, 16], "drop_path_rate": 0.0},
              "channels": 64, "aux_channels": 32}
 DET_MODEL = {"backbone": {"channels": 32, "depths": [1, 1, 2, 1], "groups": [2, 4, 8, 16], "drop_path_rate": 0.0},
-             "fpn_channels": 64, "box_batch_size_per_image": 64}
+             "fpn_channels": 64, "box_fc_channels": 256, "mask_channels": 64, "box_batch_size_per_image": 64,
+             "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300}
 VIDEO_ENCODER = {"embed_dim": 96, "depth": 4, "num_heads": 4, "patch_size": 8}
 VIDEO_DATA = {"num_frames": 8, "stride": 2, "img_size": 32, "train_scale": (0.6, 1.0)}
 

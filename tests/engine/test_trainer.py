@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from intern2.config import apply_overrides, load_config
 from intern2.engine import TrainConfig, Trainer
-from intern2.engine.optim import param_groups, warmup_cosine
+from intern2.engine.optim import param_groups, stretch_to_time, warmup_cosine
 from intern2.engine.trainer import ShardedSampler
 from intern2.tasks.image_cls import ImageClassificationTask, ImageClsConfig
 
@@ -117,6 +117,31 @@ def test_param_groups_and_schedule():
     assert by_param[id(named["patch_embed.conv1.weight"])]["lr_scale"] == 0.5 ** (model.num_layer_ids - 1)
     factor = warmup_cosine(total_steps=10, warmup_steps=2, min_lr_ratio=0.1)
     assert [round(factor(s), 4) for s in (0, 1, 2, 10)] == [0.5, 1.0, 1.0, 0.1]
+
+
+def test_schedule_stretched_to_a_time_budget():
+    """A run stopped by time still warms up by steps, then follows the cosine to its end by the clock."""
+    factor = warmup_cosine(total_steps=1000, warmup_steps=10, min_lr_ratio=0.1)
+    fraction = [0.0]
+    stretched = stretch_to_time(factor, 1000, 10, lambda: fraction[0])
+    assert stretched(3) == factor(3) and stretched(50) == factor(50)  # warmup; steps ahead of the clock
+    fraction[0] = 0.5
+    assert stretched(50) == pytest.approx(factor(505))
+    fraction[0] = 1.2  # past the budget: the end of the schedule
+    assert stretched(60) == pytest.approx(0.1)
+
+
+def test_run_stopped_mid_epoch_evaluates_its_final_model(tmp_path):
+    """max_steps or a time limit that stops mid-epoch still reports metrics of the model it saves, not of an
+    earlier evaluation."""
+    def evals(out, **train):
+        cfg = _cfg(out, epochs=1000, checkpoint_every=None, **train)
+        Trainer(ImageClassificationTask(cfg), cfg.train).fit()
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return max(r["step"] for r in records if r["split"] == "train"), [r["step"] for r in records
+                                                                         if r["split"] == "eval"]
+    assert evals(tmp_path / "steps", max_steps=3, eval_every=2) == (3, [2, 3])
+    assert evals(tmp_path / "time", max_steps=1000, time_limit_s=0.0) == (1, [1])  # the first step used it up
 
 
 def test_config_files_and_overrides(tmp_path):

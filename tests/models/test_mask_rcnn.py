@@ -72,8 +72,12 @@ def test_aligned_roi_align_matches_mmcv_semantics():
     assert not torch.allclose(got, unaligned)
 
 
-def test_training_losses_and_gradients():
-    model = _model().train()
+@pytest.mark.parametrize("heads", [{}, {"box_fc_channels": 64, "mask_channels": 32}])
+def test_training_losses_and_gradients(heads):
+    model = _model(**heads).train()
+    if heads:
+        assert model.roi_heads.box_head.fc7.out_features == 64 and model.roi_heads.mask_head[3][0].out_channels == 32
+        assert intern2.create_model("mask_rcnn_internimage_t", **TINY, **heads).export_config()["mask_channels"] == 32
     images = [torch.rand(3, 64, 64), torch.rand(3, 64, 80)]
     masks = torch.zeros(2, 64, 64, dtype=torch.uint8)
     masks[0, 10:30, 12:40] = 1

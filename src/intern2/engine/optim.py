@@ -8,7 +8,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-__all__ = ["param_groups", "build_optimizer", "warmup_cosine", "inverse_sqrt", "lr_schedule", "SCHEDULES"]
+__all__ = ["param_groups", "build_optimizer", "warmup_cosine", "inverse_sqrt", "lr_schedule", "stretch_to_time",
+           "SCHEDULES"]
 
 SCHEDULES = ("cosine", "inverse_sqrt")
 
@@ -69,3 +70,16 @@ def lr_schedule(name: str, total_steps: int, warmup_steps: int, min_lr_ratio: fl
     if name == "cosine":
         return warmup_cosine(total_steps, warmup_steps, min_lr_ratio)
     raise ValueError(f"unknown lr schedule {name!r}; expected one of {SCHEDULES}")
+
+
+def stretch_to_time(factor: Callable[[int], float], total_steps: int, warmup_steps: int,
+                    time_fraction: Callable[[], float]) -> Callable[[int], float]:
+    """``factor`` for a run that ends on a time budget rather than a step count: after warmup the schedule
+    advances with whichever is further along, the steps or ``time_fraction()`` of the budget, so a cosine decays
+    fully by the time the budget runs out."""
+    def stretched(step: int) -> float:
+        if step < warmup_steps:
+            return factor(step)
+        by_time = warmup_steps + round(min(1.0, time_fraction()) * (total_steps - warmup_steps))
+        return factor(max(step, by_time))
+    return stretched

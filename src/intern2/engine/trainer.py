@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..checkpoint import atomic_write
 from ..config import to_dict
 from .distributed import DistInfo, cleanup, init_distributed
-from .optim import SCHEDULES, build_optimizer, lr_schedule
+from .optim import SCHEDULES, build_optimizer, lr_schedule, stretch_to_time
 
 __all__ = ["Task", "TrainConfig", "Trainer", "ShardedSampler", "ModelEma", "accumulate_eval"]
 
@@ -210,6 +210,7 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.dist: DistInfo = DistInfo()
         self.model: Optional[nn.Module] = None  # the trained (unwrapped) model, after fit()
+        self._evaluated_at: Optional[int] = None  # the step of the last evaluation
 
     # --------------------------------------------------------------------------------------------------- setup
     def _wrap(self, model: nn.Module) -> nn.Module:
@@ -337,8 +338,11 @@ class Trainer:
         total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
         wrapped = self._wrap(model)
         optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, layer_decay=cfg.layer_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_schedule(cfg.schedule, total_steps, cfg.warmup_steps, cfg.min_lr_ratio))
+        elapsed = [0.0]  # training seconds, the same on every rank (refreshed each step when time_limit_s is set)
+        schedule = lr_schedule(cfg.schedule, total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+        if cfg.time_limit_s is not None and cfg.schedule == "cosine":
+            schedule = stretch_to_time(schedule, total_steps, cfg.warmup_steps, lambda: elapsed[0] / cfg.time_limit_s)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay else None
         progress = _Progress()
         source = self._resume_source()
@@ -388,12 +392,14 @@ class Trainer:
                         window.setdefault("grad_norm", []).append(
                             float(nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.clip_grad)))
                     optimizer.step()
+                    if cfg.time_limit_s is not None:
+                        elapsed[0] = self._elapsed(started)
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     if ema is not None:
                         ema.update(model)
                     progress.step += 1
-                    if cfg.time_limit_s is not None and self._out_of_time(started):
+                    if cfg.time_limit_s is not None and elapsed[0] >= cfg.time_limit_s:
                         total_steps = progress.step  # ends the run like max_steps would
                     if bar is not None:
                         bar.update(1)
@@ -416,7 +422,7 @@ class Trainer:
                     eval_metrics = self._eval_and_log(model, ema, eval_set, metrics_file, progress)
                 if cfg.checkpoint_every is None:
                     self._save(wrapped, optimizer, scheduler, ema, progress)
-            if eval_set is not None and not eval_metrics:
+            if eval_set is not None and self._evaluated_at != progress.step:  # the final model, not an earlier one
                 eval_metrics = self._eval_and_log(model, ema, eval_set, metrics_file, progress)
             if cfg.checkpoint_every:
                 self._save(wrapped, optimizer, scheduler, ema, progress)
@@ -443,12 +449,13 @@ class Trainer:
                 module.requires_grad_(False)
                 module.register_forward_pre_hook(use_running_stats)
 
-    def _out_of_time(self, started: float) -> bool:
-        """train.time_limit_s has passed (on any rank: all ranks must stop at the same step)."""
-        late = torch.tensor(float(time.perf_counter() - started >= self.cfg.time_limit_s), device=self.dist.device)
+    def _elapsed(self, started: float) -> float:
+        """Training seconds so far, the largest over the ranks: all ranks must agree on the lr and on when
+        train.time_limit_s stops the run."""
+        elapsed = torch.tensor(time.perf_counter() - started, dtype=torch.float64, device=self.dist.device)
         if self.dist.distributed:
-            dist.all_reduce(late, op=dist.ReduceOp.MAX)
-        return bool(late)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        return float(elapsed)
 
     def _final_model(self, wrapped: nn.Module, model: nn.Module, ema: Optional[ModelEma]) -> nn.Module:
         if ema is not None:
@@ -464,6 +471,7 @@ class Trainer:
 
     def _eval_and_log(self, model, ema, eval_set, metrics_file, progress: _Progress) -> Dict[str, float]:
         metrics = self.evaluate(ema.module if ema is not None else model, eval_set)
+        self._evaluated_at = progress.step
         if metrics_file is not None:
             metrics_file.write(json.dumps({"split": "eval", "step": progress.step, "epoch": progress.epoch,
                                            **metrics}) + "\n")

@@ -32,20 +32,23 @@ class InternImageMaskRCNN(MaskRCNN):
         num_classes: object classes, background excluded (80 for COCO).
         min_size, max_size: test/train resize (mmdet's (1333, 800) keep-ratio).
         fpn_channels: FPN width (256 in the official models; smaller for quick CPU runs).
+        box_fc_channels, mask_channels: box-head FC and mask-head conv widths (official: 1024, 256).
         **kwargs: torchvision MaskRCNN options (box_batch_size_per_image, rpn_post_nms_top_n_train, ...).
     """
 
     def __init__(self, backbone: Dict, num_classes: int = 80, min_size: int = 800, max_size: int = 1333,
-                 fpn_channels: int = 256, **kwargs):
+                 fpn_channels: int = 256, box_fc_channels: int = 1024, mask_channels: int = 256, **kwargs):
         body = InternImage(**backbone, features_only=True)
-        super().__init__(InternImageFPN(body, fpn_channels), num_classes=num_classes + 1, min_size=min_size,
+        super().__init__(InternImageFPN(body, fpn_channels), num_classes=None, min_size=min_size,  # heads given
                          max_size=max_size,
                          image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
-                         **mask_rcnn_components(), **kwargs)
+                         **mask_rcnn_components(fpn_channels, num_classes + 1, box_fc_channels, mask_channels),
+                         **kwargs)
         self.backbone_config = dict(backbone)
         self.num_classes = num_classes
         self.head_config = dict(num_classes=num_classes, min_size=min_size, max_size=max_size,
-                                fpn_channels=fpn_channels, **kwargs)
+                                fpn_channels=fpn_channels, box_fc_channels=box_fc_channels,
+                                mask_channels=mask_channels, **kwargs)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.backbone.body.set_grad_checkpointing(enable)
