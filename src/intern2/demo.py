@@ -175,8 +175,9 @@ def _dcnv3_stage(args) -> Dict[str, object]:
             **{f"displacement_{k}": v for k, v in fit.items()}, "ok": ok}
 
 
-def _run_stage(name: str, args, out_dir: Path) -> Dict[str, object]:
-    """Run one stage in a fresh folder; returns its figures and whether they pass the stage's check."""
+def _run_stage(name: str, args, out_dir: Path, done: Dict[str, object]) -> Dict[str, object]:
+    """Run one stage in a fresh folder; returns its figures and whether they pass the stage's check. ``done``:
+    the results of the stages that ran before it in this invocation."""
     from . import demo_stages
     folder = out_dir / name
     if folder.exists():
@@ -199,8 +200,10 @@ def _run_stage(name: str, args, out_dir: Path) -> Dict[str, object]:
                  result["steps"])
         return {**result, "ok": result["mIoU"] > 2 * result["mIoU_untrained"]}
     if name == "detection":
-        log.info("Mask R-CNN + InternImage: training on the built-in shapes (%.0f s)...", 120 * budget)
-        result = demo_stages.train_shapes_detection(folder, 120 * budget)
+        backbone = done.get("segmentation", {}).get("model_dir")
+        log.info("Mask R-CNN + InternImage: training on the built-in shapes (%.0f s, backbone %s)...", 120 * budget,
+                 "from the segmentation stage" if backbone else "from scratch")
+        result = demo_stages.train_shapes_detection(folder, 120 * budget, backbone)
         log.info("  box AP %.1f / mask AP %.1f (untrained %.1f / %.1f) after %d steps", result["box_AP"],
                  result["mask_AP"], result["box_AP_untrained"], result["mask_AP_untrained"], result["steps"])
         return {**result, "ok": result["box_AP50"] > result["box_AP_untrained"]}
@@ -258,7 +261,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in stages:
         stage_started = time.perf_counter()
         try:
-            summary[name] = _run_stage(name, args, out_dir)
+            summary[name] = _run_stage(name, args, out_dir, summary)
         except ImportError as exc:  # an optional extra is not installed
             summary[name] = {"error": f"skipped: {exc}", "ok": False}
             log.warning("  %s skipped: %s", name, exc)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -41,8 +41,10 @@ def _untrained_metrics(task, batch_size: int) -> Dict[str, Any]:
 
 
 def _train_config(out_dir: Path, seconds: float, max_steps: int, **kwargs) -> TrainConfig:
+    """A run that ends on a time budget and evaluates once, at its end (evaluation time is not training time)."""
     return TrainConfig(**{"epochs": 1000, "max_steps": max_steps, "time_limit_s": seconds, "log_every": 25,
-                          "device": "cpu", "out_dir": str(out_dir), "checkpoint_every": 10 ** 9, **kwargs})
+                          "device": "cpu", "out_dir": str(out_dir), "checkpoint_every": 10 ** 9,
+                          "eval_every": 10 ** 9, **kwargs})
 
 
 def train_shapes_segmentation(out_dir: Path, seconds: float, max_steps: int = 2000) -> Dict[str, Any]:
@@ -50,7 +52,7 @@ def train_shapes_segmentation(out_dir: Path, seconds: float, max_steps: int = 20
     from PIL import Image
     from .factory import from_pretrained
     from .tasks.segment import SegmentationTask, SegmentConfig, colourise, segment_image
-    train = _train_config(out_dir, seconds, max_steps, batch_size=8, lr=2e-3, warmup_steps=30, weight_decay=0.01)
+    train = _train_config(out_dir, seconds, max_steps, batch_size=16, lr=2e-3, warmup_steps=30, weight_decay=0.01)
     cfg = SegmentConfig(model="upernet_internimage_t", model_args=SEG_MODEL, data="builtin:shapes", crop_size=64,
                         scale=64, ratio_range=(0.75, 1.5), test_size=(64, 64), train=train)
     task = SegmentationTask(cfg)
@@ -65,18 +67,23 @@ def train_shapes_segmentation(out_dir: Path, seconds: float, max_steps: int = 20
         (image.width * 4, image.height * 2), Image.NEAREST).save(example)
     return {"mIoU_untrained": before["mIoU"], "mIoU": after["mIoU"], "aAcc": after["aAcc"],
             "per_class_IoU": after.get("per_class_IoU"), "steps": _steps(out_dir), "run_dir": str(out_dir),
+            "model_dir": str(out_dir / "model"),
             "examples": [str(example)]}
 
 
-def train_shapes_detection(out_dir: Path, seconds: float, max_steps: int = 2000) -> Dict[str, Any]:
-    """Mask R-CNN + a small InternImage on the built-in shapes: COCO box/mask AP untrained -> trained, a drawing."""
+def train_shapes_detection(out_dir: Path, seconds: float, backbone: Optional[str] = None,
+                           max_steps: int = 2000) -> Dict[str, Any]:
+    """Mask R-CNN + a small InternImage on the built-in shapes: COCO box/mask AP untrained -> trained, a drawing.
+    ``backbone``: a model folder whose InternImage initialises the detector's (the segmentation stage's: the same
+    backbone configuration), as the official detectors start from pre-trained backbones. From scratch, a detector
+    learns next to nothing in two CPU minutes (box AP ~1); from the segmentation backbone it reaches ~10."""
     from PIL import Image
     from torchvision.transforms.functional import to_tensor
     from .factory import from_pretrained
     from .tasks.detect import DetectConfig, DetectionTask, detect, draw_detections
     train = _train_config(out_dir, seconds, max_steps, batch_size=4, lr=1e-3, warmup_steps=30, weight_decay=0.01)
     cfg = DetectConfig(model="mask_rcnn_internimage_t", model_args=DET_MODEL, data="builtin:shapes", min_size=128,
-                       max_size=128, train=train)
+                       max_size=128, backbone_checkpoint=backbone, train=train)
     task = DetectionTask(cfg)
     before = _untrained_metrics(task, 8)
     after = Trainer(task, train).fit()
@@ -89,6 +96,7 @@ def train_shapes_detection(out_dir: Path, seconds: float, max_steps: int = 2000)
     return {"box_AP_untrained": before["bbox_AP"], "mask_AP_untrained": before["segm_AP"],
             "box_AP": after["bbox_AP"], "box_AP50": after["bbox_AP50"], "mask_AP": after["segm_AP"],
             "mask_AP50": after["segm_AP50"], "steps": _steps(out_dir), "run_dir": str(out_dir),
+            "backbone_from": backbone or "scratch",
             "examples": [str(example)]}
 
 

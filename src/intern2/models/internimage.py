@@ -423,8 +423,11 @@ class InternImage(nn.Module):
 
 
 def _strip_prefixes(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """mmdet/mmseg files keep the backbone under 'backbone.' beside the heads; OpenGVLab's HF-hub folders prefix
-    every key with 'model.'; distillation checkpoints with 'student.'."""
+    """mmdet/mmseg files keep the backbone under 'backbone.' beside the heads (intern2's torchvision Mask R-CNN
+    under 'backbone.body.'); OpenGVLab's HF-hub folders prefix every key with 'model.'; distillation checkpoints
+    with 'student.'."""
+    if any(k.startswith("backbone.body.") for k in state_dict):
+        return {k[len("backbone.body."):]: v for k, v in state_dict.items() if k.startswith("backbone.body.")}
     if any(k.startswith("backbone.") for k in state_dict):
         return {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
     for prefix in ("model.", "student."):
