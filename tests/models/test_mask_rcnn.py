@@ -100,3 +100,13 @@ def test_imagenet_backbone_initialisation():
     intern2.load_checkpoint(model, classifier.state_dict())
     torch.testing.assert_close(model.backbone.body.patch_embed.conv1.weight, classifier.patch_embed.conv1.weight)
     assert model.pretrained_cfg["file"] == "mask_rcnn_internimage_t_fpn_1x_coco.pth"
+
+
+def test_detector_backbone_initialises_a_segmentor():
+    """A trained detector's InternImage (under backbone.body.) loads into another model's backbone."""
+    detector = _model()
+    segmentor = intern2.create_model("upernet_internimage_t", backbone=TINY["backbone"], num_classes=3, channels=32,
+                                     aux_channels=16)
+    intern2.load_checkpoint(segmentor.backbone, detector.state_dict())
+    torch.testing.assert_close(segmentor.backbone.levels[2].blocks[0].dcn.output_proj.weight,
+                               detector.backbone.body.levels[2].blocks[0].dcn.output_proj.weight)
