@@ -93,7 +93,7 @@ def train_shapes_detection(out_dir: Path, seconds: float, backbone: Optional[str
     drawn = draw_detections(image, detect(model, [to_tensor(image)])[0], task.classes, threshold=0.3)
     example = out_dir / "example_detections.png"
     drawn.resize((image.width * 4, image.height * 4), Image.NEAREST).save(example)
-    return {"box_AP_untrained": before["bbox_AP"], "mask_AP_untrained": before["segm_AP"],
+    return {"box_AP_before": before["bbox_AP"], "mask_AP_before": before["segm_AP"],
             "box_AP": after["bbox_AP"], "box_AP50": after["bbox_AP50"], "mask_AP": after["segm_AP"],
             "mask_AP50": after["segm_AP50"], "steps": _steps(out_dir), "run_dir": str(out_dir),
             "backbone_from": backbone or "scratch",
