@@ -32,6 +32,13 @@ def test_unknown_command_is_a_usage_error(capsys):
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["eval", "--task", "umt"], ["eval", "video-pretrain"],
+                                  ["predict", "x.mp4", "--task", "umt"]])
+def test_train_only_tasks_have_no_eval_or_predict(argv, capsys):
+    assert cli.main(argv) == 2
+    assert "only trains" in capsys.readouterr().err
+
+
 def test_list_filters_by_pattern(capsys):
     assert cli.main(["list", "no_such_model_*"]) == 1
     assert "no registered model matches" in capsys.readouterr().out

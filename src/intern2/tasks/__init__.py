@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -20,7 +21,13 @@ _PREFIXES = (("upernet_", "segment"), ("mask_rcnn_", "detect"), ("videomae_vit_"
 
 
 def _run(task: str, function: str, argv: List[str]) -> int:
-    return getattr(importlib.import_module(TASKS[task]), function)(argv)
+    module = importlib.import_module(TASKS[task])
+    if not hasattr(module, function):  # pre-training / distillation tasks have no eval or predict of their own
+        command = function[:-len("_main")]
+        print(f"intern2 {command}: task {task!r} has no '{command}' (it only trains; evaluate the models it "
+              f"initialises)", file=sys.stderr)
+        return 2
+    return getattr(module, function)(argv)
 
 
 def train_main(argv: Optional[List[str]] = None) -> int:
