@@ -1,6 +1,10 @@
 """The built-in "shapes" dataset: generated images of several object classes with occlusion on varied
 backgrounds, with COCO instance annotations (RLE masks) and PNG semantic label maps. No download.
 
+A class is an outline (circle, square, ...) and a hue family (jittered): with outline alone, a small dense model
+trained from scratch on a CPU for two minutes learns object-vs-background but hardly which object (mIoU ~17, all
+five shapes called "circle"); with both, the demo's UperNet reaches ~60 mIoU in the same time.
+
 Layout (the same as a user's own data)::
 
     root/images/{train,val}/000000.png
@@ -24,7 +28,7 @@ from PIL import Image, ImageDraw, ImageFilter
 __all__ = ["SHAPE_CLASSES", "generate_shapes", "builtin_shapes_root"]
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "star", "ring")
-VERSION = 2
+VERSION = 3
 
 
 def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> List[Tuple[float, float]]:
@@ -68,6 +72,14 @@ def _background(size: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(image, 0, 255)
 
 
+def _class_colour(label: int, rng: np.random.Generator) -> np.ndarray:
+    """RGB of an object of class ``label``: each class has its own hue family (jittered saturation and brightness),
+    as object classes in photographs tend to, so a dense model can learn from colour as well as from outline."""
+    import colorsys
+    hue = (label / len(SHAPE_CLASSES) + rng.uniform(-0.05, 0.05)) % 1.0
+    return np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.55, 1.0), rng.uniform(0.6, 1.0))) * 255
+
+
 def _sample(size: int, rng: np.random.Generator):
     """(image uint8 HxWx3, semantic map uint8, [(class id, visible mask)])."""
     image = _background(size, rng)
@@ -79,7 +91,7 @@ def _sample(size: int, rng: np.random.Generator):
         r = rng.uniform(0.16, 0.3) * size
         cx, cy = rng.uniform(r * 0.6, size - r * 0.6, 2)
         mask = _shape_mask(SHAPE_CLASSES[label], size, cx, cy, r, rng.uniform(0, 2 * math.pi))
-        colour = rng.uniform(0, 255, 3)
+        colour = _class_colour(label, rng)
         shade = 1 + 0.25 * (np.mgrid[0:size, 0:size][0] / size - 0.5)[..., None]  # a little shading
         image[mask] = np.clip(colour * shade[mask], 0, 255)
         semantic[mask] = label + 1
