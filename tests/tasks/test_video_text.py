@@ -1,6 +1,7 @@
 """Video-text training, evaluation, retrieval, zero-shot and embedding commands end to end on generated clips."""
 from __future__ import annotations
 
+import gzip
 import json
 
 import numpy as np
@@ -118,6 +119,21 @@ def test_bad_inputs_get_clear_messages(actions, trained, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "video-text", "--data", str(captions), "--out", str(tmp_path / "run")])
     assert "line 1" in capsys.readouterr().err
+
+
+def test_clip_merges_file_is_a_tokenizer(tmp_path, capsys):
+    """--tokenizer takes CLIP's merges file (the official checkpoints' vocabulary); a tiny one in its format here."""
+    merges = tmp_path / "bpe_simple_vocab_16e6.txt.gz"
+    with gzip.open(merges, "wt", encoding="utf-8") as f:
+        f.write('"bpe_simple_vocab_16e6.txt#version: 0.2\nc a\nca t</w>\nd o\ndo g</w>\n')
+    out = tmp_path / "t.npy"
+    assert cli.main(["embed", "--texts", "a cat", "A  CAT", "a dog", "--model", "internvideo_mm_tiny",
+                     "--tokenizer", str(merges), "--out", str(out)]) == 0
+    texts = np.load(out)
+    assert texts.shape == (3, 64)
+    np.testing.assert_allclose(texts[0], texts[1], atol=1e-6)  # CLIP's tokenizer lower-cases, ignores spacing
+    assert not np.allclose(texts[0], texts[2])
+    capsys.readouterr()
 
 
 def test_read_captions_groups_videos_and_resolves_labels(actions, tmp_path):

@@ -48,7 +48,9 @@ class VideoTextConfig(VideoDataConfig):
     model: str = "internvideo_mm_tiny"
     model_args: Optional[Dict[str, Any]] = None  # architecture overrides, e.g. {vision: videomae}
     checkpoint: Optional[str] = None  # initial weights: a model folder (its tokenizer is kept) or an official file
-    tokenizer: Optional[str] = None  # tokenizer.json; default: the checkpoint folder's, else trained on the captions
+    # tokenizer.json or CLIP's bpe_simple_vocab_16e6.txt.gz (for an official checkpoint); default: the checkpoint
+    # folder's, else trained on the captions
+    tokenizer: Optional[str] = None
     vocab_size: int = 2048  # upper bound for a trained tokenizer
     prompt: str = DEFAULT_PROMPT  # zero-shot class prompt
     num_frames: Optional[int] = None  # default: the model's (8)
@@ -367,7 +369,8 @@ class VideoTextTask:
 # ------------------------------------------------------------------------------------------------------- inference
 def load_video_text(checkpoint: Optional[str], model_name: Optional[str] = None, tokenizer: Optional[str] = None):
     """(model in eval mode, tokenizer) from a model folder written by training (its ``tokenizer.json``), or from
-    ``model_name`` + a weight file + ``tokenizer``."""
+    ``model_name`` + a weight file + ``tokenizer`` (a ``tokenizer.json``, or CLIP's merges file for an official
+    checkpoint)."""
     from ..text.bpe import BPETokenizer
     from .common import load_model
     model = load_model(checkpoint, model_name)
@@ -377,7 +380,8 @@ def load_video_text(checkpoint: Optional[str], model_name: Optional[str] = None,
     source = tokenizer or (checkpoint if checkpoint and Path(checkpoint).is_dir() else None)
     if source is None:
         raise ValueError("--tokenizer is required unless --checkpoint is a model folder holding tokenizer.json "
-                         "(intern2 does not download CLIP's vocabulary)")
+                         "(for an official checkpoint: CLIP's bpe_simple_vocab_16e6.txt.gz, which intern2 does not "
+                         "download)")
     return model, BPETokenizer.from_file(source, model.context_length)
 
 
@@ -495,7 +499,8 @@ def train_main(argv: Optional[List[str]] = None) -> int:
 
 def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--tokenizer", help="tokenizer.json (default: the one in the --checkpoint folder)")
+    parser.add_argument("--tokenizer", help="tokenizer.json, or CLIP's bpe_simple_vocab_16e6.txt.gz for an official "
+                        "InternVideo-MM checkpoint (default: the --checkpoint folder's tokenizer.json)")
 
 
 def _load(parser: argparse.ArgumentParser, args: argparse.Namespace):
