@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import intern2
 from intern2 import cli
@@ -213,3 +218,21 @@ def test_demo_smoke(tmp_path):
 def test_demo_beats_copy_baseline(tmp_path):
     result = run_translation_demo(tmp_path / "demo", seconds=150)
     assert result["chrf"] > result["copy_chrf"] + 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_ranks(tmp_path, mode):
+    """Translation on the shared engine under torchrun (gloo, CPU): every rank trains the same tokenizer, DDP ranks
+    end with identical weights, FSDP2 (the 1.3B path) trains, evaluates and saves a loadable, still-tied model."""
+    script = Path(__file__).with_name("dist_translation.py")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), str(tmp_path), *(["fsdp"] if mode == "fsdp" else [])],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "rank0.txt").read_text() == (tmp_path / "rank1.txt").read_text()
+    if mode == "ddp":
+        rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+        assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    model = intern2.from_pretrained(tmp_path / "model")
+    assert model.lm_head.weight is model.model.shared.weight

@@ -298,6 +298,8 @@ class Trainer:
         """Run ``eval_step`` over the dataset (sharded across ranks unless FSDP), sum, summarise; a task whose
         metrics are not sums (COCO AP) provides ``evaluate(model, dataset, batch_size, device)`` instead."""
         if hasattr(self.task, "evaluate"):
+            if self.cfg.fsdp:  # such tasks call submodules outside the FSDP-hooked forwards (a translator's generate)
+                model = self._unsharded_copy(model, on_every_rank=True).to(self.dist.device).eval()
             return self.task.evaluate(model, dataset, self.cfg.batch_size, self.dist.device)
         shard = self.dist.distributed and not self.cfg.fsdp
         indices = list(range(len(dataset)))[self.dist.rank::self.dist.world_size] if shard else None
@@ -460,14 +462,21 @@ class Trainer:
     def _final_model(self, wrapped: nn.Module, model: nn.Module, ema: Optional[ModelEma]) -> nn.Module:
         if ema is not None:
             return ema.module
-        if self.cfg.fsdp:  # gather full weights into an unsharded copy
-            full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            if not self.dist.is_main:
-                return model
-            plain = self.task.build_model()
-            plain.load_state_dict(full)
-            return plain
+        if self.cfg.fsdp:
+            plain = self._unsharded_copy(wrapped, on_every_rank=False)  # collective: every rank calls it
+            return plain if self.dist.is_main else model
         return model
+
+    def _unsharded_copy(self, wrapped: nn.Module, on_every_rank: bool) -> nn.Module:
+        """A plain model with the full weights of an FSDP2-sharded one (on rank 0 only unless ``on_every_rank``;
+        every rank must call this, the gather is collective)."""
+        full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True,
+                                                                      cpu_offload=not on_every_rank))
+        if not (on_every_rank or self.dist.is_main):
+            return wrapped  # this rank received no full weights
+        plain = self.task.build_model()
+        plain.load_state_dict(full)
+        return plain
 
     def _eval_and_log(self, model, ema, eval_set, metrics_file, progress: _Progress) -> Dict[str, float]:
         metrics = self.evaluate(ema.module if ema is not None else model, eval_set)
