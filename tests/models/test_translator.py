@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import intern2
 from conftest import fixture_path, load_fixture
-from intern2.models.translator import (TIED_KEYS, TranslationModel, TranslatorConfig, _ScoreRules,
+from intern2.models.translator import (TIED_KEYS, TranslationModel, TranslatorConfig, _ScoreRules, apply_linear,
                                        convert_fairseq_state_dict, split_sentences, translate_in_sentences)
 
 SRC_LANG, TGT_LANG = 480, 490  # the fixture's toy "language tokens"
@@ -95,6 +95,36 @@ def test_cached_decoding_equals_full_recompute(golden):
             logits[:, model.config.eos_token_id] = -float("inf")  # min_new_tokens
             seqs = torch.cat([seqs, logits.argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(cached, seqs)
+
+
+def test_unpadded_sources_decode_without_a_mask(golden):
+    """Row 0 of the fixture has no padding: alone it takes the mask-free attention path and still matches
+    transformers, greedy and beam (sequence and score)."""
+    model, t, _ = golden
+    ids, mask = _inputs(t)
+    assert mask[0].all()
+    greedy = model.generate(ids[:1], forced_bos_token_id=TGT_LANG, max_new_tokens=16)
+    assert torch.equal(greedy[0], t["ref.greedy_sequences"][0])
+    beam = model.generate(ids[:1], forced_bos_token_id=TGT_LANG, max_new_tokens=16, num_beams=4, early_stopping=True,
+                          return_dict_in_generate=True)
+    ref, length = t["ref.beam4_sequences"][0], beam.sequences.shape[1]
+    assert torch.equal(beam.sequences[0], ref[:length]) and (ref[length:] == model.config.pad_token_id).all()
+    torch.testing.assert_close(beam.sequences_scores, t["ref.beam4_sequences_scores"][:1], rtol=0, atol=1e-5)
+
+
+def test_inference_linear_matches_the_module_and_leaves_autograd_alone(golden, monkeypatch):
+    """``apply_linear`` (oneDNN on CPU outside autograd) = ``nn.Linear``; with mkldnn disabled generate takes the module
+    path and decodes the same tokens."""
+    layer = torch.nn.Linear(16, 48)
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(apply_linear(layer, x), layer(x))
+    assert apply_linear(layer, x).grad_fn is not None  # training: the module's own, differentiable forward
+    model, t, _ = golden
+    ids, mask = _inputs(t)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    assert torch.equal(model.generate(ids, mask, forced_bos_token_id=TGT_LANG, max_new_tokens=16),
+                       t["ref.greedy_sequences"])
 
 
 def test_sampling_with_top_k_1_is_greedy_and_groups_rows_per_source(golden):
