@@ -242,7 +242,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", default="runs/demo", help="folder for summary.json, report.html and the runs")
     parser.add_argument("--only", help=f"comma-separated stages to run (default: all of {','.join(STAGES)})")
     parser.add_argument("--budget", type=float, default=1.0,
-                        help="multiplier of every stage's training time (1.0: about 12 minutes on 2 CPU cores)")
+                        help="multiplier of every stage's training time (1.0: about 13 minutes on 2 CPU cores)")
     parser.add_argument("--steps", type=_positive, default=300, help="optimisation steps of the displacement fit")
     parser.add_argument("--rounds", type=_positive, default=5, help="timing rounds")
     parser.add_argument("--epochs", type=_positive, default=8, help="epochs of the InternImage digits run")
