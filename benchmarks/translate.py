@@ -11,10 +11,17 @@ skipped with a note::
 
 Every figure in the ratio columns is relative to HF ``generate`` (fp32, SDPA attention) measured in this run.
 Targets: intern2 >= 1.5x HF at batch 1 greedy, >= 1.0x HF at batch 16 beam 4, intern2 int8 >= 0.8x CT2 int8.
+
+CTranslate2 runs in a child process that takes its turn in every round like the others: in-process, its library
+binds to the OpenMP runtime torch loaded, and the thread team of its worker thread there gives libgomp more threads
+than cores, so libgomp stops letting torch's idle threads spin and every multi-threaded torch op after it waits for
+sleeping threads to wake (intern2 int8 ran 2x slower once CT2 had run once in the process).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import multiprocessing
 import resource
 import statistics
 import tempfile
@@ -95,31 +102,51 @@ class _IdTokenizer:
         return self.tokens[index] if isinstance(index, int) else [self.tokens[i] for i in index]
 
 
-def ct2_folder(folder: Path, vocab: int, out: Path) -> Optional[Path]:
-    try:
-        from ctranslate2.converters import TransformersConverter
-    except ImportError:
-        print("note: ctranslate2 (with transformers) is not importable: CTranslate2 peers skipped")
-        return None
+def _ct2_serve(connection, folder: str, vocab: int, out: str, threads: int) -> None:
+    """Child process: convert the HF folder, load fp32 and int8 translators, then answer translate requests."""
+    import ctranslate2
+    from ctranslate2.converters import TransformersConverter
 
     class Converter(TransformersConverter):
         def load_tokenizer(self, tokenizer_class, model_name_or_path, **kwargs):
             return _IdTokenizer(vocab)  # our folder has no HF tokenizer; CT2 only needs token names
 
-    Converter(str(folder)).convert(str(out), force=True)
-    return out
-
-
-def ct2_runner(translator, ids: torch.Tensor, beams: int, tgt: int) -> Callable[[], None]:
-    source = [["<s>" if i == 0 else "</s>" if i == 2 else f"t{i}" for i in row] for row in ids.tolist()]
-    prefix = [[f"t{tgt}"]] * len(source)
-
-    def run():
+    Converter(folder).convert(out, force=True)
+    translators = {compute: ctranslate2.Translator(out, device="cpu", compute_type=compute, inter_threads=1,
+                                                   intra_threads=threads) for compute in ("float32", "int8")}
+    connection.send("ready")
+    for compute, source, prefix, beams in iter(connection.recv, None):
         # CT2 counts the target prefix in the decoding length, like min/max_new_tokens count the forced token.
-        results = translator.translate_batch(source, target_prefix=prefix, beam_size=beams,
-                                             max_decoding_length=NEW_TOKENS, min_decoding_length=NEW_TOKENS)
-        assert len(results[0].hypotheses[0]) == NEW_TOKENS, len(results[0].hypotheses[0])
-    return run
+        results = translators[compute].translate_batch(source, target_prefix=prefix, beam_size=beams,
+                                                       max_decoding_length=NEW_TOKENS,
+                                                       min_decoding_length=NEW_TOKENS)
+        connection.send(len(results[0].hypotheses[0]))
+
+
+class CT2Process:
+    """CTranslate2 (fp32 and int8) in a child process (see the module docstring for why not in this one)."""
+
+    def __init__(self, folder: Path, vocab: int, out: Path, threads: int):
+        self.connection, child = multiprocessing.Pipe()
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=_ct2_serve, args=(child, str(folder), vocab, str(out), threads), daemon=True)
+        self.process.start()
+        child.close()  # so that a child that dies makes recv raise EOFError instead of waiting forever
+        self.connection.recv()  # "ready"
+
+    def runner(self, compute: str, ids: torch.Tensor, beams: int, tgt: int) -> Callable[[], None]:
+        source = [["<s>" if i == 0 else "</s>" if i == 2 else f"t{i}" for i in row] for row in ids.tolist()]
+        request = (compute, source, [[f"t{tgt}"]] * len(source), beams)
+
+        def run():
+            self.connection.send(request)
+            length = self.connection.recv()
+            assert length == NEW_TOKENS, length
+        return run
+
+    def close(self) -> None:
+        self.connection.send(None)
+        self.process.join()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -140,18 +167,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         hf = hf_model(folder)
         if hf is not None:
             systems["HF"] = (hf, hf_runner)
-        converted = ct2_folder(folder, vocab, Path(tmp) / "ct2") if hf is not None else None
-        if converted is not None:
-            import ctranslate2
-            for name, compute in (("CT2", "float32"), ("CT2 int8", "int8")):
-                systems[name] = (ctranslate2.Translator(str(converted), device="cpu", compute_type=compute,
-                                                        inter_threads=1, intra_threads=args.threads), ct2_runner)
+        ct2 = None
+        if hf is not None and importlib.util.find_spec("ctranslate2") is None:
+            print("note: ctranslate2 is not importable: CTranslate2 peers skipped")
+        elif hf is not None:
+            ct2 = CT2Process(folder, vocab, Path(tmp) / "ct2", args.threads)
+            systems["CT2"], systems["CT2 int8"] = ("float32", ct2.runner), ("int8", ct2.runner)
         rates: Dict[Tuple[int, int], Dict[str, float]] = {}
         for batch, beams in SETTINGS:
             ids = source_batch(batch, vocab, src_lang)
             seconds = median_seconds({name: make(system, ids, beams, tgt_lang)
                                       for name, (system, make) in systems.items()}, args.repeats)
             rates[batch, beams] = {name: batch * NEW_TOKENS / value for name, value in seconds.items()}
+        if ct2 is not None:
+            ct2.close()
     names = list(systems)
     print(f"\ntarget tokens/s, CPU {args.threads} threads, torch {torch.__version__}, source {SOURCE_TOKENS} tokens, "
           f"{NEW_TOKENS} generated; ratios vs HF generate (fp32, sdpa) of the same run")
@@ -160,7 +189,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for (batch, beams), row in rates.items():
         ratios = " ".join(f"{row[n] / row['HF']:>13.2f}" for n in names if n != "HF") if "HF" in row else ""
         print(f"{batch:>5} {beams:>5} " + " ".join(f"{row[n]:>14.1f}" for n in names) + "  " + ratios)
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (whole process)")
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (this process: all but CT2)")
     checks = []
     if "HF" in names:
         checks += [("intern2 >= 1.5x HF, batch 1 greedy", rates[1, 1]["intern2"] / rates[1, 1]["HF"], 1.5),
