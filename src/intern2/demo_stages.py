@@ -26,7 +26,8 @@ DET_MODEL = {"backbone": {"channels": 32, "depths": [1, 1, 2, 1], "groups": [2, 
              "fpn_channels": 64, "box_fc_channels": 256, "mask_channels": 64, "box_batch_size_per_image": 64,
              "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300}
 VIDEO_ENCODER = {"embed_dim": 96, "depth": 4, "num_heads": 4, "patch_size": 8}
-VIDEO_DATA = {"num_frames": 8, "stride": 2, "img_size": 32, "train_scale": (0.6, 1.0)}
+# The 600 built-in clips fit in memory (~120 MB decoded): caching them lets the model, not decoding, set the pace.
+VIDEO_DATA = {"num_frames": 8, "stride": 2, "img_size": 32, "train_scale": (0.6, 1.0), "cache_clips": True}
 
 
 def _untrained_metrics(task, batch_size: int) -> Dict[str, Any]:
@@ -107,16 +108,17 @@ def video_pretraining_vs_scratch(out_dir: Path, pretrain_seconds: float, finetun
     from .tasks.video_cls import VideoClassificationTask, VideoClsConfig
     from .tasks.video_pretrain import VideoPretrainConfig, VideoPretrainTask
     encoder = {f"encoder_{k}" if k != "patch_size" else k: v for k, v in VIDEO_ENCODER.items()}
-    pre_train = _train_config(out_dir / "pretrain", pretrain_seconds, max_steps, batch_size=16, lr=1.5e-3,
-                              warmup_steps=40, num_workers=1)
+    # lr 3e-4 for both: at 1e-3 and above a ViT this small sits on its loss plateau for the whole budget (the
+    # reconstruction loss stays flat and fine-tuning stays at chance, pre-trained or not).
+    pre_train = _train_config(out_dir / "pretrain", pretrain_seconds, max_steps, batch_size=16, lr=3e-4,
+                              warmup_steps=40)
     pre_cfg = VideoPretrainConfig(model="videomae_pretrain_vit_s", mask_ratio=0.75, train=pre_train,
                                   model_args={**encoder, "decoder_embed_dim": 64, "decoder_depth": 1,
                                               "decoder_num_heads": 4}, **VIDEO_DATA)
     pre_metrics = Trainer(VideoPretrainTask(pre_cfg), pre_train).fit()
     results: Dict[str, Any] = {"reconstruction_loss": pre_metrics.get("reconstruction_loss")}
     for name, checkpoint in (("pretrained", str(out_dir / "pretrain" / "model")), ("scratch", None)):
-        train = _train_config(out_dir / name, finetune_seconds, max_steps, batch_size=16, lr=1e-3, warmup_steps=40,
-                              num_workers=1)
+        train = _train_config(out_dir / name, finetune_seconds, max_steps, batch_size=16, lr=3e-4, warmup_steps=40)
         cfg = VideoClsConfig(model="videomae_vit_s", model_args=VIDEO_ENCODER, checkpoint=checkpoint, train=train,
                              **VIDEO_DATA)
         task = VideoClassificationTask(cfg)

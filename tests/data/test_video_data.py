@@ -214,6 +214,27 @@ def test_dataset_train_and_multiview(video_file, tmp_path):
     assert batch["video"].shape == (2, 6, 3, 4, 32, 32) and batch["label"].tolist() == [1, 0]
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_cached_dataset_decodes_once_and_gives_the_same_clips(video_file, tmp_path, monkeypatch, train):
+    import intern2.data.video as video_module
+    path, _ = video_file
+    source = read_annotations(_list(tmp_path, f"{path} 1\n{path} 0\n"))
+    transform = VideoTrainTransform(32, flip=False) if train else VideoEvalTransform(32, num_crops=3)
+    make = lambda cache: VideoDataset(source, FrameSampler(4, 2), transform, train=train, seed=3,  # noqa: E731
+                                      num_clips=1 if train else 2, cache=cache)
+    plain, cached = make(False), make(True)
+    reads = []
+    real_read = video_module.read_video
+    monkeypatch.setattr(video_module, "read_video", lambda *a, **k: reads.append(a[0]) or real_read(*a, **k))
+    for epoch in range(3):
+        plain.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        for index in range(2):
+            assert torch.equal(cached[index]["video"], plain[index]["video"])
+    assert len(reads) == 6 + 2  # the plain dataset reads each time, the cached one once per video
+    assert pickle.loads(pickle.dumps(cached))[0]["video"].shape == cached[0]["video"].shape
+
+
 def test_annotation_lists(video_file, tmp_path):
     path, _ = video_file
     rel = path.name

@@ -441,11 +441,15 @@ class VideoDataset(Dataset):
     Training (``train=True``): one random clip, ``{"video": (C, T, H, W), "label", "index"}``; randomness is
     seeded by (seed, epoch, index). Testing: ``num_clips`` evenly spaced clips x the transform's crops,
     ``{"video": (V, C, T, H, W), ...}`` with V = clips x crops (clip-major), for the evaluator to average.
+
+    ``cache``: keep every decoded video (all its frames, uint8) in memory after its first read, for small data
+    sets where decoding, not the model, bounds the step rate. It lives in the process that reads, so use it with
+    ``num_workers=0`` (workers are restarted each epoch and would decode again).
     """
 
     def __init__(self, source: VideoSource, sampler: FrameSampler,
                  transform: Union[VideoTrainTransform, VideoEvalTransform], train: bool, num_clips: int = 1,
-                 seed: int = 0, skip_errors: bool = True):
+                 seed: int = 0, skip_errors: bool = True, cache: bool = False):
         if train and num_clips != 1:
             raise ValueError(f"VideoDataset: training samples one clip per video, got num_clips={num_clips}")
         self.source = source
@@ -456,6 +460,7 @@ class VideoDataset(Dataset):
         self.seed = seed
         self.skip_errors = skip_errors
         self.epoch = 0
+        self._decoded: Optional[Dict[int, torch.Tensor]] = {} if cache else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -468,11 +473,20 @@ class VideoDataset(Dataset):
             return self.sampler(total, generator=generator)
         return [i for p in clip_positions(self.num_clips) for i in self.sampler(total, position=p)]
 
+    def _read(self, index: int, path: str, generator: torch.Generator) -> torch.Tensor:
+        """The sampled frames of a video: decoded now, or picked from the cached whole video."""
+        if self._decoded is None:
+            return read_video(path, lambda total: self._indices(total, generator))
+        video = self._decoded.get(index)
+        if video is None:
+            video = self._decoded[index] = read_video(path)
+        return video[self._indices(len(video), generator)]
+
     def __getitem__(self, index: int) -> Optional[Dict[str, Any]]:
         path, label = self.source.samples[index]
         generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{self.epoch}:{index}".encode()))
         try:
-            frames = read_video(path, lambda total: self._indices(total, generator))
+            frames = self._read(index, path, generator)
         except VideoDecodeError as exc:
             if not self.skip_errors:
                 raise

@@ -46,6 +46,7 @@ class VideoDataConfig:
     flip: Optional[bool] = None  # None: on, except for builtin:actions whose classes depend on direction
     test_clips: int = 1
     test_crops: int = 1
+    cache_clips: bool = False  # keep decoded videos in memory (small data sets; use with train.num_workers=0)
     mean: Tuple[float, float, float] = IMAGENET_MEAN
     std: Tuple[float, float, float] = IMAGENET_STD
 
@@ -83,12 +84,12 @@ def video_datasets(cfg: VideoDataConfig, seed: int) -> Tuple[VideoSource, Datase
     sampler = FrameSampler(cfg.num_frames, cfg.stride, cfg.sampling)
     train_set = VideoDataset(train_source, sampler, VideoTrainTransform(cfg.img_size, tuple(cfg.train_scale),
                                                                         flip=flip, mean=cfg.mean, std=cfg.std),
-                             train=True, seed=seed)
+                             train=True, seed=seed, cache=cfg.cache_clips)
     eval_set = None
     if val_source is not None:
         eval_set = VideoDataset(val_source, sampler, VideoEvalTransform(cfg.img_size, num_crops=cfg.test_crops,
                                                                         mean=cfg.mean, std=cfg.std),
-                                train=False, num_clips=cfg.test_clips, seed=seed)
+                                train=False, num_clips=cfg.test_clips, seed=seed, cache=cfg.cache_clips)
     return train_source, train_set, eval_set
 
 
