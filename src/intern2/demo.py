@@ -211,8 +211,8 @@ def _run_stage(name: str, args, out_dir: Path, done: Dict[str, object]) -> Dict[
         return {**result, "ok": result["box_AP50"] > result["box_AP_before"]}
     if name == "video":
         log.info("Video ViT: VideoMAE pre-training (%.0f s), then fine-tuning vs from scratch (%.0f s each)...",
-                 60 * budget, 45 * budget)
-        result = demo_stages.video_pretraining_vs_scratch(folder, 60 * budget, 45 * budget)
+                 90 * budget, 45 * budget)
+        result = demo_stages.video_pretraining_vs_scratch(folder, 90 * budget, 45 * budget)
         log.info("  top-1 %.1f%% pre-trained, %.1f%% from scratch (chance %.0f%%)", result["top1_pretrained"],
                  result["top1_scratch"], result["chance"])
         return {**result, "ok": result["top1_pretrained"] > result["top1_scratch"]}
