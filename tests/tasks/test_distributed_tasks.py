@@ -1,4 +1,4 @@
-"""Segmentation, detection and the video tasks under torchrun (2 CPU ranks, gloo, DDP): the training runs finish,
+"""Segmentation, detection, the video tasks and UMT distillation under torchrun (2 CPU ranks, gloo, DDP): the training runs finish,
 evaluation is reduced across ranks (both ranks report the same metrics) and rank 0 saves a loadable model."""
 from __future__ import annotations
 
@@ -74,6 +74,11 @@ def test_video_pretraining_then_classification(actions, tmp_path):
                       f"checkpoint={tmp_path / 'mae' / 'model'}", *video)
     assert final["count"] == 4 and 0 <= final["top1"] <= 100
     assert intern2.from_pretrained(tmp_path / "cls" / "model").num_classes == 10
+    # UMT distillation with the classifier just trained as the frozen teacher.
+    final = _torchrun(tmp_path / "umt", "umt", "--set", f"teacher={tmp_path / 'cls' / 'model'}", "--set",
+                      "model=videomae_vit_s", "--set", "model_args={embed_dim: 32, depth: 2, num_heads: 2, "
+                      "patch_size: 16}", "--set", "student_layers=1", *video)
+    assert final["count"] == 4 and final["distill_loss"] >= 0
 
 
 def test_video_text(actions, tmp_path):
