@@ -1,5 +1,6 @@
-"""Segmentation, detection, the video tasks and UMT distillation under torchrun (2 CPU ranks, gloo, DDP): the training runs finish,
-evaluation is reduced across ranks (both ranks report the same metrics) and rank 0 saves a loadable model."""
+"""Segmentation, detection, the video tasks and UMT distillation under torchrun (2 CPU ranks, gloo, DDP): the
+training runs finish, evaluation is reduced across ranks (both ranks report the same metrics) and rank 0 saves a
+loadable model."""
 from __future__ import annotations
 
 import json
