@@ -1,6 +1,6 @@
-"""Segmentation, detection, the video tasks and UMT distillation under torchrun (2 CPU ranks, gloo, DDP): the
-training runs finish, evaluation is reduced across ranks (both ranks report the same metrics) and rank 0 saves a
-loadable model."""
+"""Segmentation, detection, the video tasks and UMT distillation under torchrun (2 CPU ranks, gloo, DDP and FSDP2):
+the training runs finish, evaluation is reduced across ranks (both ranks report the same metrics: with FSDP2 that
+needs the BatchNorm statistics kept in step) and rank 0 saves a loadable model."""
 from __future__ import annotations
 
 import json
@@ -34,6 +34,11 @@ def actions(tmp_path_factory):
                             size=32)
 
 
+@pytest.fixture(params=["ddp", "fsdp"])
+def mode(request) -> list:
+    return ["--set", f"train.fsdp={str(request.param == 'fsdp').lower()}"]
+
+
 def _torchrun(out: Path, *argv: str) -> dict:
     """Final metrics of `intern2 train ...` on two ranks; asserts both ranks report the same ones."""
     script = Path(__file__).with_name("dist_cli.py")
@@ -46,26 +51,26 @@ def _torchrun(out: Path, *argv: str) -> dict:
     return finals[0]
 
 
-def test_segmentation(shapes, tmp_path):
+def test_segmentation(shapes, tmp_path, mode):
     final = _torchrun(tmp_path / "seg", "segment", "--data", str(shapes), "--set",
                       f"model_args={{{BACKBONE}, channels: 16, aux_channels: 16}}", "--set", "crop_size=32",
-                      "--set", "scale=32", "--set", "test_size=[32, 32]", *STEPS)
+                      "--set", "scale=32", "--set", "test_size=[32, 32]", *STEPS, *mode)
     assert final["pixels"] == 4 * 32 * 32  # every validation image counted once over the two ranks
     assert intern2.from_pretrained(tmp_path / "seg" / "model").num_classes == 6
 
 
-def test_detection(shapes, tmp_path):
+def test_detection(shapes, tmp_path, mode):
     final = _torchrun(tmp_path / "det", "detect", "--data", str(shapes), "--set",
                       f"model_args={{{BACKBONE}, fpn_channels: 32, box_batch_size_per_image: 32, "
                       "rpn_post_nms_top_n_train: 100, rpn_pre_nms_top_n_train: 200}", "--set", "min_size=64",
-                      "--set", "max_size=64", *STEPS, "--set", "train.lr=1e-4")
+                      "--set", "max_size=64", *STEPS, "--set", "train.lr=1e-4", *mode)
     assert final["images"] == 4 and {"bbox_AP", "segm_AP"} <= set(final)
     intern2.from_pretrained(tmp_path / "det" / "model")
 
 
-def test_video_pretraining_then_classification(actions, tmp_path):
+def test_video_pretraining_then_classification(actions, tmp_path, mode):
     video = ["--data", str(actions / "train.txt"), "--set", "num_frames=4", "--set", "stride=2", "--set",
-             "img_size=32", "--set", "cache_clips=true", *STEPS]
+             "img_size=32", "--set", "cache_clips=true", *STEPS, *mode]
     final = _torchrun(tmp_path / "mae", "video-pretrain", "--model", "videomae_pretrain_vit_s", "--set",
                       "model_args={encoder_embed_dim: 32, encoder_depth: 1, encoder_num_heads: 2, patch_size: 16, "
                       "decoder_embed_dim: 16, decoder_depth: 1, decoder_num_heads: 2}", *video)
@@ -82,8 +87,8 @@ def test_video_pretraining_then_classification(actions, tmp_path):
     assert final["count"] == 4 and final["distill_loss"] >= 0
 
 
-def test_video_text(actions, tmp_path):
+def test_video_text(actions, tmp_path, mode):
     pytest.importorskip("tokenizers")
-    final = _torchrun(tmp_path / "vt", "video-text", "--data", str(actions / "train_captions.jsonl"), *STEPS)
+    final = _torchrun(tmp_path / "vt", "video-text", "--data", str(actions / "train_captions.jsonl"), *STEPS, *mode)
     assert final["videos"] == 4 and final["chance_zero_shot"] == 10.0
     assert intern2.from_pretrained(tmp_path / "vt" / "model").pretrained_cfg["prompt"] == "a video of {}"

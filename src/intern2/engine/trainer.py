@@ -211,6 +211,7 @@ class Trainer:
         self.dist: DistInfo = DistInfo()
         self.model: Optional[nn.Module] = None  # the trained (unwrapped) model, after fit()
         self._evaluated_at: Optional[int] = None  # the step of the last evaluation
+        self._replicated: List[nn.Parameter] = []  # parameters FSDP2 leaves unsharded
 
     # --------------------------------------------------------------------------------------------------- setup
     def _wrap(self, model: nn.Module) -> nn.Module:
@@ -220,9 +221,12 @@ class Trainer:
                 raise ValueError("train.fsdp needs a process group: launch with torchrun")
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
                 if self.cfg.amp == "bf16" else MixedPrecisionPolicy()
+            # fully_shard cannot shard 0-d parameters (CLIP's logit_scale): they stay whole on every rank, and
+            # their gradients are averaged by hand (_average_replicated_grads).
+            self._replicated = [p for p in model.parameters() if p.dim() == 0]
             for module in getattr(model, "fsdp_units", lambda: [])():  # e.g. one unit per residual block
-                fully_shard(module, mp_policy=policy)
-            fully_shard(model, mp_policy=policy)
+                fully_shard(module, mp_policy=policy, ignored_params=set(self._replicated) or None)
+            fully_shard(model, mp_policy=policy, ignored_params=set(self._replicated) or None)
             return model
         if self.dist.distributed:
             device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
@@ -390,10 +394,14 @@ class Trainer:
                             raise FloatingPointError("10 consecutive non-finite losses: lower train.lr or check data")
                         continue
                     bad_steps = 0
+                    if self._replicated and self.dist.distributed:
+                        self._average_replicated_grads()
                     if cfg.clip_grad:
                         window.setdefault("grad_norm", []).append(
                             float(nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.clip_grad)))
                     optimizer.step()
+                    if cfg.fsdp and self.dist.distributed:
+                        self._average_batchnorm_stats(wrapped)
                     if cfg.time_limit_s is not None:
                         elapsed[0] = self._elapsed(started)
                     scheduler.step()
@@ -450,6 +458,30 @@ class Trainer:
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.requires_grad_(False)
                 module.register_forward_pre_hook(use_running_stats)
+
+    def _average_replicated_grads(self) -> None:
+        """Average the gradients of the parameters FSDP2 left whole over the ranks, as their sharded peers are."""
+        with torch.no_grad():
+            grads = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in self._replicated])
+            dist.all_reduce(grads)  # SUM: gloo has no AVG
+            for param, grad in zip(self._replicated, grads / self.dist.world_size):
+                param.grad = grad.clone()
+
+    def _average_batchnorm_stats(self, model: nn.Module) -> None:
+        """FSDP2 shards parameters but leaves buffers alone, so each rank's BatchNorm running statistics would
+        follow its own batches and ranks would evaluate (and rank 0 save) different models. Average them over the
+        ranks after each step, in one collective (DDP instead copies rank 0's to every rank at each forward)."""
+        stats = [buffer for module in model.modules()
+                 if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None
+                 for buffer in (module.running_mean, module.running_var)]
+        if not stats:
+            return
+        with torch.no_grad():
+            flat = torch.cat([buffer.reshape(-1) for buffer in stats])
+            dist.all_reduce(flat)  # SUM: gloo has no AVG
+            flat /= self.dist.world_size
+            for buffer, value in zip(stats, flat.split([buffer.numel() for buffer in stats])):
+                buffer.copy_(value.view_as(buffer))
 
     def _elapsed(self, started: float) -> float:
         """Training seconds so far, the largest over the ranks: all ranks must agree on the lr and on when
