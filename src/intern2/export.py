@@ -1,4 +1,5 @@
-"""`intern2 export onnx`: a standard ONNX graph (DCNv3 becomes GridSample), checked with onnx and onnxruntime."""
+"""`intern2 export onnx`: a standard ONNX graph (DCNv3 becomes GridSample) of an image model or a video classifier,
+checked with onnx and onnxruntime."""
 from __future__ import annotations
 
 import argparse
@@ -16,29 +17,38 @@ log = logging.getLogger(__name__)
 
 
 def export_onnx(model: nn.Module, path: Path, img_size: int, opset: int = 18, check: bool = True,
-                atol: float = 1e-4, dynamic: bool = True) -> float:
+                atol: float = 1e-4, dynamic: bool = True, num_frames: Optional[int] = None) -> float:
     """Export (dynamic batch, height and width unless ``dynamic=False``: then fixed at img_size); returns
-    max |onnxruntime - torch| on a test input (or -1 without the check)."""
+    max |onnxruntime - torch| on a test input (or -1 without the check).
+
+    ``num_frames``: a video classifier, input "video" (B, 3, num_frames, img_size, img_size); only its batch is
+    dynamic (the graph holds the position table of that clip size)."""
     model = model.eval()
+    clip = () if num_frames is None else (num_frames,)
     # torch.export specialises size-1 dimensions: trace at a size whose last level is still >= 2x2.
-    trace_size = max(img_size, 64) if dynamic else img_size
-    example = torch.randn(2 if dynamic else 1, 3, trace_size, trace_size, generator=torch.Generator().manual_seed(0))
+    trace_size = max(img_size, 64) if dynamic and not clip else img_size
+    example = torch.randn(2 if dynamic else 1, 3, *clip, trace_size, trace_size,
+                          generator=torch.Generator().manual_seed(0))
     shapes = None
     if dynamic:
         name = next(iter(inspect.signature(model.forward).parameters))
-        shapes = {name: {0: torch.export.Dim("batch", min=1, max=1024), 2: torch.export.Dim.AUTO,
-                         3: torch.export.Dim.AUTO}}
+        dims = {0: torch.export.Dim("batch", min=1, max=1024)}
+        if not clip:
+            dims.update({2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO})
+        shapes = {name: dims}
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=opset, input_names=["image"],
-                      output_names=["output"], dynamic_shapes=shapes)
+    torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=opset,
+                      input_names=["video" if clip else "image"], output_names=["output"], dynamic_shapes=shapes)
     if not check:
         return -1.0
     import onnx
     import onnxruntime as ort
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    probe = torch.randn(*((3, 3, img_size, img_size + 32) if dynamic else example.shape),
-                        generator=torch.Generator().manual_seed(1))
+    probe_shape = example.shape
+    if dynamic:
+        probe_shape = (3, 3, *clip, img_size, img_size) if clip else (3, 3, img_size, img_size + 32)
+    probe = torch.randn(*probe_shape, generator=torch.Generator().manual_seed(1))
     (got,) = session.run(None, {session.get_inputs()[0].name: probe.numpy()})[:1]
     with torch.no_grad():
         want = model(probe)
@@ -50,7 +60,8 @@ def export_onnx(model: nn.Module, path: Path, img_size: int, opset: int = 18, ch
 
 def main(argv: Optional[List[str]] = None) -> int:
     from .tasks.common import add_model_arguments, load_model
-    parser = argparse.ArgumentParser(prog="intern2 export", description="Export a model.")
+    parser = argparse.ArgumentParser(prog="intern2 export", description="Export an image model or a video "
+                                     "classifier (a video ViT: fixed clip size, dynamic batch).")
     parser.add_argument("format", choices=["onnx"])
     add_model_arguments(parser)
     parser.add_argument("--out", required=True, help="output .onnx file")
@@ -77,7 +88,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, FileNotFoundError, KeyError) as exc:
         parser.error(str(exc))
     cfg = getattr(model, "pretrained_cfg", {})
-    size = args.img_size or cfg.get("input_size", (3, cfg.get("crop_size", 224)))[-1]
-    diff = export_onnx(model, Path(args.out), size, args.opset, check=not args.no_check, dynamic=not args.static)
+    input_size = cfg.get("input_size", (3, cfg.get("crop_size", 224)))
+    num_frames = input_size[1] if len(input_size) == 4 else None  # (3, T, H, W): a video classifier
+    size = args.img_size or input_size[-1]
+    diff = export_onnx(model, Path(args.out), size, args.opset, check=not args.no_check, dynamic=not args.static,
+                       num_frames=num_frames)
     print(f"wrote {args.out}" + (f" (onnxruntime vs torch max |diff| {diff:.2e})" if diff >= 0 else ""))
     return 0

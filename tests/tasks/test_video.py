@@ -87,6 +87,16 @@ def test_fine_tune_from_pretraining_then_eval_predict_extract(actions, pretraine
     assert features.shape == (6, 32) and len(files) == 6
     np.testing.assert_allclose(np.load(tmp_path / "features.npy"), features.numpy(), rtol=1e-5, atol=1e-6)
 
+    ort = pytest.importorskip("onnxruntime")
+    onnx_path = tmp_path / "video.onnx"  # the clip size of training, dynamic batch; parity checked on export
+    assert cli.main(["export", "onnx", "--checkpoint", str(out / "model"), "--out", str(onnx_path)]) == 0
+    assert "onnxruntime vs torch max |diff|" in capsys.readouterr().out
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    views = torch.randn(5, 3, 4, 32, 32)
+    (logits,) = session.run(None, {"video": views.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, model(views).numpy(), atol=1e-4)
+
 
 def test_pretrained_encoder_transfers_to_classifier(pretrained):
     encoder = intern2.from_pretrained(pretrained / "model").encoder
