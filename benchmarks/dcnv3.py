@@ -149,7 +149,8 @@ def measure(impls: Dict[str, Callable], tensors, group: int, mode: str, rounds: 
     for _ in range(rounds):  # interleaved: load on a shared machine hits every implementation alike
         for name, run in runs.items():
             times[name].append(timed(run, device))
-    return {name: {"median_ms": statistics.median(ts), "min_ms": min(ts), "peak_mib": peak_bytes(runs[name], device) / 2**20}
+    return {name: {"median_ms": statistics.median(ts), "min_ms": min(ts),
+                   "peak_mib": peak_bytes(runs[name], device) / 2**20}
             for name, ts in times.items()}
 
 
@@ -203,8 +204,8 @@ def main(argv=None) -> int:
                         rec = dict(dtype=str(dtype).split(".")[-1], threads=nthreads, batch=batch, size=size,
                                    channels=channels, group=group, mode=mode, results=res)
                         records.append(rec)
-                        print(f"{rec['dtype']:>8} {nthreads:>3} {batch:>3} {size:>2}x{size:<2} {channels:>4} {group:>3} "
-                              f"{mode:>6} | "
+                        print(f"{rec['dtype']:>8} {nthreads:>3} {batch:>3} {size:>2}x{size:<2} "
+                              f"{channels:>4} {group:>3} {mode:>6} | "
                               + " ".join(f"{r['median_ms']:>16.2f}" for r in res.values()) + " | "
                               + " ".join(f"{base['median_ms'] / r['median_ms']:>13.2f}x"
                                          for n, r in res.items() if n != "baseline") + " | "

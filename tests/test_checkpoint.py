@@ -65,9 +65,11 @@ def test_other_classification_layouts(reference, tmp_path, wrap):
 
 def test_mmdet_checkpoint_into_backbone(reference, tmp_path):
     state = {f"backbone.{k}": v for k, v in reference.state_dict().items()}
-    state.update({"neck.lateral_convs.0.conv.weight": torch.zeros(256, 16, 1, 1), "rpn_head.rpn_cls.bias": torch.zeros(3)})
+    state.update({"neck.lateral_convs.0.conv.weight": torch.zeros(256, 16, 1, 1),
+                  "rpn_head.rpn_cls.bias": torch.zeros(3)})
     torch.save({"state_dict": state, "meta": {"epoch": 12, "mmdet_version": "2.28.1"}}, tmp_path / "mask_rcnn.pth")
-    backbone = intern2.create_model("internimage_t", **TINY, features_only=True, checkpoint_path=tmp_path / "mask_rcnn.pth")
+    backbone = intern2.create_model("internimage_t", **TINY, features_only=True,
+                                    checkpoint_path=tmp_path / "mask_rcnn.pth")
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         for got, want in zip(backbone(x), reference.eval().forward_intermediates(x)):
@@ -120,7 +122,8 @@ def test_replaced_head_is_logged_and_fresh(reference, caplog):
 def test_mismatches_are_clear_errors(reference, tmp_path):
     state = dict(reference.state_dict())
     state["patch_embed.conv1.weight"] = torch.zeros(8, 3, 5, 5)
-    with pytest.raises(ValueError, match=r"patch_embed.conv1.weight: checkpoint \(8, 3, 5, 5\) vs model \(8, 3, 3, 3\)"):
+    message = r"patch_embed.conv1.weight: checkpoint \(8, 3, 5, 5\) vs model \(8, 3, 3, 3\)"
+    with pytest.raises(ValueError, match=message):
         intern2.load_checkpoint(_fresh(), state)
     partial = {k: v for k, v in reference.state_dict().items() if not k.startswith("levels.3.")}
     with pytest.raises(ValueError, match="missing keys"):
@@ -164,7 +167,8 @@ def test_timm_registration(order, tmp_path, reference):
     torch.save({"model": reference.state_dict()}, path)
     imports = "import intern2; import timm" if order == "intern2_first" else "import timm; import intern2"
     script = (f"{imports}\nimport torch\n"
-              f"m = timm.create_model('internimage_t', pretrained=True, pretrained_cfg_overlay=dict(file={str(path)!r}),"
+              f"m = timm.create_model('internimage_t', pretrained=True, "
+              f"pretrained_cfg_overlay=dict(file={str(path)!r}),"
               f" channels=16, depths=(1, 1, 1, 1), groups=(1, 2, 4, 8), num_classes=7)\n"
               f"print(type(m).__name__, m.num_classes, 'internimage_t' in timm.list_models('internimage*'))\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

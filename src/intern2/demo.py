@@ -172,7 +172,8 @@ def _dcnv3_stage(args) -> Dict[str, object]:
     log.info("  mean displacement error %.3f px -> %.3f px (loss %.2e -> %.2e)", fit["start_error_px"],
              fit["final_error_px"], fit["start_loss"], fit["final_loss"])
     ok = all(d < 1e-3 for d in diffs.values()) and fit["final_error_px"] < 0.25 * fit["start_error_px"]
-    return {"max_abs_diff_vs_reference": max(diffs.values()), "fast_speedup_fwd_bwd": times["reference"] / times["fast"],
+    return {"max_abs_diff_vs_reference": max(diffs.values()),
+            "fast_speedup_fwd_bwd": times["reference"] / times["fast"],
             **{f"displacement_{k}": v for k, v in fit.items()}, "ok": ok}
 
 

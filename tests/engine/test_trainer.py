@@ -147,7 +147,8 @@ def test_run_stopped_mid_epoch_evaluates_its_final_model(tmp_path):
 def test_config_files_and_overrides(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text("model: internimage_s\ntrain:\n  lr: 3.0e-4\n  epochs: 2\n")
-    cfg = load_config(ImageClsConfig, path, ["train.lr=1e-3", "model_args.depths=[1, 1, 2, 1]", "train_crop_scale=[0.5, 1]"])
+    cfg = load_config(ImageClsConfig, path,
+                      ["train.lr=1e-3", "model_args.depths=[1, 1, 2, 1]", "train_crop_scale=[0.5, 1]"])
     assert cfg.model == "internimage_s" and cfg.train.epochs == 2 and cfg.train.lr == 1e-3
     assert cfg.model_args == {"depths": [1, 1, 2, 1]} and cfg.train_crop_scale == (0.5, 1)
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['lrr'\]"):

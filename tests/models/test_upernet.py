@@ -35,7 +35,8 @@ def test_official_backbone_keys_for_h():
         "det_seg_backbones"]["upernet_internimage_h_896_160k_ade20k.backbone"]
     with torch.device("meta"):
         model = intern2.create_model("upernet_internimage_h")
-    backbone = [(k[len("backbone."):], list(v.shape)) for k, v in model.state_dict().items() if k.startswith("backbone.")]
+    backbone = [(k[len("backbone."):], list(v.shape)) for k, v in model.state_dict().items()
+                if k.startswith("backbone.")]
     assert backbone == [(k, s) for k, s, _ in entry["keys"]]
     assert model.num_classes == 150 and model.pretrained_cfg["file"] == "upernet_internimage_h_896_160k_ade20k.pth"
 

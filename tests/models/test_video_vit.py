@@ -105,7 +105,8 @@ def test_registered_sizes_match_official_key_layouts(case, official_keys):
 def test_hf_mapping_matches_transformers_layout(official_keys):
     for case, (name, _) in _KEY_CASES.items():
         mapping = official_keys["_mapping_official_to_hf_v5"].get(
-            f"{case} -> hf_transformers.VideoMAEFor{'PreTraining.base_16f_decoder4' if 'pretrain' in case else 'VideoClassification.base_k400_16f'}")
+            f"{case} -> hf_transformers.VideoMAEFor"
+            f"{'PreTraining.base_16f_decoder4' if 'pretrain' in case else 'VideoClassification.base_k400_16f'}")
         if mapping is None:
             continue
         with torch.device("meta"):

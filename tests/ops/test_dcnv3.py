@@ -49,7 +49,8 @@ def test_core_float32_matches_official(case, impl):
     for got, want in zip(results, _expected(case, tensors)):
         torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
     # Against the official operator as shipped (its float32 grids put samples ~1e-5 px off).
-    for got, want in zip(results[:2] + results[3:], _expected(case, tensors, "")[:2] + _expected(case, tensors, "")[3:]):
+    expected = _expected(case, tensors, "")
+    for got, want in zip(results[:2] + results[3:], expected[:2] + expected[3:]):
         torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
 
 
@@ -106,7 +107,8 @@ def test_gradcheck_float64(impl):
     n=st.integers(1, 3), h=st.integers(3, 9), w=st.integers(3, 9), group=st.integers(1, 3),
     d=st.sampled_from([1, 3, 16, 17, 32, 40]), kernel=st.sampled_from([(1, 1), (3, 3), (5, 5), (3, 5), (2, 3)]),
     stride=st.sampled_from([1, 2, (2, 1)]), dilation=st.sampled_from([1, 2, (1, 2)]), pad=st.integers(0, 3),
-    offset_scale=st.sampled_from([0.5, 1.0, 2.0]), remove_center=st.booleans(), amplitude=st.sampled_from([0.0, 2.0, 6.0]),
+    offset_scale=st.sampled_from([0.5, 1.0, 2.0]), remove_center=st.booleans(),
+    amplitude=st.sampled_from([0.0, 2.0, 6.0]),
     seed=st.integers(0, 2**16),
 )
 def test_fast_matches_reference(n, h, w, group, d, kernel, stride, dilation, pad, offset_scale, remove_center,
@@ -123,7 +125,8 @@ def test_fast_matches_reference(n, h, w, group, d, kernel, stride, dilation, pad
         leaves = [t.clone().requires_grad_() for t in inputs]
         out = dcnv3(*leaves, kernel, stride, pad, dilation, group, offset_scale, remove_center, impl=impl)
         results[impl] = [out, *torch.autograd.grad(out, leaves, cotangent)]
-    for what, got, want in zip(("out", "grad_input", "grad_offset", "grad_mask"), results["fast"], results["reference"]):
+    names = ("out", "grad_input", "grad_offset", "grad_mask")
+    for what, got, want in zip(names, results["fast"], results["reference"]):
         if what == "grad_offset" and amplitude == 0.0:
             continue  # samples exactly on pixel centres: the bilinear kink makes d/d(offset) one-sided by convention
         torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9, msg=what)

@@ -70,7 +70,8 @@ def open_coco_source(spec: str, split: str) -> CocoSource:
         if not {"id", "file_name"} <= set(entry):
             raise ValueError(f"{annotation_file}: image entry {entry} needs 'id' and 'file_name'")
         if not (images_dir / entry["file_name"]).is_file():
-            raise ValueError(f"{annotation_file}: image {entry['id']} file {images_dir / entry['file_name']} is missing")
+            raise ValueError(f"{annotation_file}: image {entry['id']} file {images_dir / entry['file_name']} "
+                             "is missing")
         images[entry["id"]] = entry
     per_image: Dict[int, List[Dict[str, Any]]] = defaultdict(list)
     skipped = 0

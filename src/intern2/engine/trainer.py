@@ -339,7 +339,8 @@ class Trainer:
         sampler = ShardedSampler(len(train_set), self.dist.rank, self.dist.world_size, cfg.seed)
         steps_per_epoch = len(sampler) // cfg.batch_size // cfg.grad_accum
         if steps_per_epoch < 1:
-            raise ValueError(f"train.batch_size={cfg.batch_size} x grad_accum={cfg.grad_accum} x {self.dist.world_size} "
+            raise ValueError(f"train.batch_size={cfg.batch_size} x grad_accum={cfg.grad_accum} x "
+                             f"{self.dist.world_size} "
                              f"process(es) is larger than the {len(train_set)} training samples")
         total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
         wrapped = self._wrap(model)
@@ -375,8 +376,8 @@ class Trainer:
                 for batch in loader:
                     micro = progress.batches_done % cfg.grad_accum
                     boundary = micro == cfg.grad_accum - 1
-                    no_sync = wrapped.no_sync if (not boundary and isinstance(wrapped, nn.parallel.DistributedDataParallel)) \
-                        else contextlib.nullcontext
+                    ddp = isinstance(wrapped, nn.parallel.DistributedDataParallel)
+                    no_sync = wrapped.no_sync if (ddp and not boundary) else contextlib.nullcontext
                     with no_sync(), self._autocast():
                         loss, scalars = self.task.training_step(wrapped, _to_device(batch, self.dist.device))
                     with no_sync():

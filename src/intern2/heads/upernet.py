@@ -54,7 +54,8 @@ class UPerHead(_SegHead):
                  pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1):
         super().__init__(channels, num_classes, dropout)
         self.psp_modules = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(scale), ConvModule(in_channels[-1], channels, 1)) for scale in pool_scales)
+            nn.Sequential(nn.AdaptiveAvgPool2d(scale), ConvModule(in_channels[-1], channels, 1))
+            for scale in pool_scales)
         self.bottleneck = ConvModule(in_channels[-1] + len(pool_scales) * channels, channels, 3)
         self.lateral_convs = nn.ModuleList(ConvModule(c, channels, 1) for c in in_channels[:-1])
         self.fpn_convs = nn.ModuleList(ConvModule(channels, channels, 3) for _ in in_channels[:-1])

@@ -125,13 +125,18 @@ def _ade_cfg(file: str, crop: int) -> Dict:
 
 # (backbone variant, backbone overrides, official file, training crop)
 UPERNET_VARIANTS = {
-    "upernet_internimage_t": ("internimage_t", dict(drop_path_rate=0.2), "upernet_internimage_t_512_160k_ade20k.pth", 512),
-    "upernet_internimage_s": ("internimage_s", dict(drop_path_rate=0.3), "upernet_internimage_s_512_160k_ade20k.pth", 512),
-    "upernet_internimage_b": ("internimage_b", dict(drop_path_rate=0.3), "upernet_internimage_b_512_160k_ade20k.pth", 512),
-    "upernet_internimage_l": ("internimage_l", dict(drop_path_rate=0.4), "upernet_internimage_l_640_160k_ade20k.pth", 640),
-    "upernet_internimage_xl": ("internimage_xl", dict(drop_path_rate=0.4), "upernet_internimage_xl_640_160k_ade20k.pth",
-                               640),
-    "upernet_internimage_h": ("internimage_h", dict(drop_path_rate=0.5), "upernet_internimage_h_896_160k_ade20k.pth", 896),
+    "upernet_internimage_t": ("internimage_t", dict(drop_path_rate=0.2),
+                              "upernet_internimage_t_512_160k_ade20k.pth", 512),
+    "upernet_internimage_s": ("internimage_s", dict(drop_path_rate=0.3),
+                              "upernet_internimage_s_512_160k_ade20k.pth", 512),
+    "upernet_internimage_b": ("internimage_b", dict(drop_path_rate=0.3),
+                              "upernet_internimage_b_512_160k_ade20k.pth", 512),
+    "upernet_internimage_l": ("internimage_l", dict(drop_path_rate=0.4),
+                              "upernet_internimage_l_640_160k_ade20k.pth", 640),
+    "upernet_internimage_xl": ("internimage_xl", dict(drop_path_rate=0.4),
+                               "upernet_internimage_xl_640_160k_ade20k.pth", 640),
+    "upernet_internimage_h": ("internimage_h", dict(drop_path_rate=0.5),
+                              "upernet_internimage_h_896_160k_ade20k.pth", 896),
 }
 
 

@@ -20,8 +20,9 @@ from torch.utils.checkpoint import checkpoint
 from ..layers import DropPath
 from ..registry import register_model
 
-__all__ = ["VideoViT", "VideoMAEPretrain", "keep_visible", "sinusoid_table", "resize_pos_embed", "tube_mask", "running_cell_mask",
-           "pixel_targets", "videomae_loss", "official_to_hf", "hf_to_official", "VIDEO_VIT_VARIANTS"]
+__all__ = ["VideoViT", "VideoMAEPretrain", "keep_visible", "sinusoid_table", "resize_pos_embed", "tube_mask",
+           "running_cell_mask", "pixel_targets", "videomae_loss", "official_to_hf", "hf_to_official",
+           "VIDEO_VIT_VARIANTS"]
 
 log = logging.getLogger(__name__)
 

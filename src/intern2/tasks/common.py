@@ -56,7 +56,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     trained or official model."""
     parser.add_argument("--checkpoint", help="model folder, or a weight file used with --model")
     parser.add_argument("--model", help="registered model name (needed unless --checkpoint is a model folder)")
-    parser.add_argument("--task", help="image-cls, segment, detect or video-cls (default: from the model's architecture)")
+    parser.add_argument("--task",
+                        help="image-cls, segment, detect or video-cls (default: from the model's architecture)")
 
 
 def load_model(checkpoint: Optional[str], model_name: Optional[str]) -> nn.Module:

@@ -24,8 +24,8 @@ from ..engine import TrainConfig
 from ..factory import create_model, save_pretrained
 from .common import add_model_arguments, model_from_args, train_cli
 
-__all__ = ["DetectConfig", "DetectionTask", "coco_evaluate", "evaluate_detector", "draw_detections", "train_main", "eval_main",
-           "predict_main"]
+__all__ = ["DetectConfig", "DetectionTask", "coco_evaluate", "evaluate_detector", "draw_detections", "train_main",
+           "eval_main", "predict_main"]
 
 log = logging.getLogger(__name__)
 

@@ -179,7 +179,8 @@ def segment_image(model: nn.Module, image: Image.Image) -> np.ndarray:
     """Class index per pixel of ``image`` (preprocessing from the model's pretrained config)."""
     cfg = getattr(model, "pretrained_cfg", {})
     tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
-    tensor = (tensor - torch.tensor(cfg.get("mean", MEAN)).view(3, 1, 1)) / torch.tensor(cfg.get("std", STD)).view(3, 1, 1)
+    mean, std = (torch.tensor(cfg.get(key, default)).view(3, 1, 1) for key, default in (("mean", MEAN), ("std", STD)))
+    tensor = (tensor - mean) / std
     size = keep_ratio_size(*tensor.shape[1:], cfg.get("test_size", (2048, 512)))
     resized = F.interpolate(tensor[None], size=size, mode="bilinear", align_corners=False)
     logits = F.interpolate(model(resized), size=tensor.shape[1:], mode="bilinear", align_corners=False)
@@ -188,12 +189,14 @@ def segment_image(model: nn.Module, image: Image.Image) -> np.ndarray:
 
 def train_main(argv: Optional[List[str]] = None) -> int:
     return train_cli(argv, "segment", "Train a semantic segmentation model.", SegmentConfig, SegmentationTask,
-                     "folder with images/<split> + annotations/<split>, or builtin:shapes", "upernet_internimage_t", hide=("per_class_IoU",))
+                     "folder with images/<split> + annotations/<split>, or builtin:shapes", "upernet_internimage_t",
+                     hide=("per_class_IoU",))
 
 
 def eval_main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="intern2 eval", description="Evaluate a segmentation model (mIoU).")
-    parser.add_argument("--data", required=True, help="folder with images/<split> + annotations/<split>, or builtin:shapes")
+    parser.add_argument("--data", required=True,
+                        help="folder with images/<split> + annotations/<split>, or builtin:shapes")
     parser.add_argument("--split", default="val")
     parser.add_argument("--reduce-zero-label", action="store_true", help="ADE20K: label 0 is ignored")
     parser.add_argument("--slide", type=int, help="sliding-window evaluation with this crop size")

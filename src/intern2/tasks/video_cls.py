@@ -24,8 +24,9 @@ from ..factory import create_model, save_pretrained
 from .common import add_model_arguments, model_from_args, print_topk, setup_logging, train_cli
 from .image_cls import ClassificationMetrics
 
-__all__ = ["VideoDataConfig", "VideoClsConfig", "VideoTask", "VideoClassificationTask", "open_video_sources", "video_datasets",
-           "predict_videos", "extract_features", "train_main", "eval_main", "predict_main", "extract_features_main"]
+__all__ = ["VideoDataConfig", "VideoClsConfig", "VideoTask", "VideoClassificationTask", "open_video_sources",
+           "video_datasets", "predict_videos", "extract_features", "train_main", "eval_main", "predict_main",
+           "extract_features_main"]
 
 log = logging.getLogger(__name__)
 BUILTIN = "builtin:actions"
