@@ -122,15 +122,15 @@ DIGITS_MODEL = dict(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8], drop_
 def train_digits(out_dir: Path, epochs: int) -> Dict[str, object]:
     """Train a small InternImage on the built-in digits; held-out accuracy and a few predictions."""
     from .engine import TrainConfig, Trainer
-    from .tasks.image_cls import ImageClassificationTask, ImageClsConfig, predict
+    from .pipelines.image_cls import ImageClassificationPipeline
+    from .tasks.image_cls import ImageClassificationTask, ImageClsConfig
     cfg = ImageClsConfig(model="internimage_t", model_args=DIGITS_MODEL, data="builtin:digits", img_size=32,
                          hflip=0.0, label_smoothing=0.1,
                          train=TrainConfig(epochs=epochs, batch_size=32, lr=2e-3, warmup_steps=10, log_every=50,
                                            out_dir=str(out_dir), device="cpu"))
     task = ImageClassificationTask(cfg)
     metrics = Trainer(task, cfg.train).fit()
-    from .factory import from_pretrained
-    model = from_pretrained(out_dir / "model").eval()
+    pipeline = ImageClassificationPipeline.from_pretrained(str(out_dir / "model"))
     examples = []
     samples = task.val_source.samples[:6]
     files = []
@@ -139,7 +139,7 @@ def train_digits(out_dir: Path, epochs: int) -> Dict[str, object]:
         path = out_dir / f"example_{i}_label{label}.png"
         Image.fromarray(array).save(path)  # native 8x8, so predict sees what evaluation sees
         files.append(str(path))
-    for (array, label), result in zip(samples, predict(model, files, topk=1)):
+    for (array, label), result in zip(samples, pipeline.predict_files(files, topk=1)):
         examples.append({"file": result["file"], "label": task.classes[label], "predicted": result["top"][0]["label"],
                          "prob": result["top"][0]["prob"]})
     return {"top1": metrics["top1"], "top5": metrics["top5"], "val_images": metrics["count"],

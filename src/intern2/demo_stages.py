@@ -51,19 +51,20 @@ def _train_config(out_dir: Path, seconds: float, max_steps: int, **kwargs) -> Tr
 def train_shapes_segmentation(out_dir: Path, seconds: float, max_steps: int = 2000) -> Dict[str, Any]:
     """UperNet + a small InternImage on the built-in shapes: mIoU untrained -> trained, an overlay example."""
     from PIL import Image
-    from .factory import from_pretrained
-    from .tasks.segment import SegmentationTask, SegmentConfig, colourise, segment_image
+
+    from .pipelines.segment import SegmentationPipeline, colourise
+    from .tasks.segment import SegmentationTask, SegmentConfig
     train = _train_config(out_dir, seconds, max_steps, batch_size=16, lr=2e-3, warmup_steps=30, weight_decay=0.01)
     cfg = SegmentConfig(model="upernet_internimage_t", model_args=SEG_MODEL, data="builtin:shapes", crop_size=64,
                         scale=64, ratio_range=(0.75, 1.5), test_size=(64, 64), train=train)
     task = SegmentationTask(cfg)
     before = _untrained_metrics(task, 8)
     after = Trainer(task, train).fit()
-    model = from_pretrained(out_dir / "model").eval()
+    pipeline = SegmentationPipeline.from_pretrained(str(out_dir / "model"))
     image_path = task.val_source.pairs[0][0]
     image = Image.open(image_path).convert("RGB")
     example = out_dir / "example_overlay.png"
-    overlay = colourise(image, segment_image(model, image))
+    overlay = colourise(image, pipeline.predict(image))
     Image.fromarray(np.concatenate([np.asarray(image), np.asarray(overlay)], axis=1)).resize(
         (image.width * 4, image.height * 2), Image.NEAREST).save(example)
     return {"mIoU_untrained": before["mIoU"], "mIoU": after["mIoU"], "aAcc": after["aAcc"],
@@ -79,19 +80,19 @@ def train_shapes_detection(out_dir: Path, seconds: float, backbone: Optional[str
     backbone configuration), as the official detectors start from pre-trained backbones. From scratch, a detector
     learns next to nothing in two CPU minutes (box AP ~1); from the segmentation backbone it reaches ~10."""
     from PIL import Image
-    from torchvision.transforms.functional import to_tensor
-    from .factory import from_pretrained
-    from .tasks.detect import DetectConfig, DetectionTask, detect, draw_detections
+
+    from .pipelines.detect import DetectionPipeline
+    from .tasks.detect import DetectConfig, DetectionTask
     train = _train_config(out_dir, seconds, max_steps, batch_size=4, lr=1e-3, warmup_steps=30, weight_decay=0.01)
     cfg = DetectConfig(model="mask_rcnn_internimage_t", model_args=DET_MODEL, data="builtin:shapes", min_size=128,
                        max_size=128, backbone_checkpoint=backbone, train=train)
     task = DetectionTask(cfg)
     before = _untrained_metrics(task, 8)
     after = Trainer(task, train).fit()
-    model = from_pretrained(out_dir / "model").eval()
+    pipeline = DetectionPipeline.from_pretrained(str(out_dir / "model"))
     source = task.val_source
     image = Image.open(source.images_dir / source.images[0]["file_name"]).convert("RGB")
-    drawn = draw_detections(image, detect(model, [to_tensor(image)])[0], task.classes, threshold=0.3)
+    drawn = pipeline.draw(image, pipeline(image, threshold=0.3)["output"], threshold=0.3)
     example = out_dir / "example_detections.png"
     drawn.resize((image.width * 4, image.height * 4), Image.NEAREST).save(example)
     return {"box_AP_before": before["bbox_AP"], "mask_AP_before": before["segm_AP"],

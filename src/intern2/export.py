@@ -59,7 +59,7 @@ def export_onnx(model: nn.Module, path: Path, img_size: int, opset: int = 18, ch
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .tasks.common import add_model_arguments, load_model
+    from .pipelines.common import add_model_arguments, load_model
     parser = argparse.ArgumentParser(prog="intern2 export", description="Export an image model or a video "
                                      "classifier (a video ViT: fixed clip size, dynamic batch).")
     parser.add_argument("format", choices=["onnx"])

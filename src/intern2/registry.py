@@ -1,12 +1,13 @@
-"""Model registry: name -> builder, with the default (pretrained-less) configuration of each variant."""
+"""Model registry: name -> builder. Builders made by :func:`register_variant` resolve a pretrained tag to its
+:class:`~intern2.weights.Weights` record (the architecture it needs, its file, protocol and labels)."""
 from __future__ import annotations
 
 import fnmatch
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from torch import nn
 
-__all__ = ["register_model", "list_models", "get_model_builder", "is_model"]
+__all__ = ["register_model", "register_variant", "list_models", "get_model_builder", "is_model"]
 
 _MODELS: Dict[str, Callable[..., nn.Module]] = {}
 
@@ -17,6 +18,28 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         raise ValueError(f"model {fn.__name__!r} is registered twice")
     _MODELS[fn.__name__] = fn
     return fn
+
+
+def register_variant(name: str, build: Callable[[Dict[str, Any]], nn.Module], doc: str,
+                     cfg_of_model: Optional[Callable[[nn.Module], Dict[str, Any]]] = None) -> Callable[..., nn.Module]:
+    """Register the builder ``name(pretrained_tag=None, **kwargs)``: it looks up the tag's weights record, calls
+    ``build(kwargs)`` with the record's architecture fields (``num_classes``, ``arch_overrides``) under the
+    caller's ``kwargs``, and gives the model the record as ``model.pretrained_cfg`` (updated by
+    ``cfg_of_model(model)``: entries that follow the built architecture, such as a video model's clip size)."""
+    from .weights import get_weights
+
+    def builder(pretrained_tag: Optional[str] = None, **kwargs: Any) -> nn.Module:
+        weights = get_weights(name, pretrained_tag)
+        defaults = dict(weights.arch_overrides)
+        if weights.num_classes is not None:
+            defaults["num_classes"] = weights.num_classes
+        model = build({**defaults, **kwargs})
+        model.pretrained_cfg = weights.pretrained_cfg(num_classes=getattr(model, "num_classes", weights.num_classes),
+                                                      **(cfg_of_model(model) if cfg_of_model else {}))
+        return model
+    builder.__name__ = name
+    builder.__doc__ = doc
+    return register_model(builder)
 
 
 def list_models(pattern: Optional[str] = None) -> List[str]:

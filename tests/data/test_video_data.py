@@ -137,7 +137,25 @@ def test_segment_indices():
     assert len(short) == 8 and all(0 <= i < 5 for i in short) and short == sorted(short)
     assert clip_positions(1) == [0.5] and clip_positions(4) == [0.125, 0.375, 0.625, 0.875]
     with pytest.raises(ValueError, match="mode"):
-        FrameSampler(mode="uniform")
+        FrameSampler(mode="random")
+
+
+def test_test_views_follow_the_official_test_code():
+    # VideoMAE's Kinetics test: frames 4 apart from frame 0, 5 windows of 16 from the first to the last start.
+    views = FrameSampler(16, 4, "dense").test_views(300, 5)
+    strided = list(range(0, 300, 4))  # 75 frames
+    starts = [int(k * (75 - 16) / 4) for k in range(5)]
+    assert views == [strided[s:s + 16] for s in starts] and views[0][0] == 0 and views[-1][-1] == 296
+    short = FrameSampler(16, 4, "dense").test_views(20, 2)  # 5 strided frames, the last one repeated
+    assert short == [[0, 4, 8, 12, 16] + [16] * 11] * 2
+    # VideoMAE's SSv2 test: two views, at the start and the middle of each of the 16 segments.
+    first, second = FrameSampler(16, 1, "segment").test_views(48, 2)
+    assert first == [3 * k for k in range(16)] and second == [3 * k + 1 for k in range(16)]
+    assert FrameSampler(4, 1, "segment").test_views(40, 1) == [[5, 15, 25, 35]]
+    # The InternVideo-MM demo: np.linspace(0, n - 1, 8), ends included.
+    assert FrameSampler(8, 1, "uniform").test_views(300, 1) == [[0, 42, 85, 128, 170, 213, 256, 299]]
+    with pytest.raises(ValueError, match="one test view"):
+        FrameSampler(8, 1, "uniform").test_views(300, 2)
 
 
 def test_train_transform_same_crop_every_frame():

@@ -5,12 +5,19 @@ import json
 
 import pytest
 import torch
+from conftest import fixture_path, load_fixture
 from safetensors.torch import load_file
 
 import intern2
-from conftest import fixture_path, load_fixture
-from intern2.models.translator import (TIED_KEYS, TranslationModel, TranslatorConfig, _ScoreRules, apply_linear,
-                                       convert_fairseq_state_dict, split_sentences, translate_in_sentences)
+from intern2.models.translator import (
+    TIED_KEYS,
+    TranslationModel,
+    TranslatorConfig,
+    _ScoreRules,
+    apply_linear,
+    convert_fairseq_state_dict,
+)
+from intern2.pipelines.translation import split_sentences, translate_in_sentences
 
 SRC_LANG, TGT_LANG = 480, 490  # the fixture's toy "language tokens"
 TINY = TranslatorConfig(vocab_size=97, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,

@@ -8,7 +8,7 @@ import torch
 
 import intern2
 from conftest import fixture_path
-from intern2.models.upernet import slide_inference
+from intern2.pipelines.segment import slide_inference
 
 TINY = dict(backbone=dict(channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8], drop_path_rate=0.0),
             channels=32, aux_channels=16, num_classes=5)
@@ -52,8 +52,8 @@ def test_forward_shapes_heads_and_slide():
         whole = model(x)
         assert whole.shape == (2, 5, 64, 96)
         # One window covering the image is the whole-image prediction; overlapping windows average.
-        torch.testing.assert_close(slide_inference(model, x, crop=96, stride=64), whole)
-        assert slide_inference(model, x, crop=64, stride=32).shape == whole.shape
+        torch.testing.assert_close(slide_inference(model, x, crop=(64, 96), stride=(64, 64)), whole)
+        assert slide_inference(model, x, crop=(64, 64), stride=(32, 32)).shape == whole.shape
 
 
 def test_mmseg_checkpoint_and_backbone_only_loading(tmp_path):

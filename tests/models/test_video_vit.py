@@ -83,7 +83,10 @@ _KEY_CASES = {
     "official_videomae_v1.vit_large_patch16_224.ft_k400_16f": ("videomae_vit_l", {}),
     "official_videomae_v1.vit_huge_patch16_224.ft_k400_16f": ("videomae_vit_h", {}),
     "official_videomae_v1.pretrain_videomae_base_patch16_224.decoder_depth4": ("videomae_pretrain_vit_b", {}),
-    "official_videomae_v1.pretrain_videomae_large_patch16_224.decoder_depth4": ("videomae_pretrain_vit_l", {}),
+    # The fixture keeps the modeling code's default decoder depth 4; the released L files (VideoMAE v1,
+    # InternVideo) have 12 decoder blocks, the preset's.
+    "official_videomae_v1.pretrain_videomae_large_patch16_224.decoder_depth4": ("videomae_pretrain_vit_l",
+                                                                                dict(decoder_depth=4)),
     "official_videomaev2.vit_giant_patch14_224.ft_k710_16f": ("videomae_vit_g", dict(num_classes=710)),
     "official_videomaev2.pretrain_videomae_giant_patch14_224.decoder_depth4": ("videomae_pretrain_vit_g", {}),
 }

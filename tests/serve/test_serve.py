@@ -38,7 +38,8 @@ import intern2  # noqa: E402
 from intern2 import cli  # noqa: E402
 from intern2.data.video import write_video  # noqa: E402
 from intern2.serve import load_model_spec, load_retrieval, load_translator  # noqa: E402
-from intern2.serve.app import ServeError, _Slot, create_app, mask_to_rle  # noqa: E402
+from intern2.pipelines.detect import mask_to_rle  # noqa: E402
+from intern2.serve.app import ServeError, _Slot, create_app  # noqa: E402
 from intern2.tasks.translation import Translator  # noqa: E402
 from intern2.text.corpus import builtin_sentences  # noqa: E402
 from intern2.text.tokenizer import NllbTokenizer  # noqa: E402
@@ -248,7 +249,7 @@ def test_models_not_loaded_answer_503():
 
 
 def test_wrong_model_for_a_slot_fails_at_start(models):
-    with pytest.raises(TypeError, match="image_model: expected InternImage"):
+    with pytest.raises(TypeError, match="image_model: .*expected an image classifier.*got InternImageMaskRCNN"):
         create_app(image_model=models["detect_model"])
     with pytest.raises(TypeError, match="translator"):
         create_app(translator=models["image_model"])

@@ -93,5 +93,5 @@ def test_train_eval_predict(shapes, tmp_path, capsys):
     assert code == 1 and "bad.png: not a readable image" in captured.err
     (result,) = json.loads(captured.out)
     overlay = Image.open(result["overlay"])
-    assert overlay.size == (32, 32) and abs(sum(result["classes"].values()) - 1) < 1e-3
+    assert overlay.size == (32, 32) and abs(sum(c["fraction"] for c in result["classes"]) - 1) < 1e-3
     assert np.asarray(Image.open(result["mask"])).max() < 6

@@ -12,7 +12,7 @@ from intern2 import cli
 from intern2.checkpoint import load_checkpoint
 from intern2.data.actions import ACTION_CLASSES, generate_actions
 from intern2.data.video import write_video
-from intern2.tasks.video_cls import predict_videos
+from intern2.pipelines.video_cls import VideoClassificationPipeline
 
 pytest.importorskip("av")
 DATA = ["--set", "num_frames=4", "--set", "stride=2", "--set", "img_size=32"]
@@ -113,8 +113,8 @@ def test_multi_view_prediction_averages_views(tmp_path):
     model.pretrained_cfg.update(num_frames=4, stride=1, input_size=(3, 4, 32, 32))
     frames = np.random.default_rng(0).integers(0, 255, (12, 32, 48, 3), dtype=np.uint8)
     path = write_video(tmp_path / "clip.mp4", frames)
-    one, = predict_videos(model, [str(path)], topk=3, clips=1, crops=1)
-    many, = predict_videos(model, [str(path)], topk=3, clips=2, crops=3)
+    one, = VideoClassificationPipeline(model, test_clips=1, test_crops=1).predict_files([str(path)], topk=3)
+    many, = VideoClassificationPipeline(model, test_clips=2, test_crops=3).predict_files([str(path)], topk=3)
     assert abs(sum(t["prob"] for t in one["top"]) - 1) < 1e-4 and abs(sum(t["prob"] for t in many["top"]) - 1) < 1e-4
     assert one["top"] != many["top"]
 

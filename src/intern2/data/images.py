@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ __all__ = ["ImageSource", "open_image_source", "split_source", "ClassificationDa
            "collate_skipping", "train_transform", "eval_transform", "load_image", "IMAGE_EXTENSIONS"]
 
 log = logging.getLogger(__name__)
+_WORDNET_ID = re.compile(r"n\d{8}")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 Sample = Union[str, np.ndarray]  # a file path, or an HxW / HxWx3 uint8 array (built-in data)
@@ -49,12 +51,18 @@ BUILTIN = {"builtin:digits": _builtin_digits}
 
 
 def _folder(root: Path, classes: Optional[Sequence[str]] = None) -> ImageSource:
-    """One sub-folder per class; with ``classes`` (a model's labels) folders may cover a subset of them."""
+    """One sub-folder per class; with ``classes`` (a model's labels) folders may cover a subset of them. ImageNet's
+    layout, one WordNet-id folder (n01440764, ...) per class of the model, is read as its classes in sorted order
+    (torchvision's ImageFolder convention, the order of the official ImageNet checkpoints)."""
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise ValueError(f"data {root}: expected one sub-folder per class (ImageFolder layout), found none")
     names = list(classes) if classes is not None else folders
     index = {name: i for i, name in enumerate(names)}
+    if len(folders) == len(names) and all(_WORDNET_ID.fullmatch(f) for f in folders):
+        log.info("data %s: %d WordNet-id folders: class i is the i-th in sorted order (%s = %s, ...)", root,
+                 len(names), folders[0], names[0])
+        index = {name: i for i, name in enumerate(folders)}
     unknown = [f for f in folders if f not in index]
     if unknown:
         raise ValueError(f"data {root}: class folders {unknown[:10]} are not among the model's classes {names[:10]}")
@@ -144,10 +152,11 @@ def train_transform(img_size: int, mean: Sequence[float], std: Sequence[float], 
     return v2.Compose(steps)
 
 
-def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float = 1.0) -> Callable:
-    """The official eval preprocessing: shorter side to img_size / crop_pct (bicubic), centre crop img_size."""
+def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float = 1.0,
+                   interpolation: str = "bicubic") -> Callable:
+    """The official eval preprocessing: shorter side to img_size / crop_pct, centre crop img_size."""
     return v2.Compose([v2.PILToTensor(),
-                       v2.Resize(int(round(img_size / crop_pct)), interpolation=v2.InterpolationMode.BICUBIC,
+                       v2.Resize(int(round(img_size / crop_pct)), interpolation=v2.InterpolationMode(interpolation),
                                  antialias=True),
                        v2.CenterCrop(img_size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 

@@ -85,15 +85,16 @@ def _load_label(path: str) -> np.ndarray:
 
 class SegmentationDataset(Dataset):
     """Training: random rescale (``ratio_range`` x ``scale``), random crop ``crop_size`` (padded with ignore),
-    horizontal flip. Evaluation: keep-ratio resize of the image to ``test_size``; the label stays at full size."""
+    horizontal flip, normalised with ``mean``/``std``. Evaluation: the image as it is, (3, H, W) in [0, 1] with
+    its full-size label: the segmentation pipeline resizes and normalises it by the model's test protocol."""
 
     def __init__(self, source: SegSource, mean: Sequence[float], std: Sequence[float], train: bool,
                  crop_size: int = 512, scale: int = 512, ratio_range: Sequence[float] = (0.5, 2.0),
-                 test_size: Sequence[int] = (2048, 512), reduce_zero_label: bool = False, seed: int = 0):
+                 reduce_zero_label: bool = False, seed: int = 0):
         self.source, self.train, self.seed, self.epoch = source, train, seed, 0
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
-        self.crop_size, self.scale, self.ratio_range, self.test_size = crop_size, scale, ratio_range, test_size
+        self.crop_size, self.scale, self.ratio_range = crop_size, scale, ratio_range
         self.reduce_zero_label = reduce_zero_label
 
     def set_epoch(self, epoch: int) -> None:
@@ -120,12 +121,10 @@ class SegmentationDataset(Dataset):
             log.warning("skipping %s: image %s and label map %s differ in size", image_path, tuple(image.shape[1:]),
                         tuple(label.shape))
             return None
-        if self.train:
-            gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{self.epoch}:{index}".encode()))
-            image, label = self._augment(image, label, gen)
-        else:
-            size = keep_ratio_size(*image.shape[1:], self.test_size)
-            image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+        if not self.train:
+            return {"image": image, "label": label, "index": index}
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{self.epoch}:{index}".encode()))
+        image, label = self._augment(image, label, gen)
         return {"image": (image - self.mean) / self.std, "label": label, "index": index}
 
     def _augment(self, image: torch.Tensor, label: torch.Tensor, gen: torch.Generator):

@@ -24,19 +24,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from .images import collate_skipping
 
 __all__ = ["VideoDecodeError", "VideoInfo", "probe_video", "read_video", "write_video", "dense_indices",
-           "segment_indices", "clip_positions", "FrameSampler", "VideoTrainTransform", "VideoEvalTransform",
+           "segment_indices", "clip_positions", "dense_test_indices", "uniform_indices", "FrameSampler",
+           "VideoTrainTransform", "VideoEvalTransform",
            "VideoSource", "read_annotations", "VideoDataset", "collate_videos", "IMAGENET_MEAN", "IMAGENET_STD",
            "CLIP_MEAN", "CLIP_STD"]
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 FrameSpec = Union[Sequence[int], Callable[[int], Sequence[int]]]
 SEEK_MIN_FRAMES = 32  # closer to the start, decoding from frame 0 costs about what a seek saves
 
@@ -227,43 +225,78 @@ def segment_indices(total: int, num_segments: int, position: Union[float, Sequen
 
 
 def clip_positions(num_clips: int) -> List[float]:
-    """Evenly spaced test-view positions in (0, 1): the middle of ``num_clips`` equal parts (0.5 for one)."""
+    """Evenly spaced positions in (0, 1): the middle of ``num_clips`` equal parts (0.5 for one)."""
     return [(k + 0.5) / num_clips for k in range(num_clips)]
+
+
+def dense_test_indices(total: int, num_frames: int, stride: int, num_clips: int) -> List[List[int]]:
+    """VideoMAE's dense test views: the video's frames ``stride`` apart from frame 0 (the last repeated up to
+    ``num_frames``), and ``num_clips`` windows of ``num_frames`` of them whose starts are spread from the first
+    to the last possible one (``int(k * (n - num_frames) / (num_clips - 1))``). One clip: the middle window."""
+    if num_clips == 1:
+        return [dense_indices(total, num_frames, stride, 0.5)]
+    strided = list(range(0, total, stride))
+    strided += [strided[-1]] * (num_frames - len(strided))
+    step = (len(strided) - num_frames) / (num_clips - 1)
+    return [strided[int(k * step):int(k * step) + num_frames] for k in range(num_clips)]
+
+
+def uniform_indices(total: int, num_frames: int) -> List[int]:
+    """``num_frames`` frames evenly spaced from the first to the last (``np.linspace(0, total - 1, n)``,
+    truncated to integers), as the InternVideo-MM demo samples."""
+    return np.linspace(0, total - 1, num_frames).astype(int).tolist()
 
 
 @dataclass(frozen=True)
 class FrameSampler:
-    """Which frames make a clip: ``dense`` (``num_frames`` at ``stride``, as VideoMAE on Kinetics) or
-    ``segment`` (TSN: ``num_frames`` segments, one frame each, as on Something-Something; ``stride`` unused)."""
+    """Which frames make a clip: ``dense`` (``num_frames`` at ``stride``, as VideoMAE on Kinetics),
+    ``segment`` (TSN: ``num_frames`` segments, one frame each, as on Something-Something; ``stride`` unused) or
+    ``uniform`` (``num_frames`` evenly spaced over the whole video, ends included; trains as ``segment``).
+    Test views follow the official test code of each (:meth:`test_views`)."""
     num_frames: int = 16
     stride: int = 4
     mode: str = "dense"
 
     def __post_init__(self):
-        if self.mode not in ("dense", "segment"):
-            raise ValueError(f"FrameSampler.mode: expected 'dense' or 'segment', got {self.mode!r}")
+        if self.mode not in ("dense", "segment", "uniform"):
+            raise ValueError(f"FrameSampler.mode: expected 'dense', 'segment' or 'uniform', got {self.mode!r}")
         if self.num_frames < 1 or self.stride < 1:
             raise ValueError(f"FrameSampler: num_frames and stride must be >= 1, "
                              f"got {self.num_frames}, {self.stride}")
 
     def __call__(self, total: int, position: Optional[float] = None,
                  generator: Optional[torch.Generator] = None) -> List[int]:
-        """Indices for a video of ``total`` frames: at ``position`` (test views), random when it is None."""
+        """Indices for a video of ``total`` frames: at ``position`` (one test view), random when it is None."""
         if self.mode == "dense":
             where = float(torch.rand((), generator=generator)) if position is None else position
             return dense_indices(total, self.num_frames, self.stride, where)
+        if self.mode == "uniform" and position is not None:
+            return uniform_indices(total, self.num_frames)
         where = torch.rand(self.num_frames, generator=generator).tolist() if position is None else position
         return segment_indices(total, self.num_frames, where)
+
+    def test_views(self, total: int, num_views: int = 1) -> List[List[int]]:
+        """The frame indices of each of ``num_views`` test clips: dense as :func:`dense_test_indices`; segment
+        views at ``k / num_views`` of every segment (VideoMAE's SSv2 test: segment starts and middles for two),
+        one view at the segment middles; uniform: one view (:func:`uniform_indices`)."""
+        if self.mode == "dense":
+            return dense_test_indices(total, self.num_frames, self.stride, num_views)
+        if self.mode == "uniform":
+            if num_views != 1:
+                raise ValueError(f"FrameSampler: uniform sampling has one test view, got {num_views}")
+            return [uniform_indices(total, self.num_frames)]
+        positions = [0.5] if num_views == 1 else [k / num_views for k in range(num_views)]
+        return [segment_indices(total, self.num_frames, p) for p in positions]
 
 
 # ----------------------------------------------------------------------------------------------- transforms
 
 def _normalise(clip: torch.Tensor, size: Tuple[int, int], mean: Sequence[float],
-               std: Sequence[float]) -> torch.Tensor:
-    """uint8 (T, H, W, C) -> resized (bilinear, antialiased) normalised float (C, T, h, w)."""
+               std: Sequence[float], antialias: bool = True) -> torch.Tensor:
+    """uint8 (T, H, W, C) -> resized (bilinear) normalised float (C, T, h, w)."""
     x = clip.permute(0, 3, 1, 2).float()
     if tuple(x.shape[-2:]) != tuple(size):
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=antialias)
     x = (x / 255.0 - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
     return x.permute(1, 0, 2, 3).contiguous()
 
@@ -322,13 +355,15 @@ class VideoTrainTransform:
 
 @dataclass(frozen=True)
 class VideoEvalTransform:
-    """Shorter side to ``resize`` (default ``size``), then ``num_crops`` square crops of ``size``: one
-    centred, or three along the longer side (left/centre/right or top/middle/bottom) as in VideoMAE testing."""
+    """Shorter side to ``resize`` (default ``size``; bilinear, antialiased unless ``antialias`` is off), then
+    ``num_crops`` square crops of ``size``: one centred, or three along the longer side (left/centre/right or
+    top/middle/bottom) as in VideoMAE testing."""
     size: int = 224
     resize: Optional[int] = None
     num_crops: int = 1
     mean: Tuple[float, ...] = IMAGENET_MEAN
     std: Tuple[float, ...] = IMAGENET_STD
+    antialias: bool = True
 
     def __post_init__(self):
         if self.num_crops not in (1, 3):
@@ -348,15 +383,17 @@ class VideoEvalTransform:
         return [(top, (w - size) // 2) for top in (0, (h - size) // 2, h - size)]
 
     def resized_size(self, height: int, width: int) -> Tuple[int, int]:
+        """Shorter side ``resize``, longer side scaled and truncated (VideoMAE's and torchvision's rounding)."""
         short = self.resize or self.size
-        scale = short / min(height, width)
-        return max(short, int(round(height * scale))), max(short, int(round(width * scale)))
+        if width < height:
+            return max(short, int(short * height / width)), short
+        return short, max(short, int(short * width / height))
 
     def __call__(self, video: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """uint8 (T, H, W, 3) -> float (num_crops, C, T, size, size); ``generator`` is unused (deterministic)."""
         _check_clip(video)
         height, width = video.shape[1:3]
-        frames = _normalise(video, self.resized_size(height, width), self.mean, self.std)
+        frames = _normalise(video, self.resized_size(height, width), self.mean, self.std, self.antialias)
         size = self.size
         return torch.stack([frames[..., top:top + size, left:left + size] for top, left in
                             self.crop_boxes(height, width)])
@@ -439,7 +476,8 @@ class VideoDataset(Dataset):
     DataLoader workers; the dataset holds only paths and is picklable).
 
     Training (``train=True``): one random clip, ``{"video": (C, T, H, W), "label", "index"}``; randomness is
-    seeded by (seed, epoch, index). Testing: ``num_clips`` evenly spaced clips x the transform's crops,
+    seeded by (seed, epoch, index). Testing: ``num_clips`` clips (:meth:`FrameSampler.test_views`) x the
+    transform's crops,
     ``{"video": (V, C, T, H, W), ...}`` with V = clips x crops (clip-major), for the evaluator to average.
 
     ``cache``: keep every decoded video (all its frames, uint8) in memory after its first read, for small data
@@ -471,7 +509,7 @@ class VideoDataset(Dataset):
     def _indices(self, total: int, generator: torch.Generator) -> List[int]:
         if self.train:
             return self.sampler(total, generator=generator)
-        return [i for p in clip_positions(self.num_clips) for i in self.sampler(total, position=p)]
+        return [i for view in self.sampler.test_views(total, self.num_clips) for i in view]
 
     def _read(self, index: int, path: str, generator: torch.Generator) -> torch.Tensor:
         """The sampled frames of a video: decoded now, or picked from the cached whole video."""

@@ -4,25 +4,28 @@ computes for the official InternImage checkpoints, and the converter for those c
 Matching mmdet: FPN 256 channels with a max-pooled P6 (mmdet ``num_outs=5``, no extra convs); anchors 32..512 x
 ratios 0.5/1/2 *without* torchvision's rounding of the base anchors; RoIAlign ``aligned=True`` with adaptive
 sampling (mmcv's ``sampling_ratio=0``) for boxes (7x7) and masks (14x14); box coder weights (10, 10, 5, 5) =
-mmdet stds (0.1, 0.1, 0.2, 0.2). mmdet puts the background class last and regresses 80x4 class-specific boxes;
-torchvision puts it first with 81x4 boxes: the converter reorders rows.
+mmdet stds (0.1, 0.1, 0.2, 0.2); the keep-ratio resize rounds sizes as mmcv does. mmdet puts the background
+class last and regresses 80x4 class-specific boxes; torchvision puts it first with 81x4 boxes: the converter
+reorders rows.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
-__all__ = ["InternImageFPN", "UnroundedAnchorGenerator", "AlignedMultiScaleRoIAlign", "mmdet_to_torchvision",
-           "torchvision_to_mmdet", "mask_rcnn_components"]
+__all__ = ["InternImageFPN", "UnroundedAnchorGenerator", "AlignedMultiScaleRoIAlign", "KeepRatioTransform",
+           "mmdet_to_torchvision", "torchvision_to_mmdet", "mask_rcnn_components"]
 
 
 class InternImageFPN(nn.Module):
@@ -68,6 +71,24 @@ class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
             result[index] = roi_align(feature, rois[index], self.output_size, spatial_scale=scale,
                                       sampling_ratio=self.sampling_ratio, aligned=True).to(result.dtype)
         return result
+
+
+class KeepRatioTransform(GeneralizedRCNNTransform):
+    """torchvision's transform with mmdet's keep-ratio resize: the scale is min(short / min(h, w), long /
+    max(h, w)) as in torchvision, but the size is rounded (mmcv's ``int(x * scale + 0.5)``) where torchvision
+    floors it, so an image gets the size the official pipeline gives it (e.g. 427 x 640 -> 800 x 1199)."""
+
+    def resize(self, image: Tensor, target: Optional[Dict[str, Tensor]] = None):
+        height, width = image.shape[-2:]
+        short = self.torch_choice(self.min_size) if self.training else self.min_size[-1]
+        scale = min(short / min(height, width), self.max_size / max(height, width))
+        size = (int(height * scale + 0.5), int(width * scale + 0.5))
+        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+        if target is not None:
+            target["boxes"] = resize_boxes(target["boxes"], (height, width), size)
+            if "masks" in target:
+                target["masks"] = F.interpolate(target["masks"][:, None].float(), size=size)[:, 0].byte()
+        return image, target
 
 
 # -------------------------------------------------------------------------------------------------- converter

@@ -19,15 +19,11 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers import DropPath, build_act_layer, build_norm_layer
 from ..ops import DCNv3
-from ..registry import register_model
+from ..registry import register_variant
 
 __all__ = ["InternImage", "InternImageConfig", "checkpoint_filter_fn", "INTERNIMAGE_VARIANTS"]
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 @dataclass(frozen=True)
 class InternImageConfig:
@@ -461,64 +457,27 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: InternImage
 
 
 # ------------------------------------------------------------------------------------------------ variants
-def _in1k_cfg(file: str, input_size: int, hub: str, num_classes: int = 1000) -> Dict:
-    """Pretrained config: official file name, where it is published, and the official eval preprocessing."""
-    return dict(file=file, hf_hub_id=hub, num_classes=num_classes, input_size=(3, input_size, input_size),
-                crop_pct=1.0, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                label_names="imagenet-1k" if num_classes == 1000 else None)
-
-
-_HUB = "OpenGVLab/InternImage"
-INTERNIMAGE_VARIANTS: Dict[str, Tuple[InternImageConfig, Dict[str, Dict]]] = {
-    "internimage_t": (InternImageConfig(64, (4, 4, 18, 4), (4, 8, 16, 32), drop_path_rate=0.1),
-                      {"in1k": _in1k_cfg("internimage_t_1k_224.pth", 224, _HUB)}),
-    "internimage_s": (InternImageConfig(80, (4, 4, 21, 4), (5, 10, 20, 40), drop_path_rate=0.4, layer_scale=1e-5,
-                                        post_norm=True),
-                      {"in1k": _in1k_cfg("internimage_s_1k_224.pth", 224, _HUB)}),
-    "internimage_b": (InternImageConfig(112, (4, 4, 21, 4), (7, 14, 28, 56), drop_path_rate=0.5, layer_scale=1e-5,
-                                        post_norm=True),
-                      {"in1k": _in1k_cfg("internimage_b_1k_224.pth", 224, _HUB)}),
-    "internimage_l": (InternImageConfig(160, (5, 5, 22, 5), (10, 20, 40, 80), drop_path_rate=0.1, layer_scale=1e-5,
-                                        offset_scale=2.0, post_norm=True),
-                      {"in22k_ft_in1k": _in1k_cfg("internimage_l_22kto1k_384.pth", 384, _HUB),
-                       "in22k": _in1k_cfg("internimage_l_22k_192to384.pth", 384, _HUB, num_classes=21841)}),
-    "internimage_xl": (InternImageConfig(192, (5, 5, 24, 5), (12, 24, 48, 96), drop_path_rate=0.2,
-                                         layer_scale=1e-5, offset_scale=2.0, post_norm=True),
-                       {"in22k_ft_in1k": _in1k_cfg("internimage_xl_22kto1k_384.pth", 384, _HUB),
-                        "in22k": _in1k_cfg("internimage_xl_22k_192to384.pth", 384, _HUB, num_classes=21841)}),
-    "internimage_h": (InternImageConfig(320, (6, 6, 32, 6), (10, 20, 40, 80), drop_path_rate=0.2,
-                                        dw_kernel_size=5, res_post_norm=True, level2_post_norm=True,
-                                        level2_post_norm_block_ids=(5, 11, 17, 23, 29), center_feature_scale=True,
-                                        use_clip_projector=True),
-                      {"in22k_ft_in1k": _in1k_cfg("internimage_h_22kto1k_640.pth", 640, _HUB)}),
-    "internimage_g": (InternImageConfig(512, (2, 2, 48, 4), (16, 32, 64, 128), drop_path_rate=0.4,
-                                        post_norm=True, dw_kernel_size=5, level2_post_norm=True,
-                                        level2_post_norm_block_ids=tuple(range(5, 48, 6)),
-                                        center_feature_scale=True, use_clip_projector=True),
-                      {"in22k_ft_in1k": _in1k_cfg("internimage_g_22kto1k_512.pth", 512, _HUB)}),
+# The official architecture of each variant; its pretrained tags (files, protocols, labels) are in intern2.weights.
+INTERNIMAGE_VARIANTS: Dict[str, InternImageConfig] = {
+    "internimage_t": InternImageConfig(64, (4, 4, 18, 4), (4, 8, 16, 32), drop_path_rate=0.1),
+    "internimage_s": InternImageConfig(80, (4, 4, 21, 4), (5, 10, 20, 40), drop_path_rate=0.4, layer_scale=1e-5,
+                                       post_norm=True),
+    "internimage_b": InternImageConfig(112, (4, 4, 21, 4), (7, 14, 28, 56), drop_path_rate=0.5, layer_scale=1e-5,
+                                       post_norm=True),
+    "internimage_l": InternImageConfig(160, (5, 5, 22, 5), (10, 20, 40, 80), drop_path_rate=0.1, layer_scale=1e-5,
+                                       offset_scale=2.0, post_norm=True),
+    "internimage_xl": InternImageConfig(192, (5, 5, 24, 5), (12, 24, 48, 96), drop_path_rate=0.2,
+                                        layer_scale=1e-5, offset_scale=2.0, post_norm=True),
+    "internimage_h": InternImageConfig(320, (6, 6, 32, 6), (10, 20, 40, 80), drop_path_rate=0.2,
+                                       dw_kernel_size=5, res_post_norm=True, level2_post_norm=True,
+                                       level2_post_norm_block_ids=(5, 11, 17, 23, 29), center_feature_scale=True,
+                                       use_clip_projector=True),
+    "internimage_g": InternImageConfig(512, (2, 2, 48, 4), (16, 32, 64, 128), drop_path_rate=0.4,
+                                       post_norm=True, dw_kernel_size=5, level2_post_norm=True,
+                                       level2_post_norm_block_ids=tuple(range(5, 48, 6)),
+                                       center_feature_scale=True, use_clip_projector=True),
 }
 
-
-def _build(name: str, **kwargs) -> InternImage:
-    cfg, tags = INTERNIMAGE_VARIANTS[name]
-    tag = kwargs.pop("pretrained_tag", None) or next(iter(tags))
-    if tag not in tags:
-        raise ValueError(f"unknown pretrained tag {tag!r} for {name}; known: {sorted(tags)}")
-    config = {**cfg.to_dict(), "num_classes": tags[tag]["num_classes"], **kwargs}
-    model = InternImage(**config)
-    model.pretrained_cfg = dict(tags[tag], architecture=name, tag=tag)
-    return model
-
-
-def _register(name: str):
-    def builder(**kwargs) -> InternImage:
-        return _build(name, **kwargs)
-    builder.__name__ = name
-    builder.__doc__ = f"{name} with the official configuration; kwargs override config fields."
-    builder.pretrained_tags = tuple(INTERNIMAGE_VARIANTS[name][1])
-    builder.filter_fn = checkpoint_filter_fn
-    return register_model(builder)
-
-
-for _name in INTERNIMAGE_VARIANTS:
-    _register(_name)
+for _name, _cfg in INTERNIMAGE_VARIANTS.items():
+    register_variant(_name, lambda kwargs, _cfg=_cfg: InternImage(**{**_cfg.to_dict(), **kwargs}),
+                     f"{_name} with the official configuration; kwargs override config fields.")

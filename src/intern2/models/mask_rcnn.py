@@ -7,14 +7,15 @@ scores, masks); ``model(images, targets)`` in training mode returns the loss dic
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch import nn
 from torchvision.models.detection import MaskRCNN
 
-from ..heads.detection import InternImageFPN, mask_rcnn_components, mmdet_to_torchvision
-from ..registry import register_model
+from ..constants import IMAGENET_MEAN, IMAGENET_STD
+from ..heads.detection import InternImageFPN, KeepRatioTransform, mask_rcnn_components, mmdet_to_torchvision
+from ..registry import register_variant
 from .internimage import InternImage, checkpoint_filter_fn
 from .upernet import _seg_backbone
 
@@ -40,10 +41,10 @@ class InternImageMaskRCNN(MaskRCNN):
                  fpn_channels: int = 256, box_fc_channels: int = 1024, mask_channels: int = 256, **kwargs):
         body = InternImage(**backbone, features_only=True)
         super().__init__(InternImageFPN(body, fpn_channels), num_classes=None, min_size=min_size,  # heads given
-                         max_size=max_size,
-                         image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+                         max_size=max_size, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
                          **mask_rcnn_components(fpn_channels, num_classes + 1, box_fc_channels, mask_channels),
                          **kwargs)
+        self.transform = KeepRatioTransform(min_size, max_size, list(IMAGENET_MEAN), list(IMAGENET_STD))
         self.backbone_config = dict(backbone)
         self.num_classes = num_classes
         self.head_config = dict(num_classes=num_classes, min_size=min_size, max_size=max_size,
@@ -77,38 +78,26 @@ class InternImageMaskRCNN(MaskRCNN):
         return dict(backbone=self.backbone_config, **self.head_config)
 
 
-def _coco_cfg(file: str) -> Dict:
-    return dict(file=file, hf_hub_id="OpenGVLab/InternImage", num_classes=80, label_names="coco")
-
-
-# name -> (backbone variant, backbone overrides, {tag: official file})
+# name -> (backbone variant, backbone overrides of the official mmdet COCO config); tags are in intern2.weights.
 MASK_RCNN_VARIANTS = {
-    "mask_rcnn_internimage_t": ("internimage_t", dict(drop_path_rate=0.2),
-                                {"coco_1x": "mask_rcnn_internimage_t_fpn_1x_coco.pth",
-                                 "coco_3x": "mask_rcnn_internimage_t_fpn_3x_coco.pth"}),
-    "mask_rcnn_internimage_s": ("internimage_s", dict(drop_path_rate=0.3),
-                                {"coco_1x": "mask_rcnn_internimage_s_fpn_1x_coco.pth",
-                                 "coco_3x": "mask_rcnn_internimage_s_fpn_3x_coco.pth"}),
-    "mask_rcnn_internimage_b": ("internimage_b", dict(drop_path_rate=0.3),
-                                {"coco_1x": "mask_rcnn_internimage_b_fpn_1x_coco.pth",
-                                 "coco_3x": "mask_rcnn_internimage_b_fpn_3x_coco.pth"}),
+    "mask_rcnn_internimage_t": ("internimage_t", dict(drop_path_rate=0.2)),
+    "mask_rcnn_internimage_s": ("internimage_s", dict(drop_path_rate=0.3)),
+    "mask_rcnn_internimage_b": ("internimage_b", dict(drop_path_rate=0.4)),
 }
 
 
-def _register(name: str) -> None:
-    variant, overrides, files = MASK_RCNN_VARIANTS[name]
-
-    def builder(pretrained_tag: Optional[str] = None, backbone: Optional[Dict] = None, **kwargs) -> InternImageMaskRCNN:
-        tag = pretrained_tag or "coco_1x"
-        if tag not in files:
-            raise ValueError(f"unknown pretrained tag {tag!r} for {name}; known: {sorted(files)}")
-        model = InternImageMaskRCNN(_seg_backbone(variant, **{**overrides, **(backbone or {})}), **kwargs)
-        model.pretrained_cfg = dict(_coco_cfg(files[tag]), architecture=name, tag=tag, num_classes=model.num_classes)
-        return model
-    builder.__name__ = name
-    builder.__doc__ = f"Mask R-CNN + FPN + {variant} (official mmdet COCO configuration) on torchvision."
-    register_model(builder)
+def _builder(variant: str, overrides: Dict):
+    def build(kwargs: Dict) -> InternImageMaskRCNN:
+        backbone = kwargs.pop("backbone", None) or {}
+        return InternImageMaskRCNN(_seg_backbone(variant, **{**overrides, **backbone}), **kwargs)
+    return build
 
 
-for _name in MASK_RCNN_VARIANTS:
-    _register(_name)
+def _test_size(model: InternImageMaskRCNN) -> Dict:
+    """The detection protocol's test size follows the model's resize bounds (long, short)."""
+    return dict(test_size=[model.transform.max_size, model.transform.min_size[-1]])
+
+
+for _name, (_variant, _overrides) in MASK_RCNN_VARIANTS.items():
+    register_variant(_name, _builder(_variant, _overrides),
+                     f"Mask R-CNN + FPN + {_variant} (official mmdet COCO configuration) on torchvision.", _test_size)

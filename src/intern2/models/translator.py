@@ -26,7 +26,6 @@ import dataclasses
 import functools
 import json
 import math
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +37,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write, read_checkpoint, read_state_dict
-from ..registry import register_model
+from ..registry import register_variant
 
 __all__ = ["TranslatorConfig", "TranslationModel", "Seq2SeqLMOutput", "GenerateOutput", "DecoderCache",
-           "convert_fairseq_state_dict", "split_sentences", "translate_in_sentences", "TRANSLATOR_VARIANTS",
+           "convert_fairseq_state_dict", "TRANSLATOR_VARIANTS",
            "MAX_TRAINED_SOURCE_TOKENS", "resize_embeddings_for_languages"]
 
 # NLLB was trained on sentences of at most 512 tokens (model card); longer inputs degrade or get cut short.
@@ -867,89 +866,27 @@ def resize_embeddings_for_languages(model: TranslationModel, new_ids: Sequence[i
 # ------------------------------------------------------------------------------------------------------ long text
 # A sentence ends at . ! ? … followed by whitespace, right after a CJK/Devanagari/Arabic full stop, or at a line
 # break. Abbreviations ("Dr. Smith") are split too: harmless for translation, which only needs short pieces.
-_BOUNDARY = re.compile(r"(?<=[.!?…])\s+|(?<=[。！？؟।])\s*|\s*\n\s*")
-_PADDED = re.compile(r"(\s*)(.*?)(\s*)", re.DOTALL)
-
-
-def split_sentences(text: str) -> List[Tuple[str, str]]:
-    """``(sentence, separator)`` pairs; joining them in order gives back ``text`` exactly."""
-    pairs, start = [], 0
-    for match in _BOUNDARY.finditer(text):
-        if match.end() == start:  # an empty boundary right after the previous one
-            continue
-        pairs.append((text[start:match.start()], match.group()))
-        start = match.end()
-    pairs.append((text[start:], ""))
-    return pairs
-
-
-def translate_in_sentences(text: str, translate: Callable[[List[str]], List[str]]) -> str:
-    """Translate long text sentence by sentence (NLLB is a sentence-level model: whole paragraphs get truncated
-    or summarised) and re-join with the original whitespace and line breaks.
-
-    ``translate`` maps a list of sentences to their translations in one call (tokenise, ``generate``, decode),
-    so the caller controls batching.
-    """
-    pairs = split_sentences(text)
-    padded = [_PADDED.fullmatch(sentence).groups() for sentence, _ in pairs]
-    sentences = [core for _, core, _ in padded if core]
-    translated = list(translate(sentences)) if sentences else []
-    if len(translated) != len(sentences):
-        raise ValueError(f"translate returned {len(translated)} translations for {len(sentences)} sentences")
-    translations = iter(translated)
-    out = []
-    for (lead, core, trail), (_, separator) in zip(padded, pairs):
-        out.append(f"{lead}{next(translations) if core else ''}{trail}{separator}")
-    return "".join(out)
-
-
 # ------------------------------------------------------------------------------------------------------ variants
-def _nllb_cfg(hub: str) -> Dict:
-    """Pretrained config: the HF folder name (looked up in $INTERN2_HOME; intern2 never downloads) and its hub id."""
-    return dict(file=hub.split("/")[-1], hf_hub_id=hub)
-
-
 _NLLB = dict(vocab_size=256206, d_model=1024, encoder_attention_heads=16, decoder_attention_heads=16,
              max_position_embeddings=1024)
-TRANSLATOR_VARIANTS: Dict[str, Tuple[TranslatorConfig, Dict[str, Dict]]] = {
+# The architecture of each preset; its pretrained tags (the NLLB-200 HF folders) are in intern2.weights.
+TRANSLATOR_VARIANTS: Dict[str, TranslatorConfig] = {
     # Built-in demo / test sizes; vocab_size follows the tokenizer trained for them (override it).
-    "intern2_mt_tiny": (TranslatorConfig(vocab_size=8192, d_model=128, encoder_layers=2, decoder_layers=2,
-                                         encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=512,
-                                         decoder_ffn_dim=512, max_position_embeddings=256), {}),
-    "intern2_mt_small": (TranslatorConfig(vocab_size=32000, d_model=512, encoder_layers=6, decoder_layers=6,
-                                          encoder_attention_heads=8, decoder_attention_heads=8, encoder_ffn_dim=2048,
-                                          decoder_ffn_dim=2048), {}),
-    "intern2_mt_600m": (TranslatorConfig(**_NLLB, encoder_layers=12, decoder_layers=12, encoder_ffn_dim=4096,
-                                         decoder_ffn_dim=4096),
-                        {"nllb200_distilled": _nllb_cfg("facebook/nllb-200-distilled-600M")}),
-    "intern2_mt_1p3b": (TranslatorConfig(**_NLLB, encoder_layers=24, decoder_layers=24, encoder_ffn_dim=8192,
-                                         decoder_ffn_dim=8192),
-                        {"nllb200": _nllb_cfg("facebook/nllb-200-1.3B"),
-                         "nllb200_distilled": _nllb_cfg("facebook/nllb-200-distilled-1.3B")}),
-    "intern2_mt_3p3b": (TranslatorConfig(**{**_NLLB, "d_model": 2048}, encoder_layers=24, decoder_layers=24,
-                                         encoder_ffn_dim=8192, decoder_ffn_dim=8192),
-                        {"nllb200": _nllb_cfg("facebook/nllb-200-3.3B")}),
+    "intern2_mt_tiny": TranslatorConfig(vocab_size=8192, d_model=128, encoder_layers=2, decoder_layers=2,
+                                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=512,
+                                        decoder_ffn_dim=512, max_position_embeddings=256),
+    "intern2_mt_small": TranslatorConfig(vocab_size=32000, d_model=512, encoder_layers=6, decoder_layers=6,
+                                         encoder_attention_heads=8, decoder_attention_heads=8, encoder_ffn_dim=2048,
+                                         decoder_ffn_dim=2048),
+    "intern2_mt_600m": TranslatorConfig(**_NLLB, encoder_layers=12, decoder_layers=12, encoder_ffn_dim=4096,
+                                        decoder_ffn_dim=4096),
+    "intern2_mt_1p3b": TranslatorConfig(**_NLLB, encoder_layers=24, decoder_layers=24, encoder_ffn_dim=8192,
+                                        decoder_ffn_dim=8192),
+    "intern2_mt_3p3b": TranslatorConfig(**{**_NLLB, "d_model": 2048}, encoder_layers=24, decoder_layers=24,
+                                        encoder_ffn_dim=8192, decoder_ffn_dim=8192),
 }
 
 
-def _build(name: str, **kwargs) -> TranslationModel:
-    cfg, tags = TRANSLATOR_VARIANTS[name]
-    tag = kwargs.pop("pretrained_tag", None) or next(iter(tags), None)
-    if tag is not None and tag not in tags:
-        raise ValueError(f"unknown pretrained tag {tag!r} for {name}; known: {sorted(tags)}")
-    model = TranslationModel(dataclasses.replace(cfg, **kwargs))
-    model.pretrained_cfg = dict(tags.get(tag, {}), architecture=name, tag=tag)
-    return model
-
-
-def _register(name: str):
-    def builder(**kwargs) -> TranslationModel:
-        return _build(name, **kwargs)
-    builder.__name__ = name
-    builder.__doc__ = f"{name} translation model; kwargs override TranslatorConfig fields."
-    builder.pretrained_tags = tuple(TRANSLATOR_VARIANTS[name][1])
-    return register_model(builder)
-
-
-for _name in TRANSLATOR_VARIANTS:
-    _register(_name)
+for _name, _config in TRANSLATOR_VARIANTS.items():
+    register_variant(_name, lambda kwargs, _config=_config: TranslationModel(dataclasses.replace(_config, **kwargs)),
+                     f"{_name} translation model; kwargs override TranslatorConfig fields.")

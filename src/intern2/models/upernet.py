@@ -13,14 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..heads.upernet import FCNHead, UPerHead
-from ..registry import register_model
+from ..registry import register_variant
 from .internimage import INTERNIMAGE_VARIANTS, InternImage, checkpoint_filter_fn
 
-__all__ = ["UperNet", "slide_inference", "UPERNET_VARIANTS"]
+__all__ = ["UperNet", "UPERNET_VARIANTS"]
 
 log = logging.getLogger(__name__)
-ADE_MEAN = (0.485, 0.456, 0.406)  # mmseg's [123.675, 116.28, 103.53] / 255
-ADE_STD = (0.229, 0.224, 0.225)
 
 
 class UperNet(nn.Module):
@@ -92,68 +90,33 @@ class UperNet(nn.Module):
         return dict(backbone=self.backbone_config, **self.head_config)
 
 
-@torch.no_grad()
-def slide_inference(model: UperNet, images: torch.Tensor, crop: int, stride: int) -> torch.Tensor:
-    """mmseg's sliding-window inference: average the logits of overlapping crops (for large images)."""
-    n, _, height, width = images.shape
-    logits = images.new_zeros(n, model.num_classes, height, width)
-    counts = images.new_zeros(1, 1, height, width)
-    rows = max(height - crop + stride - 1, 0) // stride + 1
-    cols = max(width - crop + stride - 1, 0) // stride + 1
-    for r in range(rows):
-        for c in range(cols):
-            y2, x2 = min(r * stride + crop, height), min(c * stride + crop, width)
-            y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
-            logits[:, :, y1:y2, x1:x2] += model(images[:, :, y1:y2, x1:x2])
-            counts[:, :, y1:y2, x1:x2] += 1
-    return logits / counts
-
-
 def _seg_backbone(name: str, **overrides) -> Dict:
     """The det/seg flavour of an InternImage variant: the official det/seg configs use layer scale 1.0 for T..XL
     (none for H/G) and no classifier."""
-    cfg = INTERNIMAGE_VARIANTS[name][0].to_dict()
+    cfg = INTERNIMAGE_VARIANTS[name].to_dict()
     cfg.pop("num_classes")
     cfg.update(layer_scale=None if name in ("internimage_h", "internimage_g") else 1.0, use_clip_projector=False)
     return {**cfg, **overrides}
 
 
-def _ade_cfg(file: str, crop: int) -> Dict:
-    return dict(file=file, hf_hub_id="OpenGVLab/InternImage", num_classes=150, crop_size=crop,
-                test_scale=(2048, crop), mean=ADE_MEAN, std=ADE_STD, label_names="ade20k", reduce_zero_label=True)
-
-
-# (backbone variant, backbone overrides, official file, training crop)
+# name -> (backbone variant, backbone overrides of the official ADE20K config); tags are in intern2.weights.
 UPERNET_VARIANTS = {
-    "upernet_internimage_t": ("internimage_t", dict(drop_path_rate=0.2),
-                              "upernet_internimage_t_512_160k_ade20k.pth", 512),
-    "upernet_internimage_s": ("internimage_s", dict(drop_path_rate=0.3),
-                              "upernet_internimage_s_512_160k_ade20k.pth", 512),
-    "upernet_internimage_b": ("internimage_b", dict(drop_path_rate=0.3),
-                              "upernet_internimage_b_512_160k_ade20k.pth", 512),
-    "upernet_internimage_l": ("internimage_l", dict(drop_path_rate=0.4),
-                              "upernet_internimage_l_640_160k_ade20k.pth", 640),
-    "upernet_internimage_xl": ("internimage_xl", dict(drop_path_rate=0.4),
-                               "upernet_internimage_xl_640_160k_ade20k.pth", 640),
-    "upernet_internimage_h": ("internimage_h", dict(drop_path_rate=0.5),
-                              "upernet_internimage_h_896_160k_ade20k.pth", 896),
+    "upernet_internimage_t": ("internimage_t", dict(drop_path_rate=0.2)),
+    "upernet_internimage_s": ("internimage_s", dict(drop_path_rate=0.3)),
+    "upernet_internimage_b": ("internimage_b", dict(drop_path_rate=0.4)),
+    "upernet_internimage_l": ("internimage_l", dict(drop_path_rate=0.4)),
+    "upernet_internimage_xl": ("internimage_xl", dict(drop_path_rate=0.4)),
+    "upernet_internimage_h": ("internimage_h", dict(drop_path_rate=0.5)),
 }
 
 
-def _register(name: str) -> None:
-    variant, overrides, file, crop = UPERNET_VARIANTS[name]
-
-    def builder(pretrained_tag: Optional[str] = None, backbone: Optional[Dict] = None, **kwargs) -> UperNet:
-        if pretrained_tag not in (None, "ade20k"):
-            raise ValueError(f"unknown pretrained tag {pretrained_tag!r} for {name}; known: ['ade20k']")
-        model = UperNet(_seg_backbone(variant, **{**overrides, **(backbone or {})}), **kwargs)
-        model.pretrained_cfg = dict(_ade_cfg(file, crop), architecture=name, tag="ade20k",
-                                    num_classes=model.num_classes)
-        return model
-    builder.__name__ = name
-    builder.__doc__ = f"UperNet + {variant} (official ADE20K configuration); backbone={{...}} overrides its config."
-    register_model(builder)
+def _builder(variant: str, overrides: Dict):
+    def build(kwargs: Dict) -> UperNet:
+        backbone = kwargs.pop("backbone", None) or {}
+        return UperNet(_seg_backbone(variant, **{**overrides, **backbone}), **kwargs)
+    return build
 
 
-for _name in UPERNET_VARIANTS:
-    _register(_name)
+for _name, (_variant, _overrides) in UPERNET_VARIANTS.items():
+    register_variant(_name, _builder(_variant, _overrides),
+                     f"UperNet + {_variant} (official ADE20K configuration); backbone={{...}} overrides its config.")

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..layers import DropPath
-from ..registry import register_model
+from ..registry import register_variant
 
 __all__ = ["VideoViT", "VideoMAEPretrain", "keep_visible", "sinusoid_table", "resize_pos_embed", "tube_mask",
            "running_cell_mask", "pixel_targets", "videomae_loss", "official_to_hf", "hf_to_official",
@@ -26,8 +27,6 @@ __all__ = ["VideoViT", "VideoMAEPretrain", "keep_visible", "sinusoid_table", "re
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ------------------------------------------------------------------------------------------------ position tables
@@ -634,48 +633,38 @@ def _grid_of(num_tokens: int, like: Sequence[int]) -> Tuple[int, int, int]:
 
 
 # ------------------------------------------------------------------------------------------------ variants
-_VIDEOMAE_HUB = "MCG-NJU/VideoMAE (model zoo) / OpenGVLab/VideoMAEv2 (HF: OpenGVLab/VideoMAE2)"
-
-# size -> encoder kwargs, decoder kwargs (the official pre-training decoders; depth 4 in every released script)
+# size -> encoder kwargs, decoder kwargs of the pre-training model as InternVideo released it (decoders: B 384/6
+# heads/4 blocks, L 512/8/12, H 512/8/8; S as VideoMAE's, g as VideoMAEv2's, 4 blocks). VideoMAE v1's own ViT-H
+# decoder (640/8/12) and VideoMAEv2's L/H (4 blocks) differ: pass decoder_embed_dim / decoder_depth for those.
 VIDEO_VIT_VARIANTS: Dict[str, Tuple[Dict, Dict]] = {
     "s": (dict(embed_dim=384, depth=12, num_heads=6), dict(decoder_embed_dim=192, decoder_num_heads=3)),
     "b": (dict(embed_dim=768, depth=12, num_heads=12), dict(decoder_embed_dim=384, decoder_num_heads=6)),
-    "l": (dict(embed_dim=1024, depth=24, num_heads=16), dict(decoder_embed_dim=512, decoder_num_heads=8)),
-    "h": (dict(embed_dim=1280, depth=32, num_heads=16), dict(decoder_embed_dim=640, decoder_num_heads=8)),
+    "l": (dict(embed_dim=1024, depth=24, num_heads=16),
+          dict(decoder_embed_dim=512, decoder_num_heads=8, decoder_depth=12)),
+    "h": (dict(embed_dim=1280, depth=32, num_heads=16),
+          dict(decoder_embed_dim=512, decoder_num_heads=8, decoder_depth=8)),
     "g": (dict(embed_dim=1408, depth=40, num_heads=16, patch_size=14, mlp_ratio=48 / 11),
           dict(decoder_embed_dim=512, decoder_num_heads=8)),
 }
 
 
-def _classifier_builder(size: str):
-    def builder(**kwargs) -> VideoViT:
-        model = VideoViT(**{**VIDEO_VIT_VARIANTS[size][0], **kwargs})
-        model.pretrained_cfg = dict(architecture=f"videomae_vit_{size}", hf_hub_id=_VIDEOMAE_HUB,
-                                    mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                                    input_size=(3, model.config["all_frames"], model.config["img_size"],
-                                                model.config["img_size"]))
-        return model
-    builder.__name__ = f"videomae_vit_{size}"
-    builder.__doc__ = f"Video ViT-{size.upper()} classifier (official VideoMAE/VideoMAEv2 configuration)."
-    builder.filter_fn = checkpoint_filter_fn
-    return register_model(builder)
+def _clip_cfg(config: Dict) -> Dict:
+    """The pretrained-config entries that follow the built clip size (frames, resolution)."""
+    frames, size = config["all_frames"], config["img_size"]
+    return dict(num_frames=frames, img_size=size, input_size=[3, frames, size, size])
 
 
-def _pretrain_builder(size: str):
-    def builder(**kwargs) -> VideoMAEPretrain:
-        encoder, decoder = VIDEO_VIT_VARIANTS[size]
-        config = {f"encoder_{k}" if k in ("embed_dim", "depth", "num_heads") else k: v for k, v in encoder.items()}
-        model = VideoMAEPretrain(**{**config, **decoder, **kwargs})
-        model.pretrained_cfg = dict(architecture=f"videomae_pretrain_vit_{size}", hf_hub_id=_VIDEOMAE_HUB,
-                                    mean=IMAGENET_MEAN, std=IMAGENET_STD)
-        return model
-    builder.__name__ = f"videomae_pretrain_vit_{size}"
-    builder.__doc__ = (f"VideoMAE ViT-{size.upper()} masked autoencoder; VideoMAEv2 dual masking is the same "
-                       f"model called with a decode mask.")
-    builder.filter_fn = checkpoint_filter_fn
-    return register_model(builder)
+def _pretrain_config(size: str) -> Dict:
+    encoder, decoder = VIDEO_VIT_VARIANTS[size]
+    return {**{f"encoder_{k}" if k in ("embed_dim", "depth", "num_heads") else k: v for k, v in encoder.items()},
+            **decoder}
 
 
-for _size in VIDEO_VIT_VARIANTS:
-    _classifier_builder(_size)
-    _pretrain_builder(_size)
+for _size, (_encoder, _) in VIDEO_VIT_VARIANTS.items():
+    register_variant(f"videomae_vit_{_size}", lambda kwargs, _encoder=_encoder: VideoViT(**{**_encoder, **kwargs}),
+                     f"Video ViT-{_size.upper()} classifier (official VideoMAE/VideoMAEv2 configuration).",
+                     lambda model: _clip_cfg(model.config))
+    register_variant(f"videomae_pretrain_vit_{_size}",
+                     lambda kwargs, _size=_size: VideoMAEPretrain(**{**_pretrain_config(_size), **kwargs}),
+                     f"VideoMAE ViT-{_size.upper()} masked autoencoder; VideoMAEv2 dual masking is the same model "
+                     f"called with a decode mask.", lambda model: _clip_cfg(model.config))

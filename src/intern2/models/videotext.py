@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..constants import CLIP_MEAN, CLIP_STD  # noqa: F401 (re-exported)
 from ..layers import DropPath
-from ..registry import register_model
+from ..registry import register_variant
 from .video_vit import VideoViT
 
 __all__ = ["VideoTextModel", "VisionTransformer", "Transformer", "TemporalTransformer", "Extractor",
@@ -40,8 +41,6 @@ __all__ = ["VideoTextModel", "VisionTransformer", "Transformer", "TemporalTransf
 
 log = logging.getLogger(__name__)
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class QuickGELU(nn.Module):
@@ -426,7 +425,6 @@ def official_state_dict(model: VideoTextModel) -> Dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------ variants
-_HUB = "OpenGVLab/InternVideo (InternVideo-MM-L-14)"
 VIDEOTEXT_VARIANTS: Dict[str, Dict] = {
     # For tests and the CPU demo: 32 px frames, two-layer towers, no dropout in the global block (the official
     # 0.5 slows the few minutes of training such a model gets).
@@ -441,20 +439,12 @@ VIDEOTEXT_VARIANTS: Dict[str, Dict] = {
 }
 
 
-def _builder(size: str):
-    def builder(**kwargs) -> VideoTextModel:
-        model = VideoTextModel(**{**VIDEOTEXT_VARIANTS[size], **kwargs})
-        frames, resolution = model.config["num_frames"], model.config["image_resolution"]
-        # Official evaluation: 8 frames spread uniformly over the video (TSN middle frames), resize + centre crop.
-        model.pretrained_cfg = dict(architecture=f"internvideo_mm_{size}", hf_hub_id=_HUB, mean=CLIP_MEAN,
-                                    std=CLIP_STD, input_size=(3, frames, resolution, resolution),
-                                    num_frames=frames, sampling="segment", stride=1)
-        return model
-    builder.__name__ = f"internvideo_mm_{size}"
-    builder.__doc__ = f"InternVideo-MM video-text dual encoder, {size} configuration."
-    builder.filter_fn = checkpoint_filter_fn
-    return register_model(builder)
+def _clip_cfg(model: "VideoTextModel") -> Dict:
+    """The pretrained-config entries that follow the built clip size (frames, resolution)."""
+    frames, size = model.config["num_frames"], model.config["image_resolution"]
+    return dict(num_frames=frames, img_size=size, input_size=[3, frames, size, size])
 
 
-for _size in VIDEOTEXT_VARIANTS:
-    _builder(_size)
+for _size, _config in VIDEOTEXT_VARIANTS.items():
+    register_variant(f"internvideo_mm_{_size}", lambda kwargs, _config=_config: VideoTextModel(**{**_config, **kwargs}),
+                     f"InternVideo-MM video-text dual encoder, {_size} configuration.", _clip_cfg)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional
 
 __all__ = ["main", "load_model_spec", "load_translator", "load_retrieval", "DEFAULT_MAX_UPLOAD_MB",
            "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_FRAME_PIXELS"]
@@ -27,27 +27,25 @@ SPEC_HELP = "a model folder (config.json + weights), or a registered model name 
 
 def load_model_spec(spec: str) -> Any:
     """A model from ``FOLDER``, ``NAME`` (random weights: for trying the API) or ``NAME:WEIGHTS_FILE``."""
-    from ..tasks.common import load_model
-    if Path(spec).is_dir():
-        return load_model(spec, None)
-    name, _, weights = spec.partition(":")
-    return load_model(weights or None, name)
+    from ..pipelines.common import load_model_spec as load
+    return load(spec)
 
 
 def load_translator(folder: str, int8: bool = False) -> Any:
-    """A :class:`~intern2.tasks.translation.Translator` from a model folder holding the tokenizer too (written by
-    `intern2 train translation`, or a Hugging Face NLLB folder)."""
-    from ..tasks.translation import Translator
+    """A :class:`~intern2.pipelines.translation.Translator` from a model folder holding the tokenizer too (written
+    by `intern2 train translation`, or a Hugging Face NLLB folder)."""
+    from ..pipelines.translation import Translator
     return Translator.from_pretrained(folder, int8=int8)
 
 
-def load_retrieval(folder: str) -> Tuple[Any, Any]:
-    """(VideoTextModel, BPETokenizer) from a folder written by `intern2 train video-text` (with tokenizer.json)."""
-    from ..tasks.video_text import load_video_text
+def load_retrieval(folder: str) -> Any:
+    """A :class:`~intern2.pipelines.video_text.VideoTextPipeline` from a folder written by `intern2 train
+    video-text` (with tokenizer.json)."""
+    from ..pipelines.video_text import VideoTextPipeline
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"--retrieval-model {folder}: expected a video-text model folder (config.json, "
                                 f"weights and tokenizer.json)")
-    return load_video_text(folder)
+    return VideoTextPipeline.from_pretrained(folder)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -80,7 +78,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .app import create_app
     except ImportError as exc:
         parser.error(f"serving needs FastAPI, uvicorn and python-multipart: pip install 'intern2[serve]' ({exc})")
-    from ..tasks.common import setup_logging
+    from ..pipelines.common import setup_logging
     setup_logging()
     models = {}
     try:

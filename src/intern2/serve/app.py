@@ -1,8 +1,11 @@
 """The FastAPI app behind `intern2 serve`: one JSON endpoint per model, the web page at ``/``.
 
-Models are built by the caller and handed to :func:`create_app` once. Each runs in a worker thread, one request at
-a time (a capacity limiter of one is its lock), behind a bounded queue, so the event loop keeps answering
-``/healthz`` while a model works and concurrent requests never run one model twice at once. Bad input is a 4xx
+Every endpoint is a thin layer over a pipeline (:mod:`intern2.pipelines`): the server decodes uploads and
+formats JSON; labels, preprocessing and post-processing are the pipeline's, so an answer here equals the one
+`intern2 predict --json` and the Python API give. Models (or pipelines) are handed to :func:`create_app` once.
+Each runs in a worker thread, one request at a time (a capacity limiter of one is its lock), behind a bounded
+queue, so the event loop keeps answering ``/healthz`` while a model works and concurrent requests never run one
+model twice at once. Bad input is a 4xx
 JSON error ``{"error": code, "detail": message}``, never a stack trace or a dead server.
 """
 from __future__ import annotations
@@ -28,14 +31,13 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from torch import nn
 
 from . import DEFAULT_MAX_FRAME_PIXELS, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_UPLOAD_MB
 
 if TYPE_CHECKING:
-    from ..tasks.translation import Translator
+    from ..pipelines import Pipeline
 
-__all__ = ["create_app", "ServeError", "mask_to_rle"]
+__all__ = ["create_app", "ServeError"]
 
 DEFAULT_MAX_TEXT_CHARS = 5000
 STATIC = Path(__file__).parent / "static"
@@ -141,70 +143,30 @@ def _png_base64(image: Image.Image) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def mask_to_rle(mask: np.ndarray) -> Dict[str, Any]:
-    """COCO's uncompressed RLE of a binary HxW mask: run lengths in column-major order, starting with zeros
-    (``pycocotools.mask.frPyObjects(rle, h, w)`` reads it)."""
-    flat = np.asarray(mask, dtype=bool).ravel(order="F")
-    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    counts = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
-    if flat.size and flat[0]:
-        counts.insert(0, 0)
-    return {"size": list(mask.shape), "counts": counts}
-
-
-def _labels(model: nn.Module) -> List[str]:
-    """The model's label names when its pretrained config lists them, else class indices."""
-    names = getattr(model, "pretrained_cfg", {}).get("label_names")
-    count = model.num_classes
-    return list(names) if isinstance(names, list) and len(names) == count else [str(i) for i in range(count)]
-
-
 # -------------------------------------------------------------------------------------------------- inference
 @torch.inference_mode()
-def _classify(model: nn.Module, image: Image.Image, topk: int) -> Dict[str, Any]:
-    from ..tasks.image_cls import _preprocess, class_names
-    probs = model(_preprocess(model)(image)[None]).float().softmax(-1)[0]
-    values, indices = probs.topk(min(topk, probs.numel()))
-    names = class_names(model)
-    return {"top": [{"label": names[i], "index": i, "prob": round(p, 6)}
-                    for p, i in zip(values.tolist(), indices.tolist())]}
+def _classify(pipeline: Pipeline, image: Image.Image, topk: int) -> Dict[str, Any]:
+    return pipeline(image, topk)
 
 
 @torch.inference_mode()
-def _detect(model: nn.Module, image: Image.Image, threshold: float, masks: bool, draw: bool) -> Dict[str, Any]:
-    from ..tasks.detect import detect, draw_detections
-    (output,) = detect(model, [torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255])
-    names = _labels(model)
-    keep = output["scores"] >= threshold
-    objects = []
-    for i in keep.nonzero().flatten().tolist():
-        label = int(output["labels"][i])
-        entry = {"label": names[label - 1], "index": label - 1, "score": round(float(output["scores"][i]), 4),
-                 "box": [round(v, 1) for v in output["boxes"][i].tolist()]}
-        if masks and "masks" in output:
-            entry["mask"] = mask_to_rle(output["masks"][i, 0].numpy() > 0.5)
-        objects.append(entry)
-    result = {"width": image.width, "height": image.height, "objects": objects}
+def _detect(pipeline: Pipeline, image: Image.Image, threshold: float, masks: bool, draw: bool) -> Dict[str, Any]:
+    result = pipeline(image, threshold, masks)
+    output = result.pop("output")
     if draw:
-        result["overlay_png"] = _png_base64(draw_detections(image, output, names, threshold))
+        result["overlay_png"] = _png_base64(pipeline.draw(image, output, threshold))
     return result
 
 
 @torch.inference_mode()
-def _segment(model: nn.Module, image: Image.Image, include_mask: bool) -> Dict[str, Any]:
-    from ..tasks.segment import _palette, colourise, segment_image
-    prediction = segment_image(model, image)
-    names = _labels(model)
-    palette = _palette(len(names))
-    counts = np.bincount(prediction.ravel(), minlength=len(names))
-    classes = [{"label": names[i], "index": i, "fraction": round(float(counts[i]) / prediction.size, 6),
-                "colour": "#%02x%02x%02x" % tuple(int(c) for c in palette[i])}
-               for i in np.argsort(-counts, kind="stable").tolist() if counts[i]]
-    result = {"width": image.width, "height": image.height, "classes": classes,
-              "overlay_png": _png_base64(colourise(image, prediction))}
+def _segment(pipeline: Pipeline, image: Image.Image, include_mask: bool) -> Dict[str, Any]:
+    from ..pipelines.segment import colourise
+    result = pipeline(image)
+    prediction = result.pop("prediction")
+    result["overlay_png"] = _png_base64(colourise(image, prediction))
     if include_mask:  # class index per pixel, as an 8- or 16-bit greyscale PNG
-        result["mask_png"] = _png_base64(Image.fromarray(prediction.astype(np.uint8 if len(names) <= 256 else
-                                                                           np.uint16)))
+        result["mask_png"] = _png_base64(Image.fromarray(prediction.astype(
+            np.uint8 if len(pipeline.labels) <= 256 else np.uint16)))
     return result
 
 
@@ -214,7 +176,7 @@ def _video_upload(upload: UploadFile, work: Callable[[str], Dict[str, Any]], max
     import av
 
     from ..data.video import probe_video
-    from ..tasks.video_cls import VIDEO_SUFFIXES
+    from ..pipelines.video_cls import VIDEO_SUFFIXES
     filename = upload.filename or "upload"
     suffix = Path(filename).suffix.lower()
     with tempfile.NamedTemporaryFile(prefix="intern2-upload-", suffix=suffix if suffix in VIDEO_SUFFIXES else "") \
@@ -235,30 +197,16 @@ def _video_upload(upload: UploadFile, work: Callable[[str], Dict[str, Any]], max
 
 
 @torch.inference_mode()
-def _classify_video(model: nn.Module, path: str, topk: int) -> Dict[str, Any]:
-    from ..tasks.video_cls import predict_videos
-    (result,) = predict_videos(model, [path], topk)
-    if "error" in result:
-        raise ValueError(result["error"])
-    return {"top": result["top"]}
+def _classify_video(pipeline: Pipeline, path: str, topk: int) -> Dict[str, Any]:
+    return pipeline(path, topk)
 
 
 @torch.inference_mode()
-def _retrieve(model: nn.Module, tokenizer: Any, path: str, captions: List[str], topk: int) -> Dict[str, Any]:
-    """Captions ranked by cosine similarity to the video (test views averaged), with softmax probabilities at the
-    model's temperature."""
-    from ..tasks.video_text import encode_texts, encode_videos
-    features, _, errors = encode_videos(model, [path])
-    if errors:
-        raise ValueError(errors[0])
-    similarity = encode_texts(model, tokenizer, captions) @ features[0]
-    probs = (similarity * model.logit_scale.exp().clamp(max=100.0)).softmax(0)
-    order = similarity.argsort(descending=True)[:topk].tolist()
-    return {"ranking": [{"text": captions[i], "index": i, "similarity": round(float(similarity[i]), 6),
-                         "prob": round(float(probs[i]), 6)} for i in order]}
+def _retrieve(pipeline: Pipeline, path: str, captions: List[str], topk: int) -> Dict[str, Any]:
+    return pipeline.rank_captions(path, captions, topk)
 
 
-def _translate(translator: Any, text: str, src_lang: str, tgt_lang: str, num_beams: int,
+def _translate(translator: Any, text: str, src_lang: str, tgt_lang: str, num_beams: Optional[int],
                max_new_tokens: Optional[int]) -> Dict[str, Any]:
     (translation,) = translator.translate([text], src_lang, tgt_lang, num_beams=num_beams,
                                           max_new_tokens=max_new_tokens)
@@ -269,57 +217,50 @@ class TranslateRequest(BaseModel):
     text: str = Field(description="text to translate; long text is split into sentences")
     src_lang: str = Field(description="source language: any registered code or name ('en', 'eng_Latn', 'English')")
     tgt_lang: str = Field(description="target language, as src_lang")
-    num_beams: int = Field(1, ge=1, le=8, description="beam size (1: greedy)")
+    num_beams: Optional[int] = Field(None, ge=1, le=8, description="beam size (1: greedy; default: the model's)")
     max_new_tokens: Optional[int] = Field(None, ge=1, le=1024, description="per sentence; default from its length")
 
 
 # ------------------------------------------------------------------------------------------------------- app
-def _module(slot: str, model: Any) -> nn.Module:
-    """The network inside a slot's model: a Translator's, a (model, tokenizer) pair's, or the model itself."""
-    return model.model if slot == "translator" else model[0] if slot == "retrieval" else model
+_PIPELINES = {"image": "image-cls", "detect": "detect", "segment": "segment", "video": "video-cls",
+              "retrieval": "video-text", "translator": "translation"}
 
 
-def _describe(slot: str, model: Any) -> Dict[str, Any]:
-    module = _module(slot, model)
+def _pipeline(slot: str, model: Any) -> Pipeline:
+    """The slot's pipeline around ``model`` (a model, a pipeline, or for retrieval a (model, tokenizer) pair);
+    a model of the wrong kind fails here, at start, rather than on every request."""
+    from ..pipelines import Pipeline, pipeline_class
+    cls = pipeline_class(_PIPELINES[slot])
+    name = slot if slot in ("translator", "retrieval") else f"{slot}_model"
+    if isinstance(model, Pipeline):
+        if not isinstance(model, cls):
+            raise TypeError(f"{name}: expected a {cls.__name__}, got a {type(model).__name__}")
+        return model
+    try:
+        if slot in ("retrieval", "translator"):
+            if not (isinstance(model, tuple) and len(model) == 2):
+                raise TypeError(f"expected a {cls.__name__} or a (model, tokenizer) pair, got {type(model).__name__}")
+            return cls(model[0], model[1])
+        return cls(model)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{name}: {exc}") from None
+
+
+def _describe(pipeline: Pipeline) -> Dict[str, Any]:
+    module = pipeline.model
     info = {"architecture": getattr(module, "pretrained_cfg", {}).get("architecture", type(module).__name__),
             "parameters": sum(p.numel() for p in module.parameters())}
-    if slot == "translator":
-        return {**info, "languages": model.tokenizer.languages}
-    if slot == "retrieval":
+    if pipeline.task == "translation":
+        return {**info, "languages": pipeline.tokenizer.languages}
+    if pipeline.task == "video-text":
         return info
-    from ..tasks.image_cls import class_names
-    labels = class_names(module) if slot == "image" else _labels(module)
-    return {**info, "num_classes": module.num_classes,
+    labels = pipeline.labels
+    return {**info, "num_classes": len(labels),
             "labels": labels if len(labels) <= 100 else labels[:100] + [f"... {len(labels) - 100} more"]}
 
 
-def _check_models(models: Dict[str, Any]) -> None:
-    """A model in the wrong slot would fail on every request: say so at start instead."""
-    from ..models.internimage import InternImage
-    from ..models.mask_rcnn import InternImageMaskRCNN
-    from ..models.upernet import UperNet
-    from ..models.video_vit import VideoViT
-    from ..models.videotext import VideoTextModel
-    from ..tasks.translation import Translator
-    expected = {"image": InternImage, "detect": InternImageMaskRCNN, "segment": UperNet, "video": VideoViT,
-                "translator": Translator}
-    for slot, model in models.items():
-        if slot == "retrieval":
-            if not (isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], VideoTextModel)):
-                raise TypeError("retrieval: expected a (VideoTextModel, BPETokenizer) pair")
-            if model[1].vocab_size > model[0].vocab_size:
-                raise ValueError(f"retrieval: the tokenizer has {model[1].vocab_size} ids but the model only "
-                                 f"{model[0].vocab_size} embedding rows")
-        elif not isinstance(model, expected[slot]):
-            name = slot if slot == "translator" else f"{slot}_model"
-            raise TypeError(f"{name}: expected {expected[slot].__name__}, got {type(model).__name__}")
-        elif slot == "image" and getattr(model, "features_only", False):
-            raise TypeError("image_model: a features_only backbone has no classifier")
-
-
-def create_app(image_model: Optional[nn.Module] = None, detect_model: Optional[nn.Module] = None,
-               segment_model: Optional[nn.Module] = None, video_model: Optional[nn.Module] = None,
-               translator: Optional[Translator] = None, retrieval: Optional[Tuple[nn.Module, Any]] = None,
+def create_app(image_model: Any = None, detect_model: Any = None, segment_model: Any = None, video_model: Any = None,
+               translator: Any = None, retrieval: Any = None,
                max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
                max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS,
                max_text_chars: int = DEFAULT_MAX_TEXT_CHARS, max_waiting: int = 16) -> FastAPI:
@@ -327,20 +268,20 @@ def create_app(image_model: Optional[nn.Module] = None, detect_model: Optional[n
 
     Args:
         image_model: an InternImage classifier; detect_model: an InternImage Mask R-CNN;
-            segment_model: an UperNet; video_model: a video ViT classifier (all used in eval mode).
-        translator: a :class:`~intern2.tasks.translation.Translator` (model + tokenizer);
-            retrieval: ``(VideoTextModel, BPETokenizer)``.
+            segment_model: an UperNet; video_model: a video ViT classifier (each a model, used in eval mode, or
+            its pipeline).
+        translator: a :class:`~intern2.pipelines.translation.Translator` (or a (model, tokenizer) pair);
+            retrieval: a :class:`~intern2.pipelines.video_text.VideoTextPipeline` (or ``(VideoTextModel,
+            BPETokenizer)``).
         max_upload_mb: largest request body; max_image_pixels: largest image, in pixels; max_frame_pixels:
             largest video frame; max_text_chars: longest text to translate; max_waiting: requests queued per model
             before 503s.
     """
     given = {"image": image_model, "detect": detect_model, "segment": segment_model, "video": video_model,
              "translator": translator, "retrieval": retrieval}
-    models = {slot: model for slot, model in given.items() if model is not None}
-    _check_models(models)
-    for slot, model in models.items():
-        _module(slot, model).eval()
-    slots = {slot: _Slot(slot, model, max_waiting, info=_describe(slot, model)) for slot, model in models.items()}
+    pipelines = {slot: _pipeline(slot, model) for slot, model in given.items() if model is not None}
+    slots = {slot: _Slot(slot, pipeline, max_waiting, info=_describe(pipeline))
+             for slot, pipeline in pipelines.items()}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -441,9 +382,8 @@ def create_app(image_model: Optional[nn.Module] = None, detect_model: Optional[n
         if len(captions) > MAX_CAPTIONS:
             raise ServeError(413, "too_many_texts", f"texts: {len(captions)} captions is more than the limit of "
                              f"{MAX_CAPTIONS}")
-        model, tokenizer = slot.model
         return await slot.run(lambda: _timed(_video_upload, file,
-                                             lambda path: _retrieve(model, tokenizer, path, captions, topk),
+                                             lambda path: _retrieve(slot.model, path, captions, topk),
                                              max_frame_pixels))
 
     @app.post("/v1/translate", summary="translate text between any two languages the translator has")

@@ -1,26 +1,25 @@
 """Tasks: dataset -> model -> loss -> metrics, plugged into the engine by `intern2 train <task>`.
 
-`intern2 eval` and `intern2 predict` pick the task from ``--task`` or from the model's architecture name.
+`intern2 eval` picks the task from ``--task`` or from the model (its weights metadata or architecture name), and
+evaluates through the task's pipeline (:mod:`intern2.pipelines`), so evaluation sees what `predict` sees.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
-import json
 import sys
-from pathlib import Path
 from typing import List, Optional
 
 TASKS = {"image-cls": "intern2.tasks.image_cls", "segment": "intern2.tasks.segment",
          "detect": "intern2.tasks.detect", "video-cls": "intern2.tasks.video_cls",
          "video-pretrain": "intern2.tasks.video_pretrain", "video-text": "intern2.tasks.video_text",
          "umt": "intern2.tasks.umt", "translation": "intern2.tasks.translation"}
-# Architecture name prefix -> task, for eval/predict.
-_PREFIXES = (("upernet_", "segment"), ("mask_rcnn_", "detect"), ("videomae_vit_", "video-cls"),
-             ("internvideo_mm_", "video-text"), ("intern2_mt_", "translation"), ("m2m_100", "translation"))
 
 
 def _run(task: str, function: str, argv: List[str]) -> int:
+    if task not in TASKS:
+        print(f"intern2 {function[:-len('_main')]}: unknown task {task!r}; tasks: {', '.join(sorted(TASKS))}",
+              file=sys.stderr)
+        return 2
     module = importlib.import_module(TASKS[task])
     if not hasattr(module, function):  # pre-training / distillation tasks have no eval or predict of their own
         command = function[:-len("_main")]
@@ -40,34 +39,10 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     return _run(argv[0], "train_main", argv[1:])
 
 
-def task_of(argv: List[str]) -> str:
-    """--task, else the task of --model / the architecture in --checkpoint's config.json; image-cls by default."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--task", choices=sorted(TASKS))
-    parser.add_argument("--model")
-    parser.add_argument("--checkpoint")
-    args, _ = parser.parse_known_args(argv)
-    if args.task:
-        return args.task
-    name = args.model or ""
-    config = Path(args.checkpoint or "") / "config.json"
-    if not name and args.checkpoint and config.is_file():
-        try:
-            values = json.loads(config.read_text())
-            name = values.get("architecture") or values.get("model_type") or ""  # HF folders: model_type
-        except json.JSONDecodeError:
-            name = ""
-    return next((task for prefix, task in _PREFIXES if name.startswith(prefix)), "image-cls")
-
-
 def eval_main(argv: Optional[List[str]] = None) -> int:
     """`intern2 eval [<task>] [options]`."""
     argv = list(argv or [])
     if argv and argv[0] in TASKS:
         return _run(argv[0], "eval_main", argv[1:])
-    return _run(task_of(argv), "eval_main", argv)
-
-
-def predict_main(argv: Optional[List[str]] = None) -> int:
-    argv = list(argv or [])
-    return _run(task_of(argv), "predict_main", argv)
+    from ..pipelines.common import task_of_arguments
+    return _run(task_of_arguments(argv), "eval_main", argv)

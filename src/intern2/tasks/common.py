@@ -1,23 +1,17 @@
-"""CLI plumbing shared by the tasks: logging, the `intern2 train <task>` driver, loading a model for eval/predict."""
+"""The `intern2 train <task>` driver shared by the tasks (the model-loading and printing plumbing of the inference
+commands lives in :mod:`intern2.pipelines.common`)."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import sys
-from pathlib import Path
 from typing import Any, Callable, List, Optional, Type
 
-from torch import nn
+from ..pipelines.common import setup_logging
 
-__all__ = ["setup_logging", "train_cli", "add_model_arguments", "load_model", "model_from_args", "print_topk"]
+__all__ = ["train_cli"]
 
 log = logging.getLogger(__name__)
-
-
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
 
 
 def train_cli(argv: Optional[List[str]], task_name: str, description: str, config_cls: Type,
@@ -49,47 +43,3 @@ def train_cli(argv: Optional[List[str]], task_name: str, description: str, confi
         log.warning("%d unreadable samples were skipped during training", task.skipped)
     print(json.dumps({k: v for k, v in metrics.items() if k not in hide}))
     return 0
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--checkpoint / --model (and the --task chosen by the dispatcher), shared by the commands that run a
-    trained or official model."""
-    parser.add_argument("--checkpoint", help="model folder, or a weight file used with --model")
-    parser.add_argument("--model", help="registered model name (needed unless --checkpoint is a model folder)")
-    parser.add_argument("--task",
-                        help="image-cls, segment, detect or video-cls (default: from the model's architecture)")
-
-
-def load_model(checkpoint: Optional[str], model_name: Optional[str]) -> nn.Module:
-    """A folder written by training / save_pretrained (or an HF-hub InternImage folder), or ``model_name`` with an
-    optional weight file in any supported layout; in eval mode."""
-    from ..factory import create_model, from_pretrained
-    if checkpoint and Path(checkpoint).is_dir():
-        return from_pretrained(checkpoint).eval()
-    if model_name is None:
-        raise ValueError("--model is required unless --checkpoint is a model folder (config.json + weights)")
-    if checkpoint is None:
-        log.warning("no --checkpoint: %s has random weights", model_name)
-    return create_model(model_name, checkpoint_path=checkpoint).eval()
-
-
-def model_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> nn.Module:
-    """:func:`load_model` for parsed CLI arguments; a bad model or file is a usage error naming it."""
-    setup_logging()
-    try:
-        return load_model(args.checkpoint, args.model)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        parser.error(str(exc))
-
-
-def print_topk(results: List[dict], as_json: bool) -> int:
-    """Print per-file top-k results (JSON, or one line per file); errors go to stderr. Exit status: 1 when a file
-    failed or none was given."""
-    if as_json:
-        print(json.dumps(results, indent=2))
-    for result in results:
-        if "error" in result:
-            print(f"error: {result['error']}", file=sys.stderr)
-        elif not as_json:
-            print(f"{result['file']}: " + ", ".join(f"{t['label']} ({t['prob']:.3f})" for t in result["top"]))
-    return 1 if any("error" in r for r in results) or not results else 0

@@ -1,5 +1,5 @@
-"""Object detection + instance segmentation: `intern2 train detect`, `intern2 eval` / `intern2 predict` on
-Mask R-CNN models; COCO box and mask AP with pycocotools."""
+"""Object detection + instance segmentation: `intern2 train detect` and `intern2 eval` on Mask R-CNN models (COCO
+box and mask AP with pycocotools; inference: :mod:`intern2.pipelines.detect`)."""
 from __future__ import annotations
 
 import argparse
@@ -7,25 +7,24 @@ import contextlib
 import io
 import json
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.coco import CocoDetection, CocoSource, collate_detection, open_coco_source
-from ..data.images import load_image
 from ..engine import TrainConfig
 from ..factory import create_model, save_pretrained
-from .common import add_model_arguments, model_from_args, train_cli
+from ..pipelines.common import add_model_arguments, pair, pipeline_from_args
+from ..pipelines.detect import DetectionPipeline
+from ..weights import DetectionProtocol
+from .common import train_cli
 
-__all__ = ["DetectConfig", "DetectionTask", "coco_evaluate", "evaluate_detector", "draw_detections", "train_main",
-           "eval_main", "predict_main"]
+__all__ = ["DetectConfig", "DetectionTask", "coco_evaluate", "evaluate_detector", "train_main", "eval_main"]
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +42,6 @@ class DetectConfig:
     max_size: int = 1333
     hflip: float = 0.5
     train: TrainConfig = field(default_factory=TrainConfig)
-
-
-@torch.no_grad()
-def detect(model: nn.Module, images: Sequence[torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
-    model.eval()
-    return model(list(images))
 
 
 def coco_evaluate(source: CocoSource, detections: List[Dict[str, Any]]) -> Dict[str, float]:
@@ -92,9 +85,11 @@ def evaluate_detector(model: nn.Module, dataset: CocoDetection, batch_size: int,
     """COCO metrics over the whole dataset (under torchrun every rank evaluates everything: detections are not
     summable like classification counts)."""
     was_training = model.training
+    model.eval()
     detections: List[Dict] = []
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_detection):
-        outputs = detect(model, [image.to(device) for image in batch["images"]])
+        with torch.no_grad():
+            outputs = model([image.to(device) for image in batch["images"]])
         for output, image_id in zip(outputs, batch["image_ids"]):
             detections += to_coco_results({k: v.cpu() for k, v in output.items()}, image_id,
                                           dataset.source.category_ids)
@@ -143,34 +138,10 @@ class DetectionTask:
         return evaluate_detector(model, dataset, batch_size, device)
 
     def save_model(self, model: nn.Module, directory: Path) -> None:
+        protocol = DetectionProtocol(test_size=(self.cfg.max_size, self.cfg.min_size))
         model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "file": None, "num_classes": len(self.classes),
-                                "label_names": list(self.classes)}
+                                "label_names": list(self.classes), **protocol.to_cfg()}
         save_pretrained(model, directory)
-
-
-# --------------------------------------------------------------------------------------------------- drawing
-def draw_detections(image: Image.Image, output: Dict[str, torch.Tensor], classes: Sequence[str],
-                    threshold: float = 0.5) -> Image.Image:
-    """Masks blended in, boxes outlined and labelled with class and score."""
-    canvas = np.asarray(image, dtype=np.float32).copy()
-    palette = np.random.default_rng(7).integers(60, 256, (len(classes) + 1, 3))
-    keep = output["scores"] >= threshold
-    for mask, label in zip(output.get("masks", torch.zeros(0))[keep], output["labels"][keep]):
-        region = mask[0].numpy() > 0.5
-        canvas[region] = canvas[region] * 0.5 + palette[int(label)] * 0.5
-    drawn = Image.fromarray(canvas.astype(np.uint8))
-    draw = ImageDraw.Draw(drawn)
-    for box, label, score in zip(output["boxes"][keep].tolist(), output["labels"][keep].tolist(),
-                                 output["scores"][keep].tolist()):
-        colour = tuple(int(c) for c in palette[label])
-        draw.rectangle(box, outline=colour, width=2)
-        draw.text((box[0] + 2, box[1] + 1), f"{classes[label - 1]} {score:.2f}", fill=colour)
-    return drawn
-
-
-def _class_names(model: nn.Module) -> List[str]:
-    names = model.pretrained_cfg.get("label_names")
-    return names if isinstance(names, list) else [str(i + 1) for i in range(model.num_classes)]
 
 
 def train_main(argv: Optional[List[str]] = None) -> int:
@@ -179,56 +150,23 @@ def train_main(argv: Optional[List[str]] = None) -> int:
 
 
 def eval_main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="intern2 eval", description="Evaluate a detector (COCO box/mask AP).")
+    parser = argparse.ArgumentParser(prog="intern2 eval", description="Evaluate a detector (COCO box/mask AP) with "
+                                     "its weights' test protocol.")
     parser.add_argument("--data", required=True, help="COCO-format folder or builtin:shapes")
     parser.add_argument("--split", default="val")
     add_model_arguments(parser)
+    parser.add_argument("--test-size", type=pair, metavar="LONG,SHORT",
+                        help="keep-ratio resize bound (default: the weights' protocol, 1333,800)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    model = model_from_args(parser, args)
+    pipeline = pipeline_from_args(parser, args, DetectionPipeline, test_size=args.test_size)
     try:
         source = open_coco_source(args.data, args.split)
     except ValueError as exc:
         parser.error(str(exc))
-    metrics = evaluate_detector(model, CocoDetection(source, False), args.batch_size, torch.device("cpu"))
+    metrics = evaluate_detector(pipeline.model, CocoDetection(source, False), args.batch_size, pipeline.device)
     print(json.dumps(metrics) if args.json else
           f"{source.annotation_file}: box AP {metrics['bbox_AP']:.2f} (AP50 {metrics['bbox_AP50']:.2f}), "
           f"mask AP {metrics['segm_AP']:.2f} (AP50 {metrics['segm_AP50']:.2f}) on {metrics['images']} images")
     return 0
-
-
-def predict_main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="intern2 predict", description="Detect and segment objects in images.")
-    parser.add_argument("images", nargs="+")
-    add_model_arguments(parser)
-    parser.add_argument("--threshold", type=float, default=0.5, help="score threshold for drawing and JSON")
-    parser.add_argument("--out", default="predictions", help="folder for <name>_det.png drawings")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
-    model = model_from_args(parser, args)
-    classes = _class_names(model)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results, failed = [], False
-    for file in args.images:
-        try:
-            image = load_image(file)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            failed = True
-            continue
-        (output,) = detect(model, [torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255])
-        drawing = out / f"{Path(file).stem}_det.png"
-        draw_detections(image, output, classes, args.threshold).save(drawing)
-        keep = output["scores"] >= args.threshold
-        results.append({"file": file, "drawing": str(drawing), "objects": [
-            {"label": classes[int(label) - 1], "score": round(float(score), 4), "box": [round(v, 1) for v in box]}
-            for box, label, score in zip(output["boxes"][keep].tolist(), output["labels"][keep].tolist(),
-                                         output["scores"][keep].tolist())]})
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        for r in results:
-            print(f"{r['file']}: {len(r['objects'])} objects -> {r['drawing']}")
-    return 1 if failed else 0

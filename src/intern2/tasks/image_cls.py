@@ -1,4 +1,5 @@
-"""Image classification: `intern2 train image-cls`, `intern2 eval`, `intern2 predict`."""
+"""Image classification: `intern2 train image-cls` and `intern2 eval` (inference:
+:mod:`intern2.pipelines.image_cls`)."""
 from __future__ import annotations
 
 import argparse
@@ -13,19 +14,27 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.images import (ClassificationDataset, ImageSource, collate_images, eval_transform, load_image,
-                           open_image_source, split_source, train_transform)
+from ..constants import IMAGENET_MEAN, IMAGENET_STD
+from ..data.images import (
+    ClassificationDataset,
+    ImageSource,
+    collate_images,
+    eval_transform,
+    open_image_source,
+    split_source,
+    train_transform,
+)
 from ..engine import TrainConfig
 from ..engine.trainer import accumulate_eval
 from ..factory import create_model, save_pretrained
-from .common import add_model_arguments, model_from_args, print_topk, train_cli
+from ..pipelines.common import add_model_arguments, pipeline_from_args
+from ..pipelines.image_cls import ImageClassificationPipeline
+from ..weights import ImageClassificationProtocol
+from .common import train_cli
 
-__all__ = ["ImageClsConfig", "ImageClassificationTask", "ClassificationMetrics", "predict", "train_main", "eval_main",
-           "predict_main", "imagenet_classes"]
+__all__ = ["ImageClsConfig", "ImageClassificationTask", "ClassificationMetrics", "train_main", "eval_main"]
 
 log = logging.getLogger(__name__)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -45,22 +54,6 @@ class ImageClsConfig:
     mixup: float = 0.0
     cutmix: float = 0.0
     train: TrainConfig = field(default_factory=TrainConfig)
-
-
-def imagenet_classes() -> List[str]:
-    """The 1000 ImageNet-1k class names (from torchvision's bundled metadata; no download)."""
-    from torchvision.models import ResNet50_Weights
-    return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
-
-
-def class_names(model: nn.Module) -> List[str]:
-    cfg = getattr(model, "pretrained_cfg", {})
-    names = cfg.get("label_names")
-    if names == "imagenet-1k" and model.num_classes == 1000:
-        return imagenet_classes()
-    if isinstance(names, list) and len(names) == model.num_classes:
-        return names
-    return [str(i) for i in range(model.num_classes)]
 
 
 class ClassificationMetrics:
@@ -166,36 +159,11 @@ class ImageClassificationTask:
         return self.metrics.summarize(sums)
 
     def save_model(self, model: nn.Module, directory: Path) -> None:
+        cfg = self.cfg
+        protocol = ImageClassificationProtocol(input_size=(3, cfg.img_size, cfg.img_size), crop_pct=cfg.crop_pct)
         model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "file": None, "num_classes": len(self.classes),
-                                "input_size": (3, self.cfg.img_size, self.cfg.img_size), "crop_pct": self.cfg.crop_pct,
-                                "interpolation": "bicubic", "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
-                                "label_names": list(self.classes)}
+                                "label_names": list(self.classes), **protocol.to_cfg()}
         save_pretrained(model, directory)
-
-
-# ------------------------------------------------------------------------------------------------------- inference
-def _preprocess(model: nn.Module):
-    cfg = getattr(model, "pretrained_cfg", {})
-    size = cfg.get("input_size", (3, 224, 224))[-1]
-    return eval_transform(size, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD), cfg.get("crop_pct", 1.0))
-
-
-@torch.no_grad()
-def predict(model: nn.Module, files: Sequence[str], topk: int = 5) -> List[Dict[str, Any]]:
-    """Top-k labels and probabilities per file; an unreadable file gets an 'error' entry naming it."""
-    names, transform = class_names(model), _preprocess(model)
-    results = []
-    for file in files:
-        try:
-            image = transform(load_image(file))
-        except ValueError as exc:
-            results.append({"file": file, "error": str(exc)})
-            continue
-        probs = model(image[None]).float().softmax(-1)[0]
-        values, indices = probs.topk(min(topk, probs.numel()))
-        results.append({"file": file, "top": [{"label": names[i], "index": int(i), "prob": round(float(p), 6)}
-                                              for p, i in zip(values.tolist(), indices.tolist())]})
-    return results
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI
@@ -212,33 +180,21 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     args = parser.parse_args(argv)
-    model = model_from_args(parser, args)
+    pipeline = pipeline_from_args(parser, args, ImageClassificationPipeline)
     try:
-        source = open_image_source(args.data, class_names(model))
+        source = open_image_source(args.data, pipeline.labels)
     except ValueError as exc:
         parser.error(str(exc))
-    size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
-    loader = DataLoader(ClassificationDataset(source, _preprocess(model)), batch_size=args.batch_size,
+    loader = DataLoader(ClassificationDataset(source, pipeline.transform), batch_size=args.batch_size,
                         collate_fn=collate_images)
     metrics_of = ClassificationMetrics(source.classes)
-    metrics = metrics_of.summarize(accumulate_eval(model, loader, metrics_of.eval_step, torch.device("cpu")))
+    metrics = metrics_of.summarize(accumulate_eval(pipeline.model, loader, metrics_of.eval_step, torch.device("cpu")))
     if args.json:
         print(json.dumps(metrics))
     else:
         print(f"{source.name}: top-1 {metrics.get('top1', 0):.2f}%  top-5 {metrics.get('top5', 0):.2f}%  "
-              f"({metrics['count']} images at {size}px, {metrics.get('skipped', 0)} unreadable)")
+              f"({metrics['count']} images at {pipeline.protocol.img_size}px, {metrics.get('skipped', 0)} "
+              f"unreadable)")
         for name, acc in metrics.get("per_class_top1", {}).items():
             print(f"  {name}: {acc:.2f}%")
     return 0
-
-
-def predict_main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="intern2 predict", description="Classify images.")
-    parser.add_argument("images", nargs="+", help="image files")
-    add_model_arguments(parser)
-    parser.add_argument("--topk", type=int, default=5)
-    parser.add_argument("--json", action="store_true", help="print results as JSON")
-    args = parser.parse_args(argv)
-    model = model_from_args(parser, args)
-    results = predict(model, args.images, args.topk)
-    return print_topk(results, args.json)

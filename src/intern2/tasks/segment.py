@@ -1,35 +1,32 @@
-"""Semantic segmentation: `intern2 train segment`, `intern2 eval` / `intern2 predict` on segmentation models."""
+"""Semantic segmentation: `intern2 train segment` and `intern2 eval` (mIoU through the segmentation pipeline, so
+evaluation runs each checkpoint's test protocol; inference: :mod:`intern2.pipelines.segment`)."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.images import load_image
-from ..data.segmentation import (IGNORE_INDEX, SegmentationDataset, collate_segmentation, keep_ratio_size,
-                                 open_seg_source)
+from ..constants import IMAGENET_MEAN, IMAGENET_STD
+from ..data.segmentation import IGNORE_INDEX, SegmentationDataset, collate_segmentation, open_seg_source
 from ..engine import TrainConfig
 from ..engine.trainer import accumulate_eval
 from ..factory import create_model, save_pretrained
-from .common import add_model_arguments, model_from_args, train_cli
+from ..pipelines.common import add_model_arguments, pipeline_from_args
+from ..pipelines.segment import SegmentationPipeline, add_protocol_arguments, protocol_options, segment_probabilities
+from ..weights import SegmentationProtocol
+from .common import train_cli
 
-__all__ = ["SegmentConfig", "SegmentationTask", "SegmentationMetrics", "colourise", "train_main", "eval_main",
-           "predict_main"]
+__all__ = ["SegmentConfig", "SegmentationTask", "SegmentationMetrics", "train_main", "eval_main"]
 
 log = logging.getLogger(__name__)
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -46,32 +43,28 @@ class SegmentConfig:
     crop_size: int = 512
     scale: int = 512
     ratio_range: Tuple[float, float] = (0.5, 2.0)
-    test_size: Tuple[int, int] = (2048, 512)
+    test_size: Tuple[int, int] = (2048, 512)  # evaluation: keep-ratio bound (long, short), mmseg's img_scale
+    size_divisor: Optional[int] = 32  # evaluation: each side resized up to a multiple (mmseg's ResizeToMultiple)
     slide: bool = False  # sliding-window evaluation with crop_size windows
     aux_weight: float = 0.4
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
 class SegmentationMetrics:
-    """mIoU, per-class IoU and pixel accuracy from a summable confusion matrix."""
+    """mIoU, per-class IoU and pixel accuracy from a summable confusion matrix; predictions come from the
+    segmentation pipeline's :func:`~intern2.pipelines.segment.segment_probabilities` under ``protocol``."""
 
-    def __init__(self, classes: Sequence[str], slide: Optional[int] = None):
+    def __init__(self, classes: Sequence[str], protocol: Optional[SegmentationProtocol] = None, tta: bool = False):
         self.classes = list(classes)
-        self.slide = slide
-
-    def predict_logits(self, model: nn.Module, image: torch.Tensor, size) -> torch.Tensor:
-        from ..models.upernet import slide_inference
-        logits = slide_inference(model, image, self.slide, self.slide * 2 // 3) if self.slide else model(image)
-        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        self.protocol = protocol or SegmentationProtocol()
+        self.tta = tta
 
     def eval_step(self, model: nn.Module, batch) -> Dict[str, torch.Tensor]:
         k = len(self.classes)
         confusion = torch.zeros(k * k, dtype=torch.float64)
         images, labels = batch["image"], batch["label"]
-        pairs = zip(images, labels) if isinstance(images, list) else zip(images.split(1), labels)
-        for image, label in pairs:
-            image = image if image.dim() == 4 else image[None]
-            prediction = self.predict_logits(model, image, label.shape[-2:]).argmax(1)[0]
+        for image, label in zip(images, labels):
+            prediction = segment_probabilities(model, image, self.protocol, self.tta).argmax(0)
             valid = label != IGNORE_INDEX
             confusion += torch.bincount(label[valid] * k + prediction[valid], minlength=k * k).double().cpu()
         return {"confusion": confusion, "skipped": torch.tensor(float(batch["skipped"]))}
@@ -102,7 +95,10 @@ class SegmentationTask:
         num_classes = cfg.num_classes or len(classes)
         self.classes = list(classes) if classes and len(classes) == num_classes else [str(i) for i in
                                                                                       range(num_classes)]
-        self.metrics = SegmentationMetrics(self.classes, cfg.crop_size if cfg.slide else None)
+        self.protocol = SegmentationProtocol(
+            test_size=tuple(cfg.test_size), size_divisor=cfg.size_divisor,
+            slide_crop=(cfg.crop_size, cfg.crop_size) if cfg.slide else None, reduce_zero_label=cfg.reduce_zero_label)
+        self.metrics = SegmentationMetrics(self.classes, self.protocol)
         self.skipped = 0
 
     def build_model(self) -> nn.Module:
@@ -116,8 +112,8 @@ class SegmentationTask:
 
     def _dataset(self, source, train: bool) -> Dataset:
         cfg = self.cfg
-        return SegmentationDataset(source, MEAN, STD, train, cfg.crop_size, cfg.scale, cfg.ratio_range, cfg.test_size,
-                                   cfg.reduce_zero_label, cfg.train.seed)
+        return SegmentationDataset(source, IMAGENET_MEAN, IMAGENET_STD, train, cfg.crop_size, cfg.scale,
+                                   cfg.ratio_range, cfg.reduce_zero_label, cfg.train.seed)
 
     def train_dataset(self) -> Dataset:
         return self._dataset(self.train_source, True)
@@ -153,38 +149,9 @@ class SegmentationTask:
 
     def save_model(self, model: nn.Module, directory: Path) -> None:
         model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "file": None, "num_classes": len(self.classes),
-                                "label_names": self.classes, "test_size": list(self.cfg.test_size),
-                                "crop_size": self.cfg.crop_size, "mean": MEAN, "std": STD,
-                                "reduce_zero_label": self.cfg.reduce_zero_label}
+                                "label_names": self.classes, "crop_size": self.cfg.crop_size,
+                                **self.protocol.to_cfg()}
         save_pretrained(model, directory)
-
-
-# -------------------------------------------------------------------------------------------------- inference
-def _palette(count: int) -> np.ndarray:
-    """Distinct colours per class (deterministic); background-ish class 0 is dark."""
-    gen = np.random.default_rng(1234)
-    colours = gen.integers(40, 256, (max(count, 1), 3)).astype(np.uint8)
-    colours[0] = (20, 20, 20)
-    return colours
-
-
-def colourise(image: Image.Image, prediction: np.ndarray, alpha: float = 0.5) -> Image.Image:
-    """Blend a colour per class over the image."""
-    overlay = _palette(int(prediction.max()) + 1)[prediction]
-    return Image.fromarray((np.asarray(image, dtype=np.float32) * (1 - alpha) + overlay * alpha).astype(np.uint8))
-
-
-@torch.no_grad()
-def segment_image(model: nn.Module, image: Image.Image) -> np.ndarray:
-    """Class index per pixel of ``image`` (preprocessing from the model's pretrained config)."""
-    cfg = getattr(model, "pretrained_cfg", {})
-    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
-    mean, std = (torch.tensor(cfg.get(key, default)).view(3, 1, 1) for key, default in (("mean", MEAN), ("std", STD)))
-    tensor = (tensor - mean) / std
-    size = keep_ratio_size(*tensor.shape[1:], cfg.get("test_size", (2048, 512)))
-    resized = F.interpolate(tensor[None], size=size, mode="bilinear", align_corners=False)
-    logits = F.interpolate(model(resized), size=tensor.shape[1:], mode="bilinear", align_corners=False)
-    return logits.argmax(1)[0].numpy().astype(np.int64)
 
 
 def train_main(argv: Optional[List[str]] = None) -> int:
@@ -194,70 +161,36 @@ def train_main(argv: Optional[List[str]] = None) -> int:
 
 
 def eval_main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="intern2 eval", description="Evaluate a segmentation model (mIoU).")
+    parser = argparse.ArgumentParser(prog="intern2 eval", description="Evaluate a segmentation model (mIoU) with its "
+                                     "weights' test protocol (options below override it).")
     parser.add_argument("--data", required=True,
                         help="folder with images/<split> + annotations/<split>, or builtin:shapes")
     parser.add_argument("--split", default="val")
-    parser.add_argument("--reduce-zero-label", action="store_true", help="ADE20K: label 0 is ignored")
-    parser.add_argument("--slide", type=int, help="sliding-window evaluation with this crop size")
+    parser.add_argument("--reduce-zero-label", action="store_true", default=None,
+                        help="label 0 is ignored and the others shift down (ADE20K; default: the protocol's)")
     add_model_arguments(parser)
+    add_protocol_arguments(parser)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    model = model_from_args(parser, args)
+    options = protocol_options(args)
+    pipeline = pipeline_from_args(parser, args, SegmentationPipeline, reduce_zero_label=args.reduce_zero_label,
+                                  **options)
     try:
         source = open_seg_source(args.data, args.split)
     except ValueError as exc:
         parser.error(str(exc))
-    names = model.pretrained_cfg.get("label_names")
-    classes = names if isinstance(names, list) else [str(i) for i in range(model.num_classes)]
-    cfg = model.pretrained_cfg
-    dataset = SegmentationDataset(source, cfg.get("mean", MEAN), cfg.get("std", STD), False,
-                                  test_size=cfg.get("test_size", (2048, 512)),
-                                  reduce_zero_label=args.reduce_zero_label or cfg.get("reduce_zero_label", False))
-    metrics_of = SegmentationMetrics(classes, args.slide)
+    protocol = pipeline.protocol
+    dataset = SegmentationDataset(source, protocol.mean, protocol.std, False,
+                                  reduce_zero_label=protocol.reduce_zero_label)
+    metrics_of = SegmentationMetrics(pipeline.labels, protocol, pipeline.tta)
     loader = DataLoader(dataset, batch_size=1, collate_fn=collate_segmentation)
-    metrics = metrics_of.summarize(accumulate_eval(model, loader, metrics_of.eval_step, torch.device("cpu")))
+    metrics = metrics_of.summarize(accumulate_eval(pipeline.model, loader, metrics_of.eval_step, torch.device("cpu")))
     if args.json:
         print(json.dumps(metrics))
     else:
         print(f"{source.name}: mIoU {metrics['mIoU']:.2f}  aAcc {metrics['aAcc']:.2f}  ({len(dataset)} images, "
-              f"{metrics['skipped']} unreadable)")
+              f"{metrics['skipped']} unreadable; test size {protocol.test_size[0]}x{protocol.test_size[1]}"
+              f"{', multi-scale + flip' if pipeline.tta else ''})")
         for name, iou in metrics["per_class_IoU"].items():
             print(f"  {name}: {iou:.2f}")
     return 0
-
-
-def predict_main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="intern2 predict", description="Segment images.")
-    parser.add_argument("images", nargs="+")
-    add_model_arguments(parser)
-    parser.add_argument("--out", default="predictions", help="folder for overlays (<name>_seg.png) and masks")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
-    model = model_from_args(parser, args)
-    names = model.pretrained_cfg.get("label_names")
-    classes = names if isinstance(names, list) else [str(i) for i in range(model.num_classes)]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results, failed = [], False
-    for file in args.images:
-        try:
-            image = load_image(file)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            failed = True
-            continue
-        prediction = segment_image(model, image)
-        stem = Path(file).stem
-        colourise(image, prediction).save(out / f"{stem}_seg.png")
-        Image.fromarray(prediction.astype(np.uint8)).save(out / f"{stem}_mask.png")
-        counts = np.bincount(prediction.ravel(), minlength=len(classes))
-        results.append({"file": file, "overlay": str(out / f"{stem}_seg.png"), "mask": str(out / f"{stem}_mask.png"),
-                        "classes": {classes[i]: round(float(c) / prediction.size, 4)
-                                    for i, c in enumerate(counts) if c}})
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        for r in results:
-            print(f"{r['file']}: " + ", ".join(f"{k} {v:.1%}" for k, v in r["classes"].items()) + f" -> {r['overlay']}")
-    return 1 if failed else 0

@@ -1,4 +1,5 @@
-"""Translation: `intern2 train translation`, `intern2 eval translation`, `intern2 translate`, and the demo.
+"""Translation: `intern2 train translation`, `intern2 eval translation` and the demo (inference, `intern2
+translate`: :mod:`intern2.pipelines.translation`).
 
 Training follows the NLLB / fairseq multilingual recipe on the shared engine: each epoch draws examples across
 language pairs with temperature sampling (pair probability proportional to ``n ** (1 / T)``, so small pairs are
@@ -26,10 +27,9 @@ import json
 import logging
 import math
 import random
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -37,13 +37,15 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..engine import TrainConfig
-from ..models.translator import TranslationModel, resize_embeddings_for_languages, translate_in_sentences
+from ..models.translator import TranslationModel, resize_embeddings_for_languages
+from ..pipelines.common import setup_logging
+from ..pipelines.translation import Translator
+from ..text.corpus import read_lines
 from ..text.languages import get_language
-from .common import setup_logging, train_cli
+from .common import train_cli
 
 __all__ = ["TranslationConfig", "TranslationTask", "Translator", "MultilingualBatches", "pair_probabilities",
-           "token_batches", "load_pairs", "translation_metrics", "run_translation_demo", "train_main", "eval_main",
-           "predict_main", "translate_main"]
+           "token_batches", "load_pairs", "translation_metrics", "run_translation_demo", "train_main", "eval_main"]
 
 log = logging.getLogger(__name__)
 
@@ -96,16 +98,6 @@ def directions(src_langs: Sequence[str], tgt_langs: Sequence[str], both: bool = 
     return list(dict.fromkeys(pairs))
 
 
-def _read_lines(path: str) -> List[str]:
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"text file {file} does not exist")
-    try:
-        return file.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{file} is not UTF-8 text: {exc}") from None
-
-
 def load_pairs(spec: str, split: str, pairs: Sequence[Tuple[str, str]]) -> List[Pair]:
     """Parallel examples of ``spec`` (see the module docstring) for the ``pairs`` directions.
 
@@ -131,7 +123,7 @@ def load_pairs(spec: str, split: str, pairs: Sequence[Tuple[str, str]]) -> List[
         if len(files) != 2 or len(pairs) != 1:
             raise ValueError(f"{spec!r}: expected files:SRC_FILE,TGT_FILE with exactly one direction "
                              f"(one source and one target language), got {len(files)} files, {len(pairs)} directions")
-        (s, t), sources, targets = pairs[0], _read_lines(files[0]), _read_lines(files[1])
+        (s, t), sources, targets = pairs[0], read_lines(files[0]), read_lines(files[1])
         if len(sources) != len(targets):
             raise ValueError(f"{files[0]} has {len(sources)} lines but {files[1]} has {len(targets)}; "
                              "the files must be aligned line by line")
@@ -243,72 +235,6 @@ def translation_metrics(hypotheses: Sequence[str], references: Sequence[str], so
             "bleu": BLEU(tokenize=_bleu_tokenize(tgt_langs)).corpus_score(list(hypotheses), [list(references)]).score,
             "copy_chrf": chrf.corpus_score(list(sources), [list(references)]).score,
             "count": len(hypotheses)}
-
-
-# ------------------------------------------------------------------------------------------------------ inference
-class Translator:
-    """A translation model with its tokenizer: text in, text out."""
-
-    def __init__(self, model: TranslationModel, tokenizer):
-        if tokenizer.vocab_size > model.config.vocab_size:
-            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
-                             f"{model.config.vocab_size} embedding rows: they do not belong together")
-        self.model, self.tokenizer = model, tokenizer
-
-    @classmethod
-    def from_pretrained(cls, folder: Union[str, Path], int8: bool = False,
-                        device: Union[str, torch.device] = "cpu") -> "Translator":
-        """Model and tokenizer of a model folder (ours or an HF NLLB folder); ``int8``: dynamic int8 Linear
-        layers (CPU)."""
-        from ..text.tokenizer import NllbTokenizer
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"model folder {folder} does not exist")
-        tokenizer = NllbTokenizer.from_pretrained(folder)
-        model = TranslationModel.from_pretrained(folder, device=device)
-        return cls(model.quantize_dynamic() if int8 else model, tokenizer)
-
-    def translate(self, texts: Sequence[str], src_lang: Union[str, Sequence[str]], tgt_lang: str,
-                  num_beams: int = 1, max_new_tokens: Optional[int] = None, batch_size: int = 32,
-                  split_sentences: bool = True, **generate_kwargs) -> List[str]:
-        """Translate ``texts`` (source language: one code, or one per text) into ``tgt_lang``.
-
-        With ``split_sentences`` each text is translated sentence by sentence and re-joined with its original
-        whitespace (the models are sentence-level); other keyword arguments go to ``generate``.
-        """
-        langs = [src_lang] * len(texts) if isinstance(src_lang, str) else list(src_lang)
-        if len(langs) != len(texts):
-            raise ValueError(f"got {len(texts)} texts but {len(langs)} source languages")
-        forced = self.tokenizer.lang_token_id(tgt_lang)
-        for lang in set(langs):
-            self.tokenizer.lang_token_id(lang)  # unknown or missing languages fail before any decoding
-
-        def run(sentences: List[str], sentence_langs: List[str]) -> List[str]:
-            return self._generate(sentences, sentence_langs, forced, batch_size, num_beams=num_beams,
-                                  max_new_tokens=max_new_tokens, **generate_kwargs)
-        if not split_sentences:
-            return run(list(texts), langs)
-        return [translate_in_sentences(text, lambda sentences, lang=lang: run(sentences, [lang] * len(sentences)))
-                for text, lang in zip(texts, langs)]
-
-    def _generate(self, texts: List[str], langs: List[str], forced: int, batch_size: int, **kwargs) -> List[str]:
-        was_training = self.model.training
-        self.model.eval()
-        device = next(self.model.parameters()).device
-        encoded = [self.tokenizer.encode(text, lang) for text, lang in zip(texts, langs)]
-        order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))  # similar lengths: little padding
-        out: List[str] = [""] * len(texts)
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            width = max(len(encoded[i]) for i in rows)
-            input_ids = torch.tensor([encoded[i] + [self.tokenizer.pad_id] * (width - len(encoded[i])) for i in rows],
-                                     device=device)
-            sequences = self.model.generate(input_ids, input_ids.ne(self.tokenizer.pad_id), forced_bos_token_id=forced,
-                                            **kwargs)
-            for i, text in zip(rows, self.tokenizer.decode_batch(sequences.cpu())):
-                out[i] = text
-        self.model.train(was_training)
-        return out
 
 
 def evaluate_translations(translator: Translator, examples: Sequence[Pair], num_beams: int = 1,
@@ -503,77 +429,6 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     for name, values in metrics["pairs"].items():
         print(f"  {name}: chrF++ {values['chrf']:.2f}  BLEU {values['bleu']:.2f}  copy {values['copy_chrf']:.2f}"
               f"  ({values['count']})")
-    return 0
-
-
-def predict_main(argv: Optional[List[str]] = None) -> int:
-    """`intern2 predict` on a translation model: text goes through `intern2 translate`."""
-    print("intern2 predict: a translation model translates text: intern2 translate --model DIR --src eng_Latn "
-          "--tgt fra_Latn 'text'", file=sys.stderr)
-    return 2
-
-
-def _default_model() -> Path:
-    """NLLB-200-distilled-600M in $INTERN2_HOME (intern2 never downloads; the error says where to put it)."""
-    from ..factory import pretrained_file
-    from ..models.translator import TRANSLATOR_VARIANTS
-    cfg = TRANSLATOR_VARIANTS["intern2_mt_600m"][1]["nllb200_distilled"]
-    try:
-        return pretrained_file(cfg)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"no --model given and {str(exc).split('. ')[0]}; intern2 does not download: put "
-                                f"the folder of https://huggingface.co/{cfg['hf_hub_id']} there (or set "
-                                f"$INTERN2_HOME), or pass --model DIR (e.g. a folder from "
-                                f"'intern2 train translation')") from None
-
-
-def translate_main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="intern2 translate", description="Translate text between registered languages.",
-        epilog="Text comes from the arguments (one translation each), --input (one per line) or stdin.")
-    parser.add_argument("text", nargs="*", help="text to translate")
-    parser.add_argument("--src", required=True, help="source language: any code or name, e.g. eng_Latn, en, English")
-    parser.add_argument("--tgt", required=True, help="target language, e.g. fra_Latn")
-    parser.add_argument("--model", help="model folder (default: nllb-200-distilled-600M in $INTERN2_HOME)")
-    parser.add_argument("--input", help="file with one text per line")
-    parser.add_argument("--output", help="write the translations here (one per line) instead of stdout")
-    parser.add_argument("--beams", type=int, default=4, help="beam size (1: greedy)")
-    parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help="tokens per sentence (default: 2 x source length + 10)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of the Linear layers (CPU)")
-    args = parser.parse_args(argv)
-    if args.beams < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
-        parser.error("--beams and --max-new-tokens must be positive")
-    try:
-        src, tgt = get_language(args.src).key, get_language(args.tgt).key
-        if args.input and args.text:
-            parser.error("give the text as arguments or with --input, not both")
-        if args.input:
-            texts = _read_lines(args.input)
-        elif args.text:
-            texts = list(args.text)
-        elif not sys.stdin.isatty():
-            texts = sys.stdin.read().splitlines()
-        else:
-            parser.error("no text to translate: give it as an argument, with --input FILE or on stdin")
-        if not any(text.strip() for text in texts):
-            parser.error("empty input: nothing to translate")
-        setup_logging()
-        translator = Translator.from_pretrained(args.model or _default_model(), int8=args.int8)
-        rows = [i for i, text in enumerate(texts) if text.strip()]  # blank lines stay blank
-        outputs = translator.translate([texts[i] for i in rows], src, tgt, num_beams=args.beams,
-                                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    except (ValueError, KeyError, FileNotFoundError) as exc:
-        parser.error(str(exc))
-    lines = [""] * len(texts)
-    for i, translation in zip(rows, outputs):
-        lines[i] = translation
-    text = "\n".join(lines) + "\n"
-    if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
-    else:
-        sys.stdout.write(text)
     return 0
 
 

@@ -33,7 +33,8 @@ from ..engine import TrainConfig
 from ..factory import create_model, save_pretrained
 from ..models.video_vit import VideoMAEPretrain, VideoViT, keep_visible
 from ..models.videotext import VideoTextModel
-from .common import load_model, train_cli
+from ..pipelines.common import load_model
+from .common import train_cli
 from .video_cls import VideoDataConfig, video_datasets
 
 __all__ = ["UMTConfig", "UMTDistiller", "UMTTask", "teacher_tokens", "attention_mask", "random_mask",

@@ -1,36 +1,49 @@
-"""Action recognition with the video ViT: `intern2 train video-cls`, `intern2 eval`, `intern2 predict VIDEO`,
-`intern2 extract-features`. Test-time views (clips x crops) are averaged in probability space."""
+"""Action recognition with the video ViT: `intern2 train video-cls` and `intern2 eval` (multi-view, with each
+checkpoint's protocol; inference: :mod:`intern2.pipelines.video_cls`). Test-time views (clips x crops) are
+averaged in probability space."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.video import (IMAGENET_MEAN, IMAGENET_STD, FrameSampler, VideoDataset,
-                          VideoDecodeError, VideoEvalTransform, VideoSource, VideoTrainTransform, collate_videos,
-                          read_annotations, read_video)
+from ..constants import IMAGENET_MEAN, IMAGENET_STD
+from ..data.video import (
+    FrameSampler,
+    VideoDataset,
+    VideoEvalTransform,
+    VideoSource,
+    VideoTrainTransform,
+    collate_videos,
+    read_annotations,
+)
 from ..engine import TrainConfig
 from ..engine.trainer import accumulate_eval
 from ..factory import create_model, save_pretrained
-from .common import add_model_arguments, model_from_args, print_topk, setup_logging, train_cli
+from ..pipelines.common import add_model_arguments, pipeline_from_args
+from ..pipelines.video_cls import (
+    VideoClassificationPipeline,
+    add_protocol_arguments,
+    protocol_options,
+    view_probabilities,
+)
+from ..weights import VideoProtocol
+from .common import train_cli
 from .image_cls import ClassificationMetrics
 
 __all__ = ["VideoDataConfig", "VideoClsConfig", "VideoTask", "VideoClassificationTask", "open_video_sources",
-           "video_datasets", "predict_videos", "extract_features", "train_main", "eval_main", "predict_main",
-           "extract_features_main"]
+           "video_datasets", "train_main", "eval_main"]
 
 log = logging.getLogger(__name__)
 BUILTIN = "builtin:actions"
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg")
 
 
 @dataclass(frozen=True)
@@ -47,6 +60,7 @@ class VideoDataConfig:
     flip: Optional[bool] = None  # None: on, except for builtin:actions whose classes depend on direction
     test_clips: int = 1
     test_crops: int = 1
+    short_side: Optional[int] = None  # evaluation: shorter side resized to this before cropping (None: img_size)
     cache_clips: bool = False  # keep decoded videos in memory (small data sets; use with train.num_workers=0)
     mean: Tuple[float, float, float] = IMAGENET_MEAN
     std: Tuple[float, float, float] = IMAGENET_STD
@@ -88,21 +102,15 @@ def video_datasets(cfg: VideoDataConfig, seed: int) -> Tuple[VideoSource, Datase
                              train=True, seed=seed, cache=cfg.cache_clips)
     eval_set = None
     if val_source is not None:
-        eval_set = VideoDataset(val_source, sampler, VideoEvalTransform(cfg.img_size, num_crops=cfg.test_crops,
-                                                                        mean=cfg.mean, std=cfg.std),
+        eval_set = VideoDataset(val_source, sampler, VideoEvalTransform(cfg.img_size, cfg.short_side,
+                                                                        cfg.test_crops, cfg.mean, cfg.std),
                                 train=False, num_clips=cfg.test_clips, seed=seed, cache=cfg.cache_clips)
     return train_source, train_set, eval_set
 
 
-def _view_logits(model: nn.Module, views: torch.Tensor) -> torch.Tensor:
-    """(B, V, C, T, H, W) test views -> log of the view-averaged class probabilities, (B, K)."""
-    batch, num_views = views.shape[:2]
-    probs = model(views.flatten(0, 1)).float().softmax(-1).view(batch, num_views, -1).mean(1)
-    return probs.clamp_min(1e-12).log()
-
-
 def _eval_sums(model: nn.Module, batch, metrics: ClassificationMetrics) -> Dict[str, torch.Tensor]:
-    logits = _view_logits(model, batch["video"]) if batch["label"].numel() else None
+    """Counts of a batch of test views; the log of the view-averaged probabilities stands in for logits."""
+    logits = view_probabilities(model, batch["video"]).clamp_min(1e-12).log() if batch["label"].numel() else None
     return metrics.sums(logits, batch["label"], batch["skipped"])
 
 
@@ -172,90 +180,17 @@ class VideoClassificationTask(VideoTask):
         return self.metrics.summarize(sums)
 
     def save_model(self, model: nn.Module, directory: Path) -> None:
-        cfg = self.cfg
         model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "file": None,
                                 "num_classes": len(self.classes), "label_names": list(self.classes),
-                                "input_size": (3, cfg.num_frames, cfg.img_size, cfg.img_size),
-                                "mean": tuple(cfg.mean), "std": tuple(cfg.std), "num_frames": cfg.num_frames,
-                                "stride": cfg.stride, "sampling": cfg.sampling, "test_clips": cfg.test_clips,
-                                "test_crops": cfg.test_crops}
+                                **video_protocol(self.cfg).to_cfg()}
         save_pretrained(model, directory)
 
 
-# ------------------------------------------------------------------------------------------------------- inference
-def _inference_setup(model: nn.Module, clips: Optional[int] = None, crops: Optional[int] = None):
-    """(sampler, transform, clips) from the model's pretrained config (what training saved), defaults otherwise."""
-    cfg = getattr(model, "pretrained_cfg", {})
-    frames = cfg.get("num_frames", getattr(model, "config", {}).get("all_frames", 16))
-    size = cfg.get("input_size", (3, frames, 224, 224))[-1]
-    sampler = FrameSampler(frames, cfg.get("stride", 4), cfg.get("sampling", "dense"))
-    transform = VideoEvalTransform(size, num_crops=crops or cfg.get("test_crops", 1),
-                                   mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)))
-    return sampler, transform, clips or cfg.get("test_clips", 1)
-
-
-def _load_views(file: str, sampler: FrameSampler, transform: VideoEvalTransform, clips: int) -> torch.Tensor:
-    from ..data.video import clip_positions
-    frames = read_video(file, lambda total: [i for p in clip_positions(clips) for i in sampler(total, position=p)])
-    return torch.stack([transform(clip) for clip in frames.chunk(clips)]).flatten(0, 1)
-
-
-def _class_names(model: nn.Module) -> List[str]:
-    names = getattr(model, "pretrained_cfg", {}).get("label_names")
-    return list(names) if isinstance(names, list) and len(names) == model.num_classes else \
-        [str(i) for i in range(model.num_classes)]
-
-
-@torch.no_grad()
-def predict_videos(model: nn.Module, files: Sequence[str], topk: int = 5, clips: Optional[int] = None,
-                   crops: Optional[int] = None) -> List[Dict[str, Any]]:
-    """Top-k labels per video file (views averaged); an unreadable file gets an 'error' entry naming it."""
-    sampler, transform, clips = _inference_setup(model, clips, crops)
-    names, results = _class_names(model), []
-    for file in files:
-        try:
-            views = _load_views(file, sampler, transform, clips)
-        except VideoDecodeError as exc:
-            results.append({"file": file, "error": str(exc)})
-            continue
-        probs = _view_logits(model, views[None]).exp()[0]
-        values, indices = probs.topk(min(topk, probs.numel()))
-        results.append({"file": file, "top": [{"label": names[i], "index": int(i), "prob": round(float(p), 6)}
-                                              for p, i in zip(values.tolist(), indices.tolist())]})
-    return results
-
-
-@torch.no_grad()
-def extract_features(model: nn.Module, files: Sequence[str]) -> Tuple[torch.Tensor, List[str], List[str]]:
-    """Pooled clip features (views averaged), (N, D) float32, for the readable files; returns (features, files
-    read, error messages of the unreadable ones)."""
-    sampler, transform, clips = _inference_setup(model)
-    # A classifier pools as it was trained to; a pre-training encoder (no pooling of its own) is mean-pooled.
-    pretraining = hasattr(model, "encoder")
-    encoder = model.encoder if pretraining else model
-    features, done, errors = [], [], []
-    for file in files:
-        try:
-            views = _load_views(file, sampler, transform, clips)
-        except VideoDecodeError as exc:
-            errors.append(str(exc))
-            continue
-        tokens = encoder.forward_features(views)
-        pooled = tokens.mean(1) if pretraining else encoder.forward_head(tokens, pre_logits=True)
-        features.append(pooled.float().mean(0))
-        done.append(file)
-    dim = getattr(encoder, "embed_dim", 0)
-    return (torch.stack(features) if features else torch.zeros(0, dim)), done, errors
-
-
-def _video_files(paths: Sequence[str]) -> List[str]:
-    files = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            files += sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
-        else:
-            files.append(str(path))
-    return files
+def video_protocol(cfg: VideoDataConfig, protocol_cls: type = VideoProtocol) -> VideoProtocol:
+    """The test protocol a model trained with ``cfg`` is evaluated with (stored in its folder)."""
+    return protocol_cls(num_frames=cfg.num_frames, sampling=cfg.sampling, stride=cfg.stride,
+                        test_clips=cfg.test_clips, test_crops=cfg.test_crops, img_size=cfg.img_size,
+                        short_side=cfg.short_side, mean=tuple(cfg.mean), std=tuple(cfg.std))
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI
@@ -266,82 +201,35 @@ def train_main(argv: Optional[List[str]] = None) -> int:
 
 
 def eval_main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="intern2 eval", description="Evaluate a video classifier (multi-view).")
+    parser = argparse.ArgumentParser(prog="intern2 eval", description="Evaluate a video classifier (multi-view, "
+                                     "with its weights' test protocol; options below override it).")
     parser.add_argument("--data", required=True, help="annotation list, or builtin:actions (its val split)")
     parser.add_argument("--root", help="folder the list's paths are relative to (default: the list's folder)")
     add_model_arguments(parser)
-    parser.add_argument("--clips", type=int, help="temporal views per video (default: as trained)")
-    parser.add_argument("--crops", type=int, choices=(1, 3), help="spatial crops per clip (default: as trained)")
+    add_protocol_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     args = parser.parse_args(argv)
-    model = model_from_args(parser, args)
-    sampler, transform, clips = _inference_setup(model, args.clips, args.crops)
+    pipeline = pipeline_from_args(parser, args, VideoClassificationPipeline, **protocol_options(args))
     try:
         if args.data == BUILTIN:
             from ..data.actions import builtin_actions_root
             source = read_annotations(builtin_actions_root() / "val.txt")
         else:
-            source = read_annotations(args.data, args.root, _class_names(model))
+            source = read_annotations(args.data, args.root, pipeline.labels)
     except ValueError as exc:
         parser.error(str(exc))
-    loader = DataLoader(VideoDataset(source, sampler, transform, train=False, num_clips=clips),
+    clips = pipeline.protocol.test_clips
+    loader = DataLoader(VideoDataset(source, pipeline.sampler, pipeline.transform, train=False, num_clips=clips),
                         batch_size=args.batch_size, collate_fn=collate_videos)
     metrics_of = ClassificationMetrics(source.classes)
-    sums = accumulate_eval(model, loader, lambda m, b: _eval_sums(m, b, metrics_of), torch.device("cpu"))
+    sums = accumulate_eval(pipeline.model, loader, lambda m, b: _eval_sums(m, b, metrics_of), torch.device("cpu"))
     metrics = metrics_of.summarize(sums)
     if args.json:
         print(json.dumps(metrics))
     else:
+        p = pipeline.protocol
         print(f"{source.name}: top-1 {metrics.get('top1', 0):.2f}%  top-5 {metrics.get('top5', 0):.2f}%  "
-              f"({metrics['count']} videos x {clips * transform.num_crops} views, {metrics.get('skipped', 0)} "
-              f"unreadable)")
+              f"({metrics['count']} videos x {clips} clips x {p.test_crops} crops, {p.sampling} sampling, "
+              f"{metrics.get('skipped', 0)} unreadable)")
     return 0
-
-
-def predict_main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="intern2 predict", description="Classify video files.")
-    parser.add_argument("videos", nargs="+", help="video files or folders")
-    add_model_arguments(parser)
-    parser.add_argument("--topk", type=int, default=5)
-    parser.add_argument("--clips", type=int, help="temporal views per video (default: as trained)")
-    parser.add_argument("--crops", type=int, choices=(1, 3), help="spatial crops per clip (default: as trained)")
-    parser.add_argument("--json", action="store_true", help="print results as JSON")
-    args = parser.parse_args(argv)
-    model = model_from_args(parser, args)
-    results = predict_videos(model, _video_files(args.videos), args.topk, args.clips, args.crops)
-    return print_topk(results, args.json)
-
-
-def extract_features_main(argv: Optional[List[str]] = None) -> int:
-    """`intern2 extract-features VIDEOS... --out FILE.{safetensors,npy}`."""
-    parser = argparse.ArgumentParser(prog="intern2 extract-features",
-                                     description="Pooled video-ViT features per video, for downstream use.")
-    parser.add_argument("videos", nargs="+", help="video files or folders")
-    add_model_arguments(parser)
-    parser.add_argument("--out", required=True, help="output .safetensors (features + file order) or .npy")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    if out.suffix not in (".safetensors", ".npy"):
-        parser.error(f"--out {out}: expected a .safetensors or .npy file name")
-    files = _video_files(args.videos)
-    if not files:
-        parser.error(f"no video files found in {args.videos} (extensions: {', '.join(VIDEO_SUFFIXES)})")
-    model = model_from_args(parser, args)
-    features, done, errors = extract_features(model, files)
-    for error in errors:
-        print(f"error: {error}", file=sys.stderr)
-    if not done:
-        return 1
-    from ..checkpoint import atomic_write
-    if out.suffix == ".npy":
-        import numpy as np
-        atomic_write(out, lambda tmp: np.save(open(tmp, "wb"), features.numpy()))
-        atomic_write(out.with_suffix(".files.txt"), lambda tmp: Path(tmp).write_text("\n".join(done) + "\n"))
-    else:
-        from safetensors.torch import save_file
-        atomic_write(out, lambda tmp: save_file({"features": features.contiguous()}, tmp,
-                                                metadata={"files": json.dumps(done)}))
-    setup_logging()
-    log.info("wrote %d x %d features to %s", *features.shape, out)
-    return 1 if errors else 0

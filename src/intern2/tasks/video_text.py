@@ -1,5 +1,5 @@
-"""Video-text contrastive learning (InternVideo-MM): `intern2 train video-text`, `intern2 eval --task video-text`,
-`intern2 retrieve`, `intern2 zero-shot` (also `intern2 predict --task video-text`), `intern2 embed`.
+"""Video-text contrastive learning (InternVideo-MM): `intern2 train video-text` and `intern2 eval --task
+video-text` (inference: :mod:`intern2.pipelines.video_text`: `retrieve`, `zero-shot`, `embed`).
 
 Data: a JSON-lines caption list, one ``{"path", "caption"[, "label"]}`` object per line (a video may appear on
 several lines, one per caption), or ``builtin:actions`` (generated clips with captions). Evaluation reports
@@ -13,33 +13,44 @@ import dataclasses
 import json
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.video import (CLIP_MEAN, CLIP_STD, FrameSampler, VideoDataset, VideoDecodeError, VideoEvalTransform,
-                          VideoSource, VideoTrainTransform, collate_videos)
+from ..constants import CLIP_MEAN, CLIP_STD
+from ..data.video import (
+    FrameSampler,
+    VideoDataset,
+    VideoEvalTransform,
+    VideoSource,
+    VideoTrainTransform,
+    collate_videos,
+)
 from ..engine import TrainConfig
 from ..engine.optim import build_optimizer
 from ..factory import create_model, save_pretrained
 from ..models.videotext import VideoTextModel, clip_contrastive_loss
-from .common import add_model_arguments, print_topk, setup_logging, train_cli
-from .video_cls import BUILTIN, VIDEO_SUFFIXES, VideoDataConfig, _inference_setup, _load_views, _video_files
+from ..pipelines.video_text import (
+    DEFAULT_PROMPT,
+    VideoTextPipeline,
+    add_inference_arguments,
+    encode_texts,
+    encode_views,
+    pipeline_from_args,
+)
+from ..weights import VideoTextProtocol
+from .common import train_cli
+from .video_cls import BUILTIN, VideoDataConfig, video_protocol
 
 __all__ = ["VideoTextConfig", "VideoTextTask", "CaptionSource", "RetrievalSet", "read_captions",
-           "retrieval_metrics", "evaluate_video_text", "encode_videos", "encode_texts", "zero_shot",
-           "retrieve", "load_video_text", "run_video_text_demo", "train_main", "eval_main", "retrieve_main",
-           "zero_shot_main", "predict_main", "embed_main"]
+           "retrieval_metrics", "evaluate_video_text", "run_video_text_demo", "train_main", "eval_main"]
 
 log = logging.getLogger(__name__)
-DEFAULT_PROMPT = "a video of {}"
 
 
 @dataclass(frozen=True)
@@ -221,34 +232,13 @@ def retrieval_metrics(similarity: torch.Tensor, text_to_video: torch.Tensor) -> 
     return out
 
 
-def _unwrap(model: nn.Module) -> VideoTextModel:
-    return getattr(model, "module", model)
-
-
-@torch.no_grad()
-def encode_texts(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 256,
-                 device: Optional[torch.device] = None) -> torch.Tensor:
-    """L2-normalised text features (N, D), float32."""
-    model = _unwrap(model)
-    device = device or next(model.parameters()).device
-    out = [model.encode_text(tokenizer(texts[i:i + batch_size]).to(device), normalize=True).float()
-           for i in range(0, len(texts), batch_size)]
-    return torch.cat(out) if out else torch.zeros(0, model.embed_dim, device=device)
-
-
-def _encode_views(model: VideoTextModel, views: torch.Tensor) -> torch.Tensor:
-    """(B, V, C, T, H, W) test views -> normalised view-averaged features (B, D)."""
-    features = model.encode_video(views.flatten(0, 1), normalize=True).float()
-    return F.normalize(features.view(*views.shape[:2], -1).mean(1), dim=-1)
-
-
 @torch.no_grad()
 def evaluate_video_text(model: nn.Module, data: RetrievalSet, tokenizer, prompt: str = DEFAULT_PROMPT,
                         batch_size: int = 16, device: Optional[torch.device] = None,
                         num_workers: int = 0) -> Dict[str, float]:
     """Retrieval recalls / ranks over ``data`` and, when it has labels, zero-shot top-1 from class prompts;
     chance levels are reported alongside. Unreadable videos get a zero feature (never retrieved)."""
-    model = _unwrap(model)
+    model = getattr(model, "module", model)
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
@@ -257,7 +247,7 @@ def evaluate_video_text(model: nn.Module, data: RetrievalSet, tokenizer, prompt:
     loader = DataLoader(data.videos, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_videos)
     for batch in loader:
         if batch["index"].numel():
-            video_features[batch["index"].to(device)] = _encode_views(model, batch["video"].to(device))
+            video_features[batch["index"].to(device)] = encode_views(model, batch["video"].to(device))
             readable[batch["index"]] = True
     text_features = encode_texts(model, tokenizer, data.captions, device=device)
     metrics = retrieval_metrics((text_features @ video_features.t()).cpu(), data.text_to_video)
@@ -317,8 +307,8 @@ class VideoTextTask:
         self._eval_set = None
         if val_source is not None:
             self._eval_set = RetrievalSet.build(
-                val_source, sampler, VideoEvalTransform(cfg.img_size, num_crops=cfg.test_crops, mean=cfg.mean,
-                                                        std=cfg.std), cfg.test_clips)
+                val_source, sampler, VideoEvalTransform(cfg.img_size, cfg.short_side, cfg.test_crops, cfg.mean,
+                                                        cfg.std), cfg.test_clips)
         self.skipped = 0
 
     def build_model(self) -> nn.Module:
@@ -355,84 +345,11 @@ class VideoTextTask:
                                    self.cfg.train.num_workers)
 
     def save_model(self, model: nn.Module, directory: Path) -> None:
-        cfg = self.cfg
         model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "file": None,
-                                "label_names": list(self.classes), "prompt": cfg.prompt,
-                                "input_size": (3, cfg.num_frames, cfg.img_size, cfg.img_size),
-                                "mean": tuple(cfg.mean), "std": tuple(cfg.std), "num_frames": cfg.num_frames,
-                                "stride": cfg.stride, "sampling": cfg.sampling, "test_clips": cfg.test_clips,
-                                "test_crops": cfg.test_crops}
+                                "label_names": list(self.classes), "prompt": self.cfg.prompt,
+                                **video_protocol(self.cfg, VideoTextProtocol).to_cfg()}
         save_pretrained(model, directory)
         self.tokenizer.save(directory)
-
-
-# ------------------------------------------------------------------------------------------------------- inference
-def load_video_text(checkpoint: Optional[str], model_name: Optional[str] = None, tokenizer: Optional[str] = None):
-    """(model in eval mode, tokenizer) from a model folder written by training (its ``tokenizer.json``), or from
-    ``model_name`` + a weight file + ``tokenizer`` (a ``tokenizer.json``, or CLIP's merges file for an official
-    checkpoint)."""
-    from ..text.bpe import BPETokenizer
-    from .common import load_model
-    model = load_model(checkpoint, model_name)
-    if not isinstance(model, VideoTextModel):
-        raise ValueError(f"{checkpoint or model_name}: not a video-text model (train one with "
-                         f"'intern2 train video-text')")
-    source = tokenizer or (checkpoint if checkpoint and Path(checkpoint).is_dir() else None)
-    if source is None:
-        raise ValueError("--tokenizer is required unless --checkpoint is a model folder holding tokenizer.json "
-                         "(for an official checkpoint: CLIP's bpe_simple_vocab_16e6.txt.gz, which intern2 does not "
-                         "download)")
-    return model, BPETokenizer.from_file(source, model.context_length)
-
-
-@torch.no_grad()
-def encode_videos(model: nn.Module, files: Sequence[str]) -> Tuple[torch.Tensor, List[str], List[str]]:
-    """Normalised video features (N, D) float32 of the readable files, sampled and cropped as the model was
-    trained; returns (features, files read, error messages of the unreadable ones)."""
-    model = _unwrap(model)
-    sampler, transform, clips = _inference_setup(model)
-    device = next(model.parameters()).device
-    features, done, errors = [], [], []
-    for file in files:
-        try:
-            views = _load_views(file, sampler, transform, clips)
-        except VideoDecodeError as exc:
-            errors.append(str(exc))
-            continue
-        features.append(_encode_views(model, views[None].to(device))[0])
-        done.append(file)
-    return (torch.stack(features) if features else torch.zeros(0, model.embed_dim)), done, errors
-
-
-def zero_shot(model: nn.Module, tokenizer, files: Sequence[str], labels: Sequence[str],
-              prompt: str = DEFAULT_PROMPT, topk: int = 5) -> List[Dict[str, Any]]:
-    """Per video, the labels ranked by the similarity of the clip to ``prompt.format(label)`` (softmax over the
-    labels at the model's logit scale); an unreadable file gets an 'error' entry."""
-    features, done, errors = encode_videos(model, files)
-    scale = _unwrap(model).logit_scale.exp().clamp(max=100.0).item()
-    probs = (scale * features @ encode_texts(model, tokenizer, [prompt.format(l) for l in labels]).t()).softmax(-1)
-    rows, messages = dict(zip(done, probs)), iter(errors)  # errors come in the order of the failed files
-    results = []
-    for file in files:
-        if file not in rows:
-            results.append({"file": file, "error": next(messages)})
-            continue
-        values, indices = rows[file].topk(min(topk, len(labels)))
-        results.append({"file": file, "top": [{"label": labels[i], "prob": round(float(p), 6)}
-                                              for p, i in zip(values.tolist(), indices.tolist())]})
-    return results
-
-
-def retrieve(model: nn.Module, tokenizer, files: Sequence[str], query: str,
-             topk: int = 5) -> Tuple[List[Dict[str, Any]], List[str]]:
-    """The ``topk`` videos most similar to the text ``query`` ([{file, score}], best first) and the error
-    messages of unreadable files."""
-    if not query.strip():
-        raise ValueError("the query is empty")
-    features, done, errors = encode_videos(model, files)
-    scores = (features @ encode_texts(model, tokenizer, [query])[0]).tolist()
-    ranked = sorted(zip(done, scores), key=lambda item: -item[1])[:topk]
-    return [{"file": f, "score": round(s, 6)} for f, s in ranked], errors
 
 
 # ------------------------------------------------------------------------------------------------------------ demo
@@ -497,52 +414,27 @@ def train_main(argv: Optional[List[str]] = None) -> int:
                      "builtin:actions", "internvideo_mm_tiny")
 
 
-def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
-    parser.add_argument("--tokenizer", help="tokenizer.json, or CLIP's bpe_simple_vocab_16e6.txt.gz for an official "
-                        "InternVideo-MM checkpoint (default: the --checkpoint folder's tokenizer.json)")
-
-
-def _load(parser: argparse.ArgumentParser, args: argparse.Namespace):
-    setup_logging()
-    try:
-        return load_video_text(args.checkpoint, args.model, args.tokenizer)
-    except (ValueError, FileNotFoundError, KeyError, ImportError) as exc:
-        parser.error(str(exc))
-
-
-def _files_or_error(parser: argparse.ArgumentParser, paths: Sequence[str]) -> List[str]:
-    missing = [p for p in paths if not Path(p).exists()]
-    if missing:
-        parser.error(f"no such file or folder: {', '.join(missing)}")
-    files = _video_files(paths)
-    if not files:
-        parser.error(f"no video files found in {', '.join(paths)} (extensions: {', '.join(VIDEO_SUFFIXES)})")
-    return files
-
-
 def eval_main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="intern2 eval", description="Evaluate a video-text model: retrieval "
                                      "recall and median rank, zero-shot top-1.")
     parser.add_argument("--data", required=True, help="caption list (.jsonl), or builtin:actions (its val split)")
     parser.add_argument("--root", help="folder the list's paths are relative to (default: the list's folder)")
-    _add_inference_arguments(parser)
+    add_inference_arguments(parser)
     parser.add_argument("--prompt", help="zero-shot prompt (default: as trained, else 'a video of {}')")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     args = parser.parse_args(argv)
-    model, tokenizer = _load(parser, args)
+    pipeline: VideoTextPipeline = pipeline_from_args(parser, args)
     try:
         if args.data == BUILTIN:
             from ..data.actions import builtin_actions_root
             source = read_captions(builtin_actions_root() / "val_captions.jsonl")
         else:
-            source = read_captions(args.data, args.root, model.pretrained_cfg.get("label_names") or None)
+            source = read_captions(args.data, args.root, pipeline.class_names or None)
     except ValueError as exc:
         parser.error(str(exc))
-    sampler, transform, clips = _inference_setup(model)
-    prompt = args.prompt or model.pretrained_cfg.get("prompt", DEFAULT_PROMPT)
-    metrics = evaluate_video_text(model, RetrievalSet.build(source, sampler, transform, clips), tokenizer, prompt,
+    data = RetrievalSet.build(source, pipeline.sampler, pipeline.transform, pipeline.protocol.test_clips)
+    metrics = evaluate_video_text(pipeline.model, data, pipeline.tokenizer, args.prompt or pipeline.prompt,
                                   args.batch_size)
     if args.json:
         print(json.dumps(metrics))
@@ -553,107 +445,3 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
               f"{metrics['v2t_median_rank']:.0f}" + (f"; zero-shot top-1 {metrics['zero_shot_top1']:.1f}"
                                                      if "zero_shot_top1" in metrics else ""))
     return 0
-
-
-def retrieve_main(argv: Optional[List[str]] = None) -> int:
-    """`intern2 retrieve --videos DIR --query TEXT`."""
-    parser = argparse.ArgumentParser(prog="intern2 retrieve", description="Rank videos by similarity to a text.")
-    parser.add_argument("--videos", nargs="+", required=True, help="video files or folders")
-    parser.add_argument("--query", required=True, help="what to look for, e.g. 'a red circle moves left'")
-    _add_inference_arguments(parser)
-    parser.add_argument("--topk", type=int, default=5)
-    parser.add_argument("--json", action="store_true", help="print results as JSON")
-    args = parser.parse_args(argv)
-    if not args.query.strip():
-        parser.error("--query is empty: give the text to search for")
-    files = _files_or_error(parser, args.videos)
-    model, tokenizer = _load(parser, args)
-    ranked, errors = retrieve(model, tokenizer, files, args.query, args.topk)
-    for error in errors:
-        print(f"error: {error}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(ranked, indent=2))
-    else:
-        for rank, item in enumerate(ranked, 1):
-            print(f"{rank}. {item['file']} ({item['score']:.3f})")
-    return 0 if ranked else 1
-
-
-def zero_shot_main(argv: Optional[List[str]] = None, prog: str = "intern2 zero-shot") -> int:
-    """`intern2 zero-shot VIDEO --labels a,b,c` (without --labels: the classes the model was trained with)."""
-    parser = argparse.ArgumentParser(prog=prog, description="Classify videos against free-text labels (no "
-                                     "training).")
-    parser.add_argument("videos", nargs="+", help="video files or folders")
-    parser.add_argument("--labels", help="comma-separated class names, e.g. 'moving left,moving up' (default: "
-                        "the class names of the model's training list)")
-    parser.add_argument("--prompt", help="prompt template (default: as trained, else 'a video of {}')")
-    _add_inference_arguments(parser)
-    parser.add_argument("--topk", type=int, default=5)
-    parser.add_argument("--json", action="store_true", help="print results as JSON")
-    args = parser.parse_args(argv)
-    if args.prompt is not None and "{}" not in args.prompt:
-        parser.error(f"--prompt {args.prompt!r}: needs a '{{}}' where the label goes")
-    files = _files_or_error(parser, args.videos)
-    model, tokenizer = _load(parser, args)
-    if args.labels is None:
-        labels = list(model.pretrained_cfg.get("label_names") or [])
-        if len(labels) < 2:
-            parser.error("--labels is required: the model records no class names of its own")
-    else:
-        labels = [label.strip() for label in args.labels.split(",") if label.strip()]
-        if len(labels) < 2:
-            parser.error(f"--labels {args.labels!r}: give at least two comma-separated class names")
-    prompt = args.prompt or model.pretrained_cfg.get("prompt", DEFAULT_PROMPT)
-    return print_topk(zero_shot(model, tokenizer, files, labels, prompt, args.topk), args.json)
-
-
-def predict_main(argv: Optional[List[str]] = None) -> int:
-    """`intern2 predict --task video-text VIDEO`: zero-shot over the model's training classes (or --labels)."""
-    return zero_shot_main(argv, prog="intern2 predict")
-
-
-def embed_main(argv: Optional[List[str]] = None) -> int:
-    """`intern2 embed [--videos ...] [--texts ...] --out FILE.{safetensors,npy}`."""
-    parser = argparse.ArgumentParser(prog="intern2 embed", description="Normalised video and/or text embeddings "
-                                     "of a video-text model, for downstream use.")
-    parser.add_argument("--videos", nargs="+", default=[], help="video files or folders")
-    parser.add_argument("--texts", nargs="+", default=[], help="texts (one argument each)")
-    _add_inference_arguments(parser)
-    parser.add_argument("--out", required=True, help=".safetensors ('video', 'text' tensors; file order and texts "
-                        "in the metadata) or .npy (one kind of input only; file order in <out>.files.txt)")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    if out.suffix not in (".safetensors", ".npy"):
-        parser.error(f"--out {out}: expected a .safetensors or .npy file name")
-    if not args.videos and not args.texts:
-        parser.error("nothing to embed: give --videos and/or --texts")
-    if out.suffix == ".npy" and args.videos and args.texts:
-        parser.error("--out .npy holds one array: embed videos and texts separately, or use .safetensors")
-    if any(not t.strip() for t in args.texts):
-        parser.error("--texts: empty text")
-    files = _files_or_error(parser, args.videos) if args.videos else []
-    model, tokenizer = _load(parser, args)
-    tensors, metadata = {}, {}
-    if files:
-        tensors["video"], done, errors = encode_videos(model, files)
-        for error in errors:
-            print(f"error: {error}", file=sys.stderr)
-        if not done:
-            return 1
-        metadata["files"] = json.dumps(done)
-    if args.texts:
-        tensors["text"] = encode_texts(model, tokenizer, args.texts).cpu()
-        metadata["texts"] = json.dumps(args.texts)
-    from ..checkpoint import atomic_write
-    if out.suffix == ".npy":
-        import numpy as np
-        (kind, array), = tensors.items()
-        atomic_write(out, lambda tmp: np.save(open(tmp, "wb"), array.numpy()))
-        names = json.loads(metadata["files" if kind == "video" else "texts"])
-        atomic_write(out.with_suffix(".files.txt" if kind == "video" else ".texts.txt"),
-                     lambda tmp: Path(tmp).write_text("\n".join(names) + "\n"))
-    else:
-        from safetensors.torch import save_file
-        atomic_write(out, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata))
-    log.info("wrote %s to %s", ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()), out)
-    return 1 if files and errors else 0

@@ -26,7 +26,7 @@ from .languages import get_language
 __all__ = [
     "CLDR_KINDS", "DEFAULT_LANGUAGES", "SPLITS", "concept_split", "cldr_phrases", "builtin_concepts",
     "builtin_pairs", "builtin_sentences", "gettext_phrases", "gettext_pairs", "read_flores",
-    "read_flores_pair",
+    "read_flores_pair", "read_lines",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -301,3 +301,14 @@ def read_flores_pair(root: Union[str, Path], split: str, src: str, tgt: str) -> 
         raise ValueError(f"FLORES {split}: {src} has {len(src_lines)} lines but {tgt} has {len(tgt_lines)}; "
                          "the files are not aligned")
     return src_lines, tgt_lines
+
+
+def read_lines(path: Union[str, Path]) -> List[str]:
+    """The lines of a UTF-8 text file; a missing or non-UTF-8 file is an error naming it."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"text file {file} does not exist")
+    try:
+        return file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{file} is not UTF-8 text: {exc}") from None

@@ -1,0 +1,207 @@
+"""What every pipeline shares: loading a model for inference, the :class:`Pipeline` base (protocol and label
+names read once from the model's weights metadata), top-k results, and the CLI plumbing of the inference
+commands."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..weights import labels_from_cfg, protocol_from_cfg, task_of
+
+__all__ = ["Pipeline", "load_model", "load_model_spec", "model_task", "top_k", "setup_logging",
+           "add_model_arguments", "model_from_args", "pipeline_from_args", "print_topk", "open_pipeline", "pair",
+           "task_of_arguments"]
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------------- loading
+def load_model(checkpoint: Optional[str], model_name: Optional[str]) -> nn.Module:
+    """``model_name`` ('arch' or 'arch.tag') with an optional checkpoint in any supported layout (a file, or a
+    folder holding one, e.g. an HF VideoMAE conversion), or without a name a folder written by training /
+    save_pretrained (or an HF folder intern2 rebuilds); in eval mode."""
+    from ..factory import create_model, from_pretrained
+    if checkpoint and Path(checkpoint).is_dir() and model_name is None:
+        return from_pretrained(checkpoint).eval()
+    if model_name is None:
+        if checkpoint and not Path(checkpoint).exists():
+            raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file or folder")
+        raise ValueError("--model is required unless --checkpoint is a model folder (config.json + weights)")
+    if checkpoint is None:
+        log.warning("no --checkpoint: %s has random weights", model_name)
+    return create_model(model_name, checkpoint_path=checkpoint).eval()
+
+
+def load_model_spec(spec: str) -> nn.Module:
+    """A model from ``FOLDER``, ``NAME`` (random weights: for trying the API) or ``NAME:WEIGHTS_FILE``."""
+    if Path(spec).is_dir():
+        return load_model(spec, None)
+    name, _, weights = spec.partition(":")
+    return load_model(weights or None, name)
+
+
+def model_task(model: nn.Module) -> Optional[str]:
+    """The task a model was built for: its weights metadata's, else its architecture name's."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("task") or task_of(cfg.get("architecture") or "")
+
+
+# ----------------------------------------------------------------------------------------------- pipelines
+class Pipeline:
+    """A model in eval mode with its evaluation protocol and class names, read once from its weights metadata
+    (``model.pretrained_cfg``); subclasses turn inputs into labelled answers.
+
+    ``source`` names where the model came from (a folder, a file) in error messages. Protocol fields given as
+    keyword arguments override the metadata (the CLI's ``--test-size``, ``--clips``, ...; None: keep).
+    """
+
+    task: ClassVar[str] = ""
+    expects: ClassVar[str] = ""  # what the pipeline takes, for the wrong-model error
+
+    def __init__(self, model: nn.Module, source: Optional[str] = None, **protocol: Any):
+        self.check_model(model)
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        where = f"{source or cfg.get('architecture') or type(model).__name__}: pretrained_cfg"
+        self.model = model.eval()
+        self.source = source
+        self.protocol = protocol_from_cfg(cfg, self.task, where).replace(**protocol)
+        self.labels = labels_from_cfg(cfg, getattr(model, "num_classes", 0) or 0, where)
+
+    @classmethod
+    def model_types(cls) -> Tuple[type, ...]:
+        """The model classes this pipeline runs (imported on use: pipelines load only their family)."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_model(cls, model: Any) -> None:
+        if not isinstance(model, cls.model_types()):
+            arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+            raise TypeError(f"{cls.__name__}: expected {cls.expects}, got {type(model).__name__}"
+                            + (f" ({arch}, a {task_of(arch) or 'unknown'} model)" if arch else ""))
+
+    @classmethod
+    def from_pretrained(cls, checkpoint: Optional[str] = None, model: Optional[str] = None,
+                        **options: Any) -> "Pipeline":
+        """Load ``checkpoint`` (a model folder, or a weight file with ``model``: a registered name) and wrap
+        it; ``options`` go to the pipeline (protocol overrides)."""
+        return cls(load_model(checkpoint, model), source=checkpoint or model, **options)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def open_pipeline(checkpoint: Optional[str] = None, model: Optional[str] = None, task: Optional[str] = None,
+                  **options: Any) -> Pipeline:
+    """The pipeline of a model's task (``task``, else the model's own): ``open_pipeline('runs/seg/model')``."""
+    from . import pipeline_class
+    loaded = load_model(checkpoint, model)
+    return pipeline_class(task or model_task(loaded))(loaded, source=checkpoint or model, **options)
+
+
+def top_k(probs: torch.Tensor, labels: Sequence[str], k: int) -> List[Dict[str, Any]]:
+    """The ``k`` most probable classes: ``[{"label", "index", "prob"}]`` (index: the class's position in the
+    model's label list), best first."""
+    values, indices = probs.float().topk(min(k, probs.numel()))
+    return [{"label": labels[i], "index": int(i), "prob": round(float(p), 6)}
+            for p, i in zip(values.tolist(), indices.tolist())]
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint / --model (and the --task chosen by the dispatcher), shared by the commands that run a
+    trained or official model."""
+    parser.add_argument("--checkpoint", help="model folder, or a weight file used with --model")
+    parser.add_argument("--model", help="registered model name, optionally with a pretrained tag "
+                        "(internimage_t.in1k); needed unless --checkpoint is a model folder")
+    parser.add_argument("--task", help="image-cls, segment, detect, video-cls or video-text (default: from the "
+                        "model's weights metadata or architecture)")
+
+
+def model_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> nn.Module:
+    """:func:`load_model` for parsed CLI arguments; a bad model or file is a usage error naming it."""
+    setup_logging()
+    try:
+        return load_model(args.checkpoint, args.model)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        parser.error(str(exc))
+
+
+def pipeline_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, pipeline_cls: type,
+                       **options: Any) -> Pipeline:
+    """The family's pipeline for parsed CLI arguments; a wrong model, bad metadata or bad option is a usage
+    error naming it."""
+    model = model_from_args(parser, args)
+    try:
+        return pipeline_cls(model, source=args.checkpoint or args.model, **options)
+    except (ValueError, TypeError, KeyError, ImportError) as exc:
+        parser.error(str(exc))
+
+
+def print_topk(results: List[dict], as_json: bool) -> int:
+    """Print per-file top-k results (JSON, or one line per file); errors go to stderr. Exit status: 1 when a file
+    failed or none was given."""
+    if as_json:
+        print(json.dumps(results, indent=2))
+    for result in results:
+        if "error" in result:
+            print(f"error: {result['error']}", file=sys.stderr)
+        elif not as_json:
+            print(f"{result['file']}: " + ", ".join(f"{t['label']} ({t['prob']:.3f})" for t in result["top"]))
+    return 1 if any("error" in r for r in results) or not results else 0
+
+
+def pair(text: str) -> Tuple[int, int]:
+    """argparse type of ``--test-size 2048,512`` / ``--slide 512,1024`` (one number: a square): two positive
+    integers."""
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        values = ()
+    values = values * 2 if len(values) == 1 else values
+    if len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected two positive integers like 2048,512, got {text!r}")
+    return values
+
+
+# HF config.json model types intern2 reads -> task
+_HF_TASKS = {"intern_image": "image-cls", "m2m_100": "translation"}
+
+
+def task_of_arguments(argv: Sequence[str]) -> str:
+    """--task, else the task of --model or of --checkpoint's config.json (its weights metadata, architecture or
+    HF model type); image-cls when nothing says."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--task")
+    parser.add_argument("--model")
+    parser.add_argument("--checkpoint")
+    args, _ = parser.parse_known_args(list(argv))
+    if args.task:
+        return args.task
+    if args.model:
+        return task_of(args.model.partition(".")[0]) or "image-cls"
+    config = Path(args.checkpoint or "") / "config.json"
+    if args.checkpoint and config.is_file():
+        try:
+            values = json.loads(config.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            values = None  # loading the model reports it
+        if isinstance(values, dict):
+            cfg = values.get("pretrained_cfg")
+            task = cfg.get("task") if isinstance(cfg, dict) else None
+            architecture = values.get("architecture")
+            return (task or (task_of(architecture) if isinstance(architecture, str) else None)
+                    or _HF_TASKS.get(values.get("model_type")) or "image-cls")
+    return "image-cls"

@@ -1,0 +1,73 @@
+"""Image classification: an image in, the top-k class names with their indices and probabilities out."""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from PIL import Image
+
+from ..data.images import eval_transform, load_image
+from ..weights import ImageClassificationProtocol
+from .common import Pipeline, add_model_arguments, pipeline_from_args, print_topk, top_k
+
+__all__ = ["ImageClassificationPipeline", "predict_main"]
+
+
+class ImageClassificationPipeline(Pipeline):
+    """``pipeline(image, topk=5) -> {"top": [{"label", "index", "prob"}]}`` with the weights' preprocessing
+    (shorter side to ``input_size / crop_pct``, centre crop, normalise)."""
+
+    task = "image-cls"
+    expects = "an image classifier (InternImage with a head)"
+    protocol: ImageClassificationProtocol
+
+    @classmethod
+    def model_types(cls) -> Tuple[type, ...]:
+        from ..models.internimage import InternImage
+        return (InternImage,)
+
+    @classmethod
+    def check_model(cls, model: Any) -> None:
+        super().check_model(model)
+        if getattr(model, "features_only", False):
+            raise TypeError(f"{cls.__name__}: expected {cls.expects}, got a features_only backbone (no classifier)")
+
+    @property
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        p = self.protocol
+        return eval_transform(p.img_size, p.mean, p.std, p.crop_pct, p.interpolation)
+
+    @torch.inference_mode()
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) preprocessed images -> (N, num_classes) float32 class probabilities."""
+        return self.model(images.to(self.device)).float().softmax(-1).cpu()
+
+    def __call__(self, image: Union[Image.Image, str], topk: int = 5) -> Dict[str, Any]:
+        image = load_image(image) if not isinstance(image, Image.Image) else image
+        return {"top": top_k(self.probabilities(self.transform(image)[None])[0], self.labels, topk)}
+
+    def predict_files(self, files: Sequence[str], topk: int = 5) -> List[Dict[str, Any]]:
+        """``{"file", "top"}`` per file; an unreadable file gets ``{"file", "error"}`` naming it."""
+        results = []
+        for file in files:
+            try:
+                image = load_image(file)
+            except ValueError as exc:
+                results.append({"file": file, "error": str(exc)})
+                continue
+            results.append({"file": file, **self(image, topk)})
+        return results
+
+
+def predict_main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="intern2 predict", description="Classify images.")
+    parser.add_argument("images", nargs="+", help="image files")
+    add_model_arguments(parser)
+    parser.add_argument("--topk", type=int, default=5)
+    parser.add_argument("--json", action="store_true", help="print results as JSON")
+    args = parser.parse_args(argv)
+    if args.topk < 1:
+        parser.error(f"--topk {args.topk}: expected a positive integer")
+    pipeline = pipeline_from_args(parser, args, ImageClassificationPipeline)
+    return print_topk(pipeline.predict_files(args.images, args.topk), args.json)

@@ -1,0 +1,215 @@
+"""Translation: text in, text out, sentence by sentence (NLLB is a sentence-level model), with the model's
+tokenizer and its decoding defaults (:class:`~intern2.weights.TranslationProtocol`); `intern2 translate`."""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..text.corpus import read_lines
+from ..text.languages import get_language
+from ..weights import TranslationProtocol
+from .common import Pipeline, setup_logging
+
+__all__ = ["Translator", "split_sentences", "translate_in_sentences", "translate_main", "predict_main"]
+
+_BOUNDARY = re.compile(r"(?<=[.!?…])\s+|(?<=[。！？؟।])\s*|\s*\n\s*")
+_PADDED = re.compile(r"(\s*)(.*?)(\s*)", re.DOTALL)
+
+
+def split_sentences(text: str) -> List[Tuple[str, str]]:
+    """``(sentence, separator)`` pairs; joining them in order gives back ``text`` exactly."""
+    pairs, start = [], 0
+    for match in _BOUNDARY.finditer(text):
+        if match.end() == start:  # an empty boundary right after the previous one
+            continue
+        pairs.append((text[start:match.start()], match.group()))
+        start = match.end()
+    pairs.append((text[start:], ""))
+    return pairs
+
+
+def translate_in_sentences(text: str, translate: Callable[[List[str]], List[str]]) -> str:
+    """Translate long text sentence by sentence (whole paragraphs get truncated or summarised) and re-join
+    with the original whitespace and line breaks.
+
+    ``translate`` maps a list of sentences to their translations in one call (tokenise, ``generate``, decode),
+    so the caller controls batching.
+    """
+    pairs = split_sentences(text)
+    padded = [_PADDED.fullmatch(sentence).groups() for sentence, _ in pairs]
+    sentences = [core for _, core, _ in padded if core]
+    translated = list(translate(sentences)) if sentences else []
+    if len(translated) != len(sentences):
+        raise ValueError(f"translate returned {len(translated)} translations for {len(sentences)} sentences")
+    translations = iter(translated)
+    out = []
+    for (lead, core, trail), (_, separator) in zip(padded, pairs):
+        out.append(f"{lead}{next(translations) if core else ''}{trail}{separator}")
+    return "".join(out)
+
+
+class Translator(Pipeline):
+    """A translation model with its tokenizer: ``translator.translate(texts, src, tgt)`` -> translations.
+
+    ``tokenizer``: an :class:`~intern2.text.tokenizer.NllbTokenizer`; default: the one in the model folder
+    ``source``. Decoding defaults (beams, new tokens) come from the protocol.
+    """
+
+    task = "translation"
+    expects = "a translation model (intern2_mt_* / an NLLB or M2M-100 folder)"
+    protocol: TranslationProtocol
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None, source: Optional[str] = None, **protocol: Any):
+        super().__init__(model, source, **protocol)
+        if tokenizer is None:
+            if not source or not Path(source).is_dir():
+                raise ValueError("a translator needs its tokenizer: pass tokenizer=, or load a model folder that "
+                                 "holds it")
+            from ..text.tokenizer import NllbTokenizer
+            tokenizer = NllbTokenizer.from_pretrained(source)
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                             f"{model.config.vocab_size} embedding rows: they do not belong together")
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def model_types(cls) -> Tuple[type, ...]:
+        from ..models.translator import TranslationModel
+        return (TranslationModel,)
+
+    @classmethod
+    def from_pretrained(cls, folder: Union[str, Path], int8: bool = False,
+                        device: Union[str, torch.device] = "cpu", **protocol: Any) -> "Translator":
+        """Model and tokenizer of a model folder (ours or an HF NLLB folder); ``int8``: dynamic int8 Linear
+        layers (CPU)."""
+        from ..models.translator import TranslationModel
+        from ..text.tokenizer import NllbTokenizer
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"model folder {folder} does not exist")
+        tokenizer = NllbTokenizer.from_pretrained(folder)
+        model = TranslationModel.from_pretrained(folder, device=device)
+        return cls(model.quantize_dynamic() if int8 else model, tokenizer, source=str(folder), **protocol)
+
+    def translate(self, texts: Sequence[str], src_lang: Union[str, Sequence[str]], tgt_lang: str,
+                  num_beams: Optional[int] = None, max_new_tokens: Optional[int] = None, batch_size: int = 32,
+                  split_sentences: bool = True, **generate_kwargs) -> List[str]:
+        """Translate ``texts`` (source language: one code, or one per text) into ``tgt_lang``.
+
+        With ``split_sentences`` each text is translated sentence by sentence and re-joined with its original
+        whitespace; other keyword arguments go to ``generate``. ``num_beams`` / ``max_new_tokens`` default to
+        the protocol's.
+        """
+        langs = [src_lang] * len(texts) if isinstance(src_lang, str) else list(src_lang)
+        if len(langs) != len(texts):
+            raise ValueError(f"got {len(texts)} texts but {len(langs)} source languages")
+        forced = self.tokenizer.lang_token_id(tgt_lang)
+        for lang in set(langs):
+            self.tokenizer.lang_token_id(lang)  # unknown or missing languages fail before any decoding
+        options = dict(num_beams=num_beams or self.protocol.num_beams,
+                       max_new_tokens=max_new_tokens or self.protocol.max_new_tokens, **generate_kwargs)
+
+        def run(sentences: List[str], sentence_langs: List[str]) -> List[str]:
+            return self._generate(sentences, sentence_langs, forced, batch_size, **options)
+        if not split_sentences:
+            return run(list(texts), langs)
+        return [translate_in_sentences(text, lambda sentences, lang=lang: run(sentences, [lang] * len(sentences)))
+                for text, lang in zip(texts, langs)]
+
+    def _generate(self, texts: List[str], langs: List[str], forced: int, batch_size: int, **kwargs) -> List[str]:
+        was_training = self.model.training
+        self.model.eval()
+        encoded = [self.tokenizer.encode(text, lang) for text, lang in zip(texts, langs)]
+        order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))  # similar lengths: little padding
+        out: List[str] = [""] * len(texts)
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            width = max(len(encoded[i]) for i in rows)
+            input_ids = torch.tensor([encoded[i] + [self.tokenizer.pad_id] * (width - len(encoded[i])) for i in rows],
+                                     device=self.device)
+            sequences = self.model.generate(input_ids, input_ids.ne(self.tokenizer.pad_id), forced_bos_token_id=forced,
+                                            **kwargs)
+            for i, text in zip(rows, self.tokenizer.decode_batch(sequences.cpu())):
+                out[i] = text
+        self.model.train(was_training)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+def _default_model() -> Path:
+    """NLLB-200-distilled-600M in $INTERN2_HOME (intern2 never downloads; the error says where to put it)."""
+    from ..factory import pretrained_file
+    from ..weights import get_weights
+    cfg = get_weights("intern2_mt_600m", "nllb200_distilled").pretrained_cfg()
+    try:
+        return pretrained_file(cfg)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"no --model given and {str(exc).split('. ')[0]}; intern2 does not download: put "
+                                f"the folder of https://huggingface.co/{cfg['hf_hub_id']} there (or set "
+                                f"$INTERN2_HOME), or pass --model DIR (e.g. a folder from "
+                                f"'intern2 train translation')") from None
+
+
+def translate_main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="intern2 translate", description="Translate text between registered languages.",
+        epilog="Text comes from the arguments (one translation each), --input (one per line) or stdin.")
+    parser.add_argument("text", nargs="*", help="text to translate")
+    parser.add_argument("--src", required=True, help="source language: any code or name, e.g. eng_Latn, en, English")
+    parser.add_argument("--tgt", required=True, help="target language, e.g. fra_Latn")
+    parser.add_argument("--model", help="model folder (default: nllb-200-distilled-600M in $INTERN2_HOME)")
+    parser.add_argument("--input", help="file with one text per line")
+    parser.add_argument("--output", help="write the translations here (one per line) instead of stdout")
+    parser.add_argument("--beams", type=int, default=None, help="beam size (1: greedy; default: the model's, 4)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="tokens per sentence (default: 2 x source length + 10)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of the Linear layers (CPU)")
+    args = parser.parse_args(argv)
+    for flag in ("beams", "max_new_tokens", "batch_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a positive integer")
+    try:
+        src, tgt = get_language(args.src).key, get_language(args.tgt).key
+        if args.input and args.text:
+            parser.error("give the text as arguments or with --input, not both")
+        if args.input:
+            texts = read_lines(args.input)
+        elif args.text:
+            texts = list(args.text)
+        elif not sys.stdin.isatty():
+            texts = sys.stdin.read().splitlines()
+        else:
+            parser.error("no text to translate: give it as an argument, with --input FILE or on stdin")
+        if not any(text.strip() for text in texts):
+            parser.error("empty input: nothing to translate")
+        setup_logging()
+        translator = Translator.from_pretrained(args.model or _default_model(), int8=args.int8)
+        rows = [i for i, text in enumerate(texts) if text.strip()]  # blank lines stay blank
+        outputs = translator.translate([texts[i] for i in rows], src, tgt, num_beams=args.beams,
+                                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
+        parser.error(str(exc))
+    lines = [""] * len(texts)
+    for i, translation in zip(rows, outputs):
+        lines[i] = translation
+    text = "\n".join(lines) + "\n"
+    if args.output:
+        from ..checkpoint import atomic_write
+        atomic_write(args.output, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def predict_main(argv: Optional[List[str]] = None) -> int:
+    """`intern2 predict` on a translation model: text goes through `intern2 translate`."""
+    print("intern2 predict: a translation model translates text: intern2 translate --model DIR --src eng_Latn "
+          "--tgt fra_Latn 'text'", file=sys.stderr)
+    return 2

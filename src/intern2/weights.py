@@ -1,0 +1,618 @@
+"""Weights metadata: for every pretrained tag, where its file is published, how the official evaluation
+prepares its input, what its outputs are called, and what it scored (with the source of the number).
+
+torchvision's ``Weights`` is the model: one frozen :class:`Weights` record per ``architecture.tag``. A model
+built by :func:`intern2.create_model` carries its record as the plain dict ``model.pretrained_cfg`` (what a
+model folder's ``config.json`` stores, in timm's key names where timm has one); :func:`protocol_from_cfg` and
+:func:`labels_from_cfg` read that dict back into the typed protocol and the class names, checking every field.
+Every door (Python, CLI, HTTP) reads them through :mod:`intern2.pipelines`, never from the dict itself.
+
+Label sets come from a dependency where one ships them (torchvision: ImageNet-1k, COCO, Kinetics-400; timm:
+ImageNet-22k) and otherwise from ``data/labels/*.txt`` in this package (ADE20K, Kinetics-710, Something-Something
+v2; sources and how their order was checked in ``data/labels/SOURCES.md``).
+This module imports neither torch nor the models, so listing tags stays cheap.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import functools
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from .constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["Metric", "ImageClassificationProtocol", "SegmentationProtocol", "DetectionProtocol", "VideoProtocol",
+           "TranslationProtocol", "Weights", "get_weights", "list_pretrained", "pretrained_tags", "task_of",
+           "label_set", "LABEL_SETS", "protocol_from_cfg", "labels_from_cfg", "TASKS", "PROTOCOLS"]
+
+TASKS = ("image-cls", "segment", "detect", "video-cls", "video-pretrain", "video-text", "translation")
+Pair = Tuple[int, int]
+
+
+# ---------------------------------------------------------------------------------------------- typed fields
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0])}s"
+        return f"a list of {len(args)} {_describe(args[0])}s"
+    return {int: "integer", float: "number", bool: "true/false", str: "string"}.get(hint, str(hint))
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """``value`` as the type ``hint`` (JSON gives lists for tuples and ints for floats), or raise TypeError."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg)
+            except TypeError:
+                pass
+        raise TypeError
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0]) for v in value)
+        if len(value) != len(args):
+            raise TypeError
+        return tuple(_coerce(v, a) for v, a in zip(value, args))
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint in (bool, str) and isinstance(value, hint):
+        return value
+    raise TypeError
+
+
+class _Protocol:
+    """A frozen evaluation protocol stored as flat keys of ``pretrained_cfg`` (its field names)."""
+
+    task: str = ""
+    _aliases: Dict[str, str] = {}  # key written by older intern2 versions -> field
+
+    @classmethod
+    def from_cfg(cls, cfg: Mapping[str, Any], where: str = "pretrained_cfg") -> "_Protocol":
+        """Read the protocol's fields from ``cfg`` (absent ones keep their defaults); a value of the wrong type
+        or out of range is a ValueError naming ``where`` and the key."""
+        cfg = {**{new: cfg[old] for old, new in cls._aliases.items() if old in cfg and new not in cfg}, **cfg}
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name in cfg:
+                try:
+                    values[f.name] = _coerce(cfg[f.name], hints[f.name])
+                except TypeError:
+                    raise ValueError(f"{where}: {f.name}: expected {_describe(hints[f.name])}, "
+                                     f"got {cfg[f.name]!r}") from None
+        try:
+            return cls(**values)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+
+    def to_cfg(self) -> Dict[str, Any]:
+        """The protocol as ``pretrained_cfg`` keys (JSON-ready: tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> "_Protocol":
+        """A copy with ``changes`` (None values are ignored: an option the user did not give)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @staticmethod
+    def _check(condition: bool, message: str) -> None:
+        if not condition:
+            raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class ImageClassificationProtocol(_Protocol):
+    """Shorter side to ``input_size / crop_pct`` (``interpolation``), centre crop ``input_size``, normalise."""
+    task = "image-cls"
+    input_size: Tuple[int, int, int] = (3, 224, 224)  # timm's (C, H, W)
+    crop_pct: float = 1.0
+    interpolation: str = "bicubic"
+    mean: Tuple[float, float, float] = IMAGENET_MEAN
+    std: Tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        self._check(min(self.input_size) >= 1, f"input_size: expected positive sizes, got {self.input_size}")
+        self._check(0 < self.crop_pct <= 1, f"crop_pct: expected a number in (0, 1], got {self.crop_pct}")
+        self._check(self.interpolation in ("bicubic", "bilinear", "nearest"),
+                    f"interpolation: expected bicubic, bilinear or nearest, got {self.interpolation!r}")
+
+    @property
+    def img_size(self) -> int:
+        return self.input_size[-1]
+
+
+@dataclass(frozen=True)
+class SegmentationProtocol(_Protocol):
+    """mmseg's test pipeline: keep-ratio resize into ``test_size`` (long, short bound; mmseg's ``img_scale``),
+    then a resize (not a pad) to a multiple of ``size_divisor`` (``ResizeToMultiple``), normalise; whole-image
+    inference, or sliding windows of ``slide_crop`` (h, w) every ``slide_stride``; logits resized back to the
+    image. Test-time augmentation (the published "ms" numbers): the same at each of ``tta_ratios`` x
+    ``test_size``, with horizontal flips when ``tta_flip``, softmax probabilities averaged."""
+    task = "segment"
+    _aliases = {"test_scale": "test_size"}
+    test_size: Pair = (2048, 512)
+    size_divisor: Optional[int] = 32
+    slide_crop: Optional[Pair] = None
+    slide_stride: Optional[Pair] = None
+    tta_ratios: Tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+    tta_flip: bool = True
+    reduce_zero_label: bool = False
+    mean: Tuple[float, float, float] = IMAGENET_MEAN
+    std: Tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        self._check(min(self.test_size) >= 1, f"test_size: expected positive sizes, got {self.test_size}")
+        self._check(self.size_divisor is None or self.size_divisor >= 1,
+                    f"size_divisor: expected a positive integer or null, got {self.size_divisor}")
+        for name in ("slide_crop", "slide_stride"):
+            value = getattr(self, name)
+            self._check(value is None or min(value) >= 1, f"{name}: expected positive sizes, got {value}")
+        self._check(self.slide_stride is None or self.slide_crop is not None, "slide_stride: needs slide_crop")
+        self._check(len(self.tta_ratios) >= 1 and min(self.tta_ratios) > 0,
+                    f"tta_ratios: expected positive ratios, got {self.tta_ratios}")
+
+    @property
+    def stride(self) -> Optional[Pair]:
+        """The sliding-window stride: ``slide_stride``, else two thirds of the window (mmseg's usual)."""
+        if self.slide_crop is None:
+            return None
+        return self.slide_stride or (max(1, self.slide_crop[0] * 2 // 3), max(1, self.slide_crop[1] * 2 // 3))
+
+
+@dataclass(frozen=True)
+class DetectionProtocol(_Protocol):
+    """mmdet's test pipeline: keep-ratio resize into ``test_size`` (long, short), normalise, zero-pad the
+    batch to a multiple of ``size_divisor``; boxes and masks are returned at the image's own size."""
+    task = "detect"
+    test_size: Pair = (1333, 800)
+    size_divisor: int = 32
+    mean: Tuple[float, float, float] = IMAGENET_MEAN
+    std: Tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        self._check(min(self.test_size) >= 1, f"test_size: expected positive sizes, got {self.test_size}")
+        self._check(self.size_divisor >= 1, f"size_divisor: expected a positive integer, got {self.size_divisor}")
+
+
+SAMPLINGS = ("dense", "segment", "uniform")
+
+
+@dataclass(frozen=True)
+class VideoProtocol(_Protocol):
+    """Which frames make a test view and how they are cropped.
+
+    * ``dense`` (VideoMAE on Kinetics): ``num_frames`` frames ``stride`` apart; ``test_clips`` windows spread
+      from the first to the last possible start (VideoMAE's test); one clip: the middle window.
+    * ``segment`` (TSN, VideoMAE on Something-Something): ``num_frames`` equal segments, one frame each; view k of
+      ``test_clips`` takes the frame at k / test_clips of each segment (VideoMAE's SSv2 test); one view: the
+      segment middles.
+    * ``uniform`` (the InternVideo-MM demo): ``num_frames`` frames evenly spaced from the first to the last.
+
+    Frames: shorter side to ``short_side`` (default ``img_size``; bilinear, ``antialias`` as PIL's filter, off as
+    the cv2 resize of VideoMAE's test), then ``test_crops`` crops of ``img_size`` (1: centred; 3: along the longer
+    side), normalised with ``mean``/``std``; class probabilities (or features) are averaged over the views.
+    """
+    task = "video-cls"
+    num_frames: int = 16
+    sampling: str = "dense"
+    stride: int = 4
+    test_clips: int = 1
+    test_crops: int = 1
+    img_size: int = 224
+    short_side: Optional[int] = None
+    antialias: bool = True
+    mean: Tuple[float, float, float] = IMAGENET_MEAN
+    std: Tuple[float, float, float] = IMAGENET_STD
+
+    @classmethod
+    def from_cfg(cls, cfg: Mapping[str, Any], where: str = "pretrained_cfg") -> "VideoProtocol":
+        input_size = cfg.get("input_size")
+        if "img_size" not in cfg and isinstance(input_size, (list, tuple)) and len(input_size) == 4:
+            cfg = {**cfg, "img_size": input_size[-1]}  # folders written before img_size was a key
+        return super().from_cfg(cfg, where)
+
+    def __post_init__(self):
+        self._check(self.sampling in SAMPLINGS, f"sampling: expected one of {list(SAMPLINGS)}, "
+                    f"got {self.sampling!r}")
+        for name in ("num_frames", "stride", "test_clips", "img_size"):
+            self._check(getattr(self, name) >= 1, f"{name}: expected a positive integer, got {getattr(self, name)}")
+        self._check(self.test_crops in (1, 3), f"test_crops: expected 1 or 3, got {self.test_crops}")
+        self._check(self.short_side is None or self.short_side >= self.img_size,
+                    f"short_side: expected null or >= img_size {self.img_size}, got {self.short_side}")
+        self._check(self.sampling != "uniform" or self.test_clips == 1,
+                    f"test_clips: uniform sampling has one test view, got {self.test_clips}")
+
+    def to_cfg(self) -> Dict[str, Any]:
+        return {**super().to_cfg(), "input_size": [3, self.num_frames, self.img_size, self.img_size]}
+
+
+@dataclass(frozen=True)
+class VideoTextProtocol(VideoProtocol):
+    """:class:`VideoProtocol` of a video-text model (its default: the InternVideo-MM demo's 8 uniform frames,
+    shorter side 256, centre crop 224, CLIP's normalisation)."""
+    task = "video-text"
+    num_frames: int = 8
+    sampling: str = "uniform"
+    stride: int = 1
+    short_side: Optional[int] = 256
+    mean: Tuple[float, float, float] = CLIP_MEAN
+    std: Tuple[float, float, float] = CLIP_STD
+
+
+@dataclass(frozen=True)
+class TranslationProtocol(_Protocol):
+    """Decoding defaults: beam size, and new tokens per sentence (None: 2 x source length + 10)."""
+    task = "translation"
+    num_beams: int = 4
+    max_new_tokens: Optional[int] = None
+
+    def __post_init__(self):
+        self._check(self.num_beams >= 1, f"num_beams: expected a positive integer, got {self.num_beams}")
+        self._check(self.max_new_tokens is None or self.max_new_tokens >= 1,
+                    f"max_new_tokens: expected a positive integer or null, got {self.max_new_tokens}")
+
+
+PROTOCOLS = {"image-cls": ImageClassificationProtocol, "segment": SegmentationProtocol, "detect": DetectionProtocol,
+             "video-cls": VideoProtocol, "video-pretrain": VideoProtocol, "video-text": VideoTextProtocol,
+             "translation": TranslationProtocol}
+Protocol = Union[ImageClassificationProtocol, SegmentationProtocol, DetectionProtocol, VideoProtocol,
+                 TranslationProtocol]
+
+
+# ---------------------------------------------------------------------------------------------------- labels
+def _torchvision_categories(weights: str, drop: Sequence[str] = ()) -> List[str]:
+    import torchvision.models as tvm
+    enum_name, member = weights.rsplit(".", 1)
+    module = tvm
+    for part in enum_name.split(".")[:-1]:
+        module = getattr(module, part)
+    categories = getattr(getattr(module, enum_name.split(".")[-1]), member).meta["categories"]
+    return [c for c in categories if c not in drop]
+
+
+def _timm_imagenet22k() -> List[str]:
+    try:
+        from timm.data import ImageNetInfo
+    except ImportError:
+        raise ImportError("the ImageNet-22k class names come from timm: pip install 'intern2[timm]'") from None
+    info = ImageNetInfo("imagenet-22k")
+    return [info.index_to_description(i) for i in range(info.num_classes())]
+
+
+def _package_file(name: str) -> List[str]:
+    path = Path(__file__).parent / "data" / "labels" / f"{name}.txt"
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """A named list of class names: how many, where they come from, and how to read them."""
+    name: str
+    size: int
+    source: str
+    load: Callable[[], List[str]] = field(repr=False, compare=False)
+
+
+LABEL_SETS: Dict[str, LabelSet] = {s.name: s for s in (
+    LabelSet("imagenet-1k", 1000, "torchvision (ResNet50_Weights.IMAGENET1K_V1.meta['categories'])",
+             lambda: _torchvision_categories("ResNet50_Weights.IMAGENET1K_V1")),
+    LabelSet("imagenet-22k", 21841, "timm (ImageNetInfo('imagenet-22k'): WordNet lemmas, sorted synset order)",
+             _timm_imagenet22k),
+    LabelSet("coco", 80, "torchvision (MaskRCNN_ResNet50_FPN_Weights.COCO_V1 categories without '__background__' "
+             "and 'N/A': mmdet's CocoDataset.CLASSES order)",
+             lambda: _torchvision_categories("detection.MaskRCNN_ResNet50_FPN_Weights.COCO_V1",
+                                             ("__background__", "N/A"))),
+    LabelSet("ade20k", 150, "intern2 data/labels/ade20k.txt (mmseg ADE20KDataset.CLASSES)",
+             lambda: _package_file("ade20k")),
+    LabelSet("kinetics-400", 400, "torchvision (R3D_18_Weights.KINETICS400_V1.meta['categories'])",
+             lambda: _torchvision_categories("video.R3D_18_Weights.KINETICS400_V1")),
+    LabelSet("kinetics-710", 710, "intern2 data/labels/kinetics710.txt (VideoMAEv2 misc/label_map_k710.txt)",
+             lambda: _package_file("kinetics710")),
+    LabelSet("ssv2", 174, "intern2 data/labels/ssv2.txt (something-something-v2-labels.json id order)",
+             lambda: _package_file("ssv2")),
+)}
+
+
+@functools.lru_cache(maxsize=None)
+def label_set(name: str) -> Tuple[str, ...]:
+    """The class names of a known label set (e.g. 'coco'); a KeyError lists the known sets."""
+    if name not in LABEL_SETS:
+        raise KeyError(f"unknown label set {name!r}; known: {sorted(LABEL_SETS)}")
+    names = tuple(LABEL_SETS[name].load())
+    if len(names) != LABEL_SETS[name].size:
+        raise RuntimeError(f"label set {name}: expected {LABEL_SETS[name].size} names, read {len(names)}")
+    return names
+
+
+def labels_from_cfg(cfg: Mapping[str, Any], num_classes: int, where: str = "pretrained_cfg") -> List[str]:
+    """Class names of a model with ``num_classes`` outputs: ``cfg['label_names']`` (a label set's name or a
+    list), else (or when the head was replaced by one of another size) the class indices as strings."""
+    names = cfg.get("label_names")
+    if isinstance(names, str):
+        if names not in LABEL_SETS:
+            raise ValueError(f"{where}: label_names: unknown label set {names!r}; known: {sorted(LABEL_SETS)}, "
+                             f"or a list of class names")
+        if LABEL_SETS[names].size == num_classes:
+            return list(label_set(names))
+    elif isinstance(names, (list, tuple)):
+        if not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{where}: label_names: expected a list of strings")
+        if len(names) == num_classes:
+            return list(names)
+    elif names is not None:
+        raise ValueError(f"{where}: label_names: expected a label set name or a list of class names, "
+                         f"got {type(names).__name__}")
+    return [str(i) for i in range(num_classes)]
+
+
+# ------------------------------------------------------------------------------------------------- weights
+@dataclass(frozen=True)
+class Metric:
+    """A published result of a checkpoint: the figure, on what data, under which protocol, and where it is
+    stated."""
+    name: str
+    value: float
+    dataset: str
+    protocol: str
+    source: str
+
+
+@dataclass(frozen=True)
+class Weights:
+    """One pretrained tag: the architecture it fits (``arch_overrides``: config fields the checkpoint needs),
+    its official file and where it is published (a Hub repo, else a URL), evaluation protocol, label set and
+    published metrics. ``tag`` None is an architecture's defaults (no published weights). A ``file`` that is an HF
+    folder (NLLB, the HF VideoMAE conversions) is looked up by that folder name."""
+    architecture: str
+    tag: Optional[str]
+    task: str
+    protocol: Protocol
+    num_classes: Optional[int] = None
+    labels: Optional[str] = None
+    file: Optional[str] = None
+    hf_hub_id: Optional[str] = None
+    url: Optional[str] = None  # where the file is published when it is not on the Hugging Face Hub
+    arch_overrides: Mapping[str, Any] = field(default_factory=dict)
+    metrics: Tuple[Metric, ...] = ()
+    classifier: Optional[str] = None  # timm's names: the head module (dropped for num_classes=0) ...
+    first_conv: Optional[str] = None  # ... and the input convolution (adapted for in_chans != 3)
+
+    @property
+    def name(self) -> str:
+        return f"{self.architecture}.{self.tag}" if self.tag else self.architecture
+
+    def pretrained_cfg(self, **extra: Any) -> Dict[str, Any]:
+        """The plain dict a model built with these weights carries as ``model.pretrained_cfg``."""
+        cfg = dict(architecture=self.architecture, tag=self.tag, task=self.task, file=self.file,
+                   hf_hub_id=self.hf_hub_id, url=self.url, num_classes=self.num_classes, label_names=self.labels,
+                   classifier=self.classifier, first_conv=self.first_conv, **self.protocol.to_cfg())
+        if self.metrics:
+            cfg["metrics"] = [dataclasses.asdict(m) for m in self.metrics]
+        return {**cfg, **extra}
+
+
+_WEIGHTS: Dict[str, List[Weights]] = {}
+# Architecture name prefix -> task, for names that have no record (e.g. a folder of an unknown variant).
+_TASK_PREFIXES = (("internimage_", "image-cls"), ("upernet_", "segment"), ("mask_rcnn_", "detect"),
+                  ("videomae_pretrain_", "video-pretrain"), ("videomae_vit_", "video-cls"),
+                  ("internvideo_mm_", "video-text"), ("intern2_mt_", "translation"), ("m2m_100", "translation"))
+
+
+def _add(*records: Weights) -> None:
+    for record in records:
+        known = _WEIGHTS.setdefault(record.architecture, [])
+        if any(r.tag == record.tag for r in known):
+            raise ValueError(f"weights {record.name} are listed twice")
+        known.append(record)
+
+
+def task_of(architecture: str) -> Optional[str]:
+    """The task of an architecture name ('upernet_internimage_t' -> 'segment'), None when unknown."""
+    if architecture in _WEIGHTS:
+        return _WEIGHTS[architecture][0].task
+    return next((task for prefix, task in _TASK_PREFIXES if architecture.startswith(prefix)), None)
+
+
+def pretrained_tags(architecture: str) -> List[str]:
+    """The published tags of an architecture, the default first."""
+    return [r.tag for r in _WEIGHTS.get(architecture, []) if r.tag]
+
+
+def get_weights(architecture: str, tag: Optional[str] = None) -> Weights:
+    """The record of ``architecture.tag``; without a tag, the architecture's default (its first published tag,
+    else its defaults). An unknown tag is a ValueError listing the known ones."""
+    records = _WEIGHTS.get(architecture)
+    if not records:
+        raise KeyError(f"no weights metadata for architecture {architecture!r}")
+    if tag is None:
+        return next((r for r in records if r.tag), records[0])
+    for record in records:
+        if record.tag == tag:
+            return record
+    raise ValueError(f"unknown pretrained tag {tag!r} for {architecture}; known: {pretrained_tags(architecture)}")
+
+
+def list_pretrained(pattern: Optional[str] = None) -> List[str]:
+    """Every published ``architecture.tag``, sorted, optionally filtered by a shell pattern ('internimage_*')."""
+    names = sorted(r.name for records in _WEIGHTS.values() for r in records if r.tag)
+    return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
+
+
+def protocol_from_cfg(cfg: Mapping[str, Any], task: str, where: str = "pretrained_cfg") -> Protocol:
+    """The typed evaluation protocol of ``task`` from a ``pretrained_cfg`` dict (missing keys: defaults)."""
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"{where}: expected a mapping, got {type(cfg).__name__}")
+    return PROTOCOLS[task].from_cfg(cfg, where)
+
+
+# ------------------------------------------------------------------------------------------------- records
+_IMAGENET_README = "OpenGVLab/InternImage classification/README.md"
+_ADE_README = "OpenGVLab/InternImage segmentation/configs/ade20k/README.md"
+_COCO_README = "OpenGVLab/InternImage detection/configs/coco/README.md"
+_INTERNIMAGE_HUB = "OpenGVLab/InternImage"
+
+
+def _imagenet(arch: str, tag: str, file: str, size: int, top1: Optional[float], classes: int = 1000) -> Weights:
+    metrics = (Metric("top1", top1, "ImageNet-1k val", f"{size}x{size}, 1 crop", _IMAGENET_README),) if top1 else ()
+    return Weights(arch, tag, "image-cls", ImageClassificationProtocol(input_size=(3, size, size)),
+                   num_classes=classes, labels="imagenet-1k" if classes == 1000 else "imagenet-22k", file=file,
+                   hf_hub_id=_INTERNIMAGE_HUB, metrics=metrics, classifier="head", first_conv="patch_embed.conv1")
+
+
+_add(
+    _imagenet("internimage_t", "in1k", "internimage_t_1k_224.pth", 224, 83.5),
+    _imagenet("internimage_s", "in1k", "internimage_s_1k_224.pth", 224, 84.2),
+    _imagenet("internimage_b", "in1k", "internimage_b_1k_224.pth", 224, 84.9),
+    _imagenet("internimage_l", "in22k_ft_in1k", "internimage_l_22kto1k_384.pth", 384, 87.7),
+    _imagenet("internimage_l", "in22k", "internimage_l_22k_192to384.pth", 384, None, classes=21841),
+    _imagenet("internimage_xl", "in22k_ft_in1k", "internimage_xl_22kto1k_384.pth", 384, 88.0),
+    _imagenet("internimage_xl", "in22k", "internimage_xl_22k_192to384.pth", 384, None, classes=21841),
+    _imagenet("internimage_h", "in22k_ft_in1k", "internimage_h_22kto1k_640.pth", 640, 89.6),
+    _imagenet("internimage_g", "in22k_ft_in1k", "internimage_g_22kto1k_512.pth", 512, 90.1),
+)
+
+
+def _ade20k(arch: str, crop: int, test_size: Pair, miou: Tuple[float, float]) -> Weights:
+    """The official ADE20K UperNet: trained on ``crop`` crops, tested with ``img_scale=test_size``."""
+    where = f"{test_size[0]}x{test_size[1]} keep-ratio, resize to x32"
+    metrics = (Metric("mIoU", miou[0], "ADE20K val", f"single-scale ({where})", _ADE_README),
+               Metric("mIoU", miou[1], "ADE20K val", "multi-scale + flip (--tta)", _ADE_README))
+    return Weights(arch, "ade20k", "segment", SegmentationProtocol(test_size=test_size, reduce_zero_label=True),
+                   num_classes=150, labels="ade20k", file=f"{arch}_{crop}_160k_ade20k.pth",
+                   hf_hub_id=_INTERNIMAGE_HUB, metrics=metrics)
+
+
+_add(
+    _ade20k("upernet_internimage_t", 512, (2048, 512), (47.9, 48.1)),
+    _ade20k("upernet_internimage_s", 512, (2048, 512), (50.1, 50.9)),
+    _ade20k("upernet_internimage_b", 512, (2048, 512), (50.8, 51.3)),
+    _ade20k("upernet_internimage_l", 640, (2560, 640), (53.9, 54.1)),
+    _ade20k("upernet_internimage_xl", 640, (2560, 640), (55.0, 55.3)),
+    _ade20k("upernet_internimage_h", 896, (3584, 896), (59.9, 60.3)),
+)
+
+
+def _coco(arch: str, schedule: str, box_ap: float, mask_ap: float) -> Weights:
+    size = arch.rsplit("_", 1)[-1]
+    protocol = "1333x800 keep-ratio, pad x32"
+    return Weights(arch, f"coco_{schedule}", "detect", DetectionProtocol(), num_classes=80, labels="coco",
+                   file=f"mask_rcnn_internimage_{size}_fpn_{schedule}_coco.pth", hf_hub_id=_INTERNIMAGE_HUB,
+                   metrics=(Metric("bbox_AP", box_ap, "COCO val2017", protocol, _COCO_README),
+                            Metric("segm_AP", mask_ap, "COCO val2017", protocol, _COCO_README)))
+
+
+_add(
+    _coco("mask_rcnn_internimage_t", "1x", 47.2, 42.5), _coco("mask_rcnn_internimage_t", "3x", 49.1, 43.7),
+    _coco("mask_rcnn_internimage_s", "1x", 47.8, 43.3), _coco("mask_rcnn_internimage_s", "3x", 49.7, 44.5),
+    _coco("mask_rcnn_internimage_b", "1x", 48.8, 44.0), _coco("mask_rcnn_internimage_b", "3x", 50.3, 44.8),
+)
+
+
+# VideoMAE's test (kinetics.py / ssv2.py): shorter side 224 by cv2 (no antialiasing), 3 crops; Kinetics: 16
+# frames 4 apart, 5 clips; Something-Something v2: 16 segments, 2 views.
+_KINETICS_TEST = VideoProtocol(test_clips=5, test_crops=3, short_side=224, antialias=False)
+_SSV2_TEST = VideoProtocol(sampling="segment", stride=1, test_clips=2, test_crops=3, short_side=224, antialias=False)
+_VIDEOMAE_ZOO = "MCG-NJU/VideoMAE MODEL_ZOO.md"
+_VIDEOMAEV2_ZOO = "OpenGVLab/VideoMAEv2 docs/MODEL_ZOO.md"
+_INTERNVIDEO_MAE = "OpenGVLab/InternVideo InternVideo1/Pretrain/VideoMAE/README.md"
+_INTERNVIDEO_OSS = "https://pjlab-gvm-data.oss-cn-shanghai.aliyuncs.com/internvideo/pretrain/videomae/"
+_DATASETS = {"kinetics-400": ("Kinetics-400 val", _KINETICS_TEST, 400), "ssv2": ("Something-Something v2 val",
+             _SSV2_TEST, 174), "kinetics-710": ("Kinetics-710 val", _KINETICS_TEST, 710)}
+
+
+def _video(size: str, tag: str, labels: str, top1: Optional[float], source: str, hf_hub_id: Optional[str] = None,
+           file: Optional[str] = None, url: Optional[str] = None) -> Weights:
+    dataset, protocol, classes = _DATASETS[labels]
+    views = f"{protocol.num_frames} frames, {protocol.test_clips} clips x {protocol.test_crops} crops"
+    metrics = (Metric("top1", top1, dataset, views, source),) if top1 is not None else ()
+    return Weights(f"videomae_vit_{size}", tag, "video-cls", protocol, num_classes=classes, labels=labels,
+                   file=file or (hf_hub_id or "").split("/")[-1], hf_hub_id=hf_hub_id, url=url, metrics=metrics,
+                   classifier="head", first_conv="patch_embed.proj")
+
+
+def _internvideo(size: str, dataset: str, labels: str, top1: Optional[float]) -> Weights:
+    """InternVideo's VideoMAE fine-tuned from UnlabeledHybrid pre-training (published on Aliyun OSS)."""
+    file = f"vit_{size}_hybrid_pt_800e_{dataset}_ft.pth"
+    return _video(size, f"internvideo_{dataset}", labels, top1, _INTERNVIDEO_MAE, file=file,
+                  url=_INTERNVIDEO_OSS + file)
+
+
+_add(
+    _video("s", "k400", "kinetics-400", 79.0, _VIDEOMAE_ZOO, "MCG-NJU/videomae-small-finetuned-kinetics"),
+    _video("s", "ssv2", "ssv2", 66.8, _VIDEOMAE_ZOO, "MCG-NJU/videomae-small-finetuned-ssv2"),
+    _video("s", "k710_distilled", "kinetics-710", 77.6, _VIDEOMAEV2_ZOO, "OpenGVLab/VideoMAE2",
+           file="distill/vit_s_k710_dl_from_giant.pth"),
+    _video("b", "k400", "kinetics-400", 81.5, _VIDEOMAE_ZOO, "MCG-NJU/videomae-base-finetuned-kinetics"),
+    _video("b", "ssv2", "ssv2", 70.8, _VIDEOMAE_ZOO, "MCG-NJU/videomae-base-finetuned-ssv2"),
+    _video("b", "k710_distilled", "kinetics-710", 81.5, _VIDEOMAEV2_ZOO, "OpenGVLab/VideoMAE2",
+           file="distill/vit_b_k710_dl_from_giant.pth"),
+    _internvideo("b", "k400", "kinetics-400", 81.52),
+    _internvideo("b", "k710", "kinetics-710", 79.33),
+    _internvideo("b", "ssv2", "ssv2", 71.22),
+    _video("l", "k400", "kinetics-400", 85.2, _VIDEOMAE_ZOO, "MCG-NJU/videomae-large-finetuned-kinetics"),
+    _internvideo("l", "k400", "kinetics-400", None),
+    _internvideo("l", "ssv2", "ssv2", None),
+    _video("h", "k400", "kinetics-400", 86.6, _VIDEOMAE_ZOO, "MCG-NJU/videomae-huge-finetuned-kinetics"),
+    Weights("videomae_vit_g", None, "video-cls", _KINETICS_TEST, classifier="head", first_conv="patch_embed.proj"),
+)
+
+
+def _mae(size: str, tag: str, hub: str, file: str, **decoder: int) -> Weights:
+    """A released VideoMAE pre-training model (encoder + pixel decoder; ``decoder``: its decoder's shape where it
+    is not the preset's)."""
+    return Weights(f"videomae_pretrain_vit_{size}", tag, "video-pretrain", VideoProtocol(), file=file,
+                   hf_hub_id=hub, arch_overrides=decoder, first_conv="encoder.patch_embed.proj")
+
+
+_add(
+    _mae("s", None, None, None),
+    _mae("b", "internvideo_hybrid", "OpenGVLab/InternVideoMAE_models", "mae-b/pytorch_model.bin"),
+    _mae("b", "k400", "MCG-NJU/videomae-base", "videomae-base"),
+    _mae("l", "internvideo_hybrid", "OpenGVLab/InternVideoMAE_models", "mae-l/pytorch_model.bin"),
+    _mae("l", "k400", "MCG-NJU/videomae-large", "videomae-large"),
+    _mae("h", "internvideo_hybrid", "OpenGVLab/InternVideoMAE_models", "mae-h/pytorch_model.bin"),
+    _mae("g", None, None, None),
+)
+
+# InternVideo-MM: the official demo's frames (internvideo.py load_video). The published zero-shot numbers average
+# the weights 50/50 with OpenAI's CLIP ViT-L/14 (CoTrain clip_wiseft_coef=0.5): this file alone does not give them.
+_MM_TEST = VideoTextProtocol(short_side=256)
+_MM_README = "OpenGVLab/InternVideo InternVideo1/Downstream/multi-modalities-downstream/README.md"
+
+
+def _mm(size: str, file: str, top1: float, hub: Optional[str] = None, url: Optional[str] = None) -> Weights:
+    metric = Metric("zero_shot_top1", top1, "Kinetics-400 test", "8 frames; weights averaged 0.5 with OpenAI CLIP "
+                    "(not this file alone)", _MM_README)
+    return Weights(f"internvideo_mm_{size}", "official", "video-text", _MM_TEST, file=file, hf_hub_id=hub, url=url,
+                   metrics=(metric,))
+
+
+_add(
+    _mm("l14", "InternVideo-MM-L-14.ckpt", 64.25, hub="OpenGVLab/InternVideo1.0"),
+    _mm("b16", "InternVideo-MM-B-16.ckpt", 56.65,
+        url="https://pjlab-gvm-data.oss-cn-shanghai.aliyuncs.com/internvideo/pretrain/InternVideo-MM-B-16.ckpt"),
+    Weights("internvideo_mm_tiny", None, "video-text", VideoTextProtocol()),
+     *(Weights(name, None, "translation", TranslationProtocol()) for name in ("intern2_mt_tiny", "intern2_mt_small")))
+
+
+def _nllb(arch: str, tag: str, hub: str) -> Weights:
+    """An NLLB-200 HF folder: looked up by its folder name in $INTERN2_HOME."""
+    return Weights(arch, tag, "translation", TranslationProtocol(), file=hub.split("/")[-1], hf_hub_id=hub)
+
+
+_add(_nllb("intern2_mt_600m", "nllb200_distilled", "facebook/nllb-200-distilled-600M"),
+     _nllb("intern2_mt_1p3b", "nllb200", "facebook/nllb-200-1.3B"),
+     _nllb("intern2_mt_1p3b", "nllb200_distilled", "facebook/nllb-200-distilled-1.3B"),
+     _nllb("intern2_mt_3p3b", "nllb200", "facebook/nllb-200-3.3B"))
