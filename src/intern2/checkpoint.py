@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 __all__ = ["read_checkpoint", "read_state_dict", "load_checkpoint", "save_pretrained", "atomic_write",
-           "WEIGHTS_NAME", "CONFIG_NAME"]
+           "adapt_input_conv", "WEIGHTS_NAME", "CONFIG_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -122,15 +122,17 @@ def _classifier_keys(model: nn.Module) -> set:
 def load_checkpoint(model: nn.Module, source: Source, strict: bool = True, allow_new_head: bool = True):
     """Load weights from ``source`` into ``model``; returns torch's (missing_keys, unexpected_keys).
 
-    The model's own ``checkpoint_filter`` (if any) adapts official layouts first. With ``allow_new_head``, a
-    classifier whose shape differs (a replaced head, e.g. 1000 -> 10 classes) is left at its fresh
-    initialisation and logged; every other mismatch is an error when ``strict``.
+    The model's own ``checkpoint_filter`` (if any) adapts official layouts first; a checkpoint classifier the
+    model lacks (``num_classes=0``) is dropped and an RGB first conv adapted to ``in_chans`` (timm's rules, each
+    logged). With ``allow_new_head``, a classifier whose shape differs (a replaced head, e.g. 1000 -> 10 classes)
+    is left at its fresh initialisation and logged; every other mismatch is an error when ``strict``.
     """
     state = read_state_dict(source)
     where = source if not isinstance(source, Mapping) else "in-memory checkpoint"
     if hasattr(model, "checkpoint_filter"):
         state = model.checkpoint_filter(state)
     own = model.state_dict()
+    state = _fit_ends(model, state, own, where)
     head = _classifier_keys(model) if allow_new_head else set()
     replaced = [k for k in head if k in state and state[k].shape != own[k].shape]
     if replaced:
@@ -149,6 +151,40 @@ def load_checkpoint(model: nn.Module, source: Source, strict: bool = True, allow
         raise ValueError(f"{where}: checkpoint does not fit the model: {len(missing)} missing keys "
                          f"{missing[:8]}, {len(result.unexpected_keys)} unexpected keys {result.unexpected_keys[:8]}")
     return result
+
+
+def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """An RGB first-conv weight (out, 3, ...) for ``in_chans`` input channels, as timm adapts it: one channel sums
+    the three filters (a grey image gets the RGB model's response); more repeat them cyclically, scaled by
+    3 / in_chans."""
+    if weight.shape[1] != 3:
+        raise ValueError(f"adapt_input_conv: expected an RGB weight (out, 3, ...), got {tuple(weight.shape)}")
+    if in_chans == 1:
+        return weight.sum(1, keepdim=True)
+    repeats = -(-in_chans // 3)
+    return weight.repeat(1, repeats, *[1] * (weight.dim() - 2))[:, :in_chans] * (3 / in_chans)
+
+
+def _fit_ends(model: nn.Module, state: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor],
+              where: Any) -> Dict[str, torch.Tensor]:
+    """The two adaptations timm makes between a checkpoint and a model built with other ends, found through the
+    model's ``pretrained_cfg`` names: a classifier the model does not have (``num_classes=0``, a feature
+    extractor) is dropped, and an RGB ``first_conv`` is adapted to the model's input channels. Each says so."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    classifier, first_conv = cfg.get("classifier"), cfg.get("first_conv")
+    if classifier:
+        dropped = sorted(k for k in state if k.startswith(f"{classifier}.") and k not in own)
+        if dropped and not any(k.startswith(f"{classifier}.") for k in own):
+            log.info("%s: the model has no classifier (num_classes=0): dropping the checkpoint's %s", where,
+                     ", ".join(dropped))
+            state = {k: v for k, v in state.items() if k not in dropped}
+    key = f"{first_conv}.weight" if first_conv else None
+    if key in state and key in own and state[key].shape[1] == 3 != own[key].shape[1] and \
+            state[key].shape[2:] == own[key].shape[2:]:
+        log.info("%s: adapting the RGB input convolution %s to %d input channels", where, first_conv,
+                 own[key].shape[1])
+        state = {**state, key: adapt_input_conv(state[key].float(), own[key].shape[1]).to(state[key].dtype)}
+    return state
 
 
 def atomic_write(path: Union[str, os.PathLike], write) -> None:

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from typing import Dict, List, Optional, Tuple
 
 # command -> (module:function, one-line help). Modules are imported only when their command runs.
 COMMANDS: Dict[str, Tuple[str, str]] = {
-    "list": ("intern2.cli:list_main", "list registered models"),
+    "list": ("intern2.cli:list_main", "list registered models, or with --pretrained their pretrained tags"),
     "demo": ("intern2.demo:main", "run the end-to-end demonstration on built-in data"),
     "train": ("intern2.tasks:train_main",
               "train a model: intern2 train image-cls|segment|detect|video-pretrain|video-cls ..."),
@@ -30,16 +31,31 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
 
 
 def list_main(argv: Optional[List[str]] = None) -> int:
-    """Print registered model names, optionally filtered by a shell pattern."""
+    """Print registered model names (or, with --pretrained, every pretrained tag with its published metrics),
+    optionally filtered by a shell pattern."""
     parser = argparse.ArgumentParser(prog="intern2 list", description=list_main.__doc__)
     parser.add_argument("pattern", nargs="?", help="shell-style filter, e.g. 'internimage_*'")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="list pretrained tags (arch.tag), their task and published metrics")
+    parser.add_argument("--json", action="store_true", help="with --pretrained: each tag's full weights metadata")
     args = parser.parse_args(argv)
-    from .registry import list_models
-    names = list_models(args.pattern)
+    if args.pretrained:
+        from .weights import get_weights, list_pretrained
+        names = list_pretrained(args.pattern)
+        records = [get_weights(*name.split(".", 1)) for name in names]
+        if args.json:
+            print(json.dumps({r.name: r.pretrained_cfg() for r in records}, indent=2))
+        for r in [] if args.json else records:
+            metrics = "; ".join(f"{m.name} {m.value} ({m.dataset}, {m.protocol})" for m in r.metrics)
+            print(f"{r.name:48} {r.task:14} {metrics}".rstrip())
+    else:
+        from .registry import list_models
+        names = list_models(args.pattern)
+        print("\n".join(names)) if names else None
     if not names:
-        print(f"no registered model matches {args.pattern!r}" if args.pattern else "no models registered")
+        kind = "pretrained tag" if args.pretrained else "registered model"
+        print(f"no {kind} matches {args.pattern!r}" if args.pattern else f"no {kind}s")
         return 1 if args.pattern else 0
-    print("\n".join(names))
     return 0
 
 

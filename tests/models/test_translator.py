@@ -9,11 +9,11 @@ from conftest import fixture_path, load_fixture
 from safetensors.torch import load_file
 
 import intern2
+from intern2.models.generation import _ScoreRules
 from intern2.models.translator import (
     TIED_KEYS,
     TranslationModel,
     TranslatorConfig,
-    _ScoreRules,
     apply_linear,
     convert_fairseq_state_dict,
 )

@@ -21,7 +21,7 @@ from ..data.segmentation import keep_ratio_size
 from ..weights import SegmentationProtocol
 from .common import Pipeline, add_model_arguments, pair, pipeline_from_args
 
-__all__ = ["SegmentationPipeline", "test_input_size", "segment_probabilities", "slide_inference", "palette",
+__all__ = ["SegmentationPipeline", "eval_input_size", "segment_probabilities", "slide_inference", "palette",
            "colourise", "image_tensor", "predict_main"]
 
 Pair = Tuple[int, int]
@@ -32,7 +32,7 @@ def image_tensor(image: Union[Image.Image, np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float() / 255
 
 
-def test_input_size(height: int, width: int, protocol: SegmentationProtocol, ratio: float = 1.0) -> Pair:
+def eval_input_size(height: int, width: int, protocol: SegmentationProtocol, ratio: float = 1.0) -> Pair:
     """The (h, w) the model sees for an image of ``height`` x ``width``: mmseg's keep-ratio ``Resize`` into
     ``ratio`` x ``test_size`` (``MultiScaleFlipAug`` truncates the scaled bound), then ``ResizeToMultiple``
     (each side rounded up to a multiple of ``size_divisor``)."""
@@ -72,7 +72,7 @@ def segment_probabilities(model: nn.Module, image: torch.Tensor, protocol: Segme
                           tta: bool = False) -> torch.Tensor:
     """(num_classes, H, W) class probabilities of a (3, H, W) [0, 1] image at its own size.
 
-    Per view: resize as :func:`test_input_size`, normalise, whole-image or sliding-window logits, bilinear back to
+    Per view: resize as :func:`eval_input_size`, normalise, whole-image or sliding-window logits, bilinear back to
     the image size, softmax. With ``tta`` the views are ``protocol.tta_ratios`` (x2 with flips) and their
     probabilities are averaged, as mmseg's ``aug_test``; without, the single view at ratio 1.
     """
@@ -84,7 +84,7 @@ def segment_probabilities(model: nn.Module, image: torch.Tensor, protocol: Segme
         if tta else [(1.0, False)]
     total = None
     for ratio, flip in views:
-        x = (_resize(image, test_input_size(height, width, protocol, ratio)).to(device) - mean) / std
+        x = (_resize(image, eval_input_size(height, width, protocol, ratio)).to(device) - mean) / std
         x = x.flip(-1)[None] if flip else x[None]
         logits = slide_inference(model, x, protocol.slide_crop, protocol.stride) if protocol.slide_crop \
             else model(x)
@@ -131,7 +131,7 @@ class SegmentationPipeline(Pipeline):
 
     def input_size(self, height: int, width: int) -> Pair:
         """The size the model sees for an image of ``height`` x ``width`` (without test-time augmentation)."""
-        return test_input_size(height, width, self.protocol)
+        return eval_input_size(height, width, self.protocol)
 
     def probabilities(self, image: torch.Tensor) -> torch.Tensor:
         """(num_classes, H, W) probabilities of a (3, H, W) [0, 1] image."""

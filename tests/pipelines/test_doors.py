@@ -1,0 +1,167 @@
+"""One answer per model: the same input through the Python pipeline, `intern2 predict --json` (or the family's
+command) and the HTTP endpoint gives the same labels (names and indices) and scores, for every family."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("fastapi")
+pytest.importorskip("multipart")
+pytest.importorskip("httpx")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+import intern2  # noqa: E402
+from intern2 import cli  # noqa: E402
+from intern2.serve import load_model_spec, load_retrieval, load_translator  # noqa: E402
+from intern2.serve.app import create_app  # noqa: E402
+
+BACKBONE = dict(channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8], drop_path_rate=0.0)
+CLASSES = ["cat", "dog", "bird"]
+CAPTIONS = ["a red circle moves to the right", "a blue square turns", "a green star fades in"]
+VIDEO = dict(embed_dim=32, depth=1, num_heads=2, patch_size=16, img_size=32, all_frames=4, num_classes=3)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    image = root / "image.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(image)
+    pytest.importorskip("av")
+    from intern2.data.video import write_video
+    video = write_video(root / "clip.mp4", np.random.default_rng(1).integers(0, 255, (12, 32, 48, 3), dtype=np.uint8))
+    return {"image": str(image), "video": str(video)}
+
+
+def _folder(tmp_path, name: str, model) -> str:
+    intern2.save_pretrained(model, tmp_path / name)
+    return str(tmp_path / name)
+
+
+def _predict_json(capsys, argv) -> list:
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _post(app_kwargs, path, **request):
+    with TestClient(create_app(**app_kwargs)) as client:
+        response = client.post(path, **request)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _same_ranking(*rankings, key="prob"):
+    first = rankings[0]
+    for other in rankings[1:]:
+        assert [(r["label"], r["index"]) for r in other] == [(r["label"], r["index"]) for r in first]
+        assert np.allclose([r[key] for r in other], [r[key] for r in first], atol=1e-6, rtol=0)
+
+
+def test_image_classification(tmp_path, inputs, capsys):
+    torch.manual_seed(0)
+    model = intern2.create_model("internimage_t", num_classes=3, **BACKBONE)
+    model.pretrained_cfg.update(input_size=(3, 64, 64), label_names=CLASSES)
+    folder = _folder(tmp_path, "image", model)
+    from intern2.pipelines.image_cls import ImageClassificationPipeline
+    python = ImageClassificationPipeline.from_pretrained(folder)(inputs["image"], topk=3)["top"]
+    (cli_result,) = _predict_json(capsys, ["predict", inputs["image"], "--checkpoint", folder, "--topk", "3", "--json"])
+    http = _post(dict(image_model=load_model_spec(folder)), "/v1/classify", data={"topk": 3},
+                 files={"file": ("image.png", open(inputs["image"], "rb").read(), "image/png")})["top"]
+    _same_ranking(python, cli_result["top"], http)
+    assert {r["label"] for r in python} == set(CLASSES) and all(CLASSES[r["index"]] == r["label"] for r in python)
+
+
+def test_detection(tmp_path, inputs, capsys):
+    torch.manual_seed(0)
+    model = intern2.create_model("mask_rcnn_internimage_t", backbone=BACKBONE, fpn_channels=32, num_classes=2,
+                                 min_size=64, max_size=96, box_detections_per_img=5, box_score_thresh=0.0)
+    model.pretrained_cfg["label_names"] = ["circle", "square"]
+    folder = _folder(tmp_path, "detect", model)
+    from intern2.pipelines.detect import DetectionPipeline
+    python = DetectionPipeline.from_pretrained(folder)(inputs["image"], threshold=0.0)["objects"]
+    (cli_result,) = _predict_json(capsys, ["predict", inputs["image"], "--checkpoint", folder, "--threshold", "0",
+                                           "--out", str(tmp_path / "drawn"), "--json"])
+    http = _post(dict(detect_model=load_model_spec(folder)), "/v1/detect",
+                 data={"threshold": 0.0, "masks": "false", "draw": "false"},
+                 files={"file": ("image.png", open(inputs["image"], "rb").read(), "image/png")})["objects"]
+    assert python, "a random detector with score threshold 0 still detects"
+    _same_ranking(python, cli_result["objects"], http, key="score")
+    assert [o["box"] for o in python] == [o["box"] for o in cli_result["objects"]] == [o["box"] for o in http]
+    assert all(["circle", "square"][o["index"]] == o["label"] for o in python)
+
+
+def test_segmentation(tmp_path, inputs, capsys):
+    torch.manual_seed(0)
+    model = intern2.create_model("upernet_internimage_t", backbone=BACKBONE, channels=16, aux_channels=16,
+                                 num_classes=4)
+    model.pretrained_cfg.update(label_names=["sky", "road", "tree", "car"], test_size=[96, 64])
+    folder = _folder(tmp_path, "segment", model)
+    from intern2.pipelines.segment import SegmentationPipeline
+    python = SegmentationPipeline.from_pretrained(folder)(inputs["image"])["classes"]
+    (cli_result,) = _predict_json(capsys, ["predict", inputs["image"], "--checkpoint", folder,
+                                           "--out", str(tmp_path / "masks"), "--json"])
+    http = _post(dict(segment_model=load_model_spec(folder)), "/v1/segment",
+                 files={"file": ("image.png", open(inputs["image"], "rb").read(), "image/png")})["classes"]
+    _same_ranking(python, cli_result["classes"], http, key="fraction")
+    assert [c["colour"] for c in python] == [c["colour"] for c in http]
+
+
+def test_video_classification(tmp_path, inputs, capsys):
+    torch.manual_seed(0)
+    model = intern2.create_model("videomae_vit_s", **VIDEO)
+    model.pretrained_cfg.update(stride=1, test_clips=2, test_crops=3, label_names=CLASSES)
+    folder = _folder(tmp_path, "video", model)
+    from intern2.pipelines.video_cls import VideoClassificationPipeline
+    python = VideoClassificationPipeline.from_pretrained(folder)(inputs["video"], topk=3)["top"]
+    (cli_result,) = _predict_json(capsys, ["predict", inputs["video"], "--checkpoint", folder, "--topk", "3", "--json"])
+    http = _post(dict(video_model=load_model_spec(folder)), "/v1/video/classify", data={"topk": 3},
+                 files={"file": ("clip.mp4", open(inputs["video"], "rb").read(), "video/mp4")})["top"]
+    _same_ranking(python, cli_result["top"], http)
+
+
+def test_video_text(tmp_path, inputs, capsys):
+    pytest.importorskip("tokenizers")
+    from intern2.pipelines.video_text import VideoTextPipeline
+    from intern2.text.bpe import BPETokenizer
+    torch.manual_seed(0)
+    model = intern2.create_model("internvideo_mm_tiny", num_frames=4)
+    folder = _folder(tmp_path, "vt", model)
+    BPETokenizer.train(CAPTIONS, vocab_size=300, context_length=32).save(folder)
+    python = VideoTextPipeline.from_pretrained(folder).rank_captions(inputs["video"], CAPTIONS)["ranking"]
+    python = [{"label": r["text"], "index": r["index"], "prob": r["prob"]} for r in python]
+    (cli_result,) = _predict_json(capsys, ["zero-shot", inputs["video"], "--checkpoint", folder, "--labels",
+                                           ",".join(CAPTIONS), "--prompt", "{}", "--json"])
+    http = _post(dict(retrieval=load_retrieval(folder)), "/v1/video/retrieve", data={"texts": "\n".join(CAPTIONS)},
+                 files={"file": ("clip.mp4", open(inputs["video"], "rb").read(), "video/mp4")})["ranking"]
+    http = [{"label": r["text"], "index": r["index"], "prob": r["prob"]} for r in http]
+    _same_ranking(python, cli_result["top"], http)
+
+
+def test_translation(tmp_path, capsys):
+    pytest.importorskip("sentencepiece")
+    pytest.importorskip("babel")
+    from intern2.pipelines.translation import Translator
+    from intern2.text.corpus import builtin_sentences
+    from intern2.text.tokenizer import NllbTokenizer
+    langs = ["eng_Latn", "fra_Latn"]
+    torch.manual_seed(0)
+    tokenizer = NllbTokenizer.train(builtin_sentences(langs), 300, langs)
+    model = intern2.create_model("intern2_mt_tiny", vocab_size=tokenizer.vocab_size, encoder_layers=1,
+                                 decoder_layers=1)
+    folder = tmp_path / "mt"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    text = "Good morning. See you tomorrow!"
+    (python,) = Translator.from_pretrained(folder).translate([text], "eng_Latn", "fra_Latn", max_new_tokens=8)
+    capsys.readouterr()
+    assert cli.main(["translate", "--model", str(folder), "--src", "en", "--tgt", "French", "--max-new-tokens", "8",
+                     text]) == 0
+    from_cli = capsys.readouterr().out.rstrip("\n")
+    http = _post(dict(translator=load_translator(str(folder))), "/v1/translate",
+                 json={"text": text, "src_lang": "en", "tgt_lang": "fra_Latn", "max_new_tokens": 8})["translation"]
+    assert python == from_cli == http
