@@ -110,7 +110,7 @@ def test_detection_resize_rounds_as_mmdet():
     for (h, w), want in (((427, 640), (800, 1199)), ((375, 500), (800, 1067)), ((480, 640), (800, 1067))):
         image, _ = model.transform.resize(torch.zeros(3, h, w))
         assert tuple(image.shape[-2:]) == want
-    pipeline = DetectionPipeline(model, test_size=(96, 64))
+    DetectionPipeline(model, test_size=(96, 64))  # the pipeline sets the model's resize bounds
     assert model.transform.min_size == (64,) and model.transform.max_size == 96
 
 

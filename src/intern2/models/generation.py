@@ -191,7 +191,7 @@ class GenerationMixin:
         if self.max_source_tokens is not None and source_length > self.max_source_tokens:
             warnings.warn(f"source has {source_length} tokens; NLLB models are trained on at most "
                           f"{self.max_source_tokens} and translate long inputs poorly or only in part: split the "
-                          f"text into sentences (intern2.models.translator.translate_in_sentences)", stacklevel=3)
+                          f"text into sentences (intern2.pipelines.translation.translate_in_sentences)", stacklevel=3)
         if max_new_tokens is None:
             max_new_tokens = min(2 * source_length + 10, cfg.max_position_embeddings)
         rules = _ScoreRules(cfg.eos_token_id, forced_bos_token_id, min_new_tokens, no_repeat_ngram_size,

@@ -39,8 +39,8 @@ def pipeline_class(task: Optional[str]) -> type:
 
 def predict_main(argv: Optional[List[str]] = None) -> int:
     """`intern2 predict`: the task comes from --task or the model (its weights metadata or architecture)."""
-    from .common import task_of_arguments
     from ..weights import TASKS
+    from .common import task_of_arguments
     argv = list(argv or [])
     task = task_of_arguments(argv)
     if task not in TASKS:
