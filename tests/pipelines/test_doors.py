@@ -55,11 +55,11 @@ def _post(app_kwargs, path, **request):
     return response.json()
 
 
-def _same_ranking(*rankings, key="prob"):
+def _same_ranking(*rankings, key="prob", atol=1e-6):
     first = rankings[0]
     for other in rankings[1:]:
         assert [(r["label"], r["index"]) for r in other] == [(r["label"], r["index"]) for r in first]
-        assert np.allclose([r[key] for r in other], [r[key] for r in first], atol=1e-6, rtol=0)
+        assert np.allclose([r[key] for r in other], [r[key] for r in first], atol=atol, rtol=0)
 
 
 def test_image_classification(tmp_path, inputs, capsys):
@@ -107,7 +107,9 @@ def test_segmentation(tmp_path, inputs, capsys):
                                            "--out", str(tmp_path / "masks"), "--json"])
     http = _post(dict(segment_model=load_model_spec(folder)), "/v1/segment",
                  files={"file": ("image.png", open(inputs["image"], "rb").read(), "image/png")})["classes"]
-    _same_ranking(python, cli_result["classes"], http, key="fraction")
+    # Class shares count argmax pixels: probabilities equal to the last bits may still break a near-tie of a
+    # random model differently, so a share may move by one pixel (1 / 3072 here), never more.
+    _same_ranking(python, cli_result["classes"], http, key="fraction", atol=1 / (48 * 64) + 1e-6)
     assert [c["colour"] for c in python] == [c["colour"] for c in http]
 
 

@@ -43,11 +43,11 @@ def eval_input_size(height: int, width: int, protocol: SegmentationProtocol, rat
 
 
 def _resize(image: torch.Tensor, size: Pair) -> torch.Tensor:
-    """Bilinear resize of a [0, 1] image, rounded to 8-bit levels as mmcv's uint8 resizes are."""
+    """Bilinear resize (half-pixel centres, as cv2's INTER_LINEAR) of a [0, 1] image. mmcv resizes the uint8
+    image, so its values may differ from these by one level; the sizes are exactly mmseg's."""
     if tuple(image.shape[-2:]) == tuple(size):
         return image
-    resized = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
-    return (resized * 255).round().clamp(0, 255) / 255
+    return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
 @torch.no_grad()

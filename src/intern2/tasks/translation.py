@@ -356,8 +356,8 @@ class TranslationTask:
     def evaluate(self, model: nn.Module, dataset: Sequence[Pair], batch_size: int, device) -> Dict[str, Any]:
         """Decode and score the held-out set (``batch_size``, the engine's count of token batches, is not used:
         decoding batches hold ``eval_batch_size`` sentences)."""
-        return evaluate_translations(Translator(model, self.tokenizer), dataset, self.cfg.eval_beams,
-                                     self.cfg.eval_batch_size)
+        translator = Translator(getattr(model, "module", model), self.tokenizer)  # DDP wraps it in .module
+        return evaluate_translations(translator, dataset, self.cfg.eval_beams, self.cfg.eval_batch_size)
 
     def save_model(self, model: nn.Module, directory: Path) -> None:
         model.save_pretrained(directory)
@@ -390,7 +390,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--tgt", help="target language(s), comma-separated")
     parser.add_argument("--src-file", help="source sentences, one per line (with --ref-file, --src, --tgt)")
     parser.add_argument("--ref-file", help="reference translations of --src-file, line by line")
-    parser.add_argument("--beams", type=int, default=1)
+    parser.add_argument("--beams", type=int, help="beam size (default: the model's, 4; 1: greedy)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-examples", type=int, default=None, help="score a fixed sample of this size")
     parser.add_argument("--int8", action="store_true", help="dynamic int8 quantisation (CPU)")
@@ -418,14 +418,15 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
         examples = _sample(load_pairs(spec, args.split, pairs), args.max_examples)
         if not examples:
             parser.error(f"{spec} has no {args.split} examples for {pairs}")
-        metrics = evaluate_translations(translator, examples, args.beams, args.batch_size)
+        beams = args.beams or translator.protocol.num_beams
+        metrics = evaluate_translations(translator, examples, beams, args.batch_size)
     except (ValueError, KeyError, FileNotFoundError) as exc:
         parser.error(str(exc))
     if args.json:
         print(json.dumps(metrics))
         return 0
     print(f"{spec} ({args.split}): chrF++ {metrics['chrf']:.2f}  BLEU {metrics['bleu']:.2f}  "
-          f"copy-the-source chrF++ {metrics['copy_chrf']:.2f}  ({metrics['count']} sentences, beam {args.beams})")
+          f"copy-the-source chrF++ {metrics['copy_chrf']:.2f}  ({metrics['count']} sentences, beam {beams})")
     for name, values in metrics["pairs"].items():
         print(f"  {name}: chrF++ {values['chrf']:.2f}  BLEU {values['bleu']:.2f}  copy {values['copy_chrf']:.2f}"
               f"  ({values['count']})")
