@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from ..weights import labels_from_cfg, protocol_from_cfg, task_of
 
 __all__ = ["Pipeline", "load_model", "load_model_spec", "model_task", "top_k", "setup_logging",
            "add_model_arguments", "model_from_args", "pipeline_from_args", "print_topk", "open_pipeline", "pair",
-           "task_of_arguments"]
+           "task_of_arguments", "run_on_images"]
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,24 @@ def print_topk(results: List[dict], as_json: bool) -> int:
         elif not as_json:
             print(f"{result['file']}: " + ", ".join(f"{t['label']} ({t['prob']:.3f})" for t in result["top"]))
     return 1 if any("error" in r for r in results) or not results else 0
+
+
+def run_on_images(files: Sequence[str], out: Path,
+                  run: Callable[[str, Any], Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], bool]:
+    """``run(file, image)`` for every readable image file (``out``, the folder for its drawings, is created);
+    an unreadable file is reported on stderr. Returns (results, whether any file failed)."""
+    from ..data.images import load_image
+    out.mkdir(parents=True, exist_ok=True)
+    results, failed = [], False
+    for file in files:
+        try:
+            image = load_image(file)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed = True
+            continue
+        results.append({"file": file, **run(file, image)})
+    return results, failed
 
 
 def pair(text: str) -> Tuple[int, int]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -19,7 +18,7 @@ from torch import nn
 
 from ..data.images import load_image
 from ..weights import DetectionProtocol
-from .common import Pipeline, add_model_arguments, pair, pipeline_from_args
+from .common import Pipeline, add_model_arguments, pair, pipeline_from_args, run_on_images
 from .segment import image_tensor
 
 __all__ = ["DetectionPipeline", "draw_detections", "mask_to_rle", "predict_main"]
@@ -122,20 +121,13 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
     if not 0 <= args.threshold <= 1:
         parser.error(f"--threshold {args.threshold}: expected a score in [0, 1]")
     pipeline = pipeline_from_args(parser, args, DetectionPipeline, test_size=args.test_size)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results, failed = [], False
-    for file in args.images:
-        try:
-            image = load_image(file)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            failed = True
-            continue
+
+    def run(file: str, image: Image.Image) -> Dict[str, Any]:
         result = pipeline(image, args.threshold, args.masks)
-        drawing = out / f"{Path(file).stem}_det.png"
+        drawing = Path(args.out) / f"{Path(file).stem}_det.png"
         pipeline.draw(image, result.pop("output"), args.threshold).save(drawing)
-        results.append({"file": file, "drawing": str(drawing), **result})
+        return {"drawing": str(drawing), **result}
+    results, failed = run_on_images(args.images, Path(args.out), run)
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -19,7 +18,7 @@ from torch import nn
 from ..data.images import load_image
 from ..data.segmentation import keep_ratio_size
 from ..weights import SegmentationProtocol
-from .common import Pipeline, add_model_arguments, pair, pipeline_from_args
+from .common import Pipeline, add_model_arguments, pair, pipeline_from_args, run_on_images
 
 __all__ = ["SegmentationPipeline", "eval_input_size", "segment_probabilities", "slide_inference", "palette",
            "colourise", "image_tensor", "predict_main"]
@@ -150,6 +149,10 @@ class SegmentationPipeline(Pipeline):
                  "colour": "#%02x%02x%02x" % tuple(int(c) for c in colours[i])}
                 for i in np.argsort(-counts, kind="stable").tolist() if counts[i]]
 
+    def mask_image(self, prediction: np.ndarray) -> Image.Image:
+        """The class map as a greyscale PNG-ready image (8-bit, 16-bit for more than 256 classes)."""
+        return Image.fromarray(prediction.astype(np.uint8 if len(self.labels) <= 256 else np.uint16))
+
     def __call__(self, image: Union[Image.Image, str]) -> Dict[str, Any]:
         image = load_image(image) if not isinstance(image, Image.Image) else image
         prediction = self.predict(image)
@@ -187,24 +190,15 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     pipeline = pipeline_from_args(parser, args, SegmentationPipeline, **protocol_options(args))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results, failed = [], False
-    for file in args.images:
-        try:
-            image = load_image(file)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            failed = True
-            continue
+
+    def run(file: str, image: Image.Image) -> Dict[str, Any]:
         result = pipeline(image)
         prediction = result.pop("prediction")
-        stem = Path(file).stem
-        colourise(image, prediction).save(out / f"{stem}_seg.png")
-        Image.fromarray(prediction.astype(np.uint8 if len(pipeline.labels) <= 256 else np.uint16)).save(
-            out / f"{stem}_mask.png")
-        results.append({"file": file, "overlay": str(out / f"{stem}_seg.png"), "mask": str(out / f"{stem}_mask.png"),
-                        **result})
+        overlay, mask = (Path(args.out) / f"{Path(file).stem}_{kind}.png" for kind in ("seg", "mask"))
+        colourise(image, prediction).save(overlay)
+        pipeline.mask_image(prediction).save(mask)
+        return {"overlay": str(overlay), "mask": str(mask), **result}
+    results, failed = run_on_images(args.images, Path(args.out), run)
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import anyio
-import numpy as np
 import torch
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -165,8 +164,7 @@ def _segment(pipeline: Pipeline, image: Image.Image, include_mask: bool) -> Dict
     prediction = result.pop("prediction")
     result["overlay_png"] = _png_base64(colourise(image, prediction))
     if include_mask:  # class index per pixel, as an 8- or 16-bit greyscale PNG
-        result["mask_png"] = _png_base64(Image.fromarray(prediction.astype(
-            np.uint8 if len(pipeline.labels) <= 256 else np.uint16)))
+        result["mask_png"] = _png_base64(pipeline.mask_image(prediction))
     return result
 
 
