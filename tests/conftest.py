@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -12,6 +13,11 @@ import torch
 # Triton kernels run on CPU tensors through the interpreter; the flag is read when kernels are defined.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Tests never reach the network, and never read the developer's Hugging Face cache: the Hub code runs offline
+# against caches the tests build (huggingface_hub reads both variables when it is imported, after this).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="intern2-test-hf-cache-")
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 

@@ -72,7 +72,7 @@ def test_mmdet_checkpoint_into_backbone(reference, tmp_path):
                                     checkpoint_path=tmp_path / "mask_rcnn.pth")
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        for got, want in zip(backbone(x), reference.eval().forward_intermediates(x)):
+        for got, want in zip(backbone(x), reference.eval().forward_intermediates(x, intermediates_only=True)):
             torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
@@ -146,9 +146,10 @@ def test_corrupt_files_name_the_file(tmp_path, name, content):
         read_checkpoint(tmp_path / "missing.pth")
 
 
-def test_pretrained_needs_a_local_file(reference, tmp_path, monkeypatch):
+def test_pretrained_reads_intern2_home_or_an_explicit_file(reference, tmp_path, monkeypatch):
     monkeypatch.setenv("INTERN2_HOME", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="internimage_t_1k_224.pth not found.*huggingface.co/OpenGVLab"):
+    with pytest.raises(FileNotFoundError, match="internimage_t_1k_224.pth of OpenGVLab/InternImage is not in the "
+                                                "Hugging Face cache .* HF_HUB_OFFLINE=1"):
         intern2.create_model("internimage_t", pretrained=True, **TINY)
     torch.save({"model": reference.state_dict()}, tmp_path / "internimage_t_1k_224.pth")
     _same_outputs(intern2.create_model("internimage_t", pretrained=True, **TINY), reference)

@@ -1,4 +1,6 @@
-"""Register intern2's image models in timm's registry, so ``timm.create_model('internimage_t')`` works.
+"""Register intern2's image models in timm: entrypoints and every pretrained tag in timm's pretrained registry, so
+``timm.create_model('internimage_t.in1k', pretrained=True)``, ``timm.list_pretrained('internimage*')`` and
+``timm.get_pretrained_cfg_value(...)`` work, and timm's ``local-dir:`` / ``hf-hub:`` names load intern2 folders.
 
 ``import intern2`` must stay light and timm takes seconds to import, so registration happens when timm is
 imported (now, if it already is; otherwise right after its import finishes, through a one-shot import hook).
@@ -8,29 +10,61 @@ from __future__ import annotations
 import importlib.abc
 import importlib.util
 import sys
+from typing import Any, Dict
 
-__all__ = ["install", "register_with_timm"]
+__all__ = ["install", "register_with_timm", "default_cfgs"]
+
+# Filled by register_with_timm: timm's register_model reads the entrypoint module's ``default_cfgs``.
+default_cfgs: Dict[str, Any] = {}
+_ORIGIN = dict(license="mit", origin_url="https://github.com/OpenGVLab/InternImage", paper_ids="arXiv:2211.05778",
+               paper_name="InternImage: Exploring Large-Scale Vision Foundation Models with Deformable Convolutions")
+
+
+def _timm_cfg(record) -> Dict[str, Any]:
+    """A weights record in timm's PretrainedCfg fields."""
+    protocol = record.protocol
+    cfg = dict(hf_hub_id=record.hf_hub_id, hf_hub_filename=record.file, url=record.url or "",
+               num_classes=record.num_classes, input_size=tuple(protocol.input_size), crop_pct=protocol.crop_pct,
+               interpolation=protocol.interpolation, mean=tuple(protocol.mean), std=tuple(protocol.std),
+               first_conv=record.first_conv, classifier=record.classifier, **_ORIGIN)
+    return {**cfg, **{k: v for k, v in record.extra.items() if k == "pool_size"}}
+
+
+def _entrypoint(name: str):
+    def entrypoint(pretrained: bool = False, pretrained_cfg: Any = None, pretrained_cfg_overlay: Any = None,
+                   cache_dir: Any = None, pretrained_model_args: Any = None, **kwargs: Any):
+        """timm's entrypoint contract: ``pretrained_cfg`` is a tag, or timm's resolved cfg (a dict or
+        PretrainedCfg, from a tag or from a ``local-dir:`` / ``hf-hub:`` name, whose folder then holds the model);
+        ``pretrained_model_args`` (the folder's saved arguments) is read from the folder itself."""
+        from .factory import create_model, from_pretrained
+        cfg = pretrained_cfg if isinstance(pretrained_cfg, (str, type(None))) else \
+            (pretrained_cfg if isinstance(pretrained_cfg, dict) else pretrained_cfg.to_dict())
+        if isinstance(cfg, dict) and cfg.get("source") in ("local-dir", "hf-hub"):
+            from .hub import resolve_weights
+            folder = cfg["file"] if cfg["source"] == "local-dir" else resolve_weights(
+                {"hf_hub_id": cfg["hf_hub_id"]}, cache_dir)
+            return from_pretrained(folder, weights=pretrained, **{k: v for k, v in kwargs.items()
+                                                                 if k not in (pretrained_model_args or {})})
+        tag = cfg if isinstance(cfg, str) else (cfg or {}).get("tag")
+        return create_model(f"{name}.{tag}" if tag else name, pretrained=pretrained,
+                            pretrained_cfg_overlay=pretrained_cfg_overlay, cache_dir=cache_dir, **kwargs)
+    entrypoint.__name__ = name
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f"{name} (intern2), with timm's entrypoint arguments."
+    return entrypoint
 
 
 def register_with_timm() -> None:
-    """Add every intern2 image model to timm's registry (idempotent)."""
-    from timm.models import is_model, register_model
+    """Add every intern2 image model and its pretrained tags to timm's registries (idempotent)."""
+    from timm.models import generate_default_cfgs, is_model, register_model
 
-    from .factory import create_model
     from .models import internimage
-
-    for name in internimage.INTERNIMAGE_VARIANTS:
-        if is_model(name):
-            continue
-
-        def entrypoint(pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None,
-                       _name=name, **kwargs):
-            tag = pretrained_cfg if isinstance(pretrained_cfg, str) else None
-            return create_model(f"{_name}.{tag}" if tag else _name, pretrained=pretrained,
-                                pretrained_cfg_overlay=pretrained_cfg_overlay, **kwargs)
-        entrypoint.__name__ = name
-        entrypoint.__module__ = internimage.__name__
-        register_model(entrypoint)
+    from .weights import get_weights, pretrained_tags
+    names = [name for name in internimage.INTERNIMAGE_VARIANTS if not is_model(name)]
+    default_cfgs.update(generate_default_cfgs({f"{name}.{tag}": _timm_cfg(get_weights(name, tag))
+                                               for name in names for tag in pretrained_tags(name)}))
+    for name in names:
+        register_model(_entrypoint(name))
 
 
 class _RegisterAfterTimmImport(importlib.abc.MetaPathFinder):

@@ -11,28 +11,7 @@ from torch import nn
 from .checkpoint import CONFIG_NAME, load_checkpoint, read_checkpoint, save_pretrained as _save
 from .registry import get_model_builder, is_model
 
-__all__ = ["create_model", "from_pretrained", "save_pretrained", "pretrained_file"]
-
-ENV_HOME = "INTERN2_HOME"
-
-
-def pretrained_file(pretrained_cfg: Dict[str, Any]) -> Path:
-    """Local path of a pretrained config's official file: the 'file' entry itself if it exists, else that file
-    name inside $INTERN2_HOME (default ~/.cache/intern2). intern2 never downloads."""
-    name = pretrained_cfg.get("file")
-    if not name:
-        raise ValueError(f"pretrained config {pretrained_cfg.get('architecture')} names no weight file")
-    if Path(name).exists():
-        return Path(name)
-    home = Path(os.environ.get(ENV_HOME, Path.home() / ".cache" / "intern2"))
-    candidate = home / Path(name).name
-    if candidate.exists():
-        return candidate
-    hub = pretrained_cfg.get("hf_hub_id")
-    raise FileNotFoundError(
-        f"pretrained weights {Path(name).name} not found at {candidate}. intern2 does not download: get the "
-        f"official file{f' from https://huggingface.co/{hub}' if hub else ''} and put it in {home} (or set "
-        f"${ENV_HOME}), or pass checkpoint_path=...")
+__all__ = ["create_model", "from_pretrained", "save_pretrained", "HF_MODEL_TYPES"]
 
 
 def create_model(
@@ -42,17 +21,20 @@ def create_model(
         features_only: bool = False,
         out_indices: Sequence[int] = (0, 1, 2, 3),
         pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
+        cache_dir: Optional[Union[str, os.PathLike]] = None,
         **kwargs,
 ) -> nn.Module:
     """Build a registered model, optionally loading weights.
 
     Args:
         name: 'arch' or 'arch.tag' (e.g. 'internimage_l.in22k_ft_in1k'); see ``intern2.list_models()``.
-        pretrained: load the official weights of the pretrained config (from a local file, see pretrained_file).
+        pretrained: load the tag's official weights: its file given as a path, else found in $INTERN2_HOME, else
+            in (or, online, downloaded into) the Hugging Face Hub cache (see :mod:`intern2.hub`).
         checkpoint_path: load these weights instead (any supported layout).
         features_only: build the dense-prediction backbone returning per-level NCHW maps.
         out_indices: levels returned when features_only.
         pretrained_cfg_overlay: entries overriding the pretrained config (e.g. dict(file=PATH)).
+        cache_dir: the Hugging Face cache to use instead of the default (``$HF_HUB_CACHE``).
         **kwargs: override architecture config fields (num_classes, depths, channels, drop_path_rate, ...).
     """
     arch, _, tag = name.partition(".")
@@ -67,7 +49,8 @@ def create_model(
     if checkpoint_path is not None:
         load_checkpoint(model, checkpoint_path)
     elif pretrained:
-        load_checkpoint(model, pretrained_file(model.pretrained_cfg))
+        from .hub import resolve_weights
+        load_checkpoint(model, resolve_weights(model.pretrained_cfg, cache_dir))
     return model
 
 
@@ -91,11 +74,35 @@ def _hf_model_type(directory: Path) -> Optional[str]:
     return None if not isinstance(config, dict) or config.get("architecture") else config.get("model_type")
 
 
-def from_pretrained(directory: Union[str, os.PathLike], **kwargs) -> nn.Module:
-    """Rebuild a model from a folder written by :func:`save_pretrained`, from an OpenGVLab HF-hub InternImage
-    folder (config.json with model_type 'intern_image'; no remote code is executed), or from an HF NLLB/M2M-100
-    folder (model_type 'm2m_100', e.g. one written by ``TranslationModel.save_pretrained``; ``kwargs`` are its
-    ``dtype`` / ``device``)."""
+# HF transformers config.json model types that from_pretrained rebuilds (no remote code runs).
+HF_MODEL_TYPES = ("intern_image", "m2m_100", "videomae")
+# An HF VideoMAE head of this many classes is the tag of that dataset (its test protocol and label set).
+_VIDEOMAE_TAGS = {400: "k400", 174: "ssv2", 710: "k710_distilled"}
+
+
+def _hf_videomae(directory: Path, config: Dict[str, Any], kwargs: Dict[str, Any]) -> nn.Module:
+    """An HF transformers VideoMAE folder (VideoMAEForVideoClassification / ForPreTraining) as the intern2 model
+    that computes what transformers computes; a classifier's head size picks the dataset's test protocol and its
+    id2label names the classes."""
+    from .models.video_vit import config_from_hf
+    from .weights import pretrained_tags
+    try:
+        name, fields, names = config_from_hf(config)
+    except ValueError as exc:
+        raise ValueError(f"{directory / CONFIG_NAME}: {exc}") from None
+    tag = _VIDEOMAE_TAGS.get(fields.get("num_classes"))
+    model = create_model(f"{name}.{tag}" if tag in pretrained_tags(name) else name, **{**fields, **kwargs})
+    model.pretrained_cfg = {**model.pretrained_cfg, "file": str(directory),
+                            **({"label_names": names} if names and fields.get("num_classes") else {})}
+    return model
+
+
+def from_pretrained(directory: Union[str, os.PathLike], weights: bool = True, **kwargs) -> nn.Module:
+    """Rebuild a model from a folder written by :func:`save_pretrained` or from an HF folder of a model type in
+    :data:`HF_MODEL_TYPES` (no remote code is executed): OpenGVLab's HF-hub InternImage ('intern_image'), HF
+    transformers VideoMAE classifiers and pre-training models ('videomae'), NLLB/M2M-100 ('m2m_100', e.g. one
+    written by ``TranslationModel.save_pretrained``; ``kwargs`` are then its ``dtype`` / ``device``).
+    ``weights=False`` builds the folder's architecture without loading its weights."""
     if _hf_model_type(Path(directory)) == "m2m_100":  # also sharded folders, which read_checkpoint does not read
         from .models.translator import TranslationModel
         return TranslationModel.from_pretrained(directory, **kwargs)
@@ -105,6 +112,8 @@ def from_pretrained(directory: Union[str, os.PathLike], **kwargs) -> nn.Module:
         from .models.internimage import InternImage, InternImageConfig
         model = InternImage(**{**InternImageConfig.from_dict(config).to_dict(), **kwargs})
         model.pretrained_cfg = dict(architecture="internimage_custom")
+    elif arch is None and config.get("model_type") == "videomae":
+        model = _hf_videomae(Path(directory), config, kwargs)
     elif arch and is_model(arch):
         fields = {k: v for k, v in config.items() if k not in ("architecture", "pretrained_cfg")}
         tag = config.get("pretrained_cfg", {}).get("tag")
@@ -112,7 +121,8 @@ def from_pretrained(directory: Union[str, os.PathLike], **kwargs) -> nn.Module:
         model.pretrained_cfg = {**model.pretrained_cfg, **config.get("pretrained_cfg", {})}
     else:
         raise ValueError(f"{Path(directory) / CONFIG_NAME}: cannot tell the model: expected an 'architecture' "
-                         f"known to intern2 or model_type 'intern_image' or 'm2m_100', "
+                         f"known to intern2 or an HF model_type intern2 reads ({', '.join(HF_MODEL_TYPES)}), "
                          f"got {arch or config.get('model_type')!r}")
-    load_checkpoint(model, state, allow_new_head=False)
+    if weights:
+        load_checkpoint(model, state, allow_new_head=False)
     return model

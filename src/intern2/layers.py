@@ -5,13 +5,14 @@ indices (and hence state-dict keys such as ``dw_conv.1.1.weight``) match the rel
 """
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torchvision
 from torch import nn
 
-__all__ = ["ToChannelsFirst", "ToChannelsLast", "DropPath", "build_norm_layer", "build_act_layer"]
+__all__ = ["ToChannelsFirst", "ToChannelsLast", "DropPath", "build_norm_layer", "build_act_layer", "FeatureInfo",
+           "take_indices"]
 
 
 class ToChannelsFirst(nn.Module):
@@ -78,3 +79,55 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+def take_indices(num_levels: int, indices: Union[None, int, Sequence[int]]) -> Tuple[int, ...]:
+    """timm's level selection: None is every level, an int n the last n, a sequence those levels (negative
+    counting from the end); a ValueError names what is out of range."""
+    if indices is None:
+        return tuple(range(num_levels))
+    if isinstance(indices, int):
+        if not 0 < indices <= num_levels:
+            raise ValueError(f"indices: expected the number of last levels in 1..{num_levels}, got {indices}")
+        return tuple(range(num_levels - indices, num_levels))
+    chosen = tuple(int(i) + num_levels if int(i) < 0 else int(i) for i in indices)
+    if not chosen or not all(0 <= i < num_levels for i in chosen):
+        raise ValueError(f"indices {tuple(indices)}: expected level indices in [{-num_levels}, {num_levels})")
+    return chosen
+
+
+class FeatureInfo:
+    """timm's ``FeatureInfo`` contract without timm: one dict (num_chs, reduction, module) per level; the
+    accessors ``channels()``, ``reduction()``, ``module_name()`` and ``get_dicts()`` answer for the selected
+    ``out_indices`` (or one position of them with ``idx``), and indexing / ``len`` address every level."""
+
+    def __init__(self, info: List[Dict[str, Any]], out_indices: Sequence[int]):
+        self.info = [dict(entry) for entry in info]
+        self.out_indices = tuple(out_indices)
+
+    def get(self, key: str, idx: Optional[Union[int, Sequence[int]]] = None) -> Any:
+        if idx is None:
+            return [self.info[i][key] for i in self.out_indices]
+        if isinstance(idx, (tuple, list)):
+            return [self.info[self.out_indices[i]][key] for i in idx]
+        return self.info[self.out_indices[idx]][key]
+
+    def get_dicts(self, keys: Optional[Sequence[str]] = None, idx: Optional[int] = None) -> Any:
+        chosen = [self.info[i] for i in self.out_indices] if idx is None else [self.info[self.out_indices[idx]]]
+        dicts = [d if keys is None else {k: d[k] for k in keys} for d in chosen]
+        return dicts if idx is None else dicts[0]
+
+    def channels(self, idx: Optional[int] = None) -> Any:
+        return self.get("num_chs", idx)
+
+    def reduction(self, idx: Optional[int] = None) -> Any:
+        return self.get("reduction", idx)
+
+    def module_name(self, idx: Optional[int] = None) -> Any:
+        return self.get("module", idx)
+
+    def __getitem__(self, item: int) -> Dict[str, Any]:
+        return self.info[item]
+
+    def __len__(self) -> int:
+        return len(self.info)

@@ -388,6 +388,7 @@ class Weights:
     metrics: Tuple[Metric, ...] = ()
     classifier: Optional[str] = None  # timm's names: the head module (dropped for num_classes=0) ...
     first_conv: Optional[str] = None  # ... and the input convolution (adapted for in_chans != 3)
+    extra: Mapping[str, Any] = field(default_factory=dict)  # other timm keys of the family (pool_size)
 
     @property
     def name(self) -> str:
@@ -400,7 +401,7 @@ class Weights:
                    classifier=self.classifier, first_conv=self.first_conv, **self.protocol.to_cfg())
         if self.metrics:
             cfg["metrics"] = [dataclasses.asdict(m) for m in self.metrics]
-        return {**cfg, **extra}
+        return {**cfg, **self.extra, **extra}
 
 
 _WEIGHTS: Dict[str, List[Weights]] = {}
@@ -466,9 +467,11 @@ _INTERNIMAGE_HUB = "OpenGVLab/InternImage"
 
 def _imagenet(arch: str, tag: str, file: str, size: int, top1: Optional[float], classes: int = 1000) -> Weights:
     metrics = (Metric("top1", top1, "ImageNet-1k val", f"{size}x{size}, 1 crop", _IMAGENET_README),) if top1 else ()
+    stride = 16 if arch in ("internimage_h", "internimage_g") else 32  # H/G pool the fused level-2/3 map
     return Weights(arch, tag, "image-cls", ImageClassificationProtocol(input_size=(3, size, size)),
                    num_classes=classes, labels="imagenet-1k" if classes == 1000 else "imagenet-22k", file=file,
-                   hf_hub_id=_INTERNIMAGE_HUB, metrics=metrics, classifier="head", first_conv="patch_embed.conv1")
+                   hf_hub_id=_INTERNIMAGE_HUB, metrics=metrics, classifier="head", first_conv="patch_embed.conv1",
+                   extra=dict(pool_size=(size // stride, size // stride)))
 
 
 _add(

@@ -111,8 +111,8 @@ def test_shapes_surface_and_errors():
     assert model(x).shape == (2, 10)
     assert model.forward_features(x).shape == (2, 128, 2, 2)
     assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, 192)
-    assert [f.shape for f in model.forward_intermediates(x)] == [(2, 16, 16, 16), (2, 32, 8, 8), (2, 64, 4, 4),
-                                                                 (2, 128, 2, 2)]
+    assert [f.shape for f in model.forward_intermediates(x, intermediates_only=True)] == [
+        (2, 16, 16, 16), (2, 32, 8, 8), (2, 64, 4, 4), (2, 128, 2, 2)]
     assert [info["reduction"] for info in model.feature_info] == [4, 8, 16, 32]
     model.reset_classifier(3)
     assert model(x).shape == (2, 3) and model.num_classes == 3

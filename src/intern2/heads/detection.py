@@ -34,7 +34,7 @@ class InternImageFPN(nn.Module):
     def __init__(self, body: nn.Module, out_channels: int = 256):
         super().__init__()
         self.body = body
-        self.fpn = FeaturePyramidNetwork([info["num_chs"] for info in body.feature_info], out_channels,
+        self.fpn = FeaturePyramidNetwork(body.feature_info.channels(), out_channels,
                                          extra_blocks=LastLevelMaxPool())
         self.out_channels = out_channels
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import DropPath, build_act_layer, build_norm_layer
+from ..layers import DropPath, FeatureInfo, build_act_layer, build_norm_layer, take_indices
 from ..ops import DCNv3
 from ..registry import register_variant
 
@@ -239,43 +239,66 @@ class AttentionPoolingBlock(nn.Module):
         return self.cross_dcn(query, self.norm1_k(x), self.norm1_v(x)).squeeze(1)
 
 
+@torch.fx.wrap
+def _check_input(x: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """The input check, kept out of symbolic tracing (torch.fx records the call instead of its branches)."""
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise ValueError(f"InternImage input: expected (N, {in_chans}, H, W), got {tuple(x.shape)}")
+    return x
+
+
 class InternImage(nn.Module):
-    """InternImage image classifier / dense-prediction backbone.
+    """InternImage image classifier / dense-prediction backbone, with timm's model contract.
 
     Keyword arguments are the fields of :class:`InternImageConfig` (the official config names), plus:
 
     Args:
-        in_chans: input image channels.
+        in_chans: input image channels (official weights adapt to it on load, as timm does).
+        global_pool: 'avg' (the official head) or '' (no pooling: with ``num_classes=0`` the model returns the
+            head's unpooled map, or for the clip-projector head of H/G the fused level-2/3 map).
         features_only: build the det/seg backbone (no head); forward returns a list of NCHW maps.
-        out_indices: levels returned when ``features_only``.
+        out_indices: levels returned when ``features_only`` (timm's forms: a sequence, negatives from the end,
+            or an int n for the last n levels).
+        feature_cls: accepted as timm passes it ('getter', 'fx', 'hook' or None all give the same native
+            list of maps).
         dcn_impl: DCNv3 core implementation for every layer (None: best for the device).
         core_op: accepted for official configs ('DCNv3' or 'DCNv3_pytorch'; both compute the same function).
+
+    ``num_features`` is the channel count of :meth:`forward_features` (for H/G, whose head pools the fused
+    level-2/3 map at stride 16, 1024: the official logits are unchanged) and ``head_hidden_size`` that of
+    ``forward_head(x, pre_logits=True)``. TorchScript is not supported (the DCNv3 core is a ``torch.library``
+    custom op): ``torch.jit.script`` refuses with a message; ``torch.compile``, ``torch.export``, ONNX export and
+    ``torch.fx`` (the input checks are wrapped leaves) work.
     """
 
     # Head modules (absent in the det/seg backbone).
     HEAD_PREFIXES = ("conv_head.", "head.", "dcnv3_head_x4.", "dcnv3_head_x3.", "clip_projector.", "fc_norm.")
     CLIP_DIM, CLIP_HEADS, CLIP_OUT_DIM = 1024, 16, 768  # fixed in the official code
+    FEATURE_CLASSES = (None, "getter", "fx", "hook")
 
-    def __init__(self, *, in_chans: int = 3, features_only: bool = False,
-                 out_indices: Sequence[int] = (0, 1, 2, 3), dcn_impl: Optional[str] = None,
-                 core_op: str = "DCNv3", **config):
+    def __init__(self, *, in_chans: int = 3, global_pool: str = "avg", features_only: bool = False,
+                 out_indices: Union[int, Sequence[int]] = (0, 1, 2, 3), feature_cls: Optional[str] = None,
+                 dcn_impl: Optional[str] = None, core_op: str = "DCNv3", **config):
         super().__init__()
         if core_op not in ("DCNv3", "DCNv3_pytorch"):
             raise ValueError(f"core_op: expected 'DCNv3' or 'DCNv3_pytorch', got {core_op!r}")
+        if feature_cls not in self.FEATURE_CLASSES:
+            raise ValueError(f"feature_cls: expected one of {list(self.FEATURE_CLASSES)}, got {feature_cls!r}")
         known = {f.name for f in dataclasses.fields(InternImageConfig)}
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(f"InternImage got unknown config keys {unknown}; valid keys: {sorted(known)}")
         cfg = InternImageConfig(**config)
         self.config = cfg
+        self.in_chans = in_chans
         self.features_only = features_only
         self.num_levels = len(cfg.depths)
-        self.out_indices = tuple(out_indices)
-        if features_only and not all(0 <= i < self.num_levels for i in self.out_indices):
-            raise ValueError(f"out_indices {self.out_indices} must be level indices < {self.num_levels}")
-        self.num_features = cfg.num_features
-        self.feature_info = [dict(num_chs=cfg.channels * 2 ** i, reduction=4 * 2 ** i, module=f"levels.{i}")
-                             for i in range(self.num_levels)]
+        self.out_indices = take_indices(self.num_levels, out_indices) if features_only else tuple(
+            range(self.num_levels))
+        levels = [dict(num_chs=cfg.channels * 2 ** i, reduction=4 * 2 ** i, module=f"levels.{i}")
+                  for i in range(self.num_levels)]
+        # timm: a features_only model's FeatureInfo (selected levels), a classifier's plain list of every level
+        self.feature_info = FeatureInfo(levels, self.out_indices) if features_only else levels
 
         self.patch_embed = StemLayer(in_chans, cfg.channels, cfg.act_layer, cfg.norm_layer)
         self.pos_drop = nn.Dropout(cfg.drop_rate)
@@ -291,6 +314,8 @@ class InternImage(nn.Module):
                 post_norm_block_ids=cfg.level2_post_norm_block_ids if cfg.level2_post_norm and i == 2 else None,
                 dcn_impl=dcn_impl))
         self.num_classes = 0 if features_only else cfg.num_classes
+        self.num_features = self.CLIP_DIM if cfg.use_clip_projector else cfg.num_features
+        self.global_pool = self._check_pool(global_pool, self.num_classes)
         if not features_only:
             self._build_head(cfg)
         self.apply(self._init_weights)
@@ -299,20 +324,29 @@ class InternImage(nn.Module):
                 module.reset_parameters()
 
     def _build_head(self, cfg: InternImageConfig) -> None:
+        last = cfg.num_features
         if cfg.use_clip_projector:
-            self.dcnv3_head_x4 = nn.Sequential(nn.Conv2d(self.num_features, self.CLIP_DIM * 4, 1), nn.PixelShuffle(2))
-            self.dcnv3_head_x3 = nn.Conv2d(self.num_features // 2, self.CLIP_DIM, 1)
+            self.dcnv3_head_x4 = nn.Sequential(nn.Conv2d(last, self.CLIP_DIM * 4, 1), nn.PixelShuffle(2))
+            self.dcnv3_head_x3 = nn.Conv2d(last // 2, self.CLIP_DIM, 1)
             self.clip_projector = AttentionPoolingBlock(self.CLIP_DIM, self.CLIP_HEADS, self.CLIP_OUT_DIM,
                                                         cfg.norm_layer)
             self.fc_norm = build_norm_layer(self.CLIP_OUT_DIM, cfg.norm_layer)
-            self.head_features = self.CLIP_OUT_DIM
+            self.head_hidden_size = self.CLIP_OUT_DIM
         else:
-            self.head_features = int(self.num_features * cfg.cls_scale)
+            self.head_hidden_size = int(last * cfg.cls_scale)
             self.conv_head = nn.Sequential(
-                nn.Conv2d(self.num_features, self.head_features, 1, bias=False),
-                build_norm_layer(self.head_features, "BN", "channels_first", "channels_first"),
+                nn.Conv2d(last, self.head_hidden_size, 1, bias=False),
+                build_norm_layer(self.head_hidden_size, "BN", "channels_first", "channels_first"),
                 build_act_layer(cfg.act_layer))
-        self.head = nn.Linear(self.head_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.head_hidden_size, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+
+    @staticmethod
+    def _check_pool(global_pool: str, num_classes: int) -> str:
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool: expected 'avg' or '' (no pooling), got {global_pool!r}")
+        if not global_pool and num_classes:
+            raise ValueError(f"global_pool='' (no pooling) needs num_classes=0, got num_classes={num_classes}")
+        return global_pool
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -331,13 +365,30 @@ class InternImage(nn.Module):
     def export_config(self) -> Dict:
         """Everything :func:`intern2.from_pretrained` needs to rebuild this model."""
         return dict(self.config.to_dict(), num_classes=self.num_classes if not self.features_only else
-                    self.config.num_classes, features_only=self.features_only, out_indices=list(self.out_indices))
+                    self.config.num_classes, in_chans=self.in_chans, global_pool=self.global_pool,
+                    features_only=self.features_only, out_indices=list(self.out_indices))
+
+    @property
+    def default_cfg(self) -> Dict:
+        """timm's older name of ``pretrained_cfg``."""
+        return self.pretrained_cfg
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError("InternImage cannot be compiled by torch.jit.script: its DCNv3 core is a torch.library "
+                           "custom op with Python checks. Use torch.compile, torch.export or intern2 export onnx.")
 
     # ---------------------------------------------------------------------------------------------- timm surface
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for level in self.levels:
             for block in level.blocks:
                 block.with_cp = enable
+
+    def group_matcher(self, coarse: bool = False) -> Dict:
+        """timm's parameter groups (layer-wise lr decay, freezing): the stem, then each level (coarse) or each
+        block, with a level's norms and downsample after its last block; the head is last."""
+        return dict(stem=r"^patch_embed", blocks=r"^levels\.(\d+)" if coarse else [
+            (r"^levels\.(\d+)\.blocks\.(\d+)", None),
+            (r"^levels\.(\d+)\.(?:norm|post_norms|downsample)", (99999,))])
 
     def fsdp_units(self) -> List[nn.Module]:
         """Modules to wrap with FSDP2 ``fully_shard`` one by one (each residual block)."""
@@ -367,54 +418,90 @@ class InternImage(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the last Linear by a fresh one with ``num_classes`` outputs (0: identity)."""
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the last Linear by a fresh one with ``num_classes`` outputs (0: identity); ``global_pool``
+        'avg' or '' (no pooling, with 0 classes) as timm's."""
         if self.features_only:
             raise ValueError("reset_classifier: a features_only backbone has no classifier")
+        self.global_pool = self._check_pool(self.global_pool if global_pool is None else global_pool, num_classes)
         self.num_classes = num_classes
-        self.head = nn.Linear(self.head_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             self._init_weights(self.head)
 
     def _levels(self, x: torch.Tensor, stop: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Run the stem and levels 0..stop; returns (last output, per-level NHWC maps before downsampling)."""
-        if x.dim() != 4 or x.shape[1] != self.patch_embed.conv1.in_channels:
-            raise ValueError(f"InternImage input: expected (N, {self.patch_embed.conv1.in_channels}, H, W), "
-                             f"got {tuple(x.shape)}")
-        x = self.pos_drop(self.patch_embed(x))
+        x = self.pos_drop(self.patch_embed(_check_input(x, self.in_chans)))
         maps = []
         for level in self.levels[:stop + 1]:
             x, before_downsample = level(x)
             maps.append(before_downsample)
         return x, maps
 
-    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Sequence[int]] = None) -> List[torch.Tensor]:
-        """Per-level NCHW maps (after the level norm, before downsampling) for the given level indices."""
-        indices = tuple(range(self.num_levels)) if indices is None else tuple(indices)
-        _, maps = self._levels(x, max(indices))
-        return [maps[i].permute(0, 3, 1, 2).contiguous() for i in indices]
+    def _fused(self, maps: List[torch.Tensor]) -> torch.Tensor:
+        """What the head consumes from every level's map: the last level (NCHW), or for the clip-projector head
+        the fused level-2/3 map (N, 1024, H/16, W/16)."""
+        if self.config.use_clip_projector and hasattr(self, "dcnv3_head_x4"):
+            return self.dcnv3_head_x4(maps[3].permute(0, 3, 1, 2)) + self.dcnv3_head_x3(maps[2].permute(0, 3, 1, 2))
+        return maps[-1].permute(0, 3, 1, 2)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Union[None, int, Sequence[int]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """timm's contract: the per-level NCHW maps (after the level norm, before downsampling) of ``indices``
+        (None: all; int n: the last n; negatives from the end), and unless ``intermediates_only`` the final
+        features first, ``(final, intermediates)``. ``stop_early`` skips the levels after the last one asked for
+        (the final features are then that level's map). ``norm`` is accepted: the maps are already normalised."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt: InternImage gives 'NCHW' maps, got {output_fmt!r}")
+        chosen = take_indices(len(self.levels), indices)
+        stop = max(chosen) if stop_early or intermediates_only else len(self.levels) - 1
+        _, maps = self._levels(x, stop)
+        intermediates = [maps[i].permute(0, 3, 1, 2).contiguous() for i in chosen]
+        if intermediates_only:
+            return intermediates
+        final = self._fused(maps) if stop == self.num_levels - 1 else maps[stop].permute(0, 3, 1, 2).contiguous()
+        return final, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[None, int, Sequence[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """timm's contract: drop the levels after the last of ``indices`` and (with ``prune_head``) the head, so
+        that ``forward_intermediates`` computes no more than it returns and ``forward`` gives the last kept
+        level's map; returns the indices."""
+        chosen = take_indices(len(self.levels), indices)
+        self.levels = self.levels[:max(chosen) + 1]
+        if prune_head:
+            for name in ("conv_head", "dcnv3_head_x4", "dcnv3_head_x3", "clip_projector", "fc_norm"):
+                if hasattr(self, name):
+                    delattr(self, name)
+            self.reset_classifier(0, "")
+            self.num_features = self.head_hidden_size = self.feature_info[len(self.levels) - 1]["num_chs"]
+        return list(chosen)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Unpooled features the head consumes: the last level's NCHW map, or for the clip-projector head the
-        fused level-2/3 map (N, 1024, H/16, W/16)."""
+        """Unpooled features the head consumes, ``num_features`` channels: the last level's NCHW map (stride
+        32), or for the clip-projector head the fused level-2/3 map (stride 16)."""
         if self.features_only:
             raise ValueError("forward_features: a features_only backbone returns its maps from forward()")
         _, maps = self._levels(x, self.num_levels - 1)
-        if self.config.use_clip_projector:
-            x4 = self.dcnv3_head_x4(maps[3].permute(0, 3, 1, 2))
-            return x4 + self.dcnv3_head_x3(maps[2].permute(0, 3, 1, 2))
-        return maps[-1].permute(0, 3, 1, 2)
+        return self._fused(maps)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.config.use_clip_projector:
+            if not self.global_pool or not hasattr(self, "clip_projector"):  # no pooling, or a pruned head
+                return x
             x = self.fc_norm(self.clip_projector(x.flatten(2).transpose(1, 2)))
         else:
-            x = torch.flatten(F.adaptive_avg_pool2d(self.conv_head(x), 1), 1)
+            x = self.conv_head(x) if hasattr(self, "conv_head") else x
+            if not self.global_pool:
+                return x
+            x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
         if self.features_only:
-            return self.forward_intermediates(x, self.out_indices)
+            _, maps = self._levels(x, max(self.out_indices))
+            return [maps[i].permute(0, 3, 1, 2).contiguous() for i in self.out_indices]
         return self.forward_head(self.forward_features(x))
 
 

@@ -33,7 +33,7 @@ class UperNet(nn.Module):
         super().__init__()
         self.backbone_config = dict(backbone)
         self.backbone = InternImage(**backbone, features_only=True)
-        in_channels = [info["num_chs"] for info in self.backbone.feature_info]
+        in_channels = self.backbone.feature_info.channels()
         self.num_classes = num_classes
         self.decode_head = UPerHead(in_channels, channels, num_classes, dropout=dropout)
         self.aux_level = aux_level

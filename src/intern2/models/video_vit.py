@@ -22,8 +22,8 @@ from ..layers import DropPath
 from ..registry import register_variant
 
 __all__ = ["VideoViT", "VideoMAEPretrain", "keep_visible", "sinusoid_table", "resize_pos_embed", "tube_mask",
-           "running_cell_mask", "pixel_targets", "videomae_loss", "official_to_hf", "hf_to_official",
-           "VIDEO_VIT_VARIANTS"]
+           "running_cell_mask", "pixel_targets", "videomae_loss", "official_to_hf", "hf_to_official", "config_from_hf",
+           "VIDEO_VIT_VARIANTS", "HF_VIDEOMAE_ARCHITECTURES"]
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,8 @@ class VideoViT(nn.Module):
                  qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, fc_drop_rate: float = 0.0, init_values: float = 0.0,
                  use_learnable_pos_emb: bool = False, init_scale: float = 0.001, all_frames: int = 16,
-                 tubelet_size: int = 2, use_mean_pooling: bool = True, norm_eps: float = 1e-6):
+                 tubelet_size: int = 2, use_mean_pooling: bool = True, norm_eps: float = 1e-6,
+                 fc_norm_eps: Optional[float] = None):
         super().__init__()
         if img_size % patch_size or all_frames % tubelet_size:
             raise ValueError(f"VideoViT: img_size {img_size} must be a multiple of patch_size {patch_size} and "
@@ -195,7 +196,7 @@ class VideoViT(nn.Module):
                            drop_path_rate=drop_path_rate, fc_drop_rate=fc_drop_rate, init_values=init_values,
                            use_learnable_pos_emb=use_learnable_pos_emb, init_scale=init_scale,
                            all_frames=all_frames, tubelet_size=tubelet_size, use_mean_pooling=use_mean_pooling,
-                           norm_eps=norm_eps)
+                           norm_eps=norm_eps, fc_norm_eps=fc_norm_eps)
         self.num_classes = num_classes
         self.num_features = self.embed_dim = embed_dim
         self.grid = (all_frames // tubelet_size, img_size // patch_size, img_size // patch_size)
@@ -212,7 +213,8 @@ class VideoViT(nn.Module):
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate,
                                           rates[i], init_values, norm_eps) for i in range(depth))
         self.norm = nn.Identity() if use_mean_pooling else nn.LayerNorm(embed_dim, eps=norm_eps)
-        self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if use_mean_pooling else None
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps if fc_norm_eps is None else fc_norm_eps) \
+            if use_mean_pooling else None
         self.fc_dropout = nn.Dropout(fc_drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.grad_checkpointing = False
@@ -314,12 +316,13 @@ class VideoMAEDecoder(nn.Module):
     """Decoder blocks, norm and the pixel head applied to the last ``return_token_num`` tokens."""
 
     def __init__(self, embed_dim: int, depth: int, num_heads: int, num_classes: int, mlp_ratio: float,
-                 qkv_bias: bool, drop_path_rate: float, init_values: float, norm_eps: float):
+                 qkv_bias: bool, drop_path_rate: float, init_values: float, norm_eps: float,
+                 final_norm_eps: Optional[float] = None):
         super().__init__()
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, 0.0, 0.0, rates[i],
                                           init_values, norm_eps) for i in range(depth))
-        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps if final_norm_eps is None else final_norm_eps)
         self.head = nn.Linear(embed_dim, num_classes)
         self.grad_checkpointing = False
 
@@ -334,6 +337,10 @@ class VideoMAEPretrain(nn.Module):
     ``model(video, mask)`` predicts every masked token; ``model(video, mask, decode_mask)`` (VideoMAEv2) predicts
     the tokens where ``decode_mask`` is False, each through a mask token even when the encoder saw it. Predictions
     are in ascending token order, (B, N_decoded, decoder_num_classes).
+
+    Beyond the official keywords, for HF transformers' ``VideoMAEForPreTraining`` layouts: ``decoder_mlp_ratio``
+    (HF's ``decoder_intermediate_size``; default ``mlp_ratio``), ``encoder_norm`` (False: no final encoder norm,
+    HF's ``use_mean_pooling=True``) and ``decoder_norm_eps`` (HF's decoder norm keeps LayerNorm's 1e-5).
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, encoder_in_chans: int = 3,
@@ -341,7 +348,9 @@ class VideoMAEPretrain(nn.Module):
                  decoder_num_classes: Optional[int] = None, decoder_embed_dim: int = 384, decoder_depth: int = 4,
                  decoder_num_heads: int = 6, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_path_rate: float = 0.0, init_values: float = 0.0, use_learnable_pos_emb: bool = False,
-                 tubelet_size: int = 2, all_frames: int = 16, norm_eps: float = 1e-6):
+                 tubelet_size: int = 2, all_frames: int = 16, norm_eps: float = 1e-6,
+                 decoder_mlp_ratio: Optional[float] = None, encoder_norm: bool = True,
+                 decoder_norm_eps: Optional[float] = None):
         super().__init__()
         pixels_per_token = encoder_in_chans * tubelet_size * patch_size ** 2
         decoder_num_classes = decoder_num_classes or pixels_per_token
@@ -355,15 +364,19 @@ class VideoMAEPretrain(nn.Module):
                            decoder_num_heads=decoder_num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                            drop_path_rate=drop_path_rate, init_values=init_values,
                            use_learnable_pos_emb=use_learnable_pos_emb, tubelet_size=tubelet_size,
-                           all_frames=all_frames, norm_eps=norm_eps)
+                           all_frames=all_frames, norm_eps=norm_eps, decoder_mlp_ratio=decoder_mlp_ratio,
+                           encoder_norm=encoder_norm, decoder_norm_eps=decoder_norm_eps)
         self.encoder = VideoViT(img_size=img_size, patch_size=patch_size, in_chans=encoder_in_chans, num_classes=0,
                                 embed_dim=encoder_embed_dim, depth=encoder_depth, num_heads=encoder_num_heads,
                                 mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path_rate=drop_path_rate,
                                 init_values=init_values, use_learnable_pos_emb=use_learnable_pos_emb,
                                 all_frames=all_frames, tubelet_size=tubelet_size, use_mean_pooling=False,
                                 norm_eps=norm_eps)
+        if not encoder_norm:
+            self.encoder.norm = nn.Identity()
         self.decoder = VideoMAEDecoder(decoder_embed_dim, decoder_depth, decoder_num_heads, decoder_num_classes,
-                                       mlp_ratio, qkv_bias, drop_path_rate, init_values, norm_eps)
+                                       decoder_mlp_ratio or mlp_ratio, qkv_bias, drop_path_rate, init_values, norm_eps,
+                                       decoder_norm_eps)
         self.encoder_to_decoder = nn.Linear(encoder_embed_dim, decoder_embed_dim, bias=False)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.register_buffer("pos_embed", sinusoid_table(math.prod(self.encoder.grid), decoder_embed_dim),
@@ -630,6 +643,44 @@ def _grid_of(num_tokens: int, like: Sequence[int]) -> Tuple[int, int, int]:
         if side and t * side * side == num_tokens:
             return t, side, side
     raise ValueError(f"cannot infer the token grid of a position table with {num_tokens} tokens")
+
+
+# ------------------------------------------------------------------------------------------------ HF configs
+HF_VIDEOMAE_ARCHITECTURES = ("VideoMAEForVideoClassification", "VideoMAEForPreTraining", "VideoMAEModel")
+
+
+def config_from_hf(hf: Dict) -> Tuple[str, Dict, Optional[List[str]]]:
+    """(registered architecture, keyword arguments, class names or None) of an HF transformers VideoMAE
+    ``config.json``, so that the folder's weights load into an intern2 model that computes what transformers
+    computes: the same shapes, and LayerNorm eps as transformers sets them (``layer_norm_eps`` in the blocks
+    and the encoder norm; LayerNorm's default 1e-5 in ``fc_norm`` and the decoder norm)."""
+    architectures = hf.get("architectures") or ["VideoMAEForVideoClassification"]
+    if not any(a in HF_VIDEOMAE_ARCHITECTURES for a in architectures):
+        raise ValueError(f"HF VideoMAE architectures {architectures}: expected one of "
+                         f"{list(HF_VIDEOMAE_ARCHITECTURES)}")
+    hidden, layers = hf.get("hidden_size", 768), hf.get("num_hidden_layers", 12)
+    heads = hf.get("num_attention_heads", 12)
+    size = next((s for s, (enc, _) in VIDEO_VIT_VARIANTS.items()
+                 if (enc["embed_dim"], enc["depth"], enc["num_heads"]) == (hidden, layers, heads)), "b")
+    common = dict(img_size=hf.get("image_size", 224), patch_size=hf.get("patch_size", 16),
+                  tubelet_size=hf.get("tubelet_size", 2), all_frames=hf.get("num_frames", 16),
+                  mlp_ratio=hf.get("intermediate_size", 4 * hidden) / hidden, qkv_bias=hf.get("qkv_bias", True),
+                  norm_eps=hf.get("layer_norm_eps", 1e-12))
+    mean_pooling = hf.get("use_mean_pooling", True)
+    if "VideoMAEForPreTraining" in architectures:
+        decoder = hf.get("decoder_hidden_size", 384)
+        return f"videomae_pretrain_vit_{size}", dict(
+            common, encoder_in_chans=hf.get("num_channels", 3), encoder_embed_dim=hidden, encoder_depth=layers,
+            encoder_num_heads=heads, decoder_embed_dim=decoder, decoder_depth=hf.get("decoder_num_hidden_layers", 4),
+            decoder_num_heads=hf.get("decoder_num_attention_heads", 6),
+            decoder_mlp_ratio=hf.get("decoder_intermediate_size", 4 * decoder) / decoder,
+            encoder_norm=not mean_pooling, decoder_norm_eps=1e-5), None
+    id2label = hf.get("id2label") or {}
+    names = [id2label[k] for k in sorted(id2label, key=int)] if id2label else None
+    num_classes = len(names) if names and "VideoMAEForVideoClassification" in architectures else 0
+    return f"videomae_vit_{size}", dict(common, in_chans=hf.get("num_channels", 3), num_classes=num_classes,
+                                        embed_dim=hidden, depth=layers, num_heads=heads,
+                                        use_mean_pooling=mean_pooling, fc_norm_eps=1e-5), names
 
 
 # ------------------------------------------------------------------------------------------------ variants

@@ -29,6 +29,26 @@ def _softmax_points(logits: torch.Tensor) -> torch.Tensor:
     return weights.div_(weights.sum(-1, keepdim=True))
 
 
+@torch.fx.wrap
+def _checked(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """The input check, kept out of symbolic tracing (torch.fx records the call instead of its branches)."""
+    if x.dim() != 4 or x.shape[-1] != channels:
+        raise ValueError(f"DCNv3 input: expected (N, H, W, {channels}) channels-last, got {tuple(x.shape)}")
+    return x
+
+
+@torch.fx.wrap
+def _sample(x_proj: torch.Tensor, offset: torch.Tensor, mask_logits: torch.Tensor, kernel_size: int, stride: int,
+            pad: int, dilation: int, group: int, offset_scale: float, remove_center: bool,
+            impl: Optional[str]) -> torch.Tensor:
+    """Mask softmax over each group's points, then the DCNv3 core: one call for torch.fx (the shapes it reads
+    and the custom op cannot be traced symbolically)."""
+    n, h, w, _ = x_proj.shape
+    mask = _softmax_points(mask_logits.reshape(n, h, w, group, -1)).reshape(n, h, w, -1)
+    return dcnv3(x_proj, offset, mask.to(x_proj.dtype), kernel_size, stride, pad, dilation, group, offset_scale,
+                 remove_center, impl=impl)
+
+
 class DCNv3(nn.Module):
     """Dynamic sparse convolution v3 on channels-last input (N, H, W, C) -> (N, H, W, C).
 
@@ -115,15 +135,11 @@ class DCNv3(nn.Module):
             nn.init.zeros_(self.center_feature_scale_proj_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[-1] != self.channels:
-            raise ValueError(f"DCNv3 input: expected (N, H, W, {self.channels}) channels-last, got {tuple(x.shape)}")
-        n, h, w, _ = x.shape
+        x = _checked(x, self.channels)
         x_proj = self.input_proj(x)
         query = self.dw_conv(x.permute(0, 3, 1, 2))
-        offset = self.offset(query)
-        mask = _softmax_points(self.mask(query).reshape(n, h, w, self.group, -1)).reshape(n, h, w, -1)
-        out = dcnv3(x_proj, offset, mask.to(x_proj.dtype), self.kernel_size, self.stride, self.pad, self.dilation,
-                    self.group, self.offset_scale, self.remove_center, impl=self.impl)
+        out = _sample(x_proj, self.offset(query), self.mask(query), self.kernel_size, self.stride, self.pad,
+                      self.dilation, self.group, self.offset_scale, self.remove_center, self.impl)
         if self.center_feature_scale:
             gate = torch.sigmoid(F.linear(query, self.center_feature_scale_proj_weight,
                                           self.center_feature_scale_proj_bias))

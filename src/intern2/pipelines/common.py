@@ -195,7 +195,7 @@ def pair(text: str) -> Tuple[int, int]:
 
 
 # HF config.json model types intern2 reads -> task
-_HF_TASKS = {"intern_image": "image-cls", "m2m_100": "translation"}
+_HF_TASKS = {"intern_image": "image-cls", "m2m_100": "translation", "videomae": "video-cls"}
 
 
 def task_of_arguments(argv: Sequence[str]) -> str:

@@ -143,17 +143,15 @@ class Translator(Pipeline):
 
 # ------------------------------------------------------------------------------------------------------------ CLI
 def _default_model() -> Path:
-    """NLLB-200-distilled-600M in $INTERN2_HOME (intern2 never downloads; the error says where to put it)."""
-    from ..factory import pretrained_file
+    """NLLB-200-distilled-600M from $INTERN2_HOME or the Hugging Face cache (not downloaded: no --model means the
+    user did not ask for it; the error says how to get it)."""
+    from ..hub import resolve_weights
     from ..weights import get_weights
-    cfg = get_weights("intern2_mt_600m", "nllb200_distilled").pretrained_cfg()
     try:
-        return pretrained_file(cfg)
+        return resolve_weights(get_weights("intern2_mt_600m", "nllb200_distilled").pretrained_cfg(), download=False)
     except FileNotFoundError as exc:
-        raise FileNotFoundError(f"no --model given and {str(exc).split('. ')[0]}; intern2 does not download: put "
-                                f"the folder of https://huggingface.co/{cfg['hf_hub_id']} there (or set "
-                                f"$INTERN2_HOME), or pass --model DIR (e.g. a folder from "
-                                f"'intern2 train translation')") from None
+        raise FileNotFoundError(f"no --model given and the default model is not here: {exc}; or pass --model DIR "
+                                f"(e.g. a folder from 'intern2 train translation')") from None
 
 
 def translate_main(argv: Optional[List[str]] = None) -> int:

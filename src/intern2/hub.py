@@ -1,0 +1,87 @@
+"""Where a pretrained tag's weights are on this machine: an explicit path, ``$INTERN2_HOME``, else the Hugging Face
+Hub cache through ``huggingface_hub`` (as timm, open_clip and transformers resolve theirs).
+
+The order: the ``file`` of the pretrained config as a path (a file or folder the user gave), then that name in
+``$INTERN2_HOME`` (default ``~/.cache/intern2``), then the tag's Hub repo (``hf_hub_id``): ``hf_hub_download`` of
+the file, or, for a tag whose ``file`` is a folder name (an HF transformers folder such as NLLB-200's), the repo's
+snapshot. With ``HF_HUB_OFFLINE=1`` (or ``download=False``) only the cache is read, and a missing file is an error
+that says which repo and file to fetch. Downloads go through ``huggingface_hub``, which writes into the cache
+atomically (an interrupted download leaves no partial file under the name it will be read by).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+__all__ = ["resolve_weights", "intern2_home", "hub_offline", "ENV_HOME"]
+
+ENV_HOME = "INTERN2_HOME"
+# What a folder tag needs from its repo (weights, configs, tokenizer files); not the repo's other formats.
+_FOLDER_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]
+
+
+def intern2_home() -> Path:
+    return Path(os.environ.get(ENV_HOME, Path.home() / ".cache" / "intern2"))
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it, but at call time (its constant is read at import)."""
+    value = os.environ.get("HF_HUB_OFFLINE", "")
+    return value.upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _is_folder(name: str) -> bool:
+    """Folder tags name an HF folder (no file suffix); file tags a file in the repo (.pth, .bin, ...)."""
+    return not Path(name).suffix
+
+
+def resolve_weights(cfg: Mapping[str, Any], cache_dir: Optional[Union[str, os.PathLike]] = None,
+                    download: bool = True) -> Path:
+    """The local path of a pretrained config's weights (a file, or a folder for folder tags); see the module
+    docstring for the order. Errors name the tag, the repo and the file, and what to do."""
+    name, hub, url = cfg.get("file"), cfg.get("hf_hub_id"), cfg.get("url")
+    tag = ".".join(p for p in (cfg.get("architecture"), cfg.get("tag")) if p) or "the model"
+    if not name and not hub:
+        raise ValueError(f"{tag}: its pretrained config names no weights (no file, no Hub repo): pass "
+                         f"checkpoint_path=..., or use a tag (intern2 list --pretrained)")
+    if name and Path(name).exists():
+        return Path(name)
+    home = intern2_home() / Path(name).name if name else None
+    if home is not None and home.exists():
+        return home
+    if not hub:
+        raise FileNotFoundError(f"{tag}: weights {Path(name).name} are not at {home}; they are published at "
+                                f"{url or 'no known address'}: download them there (or set ${ENV_HOME}), or pass "
+                                f"checkpoint_path=...")
+    return _from_hub(hub, name, tag, cache_dir or os.environ.get("HF_HUB_CACHE"), download and not hub_offline())
+
+
+def _from_hub(repo: str, name: Optional[str], tag: str, cache_dir: Optional[Union[str, os.PathLike]],
+              download: bool) -> Path:
+    try:
+        from huggingface_hub import hf_hub_download, snapshot_download
+        from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+                                            OfflineModeIsEnabled, RepositoryNotFoundError)
+    except ImportError:
+        raise ImportError(f"{tag}: fetching weights from the Hub needs huggingface_hub: pip install huggingface_hub "
+                          f"(or put {name or repo} in {intern2_home()})") from None
+    what = f"{repo}" if not name or _is_folder(name) else f"{name} of {repo}"
+    fetch = f"hf download {repo}" + (f" {name}" if name and not _is_folder(name) else "")
+    try:
+        if not name or _is_folder(name):
+            return Path(snapshot_download(repo, cache_dir=cache_dir, local_files_only=not download,
+                                          allow_patterns=_FOLDER_PATTERNS))
+        return Path(hf_hub_download(repo, name, cache_dir=cache_dir, local_files_only=not download))
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        reason = "HF_HUB_OFFLINE=1" if hub_offline() else "downloading is off"
+        raise FileNotFoundError(f"{tag}: {what} is not in the Hugging Face cache ({cache_dir or 'the default'}) and "
+                                f"{reason}: fetch it with `{fetch}` (or put {Path(name or repo).name} in "
+                                f"{intern2_home()})") from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"{tag}: the Hub has no repo {repo} (or it is private)") from None
+    except EntryNotFoundError:
+        raise FileNotFoundError(f"{tag}: the Hub repo {repo} has no file {name}") from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise OSError(f"{tag}: could not fetch {what} from the Hub ({type(exc).__name__}: {exc}); fetch it with "
+                      f"`{fetch}` or put it in {intern2_home()}") from None
