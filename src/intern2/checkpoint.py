@@ -17,8 +17,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-__all__ = ["read_checkpoint", "read_state_dict", "load_checkpoint", "save_pretrained", "atomic_write",
-           "adapt_input_conv", "WEIGHTS_NAME", "CONFIG_NAME"]
+__all__ = ["read_checkpoint", "read_state_dict", "read_config", "load_checkpoint", "save_pretrained",
+           "atomic_write", "adapt_input_conv", "WEIGHTS_NAME", "CONFIG_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,22 @@ def _torch_load(path: Path) -> Any:
                          f"weights_only=True and refuses objects other than tensors and plain data") from exc
 
 
-def _read_folder(folder: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    config_path = folder / CONFIG_NAME
+def read_config(folder: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """A model folder's ``config.json`` (a JSON object); errors name the file."""
+    config_path = Path(folder) / CONFIG_NAME
     if not config_path.exists():
         raise ValueError(f"checkpoint folder {folder} has no {CONFIG_NAME}")
     try:
         config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{config_path}: not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _read_folder(folder: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    config = read_config(folder)
     for name in (WEIGHTS_NAME, "pytorch_model.bin", "model.pth"):
         if (folder / name).exists():
             state, _ = read_checkpoint(folder / name)

@@ -1,14 +1,13 @@
 """Public model API: create_model, from_pretrained, save_pretrained (re-exported by ``intern2``)."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
 from torch import nn
 
-from .checkpoint import CONFIG_NAME, load_checkpoint, read_checkpoint, save_pretrained as _save
+from .checkpoint import CONFIG_NAME, load_checkpoint, read_checkpoint, read_config, save_pretrained as _save
 from .registry import get_model_builder, is_model
 
 __all__ = ["create_model", "from_pretrained", "save_pretrained", "HF_MODEL_TYPES"]
@@ -19,7 +18,7 @@ def create_model(
         pretrained: bool = False,
         checkpoint_path: Optional[Union[str, os.PathLike]] = None,
         features_only: bool = False,
-        out_indices: Sequence[int] = (0, 1, 2, 3),
+        out_indices: Union[int, Sequence[int]] = (0, 1, 2, 3),
         pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
         cache_dir: Optional[Union[str, os.PathLike]] = None,
         **kwargs,
@@ -32,7 +31,7 @@ def create_model(
             in (or, online, downloaded into) the Hugging Face Hub cache (see :mod:`intern2.hub`).
         checkpoint_path: load these weights instead (any supported layout).
         features_only: build the dense-prediction backbone returning per-level NCHW maps.
-        out_indices: levels returned when features_only.
+        out_indices: levels returned when features_only (a sequence, negatives from the end; an int n: the last n).
         pretrained_cfg_overlay: entries overriding the pretrained config (e.g. dict(file=PATH)).
         cache_dir: the Hugging Face cache to use instead of the default (``$HF_HUB_CACHE``).
         **kwargs: override architecture config fields (num_classes, depths, channels, drop_path_rate, ...).
@@ -42,7 +41,8 @@ def create_model(
     if tag:
         kwargs["pretrained_tag"] = tag
     if features_only:
-        kwargs.update(features_only=True, out_indices=tuple(out_indices))
+        kwargs.update(features_only=True, out_indices=out_indices if isinstance(out_indices, int) else
+                      tuple(out_indices))
     model = builder(**kwargs)
     if pretrained_cfg_overlay:
         model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **pretrained_cfg_overlay}
@@ -50,7 +50,13 @@ def create_model(
         load_checkpoint(model, checkpoint_path)
     elif pretrained:
         from .hub import resolve_weights
-        load_checkpoint(model, resolve_weights(model.pretrained_cfg, cache_dir))
+        path = resolve_weights(model.pretrained_cfg, cache_dir)
+        try:
+            load_checkpoint(model, path)
+        except ValueError as exc:
+            if not str(exc).startswith("cannot read checkpoint"):
+                raise
+            raise ValueError(f"{exc} (a damaged download? delete it and fetch it again)") from None
     return model
 
 
@@ -63,15 +69,6 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike]) -> Pat
     config = dict(architecture=arch, **model.export_config(),
                   pretrained_cfg={k: v for k, v in pretrained_cfg.items() if k not in ("architecture",)})
     return _save(model, directory, config)
-
-
-def _hf_model_type(directory: Path) -> Optional[str]:
-    """``model_type`` of an HF folder's config.json that names no intern2 architecture."""
-    try:
-        config = json.loads((directory / CONFIG_NAME).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None  # read_checkpoint reports it
-    return None if not isinstance(config, dict) or config.get("architecture") else config.get("model_type")
 
 
 # HF transformers config.json model types that from_pretrained rebuilds (no remote code runs).
@@ -103,26 +100,28 @@ def from_pretrained(directory: Union[str, os.PathLike], weights: bool = True, **
     transformers VideoMAE classifiers and pre-training models ('videomae'), NLLB/M2M-100 ('m2m_100', e.g. one
     written by ``TranslationModel.save_pretrained``; ``kwargs`` are then its ``dtype`` / ``device``).
     ``weights=False`` builds the folder's architecture without loading its weights."""
-    if _hf_model_type(Path(directory)) == "m2m_100":  # also sharded folders, which read_checkpoint does not read
+    directory = Path(directory)
+    config = read_config(directory)
+    arch = config.get("architecture")
+    model_type = None if arch else config.get("model_type")
+    if model_type == "m2m_100":  # also sharded folders, which read_checkpoint does not read
         from .models.translator import TranslationModel
         return TranslationModel.from_pretrained(directory, **kwargs)
-    state, config = read_checkpoint(Path(directory))
-    arch = config.get("architecture")
-    if arch is None and config.get("model_type") == "intern_image":
+    if not (arch and is_model(arch)) and model_type not in HF_MODEL_TYPES:
+        raise ValueError(f"{directory / CONFIG_NAME}: cannot tell the model: expected an 'architecture' known to "
+                         f"intern2 or an HF model_type intern2 reads ({', '.join(HF_MODEL_TYPES)}), got "
+                         f"{arch or model_type!r}")
+    if model_type == "intern_image":
         from .models.internimage import InternImage, InternImageConfig
         model = InternImage(**{**InternImageConfig.from_dict(config).to_dict(), **kwargs})
         model.pretrained_cfg = dict(architecture="internimage_custom")
-    elif arch is None and config.get("model_type") == "videomae":
-        model = _hf_videomae(Path(directory), config, kwargs)
-    elif arch and is_model(arch):
+    elif model_type == "videomae":
+        model = _hf_videomae(directory, config, kwargs)
+    else:
         fields = {k: v for k, v in config.items() if k not in ("architecture", "pretrained_cfg")}
         tag = config.get("pretrained_cfg", {}).get("tag")
         model = create_model(f"{arch}.{tag}" if tag else arch, **{**fields, **kwargs})
         model.pretrained_cfg = {**model.pretrained_cfg, **config.get("pretrained_cfg", {})}
-    else:
-        raise ValueError(f"{Path(directory) / CONFIG_NAME}: cannot tell the model: expected an 'architecture' "
-                         f"known to intern2 or an HF model_type intern2 reads ({', '.join(HF_MODEL_TYPES)}), "
-                         f"got {arch or config.get('model_type')!r}")
     if weights:
-        load_checkpoint(model, state, allow_new_head=False)
+        load_checkpoint(model, read_checkpoint(directory)[0], allow_new_head=False)
     return model

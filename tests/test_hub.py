@@ -1,0 +1,119 @@
+"""pretrained=True resolves weights as timm does, offline: an explicit file, then $INTERN2_HOME, then the Hugging
+Face cache (a cache the test builds in the Hub's layout; HF_HUB_OFFLINE=1 is set for every test by conftest)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import intern2
+from intern2 import cli
+from intern2.hub import resolve_weights
+
+TINY = dict(channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8], drop_path_rate=0.0)
+COMMIT = "4c3e7a1f" * 5
+
+
+def hub_path(cache, repo: str, filename: str = ""):
+    """Where huggingface_hub keeps ``filename`` of ``repo`` at its main revision (refs/main -> snapshot)."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(COMMIT)
+    path = root / "snapshots" / COMMIT / filename
+    (path.parent if filename else path).mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _outputs_equal(a, b):
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        return torch.equal(a.eval()(x), b.eval()(x))
+
+
+@pytest.fixture
+def reference():
+    return intern2.create_model("internimage_t", **TINY).eval()
+
+
+def test_pretrained_reads_the_hub_cache(tmp_path, reference, monkeypatch):
+    monkeypatch.setenv("INTERN2_HOME", str(tmp_path / "empty_home"))
+    path = hub_path(tmp_path, "OpenGVLab/InternImage", "internimage_t_1k_224.pth")
+    torch.save({"model": reference.state_dict()}, path)
+    model = intern2.create_model("internimage_t.in1k", pretrained=True, cache_dir=tmp_path, **TINY)
+    assert _outputs_equal(model, reference)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # the default cache, as timm users have it
+    timm = pytest.importorskip("timm")
+    assert _outputs_equal(timm.create_model("internimage_t.in1k", pretrained=True, **TINY), reference)
+
+
+def test_missing_weights_say_which_repo_and_file_to_fetch(tmp_path, monkeypatch):
+    monkeypatch.setenv("INTERN2_HOME", str(tmp_path / "home"))
+    with pytest.raises(FileNotFoundError) as error:
+        intern2.create_model("internimage_s", pretrained=True, cache_dir=tmp_path, **TINY)
+    message = str(error.value)
+    assert "internimage_s.in1k: internimage_s_1k_224.pth of OpenGVLab/InternImage is not in the Hugging Face " \
+           "cache" in message and "HF_HUB_OFFLINE=1" in message
+    assert "`hf download OpenGVLab/InternImage internimage_s_1k_224.pth`" in message and "\n" not in message
+    with pytest.raises(FileNotFoundError, match="vit_b_hybrid_pt_800e_k400_ft.pth are not at .*published at "
+                                                "https://pjlab-gvm-data"):
+        resolve_weights(intern2.weights.get_weights("videomae_vit_b", "internvideo_k400").pretrained_cfg())
+    with pytest.raises(ValueError, match="unknown pretrained tag 'in21k' for internimage_t; known: \\['in1k'\\]"):
+        intern2.create_model("internimage_t.in21k")
+
+
+def test_an_explicit_file_then_intern2_home_win_over_the_cache(tmp_path, reference, monkeypatch):
+    other = intern2.create_model("internimage_t", **TINY).eval()
+    torch.save({"model": other.state_dict()}, hub_path(tmp_path, "OpenGVLab/InternImage", "internimage_t_1k_224.pth"))
+    (tmp_path / "home").mkdir()
+    torch.save({"model": reference.state_dict()}, tmp_path / "home" / "internimage_t_1k_224.pth")
+    monkeypatch.setenv("INTERN2_HOME", str(tmp_path / "home"))
+    assert _outputs_equal(intern2.create_model("internimage_t", pretrained=True, cache_dir=tmp_path, **TINY),
+                          reference)
+    explicit = tmp_path / "mine.pth"
+    torch.save(other.state_dict(), explicit)
+    model = intern2.create_model("internimage_t", pretrained=True, cache_dir=tmp_path,
+                                 pretrained_cfg_overlay=dict(file=str(explicit)), **TINY)
+    assert _outputs_equal(model, other)
+
+
+def test_a_damaged_cached_file_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("INTERN2_HOME", str(tmp_path / "home"))
+    path = hub_path(tmp_path, "OpenGVLab/InternImage", "internimage_t_1k_224.pth")
+    path.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match=f"cannot read checkpoint {path}.*damaged download.*delete it"):
+        intern2.create_model("internimage_t", pretrained=True, cache_dir=tmp_path, **TINY)
+
+
+def test_a_folder_tag_is_the_repos_snapshot(tmp_path, monkeypatch, capsys):
+    """NLLB-200 is an HF folder: `intern2 translate` without --model finds it in the cache."""
+    pytest.importorskip("sentencepiece")
+    pytest.importorskip("babel")
+    from intern2.text.corpus import builtin_sentences
+    from intern2.text.tokenizer import NllbTokenizer
+    langs = ["eng_Latn", "fra_Latn"]
+    tokenizer = NllbTokenizer.train(builtin_sentences(langs), 300, langs)
+    model = intern2.create_model("intern2_mt_tiny", vocab_size=tokenizer.vocab_size, encoder_layers=1,
+                                 decoder_layers=1)
+    folder = hub_path(tmp_path, "facebook/nllb-200-distilled-600M")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("INTERN2_HOME", str(tmp_path / "home"))
+    cfg = intern2.weights.get_weights("intern2_mt_600m", "nllb200_distilled").pretrained_cfg()
+    assert resolve_weights(cfg) == folder
+    assert cli.main(["translate", "--src", "en", "--tgt", "fr", "--max-new-tokens", "4", "Hello."]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_hf_hub_names_load_timm_format_repos(tmp_path, reference, monkeypatch):
+    """timm's `hf-hub:` names: a repo holding an intern2 (timm-readable) folder."""
+    timm = pytest.importorskip("timm")
+    folder = hub_path(tmp_path, "someone/internimage-tiny")
+    intern2.save_pretrained(reference, folder)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    loaded = timm.create_model("hf-hub:someone/internimage-tiny", pretrained=True)
+    assert _outputs_equal(loaded, reference)
+    assert json.loads((folder / "config.json").read_text())["architecture"] == "internimage_t"
