@@ -117,3 +117,23 @@ def test_hf_hub_names_load_timm_format_repos(tmp_path, reference, monkeypatch):
     loaded = timm.create_model("hf-hub:someone/internimage-tiny", pretrained=True)
     assert _outputs_equal(loaded, reference)
     assert json.loads((folder / "config.json").read_text())["architecture"] == "internimage_t"
+
+
+@pytest.mark.parametrize("error, message", [("EntryNotFoundError", "the Hub repo OpenGVLab/InternImage has no file "
+                                             "internimage_t_1k_224.pth"),
+                                            ("RepositoryNotFoundError", "the Hub has no repo OpenGVLab/InternImage")])
+def test_online_hub_errors_name_the_repo_and_file(error, message, tmp_path, monkeypatch):
+    """What the Hub answers when online (simulated: tests never reach the network)."""
+    import huggingface_hub
+    import huggingface_hub.errors
+
+    def refuse(*args, **kwargs):
+        cls = getattr(huggingface_hub.errors, error)
+        exc = cls.__new__(cls)  # built without an HTTP response (the HTTP errors want one)
+        Exception.__init__(exc, "simulated")
+        raise exc
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("INTERN2_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=message):
+        intern2.create_model("internimage_t", pretrained=True, cache_dir=tmp_path, **TINY)
