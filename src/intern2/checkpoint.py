@@ -6,6 +6,7 @@ stand-in class, so yacs need not be installed and a malicious pickle still canno
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -46,8 +47,12 @@ def _torch_load(path: Path) -> Any:
         with torch.serialization.safe_globals([_YacsConfigNode]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle.UnpicklingError, RuntimeError for truncated zips, ...
-        first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"cannot read checkpoint {path}: {first_line}. intern2 loads pickles with "
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+        # torch ends a refusal with a generic pointer to its docs; the line naming what it refused says more
+        # ("Unsupported global: GLOBAL posix.system", "Unsupported operand 149")
+        refused = [line[line.index("Unsupported"):].split(". ")[0] for line in lines if "Unsupported" in line]
+        reason = refused[0] if refused else lines[-1]
+        raise ValueError(f"cannot read checkpoint {path}: {reason.rstrip('.')}. intern2 loads pickles with "
                          f"weights_only=True and refuses objects other than tensors and plain data") from exc
 
 
@@ -60,6 +65,8 @@ def read_config(folder: Union[str, os.PathLike]) -> Dict[str, Any]:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{config_path}: not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise ValueError(f"{config_path}: nested too deeply to be a model config") from None
     if not isinstance(config, dict):
         raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
     return config
@@ -196,18 +203,38 @@ def _fit_ends(model: nn.Module, state: Dict[str, torch.Tensor], own: Dict[str, t
 
 
 def atomic_write(path: Union[str, os.PathLike], write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file, and after a
+    crash (even kill -9 or a power cut: the data and the rename are fsync'ed) ``path`` holds the old or the new
+    content. Temp files left by earlier killed writes of ``path`` are removed first; the file gets the
+    permissions the umask gives new files (not mkstemp's 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    prefix = f".{path.name}.tmp"
+    for stale in path.parent.glob(f"{glob.escape(prefix)}*"):
+        stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _alias_key(tensor: torch.Tensor) -> Tuple:

@@ -1,9 +1,16 @@
-"""`intern2 <command> [args]`: every command is a ``main(argv) -> int`` that tests call in-process."""
+"""`intern2 <command> [args]`: every command is a ``main(argv) -> int`` that tests call in-process.
+
+:func:`main` is the one error boundary of the command line: a failure caused by the user's input (a file, a
+value, a missing optional package: ``ValueError``, ``OSError``, ``KeyError``, ``ImportError``) ends in one line
+on stderr naming it, and exit code 2; anything else (an internal bug) keeps its traceback, and ``--debug`` (or
+``INTERN2_DEBUG=1``) shows the traceback of every failure. Library logs stay at WARNING unless ``-v``.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import os
 import sys
 from typing import Dict, List, Optional, Tuple
 
@@ -59,21 +66,58 @@ def list_main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="intern2", description="INTERN 2.0 general models in plain PyTorch.",
-        epilog="Run 'intern2 <command> --help' for a command's options.")
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
-    parser.add_argument("command", choices=sorted(COMMANDS), metavar="<command>",
-                        help="; ".join(f"{name}: {text}" for name, (_, text) in COMMANDS.items()))
-    return parser
+# How `intern2 --help` groups the commands.
+GROUPS = (("models", ("list", "convert", "export")),
+          ("inference", ("predict", "eval", "extract-features", "retrieve", "zero-shot", "embed", "translate",
+                         "languages")),
+          ("training", ("train", "demo")),
+          ("serving", ("serve",)))
+# Optional packages -> the extra that installs them (pip install 'intern2[extra]').
+EXTRAS = {"pycocotools": "data", "sklearn": "data", "av": "video", "sentencepiece": "text", "sacrebleu": "text",
+          "babel": "text", "tokenizers": "videotext", "fastapi": "serve", "uvicorn": "serve", "multipart": "serve",
+          "httpx": "serve", "onnx": "export", "onnxruntime": "export", "onnxscript": "export", "timm": "timm"}
+USER_ERRORS = (ValueError, OSError, KeyError, ImportError)
+
+
+def _help() -> str:
+    lines = ["usage: intern2 [-v] [--debug] <command> [options]", "",
+             "INTERN 2.0 general models in plain PyTorch.", ""]
+    for group, names in GROUPS:
+        lines.append(f"{group}:")
+        lines += [f"  {name:18} {COMMANDS[name][1]}" for name in names]
+        lines.append("")
+    lines += ["options:", "  -v, -vv            library logs at INFO (-vv: intern2's at DEBUG)",
+              "  --debug            show the traceback of every failure", "  --version          print the version",
+              "", "Run 'intern2 <command> --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of a user-caused failure, on one line; a missing optional package names its extra."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name and exc.name.split(".")[0] in EXTRAS:
+        package = exc.name.split(".")[0]
+        return f"this needs the optional package {package!r}: pip install 'intern2[{EXTRAS[package]}]'"
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str) else str(exc)
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return " ".join(lines) if lines else type(exc).__name__
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _parser()
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:  # `intern2 languages | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: List[str]) -> int:
+    verbose, debug = 0, os.environ.get("INTERN2_DEBUG", "") not in ("", "0")
+    while argv and argv[0] in ("-v", "-vv", "--verbose", "--debug"):
+        flag = argv.pop(0)
+        debug = debug or flag == "--debug"
+        verbose += 2 if flag == "-vv" else flag != "--debug"
     if not argv or argv[0] in ("-h", "--help"):
-        parser.print_help()
+        print(_help())
         return 0
     if argv[0] == "--version":
         from . import __version__
@@ -81,9 +125,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        parser.error(f"unknown command {command!r}; choose from {', '.join(sorted(COMMANDS))}")
+        print(f"intern2: unknown command {command!r}; choose from {', '.join(sorted(COMMANDS))}", file=sys.stderr)
+        return 2
+    from .pipelines.common import setup_logging
+    setup_logging(verbose)
     module_name, function = COMMANDS[command][0].split(":")
-    return int(getattr(importlib.import_module(module_name), function)(rest) or 0)
+    try:
+        return int(getattr(importlib.import_module(module_name), function)(rest) or 0)
+    except KeyboardInterrupt:
+        print(f"intern2 {command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        raise
+    except USER_ERRORS as exc:
+        if debug:
+            raise
+        print(f"intern2 {command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

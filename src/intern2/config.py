@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
 import typing
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Type, TypeVar, Union
+from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar, Union
 
 import yaml
 
-__all__ = ["from_dict", "to_dict", "load_config", "apply_overrides", "parse_assignments"]
+from .fields import coerce, describe
+
+__all__ = ["from_dict", "to_dict", "load_config", "apply_overrides", "parse_assignments", "describe_fields",
+           "check_positive"]
 
 T = TypeVar("T")
 
@@ -23,20 +28,6 @@ def _dataclass_type(hint: Any) -> Optional[type]:
     return None
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """YAML gives lists where configs hold tuples (frozen dataclasses must stay hashable), and PyYAML reads
-    '1e-3' as a string (YAML 1.1 wants '1.0e-3'): convert both."""
-    options = (hint, *typing.get_args(hint))
-    if isinstance(value, list) and any(o is tuple or typing.get_origin(o) is tuple for o in options):
-        return tuple(value)
-    if isinstance(value, str) and float in options and str not in options:
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"{where}: expected a number, got {value!r}") from None
-    return value
-
-
 def from_dict(cls: Type[T], values: Dict[str, Any], where: str = "config") -> T:
     """Build a (nested) dataclass from a mapping; unknown keys are errors that name the valid ones."""
     if not isinstance(values, dict):
@@ -49,10 +40,16 @@ def from_dict(cls: Type[T], values: Dict[str, Any], where: str = "config") -> T:
     kwargs = {}
     for name, value in values.items():
         inner = _dataclass_type(hints[name])
-        if inner is not None and isinstance(value, dict):
-            value = from_dict(inner, value, f"{where}.{name}")
-        kwargs[name] = _coerce(value, hints[name], f"{where}.{name}")
-    return cls(**kwargs)
+        if inner is not None:
+            if not isinstance(value, (dict, inner)) and not (value is None and typing.get_args(hints[name])):
+                raise ValueError(f"{where}.{name}: expected a mapping of {inner.__name__} fields, got {value!r}")
+            kwargs[name] = from_dict(inner, value, f"{where}.{name}") if isinstance(value, dict) else value
+            continue
+        try:
+            kwargs[name] = coerce(value, hints[name])
+        except TypeError:
+            raise ValueError(f"{where}.{name}: expected {describe(hints[name])}, got {value!r}") from None
+    return cls(**kwargs)  # the config's own range checks name their fields
 
 
 def to_dict(cfg: Any) -> Dict[str, Any]:
@@ -127,3 +124,52 @@ def parse_assignments(assignments: Sequence[str]) -> Dict[str, Any]:
         except yaml.YAMLError as exc:
             raise ValueError(f"--set {assignment!r}: value is not valid YAML ({exc})") from exc
     return kwargs
+
+
+def _field_comments(cls: type) -> Dict[str, str]:
+    """The trailing ``# comment`` of each field line in the class bodies of ``cls`` and its dataclass bases: the
+    fields' documentation lives next to them in the source, and is read from there."""
+    comments: Dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for match in re.finditer(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, re.MULTILINE):
+            comments[match.group(1)] = match.group(2).strip()
+    return comments
+
+
+def describe_fields(cls: type, prefix: str = "") -> List[str]:
+    """One line per config field, nested configs flattened (``train.lr``): name, type, default and meaning."""
+    lines = []
+    hints, comments = typing.get_type_hints(cls), _field_comments(cls)
+    for f in dataclasses.fields(cls):
+        inner = _dataclass_type(hints[f.name])
+        if inner is not None:
+            lines += describe_fields(inner, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        meaning = f"  {comments[f.name]}" if f.name in comments else ""
+        lines.append(f"  {prefix}{f.name} ({describe(hints[f.name])}) = {to_dict_value(default)}{meaning}")
+    return lines
+
+
+def to_dict_value(value: Any) -> str:
+    """A default as YAML would write it in --set (tuples as lists, None as null)."""
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(to_dict_value(v) for v in value) + "]"
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def check_positive(cfg: Any, *names: str) -> None:
+    """Range check for a config's ``__post_init__``: each named field (a number, a tuple of numbers, or None)
+    must be positive; the error names the field."""
+    for name in names:
+        value = getattr(cfg, name)
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if any(v is not None and not v > 0 for v in values):
+            raise ValueError(f"{name}: expected positive values, got {value}")

@@ -11,7 +11,11 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-__all__ = ["export_onnx", "main"]
+__all__ = ["export_onnx", "main", "EXPORTABLE"]
+
+# What `intern2 export onnx` takes (task -> what it is called in messages).
+EXPORTABLE = {"image-cls": "image classifiers", "segment": "UperNet segmentors (--static)",
+              "video-cls": "video classifiers"}
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +63,7 @@ def export_onnx(model: nn.Module, path: Path, img_size: int, opset: int = 18, ch
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .pipelines.common import add_model_arguments, load_model
+    from .pipelines.common import add_model_arguments, load_model, model_task, setup_logging
     parser = argparse.ArgumentParser(prog="intern2 export", description="Export an image model or a video "
                                      "classifier (a video ViT: fixed clip size, dynamic batch).")
     parser.add_argument("format", choices=["onnx"])
@@ -72,7 +76,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--static", action="store_true", help="fixed input size (--img-size) instead of dynamic")
     parser.add_argument("--no-check", action="store_true", help="skip onnx.checker and the onnxruntime parity check")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()  # onnx / onnxscript log at INFO by the thousand: libraries stay at WARNING unless -v
     if args.opset < 17:
         parser.error(f"--opset {args.opset}: expected >= 17")
     from .config import parse_assignments
@@ -87,6 +91,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             model = load_model(args.checkpoint, args.model)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         parser.error(str(exc))
+    task = model_task(model)
+    if task not in EXPORTABLE:
+        parser.error(f"{args.checkpoint or args.model}: a {task or type(model).__name__} model cannot be exported to "
+                     f"ONNX yet; intern2 exports {', '.join(EXPORTABLE.values())}")
     cfg = getattr(model, "pretrained_cfg", {})
     input_size = cfg.get("input_size", (3, cfg.get("crop_size", 224)))
     num_frames = input_size[1] if len(input_size) == 4 else None  # (3, T, H, W): a video classifier

@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional, Sequence, Union
 
 from torch import nn
 
-from .checkpoint import CONFIG_NAME, load_checkpoint, read_checkpoint, read_config, save_pretrained as _save
+from .checkpoint import CONFIG_NAME, load_checkpoint, read_config, save_pretrained as _save
 from .registry import get_model_builder, is_model
 
 __all__ = ["create_model", "from_pretrained", "save_pretrained", "HF_MODEL_TYPES"]
@@ -102,6 +102,9 @@ def from_pretrained(directory: Union[str, os.PathLike], weights: bool = True, **
     ``weights=False`` builds the folder's architecture without loading its weights."""
     directory = Path(directory)
     config = read_config(directory)
+    if not isinstance(config.get("pretrained_cfg", {}), dict):
+        raise ValueError(f"{directory / CONFIG_NAME}: pretrained_cfg: expected a JSON object, got "
+                         f"{config['pretrained_cfg']!r:.60}")
     arch = config.get("architecture")
     model_type = None if arch else config.get("model_type")
     if model_type == "m2m_100":  # also sharded folders, which read_checkpoint does not read
@@ -123,5 +126,5 @@ def from_pretrained(directory: Union[str, os.PathLike], weights: bool = True, **
         model = create_model(f"{arch}.{tag}" if tag else arch, **{**fields, **kwargs})
         model.pretrained_cfg = {**model.pretrained_cfg, **config.get("pretrained_cfg", {})}
     if weights:
-        load_checkpoint(model, read_checkpoint(directory)[0], allow_new_head=False)
+        load_checkpoint(model, directory, allow_new_head=False)
     return model

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from .fields import coerce, describe
 
 __all__ = ["Metric", "ImageClassificationProtocol", "SegmentationProtocol", "DetectionProtocol", "VideoProtocol",
            "TranslationProtocol", "Weights", "get_weights", "list_pretrained", "pretrained_tags", "task_of",
@@ -30,47 +31,6 @@ __all__ = ["Metric", "ImageClassificationProtocol", "SegmentationProtocol", "Det
 
 TASKS = ("image-cls", "segment", "detect", "video-cls", "video-pretrain", "video-text", "translation")
 Pair = Tuple[int, int]
-
-
-# ---------------------------------------------------------------------------------------------- typed fields
-def _describe(hint: Any) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Union:
-        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_describe(args[0])}s"
-        return f"a list of {len(args)} {_describe(args[0])}s"
-    return {int: "integer", float: "number", bool: "true/false", str: "string"}.get(hint, str(hint))
-
-
-def _coerce(value: Any, hint: Any) -> Any:
-    """``value`` as the type ``hint`` (JSON gives lists for tuples and ints for floats), or raise TypeError."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Union:
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg)
-            except TypeError:
-                pass
-        raise TypeError
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise TypeError
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0]) for v in value)
-        if len(value) != len(args):
-            raise TypeError
-        return tuple(_coerce(v, a) for v, a in zip(value, args))
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if hint in (bool, str) and isinstance(value, hint):
-        return value
-    raise TypeError
 
 
 class _Protocol:
@@ -89,9 +49,9 @@ class _Protocol:
         for f in dataclasses.fields(cls):
             if f.name in cfg:
                 try:
-                    values[f.name] = _coerce(cfg[f.name], hints[f.name])
+                    values[f.name] = coerce(cfg[f.name], hints[f.name])
                 except TypeError:
-                    raise ValueError(f"{where}: {f.name}: expected {_describe(hints[f.name])}, "
+                    raise ValueError(f"{where}: {f.name}: expected {describe(hints[f.name])}, "
                                      f"got {cfg[f.name]!r}") from None
         try:
             return cls(**values)

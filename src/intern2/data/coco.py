@@ -1,7 +1,11 @@
 """COCO-format instance data: an image folder + an instances JSON (boxes; polygon or RLE masks).
 
-Malformed input never passes silently: unreadable JSON or a missing image file is an error naming the file and
-entry; degenerate boxes (zero size, outside the image) are skipped with a counted warning.
+Malformed input never passes silently. What makes the whole file unusable is an error naming the file and the
+entry: unreadable JSON, a top level that is not an object with 'images', 'annotations' and 'categories' lists, a
+category or image entry without its id (or file), a missing image file, an annotation of an unknown image or
+category. One bad annotation does not stop a run: a box that is not four numbers, a segmentation that is neither
+polygons nor RLE, crowd and degenerate boxes (zero size, outside the image) are skipped and counted in one
+warning; an RLE that fails to decode when its image is read is dropped from that sample with a warning.
 """
 from __future__ import annotations
 
@@ -54,46 +58,71 @@ def _paths(spec: str, split: str) -> Tuple[Path, Path]:
     return images, annotations
 
 
+def _number_list(value: Any, length: Optional[int] = None) -> bool:
+    return isinstance(value, list) and (length is None or len(value) == length) and \
+        all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+
+
+def _segmentation_ok(segmentation: Any) -> bool:
+    """Polygons (lists of numbers) or an RLE dict (size + counts); absent is fine (the box is the mask)."""
+    if segmentation in (None, [], {}):
+        return True
+    if isinstance(segmentation, list):
+        return all(_number_list(polygon) and len(polygon) >= 6 for polygon in segmentation)
+    return isinstance(segmentation, dict) and _number_list(segmentation.get("size"), 2) and \
+        isinstance(segmentation.get("counts"), (str, list))
+
+
 def open_coco_source(spec: str, split: str) -> CocoSource:
     images_dir, annotation_file = _paths(spec, split)
     try:
         data = json.loads(annotation_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{annotation_file}: not a readable COCO JSON file ({exc})") from exc
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"{annotation_file}: not a readable COCO JSON file ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{annotation_file}: expected a JSON object with 'images', 'annotations' and 'categories', "
+                         f"got a {type(data).__name__}")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise ValueError(f"{annotation_file}: expected a list under '{key}'")
+    for i, category in enumerate(data["categories"]):
+        if not (isinstance(category, dict) and isinstance(category.get("id"), int)):
+            raise ValueError(f"{annotation_file}: categories[{i}]: expected an object with an integer 'id', "
+                             f"got {category!r:.80}")
     categories = sorted(data["categories"], key=lambda c: c["id"])
     category_ids = [c["id"] for c in categories]
     images = {}
-    for entry in data["images"]:
-        if not {"id", "file_name"} <= set(entry):
-            raise ValueError(f"{annotation_file}: image entry {entry} needs 'id' and 'file_name'")
-        if not (images_dir / entry["file_name"]).is_file():
-            raise ValueError(f"{annotation_file}: image {entry['id']} file {images_dir / entry['file_name']} "
+    for i, entry in enumerate(data["images"]):
+        if not (isinstance(entry, dict) and {"id", "file_name"} <= set(entry)):
+            raise ValueError(f"{annotation_file}: images[{i}]: expected an object with 'id' and 'file_name', "
+                             f"got {entry!r:.80}")
+        if not (images_dir / str(entry["file_name"])).is_file():
+            raise ValueError(f"{annotation_file}: image {entry['id']} file {images_dir / str(entry['file_name'])} "
                              "is missing")
         images[entry["id"]] = entry
     per_image: Dict[int, List[Dict[str, Any]]] = defaultdict(list)
-    skipped = 0
+    skipped = malformed = 0
     for entry in data["annotations"]:
+        if not isinstance(entry, dict) or not _number_list(entry.get("bbox"), 4) or \
+                not _segmentation_ok(entry.get("segmentation")):
+            malformed += 1
+            continue
         image = images.get(entry.get("image_id"))
         if image is None or entry.get("category_id") not in category_ids:
             raise ValueError(f"{annotation_file}: annotation {entry.get('id')} refers to an unknown image or category")
-        bbox = entry.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4):
-            raise ValueError(f"{annotation_file}: annotation {entry.get('id')}: bbox must be [x, y, w, h], got {bbox}")
-        x, y, w, h = bbox
+        x, y, w, h = entry["bbox"]
         width, height = image.get("width", float("inf")), image.get("height", float("inf"))
         x1, y1, x2, y2 = max(0.0, x), max(0.0, y), min(float(width), x + w), min(float(height), y + h)
         if x2 - x1 < 1 or y2 - y1 < 1 or entry.get("iscrowd", 0):
             skipped += 1
             continue
         per_image[entry["image_id"]].append({**entry, "box": [x1, y1, x2, y2]})
-    if skipped:
-        log.warning("%s: skipped %d crowd or degenerate (empty / outside the image) annotations", annotation_file,
-                    skipped)
+    if skipped or malformed:
+        log.warning("%s: skipped %d malformed annotations (a box that is not 4 numbers, a segmentation that is "
+                    "neither polygons nor RLE) and %d crowd or degenerate (empty / outside the image) ones",
+                    annotation_file, malformed, skipped)
     return CocoSource(images_dir, annotation_file, list(images.values()), dict(per_image), category_ids,
-                      [c.get("name", str(c["id"])) for c in categories], skipped)
+                      [str(c.get("name", c["id"])) for c in categories], skipped + malformed)
 
 
 def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
@@ -134,14 +163,22 @@ class CocoDetection(Dataset):
             log.warning("skipping unreadable image: %s", exc)
             return None
         height, width = image.shape[1:]
-        annotations = self.source.annotations.get(entry["id"], [])
-        masks = np.zeros((len(annotations), height, width), np.uint8)
-        for i, ann in enumerate(annotations):
+        annotations, masks = [], []
+        for ann in self.source.annotations.get(entry["id"], []):
+            mask = np.zeros((height, width), np.uint8)
             if ann.get("segmentation"):
-                masks[i] = decode_segmentation(ann["segmentation"], height, width)
+                try:
+                    mask = decode_segmentation(ann["segmentation"], height, width)
+                except (ValueError, TypeError) as exc:  # pycocotools: an RLE whose counts do not decode
+                    log.warning("%s: dropping annotation %s of image %s: its segmentation does not decode (%s)",
+                                self.source.annotation_file, ann.get("id"), entry["id"], exc)
+                    continue
             else:  # boxes only: the box is the mask
                 x1, y1, x2, y2 = (int(round(v)) for v in ann["box"])
-                masks[i, y1:y2, x1:x2] = 1
+                mask[y1:y2, x1:x2] = 1
+            annotations.append(ann)
+            masks.append(mask)
+        masks = np.stack(masks) if masks else np.zeros((0, height, width), np.uint8)
         target = {"boxes": torch.tensor([a["box"] for a in annotations], dtype=torch.float32).reshape(-1, 4),
                   "labels": torch.tensor([self.label_of[a["category_id"]] for a in annotations], dtype=torch.long),
                   "masks": torch.from_numpy(masks)}

@@ -86,16 +86,18 @@ def _load_label(path: str) -> np.ndarray:
 class SegmentationDataset(Dataset):
     """Training: random rescale (``ratio_range`` x ``scale``), random crop ``crop_size`` (padded with ignore),
     horizontal flip, normalised with ``mean``/``std``. Evaluation: the image as it is, (3, H, W) in [0, 1] with
-    its full-size label: the segmentation pipeline resizes and normalises it by the model's test protocol."""
+    its full-size label: the segmentation pipeline resizes and normalises it by the model's test protocol.
+    With ``num_classes`` a label outside the classes (other than 255) is an error naming the file."""
 
     def __init__(self, source: SegSource, mean: Sequence[float], std: Sequence[float], train: bool,
                  crop_size: int = 512, scale: int = 512, ratio_range: Sequence[float] = (0.5, 2.0),
-                 reduce_zero_label: bool = False, seed: int = 0):
+                 reduce_zero_label: bool = False, seed: int = 0, num_classes: Optional[int] = None):
         self.source, self.train, self.seed, self.epoch = source, train, seed, 0
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
         self.crop_size, self.scale, self.ratio_range = crop_size, scale, ratio_range
         self.reduce_zero_label = reduce_zero_label
+        self.num_classes = num_classes
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -109,6 +111,17 @@ class SegmentationDataset(Dataset):
             label = torch.where(label == 0, IGNORE_INDEX, label - 1)
         return label
 
+    def _check_classes(self, label: torch.Tensor, path: str) -> None:
+        """An error, not a skip: labels beyond the classes mean the wrong class count, which would corrupt every
+        epoch and the metric."""
+        if self.num_classes is None:
+            return
+        bad = label[(label != IGNORE_INDEX) & ((label < 0) | (label >= self.num_classes))]
+        if bad.numel():
+            raise ValueError(f"{path}: class {int(bad.max())} in the label map, but the model has {self.num_classes} "
+                             f"classes (0..{self.num_classes - 1}; {IGNORE_INDEX} = ignore"
+                             f"{'; after reduce_zero_label' if self.reduce_zero_label else ''})")
+
     def __getitem__(self, index: int) -> Optional[Dict[str, Any]]:
         image_path, label_path = self.source.pairs[index]
         try:
@@ -117,6 +130,7 @@ class SegmentationDataset(Dataset):
         except ValueError as exc:
             log.warning("skipping unreadable sample: %s", exc)
             return None
+        self._check_classes(label, label_path)
         if image.shape[1:] != label.shape:
             log.warning("skipping %s: image %s and label map %s differ in size", image_path, tuple(image.shape[1:]),
                         tuple(label.shape))

@@ -30,6 +30,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
     """Join the torchrun process group if launched by torchrun; pick the device ('auto', 'cpu', 'cuda')."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device: {device!r} asked for, but torch sees no CUDA device here (use 'cpu' or "
+                         f"'auto')")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -77,9 +78,26 @@ class TrainConfig:
             raise ValueError(f"train.schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
         if self.amp not in ("none", "bf16"):
             raise ValueError(f"train.amp: expected 'none' or 'bf16', got {self.amp!r}")
-        for name in ("epochs", "batch_size", "grad_accum", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name}: expected a positive integer, got {getattr(self, name)}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"train.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        positive = ("epochs", "batch_size", "grad_accum", "log_every", "max_steps", "eval_every", "checkpoint_every")
+        for name in positive:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"train.{name}: expected a positive integer, got {value}")
+        for name in ("warmup_steps", "num_workers", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name}: expected a number >= 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"train.lr: expected a positive number, got {self.lr}")
+        for name, low, high in (("min_lr_ratio", 0, 1), ("layer_decay", 0, 1), ("ema_decay", 0, 1)):
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                raise ValueError(f"train.{name}: expected a number in [{low}, {high}], got {value}")
+        for name in ("time_limit_s", "clip_grad"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"train.{name}: expected a positive number or null, got {value}")
 
 
 class Task(Protocol):

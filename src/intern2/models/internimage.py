@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import typing
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..fields import coerce, describe
 from ..layers import DropPath, FeatureInfo, build_act_layer, build_norm_layer, take_indices
 from ..ops import DCNv3
 from ..registry import register_variant
@@ -53,10 +55,16 @@ class InternImageConfig:
     remove_center: bool = False
 
     def __post_init__(self):
-        for name in ("depths", "groups", "level2_post_norm_block_ids"):  # JSON/YAML give lists
-            value = getattr(self, name)
-            if value is not None:
-                object.__setattr__(self, name, tuple(int(v) for v in value))
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # JSON / YAML / HF configs: lists for tuples, and anything at all
+            try:
+                object.__setattr__(self, f.name, coerce(getattr(self, f.name), hints[f.name]))
+            except TypeError:
+                raise ValueError(f"{f.name}: expected {describe(hints[f.name])}, got {getattr(self, f.name)!r}") \
+                    from None
+        if self.channels < 1 or min(self.depths, default=0) < 1 or min(self.groups, default=0) < 1:
+            raise ValueError(f"channels, depths and groups: expected positive integers, got {self.channels}, "
+                             f"{self.depths}, {self.groups}")
         if len(self.depths) != len(self.groups):
             raise ValueError(f"depths {self.depths} and groups {self.groups} must have the same length")
         for i, group in enumerate(self.groups):

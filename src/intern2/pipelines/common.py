@@ -22,9 +22,25 @@ __all__ = ["Pipeline", "load_model", "load_model_spec", "model_task", "top_k", "
 log = logging.getLogger(__name__)
 
 
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+_LOGGING = {"configured": False}
+
+
+def setup_logging(verbose: Optional[int] = None) -> None:
+    """intern2's loggers at INFO (DEBUG with ``verbose`` 2), every library's at WARNING (INFO with ``verbose``
+    1), one stderr handler. The first call configures; later calls change the levels only when ``verbose`` is
+    given (the CLI sets it once, from -v)."""
+    root = logging.getLogger()
+    if not _LOGGING["configured"]:
+        _LOGGING["configured"] = True
+        if not root.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            root.addHandler(handler)
+    elif verbose is None:
+        return
+    verbose = verbose or 0
+    root.setLevel(logging.INFO if verbose >= 1 else logging.WARNING)
+    logging.getLogger("intern2").setLevel(logging.DEBUG if verbose >= 2 else logging.INFO)
 
 
 # ------------------------------------------------------------------------------------------------- loading

@@ -48,13 +48,19 @@ def load_retrieval(folder: str) -> Any:
     return VideoTextPipeline.from_pretrained(folder)
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
+    return int(text)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """`intern2 serve [--host H] [--port P] [--image-model SPEC] ... [--translator FOLDER]`."""
     parser = argparse.ArgumentParser(
         prog="intern2 serve", description="Serve the models over HTTP (JSON API, OpenAPI schema at /openapi.json, "
         "web page at /). Models are loaded once, at start; endpoints of models not given answer 503.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=_port, default=8000, help="TCP port, 0-65535 (0: any free port)")
     parser.add_argument("--image-model", metavar="SPEC", help=f"image classifier: {SPEC_HELP}")
     parser.add_argument("--detect-model", metavar="SPEC", help=f"Mask R-CNN detector: {SPEC_HELP}")
     parser.add_argument("--segment-model", metavar="SPEC", help=f"UperNet segmentor: {SPEC_HELP}")

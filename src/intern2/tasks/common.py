@@ -18,9 +18,13 @@ def train_cli(argv: Optional[List[str]], task_name: str, description: str, confi
               task_cls: Callable[[Any], Any], data_help: str, model_example: str, hide: tuple = ()) -> int:
     """`intern2 train <task_name>`: config from defaults, --config YAML and --set overrides; prints final metrics
     as one JSON line (without the keys in ``hide``)."""
-    from ..config import load_config, to_dict
+    from ..config import describe_fields, load_config, to_dict
     from ..engine import Trainer
-    parser = argparse.ArgumentParser(prog=f"intern2 train {task_name}", description=description)
+    fields = "\n".join(describe_fields(config_cls))
+    parser = argparse.ArgumentParser(
+        prog=f"intern2 train {task_name}", description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"config fields (--set KEY=VALUE, or in --config YAML; values are YAML):\n{fields}")
     parser.add_argument("--config", help=f"YAML file with {config_cls.__name__} fields (model, data, train: {{...}})")
     parser.add_argument("--data", help=data_help)
     parser.add_argument("--model", help=f"registered model name, e.g. {model_example}")

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..config import check_positive
 from ..data.coco import CocoDetection, CocoSource, collate_detection, open_coco_source
 from ..engine import TrainConfig
 from ..factory import create_model, save_pretrained
@@ -42,6 +43,9 @@ class DetectConfig:
     max_size: int = 1333
     hflip: float = 0.5
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        check_positive(self, "min_size", "max_size")
 
 
 def coco_evaluate(source: CocoSource, detections: List[Dict[str, Any]]) -> Dict[str, float]:

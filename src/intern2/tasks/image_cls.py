@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..config import check_positive
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..data.images import (
     ClassificationDataset,
@@ -54,6 +55,12 @@ class ImageClsConfig:
     mixup: float = 0.0
     cutmix: float = 0.0
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        check_positive(self, "img_size", "crop_pct", "train_crop_scale")
+        if not 0 < self.val_fraction < 1 or not 0 <= self.label_smoothing < 1 or min(self.mixup, self.cutmix) < 0:
+            raise ValueError(f"val_fraction in (0, 1), label_smoothing in [0, 1), mixup and cutmix >= 0 expected, "
+                             f"got {self.val_fraction}, {self.label_smoothing}, {self.mixup}, {self.cutmix}")
 
 
 class ClassificationMetrics:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..config import check_positive
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..data.segmentation import IGNORE_INDEX, SegmentationDataset, collate_segmentation, open_seg_source
 from ..engine import TrainConfig
@@ -48,6 +49,9 @@ class SegmentConfig:
     slide: bool = False  # sliding-window evaluation with crop_size windows
     aux_weight: float = 0.4
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        check_positive(self, "crop_size", "scale", "ratio_range", "test_size", "size_divisor", "num_classes")
 
 
 class SegmentationMetrics:
@@ -90,8 +94,9 @@ class SegmentationTask:
         self.train_source = open_seg_source(cfg.data, cfg.train_split)
         self.val_source = open_seg_source(cfg.data, cfg.val_split)
         classes = self.train_source.classes
-        if cfg.num_classes is None and classes is None:
-            raise ValueError(f"data {cfg.data}: no classes.txt: set num_classes")
+        if cfg.num_classes is None and not classes:
+            problem = "classes.txt lists no classes" if classes is not None else "no classes.txt"
+            raise ValueError(f"data {cfg.data}: {problem}: list one class name per line, or set num_classes")
         num_classes = cfg.num_classes or len(classes)
         self.classes = list(classes) if classes and len(classes) == num_classes else [str(i) for i in
                                                                                       range(num_classes)]
@@ -113,7 +118,7 @@ class SegmentationTask:
     def _dataset(self, source, train: bool) -> Dataset:
         cfg = self.cfg
         return SegmentationDataset(source, IMAGENET_MEAN, IMAGENET_STD, train, cfg.crop_size, cfg.scale,
-                                   cfg.ratio_range, cfg.reduce_zero_label, cfg.train.seed)
+                                   cfg.ratio_range, cfg.reduce_zero_label, cfg.train.seed, len(self.classes))
 
     def train_dataset(self) -> Dataset:
         return self._dataset(self.train_source, True)
@@ -181,7 +186,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
         parser.error(str(exc))
     protocol = pipeline.protocol
     dataset = SegmentationDataset(source, protocol.mean, protocol.std, False,
-                                  reduce_zero_label=protocol.reduce_zero_label)
+                                  reduce_zero_label=protocol.reduce_zero_label, num_classes=len(pipeline.labels))
     metrics_of = SegmentationMetrics(pipeline.labels, protocol, pipeline.tta)
     loader = DataLoader(dataset, batch_size=1, collate_fn=collate_segmentation)
     metrics = metrics_of.summarize(accumulate_eval(pipeline.model, loader, metrics_of.eval_step, torch.device("cpu")))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..config import check_positive
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..data.video import (
     FrameSampler,
@@ -35,7 +36,7 @@ from ..pipelines.video_cls import (
     protocol_options,
     view_probabilities,
 )
-from ..weights import VideoProtocol
+from ..weights import SAMPLINGS, VideoProtocol
 from .common import train_cli
 from .image_cls import ClassificationMetrics
 
@@ -64,6 +65,12 @@ class VideoDataConfig:
     cache_clips: bool = False  # keep decoded videos in memory (small data sets; use with train.num_workers=0)
     mean: Tuple[float, float, float] = IMAGENET_MEAN
     std: Tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        check_positive(self, "num_frames", "stride", "img_size", "test_clips", "short_side", "train_scale")
+        if self.test_crops not in (1, 3) or self.sampling not in SAMPLINGS:
+            raise ValueError(f"test_crops in (1, 3) and sampling in {list(SAMPLINGS)} expected, got "
+                             f"{self.test_crops}, {self.sampling!r}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,178 @@
+"""Bad and careless input through the command line (in-process, as a user runs it): each case ends in exit code 2
+and one line on stderr that names the culprit, with no traceback; --debug shows the traceback."""
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import intern2
+from intern2 import cli
+
+TINY = dict(channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8], drop_path_rate=0.0)
+TRAIN = ["train", "image-cls", "--data", "builtin:digits", "--set", "img_size=32", "--set", "train.max_steps=1",
+         "--set", "train.batch_size=4", "--set", "model_args={channels: 16, depths: [1, 1, 1, 1], groups: [1, 2, 4, 8]}"]
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    image = root / "a.png"
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)
+    model = intern2.create_model("internimage_t", num_classes=3, **TINY)
+    intern2.save_pretrained(model, root / "good")
+    config = json.loads((root / "good" / "config.json").read_text())
+    weights = (root / "good" / "model.safetensors").read_bytes()
+
+    def folder(name, change):
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(json.dumps(change(dict(config))))
+        (root / name / "model.safetensors").write_bytes(weights)
+        return str(root / name)
+    with open(root / "evil.pth", "wb") as handle:
+        pickle.dump({"model": _Evil()}, handle, protocol=2)  # torch.save's protocol
+    (root / "not_a_dir").write_text("x")
+    return {"image": str(image), "good": str(root / "good"), "root": root,
+            "list_config": folder("list_config", lambda c: [1, 2]),
+            "string_cfg": folder("string_cfg", lambda c: {**c, "pretrained_cfg": "x"}),
+            "bad_channels": folder("bad_channels", lambda c: {**c, "channels": "sixteen"}),
+            "negative": folder("negative", lambda c: {**c, "channels": -16}),
+            "unknown_labels": folder("unknown_labels", lambda c: {**c, "pretrained_cfg": {
+                **c["pretrained_cfg"], "label_names": "imagenet-5k"}})}
+
+
+CASES = [
+    # (id, argv with {placeholders}, text the one line must contain)
+    ("lr", TRAIN + ["--set", "train.lr=-1"], "train.lr: expected a positive number, got -1"),
+    ("epochs", TRAIN + ["--set", "train.epochs=ten"], "train.epochs: expected integer, got 'ten'"),
+    ("train-section", TRAIN + ["--set", "train=5"], "train: expected a mapping of TrainConfig fields, got 5"),
+    ("img-size", TRAIN + ["--set", "img_size=0"], "img_size: expected positive values, got 0"),
+    ("workers", TRAIN + ["--set", "train.num_workers=-1"], "train.num_workers: expected a number >= 0"),
+    ("device", TRAIN + ["--set", "train.device=tpu9"], "train.device: expected 'auto', 'cpu', 'cuda'"),
+    ("model", TRAIN + ["--model", "resnet50"], "unknown model 'resnet50'"),
+    ("model-args", TRAIN + ["--set", "model_args={bogus: 1}"], "unknown config keys ['bogus']"),
+    ("checkpoint", TRAIN + ["--set", "checkpoint=/nope.pth"], "checkpoint /nope.pth does not exist"),
+    ("resume", TRAIN + ["--set", "train.resume=/nope.pt"], "/nope.pt"),
+    ("evil-checkpoint", TRAIN + ["--set", "checkpoint={root}/evil.pth"], "evil.pth: Unsupported global: GLOBAL print"),
+    ("out-is-a-file", TRAIN + ["--out", "{root}/not_a_dir"], "not_a_dir"),
+    ("topk", ["predict", "{image}", "--checkpoint", "{good}", "--topk", "0"], "--topk 0: expected a positive"),
+    ("missing-folder", ["predict", "{image}", "--checkpoint", "{root}/nowhere"], "nowhere: no such file or folder"),
+    ("wrong-task", ["predict", "{image}", "--checkpoint", "{good}", "--task", "segment"],
+     "expected a semantic segmentation model"),
+    ("wrong-task-video", ["predict", "{image}", "--checkpoint", "{good}", "--task", "video-cls"],
+     "expected a video ViT"),
+    ("config-list", ["predict", "{image}", "--checkpoint", "{list_config}"], "expected a JSON object, got list"),
+    ("config-pretrained-cfg", ["predict", "{image}", "--checkpoint", "{string_cfg}"],
+     "pretrained_cfg: expected a JSON object"),
+    ("config-channels", ["predict", "{image}", "--checkpoint", "{bad_channels}"],
+     "channels: expected integer, got 'sixteen'"),
+    ("config-negative", ["predict", "{image}", "--checkpoint", "{negative}"], "expected positive integers"),
+    ("config-labels", ["predict", "{image}", "--checkpoint", "{unknown_labels}"],
+     "label_names: unknown label set 'imagenet-5k'"),
+    ("eval-data", ["eval", "--data", "{root}/nowhere", "--checkpoint", "{good}"], "nowhere: no such file"),
+    ("unknown-tag", ["predict", "{image}", "--model", "internimage_t.in21k"], "unknown pretrained tag 'in21k'"),
+    ("translate-batch", ["translate", "--src", "en", "--tgt", "fr", "--batch-size", "0", "hi"], "--batch-size 0"),
+    ("translate-language", ["translate", "--src", "klingonx", "--tgt", "fr", "hi"], "unknown language 'klingonx'"),
+    ("serve-port", ["serve", "--port", "-1"], "expected a port number 0-65535"),
+    ("detector-threshold", ["predict", "{image}", "--model", "mask_rcnn_internimage_t", "--threshold", "2"],
+     "--threshold 2.0: expected a score in [0, 1]"),
+]
+
+
+@pytest.mark.parametrize("name, argv, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_naming_the_culprit(name, argv, message, files, capsys, tmp_path):
+    for key, value in files.items():  # not str.format: YAML values hold braces
+        argv = [a.replace(f"{{{key}}}", str(value)) for a in argv]
+    if argv[0] == "train" and "--out" not in argv:
+        argv += ["--out", str(tmp_path / "run")]
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:  # argparse's usage errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip() and " WARNING " not in line and " INFO " not in line]
+    assert "Traceback" not in err and message in lines[-1], err
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(FileNotFoundError, match="/nope.pth does not exist"):
+        cli.main(["--debug", *TRAIN, "--set", "checkpoint=/nope.pth", "--out", str(tmp_path)])
+
+
+def test_a_missing_extra_names_the_pip_command(files, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pycocotools", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "pycocotools.coco", None)
+    code = cli.main(["eval", "--data", "builtin:shapes", "--model", "mask_rcnn_internimage_t"])
+    assert code == 2 and "pip install 'intern2[data]'" in capsys.readouterr().err
+
+
+def test_training_skips_bad_coco_annotations_and_rejects_a_broken_file(tmp_path, capsys):
+    pytest.importorskip("pycocotools")
+    from intern2.data.coco import CocoDetection, open_coco_source
+    from intern2.data.shapes import generate_shapes
+    root = generate_shapes(tmp_path / "shapes", num_train=2, num_val=1, size=32)
+    data = json.loads((root / "instances_train.json").read_text())
+    data["annotations"][0]["bbox"] = ["a", "b", "c", "d"]
+    data["annotations"][1]["segmentation"] = {"size": [32, 32], "counts": "garbage!!"}
+    data["annotations"][2]["segmentation"] = 5
+    (root / "instances_train.json").write_text(json.dumps(data))
+    source = open_coco_source(str(root), "train")
+    assert source.skipped_annotations >= 2  # the string box and the int segmentation
+    samples = [CocoDetection(source, False)[i] for i in range(len(source.images))]
+    assert all(s is not None for s in samples)  # the undecodable RLE is dropped from its sample, not the sample
+    (root / "instances_train.json").write_text(json.dumps({**data, "categories": [{"name": "x"}]}))
+    with pytest.raises(ValueError, match="categories\\[0\\]: expected an object with an integer 'id'"):
+        open_coco_source(str(root), "train")
+    (root / "instances_train.json").write_text("[]")
+    with pytest.raises(ValueError, match="expected a JSON object .* got a list"):
+        open_coco_source(str(root), "train")
+
+
+def test_segmentation_labels_beyond_the_classes_are_named(tmp_path):
+    pytest.importorskip("pycocotools")
+    from intern2.data.segmentation import SegmentationDataset, open_seg_source
+    from intern2.data.shapes import generate_shapes
+    root = generate_shapes(tmp_path / "shapes", num_train=1, num_val=1, size=32)
+    label = next((root / "annotations" / "val").glob("*.png"))
+    Image.fromarray(np.full((32, 32), 200, dtype=np.uint8)).save(label)
+    dataset = SegmentationDataset(open_seg_source(str(root), "val"), (0, 0, 0), (1, 1, 1), False, num_classes=4)
+    with pytest.raises(ValueError, match=f"{label}: class 200 in the label map, but the model has 4 classes"):
+        dataset[0]
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    result = subprocess.run(f"{sys.executable} -m intern2.cli languages | head -1", shell=True, capture_output=True,
+                            text=True, timeout=120)
+    assert result.stdout.strip() and "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
+
+
+def test_export_refuses_a_detector_at_once(tmp_path, capsys):
+    intern2.save_pretrained(intern2.create_model("mask_rcnn_internimage_t", backbone=TINY, fpn_channels=16),
+                            tmp_path / "det")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["export", "onnx", "--checkpoint", str(tmp_path / "det"), "--out", str(tmp_path / "x.onnx")])
+    assert exc.value.code == 2 and "a detect model cannot be exported to ONNX yet" in capsys.readouterr().err
+
+
+def test_atomic_writes_leave_no_stale_temp_files_and_follow_the_umask(tmp_path):
+    from intern2.checkpoint import atomic_write
+    stale = tmp_path / ".last.pt.tmpabc123"
+    stale.write_bytes(b"half a checkpoint from a killed write")
+    atomic_write(tmp_path / "last.pt", lambda tmp: torch.save({"x": 1}, tmp))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+    import os
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "last.pt").stat().st_mode & 0o777 == 0o666 & ~mask
