@@ -17,7 +17,8 @@ from intern2 import cli
 
 TINY = dict(channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8], drop_path_rate=0.0)
 TRAIN = ["train", "image-cls", "--data", "builtin:digits", "--set", "img_size=32", "--set", "train.max_steps=1",
-         "--set", "train.batch_size=4", "--set", "model_args={channels: 16, depths: [1, 1, 1, 1], groups: [1, 2, 4, 8]}"]
+         "--set", "train.batch_size=4",
+         "--set", "model_args={channels: 16, depths: [1, 1, 1, 1], groups: [1, 2, 4, 8]}"]
 
 
 class _Evil:
