@@ -71,7 +71,7 @@ def apply_overrides(cfg: T, assignments: Sequence[str]) -> T:
         if not sep or not key:
             raise ValueError(f"--set {assignment!r}: expected key=value, e.g. train.lr=1e-3")
         try:
-            value = yaml.safe_load(text)
+            value = yaml.safe_load(text) if text.strip() else ""  # `key=` means empty, not YAML's null
         except yaml.YAMLError as exc:
             raise ValueError(f"--set {assignment!r}: value is not valid YAML ({exc})") from exc
         node = data

@@ -155,7 +155,7 @@ def test_config_files_and_overrides(tmp_path):
         apply_overrides(cfg, ["train.lrr=1"])
     with pytest.raises(ValueError, match="expected key=value"):
         apply_overrides(cfg, ["train.lr"])
-    with pytest.raises(ValueError, match="train.lr: expected a number"):
+    with pytest.raises(ValueError, match="train.lr: expected number"):
         apply_overrides(cfg, ["train.lr=fast"])
     with pytest.raises(ValueError, match="train.amp: expected 'none' or 'bf16'"):
         apply_overrides(cfg, ["train.amp=fp8"])

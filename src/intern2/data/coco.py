@@ -118,9 +118,9 @@ def open_coco_source(spec: str, split: str) -> CocoSource:
             continue
         per_image[entry["image_id"]].append({**entry, "box": [x1, y1, x2, y2]})
     if skipped or malformed:
-        log.warning("%s: skipped %d malformed annotations (a box that is not 4 numbers, a segmentation that is "
-                    "neither polygons nor RLE) and %d crowd or degenerate (empty / outside the image) ones",
-                    annotation_file, malformed, skipped)
+        log.warning("%s: skipped %d annotations: %d malformed (a box that is not 4 numbers, a segmentation that is "
+                    "neither polygons nor RLE), %d crowd or degenerate (empty / outside the image)", annotation_file,
+                    malformed + skipped, malformed, skipped)
     return CocoSource(images_dir, annotation_file, list(images.values()), dict(per_image), category_ids,
                       [str(c.get("name", c["id"])) for c in categories], skipped + malformed)
 

@@ -94,10 +94,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not low <= value <= high:
                 raise ValueError(f"train.{name}: expected a number in [{low}, {high}], got {value}")
-        for name in ("time_limit_s", "clip_grad"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"train.{name}: expected a positive number or null, got {value}")
+        if self.time_limit_s is not None and not (math.isfinite(self.time_limit_s) and self.time_limit_s >= 0):
+            raise ValueError(f"train.time_limit_s: expected a number >= 0 or null, got {self.time_limit_s}")
+        if self.clip_grad is not None and not (math.isfinite(self.clip_grad) and self.clip_grad > 0):
+            raise ValueError(f"train.clip_grad: expected a positive number or null, got {self.clip_grad}")
 
 
 class Task(Protocol):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -142,6 +142,7 @@ class GenerationMixin:
             top_p: float = 1.0,
             generator: Optional[torch.Generator] = None,
             return_dict_in_generate: bool = False,
+            stop: Optional[Callable[[], None]] = None,
     ) -> Union[Tensor, GenerateOutput]:
         """Translate a batch of source token ids with transformers' ``generate`` semantics.
 
@@ -158,6 +159,8 @@ class GenerationMixin:
             no_repeat_ngram_size, repetition_penalty: against repetition loops (e.g. 3 and 1.2).
             do_sample, temperature, top_k, top_p, generator: sampling (also with beams, as transformers does).
             return_dict_in_generate: return :class:`GenerateOutput` (sequences + beam scores).
+            stop: called before every decoding step; it raises to abandon the work (a deadline, a cancelled
+                request, a server shutting down).
 
         Returns:
             [B * num_return_sequences, 1 + generated] token ids starting with the decoder start token, padded
@@ -202,10 +205,10 @@ class GenerationMixin:
         cache = self._prepare_cache(input_ids, attention_mask, max_length=max_new_tokens + 1)
         if num_beams > 1:
             sequences, scores = self._beam_search(cache, input_ids.shape[0], num_beams, max_new_tokens, rules,
-                                                  sampler, length_penalty, early_stopping, num_return_sequences)
+                                                  sampler, length_penalty, early_stopping, num_return_sequences, stop)
         else:
             sequences, scores = self._greedy_or_sample(cache, input_ids.shape[0] * rows, max_new_tokens, rules,
-                                                       sampler), None
+                                                       sampler, stop), None
         return GenerateOutput(sequences, scores) if return_dict_in_generate else sequences
 
     def _next_scores(self, tokens: Tensor, cache: DecoderCache) -> Tensor:
@@ -213,12 +216,14 @@ class GenerationMixin:
         return self._decode_step(tokens, cache).float()
 
     def _greedy_or_sample(self, cache: DecoderCache, rows: int, max_new_tokens: int, rules: _ScoreRules,
-                          sampler: Optional[_Sampler]) -> Tensor:
+                          sampler: Optional[_Sampler], stop: Optional[Callable[[], None]] = None) -> Tensor:
         cfg = self.config
         device = cache.device
         seqs = torch.full((rows, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
         done = torch.zeros(rows, dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
+            if stop is not None:
+                stop()
             scores = rules(seqs, self._next_scores(seqs[:, -1:], cache))
             token = sampler.draw(sampler.warp(scores), 1)[:, 0] if sampler else scores.argmax(-1)
             token = token.masked_fill(done, cfg.pad_token_id)  # finished rows only pad
@@ -230,7 +235,7 @@ class GenerationMixin:
 
     def _beam_search(self, cache: DecoderCache, batch: int, beams: int, max_new_tokens: int, rules: _ScoreRules,
                      sampler: Optional[_Sampler], length_penalty: float, early_stopping: Union[bool, str],
-                     num_return: int) -> Tuple[Tensor, Tensor]:
+                     num_return: int, stop: Optional[Callable[[], None]] = None) -> Tuple[Tensor, Tensor]:
         """transformers' vectorised beam search: each step keeps 2 * beams candidates per source, the best
         ``beams`` that do not end go on, the ones among the first ``beams`` that end (EOS or length limit) compete
         for the ``beams`` finished slots by length-normalised score."""
@@ -253,6 +258,8 @@ class GenerationMixin:
             return x.gather(1, index[..., None].expand(-1, -1, total) if x.dim() == 3 else index)
 
         for t in range(1, total):  # t tokens exist; choose token t
+            if stop is not None:
+                stop()
             scores = self._next_scores(running[:, :, t - 1].reshape(-1, 1), cache).log_softmax(-1)
             scores = rules(running[:, :, :t].reshape(batch * beams, t), scores)
             if sampler:

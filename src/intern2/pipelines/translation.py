@@ -83,6 +83,36 @@ class Translator(Pipeline):
         from ..models.translator import TranslationModel
         return (TranslationModel,)
 
+    @property
+    def max_source_tokens(self) -> int:
+        """The longest sentence, in tokens, the model takes: what NLLB was trained on (512), within its position
+        table."""
+        trained = getattr(self.model, "max_source_tokens", None) or self.model.config.max_position_embeddings
+        return min(trained, self.model.config.max_position_embeddings - 2)
+
+    def decoding_steps(self, texts: Sequence[str], src_lang: Union[str, Sequence[str]],
+                       num_beams: Optional[int] = None, max_new_tokens: Optional[int] = None) -> int:
+        """An upper bound of the work of translating ``texts`` sentence by sentence: decoding steps times beams,
+        summed over the sentences (a server's per-request budget is counted in these); a sentence longer than
+        :attr:`max_source_tokens` is a ValueError naming it."""
+        langs = [src_lang] * len(texts) if isinstance(src_lang, str) else list(src_lang)
+        beams = num_beams or self.protocol.num_beams
+        steps = 0
+        for text, lang in zip(texts, langs):
+            for sentence, _ in split_sentences(text):
+                if sentence.strip():
+                    length = len(self._encode_checked(sentence.strip(), lang))
+                    steps += beams * min(max_new_tokens or self.protocol.max_new_tokens or 2 * length + 10,
+                                         self.model.config.max_position_embeddings)
+        return steps
+
+    def _encode_checked(self, text: str, lang: str) -> List[int]:
+        ids = self.tokenizer.encode(text, lang)
+        if len(ids) > self.max_source_tokens:
+            raise ValueError(f"a sentence of {len(ids)} tokens is longer than the {self.max_source_tokens} this model "
+                             f"takes: split it ({text[:40]!r}...)")
+        return ids
+
     @classmethod
     def from_pretrained(cls, folder: Union[str, Path], int8: bool = False,
                         device: Union[str, torch.device] = "cpu", **protocol: Any) -> "Translator":
@@ -103,8 +133,9 @@ class Translator(Pipeline):
         """Translate ``texts`` (source language: one code, or one per text) into ``tgt_lang``.
 
         With ``split_sentences`` each text is translated sentence by sentence and re-joined with its original
-        whitespace; other keyword arguments go to ``generate``. ``num_beams`` / ``max_new_tokens`` default to
-        the protocol's.
+        whitespace; other keyword arguments go to ``generate`` (e.g. ``stop``, called before every decoding step,
+        which raises to abandon the work). ``num_beams`` / ``max_new_tokens`` default to the protocol's. A sentence
+        longer than :attr:`max_source_tokens` is a ValueError naming it.
         """
         langs = [src_lang] * len(texts) if isinstance(src_lang, str) else list(src_lang)
         if len(langs) != len(texts):
@@ -125,7 +156,7 @@ class Translator(Pipeline):
     def _generate(self, texts: List[str], langs: List[str], forced: int, batch_size: int, **kwargs) -> List[str]:
         was_training = self.model.training
         self.model.eval()
-        encoded = [self.tokenizer.encode(text, lang) for text, lang in zip(texts, langs)]
+        encoded = [self._encode_checked(text, lang) for text, lang in zip(texts, langs)]
         order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))  # similar lengths: little padding
         out: List[str] = [""] * len(texts)
         for start in range(0, len(order), batch_size):

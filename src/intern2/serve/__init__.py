@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 __all__ = ["main", "load_model_spec", "load_translator", "load_retrieval", "DEFAULT_MAX_UPLOAD_MB",
-           "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_FRAME_PIXELS"]
+           "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_FRAME_PIXELS", "DEFAULT_MAX_TRANSLATE_STEPS",
+           "DEFAULT_MAX_REQUEST_SECONDS"]
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,8 @@ DEFAULT_MAX_UPLOAD_MB = 50.0
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 # Video frames are decoded a clip at a time (16 frames and more): 4K UHD is the largest frame by default.
 DEFAULT_MAX_FRAME_PIXELS = 3840 * 2160
+DEFAULT_MAX_TRANSLATE_STEPS = 50_000  # decoding steps x beams per translate request
+DEFAULT_MAX_REQUEST_SECONDS = 60.0
 
 SPEC_HELP = "a model folder (config.json + weights), or a registered model name optionally followed by :WEIGHTS"
 
@@ -76,6 +79,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="largest image, in pixels (default %(default)s)")
     parser.add_argument("--max-frame-pixels", type=int, default=DEFAULT_MAX_FRAME_PIXELS,
                         help="largest video frame, in pixels (default %(default)s: 4K UHD)")
+    parser.add_argument("--max-translate-steps", type=_positive(int), default=DEFAULT_MAX_TRANSLATE_STEPS,
+                        help="most decoding steps x beams one translate request may need (default %(default)s)")
+    parser.add_argument("--max-request-seconds", type=_positive(float), default=DEFAULT_MAX_REQUEST_SECONDS,
+                        help="a translate request still decoding after this is stopped (default %(default)s)")
+    parser.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                        help="a site whose pages may post to this server, e.g. https://example.org (repeatable; "
+                        "by default cross-site posts are refused)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     args = parser.parse_args(argv)
     try:
@@ -96,10 +106,34 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.translator:
             models["translator"] = load_translator(args.translator, args.int8)
         app = create_app(**models, max_upload_mb=args.max_upload_mb, max_image_pixels=args.max_image_pixels,
-                         max_frame_pixels=args.max_frame_pixels)
+                         max_frame_pixels=args.max_frame_pixels, max_translate_steps=args.max_translate_steps,
+                         max_request_seconds=args.max_request_seconds, allow_origins=tuple(args.allow_origin))
     except (ValueError, TypeError, FileNotFoundError, KeyError, ImportError) as exc:
         parser.error(str(exc))
     if not models:
         log.warning("no model given: every endpoint but /healthz and /v1/models answers 503 (see --help)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    _graceful(uvicorn.Server)(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)).run()
     return 0
+
+
+def _graceful(server_class: type) -> type:
+    """uvicorn's server that, on SIGTERM / SIGINT, also stops the requests running in the model threads at their
+    next step (``app.state.shutdown``); plain uvicorn waits for them, and a long translation held shutdown for
+    minutes. (Made on use: uvicorn is an optional extra.)"""
+    class GracefulServer(server_class):
+        def handle_exit(self, sig, frame):
+            self.config.app.state.shutdown.set()
+            super().handle_exit(sig, frame)
+    return GracefulServer
+
+
+def _positive(kind: type):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+    return parse

@@ -10,10 +10,12 @@ JSON error ``{"error": code, "detail": message}``, never a stack trace or a dead
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import shutil
 import tempfile
+import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -31,7 +33,8 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import DEFAULT_MAX_FRAME_PIXELS, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_UPLOAD_MB
+from . import (DEFAULT_MAX_FRAME_PIXELS, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_REQUEST_SECONDS,
+               DEFAULT_MAX_TRANSLATE_STEPS, DEFAULT_MAX_UPLOAD_MB)
 
 if TYPE_CHECKING:
     from ..pipelines import Pipeline
@@ -39,6 +42,8 @@ if TYPE_CHECKING:
 __all__ = ["create_app", "ServeError"]
 
 DEFAULT_MAX_TEXT_CHARS = 5000
+# One translate request's work is bounded by decoding steps x beams over its sentences (Translator.decoding_steps)
+# and by a wall-clock limit: beyond either it is refused (413) or stopped (503), and the model is free again.
 STATIC = Path(__file__).parent / "static"
 SLOTS = ("image", "detect", "segment", "video", "retrieval", "translator")
 FLAGS = {"image": "--image-model", "detect": "--detect-model", "segment": "--segment-model",
@@ -56,6 +61,26 @@ class ServeError(Exception):
 
 def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": code, "detail": message, **extra}, status_code=status)
+
+
+class _SameOrigin:
+    """403 for state-changing requests from another site: a page elsewhere must not make a browser post to this
+    server (a form POST needs no CORS preflight). The server's own page (same host) and non-browser clients (no
+    Origin header) pass; ``allowed`` origins (``--allow-origin``) too."""
+
+    def __init__(self, app: ASGIApp, allowed: Tuple[str, ...] = ()):
+        self.app, self.allowed = app, tuple(origin.rstrip("/") for origin in allowed)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] not in ("GET", "HEAD", "OPTIONS"):
+            headers = dict(scope["headers"])
+            origin = headers.get(b"origin", b"").decode("latin-1").rstrip("/")
+            host = headers.get(b"host", b"").decode("latin-1")
+            if origin and origin not in self.allowed and origin.split("://", 1)[-1] != host:
+                await _error(403, "cross_origin", f"requests from {origin} are refused; start the server with "
+                             f"--allow-origin {origin} to accept them")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class _BodyLimit:
@@ -205,10 +230,42 @@ def _retrieve(pipeline: Pipeline, path: str, captions: List[str], topk: int) -> 
 
 
 def _translate(translator: Any, text: str, src_lang: str, tgt_lang: str, num_beams: Optional[int],
-               max_new_tokens: Optional[int]) -> Dict[str, Any]:
+               max_new_tokens: Optional[int], stop: Callable[[], None]) -> Dict[str, Any]:
     (translation,) = translator.translate([text], src_lang, tgt_lang, num_beams=num_beams,
-                                          max_new_tokens=max_new_tokens)
+                                          max_new_tokens=max_new_tokens, stop=stop)
     return {"translation": translation}
+
+
+def _stopper(cancelled: threading.Event, shutdown: threading.Event, seconds: float) -> Callable[[], None]:
+    """What generation calls before every step: it ends the work of a request whose client left, that ran past
+    ``seconds``, or that a shutting-down server abandons."""
+    deadline = time.monotonic() + seconds
+
+    def stop() -> None:
+        if shutdown.is_set():
+            raise ServeError(503, "shutting_down", "the server is shutting down; retry elsewhere or later")
+        if cancelled.is_set():
+            raise ServeError(499, "cancelled", "the client closed the connection")
+        if time.monotonic() > deadline:
+            raise ServeError(503, "timeout", f"the request ran past the server's limit of {seconds:g} s: send less "
+                             f"text, fewer beams or fewer new tokens")
+    return stop
+
+
+async def _while_connected(request: Request, cancelled: threading.Event, work: Callable[[], Any]) -> Any:
+    """Run ``work`` (awaitable) and set ``cancelled`` as soon as the client disconnects."""
+    async def watch() -> None:
+        while not cancelled.is_set():
+            if await request.is_disconnected():
+                cancelled.set()
+                return
+            await anyio.sleep(0.2)
+    watcher = asyncio.ensure_future(watch())  # a task, not a task group: errors of ``work`` stay unwrapped
+    try:
+        return await work()
+    finally:
+        cancelled.set()
+        watcher.cancel()
 
 
 class TranslateRequest(BaseModel):
@@ -261,7 +318,10 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
                translator: Any = None, retrieval: Any = None,
                max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
                max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS,
-               max_text_chars: int = DEFAULT_MAX_TEXT_CHARS, max_waiting: int = 16) -> FastAPI:
+               max_text_chars: int = DEFAULT_MAX_TEXT_CHARS, max_waiting: int = 16,
+               max_translate_steps: int = DEFAULT_MAX_TRANSLATE_STEPS,
+               max_request_seconds: float = DEFAULT_MAX_REQUEST_SECONDS,
+               allow_origins: Tuple[str, ...] = ()) -> FastAPI:
     """The intern2 HTTP API and web page for the given models (any may be None: its endpoints answer 503).
 
     Args:
@@ -274,6 +334,11 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
         max_upload_mb: largest request body; max_image_pixels: largest image, in pixels; max_frame_pixels:
             largest video frame; max_text_chars: longest text to translate; max_waiting: requests queued per model
             before 503s.
+        max_translate_steps: most decoding steps x beams one translate request may need (413 beyond);
+            max_request_seconds: a translate request still decoding after this is stopped (503); both bound the
+            time one request holds the translator. ``app.state.shutdown`` (a threading.Event) stops running
+            requests at their next step, for a prompt shutdown.
+        allow_origins: other sites whose pages may post to this server (all others get a 403).
     """
     given = {"image": image_model, "detect": detect_model, "segment": segment_model, "video": video_model,
              "translator": translator, "retrieval": retrieval}
@@ -290,6 +355,8 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
     app = FastAPI(title="intern2", version=_version(), lifespan=lifespan,
                   description="InternImage, InternVideo and multilingual translation models over HTTP.")
     app.add_middleware(_BodyLimit, max_bytes=int(max_upload_mb * 2 ** 20))
+    app.add_middleware(_SameOrigin, allowed=tuple(allow_origins))
+    app.state.shutdown = threading.Event()
 
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
@@ -335,7 +402,8 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
         return {"models": {name: ({"loaded": True, **slots[name].info} if name in slots else
                                   {"loaded": False, "flag": FLAGS[name]}) for name in SLOTS},
                 "limits": {"max_upload_mb": max_upload_mb, "max_image_pixels": max_image_pixels,
-                           "max_frame_pixels": max_frame_pixels, "max_text_chars": max_text_chars}}
+                           "max_frame_pixels": max_frame_pixels, "max_text_chars": max_text_chars,
+                           "max_translate_steps": max_translate_steps, "max_request_seconds": max_request_seconds}}
 
     @app.post("/v1/classify", summary="image classification: top-k labels")
     async def classify(file: UploadFile = File(..., description="an image file"),
@@ -385,7 +453,7 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
                                              max_frame_pixels))
 
     @app.post("/v1/translate", summary="translate text between any two languages the translator has")
-    async def translate(request: TranslateRequest) -> Dict[str, Any]:
+    async def translate(request: TranslateRequest, http_request: Request) -> Dict[str, Any]:
         slot = slot_of("translator")
         text = request.text
         if not text.strip():
@@ -395,8 +463,20 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
                              f"of {max_text_chars}; send it in parts")
         languages = {name: _resolve_language(slot.model.tokenizer, name, getattr(request, name))
                      for name in ("src_lang", "tgt_lang")}
-        translation = await slot.run(lambda: _timed(_translate, slot.model, text, languages["src_lang"],
-                                                    languages["tgt_lang"], request.num_beams, request.max_new_tokens))
+        try:
+            steps = slot.model.decoding_steps([text], languages["src_lang"], request.num_beams,
+                                              request.max_new_tokens)
+        except ValueError as exc:  # a sentence longer than the model takes
+            raise ServeError(413, "sentence_too_long", f"text: {exc}") from None
+        if steps > max_translate_steps:
+            raise ServeError(413, "too_much_work", f"this request needs up to {steps:,} decoding steps x beams, more "
+                             f"than the server's limit of {max_translate_steps:,}: send less text, fewer beams or "
+                             f"a lower max_new_tokens")
+        cancelled = threading.Event()
+        stop = _stopper(cancelled, app.state.shutdown, max_request_seconds)
+        translation = await _while_connected(http_request, cancelled, lambda: slot.run(
+            lambda: _timed(_translate, slot.model, text, languages["src_lang"], languages["tgt_lang"],
+                           request.num_beams, request.max_new_tokens, stop)))
         return {**translation, **languages}
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -1,0 +1,89 @@
+"""The server bounds the work of one request: a translate request beyond its step budget is refused at once, one
+that runs past its time limit or outlives the server is stopped at its next decoding step, and the server then
+answers a small request promptly; cross-site posts are refused."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+pytest.importorskip("sentencepiece")
+pytest.importorskip("babel")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+import intern2  # noqa: E402
+from intern2.pipelines.translation import Translator  # noqa: E402
+from intern2.serve.app import create_app  # noqa: E402
+from intern2.text.corpus import builtin_sentences  # noqa: E402
+from intern2.text.tokenizer import NllbTokenizer  # noqa: E402
+
+LANGS = ["eng_Latn", "fra_Latn"]
+SMALL = {"text": "Hello.", "src_lang": "en", "tgt_lang": "fr", "num_beams": 1, "max_new_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def translator():
+    torch.manual_seed(0)
+    tokenizer = NllbTokenizer.train(builtin_sentences(LANGS), 300, LANGS)
+    model = intern2.create_model("intern2_mt_tiny", vocab_size=tokenizer.vocab_size, encoder_layers=1,
+                                 decoder_layers=1, max_position_embeddings=1024)
+    return Translator(model, tokenizer)
+
+
+def _long(sentences: int) -> dict:
+    return {"text": "Good morning to you all. " * sentences, "src_lang": "en", "tgt_lang": "fr", "num_beams": 8,
+            "max_new_tokens": 1024}
+
+
+def test_a_request_beyond_the_step_budget_is_refused_at_once(translator):
+    with TestClient(create_app(translator=translator, max_translate_steps=10_000)) as client:
+        start = time.perf_counter()
+        response = client.post("/v1/translate", json=_long(190))  # ~4,750 characters: inside the text limit
+        assert response.status_code == 413 and response.json()["error"] == "too_much_work"
+        assert "1,556,480 decoding steps x beams" in response.json()["detail"] and time.perf_counter() - start < 5
+        assert client.post("/v1/translate", json=SMALL).status_code == 200
+
+
+def test_a_request_past_its_time_limit_is_stopped_and_the_model_is_free_again(translator):
+    with TestClient(create_app(translator=translator, max_translate_steps=10**9, max_request_seconds=0.5)) as client:
+        start = time.perf_counter()
+        response = client.post("/v1/translate", json=_long(40))
+        stopped = time.perf_counter() - start
+        assert response.status_code == 503 and response.json()["error"] == "timeout", response.text
+        assert stopped < 10, stopped  # the limit plus one decoding step of 40 sentences x 8 beams
+        start = time.perf_counter()
+        assert client.post("/v1/translate", json=SMALL).status_code == 200
+        assert time.perf_counter() - start < 5
+
+
+def test_a_shutdown_stops_the_running_request(translator):
+    app = create_app(translator=translator, max_translate_steps=10**9, max_request_seconds=600)
+    with TestClient(app) as client:
+        threading.Timer(0.5, app.state.shutdown.set).start()
+        start = time.perf_counter()
+        response = client.post("/v1/translate", json=_long(40))
+        assert response.status_code == 503 and response.json()["error"] == "shutting_down"
+        assert time.perf_counter() - start < 10
+
+
+def test_a_sentence_longer_than_the_model_takes_is_refused(translator):
+    with TestClient(create_app(translator=translator)) as client:
+        response = client.post("/v1/translate", json={**SMALL, "text": "word " * 900})
+        assert response.status_code == 413 and response.json()["error"] == "sentence_too_long"
+        assert "longer than the" in response.json()["detail"]
+
+
+def test_cross_site_posts_are_refused_unless_allowed(translator):
+    with TestClient(create_app(translator=translator, allow_origins=("https://ok.example",))) as client:
+        evil = client.post("/v1/translate", json=SMALL, headers={"Origin": "https://evil.example"})
+        assert evil.status_code == 403 and evil.json()["error"] == "cross_origin"
+        assert "--allow-origin https://evil.example" in evil.json()["detail"]
+        same = client.post("/v1/translate", json=SMALL, headers={"Origin": "http://testserver"})
+        allowed = client.post("/v1/translate", json=SMALL, headers={"Origin": "https://ok.example"})
+        assert same.status_code == allowed.status_code == 200
+        assert client.get("/healthz", headers={"Origin": "https://evil.example"}).status_code == 200
