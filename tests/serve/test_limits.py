@@ -87,3 +87,23 @@ def test_cross_site_posts_are_refused_unless_allowed(translator):
         allowed = client.post("/v1/translate", json=SMALL, headers={"Origin": "https://ok.example"})
         assert same.status_code == allowed.status_code == 200
         assert client.get("/healthz", headers={"Origin": "https://evil.example"}).status_code == 200
+
+
+def test_an_extreme_aspect_ratio_is_a_4xx_or_handled(tmp_path):
+    """A 10000 x 1 image: the classifier's shorter-side resize cannot take it (422, not a 500 or a memory
+    blow-up); the detector's keep-ratio resize can."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    backbone = dict(channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8], drop_path_rate=0.0)
+    strip = io.BytesIO()
+    Image.fromarray(np.zeros((1, 10000, 3), dtype=np.uint8)).save(strip, format="PNG")
+    app = create_app(image_model=intern2.create_model("internimage_t", num_classes=3, **backbone),
+                     detect_model=intern2.create_model("mask_rcnn_internimage_t", backbone=backbone, fpn_channels=16))
+    with TestClient(app) as client:
+        upload = {"file": ("strip.png", strip.getvalue(), "image/png")}
+        classified = client.post("/v1/classify", files=upload)
+        assert classified.status_code == 422 and "aspect ratio of 10000:1" in classified.json()["detail"]
+        detected = client.post("/v1/detect", files=upload, data={"draw": "false"})
+        assert detected.status_code == 200 and detected.json()["width"] == 10000

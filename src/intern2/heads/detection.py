@@ -82,7 +82,7 @@ class KeepRatioTransform(GeneralizedRCNNTransform):
         height, width = image.shape[-2:]
         short = self.torch_choice(self.min_size) if self.training else self.min_size[-1]
         scale = min(short / min(height, width), self.max_size / max(height, width))
-        size = (int(height * scale + 0.5), int(width * scale + 0.5))
+        size = (max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5)))  # a 1 x 10000 image too
         image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
         if target is not None:
             target["boxes"] = resize_boxes(target["boxes"], (height, width), size)

@@ -17,7 +17,7 @@ from ..weights import labels_from_cfg, protocol_from_cfg, task_of
 
 __all__ = ["Pipeline", "load_model", "load_model_spec", "model_task", "top_k", "setup_logging",
            "add_model_arguments", "model_from_args", "pipeline_from_args", "print_topk", "open_pipeline", "pair",
-           "task_of_arguments", "run_on_images"]
+           "task_of_arguments", "run_on_images", "check_aspect"]
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,18 @@ def open_pipeline(checkpoint: Optional[str] = None, model: Optional[str] = None,
     from . import pipeline_class
     loaded = load_model(checkpoint, model)
     return pipeline_class(task or model_task(loaded))(loaded, source=checkpoint or model, **options)
+
+
+MAX_ASPECT_RATIO = 20.0  # a shorter-side resize of a longer strip would make a tensor of gigabytes
+
+
+def check_aspect(width: int, height: int, what: str = "image") -> None:
+    """A ValueError for an image (or video frame) too elongated for a shorter-side resize (e.g. 10000 x 1, which
+    resized to 224 on its short side is 2.2 million pixels long)."""
+    ratio = max(width, height) / max(1, min(width, height))
+    if ratio > MAX_ASPECT_RATIO:
+        raise ValueError(f"{what} of {width} x {height} pixels: an aspect ratio of {ratio:.0f}:1 is more than the "
+                         f"{MAX_ASPECT_RATIO:.0f}:1 a shorter-side resize can take; crop it first")
 
 
 def top_k(probs: torch.Tensor, labels: Sequence[str], k: int) -> List[Dict[str, Any]]:

@@ -9,7 +9,7 @@ from PIL import Image
 
 from ..data.images import eval_transform, load_image
 from ..weights import ImageClassificationProtocol
-from .common import Pipeline, add_model_arguments, pipeline_from_args, print_topk, top_k
+from .common import Pipeline, add_model_arguments, check_aspect, pipeline_from_args, print_topk, top_k
 
 __all__ = ["ImageClassificationPipeline", "predict_main"]
 
@@ -45,6 +45,7 @@ class ImageClassificationPipeline(Pipeline):
 
     def __call__(self, image: Union[Image.Image, str], topk: int = 5) -> Dict[str, Any]:
         image = load_image(image) if not isinstance(image, Image.Image) else image
+        check_aspect(*image.size)
         return {"top": top_k(self.probabilities(self.transform(image)[None])[0], self.labels, topk)}
 
     def predict_files(self, files: Sequence[str], topk: int = 5) -> List[Dict[str, Any]]:
@@ -52,11 +53,9 @@ class ImageClassificationPipeline(Pipeline):
         results = []
         for file in files:
             try:
-                image = load_image(file)
-            except ValueError as exc:
-                results.append({"file": file, "error": str(exc)})
-                continue
-            results.append({"file": file, **self(image, topk)})
+                results.append({"file": file, **self(load_image(file), topk)})
+            except ValueError as exc:  # unreadable, or beyond the preprocessing
+                results.append({"file": file, "error": f"{file}: {exc}" if file not in str(exc) else str(exc)})
         return results
 
 

@@ -17,7 +17,8 @@ from torch import nn
 
 from ..data.video import FrameSampler, VideoDecodeError, VideoEvalTransform, read_video
 from ..weights import SAMPLINGS, VideoProtocol
-from .common import Pipeline, add_model_arguments, pipeline_from_args, print_topk, setup_logging, top_k
+from .common import (Pipeline, add_model_arguments, check_aspect, pipeline_from_args, print_topk, setup_logging,
+                     top_k)
 
 __all__ = ["VideoClassificationPipeline", "VIDEO_SUFFIXES", "video_files", "view_probabilities",
            "add_protocol_arguments", "protocol_options", "predict_main", "extract_features_main"]
@@ -71,6 +72,7 @@ class VideoClassificationPipeline(Pipeline):
         an unreadable file."""
         clips = self.protocol.test_clips
         frames = read_video(file, lambda total: [i for view in self.sampler.test_views(total, clips) for i in view])
+        check_aspect(frames.shape[2], frames.shape[1], f"{file}: video frames")
         return torch.stack([self.transform(clip) for clip in frames.chunk(clips)]).flatten(0, 1)
 
     @torch.inference_mode()

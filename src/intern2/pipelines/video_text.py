@@ -19,7 +19,7 @@ from torch import nn
 
 from ..data.video import FrameSampler, VideoDecodeError, VideoEvalTransform, read_video
 from ..weights import VideoProtocol
-from .common import Pipeline, add_model_arguments, load_model, print_topk, setup_logging
+from .common import Pipeline, add_model_arguments, check_aspect, load_model, print_topk, setup_logging
 from .video_cls import VIDEO_SUFFIXES, add_protocol_arguments, protocol_options, video_files, write_arrays
 
 __all__ = ["VideoTextPipeline", "DEFAULT_PROMPT", "encode_texts", "encode_views", "retrieve_main",
@@ -105,6 +105,7 @@ class VideoTextPipeline(Pipeline):
         """(V, C, T, H, W) test views of a video file."""
         clips = self.protocol.test_clips
         frames = read_video(file, lambda total: [i for view in self.sampler.test_views(total, clips) for i in view])
+        check_aspect(frames.shape[2], frames.shape[1], f"{file}: video frames")
         return torch.stack([self.transform(clip) for clip in frames.chunk(clips)]).flatten(0, 1)
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:

@@ -504,8 +504,16 @@ def _resolve_language(tokenizer: Any, field_name: str, code: str) -> str:
 
 
 def _timed(function: Callable[..., Any], *args: Any) -> Dict[str, Any]:
+    """Run a model's work and time it; a ValueError of the pipeline (input it cannot process, e.g. an image
+    too elongated for its resize) is the request's fault: a 422, not a 500."""
     start = time.perf_counter()
-    return {**function(*args), "seconds": round(time.perf_counter() - start, 4)}
+    try:
+        result = function(*args)
+    except ServeError:
+        raise
+    except ValueError as exc:
+        raise ServeError(422, "unprocessable", str(exc)) from None
+    return {**result, "seconds": round(time.perf_counter() - start, 4)}
 
 
 def _version() -> str:
