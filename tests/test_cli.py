@@ -90,3 +90,31 @@ def test_report_renders_stages(tmp_path):
     assert "41.50" in html and html.count("<polyline") == 1 and "src='example.png'" in html
     assert "&lt;b&gt;" in html and "<b>" not in html  # text from examples is escaped
     assert "skipped: no module named av" in html
+
+
+@pytest.mark.parametrize("command", ["predict", "eval"])
+def test_help_without_task_names_every_task(command, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main([command, "--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    overview = out.splitlines()[0]
+    for task in ("image-cls", "segment", "detect", "video-cls", "video-text", "translation"):
+        assert task in overview
+    assert "usage:" in out  # followed by the default task's own options
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    import io
+    import sys
+
+    from intern2.pipelines.common import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, shows_bar in ((io.StringIO(), False), (Terminal(), True)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        assert list(progress(range(5), "eval", 5)) == list(range(5))
+        assert ("eval" in stream.getvalue()) == shows_bar

@@ -74,8 +74,9 @@ GROUPS = (("models", ("list", "convert", "export")),
           ("serving", ("serve",)))
 # Optional packages -> the extra that installs them (pip install 'intern2[extra]').
 EXTRAS = {"pycocotools": "data", "sklearn": "data", "av": "video", "sentencepiece": "text", "sacrebleu": "text",
-          "babel": "text", "tokenizers": "videotext", "fastapi": "serve", "uvicorn": "serve", "multipart": "serve",
-          "httpx": "serve", "onnx": "export", "onnxruntime": "export", "onnxscript": "export", "timm": "timm"}
+          "babel": "text", "tokenizers": "videotext", "fastapi": "serve", "fastapi_offline": "serve",
+          "uvicorn": "serve", "multipart": "serve", "httpx": "serve", "onnx": "export", "onnxruntime": "export",
+          "onnxscript": "export", "timm": "timm"}
 USER_ERRORS = (ValueError, OSError, KeyError, ImportError)
 
 

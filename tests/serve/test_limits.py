@@ -107,3 +107,11 @@ def test_an_extreme_aspect_ratio_is_a_4xx_or_handled(tmp_path):
         assert classified.status_code == 422 and "aspect ratio of 10000:1" in classified.json()["detail"]
         detected = client.post("/v1/detect", files=upload, data={"draw": "false"})
         assert detected.status_code == 200 and detected.json()["width"] == 10000
+
+
+def test_the_api_docs_work_offline():
+    with TestClient(create_app()) as client:
+        page = client.get("/docs")
+        assert page.status_code == 200 and "cdn" not in page.text.lower()
+        script = page.text.split("swagger-ui-bundle.js")[0].rsplit('"', 1)[-1] + "swagger-ui-bundle.js"
+        assert client.get(script).status_code == 200

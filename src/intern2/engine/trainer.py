@@ -385,6 +385,7 @@ class Trainer:
         eval_metrics: Dict[str, float] = {}
         window: Dict[str, List[float]] = {}
         bad_steps = 0
+        skipped_before = getattr(self.task, "skipped", 0)
         started = time.perf_counter()
         try:
             while progress.step < total_steps:
@@ -444,6 +445,11 @@ class Trainer:
                         break
                 if progress.step >= total_steps and progress.batches_done // cfg.grad_accum < steps_per_epoch:
                     break  # max_steps reached mid-epoch
+                skipped = getattr(self.task, "skipped", 0)  # samples a task skipped and counted (unreadable, ...)
+                if skipped > skipped_before:
+                    log.warning("epoch %d: %d samples skipped (%d in all so far)", progress.epoch,
+                                skipped - skipped_before, skipped)
+                skipped_before = skipped
                 progress.epoch += 1
                 progress.batches_done = 0
                 optimizer.zero_grad(set_to_none=True)  # micro-batches past the last full accumulation

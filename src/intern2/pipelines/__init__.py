@@ -42,6 +42,9 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
     from .common import task_of_arguments
     argv = list(argv or [])
     task = task_of_arguments(argv)
+    if {"-h", "--help"} & set(argv) and "--task" not in argv:
+        print(f"intern2 predict runs the model's own task (or --task): {', '.join(sorted(PIPELINES))}; each has "
+              f"its options: 'intern2 predict --task segment --help'. The {task} options:\n")
     if task not in PIPELINES:
         print(f"intern2 predict: task {task!r} has no 'predict' (it only trains, or is unknown); tasks that "
               f"predict: {', '.join(sorted(PIPELINES))}", file=sys.stderr)

@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from torch import nn
@@ -17,9 +17,10 @@ from ..weights import labels_from_cfg, protocol_from_cfg, task_of
 
 __all__ = ["Pipeline", "load_model", "load_model_spec", "model_task", "top_k", "setup_logging",
            "add_model_arguments", "model_from_args", "pipeline_from_args", "print_topk", "open_pipeline", "pair",
-           "task_of_arguments", "run_on_images", "check_aspect"]
+           "task_of_arguments", "run_on_images", "check_aspect", "progress"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 _LOGGING = {"configured": False}
@@ -127,6 +128,18 @@ def open_pipeline(checkpoint: Optional[str] = None, model: Optional[str] = None,
     return pipeline_class(task or model_task(loaded))(loaded, source=checkpoint or model, **options)
 
 
+def progress(items: Iterable[T], desc: str, total: Optional[int] = None) -> Iterator[T]:
+    """``items`` with a progress bar on stderr when it is a terminal (tqdm), and intern2's log lines written
+    through the bar instead of breaking it; plain ``items`` otherwise (pipes, files, tests)."""
+    if not sys.stderr.isatty():
+        yield from items
+        return
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    with logging_redirect_tqdm():
+        yield from tqdm(items, desc=desc, total=total, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
 MAX_ASPECT_RATIO = 20.0  # a shorter-side resize of a longer strip would make a tensor of gigabytes
 
 
@@ -198,7 +211,7 @@ def run_on_images(files: Sequence[str], out: Path,
     from ..data.images import load_image
     out.mkdir(parents=True, exist_ok=True)
     results, failed = [], False
-    for file in files:
+    for file in progress(files, "images"):
         try:
             image = load_image(file)
         except ValueError as exc:

@@ -14,7 +14,7 @@ from torch import nn
 from ..text.corpus import read_lines
 from ..text.languages import get_language
 from ..weights import TranslationProtocol
-from .common import Pipeline, setup_logging
+from .common import Pipeline, progress, setup_logging
 
 __all__ = ["Translator", "split_sentences", "translate_in_sentences", "translate_main", "predict_main"]
 
@@ -159,7 +159,7 @@ class Translator(Pipeline):
         encoded = [self._encode_checked(text, lang) for text, lang in zip(texts, langs)]
         order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))  # similar lengths: little padding
         out: List[str] = [""] * len(texts)
-        for start in range(0, len(order), batch_size):
+        for start in progress(range(0, len(order), batch_size), "batches"):
             rows = order[start:start + batch_size]
             width = max(len(encoded[i]) for i in rows)
             input_ids = torch.tensor([encoded[i] + [self.tokenizer.pad_id] * (width - len(encoded[i])) for i in rows],

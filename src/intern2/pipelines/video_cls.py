@@ -17,8 +17,8 @@ from torch import nn
 
 from ..data.video import FrameSampler, VideoDecodeError, VideoEvalTransform, read_video
 from ..weights import SAMPLINGS, VideoProtocol
-from .common import (Pipeline, add_model_arguments, check_aspect, pipeline_from_args, print_topk, setup_logging,
-                     top_k)
+from .common import (Pipeline, add_model_arguments, check_aspect, pipeline_from_args, print_topk, progress,
+                     setup_logging, top_k)
 
 __all__ = ["VideoClassificationPipeline", "VIDEO_SUFFIXES", "video_files", "view_probabilities",
            "add_protocol_arguments", "protocol_options", "predict_main", "extract_features_main"]
@@ -89,7 +89,7 @@ class VideoClassificationPipeline(Pipeline):
     def predict_files(self, files: Sequence[str], topk: int = 5) -> List[Dict[str, Any]]:
         """``{"file", "top"}`` per file; an unreadable file gets ``{"file", "error"}`` naming it."""
         results = []
-        for file in files:
+        for file in progress(files, "videos"):
             try:
                 results.append({"file": file, **self(file, topk)})
             except VideoDecodeError as exc:
@@ -108,7 +108,7 @@ class VideoClassificationPipeline(Pipeline):
     def extract_features(self, files: Sequence[str]) -> Tuple[torch.Tensor, List[str], List[str]]:
         """(N, D) features of the readable files, the files read, and the errors of the unreadable ones."""
         features, done, errors = [], [], []
-        for file in files:
+        for file in progress(files, "videos"):
             try:
                 features.append(self.features(file))
             except VideoDecodeError as exc:

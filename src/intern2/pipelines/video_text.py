@@ -19,7 +19,7 @@ from torch import nn
 
 from ..data.video import FrameSampler, VideoDecodeError, VideoEvalTransform, read_video
 from ..weights import VideoProtocol
-from .common import Pipeline, add_model_arguments, check_aspect, load_model, print_topk, setup_logging
+from .common import Pipeline, add_model_arguments, check_aspect, load_model, print_topk, progress, setup_logging
 from .video_cls import VIDEO_SUFFIXES, add_protocol_arguments, protocol_options, video_files, write_arrays
 
 __all__ = ["VideoTextPipeline", "DEFAULT_PROMPT", "encode_texts", "encode_views", "retrieve_main",
@@ -114,7 +114,7 @@ class VideoTextPipeline(Pipeline):
     def encode_videos(self, files: Sequence[str]) -> Tuple[torch.Tensor, List[str], List[str]]:
         """(N, D) normalised features of the readable files, the files read, the errors of the unreadable ones."""
         features, done, errors = [], [], []
-        for file in files:
+        for file in progress(files, "videos"):
             try:
                 views = self.views(file)
             except VideoDecodeError as exc:

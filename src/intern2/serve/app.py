@@ -28,6 +28,7 @@ from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -352,8 +353,9 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
             slot.limiter = anyio.CapacityLimiter(1)
         yield
 
-    app = FastAPI(title="intern2", version=_version(), lifespan=lifespan,
-                  description="InternImage, InternVideo and multilingual translation models over HTTP.")
+    # fastapi-offline serves the Swagger / ReDoc assets from its package: /docs works without internet.
+    app = FastAPIOffline(title="intern2", version=_version(), lifespan=lifespan,
+                         description="InternImage, InternVideo and multilingual translation models over HTTP.")
     app.add_middleware(_BodyLimit, max_bytes=int(max_upload_mb * 2 ** 20))
     app.add_middleware(_SameOrigin, allowed=tuple(allow_origins))
     app.state.shutdown = threading.Event()

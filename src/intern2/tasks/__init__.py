@@ -45,4 +45,9 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     if argv and argv[0] in TASKS:
         return _run(argv[0], "eval_main", argv[1:])
     from ..pipelines.common import task_of_arguments
-    return _run(task_of_arguments(argv), "eval_main", argv)
+    task = task_of_arguments(argv)
+    if {"-h", "--help"} & set(argv) and "--task" not in argv:
+        evaluable = sorted(name for name in TASKS if name not in ("umt", "video-pretrain"))
+        print(f"intern2 eval evaluates the model's own task (or --task / a first argument): {', '.join(evaluable)};"
+              f" each has its options: 'intern2 eval --task segment --help'. The {task} options:\n")
+    return _run(task, "eval_main", argv)

@@ -28,7 +28,7 @@ from ..data.images import (
 from ..engine import TrainConfig
 from ..engine.trainer import accumulate_eval
 from ..factory import create_model, save_pretrained
-from ..pipelines.common import add_model_arguments, pipeline_from_args
+from ..pipelines.common import add_model_arguments, pipeline_from_args, progress
 from ..pipelines.image_cls import ImageClassificationPipeline
 from ..weights import ImageClassificationProtocol
 from .common import train_cli
@@ -195,7 +195,8 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     loader = DataLoader(ClassificationDataset(source, pipeline.transform), batch_size=args.batch_size,
                         collate_fn=collate_images)
     metrics_of = ClassificationMetrics(source.classes)
-    metrics = metrics_of.summarize(accumulate_eval(pipeline.model, loader, metrics_of.eval_step, torch.device("cpu")))
+    batches = progress(loader, "eval", len(loader))
+    metrics = metrics_of.summarize(accumulate_eval(pipeline.model, batches, metrics_of.eval_step, torch.device("cpu")))
     if args.json:
         print(json.dumps(metrics))
     else:

@@ -20,7 +20,7 @@ from ..data.segmentation import IGNORE_INDEX, SegmentationDataset, collate_segme
 from ..engine import TrainConfig
 from ..engine.trainer import accumulate_eval
 from ..factory import create_model, save_pretrained
-from ..pipelines.common import add_model_arguments, pipeline_from_args
+from ..pipelines.common import add_model_arguments, pipeline_from_args, progress
 from ..pipelines.segment import SegmentationPipeline, add_protocol_arguments, protocol_options, segment_probabilities
 from ..weights import SegmentationProtocol
 from .common import train_cli
@@ -189,7 +189,8 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
                                   reduce_zero_label=protocol.reduce_zero_label, num_classes=len(pipeline.labels))
     metrics_of = SegmentationMetrics(pipeline.labels, protocol, pipeline.tta)
     loader = DataLoader(dataset, batch_size=1, collate_fn=collate_segmentation)
-    metrics = metrics_of.summarize(accumulate_eval(pipeline.model, loader, metrics_of.eval_step, torch.device("cpu")))
+    batches = progress(loader, "eval", len(loader))
+    metrics = metrics_of.summarize(accumulate_eval(pipeline.model, batches, metrics_of.eval_step, torch.device("cpu")))
     if args.json:
         print(json.dumps(metrics))
     else:

@@ -29,7 +29,7 @@ from ..data.video import (
 from ..engine import TrainConfig
 from ..engine.trainer import accumulate_eval
 from ..factory import create_model, save_pretrained
-from ..pipelines.common import add_model_arguments, pipeline_from_args
+from ..pipelines.common import add_model_arguments, pipeline_from_args, progress
 from ..pipelines.video_cls import (
     VideoClassificationPipeline,
     add_protocol_arguments,
@@ -230,7 +230,8 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     loader = DataLoader(VideoDataset(source, pipeline.sampler, pipeline.transform, train=False, num_clips=clips),
                         batch_size=args.batch_size, collate_fn=collate_videos)
     metrics_of = ClassificationMetrics(source.classes)
-    sums = accumulate_eval(pipeline.model, loader, lambda m, b: _eval_sums(m, b, metrics_of), torch.device("cpu"))
+    batches = progress(loader, "eval", len(loader))
+    sums = accumulate_eval(pipeline.model, batches, lambda m, b: _eval_sums(m, b, metrics_of), torch.device("cpu"))
     metrics = metrics_of.summarize(sums)
     if args.json:
         print(json.dumps(metrics))
