@@ -6,6 +6,7 @@ import json
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,7 +45,19 @@ def files(tmp_path_factory):
     with open(root / "evil.pth", "wb") as handle:
         pickle.dump({"model": _Evil()}, handle, protocol=2)  # torch.save's protocol
     (root / "not_a_dir").write_text("x")
-    return {"image": str(image), "good": str(root / "good"), "root": root,
+    torch.save([1, 2, 3], root / "list.pth")
+    torch.save(model.state_dict(), root / "weights.pth")  # weights, not a training checkpoint
+    (root / "one_image" / "cat").mkdir(parents=True)
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(root / "one_image" / "cat" / "a.png")
+    wide = intern2.create_model("internimage_t", num_classes=3, **{**TINY, "channels": 32})
+    intern2.save_pretrained(wide, root / "wide")
+    intern2.save_pretrained(intern2.create_model("upernet_internimage_t", num_classes=4, backbone=TINY, channels=16,
+                                                 aux_channels=16), root / "seg")
+    (Path(folder("deep_config", lambda c: c)) / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    (Path(folder("wrong_shapes", lambda c: c)) / "model.safetensors").write_bytes(
+        (root / "wide" / "model.safetensors").read_bytes())  # a 32-channel model's tensors, a 16-channel config
+    return {"image": str(image), "good": str(root / "good"), "root": root, "deep_config": str(root / "deep_config"),
+            "wrong_shapes": str(root / "wrong_shapes"), "wide": str(root / "wide"), "seg": str(root / "seg"),
             "list_config": folder("list_config", lambda c: [1, 2]),
             "string_cfg": folder("string_cfg", lambda c: {**c, "pretrained_cfg": "x"}),
             "bad_channels": folder("bad_channels", lambda c: {**c, "channels": "sixteen"}),
@@ -86,6 +99,35 @@ CASES = [
     ("translate-batch", ["translate", "--src", "en", "--tgt", "fr", "--batch-size", "0", "hi"], "--batch-size 0"),
     ("translate-language", ["translate", "--src", "klingonx", "--tgt", "fr", "hi"], "unknown language 'klingonx'"),
     ("serve-port", ["serve", "--port", "-1"], "expected a port number 0-65535"),
+    ("resume-list", TRAIN + ["--set", "train.resume={root}/list.pth"], "list.pth is not a training checkpoint"),
+    ("resume-weights", TRAIN + ["--set", "train.resume={root}/weights.pth"],
+     "weights.pth is not a training checkpoint"),
+    ("video-model-for-images", TRAIN[:4] + ["--model", "videomae_vit_s", "--set", "img_size=32"],
+     "model 'videomae_vit_s' is a video-cls model, not image-cls"),
+    ("model-args-string", TRAIN + ["--set", "model_args=hello"], "model_args: expected a mapping"),
+    ("lr-nan", TRAIN + ["--set", "train.lr=.nan"], "train.lr: expected a positive number, got nan"),
+    ("max-steps-0", TRAIN + ["--set", "train.max_steps=0"], "train.max_steps: expected a positive integer, got 0"),
+    ("time-limit", TRAIN + ["--set", "train.time_limit_s=-1"], "train.time_limit_s: expected a number >= 0"),
+    ("clip-grad", TRAIN + ["--set", "train.clip_grad=-1"], "train.clip_grad: expected a positive number"),
+    ("out-unwritable", TRAIN + ["--out", "/proc/intern2_run"], "/proc/intern2_run"),
+    ("too-few-samples", TRAIN + ["--data", "{root}/one_image"], "larger than the 1 training samples"),
+    ("config-not-yaml", ["train", "image-cls", "--config", "{image}"], "a.png: not a readable YAML file"),
+    ("topk-negative", ["predict", "{image}", "--checkpoint", "{good}", "--topk", "-3"],
+     "--topk -3: expected a positive"),
+    ("config-deep", ["predict", "{image}", "--checkpoint", "{deep_config}"], "config.json: nested too deeply"),
+    ("folder-wrong-shapes", ["predict", "{image}", "--checkpoint", "{wrong_shapes}"],
+     "wrong_shapes: 103 tensor shapes do not match the model"),
+    ("predict-out-is-a-file", ["predict", "{image}", "--checkpoint", "{seg}", "--out", "{root}/not_a_dir"],
+     "not_a_dir"),
+    ("export-out-is-a-folder", ["export", "onnx", "--checkpoint", "{good}", "--out", "{root}"],
+     "--out {root}: is a folder; expected a file"),
+    ("convert-out-is-a-file", ["convert", "--model", "internimage_t", "--checkpoint", "{root}/weights.pth", "--out",
+                               "{root}/not_a_dir"], "not_a_dir"),
+    ("translate-output-is-a-folder", ["translate", "--src", "en", "--tgt", "fr", "--output", "{root}", "hi"],
+     "--output"),
+    ("serve-upload-limit", ["serve", "--max-upload-mb", "-5"], "--max-upload-mb: expected a positive float, got '-5'"),
+    ("serve-missing-model", ["serve", "--image-model", "/nope"], "/nope: no such file or folder"),
+    ("resume-other-widths", TRAIN + ["--set", "checkpoint={wide}"], "wide"),
     ("detector-threshold", ["predict", "{image}", "--model", "mask_rcnn_internimage_t", "--threshold", "2"],
      "--threshold 2.0: expected a score in [0, 1]"),
 ]
@@ -95,6 +137,7 @@ CASES = [
 def test_bad_input_is_one_line_naming_the_culprit(name, argv, message, files, capsys, tmp_path):
     for key, value in files.items():  # not str.format: YAML values hold braces
         argv = [a.replace(f"{{{key}}}", str(value)) for a in argv]
+        message = message.replace(f"{{{key}}}", str(value))
     if argv[0] == "train" and "--out" not in argv:
         argv += ["--out", str(tmp_path / "run")]
     try:
@@ -105,6 +148,12 @@ def test_bad_input_is_one_line_naming_the_culprit(name, argv, message, files, ca
     assert code == 2, err
     lines = [line for line in err.splitlines() if line.strip() and " WARNING " not in line and " INFO " not in line]
     assert "Traceback" not in err and message in lines[-1], err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
+def test_a_gpu_asked_for_without_one_is_named(tmp_path, capsys):
+    assert cli.main([*TRAIN, "--set", "train.device=cuda", "--out", str(tmp_path)]) == 2
+    assert "train.device: 'cuda' asked for, but torch sees no CUDA device" in capsys.readouterr().err
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -177,3 +226,31 @@ def test_atomic_writes_leave_no_stale_temp_files_and_follow_the_umask(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "last.pt").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_a_write_killed_midway_keeps_the_old_file_and_the_next_start_removes_its_temp(tmp_path):
+    import os
+    import signal
+    import time
+
+    from intern2.checkpoint import atomic_write
+    target = tmp_path / "last.pt"
+    atomic_write(target, lambda tmp: torch.save({"step": 1}, tmp))
+    writer = ("import sys, time\nfrom intern2.checkpoint import atomic_write\n"
+              "def write(tmp):\n    with open(tmp, 'wb') as f:\n        f.write(b'half a checkpoint'); f.flush()\n"
+              "        time.sleep(600)\n"
+              f"atomic_write({str(target)!r}, write)\n")
+    process = subprocess.Popen([sys.executable, "-c", writer])
+    try:
+        deadline = time.monotonic() + 60
+        while not any(p.stat().st_size for p in tmp_path.glob(".last.pt.tmp*")):
+            assert time.monotonic() < deadline and process.poll() is None, "the writer never started its write"
+            time.sleep(0.05)
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    assert list(tmp_path.glob(".last.pt.tmp*")), "kill -9 leaves the temp file behind"
+    assert torch.load(target, weights_only=True) == {"step": 1}  # the old checkpoint is whole
+    atomic_write(target, lambda tmp: torch.save({"step": 2}, tmp))  # the next run's first save
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+    assert torch.load(target, weights_only=True) == {"step": 2}

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 __all__ = ["read_checkpoint", "read_state_dict", "read_config", "load_checkpoint", "save_pretrained",
-           "atomic_write", "adapt_input_conv", "WEIGHTS_NAME", "CONFIG_NAME"]
+           "atomic_write", "remove_stale_temps", "check_output", "adapt_input_conv", "WEIGHTS_NAME", "CONFIG_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -209,10 +209,8 @@ def atomic_write(path: Union[str, os.PathLike], write) -> None:
     permissions the umask gives new files (not mkstemp's 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{path.name}.tmp"
-    for stale in path.parent.glob(f"{glob.escape(prefix)}*"):
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=path.parent)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -229,6 +227,36 @@ def atomic_write(path: Union[str, os.PathLike], write) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.tmp"
+
+
+def remove_stale_temps(path: Union[str, os.PathLike]) -> int:
+    """Remove the temp files that killed :func:`atomic_write` calls of ``path`` left (a SIGKILL runs no cleanup);
+    returns how many. Only one writer per path is assumed, as for a run's checkpoint."""
+    path = Path(path)
+    stale = list(path.parent.glob(f"{glob.escape(_temp_prefix(path))}*")) if path.parent.is_dir() else []
+    for temp in stale:
+        temp.unlink(missing_ok=True)
+    return len(stale)
+
+
+def check_output(path: Union[str, os.PathLike], flag: str, folder: bool = False) -> Path:
+    """``path`` if a file (or with ``folder``, a folder) can be written there, else a ValueError naming ``flag``:
+    checked before the work, so a minute of export or translation is not lost to a typo in the output path."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path}: is a file; expected a folder (new or existing)")
+    if not folder and path.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder; expected a file")
+    existing = path if path.exists() else path.parent
+    while not existing.exists():  # the folders atomic_write / save_pretrained will create
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ValueError(f"{flag} {path}: {existing} is not a writable folder")
+    return path
 
 
 def _umask() -> int:

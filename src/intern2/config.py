@@ -94,8 +94,8 @@ def load_config(cls: Type[T], path: Optional[Union[str, Path]] = None, overrides
         path = Path(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ValueError(f"config file {path}: {exc}") from exc
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ValueError(f"config file {path}: not a readable YAML file ({exc})") from exc
         merged = to_dict(cfg)
         _deep_update(merged, data, str(path))
         cfg = from_dict(cls, merged, str(path))

@@ -79,8 +79,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_logging()  # onnx / onnxscript log at INFO by the thousand: libraries stay at WARNING unless -v
     if args.opset < 17:
         parser.error(f"--opset {args.opset}: expected >= 17")
+    from .checkpoint import check_output
     from .config import parse_assignments
     try:
+        check_output(args.out, "--out")
         overrides = parse_assignments(args.overrides)
         if overrides and not args.model:
             parser.error("--set needs --model")

@@ -78,6 +78,20 @@ def test_a_sentence_longer_than_the_model_takes_is_refused(translator):
         assert "longer than the" in response.json()["detail"]
 
 
+def test_the_cli_has_the_same_source_length_cap(translator, tmp_path, capsys):
+    from intern2 import cli
+    intern2.save_pretrained(translator.model, tmp_path / "mt")
+    translator.tokenizer.save_pretrained(tmp_path / "mt")
+    (tmp_path / "long.txt").write_text("word " * 20_000 + "\n")
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["translate", "--model", str(tmp_path / "mt"), "--src", "en", "--tgt", "fr", "--input",
+                  str(tmp_path / "long.txt"), "--output", str(tmp_path / "out.txt")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and "a sentence of 80002 tokens is longer than the" in err, err
+    assert time.perf_counter() - start < 30 and not (tmp_path / "out.txt").exists()
+
+
 def test_cross_site_posts_are_refused_unless_allowed(translator):
     with TestClient(create_app(translator=translator, allow_origins=("https://ok.example",))) as client:
         evil = client.post("/v1/translate", json=SMALL, headers={"Origin": "https://evil.example"})

@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..checkpoint import atomic_write
+from ..checkpoint import atomic_write, remove_stale_temps
 from ..config import to_dict
 from .distributed import DistInfo, cleanup, init_distributed
 from .optim import SCHEDULES, build_optimizer, lr_schedule, stretch_to_time
@@ -172,6 +172,9 @@ class _Progress:
     history: Dict[str, Any] = field(default_factory=dict)
 
 
+_RESUME_KEYS = frozenset({"model", "optimizer", "scheduler", "ema", "rng", "progress"})  # what _save writes
+
+
 def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -300,11 +303,20 @@ class Trainer:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise ValueError(f"train.resume: cannot read training checkpoint {path}: {exc}") from exc
+        missing = sorted(_RESUME_KEYS - set(payload)) if isinstance(payload, dict) else None
+        if missing is None or missing:
+            found = f"a {type(payload).__name__}" if missing is None else f"no {missing}"
+            raise ValueError(f"train.resume: {path} is not a training checkpoint (expected the {sorted(_RESUME_KEYS)} "
+                             f"the Trainer writes, found {found}); to start from model weights set checkpoint=")
         if payload.get("world_size", 1) != self.dist.world_size:
             raise ValueError(f"train.resume: {path} was written by {payload['world_size']} processes, this run has "
                              f"{self.dist.world_size}; the data order would not continue exactly")
-        set_state_dict(model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optimizer"],
-                       options=StateDictOptions(full_state_dict=True))
+        try:
+            set_state_dict(model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optimizer"],
+                           options=StateDictOptions(full_state_dict=True))
+        except (RuntimeError, KeyError, ValueError) as exc:  # another model's (or optimizer's) state
+            raise ValueError(f"train.resume: {path} does not fit this model and optimizer: "
+                             f"{str(exc).strip().splitlines()[-1][:300]}") from exc
         scheduler.load_state_dict(payload["scheduler"])
         if ema is not None and payload["ema"] is not None:
             ema.module.load_state_dict(payload["ema"])
@@ -375,7 +387,11 @@ class Trainer:
             self._load(source, wrapped, optimizer, scheduler, ema, progress)
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.json").write_text(json.dumps(self.config_to_save, indent=2))
+            if remove_stale_temps(self.checkpoint_path()):  # left by a run killed while it saved
+                log.info("removed the temp files of an interrupted checkpoint write in %s",
+                         self.checkpoint_path().parent)
+            config_text = json.dumps(self.config_to_save, indent=2)
+            atomic_write(self.out_dir / "config.json", lambda tmp: Path(tmp).write_text(config_text))
         loader = self._loader(train_set, sampler, drop_last=True)
         metrics_file = (self.out_dir / "metrics.jsonl").open("a") if self.dist.is_main else None
         bar = self._progress_bar(total_steps, progress.step)

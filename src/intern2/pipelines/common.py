@@ -66,6 +66,8 @@ def load_model_spec(spec: str) -> nn.Module:
     if Path(spec).is_dir():
         return load_model(spec, None)
     name, _, weights = spec.partition(":")
+    if "/" in name or name.startswith("."):  # a path, not a registered name
+        raise FileNotFoundError(f"{spec}: no such file or folder (expected a model folder, NAME or NAME:WEIGHTS)")
     return load_model(weights or None, name)
 
 
@@ -253,11 +255,12 @@ def task_of_arguments(argv: Sequence[str]) -> str:
         return task_of(args.model.partition(".")[0]) or "image-cls"
     config = Path(args.checkpoint or "") / "config.json"
     if args.checkpoint and config.is_file():
+        from ..checkpoint import read_config
         try:
-            values = json.loads(config.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            values = read_config(args.checkpoint)
+        except (OSError, ValueError):
             values = None  # loading the model reports it
-        if isinstance(values, dict):
+        if values is not None:
             cfg = values.get("pretrained_cfg")
             task = cfg.get("task") if isinstance(cfg, dict) else None
             architecture = values.get("architecture")

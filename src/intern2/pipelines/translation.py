@@ -204,7 +204,10 @@ def translate_main(argv: Optional[List[str]] = None) -> int:
     for flag in ("beams", "max_new_tokens", "batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a positive integer")
+    from ..checkpoint import atomic_write, check_output
     try:
+        if args.output:
+            check_output(args.output, "--output")
         src, tgt = get_language(args.src).key, get_language(args.tgt).key
         if args.input and args.text:
             parser.error("give the text as arguments or with --input, not both")
@@ -230,7 +233,6 @@ def translate_main(argv: Optional[List[str]] = None) -> int:
         lines[i] = translation
     text = "\n".join(lines) + "\n"
     if args.output:
-        from ..checkpoint import atomic_write
         atomic_write(args.output, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     else:
         sys.stdout.write(text)

@@ -73,11 +73,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--translator", metavar="FOLDER",
                         help="translation model folder with its tokenizer (NLLB/M2M-100 layout)")
     parser.add_argument("--int8", action="store_true", help="int8 dynamic quantisation of the translator (CPU)")
-    parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
+    parser.add_argument("--max-upload-mb", type=_positive(float), default=DEFAULT_MAX_UPLOAD_MB,
                         help="largest request body, in MB (default %(default)s)")
-    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+    parser.add_argument("--max-image-pixels", type=_positive(int), default=DEFAULT_MAX_IMAGE_PIXELS,
                         help="largest image, in pixels (default %(default)s)")
-    parser.add_argument("--max-frame-pixels", type=int, default=DEFAULT_MAX_FRAME_PIXELS,
+    parser.add_argument("--max-frame-pixels", type=_positive(int), default=DEFAULT_MAX_FRAME_PIXELS,
                         help="largest video frame, in pixels (default %(default)s: 4K UHD)")
     parser.add_argument("--max-translate-steps", type=_positive(int), default=DEFAULT_MAX_TRANSLATE_STEPS,
                         help="most decoding steps x beams one translate request may need (default %(default)s)")

@@ -39,6 +39,7 @@ def train_cli(argv: Optional[List[str]], task_name: str, description: str, confi
             overrides.insert(0, f"{key}={flag}")
     try:
         cfg = load_config(config_cls, args.config, overrides)
+        _check_model_kind(cfg.model, config_cls().model, task_name)
         task = task_cls(cfg)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
@@ -47,3 +48,13 @@ def train_cli(argv: Optional[List[str]], task_name: str, description: str, confi
         log.warning("%d unreadable samples were skipped during training", task.skipped)
     print(json.dumps({k: v for k, v in metrics.items() if k not in hide}))
     return 0
+
+
+def _check_model_kind(model: str, default: str, task_name: str) -> None:
+    """A ValueError when ``model`` is registered for another task than the task's default model (a video ViT
+    given to image-cls fails deep in the first forward pass otherwise)."""
+    from ..weights import task_of
+    expected, actual = task_of(default.partition(".")[0]), task_of(model.partition(".")[0])
+    if expected and actual and actual != expected:
+        raise ValueError(f"model {model!r} is a {actual} model, not {expected}; 'intern2 train {task_name}' "
+                         f"trains models such as {default}")

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..checkpoint import atomic_write
 from ..engine import TrainConfig
 from ..models.translator import TranslationModel, resize_embeddings_for_languages
 from ..pipelines.common import setup_logging
@@ -363,7 +364,8 @@ class TranslationTask:
         model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         info = {"directions": [list(d) for d in self.directions], "data": self.cfg.data}
-        (Path(directory) / DIRECTIONS_FILE).write_text(json.dumps(info, indent=1) + "\n")
+        text = json.dumps(info, indent=1) + "\n"
+        atomic_write(Path(directory) / DIRECTIONS_FILE, lambda tmp: Path(tmp).write_text(text))
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI

@@ -181,8 +181,8 @@ class BPETokenizer:
         path = Path(path)
         if path.is_dir() or not path.suffix:
             path = path / TOKENIZER_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(str(path))
+        from ..checkpoint import atomic_write
+        atomic_write(path, lambda tmp: self.tokenizer.save(str(tmp)))
         return path
 
     @property

@@ -142,12 +142,14 @@ class NllbTokenizer:
 
     def save_pretrained(self, folder: Union[str, Path]) -> Path:
         """Write ``sentencepiece.bpe.model`` and ``intern2_tokenizer.json`` (language order) to ``folder``."""
+        from ..checkpoint import atomic_write
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / MODEL_FILE).write_bytes(self.sp.serialized_model_proto())
+        proto = self.sp.serialized_model_proto()
+        atomic_write(folder / MODEL_FILE, lambda tmp: Path(tmp).write_bytes(proto))
         config = {"format": "intern2-nllb-tokenizer", "version": 1, "num_pieces": self.num_pieces,
                   "languages": self._base_languages, "added_languages": self._added_languages}
-        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
+        text = json.dumps(config, indent=1) + "\n"
+        atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         return folder
 
     # ------------------------------------------------------------------------------------------- vocabulary
