@@ -254,3 +254,21 @@ def test_a_write_killed_midway_keeps_the_old_file_and_the_next_start_removes_its
     atomic_write(target, lambda tmp: torch.save({"step": 2}, tmp))  # the next run's first save
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
     assert torch.load(target, weights_only=True) == {"step": 2}
+
+
+def test_python_loaders_name_the_path(files):
+    with pytest.raises(ValueError, match="weights.pth is a file, not a model folder: .*create_model"):
+        intern2.from_pretrained(files["root"] / "weights.pth")
+    with pytest.raises(FileNotFoundError, match="nowhere: no such model folder"):
+        intern2.from_pretrained(files["root"] / "nowhere")
+    with pytest.raises(ValueError, match="wrong_shapes: 103 tensor shapes do not match"):
+        intern2.from_pretrained(files["wrong_shapes"])
+    with pytest.raises(ValueError, match="config.json: nested too deeply"):
+        intern2.from_pretrained(files["deep_config"])
+
+
+def test_video_without_pyav_names_the_extra(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "av", None)  # as if PyAV were not installed
+    code = cli.main(["train", "video-cls", "--data", "builtin:actions", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "needs PyAV: pip install 'intern2[video]'" in err and "Traceback" not in err

@@ -101,6 +101,11 @@ def from_pretrained(directory: Union[str, os.PathLike], weights: bool = True, **
     written by ``TranslationModel.save_pretrained``; ``kwargs`` are then its ``dtype`` / ``device``).
     ``weights=False`` builds the folder's architecture without loading its weights."""
     directory = Path(directory)
+    if directory.is_file():
+        raise ValueError(f"{directory} is a file, not a model folder: load a weight file with "
+                         f"create_model(NAME, checkpoint_path={str(directory)!r})")
+    if not directory.exists():
+        raise FileNotFoundError(f"{directory}: no such model folder")
     config = read_config(directory)
     if not isinstance(config.get("pretrained_cfg", {}), dict):
         raise ValueError(f"{directory / CONFIG_NAME}: pretrained_cfg: expected a JSON object, got "

@@ -238,6 +238,24 @@ def test_translate_and_language_errors(client):
         assert (response.status_code, response.json()["error"]) == (status, code), response.text
 
 
+def test_bad_requests_are_4xx_naming_the_field(client):
+    cases = [  # (path, request, status, text the detail must contain)
+        ("/v1/classify", dict(files=_upload("a.png", _png()), data={"topk": 0}), 422, "topk"),
+        ("/v1/classify", dict(files=_upload("a.png", _png()), data={"topk": "abc"}), 422, "topk"),
+        ("/v1/classify", dict(data={"topk": 3}), 422, "file"),
+        ("/v1/detect", dict(files=_upload("a.png", _png()), data={"threshold": 2}), 422, "threshold"),
+        ("/v1/classify", dict(files=_upload("x" * 10_000 + ".png", _png())), 400, "the file name too"),
+        ("/v1/classify", dict(files=_upload("notes.png", b"plain text")), 400, "notes.png"),
+        ("/v1/translate", dict(json={"text": "Hi", "src_lang": "en", "tgt_lang": "fr", "num_beams": 0}), 422,
+         "num_beams"),
+        ("/v1/translate", dict(json={"text": "Hi", "src_lang": "en"}), 422, "tgt_lang"),
+        ("/v1/translate", dict(json={"text": 5, "src_lang": "en", "tgt_lang": "fr"}), 422, "text"),
+    ]
+    for path, request, status, culprit in cases:
+        response = client.post(path, **request)
+        assert response.status_code == status and culprit in response.json()["detail"], (path, response.text)
+
+
 def test_models_not_loaded_answer_503():
     with TestClient(create_app()) as empty:
         assert empty.get("/v1/models").json()["models"]["image"] == {"loaded": False, "flag": "--image-model"}

@@ -47,7 +47,8 @@ def _av():
     try:
         import av
     except ImportError as exc:
-        raise ImportError("reading video needs PyAV (pip install 'intern2[video]')") from exc
+        raise ImportError("reading or writing video (the built-in clips too) needs PyAV: "
+                          "pip install 'intern2[video]'") from exc
     return av
 
 

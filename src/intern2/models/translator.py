@@ -446,9 +446,11 @@ class TranslationModel(nn.Module, GenerationMixin):
                              f"dense model (expected 'm2m_100')")
         with torch.device("meta"):
             model = cls(TranslatorConfig.from_dict(values))
-        state = model.checkpoint_filter(state)
         try:
+            state = model.checkpoint_filter(state)
             model.load_state_dict(state, strict=True, assign=True)
+        except ValueError as exc:  # checkpoint_filter's own message, for this folder's weights
+            raise ValueError(f"{folder}: {exc}") from None
         except RuntimeError as exc:
             raise ValueError(f"{folder}: weights do not fit {CONFIG_NAME}: {exc}") from None
         model.tie_weights()

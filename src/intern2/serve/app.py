@@ -369,7 +369,8 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
         codes = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
         detail = str(exc.detail)
         if exc.status_code == 400:  # FastAPI's own message does not say what a body should be
-            detail += " (expected UTF-8 JSON for /v1/translate, multipart form data for uploads)"
+            detail += (" (expected UTF-8 JSON for /v1/translate, multipart form data for uploads, whose part headers,"
+                       " the file name too, must stay short)")
         return _error(exc.status_code, codes.get(exc.status_code, f"http_{exc.status_code}"), detail)
 
     @app.exception_handler(RequestValidationError)
