@@ -71,6 +71,58 @@ def test_a_shutdown_stops_the_running_request(translator):
         assert time.perf_counter() - start < 10
 
 
+def test_sigterm_stops_a_real_server_mid_request(translator, tmp_path):
+    import json
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+    intern2.save_pretrained(translator.model, tmp_path / "mt")
+    translator.tokenizer.save_pretrained(tmp_path / "mt")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "intern2.cli", "serve", "--translator", str(tmp_path / "mt"),
+                               "--port", str(port), "--max-translate-steps", str(10**9), "--max-request-seconds",
+                               "600", "--log-level", "warning"], stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+            try:
+                urllib.request.urlopen(f"{url}/healthz", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.2)
+        body = json.dumps(_long(40)).encode()
+        request = urllib.request.Request(f"{url}/v1/translate", data=body, headers={"content-type": "application/json"})
+        answers = []
+
+        def post():
+            try:
+                answers.append(urllib.request.urlopen(request, timeout=120).status)
+            except urllib.error.HTTPError as exc:
+                answers.append(exc.code)
+            except OSError as exc:
+                answers.append(repr(exc))
+        client = threading.Thread(target=post)
+        client.start()
+        time.sleep(1.5)  # the translation is running
+        start = time.perf_counter()
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+        stopped = time.perf_counter() - start
+        client.join(timeout=30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert stopped < 10, stopped
+    assert answers == [503], answers  # the running request is answered, "shutting_down"
+
+
 def test_a_sentence_longer_than_the_model_takes_is_refused(translator):
     with TestClient(create_app(translator=translator)) as client:
         response = client.post("/v1/translate", json={**SMALL, "text": "word " * 900})
