@@ -110,7 +110,7 @@ def test_bad_inputs_get_clear_messages(actions, trained, tmp_path, capsys):
     assert "bad.mp4" in captured.err and "Traceback" not in captured.err
     results = json.loads(captured.out)  # in the order given, the unreadable file named
     assert results[0]["file"] == str(bad) and "error" in results[0] and results[1]["file"] == good
-    for override, message in (("model=videomae_vit_s", "not a video-text model"), ("prompt=a video", "needs a '{}'")):
+    for override, message in (("model=videomae_vit_s", "is a video-cls model, not video-text"), ("prompt=a video", "needs a '{}'")):
         with pytest.raises(SystemExit):
             cli.main(["train", "video-text", "--data", str(actions / "train_captions.jsonl"), "--set", override])
         assert message in capsys.readouterr().err
