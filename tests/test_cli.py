@@ -76,7 +76,7 @@ def test_demo_rejects_unknown_stage(tmp_path, capsys):
 
 
 def test_report_renders_stages(tmp_path):
-    from intern2.demo_report import write_report
+    from intern2.demo.report import write_report
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text("\n".join(json.dumps({"split": "train", "step": s, "loss": 2.0 / s})

@@ -134,7 +134,7 @@ def test_bad_video_arguments_are_named(actions, tmp_path, capsys):
 
 def test_demo_stage_pretrains_then_fine_tunes_beside_scratch(tmp_path, monkeypatch):
     import intern2.data.actions
-    from intern2 import demo_stages
+    from intern2.demo import stages as demo_stages
     actions = generate_actions(tmp_path / "actions", num_train=16, num_val=6, num_frames=16, size=32)
     monkeypatch.setattr(intern2.data.actions, "builtin_actions_root", lambda: actions)
     result = demo_stages.video_pretraining_vs_scratch(tmp_path, 60, 60, max_steps=3)

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from .ops import dcnv3
+from ..ops import dcnv3
 
 log = logging.getLogger("intern2.demo")
 
@@ -121,9 +121,9 @@ DIGITS_MODEL = dict(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8], drop_
 
 def train_digits(out_dir: Path, epochs: int) -> Dict[str, object]:
     """Train a small InternImage on the built-in digits; held-out accuracy and a few predictions."""
-    from .engine import TrainConfig, Trainer
-    from .pipelines.image_cls import ImageClassificationPipeline
-    from .tasks.image_cls import ImageClassificationTask, ImageClsConfig
+    from ..engine import TrainConfig, Trainer
+    from ..pipelines.image_cls import ImageClassificationPipeline
+    from ..tasks.image_cls import ImageClassificationTask, ImageClsConfig
     cfg = ImageClsConfig(model="internimage_t", model_args=DIGITS_MODEL, data="builtin:digits", img_size=32,
                          hflip=0.0, label_smoothing=0.1,
                          train=TrainConfig(epochs=epochs, batch_size=32, lr=2e-3, warmup_steps=10, log_every=50,
@@ -180,7 +180,7 @@ def _dcnv3_stage(args) -> Dict[str, object]:
 def _run_stage(name: str, args, out_dir: Path, done: Dict[str, object]) -> Dict[str, object]:
     """Run one stage in a fresh folder; returns its figures and whether they pass the stage's check. ``done``:
     the results of the stages that ran before it in this invocation."""
-    from . import demo_stages
+    from . import stages as demo_stages
     folder = out_dir / name
     if folder.exists():
         shutil.rmtree(folder)  # re-running reuses nothing stale
@@ -218,7 +218,7 @@ def _run_stage(name: str, args, out_dir: Path, done: Dict[str, object]) -> Dict[
                  result["top1_scratch"], result["chance"])
         return {**result, "ok": result["top1_pretrained"] > result["top1_scratch"]}
     if name == "video_text":
-        from .tasks.video_text import run_video_text_demo
+        from ..tasks.video_text import run_video_text_demo
         log.info("Video-text: contrastive training on the built-in captioned clips (%.0f s)...", 90 * budget)
         result = run_video_text_demo(folder, 90 * budget)
         log.info("  text-to-video R@1 %.1f%% (chance %.1f%%), zero-shot top-1 %.1f%% (chance %.1f%%)",
@@ -226,7 +226,7 @@ def _run_stage(name: str, args, out_dir: Path, done: Dict[str, object]) -> Dict[
                  result.get("chance_zero_shot", 0))
         return {**result, "ok": result.get("t2v_r1", 0) > result.get("chance_t2v_r1", 100)}
     if name == "translation":
-        from .tasks.translation import run_translation_demo
+        from ..tasks.translation import run_translation_demo
         log.info("Translation: a small NLLB-architecture model on the built-in CLDR phrases (%.0f s)...",
                  120 * budget)
         result = run_translation_demo(folder, 120 * budget)
@@ -280,8 +280,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _write_outputs(summary: Dict[str, object], out_dir: Path):
-    from .checkpoint import atomic_write
-    from .demo_report import write_report
+    from ..checkpoint import atomic_write
+    from .report import write_report
     path = out_dir / "summary.json"
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     return path, write_report(summary, out_dir / "report.html")

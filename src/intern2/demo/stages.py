@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .engine import TrainConfig, Trainer
-from .engine.trainer import accumulate_eval
+from ..engine import TrainConfig, Trainer
+from ..engine.trainer import accumulate_eval
 
 __all__ = ["train_shapes_segmentation", "train_shapes_detection", "video_pretraining_vs_scratch"]
 
@@ -52,8 +52,8 @@ def train_shapes_segmentation(out_dir: Path, seconds: float, max_steps: int = 20
     """UperNet + a small InternImage on the built-in shapes: mIoU untrained -> trained, an overlay example."""
     from PIL import Image
 
-    from .pipelines.segment import SegmentationPipeline, colourise
-    from .tasks.segment import SegmentationTask, SegmentConfig
+    from ..pipelines.segment import SegmentationPipeline, colourise
+    from ..tasks.segment import SegmentationTask, SegmentConfig
     train = _train_config(out_dir, seconds, max_steps, batch_size=16, lr=2e-3, warmup_steps=30, weight_decay=0.01)
     cfg = SegmentConfig(model="upernet_internimage_t", model_args=SEG_MODEL, data="builtin:shapes", crop_size=64,
                         scale=64, ratio_range=(0.75, 1.5), test_size=(64, 64), train=train)
@@ -81,8 +81,8 @@ def train_shapes_detection(out_dir: Path, seconds: float, backbone: Optional[str
     learns next to nothing in two CPU minutes (box AP ~1); from the segmentation backbone it reaches ~10."""
     from PIL import Image
 
-    from .pipelines.detect import DetectionPipeline
-    from .tasks.detect import DetectConfig, DetectionTask
+    from ..pipelines.detect import DetectionPipeline
+    from ..tasks.detect import DetectConfig, DetectionTask
     train = _train_config(out_dir, seconds, max_steps, batch_size=4, lr=1e-3, warmup_steps=30, weight_decay=0.01)
     cfg = DetectConfig(model="mask_rcnn_internimage_t", model_args=DET_MODEL, data="builtin:shapes", min_size=128,
                        max_size=128, backbone_checkpoint=backbone, train=train)
@@ -106,8 +106,8 @@ def video_pretraining_vs_scratch(out_dir: Path, pretrain_seconds: float, finetun
                                  max_steps: int = 5000) -> Dict[str, Any]:
     """VideoMAE pre-training of a tiny video ViT on the built-in action clips, then fine-tuning; the same fine-tuning
     from scratch beside it. Top-1 of both on the held-out clips, and the reconstruction loss reached."""
-    from .tasks.video_cls import VideoClassificationTask, VideoClsConfig
-    from .tasks.video_pretrain import VideoPretrainConfig, VideoPretrainTask
+    from ..tasks.video_cls import VideoClassificationTask, VideoClsConfig
+    from ..tasks.video_pretrain import VideoPretrainConfig, VideoPretrainTask
     encoder = {f"encoder_{k}" if k != "patch_size" else k: v for k, v in VIDEO_ENCODER.items()}
     # lr 3e-4 for both: at 1e-3 and above a ViT this small sits on its loss plateau for the whole budget (the
     # reconstruction loss stays flat and fine-tuning stays at chance, pre-trained or not).
