@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 # command -> (module:function, one-line help). Modules are imported only when their command runs.
 COMMANDS: Dict[str, Tuple[str, str]] = {
     "list": ("intern2.cli:list_main", "list registered models, or with --pretrained their pretrained tags"),
+    "recipes": ("intern2.recipes:recipes_main", "list the shipped training recipes (small CPU configurations)"),
     "demo": ("intern2.demo:main", "run the end-to-end demonstration on built-in data"),
     "train": ("intern2.tasks:train_main",
               "train a model: intern2 train image-cls|segment|detect|video-pretrain|video-cls ..."),
@@ -70,7 +71,7 @@ def list_main(argv: Optional[List[str]] = None) -> int:
 GROUPS = (("models", ("list", "convert", "export")),
           ("inference", ("predict", "eval", "extract-features", "retrieve", "zero-shot", "embed", "translate",
                          "languages")),
-          ("training", ("train", "demo")),
+          ("training", ("train", "recipes", "demo")),
           ("serving", ("serve",)))
 # Optional packages -> the extra that installs them (pip install 'intern2[extra]').
 EXTRAS = {"pycocotools": "data", "sklearn": "data", "av": "video", "sentencepiece": "text", "sacrebleu": "text",

@@ -87,9 +87,15 @@ def apply_overrides(cfg: T, assignments: Sequence[str]) -> T:
     return from_dict(type(cfg), data)
 
 
-def load_config(cls: Type[T], path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> T:
-    """Defaults of ``cls``, updated by a YAML file (if given), then by ``overrides``."""
+def load_config(cls: Type[T], path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = (),
+                base: Optional[Dict[str, Any]] = None, base_name: str = "recipe") -> T:
+    """Defaults of ``cls``, updated by ``base`` (a recipe's config, named ``base_name`` in errors), then by a YAML
+    file (if given), then by ``overrides``."""
     cfg = cls()
+    if base is not None:
+        merged = to_dict(cfg)
+        _deep_update(merged, base, base_name)
+        cfg = from_dict(cls, merged, base_name)
     if path is not None:
         path = Path(path)
         try:

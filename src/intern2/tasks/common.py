@@ -20,12 +20,15 @@ def train_cli(argv: Optional[List[str]], task_name: str, description: str, confi
     as one JSON line (without the keys in ``hide``)."""
     from ..config import describe_fields, load_config, to_dict
     from ..engine import Trainer
+    from ..recipes import get_recipe
     fields = "\n".join(describe_fields(config_cls))
     parser = argparse.ArgumentParser(
         prog=f"intern2 train {task_name}", description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"config fields (--set KEY=VALUE, or in --config YAML; values are YAML):\n{fields}")
     parser.add_argument("--config", help=f"YAML file with {config_cls.__name__} fields (model, data, train: {{...}})")
+    parser.add_argument("--recipe", help="start from a shipped recipe (a small CPU configuration; list them with "
+                        "'intern2 recipes'); --config and --set override it")
     parser.add_argument("--data", help=data_help)
     parser.add_argument("--model", help=f"registered model name, e.g. {model_example}")
     parser.add_argument("--out", help="output folder (train.out_dir)")
@@ -38,7 +41,9 @@ def train_cli(argv: Optional[List[str]], task_name: str, description: str, confi
         if flag is not None:
             overrides.insert(0, f"{key}={flag}")
     try:
-        cfg = load_config(config_cls, args.config, overrides)
+        recipe = get_recipe(args.recipe, task_name) if args.recipe else None
+        cfg = load_config(config_cls, args.config, overrides, recipe and recipe.config,
+                          f"recipe {args.recipe}")
         _check_model_kind(cfg.model, config_cls().model, task_name)
         task = task_cls(cfg)
     except (ValueError, FileNotFoundError) as exc:

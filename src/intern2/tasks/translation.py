@@ -46,7 +46,7 @@ from ..text.languages import get_language
 from .common import train_cli
 
 __all__ = ["TranslationConfig", "TranslationTask", "Translator", "MultilingualBatches", "pair_probabilities",
-           "token_batches", "load_pairs", "translation_metrics", "run_translation_demo", "train_main", "eval_main"]
+           "token_batches", "load_pairs", "translation_metrics", "train_main", "eval_main"]
 
 log = logging.getLogger(__name__)
 
@@ -433,45 +433,3 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
         print(f"  {name}: chrF++ {values['chrf']:.2f}  BLEU {values['bleu']:.2f}  copy {values['copy_chrf']:.2f}"
               f"  ({values['count']})")
     return 0
-
-
-# ----------------------------------------------------------------------------------------------------------- demo
-# English <-> Russian: CLDR names are mostly transliterated between the two scripts, so copying the source scores
-# almost nothing and every point of chrF++ is learnt. A character-level vocabulary (200 pieces: the characters of
-# both scripts) makes transliteration learnable; small token batches, no dropout and a high peak lr give the most
-# progress in a few CPU minutes (measured: 1,000+ steps of 1,024 tokens in 150 s on one contended core).
-DEMO_CONFIG = dict(model="intern2_mt_tiny", model_args={"dropout": 0.0, "attention_dropout": 0.0},
-                   src_langs=("eng_Latn",), tgt_langs=("rus_Cyrl",), both_directions=True, vocab_size=200,
-                   max_tokens=1024, max_eval_examples=200)
-DEMO_TRAIN = dict(epochs=10_000, batch_size=1, lr=5e-3, warmup_steps=100, schedule="inverse_sqrt", weight_decay=0.0,
-                  clip_grad=1.0, device="cpu", log_every=50, eval_every=10**9, checkpoint_every=10**9)
-
-def run_translation_demo(out_dir: Path, seconds: float = 150, threads: Optional[int] = 1,
-                         **overrides) -> Dict[str, Any]:
-    """Train a small model on the built-in CLDR corpus for about ``seconds`` on CPU, then score the held-out
-    (test) concepts with chrF++ next to the copy-the-source baseline and translate a few of them.
-
-    ``threads``: torch intra-op threads while it runs (None: leave as is). One by default: this 1M-parameter
-    model gains little from more, and on a busy shared machine 2 threads ran 10x fewer steps than 1 (measured).
-    Returns the metrics ('chrf', 'bleu', 'copy_chrf', 'pairs'), 'examples', 'train_seconds', 'steps',
-    'parameters' and 'model_dir'. ``overrides`` replace :data:`DEMO_CONFIG` / TranslationConfig fields.
-    """
-    from ..config import to_dict
-    from ..engine import Trainer
-    out_dir = Path(out_dir)
-    train = TrainConfig(**DEMO_TRAIN, time_limit_s=seconds, out_dir=str(out_dir))
-    cfg = TranslationConfig(**{**DEMO_CONFIG, "train": train, **overrides})
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads or previous)
-    try:
-        task = TranslationTask(cfg)
-        trainer = Trainer(task, cfg.train, config_to_save=to_dict(cfg))
-        trainer.fit()
-        test = load_pairs(cfg.data, "test", task.directions)
-        metrics = evaluate_translations(Translator(trainer.model, task.tokenizer), test, num_examples=6)
-    finally:
-        torch.set_num_threads(previous)
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    last = [record for record in records if record["split"] == "train"][-1]
-    return {**metrics, "train_seconds": last["time_s"], "steps": last["step"],
-            "parameters": sum(p.numel() for p in trainer.model.parameters()), "model_dir": str(out_dir / "model")}

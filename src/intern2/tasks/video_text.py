@@ -12,8 +12,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -32,7 +30,6 @@ from ..data.video import (
     collate_videos,
 )
 from ..engine import TrainConfig
-from ..engine.optim import build_optimizer
 from ..factory import create_model, save_pretrained
 from ..models.videotext import VideoTextModel, clip_contrastive_loss
 from ..pipelines.video_text import (
@@ -48,7 +45,7 @@ from .common import train_cli
 from .video_cls import BUILTIN, VideoDataConfig, video_protocol
 
 __all__ = ["VideoTextConfig", "VideoTextTask", "CaptionSource", "RetrievalSet", "read_captions",
-           "retrieval_metrics", "evaluate_video_text", "run_video_text_demo", "train_main", "eval_main"]
+           "retrieval_metrics", "evaluate_video_text", "train_main", "eval_main"]
 
 log = logging.getLogger(__name__)
 
@@ -159,11 +156,11 @@ class CaptionedVideos(Dataset):
     """Training pairs: the clip of caption ``i`` (random frames and crop) and its token ids."""
 
     def __init__(self, source: CaptionSource, tokens: torch.Tensor, sampler: FrameSampler,
-                 transform: VideoTrainTransform, seed: int):
+                 transform: VideoTrainTransform, seed: int, cache: bool = False):
         self.tokens = tokens
         self.videos = VideoDataset(_video_source([p for p, _, _ in source.samples],
                                                  [label for *_, label in source.samples], source.name),
-                                   sampler, transform, train=True, seed=seed)
+                                   sampler, transform, train=True, seed=seed, cache=cache)
 
     def set_epoch(self, epoch: int) -> None:
         self.videos.set_epoch(epoch)
@@ -303,7 +300,8 @@ class VideoTextTask:
         transform = VideoTrainTransform(cfg.img_size, tuple(cfg.train_scale), flip=bool(cfg.flip), mean=cfg.mean,
                                         std=cfg.std)
         tokens = self.tokenizer([c for _, c, _ in self.train_source.samples])
-        self._train_set = CaptionedVideos(self.train_source, tokens, sampler, transform, cfg.train.seed)
+        self._train_set = CaptionedVideos(self.train_source, tokens, sampler, transform, cfg.train.seed,
+                                          cfg.cache_clips)
         self._eval_set = None
         if val_source is not None:
             self._eval_set = RetrievalSet.build(
@@ -350,61 +348,6 @@ class VideoTextTask:
                                 **video_protocol(self.cfg, VideoTextProtocol).to_cfg()}
         save_pretrained(model, directory)
         self.tokenizer.save(directory)
-
-
-# ------------------------------------------------------------------------------------------------------------ demo
-def run_video_text_demo(out_dir: Path, seconds: float = 120, batch_size: int = 32, num_frames: int = 8,
-                        lr: float = 2e-3, model_args: Optional[Dict[str, Any]] = None,
-                        seed: int = 0) -> Dict[str, Any]:
-    """Train ``internvideo_mm_tiny`` on the built-in captioned action clips for about ``seconds`` (wall clock,
-    data preparation and evaluation included) and evaluate on their validation split.
-
-    The training clips are decoded and augmented once and kept in memory, and the learning rate follows a
-    warmup + cosine schedule over the time budget rather than a step count, so the run ends on time whatever the
-    machine's load. Returns text-to-video R@1/R@5 and video-to-text R@1 with their chance level (1 / number of
-    videos), zero-shot top-1 from "a video of {class}" prompts with its chance level (1 / number of classes),
-    the steps and epochs run, and the folder of the trained model (with its tokenizer).
-    """
-    started = time.perf_counter()
-    deadline = started + seconds
-    out_dir = Path(out_dir)
-    torch.manual_seed(seed)
-    task = VideoTextTask(VideoTextConfig(num_frames=num_frames, model_args=model_args,
-                                         train=TrainConfig(batch_size=batch_size, seed=seed)))
-    samples = [task.train_dataset()[i] for i in range(len(task.train_dataset()))]
-    model = task.build_model().train()
-    optimizer = build_optimizer(model, lr, weight_decay=0.2)
-    # Evaluation decodes the validation clips (budgeted like the training clips' decoding) and encodes them.
-    eval_reserve = (time.perf_counter() - started) * len(task.eval_dataset()) / len(samples) + 0.05 * seconds
-    train_end = deadline - eval_reserve
-    train_start = time.perf_counter()
-    log.info("video-text demo: %d clips decoded in %.1f s; training for %.0f s", len(samples),
-             train_start - started, train_end - train_start)
-    generator = torch.Generator().manual_seed(seed)
-    steps = 0
-    while time.perf_counter() < train_end:
-        order = torch.randperm(len(samples), generator=generator).tolist()
-        for first in range(0, len(order) - batch_size + 1, batch_size):
-            progress = (time.perf_counter() - train_start) / max(train_end - train_start, 1e-6)
-            if progress >= 1:
-                break
-            factor = min(1.0, (steps + 1) / 10) * 0.5 * (1 + math.cos(math.pi * progress))  # warmup + cosine
-            for group in optimizer.param_groups:
-                group["lr"] = lr * factor
-            batch = collate_captioned([samples[i] for i in order[first:first + batch_size]])
-            loss, _ = task.training_step(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            optimizer.step()
-            steps += 1
-    log.info("video-text demo: %d steps; evaluating", steps)
-    metrics = task.evaluate(model, task.eval_dataset(), batch_size, torch.device("cpu"))
-    task.save_model(model.eval(), out_dir / "model")
-    keys = ("t2v_r1", "t2v_r5", "t2v_median_rank", "v2t_r1", "chance_t2v_r1", "zero_shot_top1", "chance_zero_shot")
-    return {**{k: metrics[k] for k in keys if k in metrics}, "steps": steps,
-            "epochs": round(steps * batch_size / len(samples), 2), "seconds": round(time.perf_counter() - started, 1),
-            "model_dir": str(out_dir / "model")}
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI
