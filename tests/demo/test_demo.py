@@ -4,6 +4,7 @@ step budgets, seeded, giving the same figures twice."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -142,3 +143,16 @@ def test_demo_rejects_unknown_stage(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["demo", "--out", str(tmp_path), "--only", "digits,nope"])
     assert "unknown stages ['nope']" in capsys.readouterr().err
+
+
+def recipes_table() -> str:
+    """The README's recipe rows, as the recipes' own YAML describes them."""
+    return "".join(f"| `{r.name}` | `{r.task}` | {r.summary} | {r.reaches} | {r.minutes:g} |\n" for r in list_recipes())
+
+
+def test_readme_lists_every_recipe_as_its_yaml_describes_it():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("<!-- recipes-table: checked by tests/demo/test_demo.py -->\n")
+    end = readme.index("<!-- recipes-table: end -->")
+    rows = readme[start:end].split("\n", 3)[3]
+    assert rows == recipes_table(), "README recipes table: update it from the YAML files (recipes_table())"
