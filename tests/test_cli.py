@@ -1,7 +1,6 @@
 """The `intern2` command line, run in-process."""
 from __future__ import annotations
 
-import json
 
 import pytest
 
@@ -48,48 +47,6 @@ def test_train_only_tasks_have_no_eval_or_predict(argv, capsys):
 def test_list_filters_by_pattern(capsys):
     assert cli.main(["list", "no_such_model_*"]) == 1
     assert "no registered model matches" in capsys.readouterr().out
-
-
-def test_demo_runs_and_writes_summary(tmp_path, capsys):
-    stale = tmp_path / "digits" / "stale.txt"
-    stale.parent.mkdir(parents=True)
-    stale.write_text("from an earlier run")
-    assert cli.main(["demo", "--out", str(tmp_path), "--only", "dcnv3,digits", "--steps", "150", "--rounds", "1",
-                     "--epochs", "2"]) == 0
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    dcn = summary["dcnv3"]
-    assert dcn["ok"] and dcn["max_abs_diff_vs_reference"] < 1e-3
-    assert dcn["displacement_final_error_px"] < 0.1 < dcn["displacement_start_error_px"]
-    assert dcn["displacement_final_loss"] < dcn["displacement_start_loss"] / 100
-    digits = summary["digits"]
-    assert digits["top1"] > 5 * digits["chance"] and digits["val_images"] == 359
-    assert len(digits["examples"]) == 6 and (tmp_path / "digits" / "model" / "model.safetensors").exists()
-    assert not stale.exists(), "a re-run must not reuse an earlier run's files"
-    report = (tmp_path / "report.html").read_text()
-    assert "<h2>digits</h2>" in report and "<polyline" in report and "top1" in report
-
-
-def test_demo_rejects_unknown_stage(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        cli.main(["demo", "--out", str(tmp_path), "--only", "digits,nope"])
-    assert "unknown stages ['nope']" in capsys.readouterr().err
-
-
-def test_report_renders_stages(tmp_path):
-    from intern2.demo.report import write_report
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "metrics.jsonl").write_text("\n".join(json.dumps({"split": "train", "step": s, "loss": 2.0 / s})
-                                                 for s in range(1, 6)))
-    from PIL import Image
-    Image.new("RGB", (8, 8)).save(tmp_path / "example.png")
-    summary = {"torch": "x", "stage": {"mIoU": 41.5, "run_dir": str(run), "examples": [str(tmp_path / "example.png")]},
-               "text": {"chrf": 40.0, "examples": [{"source": "<b>", "hypothesis": "ok"}]},
-               "broken": {"error": "skipped: no module named av"}}
-    html = write_report(summary, tmp_path / "report.html").read_text()
-    assert "41.50" in html and html.count("<polyline") == 1 and "src='example.png'" in html
-    assert "&lt;b&gt;" in html and "<b>" not in html  # text from examples is escaped
-    assert "skipped: no module named av" in html
 
 
 @pytest.mark.parametrize("command", ["predict", "eval"])
