@@ -21,7 +21,7 @@ th { background: #f4f4f4; text-align: left; } .num { text-align: right; font-var
 figcaption { font-size: 13px; color: #555; } img { image-rendering: pixelated; border: 1px solid #ccc; }
 .badge { display: inline-block; padding: 1px 8px; border-radius: 4px; color: white; font-size: 12px;
          font-weight: bold; vertical-align: middle; } .pass { background: #2a7d2a; } .fail { background: #b3261e; }
-.check { color: #555; } .missing { color: #b3261e; }
+.check { color: #555; } .missing { color: #b3261e; } td.time { white-space: nowrap; }
 """
 
 
@@ -44,7 +44,7 @@ def format_number(value: Any) -> str:
     magnitude = abs(value)
     if magnitude < 0.01 or magnitude >= 1e6:
         mantissa, exponent = f"{value:.1e}".split("e")
-        return f"{mantissa}e{int(exponent)}"
+        return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
     return f"{value:.0f}" if magnitude >= 100 else f"{value:.3g}"
 
 
@@ -85,8 +85,10 @@ def loss_curve_svg(points: Sequence[Tuple[float, float]], title: str, width: int
         coords = " ".join(f"{pad_left + (x - x0) / span_x * plot_w:.1f},{pad + (y1 - y) / span_y * plot_h:.1f}"
                           for x, y in points)
         parts += [f'<polyline points="{coords}" fill="none" stroke="#1f6fd1" stroke-width="1.6"/>',
-                  f'<text x="{pad_left - 4}" y="{pad + 9}" text-anchor="end" font-size="10">{y1:.3g}</text>',
-                  f'<text x="{pad_left - 4}" y="{pad + plot_h}" text-anchor="end" font-size="10">{y0:.3g}</text>',
+                  f'<text x="{pad_left - 4}" y="{pad + 9}" text-anchor="end" font-size="10">'
+                  f'{format_number(y1)}</text>',
+                  f'<text x="{pad_left - 4}" y="{pad + plot_h}" text-anchor="end" font-size="10">'
+                  f'{format_number(y0)}</text>',
                   f'<text x="{pad_left}" y="{height - 14}" font-size="10">step {x0:.0f}</text>',
                   f'<text x="{pad_left + plot_w}" y="{height - 14}" text-anchor="end" font-size="10">'
                   f'{x1:.0f}</text>']
@@ -151,11 +153,11 @@ def render_report(summary: Dict[str, Any], root: Path) -> str:
                         f"<td class=num>{html.escape(_with_unit(first.get('value'), first.get('unit', '')))}</td>"
                         f"<td class=num>{html.escape(_with_unit(first.get('baseline'), first.get('unit', '')))}</td>"
                         f"<td>{html.escape(first.get('baseline_is') or '')}</td>"
-                        f"<td class=num>{html.escape(_duration(stage.get('seconds', 0)))}</td></tr>")
+                        f"<td class='num time'>{html.escape(_duration(stage.get('seconds', 0)))}</td></tr>")
     passed = sum(1 for s in stages.values() if s.get("ok"))
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>intern2 demo</title><style>{_STYLE}</style>"
             f"</head><body><h1>intern2 demo</h1><p>{passed} of {len(stages)} stages passed their checks.</p>"
-            + _rows(["", ""], [[k, v] for k, v in run])
+            + "<table>" + "".join(f"<tr><th>{k}</th><td>{html.escape(str(v))}</td></tr>" for k, v in run) + "</table>"
             + "<table><tr><th>stage</th><th></th><th>headline figure</th><th>result</th><th>baseline</th>"
               "<th>baseline is</th><th>time</th></tr>" + "".join(overview) + "</table>"
             + "".join(_section(name, stage, root) for name, stage in stages.items()) + "</body></html>")
@@ -170,15 +172,20 @@ def write_report(summary: Dict[str, Any], out_dir: Path) -> Path:
     return path
 
 
+def _cell(text: str) -> str:
+    """Text for a Markdown table cell (a bare '|' would end the cell)."""
+    return text.replace("|", "\\|")
+
+
 def markdown_table(summary: Dict[str, Any]) -> str:
     """The README's table of a demo run: every stage's figures with their baselines, then the wall-clock."""
     lines = ["| stage | figure | result | baseline | baseline is |", "|---|---|---|---|---|"]
     for name, stage in summary.get("stages", {}).items():
         if "error" in stage:
-            lines.append(f"| {name} | {stage['error']} | | | |")
+            lines.append(f"| {name} | {_cell(stage['error'])} | | | |")
         for f in stage.get("figures", []):
             unit = f.get("unit", "")
-            lines.append(f"| {name} | {f['name']} | {_with_unit(f['value'], unit)} | "
-                         f"{_with_unit(f['baseline'], unit)} | {f.get('baseline_is') or '—'} |")
+            lines.append(f"| {name} | {_cell(f['name'])} | {_with_unit(f['value'], unit)} | "
+                         f"{_with_unit(f['baseline'], unit)} | {_cell(f.get('baseline_is') or '—')} |")
     lines.append(f"| all | wall-clock | {_duration(summary.get('total_seconds', 0))} | | |")
     return "\n".join(lines) + "\n"

@@ -218,7 +218,7 @@ def dcnv3_stage(stage: Stage) -> Dict[str, Any]:
     (curve / "metrics.jsonl").write_text("".join(json.dumps({"split": "train", "step": i + 1, "loss": loss}) + "\n"
                                                  for i, loss in enumerate(fit["losses"])))
     tolerance = 1e-3
-    figures = [figure("max |difference| fast vs reference (outputs + gradients)", max(diffs.values()), tolerance,
+    figures = [figure("max abs difference, fast vs reference (outputs + gradients)", max(diffs.values()), tolerance,
                       "the tolerance"),
                figure("forward+backward speed, fast / reference (this machine, varies with load)",
                       times["reference"] / times["fast"], 1.0, "the reference path", unit="x"),
@@ -315,8 +315,10 @@ def detection_stage(stage: Stage) -> Dict[str, Any]:
     drawings = []
     for record in source.images[:4]:
         image = Image.open(source.images_dir / record["file_name"]).convert("RGB")
-        drawn = pipeline.draw(image, pipeline(image, threshold=0.3)["output"], threshold=0.3)
-        drawings.append(drawn.resize((image.width * 3, image.height * 3), Image.NEAREST))
+        # Enlarged before predicting (the pipeline resizes to the model's 128 px again), so that the boxes and
+        # labels are drawn at a readable size.
+        image = image.resize((image.width * 3, image.height * 3), Image.NEAREST)
+        drawings.append(pipeline.draw(image, pipeline(image, threshold=0.3)["output"], threshold=0.3))
     picture = _save(_row(drawings, gap=8), stage.folder / "detections.png")
     log.info("  box AP %.1f / mask AP %.1f (before training %.1f / %.1f)", after["bbox_AP"], after["segm_AP"],
              before["bbox_AP"], before["segm_AP"])
@@ -435,7 +437,7 @@ def translation_stage(stage: Stage) -> Dict[str, Any]:
         translator = Translator.from_pretrained(run / "model")
         metrics = evaluate_translations(translator, load_pairs(cfg.data, "test", task.directions), num_examples=8)
     log.info("  held-out chrF++ %.1f vs %.1f for copying the source", metrics["chrf"], metrics["copy_chrf"])
-    rows = [[f"{e['src_lang']} -> {e['tgt_lang']}", e["source"], e["reference"], e["translation"]]
+    rows = [[f"{e['src_lang'][:3]} \u2192 {e['tgt_lang'][:3]}", e["source"], e["reference"], e["translation"]]
             for e in metrics["examples"]]
     return {"figures": [figure(f"held-out chrF++ (eng <-> rus, {cfg.train.max_steps} steps)", metrics["chrf"],
                                metrics["copy_chrf"], "copying the source"),
