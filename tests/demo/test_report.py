@@ -30,7 +30,8 @@ def _summary(root: Path) -> dict:
     """A two-stage summary in the demo's schema, with its pictures and loss curve under ``root``."""
     (root / "seg" / "train").mkdir(parents=True)
     (root / "seg" / "train" / "metrics.jsonl").write_text(
-        "".join(json.dumps({"split": "train", "step": s, "loss": 2.0 / s}) + "\n" for s in range(1, 6)))
+        "".join(json.dumps({"split": "train", "step": s, "loss": 2.0 / s}) + "\n" for s in range(1, 6))
+        + '{"split": "tr')  # the partial last line of a run killed mid-write
     Image.new("RGB", (12, 8), "red").save(root / "seg" / "overlay.png")
     Image.new("RGB", (8, 8), "blue").save(root / "seg" / "second.png")
     return {"schema_version": 1, "intern2": "0.1.0", "torch": "2.14.1", "threads": 2, "cpu": "AMD EPYC",
@@ -46,7 +47,7 @@ def _summary(root: Path) -> dict:
                         "pictures": [{"file": "seg/overlay.png", "caption": "input | prediction"},
                                      {"file": "seg/second.png", "caption": "another"}],
                         "tables": [{"title": "examples", "columns": ["source", "output"],
-                                    "rows": [["<b>bold</b>", "ok"]]}]},
+                                    "rows": [["<b>bold</b>", "ok"], ["rank", 0.123456]]}]},
                 "text": {"ok": False, "check": "chrF++ above copying", "seconds": 3.0,
                          "figures": [{"name": "chrF++", "value": 1.0, "baseline": 2.0, "baseline_is": "copying",
                                       "unit": ""}]},
@@ -65,6 +66,7 @@ def test_report_is_one_self_contained_page(tmp_path):
     assert "3.4e-5" in page and "75.6" in page and "3.5x" in page and "untrained" in page
     assert page.count("<polyline") == 1
     assert "&lt;b&gt;bold&lt;/b&gt;" in page and "<b>bold" not in page  # table text is escaped
+    assert "<td>0.123</td>" in page  # table numbers are written like the figures
     assert "1 of 3 stages passed" in page
 
 
@@ -88,6 +90,31 @@ def _tool():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_demo_table_tool_rewrites_only_the_readme_block_and_checks_it(tmp_path, capsys):
+    tool = _tool()
+    summary_file = tmp_path / "run" / "summary.json"
+    summary = _summary(summary_file.parent)
+    summary["stages"]["seg"]["figures"].append({"name": "box AP / mask AP", "value": [56.7, 55.5],
+                                                "baseline": [0.3, 0.0], "baseline_is": "before | training"})
+    summary_file.write_text(json.dumps(summary))
+    readme = tmp_path / "README.md"
+    before, after = "# title\n\nprose before\n", "\nprose after\n"
+    readme.write_text(before + tool.START + "| stale | table |\n" + tool.END + after)
+    check = ["--readme", str(readme), "--check"]
+
+    assert tool.main([str(summary_file), *check]) == 1
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and "demo table is not" in message
+    assert tool.main([str(summary_file), "--readme", str(readme)]) == 0
+    table = markdown_table(summary)
+    assert readme.read_text() == before + tool.START + table + tool.END + after
+    assert "| seg | box AP / mask AP | 56.7 / 55.5 | 0.3 / 0 | before \\| training |" in table.splitlines()
+    assert tool.main([str(summary_file), *check]) == 0
+
+    readme.write_text("no markers\n")
+    assert tool.main([str(summary_file), *check]) == 1 and "no demo table markers" in capsys.readouterr().err
 
 
 def test_readme_holds_the_table_of_the_published_run():

@@ -49,6 +49,9 @@ def format_number(value: Any) -> str:
 
 
 def _with_unit(value: Any, unit: str) -> str:
+    """A figure's value with its unit ("3.5x"); each number of a list carries it, a missing value does not."""
+    if isinstance(value, (list, tuple)):
+        return " / ".join(_with_unit(v, unit) for v in value)
     text = format_number(value)
     return f"{text}{unit}" if unit and value is not None else text
 
@@ -63,8 +66,11 @@ def _series(metrics_file: Path, key: str = "loss") -> List[Tuple[float, float]]:
     if not metrics_file.exists():
         return []
     points = []
-    for line in metrics_file.read_text().splitlines():
-        record = json.loads(line)
+    for line in metrics_file.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a run killed mid-write leaves a partial last line; the rest still plots
+            continue
         if record.get("split") == "train" and isinstance(record.get(key), (int, float)):
             points.append((float(record["step"]), float(record[key])))
     return points
@@ -103,8 +109,10 @@ def _badge(stage: Dict[str, Any]) -> str:
 
 
 def _rows(head: Sequence[str], rows: Sequence[Sequence[Any]], numeric: Sequence[int] = ()) -> str:
+    """An HTML table, every cell escaped (sources, references and outputs are arbitrary text) and numbers written
+    like the figures."""
     cells = "".join(f"<th>{html.escape(str(h))}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td{' class=num' if i in numeric else ''}>{html.escape(str(v))}</td>"
+    body = "".join("<tr>" + "".join(f"<td{' class=num' if i in numeric else ''}>{html.escape(format_number(v))}</td>"
                                     for i, v in enumerate(row)) + "</tr>" for row in rows)
     return f"<table><tr>{cells}</tr>{body}</table>"
 
@@ -168,7 +176,7 @@ def write_report(summary: Dict[str, Any], out_dir: Path) -> Path:
     from ..checkpoint import atomic_write
     path = Path(out_dir) / "report.html"
     page = render_report(summary, Path(out_dir))
-    atomic_write(path, lambda tmp: Path(tmp).write_text(page))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))  # the page says charset utf-8
     return path
 
 
