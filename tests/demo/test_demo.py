@@ -54,12 +54,23 @@ def test_recipes_command_lists_and_prints(capsys):
     (["train", "segment", "--recipe", "nope"], "--recipe 'nope': no such recipe for segment; known: shapes-segment"),
     (["train", "detect", "--recipe", "digits"], "--recipe 'digits' trains image-cls, not detect"),
     (["recipes", "--task", "nope"], "--task 'nope': no recipes"),
+    (["train", "--recipe", "nope"], "intern2 train: --recipe 'nope': no such recipe; known: "),
+    (["train", "nope"], "intern2 train: unknown task 'nope'; tasks: detect, image-cls"),
 ])
 def test_bad_recipe_is_one_line_and_exit_2(argv, message, capsys):
-    with pytest.raises(SystemExit) as stop:
-        cli.main(argv)
-    assert stop.value.code == 2
-    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    try:
+        code = cli.main(argv)
+    except SystemExit as stop:  # argparse's parser.error
+        code = stop.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and not any(line.startswith("Traceback") for line in err)
+
+
+def test_train_takes_the_task_from_the_recipe(tmp_path, capsys):
+    assert cli.main(["train", "--recipe", "digits", "--set", "train.epochs=1", "--out", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["count"] == 359
+    assert json.loads((tmp_path / "config.json").read_text())["img_size"] == 32  # the recipe's, not the default
 
 
 def _train(task: str, recipe: str, *settings: str) -> None:

@@ -30,12 +30,24 @@ def _run(task: str, function: str, argv: List[str]) -> int:
 
 
 def train_main(argv: Optional[List[str]] = None) -> int:
-    """`intern2 train <task> [options]`."""
+    """`intern2 train <task> [options]`, or `intern2 train --recipe NAME [options]` (the recipe's task)."""
     argv = list(argv or [])
+    if argv and argv[0] not in TASKS and argv[0].startswith("--recipe"):  # the recipe names its task
+        from ..recipes import get_recipe
+        name = argv[0].partition("=")[2] or (argv[1] if len(argv) > 1 else "")
+        try:
+            task = get_recipe(name).task
+        except ValueError as exc:
+            print(f"intern2 train: {exc}", file=sys.stderr)
+            return 2
+        return _run(task, "train_main", argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in TASKS:
         known = ", ".join(sorted(TASKS))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"intern2 train: unknown task {argv[0]!r}; tasks: {known}", file=sys.stderr)
+            return 2
         print(f"usage: intern2 train <task> [options]   (tasks: {known}; 'intern2 train <task> --help' for options)")
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+        return 0
     return _run(argv[0], "train_main", argv[1:])
 
 
