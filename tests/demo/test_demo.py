@@ -89,6 +89,8 @@ def test_recipes_run_in_order_from_one_folder(tmp_path, tiny_actions, monkeypatc
         settings = ("train.epochs=1", "train.batch_size=8") if recipe == "digits" else short
         if recipe == "babel-translate":
             settings = ("train.max_steps=2", "train.eval_every=2", "max_eval_examples=4")
+        if recipe == "shapes-detect":  # as the README runs it: from the segmentation recipe's backbone
+            settings = (*short, "backbone_checkpoint=runs/shapes-segment/model")
         _train(task, recipe, *settings)
         metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert metrics, recipe
