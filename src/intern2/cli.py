@@ -22,6 +22,8 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "train": ("intern2.tasks:train_main",
               "train a model: intern2 train image-cls|segment|detect|video-pretrain|video-cls ..."),
     "eval": ("intern2.tasks:eval_main", "evaluate a model on a dataset (accuracy, mIoU, COCO AP)"),
+    "eval-tal": ("intern2.tasks.tal:eval_tal_main",
+                 "temporal action localization mAP of a predictions file (THUMOS14 / ActivityNet protocol)"),
     "predict": ("intern2.pipelines:predict_main",
                 "run a model on image or video files (labels, overlays, detections)"),
     "extract-features": ("intern2.pipelines.video_cls:extract_features_main",
@@ -69,8 +71,8 @@ def list_main(argv: Optional[List[str]] = None) -> int:
 
 # How `intern2 --help` groups the commands.
 GROUPS = (("models", ("list", "convert", "export")),
-          ("inference", ("predict", "eval", "extract-features", "retrieve", "zero-shot", "embed", "translate",
-                         "languages")),
+          ("inference", ("predict", "eval", "eval-tal", "extract-features", "retrieve", "zero-shot", "embed",
+                         "translate", "languages")),
           ("training", ("train", "recipes", "demo")),
           ("serving", ("serve",)))
 # Optional packages -> the extra that installs them (pip install 'intern2[extra]').

@@ -1,0 +1,78 @@
+"""The temporal action localization metric against the official codes' outputs (../shared/fixtures/tal/metric), through
+`intern2 eval-tal` as a user runs it, and its one-line errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import fixture_path
+from intern2 import cli
+
+# The official result each case must reproduce: InternVideo's metric code (numpy 1.23.5, whose tie order the
+# stable rule reproduces); for case 3, the official result once predictions of classes without GT are dropped.
+CASES = {"shared_01_edges": "internvideo_actionformer", "shared_02_gt_duplicates": "internvideo_actionformer",
+         "shared_03_random_nogt_classes": "activitynet_official_on_predictions_without_nogt_labels"}
+
+
+@pytest.mark.parametrize("layout", ["pred_anet.json", "pred_af.json"])
+@pytest.mark.parametrize("protocol", ["thumos14", "activitynet"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_eval_tal_equals_the_official_metric(case, protocol, layout, capsys):
+    folder = fixture_path("tal", "metric", case)
+    expected = json.loads((folder / "expected.json").read_text())["results_numpy1.23.5"][protocol][CASES[case]]
+    assert cli.main(["eval-tal", str(folder / "gt.json"), str(folder / layout), "--tiou", protocol, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["tiou"] == json.loads((folder / "expected.json").read_text())["results_numpy1.23.5"][protocol][
+        "tiou_thresholds"]
+    assert got["mAP"] == pytest.approx(expected["mAP"], abs=1e-6)
+    assert got["average_mAP"] == pytest.approx(expected["average_mAP"], abs=1e-6)
+    assert set(got["ap_per_class"]) == set(expected["ap_per_class"])
+    for name, values in expected["ap_per_class"].items():
+        assert got["ap_per_class"][name] == pytest.approx(values, abs=1e-6), name
+    assert got["num_gt"] == expected["num_gt_instances_after_loading"]
+
+
+def test_predictions_of_classes_without_ground_truth_are_dropped_with_a_warning(capsys, caplog):
+    folder = fixture_path("tal", "metric", "shared_03_random_nogt_classes")
+    assert cli.main(["eval-tal", str(folder / "gt.json"), str(folder / "pred_af.json"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dropped_predictions"] == 11
+    assert "11 predictions of classes without ground truth" in caplog.text and "[2, 5]" in caplog.text
+
+
+def test_custom_thresholds_and_text_output(capsys):
+    folder = fixture_path("tal", "metric", "shared_01_edges")
+    assert cli.main(["eval-tal", str(folder / "gt.json"), str(folder / "pred_anet.json"), "--tiou", "0.5:0.5:1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("average mAP 71.39 over tIoU 0.50 ") and "Diving: 62.50" in out[2]
+
+
+def _write(path, data) -> str:
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("gt, predictions, message", [
+    ({"database": {}}, {"results": {}}, "no annotated video in subset 'validation'"),
+    ({"videos": {}}, {"results": {}}, "expected a 'database' object of videos"),
+    ({"database": {"v1": {"subset": "Validation", "annotations": [{"label_id": 0, "segment": [1.0]}]}}},
+     {"results": {}}, "v1 annotation 0: 'segment' must be [start, end] in seconds, got [1.0]"),
+    ({"database": {"v1": {"subset": "validation", "annotations": [{"label_id": "Diving", "segment": [1, 2]}]}}},
+     {"results": {}}, "v1 annotation 0: 'label_id' must be an integer class id, got 'Diving'"),
+    ({"database": {"v1": {"subset": "validation", "annotations": [{"label_id": 0, "segment": [1, 2]}]}}},
+     {"preds": {}}, "expected a 'results' (ActivityNet) or 'database' (ActionFormer) object"),
+    ({"database": {"v1": {"subset": "validation", "annotations": [{"label_id": 0, "segment": [1, 2]}]}}},
+     {"results": {"v1": [{"label_id": 0, "segment": [1, 2]}]}}, "v1 entry 0: expected an integer 'label_id' and a "
+                                                                 "number 'score'"),
+])
+def test_bad_files_are_one_line_naming_the_entry(tmp_path, capsys, gt, predictions, message):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["eval-tal", _write(tmp_path / "gt.json", gt), _write(tmp_path / "pred.json", predictions)])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_bad_thresholds_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["eval-tal", "gt.json", "pred.json", "--tiou", "0:1.5:3"])
+    assert stop.value.code == 2 and "expected thresholds in (0, 1]" in capsys.readouterr().err
