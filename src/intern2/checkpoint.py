@@ -13,7 +13,7 @@ import os
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 _PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl")
 # Containers that hold the weights, in the order they are looked for.
-_WEIGHT_KEYS = ("state_dict", "model", "module", "model_ema")
+_WEIGHT_KEYS = ("state_dict", "model", "module", "model_ema", "state_dict_ema")
 Source = Union[str, os.PathLike, Mapping[str, Any]]
 
 
@@ -81,14 +81,15 @@ def _read_folder(folder: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]
     raise ValueError(f"checkpoint folder {folder} has {CONFIG_NAME} but no {WEIGHTS_NAME} or pytorch_model.bin")
 
 
-def _unwrap(obj: Any, where: str) -> Dict[str, torch.Tensor]:
-    """Find the state dict inside a training checkpoint and drop DistributedDataParallel's 'module.' prefix."""
+def _unwrap(obj: Any, where: str, keys: Sequence[str] = _WEIGHT_KEYS) -> Dict[str, torch.Tensor]:
+    """Find the state dict inside a training checkpoint (under the first of ``keys`` it has) and drop
+    DistributedDataParallel's 'module.' prefix."""
     if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        for key in _WEIGHT_KEYS:
+        for key in keys:
             if isinstance(obj.get(key), Mapping):
-                return _unwrap(obj[key], where)
+                return _unwrap(obj[key], where, keys)
         raise ValueError(f"{where}: no weights found; expected a state dict or a dict with one of "
-                         f"{list(_WEIGHT_KEYS)}, got top-level keys {sorted(map(str, obj))[:12]}")
+                         f"{list(keys)}, got top-level keys {sorted(map(str, obj))[:12]}")
     if not isinstance(obj, Mapping):
         raise ValueError(f"{where}: expected a dict of tensors, got {type(obj).__name__}")
     state = dict(obj)
@@ -97,11 +98,13 @@ def _unwrap(obj: Any, where: str) -> Dict[str, torch.Tensor]:
     return state
 
 
-def read_checkpoint(source: Source) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, Any]]]:
+def read_checkpoint(source: Source, keys: Sequence[str] = _WEIGHT_KEYS
+                    ) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, Any]]]:
     """(state dict, config or None) from a path (.safetensors, .pth/.bin/..., or a folder with config.json) or
-    an in-memory dict in any supported layout."""
+    an in-memory dict in any supported layout; a training checkpoint's weights are taken from the first of
+    ``keys`` it holds."""
     if isinstance(source, Mapping):
-        return _unwrap(source, "in-memory checkpoint"), None
+        return _unwrap(source, "in-memory checkpoint", keys), None
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -115,14 +118,14 @@ def read_checkpoint(source: Source) -> Tuple[Dict[str, torch.Tensor], Optional[D
         except SafetensorError as exc:
             raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
     if path.suffix in _PICKLE_SUFFIXES:
-        return _unwrap(_torch_load(path), str(path)), None
+        return _unwrap(_torch_load(path), str(path), keys), None
     raise ValueError(f"checkpoint {path}: unsupported file type {path.suffix!r}; expected .safetensors, "
                      f"{', '.join(_PICKLE_SUFFIXES)} or a folder with {CONFIG_NAME}")
 
 
-def read_state_dict(source: Source) -> Dict[str, torch.Tensor]:
+def read_state_dict(source: Source, keys: Sequence[str] = _WEIGHT_KEYS) -> Dict[str, torch.Tensor]:
     """The state dict of :func:`read_checkpoint`."""
-    return read_checkpoint(source)[0]
+    return read_checkpoint(source, keys)[0]
 
 
 def _classifier_keys(model: nn.Module) -> set:
@@ -137,12 +140,14 @@ def _classifier_keys(model: nn.Module) -> set:
 def load_checkpoint(model: nn.Module, source: Source, strict: bool = True, allow_new_head: bool = True):
     """Load weights from ``source`` into ``model``; returns torch's (missing_keys, unexpected_keys).
 
-    The model's own ``checkpoint_filter`` (if any) adapts official layouts first; a checkpoint classifier the
-    model lacks (``num_classes=0``) is dropped and an RGB first conv adapted to ``in_chans`` (timm's rules, each
-    logged). With ``allow_new_head``, a classifier whose shape differs (a replaced head, e.g. 1000 -> 10 classes)
-    is left at its fresh initialisation and logged; every other mismatch is an error when ``strict``.
+    A model's ``checkpoint_keys`` say which weights of a training checkpoint it evaluates (ActionFormer: the EMA
+    ones first). The model's own ``checkpoint_filter`` (if any) adapts official layouts first; a checkpoint
+    classifier the model lacks (``num_classes=0``) is dropped and an RGB first conv adapted to ``in_chans``
+    (timm's rules, each logged). With ``allow_new_head``, a classifier whose shape differs (a replaced head, e.g.
+    1000 -> 10 classes) is left at its fresh initialisation and logged; every other mismatch is an error when
+    ``strict``.
     """
-    state = read_state_dict(source)
+    state = read_state_dict(source, getattr(model, "checkpoint_keys", _WEIGHT_KEYS))
     where = source if not isinstance(source, Mapping) else "in-memory checkpoint"
     if hasattr(model, "checkpoint_filter"):
         state = model.checkpoint_filter(state)

@@ -26,10 +26,11 @@ from .constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from .fields import coerce, describe
 
 __all__ = ["Metric", "ImageClassificationProtocol", "SegmentationProtocol", "DetectionProtocol", "VideoProtocol",
-           "TranslationProtocol", "Weights", "get_weights", "list_pretrained", "pretrained_tags", "task_of",
-           "label_set", "LABEL_SETS", "protocol_from_cfg", "labels_from_cfg", "TASKS", "PROTOCOLS"]
+           "TranslationProtocol", "TemporalLocalizationProtocol", "Weights", "get_weights", "list_pretrained",
+           "pretrained_tags", "task_of", "label_set", "LABEL_SETS", "protocol_from_cfg", "labels_from_cfg", "TASKS",
+           "PROTOCOLS"]
 
-TASKS = ("image-cls", "segment", "detect", "video-cls", "video-pretrain", "video-text", "translation")
+TASKS = ("image-cls", "segment", "detect", "video-cls", "video-pretrain", "video-text", "translation", "tal")
 Pair = Tuple[int, int]
 
 
@@ -224,11 +225,34 @@ class TranslationProtocol(_Protocol):
                     f"max_new_tokens: expected a positive integer or null, got {self.max_new_tokens}")
 
 
+TIOU_PROTOCOLS = ("thumos14", "activitynet")  # their thresholds: intern2.tasks.tal.TIOU_PRESETS
+
+
+@dataclass(frozen=True)
+class TemporalLocalizationProtocol(_Protocol):
+    """The snippet features a localizer reads and how it is scored: feature i covers the ``feat_num_frames``
+    frames from ``i * feat_stride`` (InternVideo's THUMOS14 features: 16 frames every 4; ActivityNet: every 16),
+    at the annotation's fps unless ``default_fps`` is set; mAP at the temporal-IoU thresholds of ``tiou``
+    (``thumos14`` 0.3:0.7, ``activitynet`` 0.5:0.95). ``feature_dim`` is the features' channel count."""
+    task = "tal"
+    feat_stride: int = 4
+    feat_num_frames: int = 16
+    default_fps: Optional[float] = None
+    tiou: str = "thumos14"
+
+    def __post_init__(self):
+        for name in ("feat_stride", "feat_num_frames"):
+            self._check(getattr(self, name) >= 1, f"{name}: expected a positive integer, got {getattr(self, name)}")
+        self._check(self.default_fps is None or self.default_fps > 0,
+                    f"default_fps: expected a positive number or null, got {self.default_fps}")
+        self._check(self.tiou in TIOU_PROTOCOLS, f"tiou: expected one of {list(TIOU_PROTOCOLS)}, got {self.tiou!r}")
+
+
 PROTOCOLS = {"image-cls": ImageClassificationProtocol, "segment": SegmentationProtocol, "detect": DetectionProtocol,
              "video-cls": VideoProtocol, "video-pretrain": VideoProtocol, "video-text": VideoTextProtocol,
-             "translation": TranslationProtocol}
+             "translation": TranslationProtocol, "tal": TemporalLocalizationProtocol}
 Protocol = Union[ImageClassificationProtocol, SegmentationProtocol, DetectionProtocol, VideoProtocol,
-                 TranslationProtocol]
+                 TranslationProtocol, TemporalLocalizationProtocol]
 
 
 # ---------------------------------------------------------------------------------------------------- labels
@@ -368,7 +392,8 @@ _WEIGHTS: Dict[str, List[Weights]] = {}
 # Architecture name prefix -> task, for names that have no record (e.g. a folder of an unknown variant).
 _TASK_PREFIXES = (("internimage_", "image-cls"), ("upernet_", "segment"), ("mask_rcnn_", "detect"),
                   ("videomae_pretrain_", "video-pretrain"), ("videomae_vit_", "video-cls"),
-                  ("internvideo_mm_", "video-text"), ("intern2_mt_", "translation"), ("m2m_100", "translation"))
+                  ("internvideo_mm_", "video-text"), ("intern2_mt_", "translation"), ("m2m_100", "translation"),
+                  ("actionformer_", "tal"))
 
 
 def _add(*records: Weights) -> None:
@@ -579,3 +604,14 @@ _add(_nllb("intern2_mt_600m", "nllb200_distilled", "facebook/nllb-200-distilled-
      _nllb("intern2_mt_1p3b", "nllb200", "facebook/nllb-200-1.3B"),
      _nllb("intern2_mt_1p3b", "nllb200_distilled", "facebook/nllb-200-distilled-1.3B"),
      _nllb("intern2_mt_3p3b", "nllb200", "facebook/nllb-200-3.3B"))
+
+
+# ActionFormer on InternVideo features (InternVideo1/Downstream/Temporal-Action-Localization): the features and the
+# configs are published, trained localizers are not, so these records carry the protocol and the published number.
+_TAL_README = "OpenGVLab/InternVideo InternVideo1/Downstream/Temporal-Action-Localization/README.md"
+_add(Weights("actionformer_thumos14", None, "tal", TemporalLocalizationProtocol(4, 16, None, "thumos14"),
+             metrics=(Metric("average_mAP", 71.58, "THUMOS14 test", "tIoU 0.3:0.7, InternVideo features",
+                             _TAL_README),)),
+     Weights("actionformer_activitynet", None, "tal", TemporalLocalizationProtocol(16, 16, None, "activitynet"),
+             metrics=(Metric("average_mAP", 39.00, "ActivityNet-1.3 val", "tIoU 0.5:0.95, InternVideo features",
+                             _TAL_README),)))

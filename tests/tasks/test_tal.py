@@ -76,39 +76,3 @@ def test_bad_thresholds_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["eval-tal", "gt.json", "pred.json", "--tiou", "0:1.5:3"])
     assert stop.value.code == 2 and "expected thresholds in (0, 1]" in capsys.readouterr().err
-
-
-def test_soft_nms_and_seconds_equal_actionformers_postprocessing():
-    """The official model's pre-NMS candidates of two videos through our soft-NMS and grid -> seconds conversion
-    give the official final detections: same segments, labels and order, scores within float32 rounding."""
-    import numpy as np
-    from safetensors.numpy import load_file
-
-    from intern2.tasks.tal import batched_soft_nms, grid_to_seconds
-    folder = fixture_path("tal", "model")
-    config = json.loads((folder / "config.json").read_text())
-    test_cfg = config["model_kwargs"]["test_cfg"]
-    assert test_cfg["nms_method"] == "soft" and test_cfg["multiclass_nms"]
-    tensors = load_file(str(folder / "io.safetensors"))
-    for k, video in enumerate(config["e2e_videos"]):
-        segments, scores, labels = batched_soft_nms(
-            tensors[f"e2e.{k}.prenms.segments"].astype(np.float32),  # the official kernel runs in float32
-            tensors[f"e2e.{k}.prenms.scores"].astype(np.float32), tensors[f"e2e.{k}.prenms.labels"],
-            test_cfg["nms_sigma"], test_cfg["min_score"], test_cfg["max_seg_num"])
-        seconds = grid_to_seconds(segments, video["fps"], video["duration"], video["feat_stride"],
-                                  video["feat_num_frames"])
-        np.testing.assert_array_equal(labels, tensors[f"e2e.{k}.final.labels"])
-        np.testing.assert_array_equal(seconds, tensors[f"e2e.{k}.final.segments"])
-        np.testing.assert_allclose(scores, tensors[f"e2e.{k}.final.scores"], rtol=0, atol=1e-7)
-        assert len(scores) == video["num_final"]
-
-
-def test_soft_nms_decays_overlaps_and_keeps_isolated_segments():
-    import numpy as np
-
-    from intern2.tasks.tal import soft_nms_1d
-    segments = np.array([[0, 10], [0, 10], [20, 30], [0, 5]], dtype=np.float32)
-    kept, scores, index = soft_nms_1d(segments, np.array([0.9, 0.8, 0.7, 0.001], dtype=np.float32), sigma=0.5)
-    assert index.tolist() == [0, 2, 1]  # the half-overlapping low scorer falls below min_score and is dropped
-    assert scores[0] == np.float32(0.9) and scores[1] == np.float32(0.7)  # no overlap: untouched
-    assert scores[2] == pytest.approx(0.8 * np.exp(-1 / 0.5), rel=1e-6)  # identical segment: IoU 1

@@ -32,8 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 __all__ = ["TIOU_PRESETS", "Segment", "load_ground_truth", "load_predictions", "interpolated_ap",
-           "average_precision", "detection_map", "soft_nms_1d", "batched_soft_nms", "grid_to_seconds",
-           "eval_tal_main"]
+           "average_precision", "detection_map", "eval_tal_main"]
 
 log = logging.getLogger(__name__)
 
@@ -194,66 +193,6 @@ def detection_map(ground_truth: Sequence[Segment], predictions: Sequence[Segment
     return {"tiou": [float(t) for t in thresholds], "mAP": mean.tolist(), "average_mAP": float(mean.mean()),
             "ap_per_class": {names.get(c, str(c)): ap[i].tolist() for i, c in enumerate(classes)},
             "num_gt": len(ground_truth), "dropped_predictions": len(dropped)}
-
-
-# ------------------------------------------------------------------------------------------- post-processing
-def soft_nms_1d(segments: np.ndarray, scores: np.ndarray, sigma: float = 0.5, min_score: float = 1e-3
-                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Gaussian soft-NMS of one class's (N, 2) segments, in float32 as ActionFormer's CPU kernel computes it: the
-    highest-scoring segment is taken (the first of equal ones), every remaining score is multiplied by
-    exp(-IoU^2 / sigma) and a segment falling below ``min_score`` is replaced by the last one; repeat. Returns the
-    kept (segments, scores, indices into the input) in the order taken."""
-    seg = np.array(segments, dtype=np.float32).reshape(-1, 2)
-    score = np.array(scores, dtype=np.float32).reshape(-1)
-    index = np.arange(len(score))
-    area = seg[:, 1] - seg[:, 0] + np.float32(1e-6)  # the kernel's epsilon: zero-length segments divide safely
-    sigma32, floor = np.float32(sigma), np.float32(min_score)
-    count = len(score)
-    for i in range(count):
-        if i >= count:
-            break
-        best = i + int(np.argmax(score[i:count]))
-        for array in (seg, score, index, area):  # the taken segment moves to position i
-            array[[i, best]] = array[[best, i]]
-        rest = slice(i + 1, count)
-        inter = np.maximum(np.float32(0), np.minimum(seg[i, 1], seg[rest, 1]) - np.maximum(seg[i, 0], seg[rest, 0]))
-        overlap = inter / (area[i] + area[rest] - inter)
-        score[rest] *= np.exp(-(overlap * overlap) / sigma32)
-        position = i + 1
-        while True:  # each segment below the floor is replaced by the current last one, which is checked next
-            low = np.nonzero(score[position:count] < floor)[0]
-            if not low.size:
-                break
-            position += int(low[0])
-            count -= 1
-            for array in (seg, score, index, area):
-                array[position] = array[count]
-    return seg[:count].copy(), score[:count].copy(), index[:count].copy()
-
-
-def batched_soft_nms(segments: np.ndarray, scores: np.ndarray, labels: np.ndarray, sigma: float = 0.5,
-                     min_score: float = 1e-3, max_segments: int = 200) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Soft-NMS within each class (ActionFormer's multiclass NMS), then the ``max_segments`` best overall, by
-    descending score (equal scores in class order)."""
-    labels = np.asarray(labels)
-    kept = [soft_nms_1d(np.asarray(segments)[labels == c], np.asarray(scores)[labels == c], sigma, min_score)
-            + (np.full(int((labels == c).sum()), c),) for c in np.unique(labels)]
-    if not kept:
-        return np.zeros((0, 2), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
-    seg = np.concatenate([k[0] for k in kept])
-    score = np.concatenate([k[1] for k in kept])
-    label = np.concatenate([k[3][:len(k[1])] for k in kept])
-    order = np.argsort(-score, kind="stable")[:max_segments]
-    return seg[order], score[order], label[order]
-
-
-def grid_to_seconds(segments: np.ndarray, fps: float, duration: float, feat_stride: int,
-                    feat_num_frames: int) -> np.ndarray:
-    """Segments on the feature grid -> seconds: a feature at grid position t covers the ``feat_num_frames`` frames
-    from ``t * feat_stride``, so its centre is (t * stride + frames / 2) / fps; clipped to [0, duration]."""
-    seconds = (np.asarray(segments, dtype=np.float32) * np.float32(feat_stride) + np.float32(0.5 * feat_num_frames)
-               ) / np.float32(fps)
-    return np.clip(seconds, np.float32(0), np.float32(duration))
 
 
 def _thresholds(text: str) -> np.ndarray:
