@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 
@@ -125,28 +125,38 @@ def _write_split(root: Path, split: str, count: int, num_frames: int, size: int,
     (root / f"{split}_captions.jsonl").write_text("\n".join(captions) + "\n")
 
 
-def generate_actions(root: Path, num_train: int = 500, num_val: int = 100, num_frames: int = 16, size: int = 64,
-                     seed: int = 0) -> Path:
-    """Write the dataset into ``root`` (atomically: a half-written folder is never left behind)."""
-    if size % 2:
-        raise ValueError(f"generate_actions: size must be even (H.264 yuv420p), got {size}")
+def _write_atomically(root: Path, write: Callable[[Path], None], done: str) -> Path:
+    """Run ``write(folder)`` on a staging folder beside ``root``, then rename it to ``root``: a half-written
+    folder is never left behind. A ``root`` that another process finished first (it holds ``done``) is kept."""
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
-        _write_split(staging, "train", num_train, num_frames, size, seed)
-        _write_split(staging, "val", num_val, num_frames, size, seed)
-        (staging / "classes.txt").write_text("\n".join(ACTION_CLASSES) + "\n")
+        write(staging)
         try:
             os.replace(staging, root)
         except OSError:
-            if not (root / "classes.txt").exists():
+            if not (root / done).exists():
                 raise
             shutil.rmtree(staging)  # another process (a DataLoader worker, a DDP rank) finished first
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return root
+
+
+def generate_actions(root: Path, num_train: int = 500, num_val: int = 100, num_frames: int = 16, size: int = 64,
+                     seed: int = 0) -> Path:
+    """Write the dataset into ``root`` (atomically: a half-written folder is never left behind)."""
+    if size % 2:
+        raise ValueError(f"generate_actions: size must be even (H.264 yuv420p), got {size}")
+
+    def write(folder: Path) -> None:
+        _write_split(folder, "train", num_train, num_frames, size, seed)
+        _write_split(folder, "val", num_val, num_frames, size, seed)
+        (folder / "classes.txt").write_text("\n".join(ACTION_CLASSES) + "\n")
+
+    return _write_atomically(root, write, "classes.txt")
 
 
 def builtin_actions_root(num_train: int = 500, num_val: int = 100, num_frames: int = 16, size: int = 64,

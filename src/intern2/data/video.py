@@ -1,5 +1,6 @@
-"""Video data: a PyAV reader, dense and segment-based (TSN) frame sampling, seeded clip transforms, and a
-dataset over Kinetics-style annotation lists with multi-view (clips x crops) testing.
+"""Video data: a PyAV reader (random access, or every frame in order with :func:`iter_frames`), dense and
+segment-based (TSN) frame sampling, seeded clip transforms, and a dataset over Kinetics-style annotation lists
+with multi-view (clips x crops) testing.
 
 Frames travel as uint8 ``(T, H, W, 3)`` tensors until the transform, which returns normalised float
 ``(C, T, H, W)`` clips (the layout of the video ViT's Conv3d tubelet embedding).
@@ -17,7 +18,7 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from torch.utils.data import Dataset
 from ..constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from .images import collate_skipping
 
-__all__ = ["VideoDecodeError", "VideoInfo", "probe_video", "read_video", "write_video", "dense_indices",
+__all__ = ["VideoDecodeError", "VideoInfo", "probe_video", "read_video", "iter_frames", "write_video", "dense_indices",
            "segment_indices", "clip_positions", "dense_test_indices", "uniform_indices", "FrameSampler",
            "VideoTrainTransform", "VideoEvalTransform",
            "VideoSource", "read_annotations", "VideoDataset", "collate_videos", "IMAGENET_MEAN", "IMAGENET_STD",
@@ -134,6 +135,13 @@ def _collect(path, frames, wanted: set, last: int, total: int):
     return decoded, index, frame
 
 
+def _check_complete(path, decoded: int, total: int) -> None:
+    """Container frame counts can overstate the decodable frames by a few (edit lists, a dropped last frame);
+    a stream that ends further from ``total`` than that is a truncated file."""
+    if total - decoded > max(3, total // 20):
+        raise VideoDecodeError(f"{path}: the stream ends at frame {decoded} of {total} (truncated file)")
+
+
 def read_video(path: Union[str, Path], frames: Optional[FrameSpec] = None, seek: bool = True) -> torch.Tensor:
     """Decode the frames at ``frames`` (indices, or a function of the frame count giving them; all frames
     when None) as a uint8 tensor (len(indices), H, W, 3), in the order asked (repeats allowed).
@@ -171,15 +179,31 @@ def read_video(path: Union[str, Path], frames: Optional[FrameSpec] = None, seek:
         decoded, position, frame = result
         if frame is None:
             raise VideoDecodeError(f"{path}: no frame could be decoded ({total} expected)")
-        if position < last:
-            # Container frame counts can overstate the decodable frames by a few (edit lists, a dropped
-            # last frame): repeat the last frame over such a small gap; a larger one is a truncated file.
-            if total - (position + 1) > max(3, total // 20):
-                raise VideoDecodeError(f"{path}: the stream ends at frame {position + 1} of {total} "
-                                       "(truncated file)")
+        if position < last:  # a small gap (see _check_complete) is filled with the last frame
+            _check_complete(path, position + 1, total)
             final = frame.to_ndarray(format="rgb24")
             decoded.update({i: final for i in wanted if i > position})
     return torch.from_numpy(np.stack([decoded[i] for i in indices]))
+
+
+def iter_frames(path: Union[str, Path]) -> Iterator[np.ndarray]:
+    """Every frame of a video in decoding order as a uint8 (H, W, 3) RGB array, one at a time: memory holds one
+    frame whatever the video's length. Damage, a stream without frames, or one that ends well before the
+    container's stated frame count is a VideoDecodeError naming the file."""
+    container, stream = _open(path)
+    with container:
+        decoded = 0
+        try:
+            for frame in container.decode(stream):
+                yield frame.to_ndarray(format="rgb24")
+                decoded += 1
+        except _av().FFmpegError as exc:
+            raise VideoDecodeError(f"{path}: decoding failed at frame {decoded + 1} (damaged or truncated "
+                                   f"file): {exc}") from exc
+        if decoded == 0:
+            raise VideoDecodeError(f"{path}: the video stream has no frames")
+        if stream.frames > 0:
+            _check_complete(path, decoded, int(stream.frames))
 
 
 def write_video(path: Union[str, Path], frames: Union[np.ndarray, torch.Tensor], fps: float = 8.0,

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,7 +22,8 @@ from .common import (Pipeline, add_model_arguments, check_aspect, pipeline_from_
                      setup_logging, top_k)
 
 __all__ = ["VideoClassificationPipeline", "VIDEO_SUFFIXES", "video_files", "view_probabilities",
-           "add_protocol_arguments", "protocol_options", "predict_main", "extract_features_main"]
+           "pooled_features", "add_protocol_arguments", "protocol_options", "predict_main",
+           "extract_features_main", "write_npy"]
 
 log = logging.getLogger(__name__)
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg")
@@ -42,6 +44,15 @@ def view_probabilities(model: nn.Module, views: torch.Tensor) -> torch.Tensor:
     """(B, V, C, T, H, W) test views -> view-averaged class probabilities (B, K), float32."""
     batch, num_views = views.shape[:2]
     return model(views.flatten(0, 1)).float().softmax(-1).view(batch, num_views, -1).mean(1)
+
+
+def pooled_features(model: nn.Module, clips: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) clips -> (B, D) float32 features: a classifier's pre-logits (pooled as trained), a
+    pre-training model's (VideoMAEPretrain) mean encoder token."""
+    pretraining = hasattr(model, "encoder")
+    encoder = model.encoder if pretraining else model
+    tokens = encoder.forward_features(clips)
+    return (tokens.mean(1) if pretraining else encoder.forward_head(tokens, pre_logits=True)).float()
 
 
 class VideoClassificationPipeline(Pipeline):
@@ -98,12 +109,9 @@ class VideoClassificationPipeline(Pipeline):
 
     @torch.inference_mode()
     def features(self, file: str) -> torch.Tensor:
-        """The pooled (D,) float32 feature of a video file, averaged over the test views."""
-        pretraining = hasattr(self.model, "encoder")
-        encoder = self.model.encoder if pretraining else self.model
-        tokens = encoder.forward_features(self.views(file).to(self.device))
-        pooled = tokens.mean(1) if pretraining else encoder.forward_head(tokens, pre_logits=True)
-        return pooled.float().mean(0).cpu()
+        """The pooled (D,) float32 feature of a video file (:func:`pooled_features`), averaged over the test
+        views."""
+        return pooled_features(self.model, self.views(file).to(self.device)).mean(0).cpu()
 
     def extract_features(self, files: Sequence[str]) -> Tuple[torch.Tensor, List[str], List[str]]:
         """(N, D) features of the readable files, the files read, and the errors of the unreadable ones."""
@@ -149,14 +157,22 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
 
 
 def extract_features_main(argv: Optional[List[str]] = None) -> int:
-    """`intern2 extract-features VIDEOS... --out FILE.{safetensors,npy}`."""
+    """`intern2 extract-features VIDEOS... --out FILE.{safetensors,npy}`; with ``--snippets`` a (T, C) feature
+    sequence per video in the folder ``--out`` (:mod:`intern2.pipelines.snippets`)."""
+    from .snippets import add_snippet_arguments, check_no_snippet_options, snippets_main
     parser = argparse.ArgumentParser(prog="intern2 extract-features",
-                                     description="Pooled video-ViT features per video, for downstream use.")
+                                     description="Pooled video features per video, or with --snippets a feature "
+                                     "sequence per video (temporal action localization), for downstream use.")
     parser.add_argument("videos", nargs="+", help="video files or folders")
     add_model_arguments(parser)
     add_protocol_arguments(parser)
-    parser.add_argument("--out", required=True, help="output .safetensors (features + file order) or .npy")
+    parser.add_argument("--out", required=True, help="output .safetensors (features + file order) or .npy; with "
+                        "--snippets a folder (<video>.npy + <video>.json per video)")
+    add_snippet_arguments(parser)
     args = parser.parse_args(argv)
+    if args.snippets:
+        return snippets_main(parser, args)
+    check_no_snippet_options(parser, args)
     out = Path(args.out)
     if out.suffix not in (".safetensors", ".npy"):
         parser.error(f"--out {out}: expected a .safetensors or .npy file name")
@@ -180,16 +196,21 @@ def write_arrays(out: Path, tensors: Dict[str, torch.Tensor], names: Dict[str, L
     with its names one per line in ``<out>.<key>.txt`` (e.g. ``features.files.txt``)."""
     from ..checkpoint import atomic_write
     if out.suffix == ".npy":
-        import numpy as np
         ((_, array),) = tensors.items()
         ((key, values),) = names.items()
-
-        def save(tmp: str) -> None:
-            with open(tmp, "wb") as handle:
-                np.save(handle, array.numpy())
-        atomic_write(out, save)
+        write_npy(out, array.numpy())
         atomic_write(out.with_suffix(f".{key}.txt"), lambda tmp: Path(tmp).write_text("\n".join(values) + "\n"))
     else:
         from safetensors.torch import save_file
         atomic_write(out, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
                                                 {k: json.dumps(v) for k, v in names.items()}))
+
+
+def write_npy(path: Path, array: np.ndarray) -> None:
+    """Atomically write one array as ``path`` (.npy)."""
+    from ..checkpoint import atomic_write
+
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            np.save(handle, array)
+    atomic_write(path, save)
