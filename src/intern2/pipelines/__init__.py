@@ -1,6 +1,7 @@
 """Inference: a loaded model plus an image, video or text in, a labelled answer out.
 
-One module per family (``image_cls``, ``detect``, ``segment``, ``video_cls``, ``video_text``, ``translation``).
+One module per family (``image_cls``, ``detect``, ``segment``, ``video_cls``, ``video_text``, ``translation``,
+``tal``; ``snippets`` extracts the per-snippet video features that ``tal`` localizes in).
 A pipeline loads any checkpoint intern2 reads, prepares its input exactly as the checkpoint's evaluation protocol
 says (its weights metadata, :mod:`intern2.weights`), runs the model and returns class names with their indices.
 Every door goes through here: the Python API, ``intern2 predict`` / ``eval`` (through the tasks) and ``serve``.
@@ -25,7 +26,8 @@ __all__ = ["Pipeline", "open_pipeline", "pipeline_class", "PIPELINES", "predict_
 # task -> "module:class" (imported on use, so a pipeline loads only its own family's dependencies)
 PIPELINES = {"image-cls": "image_cls:ImageClassificationPipeline", "detect": "detect:DetectionPipeline",
              "segment": "segment:SegmentationPipeline", "video-cls": "video_cls:VideoClassificationPipeline",
-             "video-text": "video_text:VideoTextPipeline", "translation": "translation:Translator"}
+             "video-text": "video_text:VideoTextPipeline", "translation": "translation:Translator",
+             "tal": "tal:TemporalLocalizationPipeline"}
 
 
 def pipeline_class(task: Optional[str]) -> type:

@@ -72,6 +72,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="video-text model folder (with its tokenizer.json) for /v1/video/retrieve")
     parser.add_argument("--translator", metavar="FOLDER",
                         help="translation model folder with its tokenizer (NLLB/M2M-100 layout)")
+    parser.add_argument("--tal-model", metavar="SPEC", help=f"temporal action localizer: {SPEC_HELP}")
+    parser.add_argument("--tal-encoder", metavar="SPEC", help="the video model whose snippet features the localizer "
+                        "reads: then /v1/video/localize also takes videos")
     parser.add_argument("--int8", action="store_true", help="int8 dynamic quantisation of the translator (CPU)")
     parser.add_argument("--max-upload-mb", type=_positive(float), default=DEFAULT_MAX_UPLOAD_MB,
                         help="largest request body, in MB (default %(default)s)")
@@ -105,6 +108,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             models["retrieval"] = load_retrieval(args.retrieval_model)
         if args.translator:
             models["translator"] = load_translator(args.translator, args.int8)
+        if args.tal_encoder and not args.tal_model:
+            raise ValueError("--tal-encoder needs --tal-model (the localizer that reads its features)")
+        if args.tal_model:
+            from ..pipelines.tal import TemporalLocalizationPipeline
+            localizer = TemporalLocalizationPipeline(load_model_spec(args.tal_model), source=args.tal_model)
+            if args.tal_encoder:
+                localizer.encoder = localizer.snippet_extractor(load_model_spec(args.tal_encoder), args.tal_encoder)
+            models["localizer"] = localizer
         app = create_app(**models, max_upload_mb=args.max_upload_mb, max_image_pixels=args.max_image_pixels,
                          max_frame_pixels=args.max_frame_pixels, max_translate_steps=args.max_translate_steps,
                          max_request_seconds=args.max_request_seconds, allow_origins=tuple(args.allow_origin))

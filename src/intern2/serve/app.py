@@ -46,9 +46,10 @@ DEFAULT_MAX_TEXT_CHARS = 5000
 # One translate request's work is bounded by decoding steps x beams over its sentences (Translator.decoding_steps)
 # and by a wall-clock limit: beyond either it is refused (413) or stopped (503), and the model is free again.
 STATIC = Path(__file__).parent / "static"
-SLOTS = ("image", "detect", "segment", "video", "retrieval", "translator")
+SLOTS = ("image", "detect", "segment", "video", "retrieval", "translator", "localizer")
 FLAGS = {"image": "--image-model", "detect": "--detect-model", "segment": "--segment-model",
-         "video": "--video-model", "retrieval": "--retrieval-model", "translator": "--translator"}
+         "video": "--video-model", "retrieval": "--retrieval-model", "translator": "--translator",
+         "localizer": "--tal-model"}
 MAX_CAPTIONS = 200
 
 
@@ -225,6 +226,19 @@ def _classify_video(pipeline: Pipeline, path: str, topk: int) -> Dict[str, Any]:
     return pipeline(path, topk)
 
 
+def _localize(pipeline: Pipeline, data: bytes, filename: str, fps: Optional[float], min_score: float,
+              topk: int) -> Dict[str, Any]:
+    """Snippet features uploaded as a .npy (T, C) array: the localizer's segments."""
+    import io
+
+    import numpy as np
+    try:
+        features = np.load(io.BytesIO(data), allow_pickle=False)
+        return pipeline(features, fps=fps, min_score=min_score, topk=topk)
+    except ValueError as exc:  # not an .npy array, wrong shape, no frame rate
+        raise ServeError(400, "invalid_features", f"{filename}: {exc}") from exc
+
+
 @torch.inference_mode()
 def _retrieve(pipeline: Pipeline, path: str, captions: List[str], topk: int) -> Dict[str, Any]:
     return pipeline.rank_captions(path, captions, topk)
@@ -279,7 +293,7 @@ class TranslateRequest(BaseModel):
 
 # ------------------------------------------------------------------------------------------------------- app
 _PIPELINES = {"image": "image-cls", "detect": "detect", "segment": "segment", "video": "video-cls",
-              "retrieval": "video-text", "translator": "translation"}
+              "retrieval": "video-text", "translator": "translation", "localizer": "tal"}
 
 
 def _pipeline(slot: str, model: Any) -> Pipeline:
@@ -310,13 +324,15 @@ def _describe(pipeline: Pipeline) -> Dict[str, Any]:
         return {**info, "languages": pipeline.tokenizer.languages}
     if pipeline.task == "video-text":
         return info
+    if pipeline.task == "tal":
+        info = {**info, "videos": pipeline.encoder is not None, **pipeline.protocol.to_cfg()}
     labels = pipeline.labels
     return {**info, "num_classes": len(labels),
             "labels": labels if len(labels) <= 100 else labels[:100] + [f"... {len(labels) - 100} more"]}
 
 
 def create_app(image_model: Any = None, detect_model: Any = None, segment_model: Any = None, video_model: Any = None,
-               translator: Any = None, retrieval: Any = None,
+               translator: Any = None, retrieval: Any = None, localizer: Any = None,
                max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
                max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS,
                max_text_chars: int = DEFAULT_MAX_TEXT_CHARS, max_waiting: int = 16,
@@ -331,7 +347,8 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
             its pipeline).
         translator: a :class:`~intern2.pipelines.translation.Translator` (or a (model, tokenizer) pair);
             retrieval: a :class:`~intern2.pipelines.video_text.VideoTextPipeline` (or ``(VideoTextModel,
-            BPETokenizer)``).
+            BPETokenizer)``); localizer: a temporal action localizer or its
+            :class:`~intern2.pipelines.tal.TemporalLocalizationPipeline` (with an ``encoder``, it also takes videos).
         max_upload_mb: largest request body; max_image_pixels: largest image, in pixels; max_frame_pixels:
             largest video frame; max_text_chars: longest text to translate; max_waiting: requests queued per model
             before 503s.
@@ -342,7 +359,7 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
         allow_origins: other sites whose pages may post to this server (all others get a 403).
     """
     given = {"image": image_model, "detect": detect_model, "segment": segment_model, "video": video_model,
-             "translator": translator, "retrieval": retrieval}
+             "translator": translator, "retrieval": retrieval, "localizer": localizer}
     pipelines = {slot: _pipeline(slot, model) for slot, model in given.items() if model is not None}
     slots = {slot: _Slot(slot, pipeline, max_waiting, info=_describe(pipeline))
              for slot, pipeline in pipelines.items()}
@@ -454,6 +471,24 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
         return await slot.run(lambda: _timed(_video_upload, file,
                                              lambda path: _retrieve(slot.model, path, captions, topk),
                                              max_frame_pixels))
+
+    @app.post("/v1/video/localize", summary="temporal action localization: segments (seconds) of an untrimmed video")
+    async def video_localize(file: UploadFile = File(..., description="snippet features (.npy, (T, C) float), or a "
+                                                     "video file when the server has the localizer's encoder"),
+                             fps: Optional[float] = Form(None, gt=0, description="frames per second of the "
+                                                         "features' video (features only)"),
+                             min_score: float = Form(0.05, ge=0.0, le=1.0),
+                             topk: int = Form(10, ge=1, le=1000)) -> Dict[str, Any]:
+        slot = slot_of("localizer")
+        filename = file.filename or "upload"
+        if filename.lower().endswith(".npy"):
+            data, _ = await read_upload(file)
+            return await slot.run(lambda: _timed(_localize, slot.model, data, filename, fps, min_score, topk))
+        if slot.model.encoder is None:
+            raise ServeError(400, "features_expected", f"{filename}: this server localizes in snippet features "
+                             f"(.npy); start it with --tal-encoder to upload videos")
+        return await slot.run(lambda: _timed(_video_upload, file, lambda path: slot.model.video(
+            path, min_score=min_score, topk=topk), max_frame_pixels))
 
     @app.post("/v1/translate", summary="translate text between any two languages the translator has")
     async def translate(request: TranslateRequest, http_request: Request) -> Dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import List, Optional
 TASKS = {"image-cls": "intern2.tasks.image_cls", "segment": "intern2.tasks.segment",
          "detect": "intern2.tasks.detect", "video-cls": "intern2.tasks.video_cls",
          "video-pretrain": "intern2.tasks.video_pretrain", "video-text": "intern2.tasks.video_text",
-         "umt": "intern2.tasks.umt", "translation": "intern2.tasks.translation"}
+         "umt": "intern2.tasks.umt", "translation": "intern2.tasks.translation", "tal": "intern2.tasks.tal"}
 
 
 def _run(task: str, function: str, argv: List[str]) -> int:

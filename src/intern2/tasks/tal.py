@@ -1,5 +1,6 @@
-"""Temporal action localization: the official detection metric and the localizer's post-processing (soft-NMS, feature
-grid to seconds); the ActionFormer localizer itself joins them here.
+"""Temporal action localization: `intern2 train tal` (ActionFormer on snippet-feature folders + ActivityNet-layout
+annotations, or the built-in untrimmed videos), `intern2 eval` (the official mAP through the TAL pipeline) and
+`intern2 eval-tal` (the official metric of a prediction file).
 
 The metric is ActivityNet's detection mAP with the semantics of the code behind InternVideo's published TAL numbers
 (ActionFormer's port, ``libs/utils/metrics.py`` in OpenGVLab/InternVideo): for each class and temporal-IoU threshold,
@@ -25,14 +26,26 @@ import argparse
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..config import check_positive
+from ..data.temporal import TemporalDataset, TemporalSource, collate_temporal, open_temporal_source
+from ..engine import TrainConfig
+from ..factory import create_model, save_pretrained
+from ..pipelines.common import add_model_arguments, pipeline_from_args, progress
+from ..weights import TemporalLocalizationProtocol
+from .common import train_cli
 
 __all__ = ["TIOU_PRESETS", "Segment", "load_ground_truth", "load_predictions", "interpolated_ap",
-           "average_precision", "detection_map", "eval_tal_main"]
+           "average_precision", "detection_map", "eval_tal_main", "TALConfig", "TALTask", "evaluate_localizer",
+           "train_main", "eval_main"]
 
 log = logging.getLogger(__name__)
 
@@ -234,4 +247,218 @@ def eval_tal_main(argv: Optional[List[str]] = None) -> int:
     print("  mAP: " + "  ".join(f"{100 * m:.2f}" for m in metrics["mAP"]))
     for name, values in metrics["ap_per_class"].items():
         print(f"  {name}: " + "  ".join(f"{100 * v:.2f}" for v in values))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- training
+@dataclass(frozen=True)
+class TALConfig:
+    model: str = "actionformer_thumos14"
+    model_args: Optional[Dict[str, Any]] = None  # e.g. {embd_dim: 64, arch: [2, 2, 2], n_mha_win_size: 9}
+    checkpoint: Optional[str] = None  # localizer weights to start from (an official ActionFormer checkpoint too)
+    data: str = "builtin:untrimmed"  # generated videos, features by `encoder`; unused when the two below are set
+    annotations: Optional[str] = None  # ActivityNet-layout JSON ...
+    features: Optional[str] = None  # ... and the folder of its <prefix><video_id>.npy (T, C) snippet features
+    file_prefix: str = ""  # ActivityNet feature files are often 'v_<id>.npy'
+    train_subset: str = "training"  # THUMOS14 trains on 'validation' and tests on 'test'
+    val_subset: str = "validation"
+    feat_stride: int = 4  # frames between snippets (InternVideo THUMOS14: 4; ActivityNet: 16)
+    feat_num_frames: int = 16  # frames per snippet
+    default_fps: Optional[float] = None  # else the feature sidecar's, else the annotation's fps
+    tiou: str = "thumos14"  # thresholds of the mAP: thumos14 (0.3:0.7) or activitynet (0.5:0.95)
+    trunc_thresh: float = 0.5  # a training crop keeps actions with at least this fraction inside
+    crop_ratio: Optional[Tuple[float, float]] = (0.9, 1.0)  # random crop length of short videos (None: off)
+    encoder: Optional[str] = None  # builtin:untrimmed: the video model folder that extracts the features
+    builtin_videos: Tuple[int, int] = (120, 40)  # builtin:untrimmed: (training, validation) videos
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        check_positive(self, "feat_stride", "feat_num_frames", "default_fps", "builtin_videos")
+        if self.tiou not in TIOU_PRESETS:
+            raise ValueError(f"tiou: expected one of {sorted(TIOU_PRESETS)}, got {self.tiou!r}")
+        if bool(self.annotations) != bool(self.features):
+            raise ValueError("annotations and features: set both (the JSON and the feature folder), or neither "
+                             "(data=builtin:untrimmed)")
+        if not self.annotations and self.data != "builtin:untrimmed":
+            raise ValueError(f"data: expected builtin:untrimmed (or set annotations= and features=), got "
+                             f"{self.data!r}")
+
+
+def _prediction_segments(video: str, result: Dict[str, Any], gt_ids: Dict[str, int]) -> List[Segment]:
+    """Pipeline segments as metric entries, class ids by name in the ground truth's ids (a class the ground truth
+    does not know gets a fresh negative id: the metric drops it with a warning)."""
+    return [Segment(video, gt_ids.get(s["label"], -1 - s["index"]), s["segment"][0], s["segment"][1], s["score"])
+            for s in result["segments"]]
+
+
+def evaluate_localizer(model: nn.Module, source: TemporalSource, protocol: TemporalLocalizationProtocol,
+                       thresholds: Sequence[float], labels: Sequence[str]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(metrics, predictions in ActionFormer's ``database`` layout) of ``model`` on every video of ``source``,
+    through the TAL pipeline (what `predict` returns) and the official metric."""
+    from ..pipelines.tal import TemporalLocalizationPipeline
+    pipeline = TemporalLocalizationPipeline(model, **{k: v for k, v in protocol.to_cfg().items()})
+    pipeline.labels = list(labels)
+    ground_truth, names = load_ground_truth(source.annotation_file, source.subset)
+    gt_ids = {name: i for i, name in names.items()}
+    predictions: List[Segment] = []
+    database: Dict[str, List[Dict[str, Any]]] = {}
+    for video in progress(source.videos, "eval", len(source.videos)):
+        result = pipeline(video.feature_file, fps=video.fps,
+                          duration=video.duration if math.isfinite(video.duration) else None)
+        found = _prediction_segments(video.video_id, result, gt_ids)
+        predictions += found
+        database[video.video_id] = [{"segment": [p.start, p.end], "label_id": p.label, "label": s["label"],
+                                     "scores": p.score} for p, s in zip(found, result["segments"])]
+    metrics = detection_map(ground_truth, predictions, thresholds, names)
+    metrics.update(videos=len(source.videos), skipped=len(source.problems))
+    return metrics, {"version": "intern2", "database": database}
+
+
+class TALTask:
+    """ActionFormer training on snippet features; mAP over the validation subset at the protocol's thresholds."""
+
+    def __init__(self, cfg: TALConfig):
+        self.cfg = cfg
+        annotations, features = (cfg.annotations, cfg.features) if cfg.annotations else builtin_tal_data(cfg)
+        options = dict(default_fps=cfg.default_fps, file_prefix=cfg.file_prefix)
+        self.train_source = open_temporal_source(annotations, features, cfg.train_subset, **options)
+        self.classes = self.train_source.classes
+        self.val_source = open_temporal_source(annotations, features, cfg.val_subset, self.classes,
+                                               self.train_source.feature_dim, **options)
+        self.protocol = TemporalLocalizationProtocol(cfg.feat_stride, cfg.feat_num_frames, cfg.default_fps, cfg.tiou)
+        self.skipped = len(self.train_source.problems)
+
+    def build_model(self) -> nn.Module:
+        model = create_model(self.cfg.model, num_classes=len(self.classes), input_dim=self.train_source.feature_dim,
+                             **(self.cfg.model_args or {}))
+        if self.cfg.checkpoint:
+            from ..checkpoint import load_checkpoint
+            load_checkpoint(model, self.cfg.checkpoint)
+        return model
+
+    def train_dataset(self) -> Dataset:
+        cfg = self.cfg
+        return TemporalDataset(self.train_source, cfg.feat_stride, cfg.feat_num_frames, True,
+                               self._max_seq_len(), cfg.trunc_thresh, cfg.crop_ratio, cfg.train.seed)
+
+    def eval_dataset(self) -> Dataset:
+        return TemporalDataset(self.val_source, self.cfg.feat_stride, self.cfg.feat_num_frames)
+
+    def _max_seq_len(self) -> int:
+        from ..registry import get_model_builder
+        args = self.cfg.model_args or {}
+        if "max_seq_len" in args:
+            return int(args["max_seq_len"])
+        from ..models.actionformer import ACTIONFORMER_VARIANTS
+        get_model_builder(self.cfg.model.partition(".")[0])  # an unknown model fails here, by name
+        return int(ACTIONFORMER_VARIANTS.get(self.cfg.model.partition(".")[0], {}).get("max_seq_len", 2304))
+
+    def collate(self, samples):
+        return collate_temporal(samples)
+
+    def training_step(self, model: nn.Module, batch) -> Tuple[torch.Tensor, Dict[str, float]]:
+        core = getattr(model, "module", model)  # DDP wraps the localizer; padding and targets are its own
+        param = next(core.parameters())
+        feats, mask = core.pad_features([item["feats"].to(param) for item in batch], core.max_seq_len)
+        cls_logits, offsets, masks = model(feats, mask)
+        losses = core.loss(cls_logits, offsets, masks, [item["segments"] for item in batch],
+                           [item["labels"] for item in batch])
+        return losses["final_loss"], {"cls_loss": losses["cls_loss"].item(), "reg_loss": losses["reg_loss"].item(),
+                                      "skipped_entries": self.skipped}
+
+    def evaluate(self, model: nn.Module, dataset: TemporalDataset, batch_size: int,
+                 device: torch.device) -> Dict[str, Any]:
+        was_training = model.training
+        metrics, _ = evaluate_localizer(model.eval(), dataset.source, self.protocol, TIOU_PRESETS[self.cfg.tiou],
+                                        self.classes)
+        model.train(was_training)
+        return metrics
+
+    def save_model(self, model: nn.Module, directory: Path) -> None:
+        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "file": None, "num_classes": len(self.classes),
+                                "label_names": list(self.classes), **self.protocol.to_cfg(),
+                                "feature_encoder": self.cfg.encoder}
+        save_pretrained(model, directory)
+
+
+# Without an encoder, built-in features come from this untrained tiny video ViT (seeded): a baseline that sees
+# motion but knows no action; the recipe extracts with the encoder fine-tuned by the actions-finetune recipe.
+BUILTIN_ENCODER = ("videomae_vit_s", dict(embed_dim=96, depth=4, num_heads=4, patch_size=8, all_frames=8,
+                                          img_size=32, num_classes=0))
+
+
+def _builtin_encoder(spec: Optional[str]) -> nn.Module:
+    if spec:
+        from ..pipelines.common import load_model_spec
+        return load_model_spec(spec)
+    name, kwargs = BUILTIN_ENCODER
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return create_model(name, **kwargs).eval()
+
+
+def builtin_tal_data(cfg: TALConfig) -> Tuple[str, str]:
+    """(annotations, feature folder) of the built-in untrimmed videos, features extracted by ``cfg.encoder`` (a
+    model folder, NAME or NAME:WEIGHTS; default :data:`BUILTIN_ENCODER`) in snippets of ``feat_num_frames``
+    frames every ``feat_stride``; cached beside the videos under a digest of the encoder's weights, so a retrained
+    encoder extracts afresh. A video that fails to extract is a ValueError naming it."""
+    import hashlib
+
+    from ..data.untrimmed import builtin_untrimmed_root
+    from ..pipelines.snippets import SnippetFeatureExtractor, SnippetProtocol
+    root = builtin_untrimmed_root(*cfg.builtin_videos)
+    encoder = _builtin_encoder(cfg.encoder)
+    digest = hashlib.sha1()
+    for name, tensor in encoder.state_dict().items():
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    key = digest.hexdigest()[:12]
+    snippets = SnippetProtocol(cfg.feat_num_frames, cfg.feat_stride)
+    extractor = SnippetFeatureExtractor(encoder, snippets, source=f"{cfg.encoder or 'builtin encoder'} ({key})")
+    out = root / "features" / f"{key}-f{cfg.feat_num_frames}s{cfg.feat_stride}"
+    files = sorted(str(p) for p in (root / "videos").glob("*.mp4"))
+    log.info("built-in TAL features of %d videos -> %s", len(files), out)
+    summary = extractor.extract_to_folder(files, out)
+    if summary["failed"]:
+        raise ValueError(f"built-in untrimmed videos: {summary['failed'][0]}")
+    return str(root / "annotations.json"), str(out)
+
+
+def train_main(argv: Optional[List[str]] = None) -> int:
+    return train_cli(argv, "tal", "Train a temporal action localizer (ActionFormer) on snippet features.",
+                     TALConfig, TALTask, "builtin:untrimmed (or set annotations= and features=)",
+                     "actionformer_thumos14", hide=("ap_per_class",))
+
+
+def eval_main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="intern2 eval", description="Evaluate a temporal action localizer: the "
+                                     "official mAP (InternVideo's metric) over an annotated subset.")
+    parser.add_argument("--annotations", required=True, help="ActivityNet-layout JSON")
+    parser.add_argument("--features", required=True, help="folder of <prefix><video_id>.npy (T, C) snippet features")
+    parser.add_argument("--subset", default="validation", help="the annotations' subset to score (any case)")
+    parser.add_argument("--file-prefix", default="", help="feature file name prefix (ActivityNet: often 'v_')")
+    parser.add_argument("--tiou", choices=sorted(TIOU_PRESETS), help="thresholds (default: the model's protocol)")
+    parser.add_argument("--fps", type=float, help="frame rate of every video (default: sidecar / annotation fps)")
+    parser.add_argument("--out", type=Path, help="also write the predictions (ActionFormer layout) to this JSON")
+    add_model_arguments(parser)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    from ..pipelines.tal import TemporalLocalizationPipeline
+    pipeline = pipeline_from_args(parser, args, TemporalLocalizationPipeline, tiou=args.tiou, default_fps=args.fps)
+    try:
+        source = open_temporal_source(args.annotations, args.features, args.subset, pipeline.labels,
+                                      pipeline.model.input_dim, pipeline.protocol.default_fps, args.file_prefix)
+        metrics, predictions = evaluate_localizer(pipeline.model, source, pipeline.protocol,
+                                                  TIOU_PRESETS[pipeline.protocol.tiou], pipeline.labels)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.out:
+        from ..checkpoint import atomic_write
+        atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(predictions)))
+    if args.json:
+        print(json.dumps(metrics))
+        return 0
+    print(f"{source.name}: average mAP {100 * metrics['average_mAP']:.2f} over tIoU "
+          + " ".join(f"{t:.2f}" for t in metrics["tiou"])
+          + f" ({metrics['videos']} videos, {metrics['skipped']} skipped entries)")
+    print("  mAP: " + "  ".join(f"{100 * m:.2f}" for m in metrics["mAP"]))
     return 0

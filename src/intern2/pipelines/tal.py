@@ -1,0 +1,152 @@
+"""Temporal action localization: a video's snippet features (or the video itself, with a feature encoder) in,
+labelled action segments in seconds out.
+
+The localizer's :class:`~intern2.weights.TemporalLocalizationProtocol` says which features it reads (snippets of
+``feat_num_frames`` frames every ``feat_stride``); the frame rate comes from the features' sidecar JSON (written
+by `intern2 extract-features --snippets`), the caller, or the protocol's ``default_fps``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.temporal import read_features
+from ..weights import TemporalLocalizationProtocol
+from .common import Pipeline, add_model_arguments, load_model_spec, pipeline_from_args, progress
+
+__all__ = ["TemporalLocalizationPipeline", "predict_main"]
+
+Features = Union[str, Path, np.ndarray, torch.Tensor]
+
+
+class TemporalLocalizationPipeline(Pipeline):
+    """``pipeline(features, fps=None, duration=None) -> {"segments": [{"label", "index", "score", "segment"}],
+    ...}``: ``features`` a (T, C) array or a .npy file; segments in seconds, best first.
+
+    ``encoder`` (a :class:`~intern2.pipelines.snippets.SnippetFeatureExtractor`, e.g. :meth:`snippet_extractor`)
+    lets :meth:`video` localize in a video file directly; it must produce the features the localizer was trained
+    on.
+    """
+
+    task = "tal"
+    expects = "a temporal action localizer (ActionFormer)"
+    protocol: TemporalLocalizationProtocol
+
+    def __init__(self, model: nn.Module, source: Optional[str] = None, encoder: Any = None, **protocol: Any):
+        super().__init__(model, source, **protocol)
+        self.encoder = encoder
+
+    @classmethod
+    def model_types(cls) -> Tuple[type, ...]:
+        from ..models.actionformer import ActionFormer
+        return (ActionFormer,)
+
+    def _features(self, features: Features) -> Tuple[np.ndarray, Dict[str, Any]]:
+        """(T, C) float32 features and what their sidecar JSON says (fps, duration), checked against the model."""
+        dim = self.model.input_dim
+        if isinstance(features, (str, Path)):
+            path = Path(features)
+            sidecar = path.with_suffix(".json")
+            meta = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else {}
+            return read_features(path, dim), meta if isinstance(meta, dict) else {}
+        array = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
+        if array.ndim != 2 or array.shape[1] != dim or array.shape[0] < 1:
+            raise ValueError(f"features: expected a (T, {dim}) array, got {tuple(array.shape)}")
+        return array.astype(np.float32), {}
+
+    @torch.inference_mode()
+    def __call__(self, features: Features, fps: Optional[float] = None, duration: Optional[float] = None,
+                 min_score: float = 0.0, topk: Optional[int] = None) -> Dict[str, Any]:
+        array, meta = self._features(features)
+        p = self.protocol
+        fps = fps or meta.get("fps") or p.default_fps
+        if not fps or fps <= 0:
+            raise ValueError(f"{features if isinstance(features, (str, Path)) else 'features'}: no frame rate: give "
+                             f"fps (the video's frames per second), or extract with `intern2 extract-features "
+                             f"--snippets`, whose sidecar JSON records it")
+        # Without a stated duration: the end of the last snippet.
+        duration = duration or meta.get("duration") or ((len(array) - 1) * p.feat_stride + p.feat_num_frames) / fps
+        seconds, scores, labels = self.model.detect(torch.from_numpy(array).T, fps, duration, p.feat_stride,
+                                                    p.feat_num_frames)
+        keep = scores >= min_score
+        segments = [{"label": self.labels[int(c)], "index": int(c), "score": round(float(s), 6),
+                     "segment": [round(float(a), 4), round(float(b), 4)]}
+                    for (a, b), s, c in zip(seconds[keep], scores[keep], labels[keep])][:topk]
+        return {"segments": segments, "fps": float(fps), "duration": float(duration), "num_features": len(array)}
+
+    def snippet_extractor(self, encoder: nn.Module, source: Optional[str] = None) -> Any:
+        """A :class:`~intern2.pipelines.snippets.SnippetFeatureExtractor` of ``encoder`` with this localizer's
+        snippets (``feat_num_frames`` frames every ``feat_stride``); its feature size must be the localizer's."""
+        from .snippets import SnippetFeatureExtractor, SnippetProtocol
+        p = self.protocol
+        extractor = SnippetFeatureExtractor(encoder, SnippetProtocol(p.feat_num_frames, p.feat_stride), source=source)
+        if extractor.feature_dim != self.model.input_dim:
+            raise ValueError(f"its features have {extractor.feature_dim} channels, the localizer reads "
+                             f"{self.model.input_dim}")
+        return extractor
+
+    def video(self, file: str, **options: Any) -> Dict[str, Any]:
+        """Localize in a video file: snippet features by ``encoder``, then :meth:`__call__`."""
+        if self.encoder is None:
+            raise ValueError("localizing in a video needs the feature encoder the localizer was trained on "
+                             "(--encoder MODEL_FOLDER)")
+        snippets = self.encoder(file)
+        return self(snippets.features, fps=snippets.fps, duration=snippets.duration, **options)
+
+    def predict_files(self, files: Sequence[str], fps: Optional[float] = None, min_score: float = 0.0,
+                      topk: Optional[int] = None) -> List[Dict[str, Any]]:
+        """``{"file", "segments", ...}`` per .npy feature file or video; a bad file gets ``{"file", "error"}``."""
+        from ..data.video import VideoDecodeError
+        results = []
+        for file in progress(files, "videos"):
+            try:
+                if file.endswith(".npy"):
+                    result = self(file, fps=fps, min_score=min_score, topk=topk)
+                else:
+                    result = self.video(file, min_score=min_score, topk=topk)
+                results.append({"file": file, **result})
+            except (ValueError, OSError, VideoDecodeError) as exc:
+                results.append({"file": file, "error": str(exc)})
+        return results
+
+
+def predict_main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="intern2 predict", description="Localize actions in videos: snippet "
+                                     "feature files (.npy), or video files with --encoder.")
+    parser.add_argument("inputs", nargs="+", help=".npy feature files (T, C), or video files with --encoder")
+    add_model_arguments(parser)
+    parser.add_argument("--encoder", help="the video model folder whose snippet features the localizer was trained "
+                        "on (needed for video files)")
+    parser.add_argument("--fps", type=float, help="frame rate of the features' video (default: the sidecar JSON's)")
+    parser.add_argument("--min-score", type=float, default=0.05, help="drop segments below this score (0.05)")
+    parser.add_argument("--topk", type=int, default=10, help="segments per video, best first (10)")
+    parser.add_argument("--json", action="store_true", help="print results as JSON")
+    args = parser.parse_args(argv)
+    for name in ("fps", "topk"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name} {value}: expected a positive number")
+    pipeline = pipeline_from_args(parser, args, TemporalLocalizationPipeline)
+    if args.encoder:
+        try:
+            pipeline.encoder = pipeline.snippet_extractor(load_model_spec(args.encoder), args.encoder)
+        except (ValueError, FileNotFoundError, TypeError, KeyError) as exc:
+            parser.error(f"--encoder {args.encoder}: {exc}")
+    results = pipeline.predict_files(args.inputs, args.fps, args.min_score, args.topk)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    for result in results:
+        if "error" in result:
+            print(f"error: {result['error']}", file=sys.stderr)
+        elif not args.json:
+            found = ", ".join(f"{s['label']} {s['segment'][0]:.1f}-{s['segment'][1]:.1f}s ({s['score']:.2f})"
+                              for s in result["segments"])
+            print(f"{result['file']}: {found or 'no action found'}")
+    return 1 if any("error" in r for r in results) else 0
