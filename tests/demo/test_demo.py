@@ -19,7 +19,8 @@ TASK_CONFIGS = {"image-cls": ("intern2.tasks.image_cls", "ImageClsConfig"),
                 "video-cls": ("intern2.tasks.video_cls", "VideoClsConfig"),
                 "video-text": ("intern2.tasks.video_text", "VideoTextConfig"),
                 "umt": ("intern2.tasks.umt", "UMTConfig"),
-                "translation": ("intern2.tasks.translation", "TranslationConfig")}
+                "translation": ("intern2.tasks.translation", "TranslationConfig"),
+                "tal": ("intern2.tasks.tal", "TALConfig")}
 
 
 @pytest.fixture
@@ -28,6 +29,15 @@ def tiny_actions(tmp_path, monkeypatch):
     import intern2.data.actions as actions
     root = actions.generate_actions(tmp_path / "actions", num_train=32, num_val=6, num_frames=16, size=32)
     monkeypatch.setattr(actions, "builtin_actions_root", lambda: root)
+    return root
+
+
+@pytest.fixture
+def tiny_untrimmed(tmp_path, monkeypatch):
+    """builtin:untrimmed replaced by 10 + 3 small videos (the recipe's 360 take a minute with their features)."""
+    import intern2.data.untrimmed as untrimmed
+    root = untrimmed.generate_untrimmed(tmp_path / "untrimmed", num_train=10, num_val=3, num_classes=4, size=32)
+    monkeypatch.setattr(untrimmed, "builtin_untrimmed_root", lambda *args, **kwargs: root)
     return root
 
 
@@ -78,14 +88,15 @@ def _train(task: str, recipe: str, *settings: str) -> None:
 
 
 @pytest.mark.slow
-def test_recipes_run_in_order_from_one_folder(tmp_path, tiny_actions, monkeypatch, capsys):
+def test_recipes_run_in_order_from_one_folder(tmp_path, tiny_actions, tiny_untrimmed, monkeypatch, capsys):
     """Each recipe through `intern2 train`, a few steps each; the ones that build on another recipe's output
     (fine-tuning from pre-training, UMT from the video-text model) find it where that recipe wrote it."""
     monkeypatch.chdir(tmp_path)
     short = ("train.max_steps=2", "train.eval_every=2", "train.batch_size=2")
     for task, recipe in (("image-cls", "digits"), ("segment", "shapes-segment"), ("detect", "shapes-detect"),
                          ("video-pretrain", "actions-pretrain"), ("video-cls", "actions-finetune"),
-                         ("video-text", "actions-text"), ("umt", "actions-umt"), ("translation", "babel-translate")):
+                         ("tal", "untrimmed-localize"), ("video-text", "actions-text"), ("umt", "actions-umt"),
+                         ("translation", "babel-translate")):
         settings = ("train.epochs=1", "train.batch_size=8") if recipe == "digits" else short
         if recipe == "babel-translate":
             settings = ("train.max_steps=2", "train.eval_every=2", "max_eval_examples=4")
@@ -132,12 +143,12 @@ def test_demo_is_deterministic_and_writes_a_relative_summary(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_video_and_video_text_and_translation_stages(tmp_path, tiny_actions):
+def test_video_and_video_text_and_translation_stages(tmp_path, tiny_actions, tiny_untrimmed):
     """The stages with their own pictures and tables, on the tiny clips and a few steps: they run the recipes
     through the Trainer and read the results back through the pipelines."""
     from intern2.demo.stages import STAGES, Stage
     done: dict = {}
-    for name in ("video", "video_text", "translation"):
+    for name in ("video", "localization", "video_text", "translation"):
         folder = tmp_path / name
         folder.mkdir()
         done[name] = STAGES[name](Stage(tmp_path, folder, 0.005, done, {}))
@@ -146,6 +157,9 @@ def test_video_and_video_text_and_translation_stages(tmp_path, tiny_actions):
     video = done["video"]
     assert len(video["pictures"]) == 3 and video["figures"][1]["baseline"] == 10.0
     assert [r["dir"] for r in video["runs"]] == ["video/pretrain", "video/pretrained", "video/scratch"]
+    localization = done["localization"]
+    assert localization["encoder"] == "video/pretrained/model" and len(localization["pictures"]) == 3
+    assert localization["figures"][0]["baseline_is"] == "the same localizer before training"
     retrieval = done["video_text"]["tables"][0]
     assert len(retrieval["rows"]) == 2 and all(1 <= rank <= 6 for _, rank in retrieval["rows"])
     translations = done["translation"]["tables"][0]

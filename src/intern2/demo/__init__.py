@@ -8,8 +8,10 @@ Stages (each trains on data that ships with the package or is generated; no down
    shapes-segment, shapes-detect); the detector starts from the segmentation stage's backbone when that ran.
 5. video: VideoMAE pre-training of a tiny video ViT on the generated action clips, fine-tuned, next to the same
    fine-tuning from scratch (recipes actions-pretrain, actions-finetune).
-6. video_text: a tiny InternVideo-MM dual encoder on the clips' captions (recipe actions-text).
-7. translation: a small NLLB-architecture model on CLDR phrases (recipe babel-translate).
+6. localization: ActionFormer on snippet features of generated untrimmed videos, extracted by the video stage's
+   encoder (recipe untrimmed-localize).
+7. video_text: a tiny InternVideo-MM dual encoder on the clips' captions (recipe actions-text).
+8. translation: a small NLLB-architecture model on CLDR phrases (recipe babel-translate).
 
 Budgets are steps (and epochs), everything is seeded: two runs on one machine give the same figures (except the
 DCNv3 timing), a busy machine is slower, never different. Each stage's check compares a figure with a baseline

@@ -114,6 +114,14 @@ def frame_strip(path: str, frames: int = 8, scale: int = 2) -> Image.Image:
     return strip.resize((strip.width * scale, strip.height * scale), Image.NEAREST)
 
 
+def _stack(top: Image.Image, bottom: Image.Image, gap: int = 2) -> Image.Image:
+    """Two images one above the other, left-aligned, on white."""
+    out = Image.new("RGB", (max(top.width, bottom.width), top.height + gap + bottom.height), "white")
+    out.paste(top, (0, 0))
+    out.paste(bottom, (0, top.height + gap))
+    return out
+
+
 def _save(image: Image.Image, path: Path) -> Path:
     image.save(path)
     return path
@@ -371,7 +379,65 @@ def video_stage(stage: Stage) -> Dict[str, Any]:
             "check": "fine-tuning from pre-training beats the same fine-tuning from scratch",
             "runs": [{"name": n, "dir": stage.relative(stage.folder / n)} for n in ("pretrain", "pretrained",
                                                                                    "scratch")],
-            "pictures": strips, "chance": chance}
+            "pictures": strips, "chance": chance,
+            "model_dir": stage.relative(stage.folder / "pretrained" / "model")}
+
+
+def timeline(duration: float, width: int, rows: Sequence[Sequence[Dict[str, Any]]], names: Sequence[str],
+             colours: Sequence[str]) -> Image.Image:
+    """Rows of labelled segments (``{"segment": [start, end], "label"}``, seconds) on a ``width``-pixel time axis
+    of ``duration`` seconds; each row named and drawn in its colour."""
+    height, margin = 16, 70
+    out = Image.new("RGB", (width + margin, height * len(rows) + 2), "white")
+    draw = ImageDraw.Draw(out)
+    for r, (segments, name, colour) in enumerate(zip(rows, names, colours)):
+        top = r * height + 1
+        draw.text((2, top + 2), name, fill="black")
+        draw.line([(margin, top + height // 2), (margin + width, top + height // 2)], fill="#cccccc")
+        for segment in segments:
+            x0, x1 = (margin + width * min(max(t / duration, 0.0), 1.0) for t in segment["segment"])
+            draw.rectangle([x0, top + 2, max(x1, x0 + 1), top + height - 2], fill=colour)
+            draw.text((x0 + 2, top + 2), segment["label"].split()[-1][:6], fill="white")
+    return out
+
+
+def localization_stage(stage: Stage) -> Dict[str, Any]:
+    """ActionFormer on snippet features of the built-in untrimmed videos (recipe ``untrimmed-localize``), extracted
+    by the video stage's fine-tuned encoder when it ran (else by an untrained one); average mAP before and after
+    training; held-out videos with their true and detected segments."""
+    from ..pipelines.tal import TemporalLocalizationPipeline
+    from ..tasks.tal import TALConfig, TALTask
+    video = stage.done.get("video", {}).get("model_dir")
+    encoder = str(stage.root / video) if video else None
+    cfg = stage.configure("untrimmed-localize", TALConfig, "train", encoder=encoder)
+    log.info("Temporal localization: recipe 'untrimmed-localize' (%d steps, features by %s)...",
+             cfg.train.max_steps, "the video stage's encoder" if encoder else "an untrained encoder")
+    task = TALTask(cfg)
+    before = _untrained_metrics(task, 1)
+    after = stage.fit(task, cfg)
+    pipeline = TemporalLocalizationPipeline.from_pretrained(str(Path(cfg.train.out_dir) / "model"))
+    pictures = []
+    for video_entry in task.val_source.videos[:3]:
+        found = pipeline(video_entry.feature_file, min_score=0.2, topk=6)
+        truth = [{"segment": list(s), "label": task.classes[c]}
+                 for s, c in zip(video_entry.segments.tolist(), video_entry.labels.tolist())]
+        path = Path(task.val_source.annotation_file).parent / "videos" / f"{video_entry.video_id}.mp4"
+        strip = frame_strip(str(path), frames=12, scale=1)
+        rows = timeline(found["duration"], strip.width, [truth, found["segments"]], ["true", "detected"],
+                        ["#2e7d32", "#ef6c00"])
+        picture = _save(_stack(strip, rows), stage.folder / f"{video_entry.video_id}.png")
+        pictures.append({"file": stage.relative(picture), "caption": f"{video_entry.video_id}: true segments and "
+                         f"detections above 0.2 ({len(found['segments'])})"})
+    value, baseline = 100 * after["average_mAP"], 100 * before["average_mAP"]
+    log.info("  average mAP %.1f%% trained, %.1f%% untrained", value, baseline)
+    return {"figures": [figure(f"held-out average mAP % (tIoU 0.3:0.7, {cfg.train.max_steps} steps)", round(value, 2),
+                               round(baseline, 2), "the same localizer before training"),
+                        figure("held-out mAP % at tIoU 0.5", round(100 * after["mAP"][2], 2),
+                               round(100 * before["mAP"][2], 2), "before training")],
+            "ok": value > baseline + 5,
+            "check": "average mAP at least 5 points above the untrained localizer's",
+            "runs": [{"name": "train", "dir": stage.relative(Path(cfg.train.out_dir))}],
+            "pictures": pictures, "encoder": video}
 
 
 def video_text_stage(stage: Stage) -> Dict[str, Any]:
@@ -452,4 +518,5 @@ def translation_stage(stage: Stage) -> Dict[str, Any]:
 
 STAGES: Dict[str, Callable[[Stage], Dict[str, Any]]] = {
     "dcnv3": dcnv3_stage, "digits": digits_stage, "segmentation": segmentation_stage, "detection": detection_stage,
-    "video": video_stage, "video_text": video_text_stage, "translation": translation_stage}
+    "video": video_stage, "localization": localization_stage, "video_text": video_text_stage,
+    "translation": translation_stage}

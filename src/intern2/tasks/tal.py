@@ -269,11 +269,12 @@ class TALConfig:
     trunc_thresh: float = 0.5  # a training crop keeps actions with at least this fraction inside
     crop_ratio: Optional[Tuple[float, float]] = (0.9, 1.0)  # random crop length of short videos (None: off)
     encoder: Optional[str] = None  # builtin:untrimmed: the video model folder that extracts the features
-    builtin_videos: Tuple[int, int] = (120, 40)  # builtin:untrimmed: (training, validation) videos
+    builtin_videos: Tuple[int, int] = (120, 40)  # builtin:untrimmed: (training, validation) videos ...
+    builtin_classes: int = 10  # ... of the first this many action classes (4: the moves right/left/down/up)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        check_positive(self, "feat_stride", "feat_num_frames", "default_fps", "builtin_videos")
+        check_positive(self, "feat_stride", "feat_num_frames", "default_fps", "builtin_videos", "builtin_classes")
         if self.tiou not in TIOU_PRESETS:
             raise ValueError(f"tiou: expected one of {sorted(TIOU_PRESETS)}, got {self.tiou!r}")
         if bool(self.annotations) != bool(self.features):
@@ -406,7 +407,7 @@ def builtin_tal_data(cfg: TALConfig) -> Tuple[str, str]:
 
     from ..data.untrimmed import builtin_untrimmed_root
     from ..pipelines.snippets import SnippetFeatureExtractor, SnippetProtocol
-    root = builtin_untrimmed_root(*cfg.builtin_videos)
+    root = builtin_untrimmed_root(*cfg.builtin_videos, num_classes=cfg.builtin_classes)
     encoder = _builtin_encoder(cfg.encoder)
     digest = hashlib.sha1()
     for name, tensor in encoder.state_dict().items():
