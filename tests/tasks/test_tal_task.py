@@ -126,6 +126,9 @@ def test_bad_entries_are_named_skipped_and_counted(tmp_path, caplog):
     data = json.loads((root / "ann.json").read_text())
     database = data["database"]
     database["ghost"] = {"subset": "training", "fps": FPS, "duration": 5.0, "annotations": []}
+    # No actions, and longer than max_seq_len (64): cropped like the others, not a reason to fail.
+    database["quiet"] = {"subset": "training", "fps": FPS, "duration": 30.0, "annotations": []}
+    np.save(root / "feats" / "quiet.npy", np.zeros((100, DIM), np.float32))
     np.save(root / "feats" / "v1.npy", np.zeros((40, DIM + 2), np.float32))
     database["v2"]["annotations"].append({"label": "run", "label_id": 1, "segment": [50.0, 60.0]})
     database["v3"]["annotations"].append({"label": "swim", "segment": [0.5, 1.0]})
@@ -133,7 +136,7 @@ def test_bad_entries_are_named_skipped_and_counted(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         source = open_temporal_source(root / "ann.json", root / "feats", "training", CLASSES)
     problems = "\n".join(source.problems)
-    assert len(source.problems) == 4 and len(source.videos) == 5
+    assert len(source.problems) == 4 and len(source.videos) == 6
     assert "'ghost': no feature file" in problems and "v1.npy: features of dimension 8, expected 6" in problems
     assert "'v2': annotation 1: segment [50.0, 60.0] lies outside the video" in problems
     assert "'v3': annotation 1: unknown class 'swim'" in problems

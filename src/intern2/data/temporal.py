@@ -238,9 +238,8 @@ class TemporalDataset(Dataset):
         item = {"video_id": video.video_id, "feats": feats, "segments": segments,
                 "labels": torch.from_numpy(video.labels), "fps": video.fps, "duration": video.duration,
                 "feat_stride": self.feat_stride, "feat_num_frames": self.feat_num_frames}
-        if self.train and len(video.labels):
-            rng = np.random.default_rng([self.seed, self.epoch, index])
-            item = self._truncate(item, rng, offset)
+        if self.train:
+            item = self._truncate(item, np.random.default_rng([self.seed, self.epoch, index]), offset)
         return item
 
     def _truncate(self, item: Dict[str, Any], rng: np.random.Generator, offset: float) -> Dict[str, Any]:
@@ -254,6 +253,9 @@ class TemporalDataset(Dataset):
             if window == length:
                 return item
         segments = item["segments"]
+        if not len(segments):  # a video without actions: any window
+            start = int(rng.integers(0, length - window + 1))
+            return {**item, "feats": item["feats"][:, start:start + window].clone()}
         for _ in range(200):  # a window that keeps at least one action (else the last try)
             start = int(rng.integers(0, length - window + 1))
             left = torch.clamp(segments[:, 0], min=start - offset)

@@ -346,13 +346,10 @@ class TALTask:
         return TemporalDataset(self.val_source, self.cfg.feat_stride, self.cfg.feat_num_frames)
 
     def _max_seq_len(self) -> int:
-        from ..registry import get_model_builder
-        args = self.cfg.model_args or {}
-        if "max_seq_len" in args:
-            return int(args["max_seq_len"])
+        """The localizer's training length (``model_args``, else its preset's): longer sequences are cropped."""
         from ..models.actionformer import ACTIONFORMER_VARIANTS
-        get_model_builder(self.cfg.model.partition(".")[0])  # an unknown model fails here, by name
-        return int(ACTIONFORMER_VARIANTS.get(self.cfg.model.partition(".")[0], {}).get("max_seq_len", 2304))
+        preset = ACTIONFORMER_VARIANTS.get(self.cfg.model.partition(".")[0], {})
+        return int((self.cfg.model_args or {}).get("max_seq_len", preset.get("max_seq_len", 2304)))
 
     def collate(self, samples):
         return collate_temporal(samples)
