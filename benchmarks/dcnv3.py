@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import torchvision
 
 from intern2.ops import dcnv3
+from machine import Limits, measure_limits
 
 STAGES = [(56, 64, 4), (28, 128, 8), (14, 256, 16), (7, 512, 32)]  # (H=W, C, G) of InternImage-T at 224 px
 KERNEL, STRIDE, PAD, DILATION = 3, 1, 1, 1
@@ -154,6 +155,15 @@ def measure(impls: Dict[str, Callable], tensors, group: int, mode: str, rounds: 
             for name, ts in times.items()}
 
 
+def compulsory_bytes(batch: int, size: int, channels: int, group: int, mode: str, dtype: torch.dtype) -> int:
+    """Bytes an ideal kernel must move: read input, offsets, mask and write the output once; the backward also
+    reads them and the output gradient and writes the three gradients."""
+    pixels, points = batch * size * size, KERNEL * KERNEL
+    tensors = pixels * (channels + group * points * 3)  # input + offset (x, y) + mask ...
+    once = (tensors + pixels * channels) * torch.finfo(dtype).bits // 8  # ... + output
+    return once if mode == "fwd" else 3 * once
+
+
 def geomean(values: List[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
@@ -185,10 +195,16 @@ def main(argv=None) -> int:
 
     print(f"device: {torch.cuda.get_device_name() if gpu else 'cpu'}; torch {torch.__version__}; "
           f"rounds {args.rounds}; kernel 3x3 stride 1 pad 1; offsets U[-2, 2] px; mask softmax")
+    limits: Dict[int, Limits] = {}
+    if not gpu:  # the core gathers: its limit is memory bandwidth (% bw: compulsory bytes / time vs one big copy)
+        for nthreads in threads:
+            limits[nthreads] = measure_limits(nthreads)
+            print(limits[nthreads].describe())
     header = (f"{'dtype':>8} {'thr':>3} {'N':>3} {'HxW':>5} {'C':>4} {'G':>3} {'mode':>6} | "
               + " ".join(f"{name + ' ms':>16}" for name in impls) + " | "
               + " ".join(f"{name + ' x':>14}" for name in impls if name != "baseline") + " | "
-              + " ".join(f"{name + ' mem':>12}" for name in impls if name != "baseline"))
+              + " ".join(f"{name + ' mem':>12}" for name in impls if name != "baseline")
+              + (f" | {ours + ' % bw':>10}" if limits else ""))
     print(header)
     print("-" * len(header))
     records = []
@@ -201,8 +217,12 @@ def main(argv=None) -> int:
                     for mode in ("fwd", "fwdbwd"):
                         res = measure(impls, tensors, group, mode, args.rounds, device)
                         base = res["baseline"]
+                        moved = compulsory_bytes(batch, size, channels, group, mode, dtype)
+                        bandwidth = (limits[nthreads].bandwidth_fraction(moved, res[ours]["median_ms"] / 1e3)
+                                     if limits else None)
                         rec = dict(dtype=str(dtype).split(".")[-1], threads=nthreads, batch=batch, size=size,
-                                   channels=channels, group=group, mode=mode, results=res)
+                                   channels=channels, group=group, mode=mode, results=res,
+                                   bandwidth_fraction=bandwidth)
                         records.append(rec)
                         print(f"{rec['dtype']:>8} {nthreads:>3} {batch:>3} {size:>2}x{size:<2} "
                               f"{channels:>4} {group:>3} {mode:>6} | "
@@ -210,7 +230,8 @@ def main(argv=None) -> int:
                               + " ".join(f"{base['median_ms'] / r['median_ms']:>13.2f}x"
                                          for n, r in res.items() if n != "baseline") + " | "
                               + " ".join(f"{r['peak_mib'] / max(base['peak_mib'], 1e-9):>11.2f}x"
-                                         for n, r in res.items() if n != "baseline"), flush=True)
+                                         for n, r in res.items() if n != "baseline")
+                              + (f" | {100 * bandwidth:>9.1f}%" if bandwidth is not None else ""), flush=True)
     print()
     print(f"Summary ({ours} vs baseline; speed = baseline median / {ours} median; mem = peak ratio):")
     failed = False

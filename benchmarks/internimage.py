@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dcnv3 import official_core, peak_bytes  # noqa: E402
+from machine import measure_limits  # noqa: E402
 
 import intern2  # noqa: E402
 import intern2.ops.dcnv3_module as dcnv3_module  # noqa: E402
@@ -64,6 +65,15 @@ def build_models(names: List[str]) -> Dict[str, Callable[[torch.Tensor], torch.T
     return runs
 
 
+def image_flops(run: Callable[[torch.Tensor], torch.Tensor]) -> float:
+    """Floating-point operations of one 224 px image (multiply-adds count two)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        run(torch.zeros(1, 3, 224, 224))
+    return float(counter.get_total_flops())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -75,11 +85,17 @@ def main(argv=None) -> int:
     if args.quick:
         args.batches, args.threads, args.rounds = [1], [1], 1
     runs = build_models(args.peers)
+    flops = {name: image_flops(run) for name, run in runs.items()}
     print(f"InternImage-T at 224 px, inference_mode, float32, rounds {args.rounds}; torch {torch.__version__}")
-    print(f"{'thr':>3} {'batch':>5} {'model':<32} {'ms/batch':>10} {'img/s':>8} {'vs baseline':>12} "
-          f"{'vs convnext':>12} {'peak MiB':>9}")
+    print("GFLOP per image (torch's FlopCounterMode, 2 per multiply-add: papers' 'FLOPs' are multiply-adds, half "
+          "of these; convolutions and matmuls, the DCNv3 core not counted): "
+          + ", ".join(f"{name} {value / 1e9:.2f}" for name, value in flops.items()))
     failed = False
     for threads in args.threads:
+        limits = measure_limits(threads)
+        print(limits.describe())
+        print(f"{'thr':>3} {'batch':>5} {'model':<32} {'ms/batch':>10} {'img/s':>8} {'vs baseline':>12} "
+              f"{'vs convnext':>12} {'peak MiB':>9} {'% sgemm':>8}")
         torch.set_num_threads(threads)
         for batch in args.batches:
             x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
@@ -97,8 +113,9 @@ def main(argv=None) -> int:
             for name in runs:
                 vs_base = median["internimage_t (baseline core)"] / median[name]
                 vs_convnext = median["convnext_tiny"] / median[name] if "convnext_tiny" in median else float("nan")
+                peak = 100 * limits.flop_fraction(flops[name] * batch, median[name])
                 print(f"{threads:>3} {batch:>5} {name:<32} {median[name] * 1e3:>10.1f} {batch / median[name]:>8.2f} "
-                      f"{vs_base:>11.2f}x {vs_convnext:>11.2f}x {peaks[name]:>9.1f}")
+                      f"{vs_base:>11.2f}x {vs_convnext:>11.2f}x {peaks[name]:>9.1f} {peak:>7.1f}%")
             if threads == 1 and batch == 8:
                 ratios = {"vs_baseline": median["internimage_t (baseline core)"] / median["internimage_t"]}
                 if "convnext_tiny" in median:
