@@ -15,7 +15,8 @@ from torch import nn
 
 from ..weights import labels_from_cfg, protocol_from_cfg, task_of
 
-__all__ = ["Pipeline", "load_model", "load_model_spec", "model_task", "top_k", "setup_logging",
+__all__ = ["Pipeline", "DTYPES", "cpu_has_bf16", "inference_dtype", "model_dtype", "load_model", "load_model_spec",
+           "model_task", "top_k", "setup_logging",
            "add_model_arguments", "model_from_args", "pipeline_from_args", "print_topk", "open_pipeline", "pair",
            "task_of_arguments", "run_on_images", "check_aspect", "progress"]
 
@@ -77,6 +78,38 @@ def model_task(model: nn.Module) -> Optional[str]:
     return cfg.get("task") or task_of(cfg.get("architecture") or "")
 
 
+# ------------------------------------------------------------------------------------------------- dtypes
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def cpu_has_bf16() -> bool:
+    """Whether the CPU has bfloat16 instructions (AVX-512-BF16 or AMX); without them torch emulates bfloat16
+    arithmetic, slower than float32."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+def inference_dtype(dtype: Any, device: torch.device) -> torch.dtype:
+    """``dtype`` ('fp32', 'bf16', or a torch dtype) to run at on ``device``: bfloat16 on a CPU without bfloat16
+    instructions falls back to float32, with a warning that says so."""
+    resolved = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if resolved not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dtype: expected fp32 or bf16, got {dtype!r}")
+    if resolved == torch.bfloat16 and device.type == "cpu" and not cpu_has_bf16():
+        log.warning("this CPU has no bfloat16 instructions (avx512_bf16 / amx_bf16): running in float32")
+        return torch.float32
+    return resolved
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype of a model's parameters: inputs are cast to it (a bfloat16 model takes bfloat16)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 # ----------------------------------------------------------------------------------------------- pipelines
 class Pipeline:
     """A model in eval mode with its evaluation protocol and class names, read once from its weights metadata
@@ -84,15 +117,24 @@ class Pipeline:
 
     ``source`` names where the model came from (a folder, a file) in error messages. Protocol fields given as
     keyword arguments override the metadata (the CLI's ``--test-size``, ``--clips``, ...; None: keep).
+    ``dtype`` (``'bf16'`` / ``torch.bfloat16``) converts the model (:func:`inference_dtype`: float32 where the CPU
+    has no bfloat16 instructions); inputs are cast to the model's dtype, so a model converted by the caller
+    (``model.to(torch.bfloat16)``) runs in it as well; results are float32.
     """
 
     task: ClassVar[str] = ""
     expects: ClassVar[str] = ""  # what the pipeline takes, for the wrong-model error
+    bfloat16: ClassVar[bool] = True  # whether the family runs in bfloat16 (detection: float32 only)
 
-    def __init__(self, model: nn.Module, source: Optional[str] = None, **protocol: Any):
+    def __init__(self, model: nn.Module, source: Optional[str] = None, dtype: Any = None, **protocol: Any):
         self.check_model(model)
         cfg = getattr(model, "pretrained_cfg", None) or {}
         where = f"{source or cfg.get('architecture') or type(model).__name__}: pretrained_cfg"
+        if dtype is not None:
+            dtype = inference_dtype(dtype, next(model.parameters()).device)
+            if dtype == torch.bfloat16 and not self.bfloat16:
+                raise ValueError(f"dtype: {type(self).__name__} runs in float32 only")
+            model = model.to(dtype)
         self.model = model.eval()
         self.source = source
         self.protocol = protocol_from_cfg(cfg, self.task, where).replace(**protocol)
@@ -120,6 +162,11 @@ class Pipeline:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's floating dtype: what the inputs are cast to."""
+        return model_dtype(self.model)
 
 
 def open_pipeline(checkpoint: Optional[str] = None, model: Optional[str] = None, task: Optional[str] = None,
@@ -171,6 +218,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "(internimage_t.in1k); needed unless --checkpoint is a model folder")
     parser.add_argument("--task", help="image-cls, segment, detect, video-cls or video-text (default: from the "
                         "model's weights metadata or architecture)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), help="run the model in bfloat16 (fast where the CPU "
+                        "has AVX-512-BF16 or AMX; elsewhere it falls back to fp32 and says so)")
 
 
 def model_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> nn.Module:
@@ -188,7 +237,8 @@ def pipeline_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace
     error naming it."""
     model = model_from_args(parser, args)
     try:
-        return pipeline_cls(model, source=args.checkpoint or args.model, **options)
+        return pipeline_cls(model, source=args.checkpoint or args.model, dtype=getattr(args, "dtype", None),
+                            **options)
     except (ValueError, TypeError, KeyError, ImportError) as exc:
         parser.error(str(exc))
 

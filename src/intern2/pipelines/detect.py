@@ -63,6 +63,7 @@ class DetectionPipeline(Pipeline):
     """
 
     task = "detect"
+    bfloat16 = False  # torchvision's RoI heads and NMS run in float32
     expects = "a detector (Mask R-CNN)"
     protocol: DetectionProtocol
 

@@ -41,7 +41,7 @@ class ImageClassificationPipeline(Pipeline):
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) preprocessed images -> (N, num_classes) float32 class probabilities."""
-        return self.model(images.to(self.device)).float().softmax(-1).cpu()
+        return self.model(images.to(self.device, self.dtype)).float().softmax(-1).cpu()
 
     def __call__(self, image: Union[Image.Image, str], topk: int = 5) -> Dict[str, Any]:
         image = load_image(image) if not isinstance(image, Image.Image) else image

@@ -18,7 +18,7 @@ from torch import nn
 from ..data.images import load_image
 from ..data.segmentation import keep_ratio_size
 from ..weights import SegmentationProtocol
-from .common import Pipeline, add_model_arguments, pair, pipeline_from_args, run_on_images
+from .common import Pipeline, add_model_arguments, model_dtype, pair, pipeline_from_args, run_on_images
 
 __all__ = ["SegmentationPipeline", "eval_input_size", "segment_probabilities", "slide_inference", "palette",
            "colourise", "image_tensor", "predict_main"]
@@ -75,7 +75,7 @@ def segment_probabilities(model: nn.Module, image: torch.Tensor, protocol: Segme
     the image size, softmax. With ``tta`` the views are ``protocol.tta_ratios`` (x2 with flips) and their
     probabilities are averaged, as mmseg's ``aug_test``; without, the single view at ratio 1.
     """
-    device = next(model.parameters()).device
+    device, dtype = next(model.parameters()).device, model_dtype(model)
     height, width = image.shape[-2:]
     mean = torch.tensor(protocol.mean, device=device).view(3, 1, 1)
     std = torch.tensor(protocol.std, device=device).view(3, 1, 1)
@@ -84,7 +84,7 @@ def segment_probabilities(model: nn.Module, image: torch.Tensor, protocol: Segme
     total = None
     for ratio, flip in views:
         x = (_resize(image, eval_input_size(height, width, protocol, ratio)).to(device) - mean) / std
-        x = x.flip(-1)[None] if flip else x[None]
+        x = (x.flip(-1)[None] if flip else x[None]).to(dtype)
         logits = slide_inference(model, x, protocol.slide_crop, protocol.stride) if protocol.slide_crop \
             else model(x)
         probs = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)

@@ -37,6 +37,7 @@ class TemporalLocalizationPipeline(Pipeline):
 
     task = "tal"
     expects = "a temporal action localizer (ActionFormer)"
+    bfloat16 = False  # a small model: soft-NMS and the metric read float32
     protocol: TemporalLocalizationProtocol
 
     def __init__(self, model: nn.Module, source: Optional[str] = None, encoder: Any = None, **protocol: Any):

@@ -200,7 +200,11 @@ def translate_main(argv: Optional[List[str]] = None) -> int:
                         help="tokens per sentence (default: 2 x source length + 10)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of the Linear layers (CPU)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), help="run the model in bfloat16 (fast where the CPU "
+                        "has AVX-512-BF16 or AMX; elsewhere it falls back to fp32 and says so)")
     args = parser.parse_args(argv)
+    if args.int8 and args.dtype == "bf16":
+        parser.error("--int8 and --dtype bf16: choose one (int8 layers take float32 activations)")
     for flag in ("beams", "max_new_tokens", "batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a positive integer")
@@ -222,7 +226,7 @@ def translate_main(argv: Optional[List[str]] = None) -> int:
         if not any(text.strip() for text in texts):
             parser.error("empty input: nothing to translate")
         setup_logging()
-        translator = Translator.from_pretrained(args.model or _default_model(), int8=args.int8)
+        translator = Translator.from_pretrained(args.model or _default_model(), int8=args.int8, dtype=args.dtype)
         rows = [i for i, text in enumerate(texts) if text.strip()]  # blank lines stay blank
         outputs = translator.translate([texts[i] for i in rows], src, tgt, num_beams=args.beams,
                                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)

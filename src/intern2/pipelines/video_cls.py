@@ -18,7 +18,7 @@ from torch import nn
 
 from ..data.video import FrameSampler, VideoDecodeError, VideoEvalTransform, read_video
 from ..weights import SAMPLINGS, VideoProtocol
-from .common import (Pipeline, add_model_arguments, check_aspect, pipeline_from_args, print_topk, progress,
+from .common import (Pipeline, add_model_arguments, check_aspect, model_dtype, pipeline_from_args, print_topk, progress,
                      setup_logging, top_k)
 
 __all__ = ["VideoClassificationPipeline", "VIDEO_SUFFIXES", "video_files", "view_probabilities",
@@ -43,7 +43,7 @@ def video_files(paths: Sequence[str]) -> List[str]:
 def view_probabilities(model: nn.Module, views: torch.Tensor) -> torch.Tensor:
     """(B, V, C, T, H, W) test views -> view-averaged class probabilities (B, K), float32."""
     batch, num_views = views.shape[:2]
-    return model(views.flatten(0, 1)).float().softmax(-1).view(batch, num_views, -1).mean(1)
+    return model(views.flatten(0, 1).to(model_dtype(model))).float().softmax(-1).view(batch, num_views, -1).mean(1)
 
 
 def pooled_features(model: nn.Module, clips: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,7 @@ def pooled_features(model: nn.Module, clips: torch.Tensor) -> torch.Tensor:
     pre-training model's (VideoMAEPretrain) mean encoder token."""
     pretraining = hasattr(model, "encoder")
     encoder = model.encoder if pretraining else model
-    tokens = encoder.forward_features(clips)
+    tokens = encoder.forward_features(clips.to(model_dtype(model)))
     return (tokens.mean(1) if pretraining else encoder.forward_head(tokens, pre_logits=True)).float()
 
 

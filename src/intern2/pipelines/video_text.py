@@ -19,7 +19,8 @@ from torch import nn
 
 from ..data.video import FrameSampler, VideoDecodeError, VideoEvalTransform, read_video
 from ..weights import VideoProtocol
-from .common import Pipeline, add_model_arguments, check_aspect, load_model, print_topk, progress, setup_logging
+from .common import (Pipeline, add_model_arguments, check_aspect, load_model, model_dtype, print_topk, progress,
+                     setup_logging)
 from .video_cls import VIDEO_SUFFIXES, add_protocol_arguments, protocol_options, video_files, write_arrays
 
 __all__ = ["VideoTextPipeline", "DEFAULT_PROMPT", "encode_texts", "encode_views", "retrieve_main",
@@ -47,7 +48,7 @@ def encode_texts(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: 
 @torch.no_grad()
 def encode_views(model: nn.Module, views: torch.Tensor) -> torch.Tensor:
     """(B, V, C, T, H, W) test views -> normalised view-averaged features (B, D)."""
-    features = _unwrap(model).encode_video(views.flatten(0, 1), normalize=True).float()
+    features = _unwrap(model).encode_video(views.flatten(0, 1).to(model_dtype(model)), normalize=True).float()
     return F.normalize(features.view(*views.shape[:2], -1).mean(1), dim=-1)
 
 
