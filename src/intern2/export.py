@@ -1,21 +1,22 @@
-"""`intern2 export onnx`: a standard ONNX graph (DCNv3 becomes GridSample) of an image model or a video classifier,
-checked with onnx and onnxruntime."""
+"""`intern2 export onnx`: a standard ONNX graph (DCNv3 becomes GridSample) of an image model, a video classifier or
+a Mask R-CNN detector, checked with onnx and onnxruntime."""
 from __future__ import annotations
 
 import argparse
 import inspect
 import logging
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["export_onnx", "main", "EXPORTABLE"]
+__all__ = ["export_onnx", "export_detector_onnx", "main", "EXPORTABLE"]
 
 # What `intern2 export onnx` takes (task -> what it is called in messages).
 EXPORTABLE = {"image-cls": "image classifiers", "segment": "UperNet segmentors (--static)",
-              "video-cls": "video classifiers"}
+              "video-cls": "video classifiers", "detect": "Mask R-CNN detectors (a fixed image size)"}
+DETECTION_OUTPUTS = ("boxes", "labels", "scores", "masks")
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +63,58 @@ def export_onnx(model: nn.Module, path: Path, img_size: int, opset: int = 18, ch
     return diff
 
 
+def export_detector_onnx(model: nn.Module, path: Path, size: Tuple[int, int], opset: int = 18, check: bool = True,
+                         atol: float = 1e-4) -> float:
+    """Export a Mask R-CNN for one (height, width): input ``image`` (3, H, W) RGB in [0, 1]; outputs ``boxes``
+    (N, 4) x1 y1 x2 y2 in pixels, ``labels`` (N,), ``scores`` (N,), ``masks`` (N, 1, H, W) probabilities: the whole
+    torchvision pipeline (resize, normalisation, RPN, NMS, RoI heads, mask pasting) is in the graph. Returns max
+    |onnxruntime - torch| over boxes and scores on a test image (or -1 without the check); a different number of
+    detections or other labels is an error.
+
+    torchvision's detection code is traceable (its ``_is_tracing`` paths keep box counts dynamic), not
+    torch.export-able, so this uses the TorchScript-based exporter; the image size is fixed because the resize
+    computes its output size in Python."""
+    import warnings
+    model = model.eval()
+    height, width = size
+    example = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():  # the tracer warns about every Python-level size it records
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, ([example],), str(path), dynamo=False, opset_version=opset,
+                          input_names=["image"], output_names=list(DETECTION_OUTPUTS))
+    if not check:
+        return -1.0
+    import onnx
+    import onnxruntime as ort
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    probe = torch.rand(3, height, width, generator=torch.Generator().manual_seed(1))
+    got = dict(zip(DETECTION_OUTPUTS, session.run(None, {"image": probe.numpy()})))
+    with torch.no_grad():
+        want = model([probe])[0]
+    if got["boxes"].shape != tuple(want["boxes"].shape) or (got["labels"] != want["labels"].numpy()).any():
+        raise RuntimeError(f"{path}: onnxruntime finds {len(got['boxes'])} objects, PyTorch {len(want['boxes'])} "
+                           f"(or other labels)")
+    diff = max((float((torch.from_numpy(got[k]) - want[k]).abs().max()) for k in ("boxes", "scores")
+                if want[k].numel()), default=0.0)
+    if diff > atol:
+        raise RuntimeError(f"{path}: onnxruntime boxes/scores differ from PyTorch by {diff:.2e} (> {atol})")
+    return diff
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from .pipelines.common import add_model_arguments, load_model, model_task, setup_logging
-    parser = argparse.ArgumentParser(prog="intern2 export", description="Export an image model or a video "
-                                     "classifier (a video ViT: fixed clip size, dynamic batch).")
+    from .pipelines.common import pair
+    parser = argparse.ArgumentParser(prog="intern2 export", description="Export an image model, a video "
+                                     "classifier (a video ViT: fixed clip size, dynamic batch) or a Mask R-CNN "
+                                     "detector (one image of a fixed size, post-processing in the graph).")
     parser.add_argument("format", choices=["onnx"])
     add_model_arguments(parser)
     parser.add_argument("--out", required=True, help="output .onnx file")
     parser.add_argument("--img-size", type=int, help="example input size (default: the model's input size)")
+    parser.add_argument("--image-size", type=pair, metavar="H,W", help="a detector's input height and width "
+                        "(default: its test size, e.g. 800,1333); resize images to it before inference")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17; GridSample needs >= 16)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="model config override, e.g. --set depths=[1,1,2,1] (with --model)")
@@ -97,6 +142,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     if task not in EXPORTABLE:
         parser.error(f"{args.checkpoint or args.model}: a {task or type(model).__name__} model cannot be exported to "
                      f"ONNX yet; intern2 exports {', '.join(EXPORTABLE.values())}")
+    if task == "detect":
+        test_size = getattr(model, "pretrained_cfg", {}).get("test_size", (1333, 800))
+        size = args.image_size or (min(test_size), max(test_size))
+        diff = export_detector_onnx(model, Path(args.out), size, args.opset, check=not args.no_check)
+        check = f" (onnxruntime vs torch max |diff| {diff:.2e})" if diff >= 0 else ""
+        print(f"wrote {args.out}: input image (3, {size[0]}, {size[1]}) in [0, 1]; outputs "
+              f"{', '.join(DETECTION_OUTPUTS)}{check}")
+        return 0
+    if args.image_size:
+        parser.error("--image-size is a detector's option; image models and video classifiers take --img-size")
     cfg = getattr(model, "pretrained_cfg", {})
     input_size = cfg.get("input_size", (3, cfg.get("crop_size", 224)))
     num_frames = input_size[1] if len(input_size) == 4 else None  # (3, T, H, W): a video classifier

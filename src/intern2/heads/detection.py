@@ -65,7 +65,8 @@ class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
                                                          self.canonical_level)
         rois = _convert_to_roi_format(boxes)
         levels = self.map_levels(boxes)
-        result = features[0].new_zeros((len(rois), features[0].shape[1], *self.output_size))
+        # rois.shape[0], not len(rois): a traced export keeps the number of boxes dynamic
+        result = features[0].new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))
         for level, (feature, scale) in enumerate(zip(features, self.scales)):
             index = torch.where(levels == level)[0]
             result[index] = roi_align(feature, rois[index], self.output_size, spatial_scale=scale,
