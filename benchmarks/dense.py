@@ -2,15 +2,19 @@
 maskrcnn_resnet50_fpn, random init, one process, interleaved rounds, median.
 
 The official test sizes (1333x800 for COCO, 2048x512 for ADE20K) take seconds per image on a laptop CPU; the
-default here is one 512x512 image (stated in the output), resized by neither model.
+default here is one 512x512 image (stated in the output), resized by neither model. With onnxruntime installed,
+each detector is also exported (`intern2.export.export_detector_onnx`: the whole pipeline in the graph, checked
+against PyTorch) and timed under onnxruntime's CPU provider with the same threads, next to its PyTorch time.
 
-    python benchmarks/dense.py [--size 512] [--rounds 3] [--threads 1]
+    python benchmarks/dense.py [--size 512] [--rounds 3] [--threads 1] [--no-onnx]
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,11 +27,36 @@ from dcnv3 import peak_bytes  # noqa: E402
 import intern2  # noqa: E402
 
 
+def onnx_times(detectors, image: torch.Tensor, rounds: int, threads: int):
+    """Seconds per image of each detector exported to ONNX and run by onnxruntime (CPU provider)."""
+    import onnxruntime as ort
+
+    from intern2.export import export_detector_onnx
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    times = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, model in detectors.items():
+            path = Path(tmp) / "model.onnx"
+            export_detector_onnx(model, path, tuple(image.shape[1:]))
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            feed = {"image": image.numpy()}
+            session.run(None, feed)  # warm-up
+            key = f"{name.split(' ')[0]} (onnxruntime)"
+            times[key] = []
+            for _ in range(rounds):
+                start = time.perf_counter()
+                session.run(None, feed)
+                times[key].append(time.perf_counter() - start)
+    return times
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime timing of the detectors")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     size = args.size
@@ -50,12 +79,17 @@ def main(argv=None) -> int:
                 times[name].append(time.perf_counter() - start)
         peaks = {name: peak_bytes(lambda: model(inputs[name]), torch.device("cpu")) / 2**20
                  for name, model in runs.items()}
+    if not args.no_onnx and importlib.util.find_spec("onnxruntime") is not None:
+        times.update(onnx_times({n: m for n, m in runs.items() if "mask" in n}, image, args.rounds, args.threads))
+    elif not args.no_onnx:
+        print("note: onnxruntime is not importable: the ONNX timings are skipped")
     base = statistics.median(times["maskrcnn_resnet50_fpn (torchvision)"])
     print(f"one {size}x{size} image, {args.threads} thread(s), {args.rounds} rounds, torch {torch.__version__}")
     print(f"{'model':<40} {'s/image':>8} {'img/s':>7} {'vs torchvision R50 Mask R-CNN':>30} {'peak MiB':>9}")
-    for name in runs:
+    for name in times:
         median = statistics.median(times[name])
-        print(f"{name:<40} {median:>8.3f} {1 / median:>7.3f} {base / median:>29.2f}x {peaks[name]:>9.1f}")
+        peak = f"{peaks[name]:>9.1f}" if name in peaks else f"{'':>9}"
+        print(f"{name:<40} {median:>8.3f} {1 / median:>7.3f} {base / median:>29.2f}x {peak}")
     return 0
 
 

@@ -64,12 +64,13 @@ def export_onnx(model: nn.Module, path: Path, img_size: int, opset: int = 18, ch
 
 
 def export_detector_onnx(model: nn.Module, path: Path, size: Tuple[int, int], opset: int = 18, check: bool = True,
-                         atol: float = 1e-4) -> float:
+                         atol: float = 1e-4, box_atol: float = 0.05) -> float:
     """Export a Mask R-CNN for one (height, width): input ``image`` (3, H, W) RGB in [0, 1]; outputs ``boxes``
     (N, 4) x1 y1 x2 y2 in pixels, ``labels`` (N,), ``scores`` (N,), ``masks`` (N, 1, H, W) probabilities: the whole
     torchvision pipeline (resize, normalisation, RPN, NMS, RoI heads, mask pasting) is in the graph. Returns max
-    |onnxruntime - torch| over boxes and scores on a test image (or -1 without the check); a different number of
-    detections or other labels is an error.
+    |onnxruntime - torch| of the scores on a test image (or -1 without the check); a different number of detections,
+    other labels, scores beyond ``atol`` or boxes beyond ``box_atol`` pixels (float32 sums in another order, through
+    a deep network) is an error.
 
     torchvision's detection code is traceable (its ``_is_tracing`` paths keep box counts dynamic), not
     torch.export-able, so this uses the TorchScript-based exporter; the image size is fixed because the resize
@@ -82,7 +83,8 @@ def export_detector_onnx(model: nn.Module, path: Path, size: Tuple[int, int], op
     with warnings.catch_warnings():  # the tracer warns about every Python-level size it records
         warnings.simplefilter("ignore")
         torch.onnx.export(model, ([example],), str(path), dynamo=False, opset_version=opset,
-                          input_names=["image"], output_names=list(DETECTION_OUTPUTS))
+                          input_names=["image"], output_names=list(DETECTION_OUTPUTS),
+                          dynamic_axes={name: {0: "objects"} for name in DETECTION_OUTPUTS})
     if not check:
         return -1.0
     import onnx
@@ -96,11 +98,12 @@ def export_detector_onnx(model: nn.Module, path: Path, size: Tuple[int, int], op
     if got["boxes"].shape != tuple(want["boxes"].shape) or (got["labels"] != want["labels"].numpy()).any():
         raise RuntimeError(f"{path}: onnxruntime finds {len(got['boxes'])} objects, PyTorch {len(want['boxes'])} "
                            f"(or other labels)")
-    diff = max((float((torch.from_numpy(got[k]) - want[k]).abs().max()) for k in ("boxes", "scores")
-                if want[k].numel()), default=0.0)
-    if diff > atol:
-        raise RuntimeError(f"{path}: onnxruntime boxes/scores differ from PyTorch by {diff:.2e} (> {atol})")
-    return diff
+    diffs = {k: float((torch.from_numpy(got[k]) - want[k]).abs().max()) if want[k].numel() else 0.0
+             for k in ("boxes", "scores")}
+    if diffs["scores"] > atol or diffs["boxes"] > box_atol:
+        raise RuntimeError(f"{path}: onnxruntime differs from PyTorch by {diffs['scores']:.2e} in scores (at most "
+                           f"{atol}) and {diffs['boxes']:.2e} px in boxes (at most {box_atol})")
+    return diffs["scores"]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
