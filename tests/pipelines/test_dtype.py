@@ -95,3 +95,30 @@ def test_float32_only_families_refuse_bf16(capsys):
         DetectionPipeline(detector, dtype="bf16")
     with pytest.raises(ValueError, match="expected fp32 or bf16"):
         DetectionPipeline(detector, dtype="fp16")
+
+
+def test_serve_refuses_int8_with_bf16(capsys):
+    pytest.importorskip("uvicorn")
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["serve", "--translator", "nowhere", "--int8", "--dtype", "bf16"])
+    assert stop.value.code == 2 and "--int8 and --dtype bf16: choose one" in capsys.readouterr().err
+
+
+def test_video_text_pipeline_runs_in_bf16(tmp_path, bf16_cpu):
+    pytest.importorskip("av")
+    pytest.importorskip("tokenizers")
+    from intern2.data.video import write_video
+    from intern2.pipelines.video_text import VideoTextPipeline
+    from intern2.text.bpe import BPETokenizer
+    captions = ["a red circle moves to the right", "a blue square turns", "a green star fades in"]
+    torch.manual_seed(0)
+    model = intern2.create_model("internvideo_mm_tiny", num_frames=4)
+    tokenizer = BPETokenizer.train(captions, vocab_size=300, context_length=32)
+    video = write_video(tmp_path / "clip.mp4", np.random.default_rng(1).integers(0, 255, (12, 32, 48, 3),
+                                                                                   dtype=np.uint8))
+    fp32 = VideoTextPipeline(model, tokenizer).rank_captions(str(video), captions)["ranking"]
+    bf16 = VideoTextPipeline(model, tokenizer, dtype="bf16")
+    assert bf16.dtype == torch.bfloat16
+    answer = bf16.rank_captions(str(video), captions)["ranking"]
+    np.testing.assert_allclose(sorted(r["similarity"] for r in answer), sorted(r["similarity"] for r in fp32),
+                               atol=5e-2)

@@ -117,9 +117,10 @@ class Pipeline:
 
     ``source`` names where the model came from (a folder, a file) in error messages. Protocol fields given as
     keyword arguments override the metadata (the CLI's ``--test-size``, ``--clips``, ...; None: keep).
-    ``dtype`` (``'bf16'`` / ``torch.bfloat16``) converts the model (:func:`inference_dtype`: float32 where the CPU
-    has no bfloat16 instructions); inputs are cast to the model's dtype, so a model converted by the caller
-    (``model.to(torch.bfloat16)``) runs in it as well; results are float32.
+    ``dtype`` (``'bf16'`` / ``torch.bfloat16``) converts the model in place, as ``nn.Module.to`` does
+    (:func:`inference_dtype`: float32 where the CPU has no bfloat16 instructions); inputs are cast to the model's
+    dtype, so a model converted by the caller (``model.to(torch.bfloat16)``) runs in it as well; results are
+    float32.
     """
 
     task: ClassVar[str] = ""

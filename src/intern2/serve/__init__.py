@@ -34,21 +34,21 @@ def load_model_spec(spec: str) -> Any:
     return load(spec)
 
 
-def load_translator(folder: str, int8: bool = False) -> Any:
+def load_translator(folder: str, int8: bool = False, dtype: Optional[str] = None) -> Any:
     """A :class:`~intern2.pipelines.translation.Translator` from a model folder holding the tokenizer too (written
     by `intern2 train translation`, or a Hugging Face NLLB folder)."""
     from ..pipelines.translation import Translator
-    return Translator.from_pretrained(folder, int8=int8)
+    return Translator.from_pretrained(folder, int8=int8, dtype=dtype)
 
 
-def load_retrieval(folder: str) -> Any:
+def load_retrieval(folder: str, dtype: Optional[str] = None) -> Any:
     """A :class:`~intern2.pipelines.video_text.VideoTextPipeline` from a folder written by `intern2 train
     video-text` (with tokenizer.json)."""
     from ..pipelines.video_text import VideoTextPipeline
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"--retrieval-model {folder}: expected a video-text model folder (config.json, "
                                 f"weights and tokenizer.json)")
-    return VideoTextPipeline.from_pretrained(folder)
+    return VideoTextPipeline.from_pretrained(folder, dtype=dtype)
 
 
 def _port(text: str) -> int:
@@ -76,6 +76,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--tal-encoder", metavar="SPEC", help="the video model whose snippet features the localizer "
                         "reads: then /v1/video/localize also takes videos")
     parser.add_argument("--int8", action="store_true", help="int8 dynamic quantisation of the translator (CPU)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), help="run the image, segmentation, video, retrieval "
+                        "and translation models in bfloat16 (detection and localization stay fp32; a CPU without "
+                        "bfloat16 instructions falls back to fp32 and says so)")
     parser.add_argument("--max-upload-mb", type=_positive(float), default=DEFAULT_MAX_UPLOAD_MB,
                         help="largest request body, in MB (default %(default)s)")
     parser.add_argument("--max-image-pixels", type=_positive(int), default=DEFAULT_MAX_IMAGE_PIXELS,
@@ -101,13 +104,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_logging()
     models = {}
     try:
+        if args.int8 and args.dtype == "bf16":
+            raise ValueError("--int8 and --dtype bf16: choose one (int8 layers take float32 activations)")
         for flag in ("image_model", "detect_model", "segment_model", "video_model"):
             if getattr(args, flag):
                 models[flag] = load_model_spec(getattr(args, flag))
+                if args.dtype and flag != "detect_model":
+                    from ..pipelines.common import inference_dtype
+                    model = models[flag]
+                    models[flag] = model.to(inference_dtype(args.dtype, next(model.parameters()).device))
         if args.retrieval_model:
-            models["retrieval"] = load_retrieval(args.retrieval_model)
+            models["retrieval"] = load_retrieval(args.retrieval_model, args.dtype)
         if args.translator:
-            models["translator"] = load_translator(args.translator, args.int8)
+            models["translator"] = load_translator(args.translator, args.int8, args.dtype)
         if args.tal_encoder and not args.tal_model:
             raise ValueError("--tal-encoder needs --tal-model (the localizer that reads its features)")
         if args.tal_model:
