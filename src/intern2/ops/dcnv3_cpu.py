@@ -252,14 +252,16 @@ def _backward_kernel(gout, inp, off, msk, gin, goff, gmsk,
 
 
 @contextmanager
-def _slp_vectorizer():
-    """numba leaves LLVM's SLP vectoriser off by default; the fixed-width channel blocks above need it."""
-    previous = numba.config.SLP_VECTORIZE
-    numba.config.SLP_VECTORIZE = 1
+def _compiler_settings(**settings):
+    """numba.config values for the kernels compiled inside (numba reads them at each compile)."""
+    previous = {name: getattr(numba.config, name) for name in settings}
+    for name, setting in settings.items():
+        setattr(numba.config, name, setting)
     try:
         yield
     finally:
-        numba.config.SLP_VECTORIZE = previous
+        for name, setting in previous.items():
+            setattr(numba.config, name, setting)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -267,11 +269,16 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @contextmanager
-def _numba_threads():
-    """Run numba's parallel loops on as many threads as torch is allowed to use."""
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+def _numba_threads(**settings):
+    """Run numba's parallel loops on as many threads as torch is allowed to use; kernels compiled inside get LLVM's
+    SLP vectoriser (numba leaves it off by default; the fixed-width channel blocks above need it) and the
+    numba.config ``settings``."""
+    torch_threads = torch.get_num_threads()
+    threads = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(threads)
-    with _slp_vectorizer():
+    if torch.get_num_threads() != torch_threads:  # launching numba's OpenMP pool resets OpenMP's, i.e. torch's, count
+        torch.set_num_threads(torch_threads)
+    with _compiler_settings(SLP_VECTORIZE=1, **settings):
         if _uses_workqueue():
             with _WORKQUEUE_LOCK:
                 yield threads
