@@ -390,7 +390,7 @@ class Weights:
 
 _WEIGHTS: Dict[str, List[Weights]] = {}
 # Architecture name prefix -> task, for names that have no record (e.g. a folder of an unknown variant).
-_TASK_PREFIXES = (("internimage_", "image-cls"), ("upernet_", "segment"), ("mask_rcnn_", "detect"),
+_TASK_PREFIXES = (("internimage_", "image-cls"), ("upernet_", "segment"), ("mask_rcnn_", "detect"), ("cascade_mask_rcnn_", "detect"),
                   ("videomae_pretrain_", "video-pretrain"), ("videomae_vit_", "video-cls"),
                   ("internvideo_mm_", "video-text"), ("intern2_mt_", "translation"), ("m2m_100", "translation"),
                   ("actionformer_", "tal"))
@@ -495,8 +495,9 @@ _add(
 def _coco(arch: str, schedule: str, box_ap: float, mask_ap: float) -> Weights:
     size = arch.rsplit("_", 1)[-1]
     protocol = "1333x800 keep-ratio, pad x32"
+    file = f"cascade_internimage_{size}" if arch.startswith("cascade_") else f"mask_rcnn_internimage_{size}"
     return Weights(arch, f"coco_{schedule}", "detect", DetectionProtocol(), num_classes=80, labels="coco",
-                   file=f"mask_rcnn_internimage_{size}_fpn_{schedule}_coco.pth", hf_hub_id=_INTERNIMAGE_HUB,
+                   file=f"{file}_fpn_{schedule}_coco.pth", hf_hub_id=_INTERNIMAGE_HUB,
                    metrics=(Metric("bbox_AP", box_ap, "COCO val2017", protocol, _COCO_README),
                             Metric("segm_AP", mask_ap, "COCO val2017", protocol, _COCO_README)))
 
@@ -505,6 +506,10 @@ _add(
     _coco("mask_rcnn_internimage_t", "1x", 47.2, 42.5), _coco("mask_rcnn_internimage_t", "3x", 49.1, 43.7),
     _coco("mask_rcnn_internimage_s", "1x", 47.8, 43.3), _coco("mask_rcnn_internimage_s", "3x", 49.7, 44.5),
     _coco("mask_rcnn_internimage_b", "1x", 48.8, 44.0), _coco("mask_rcnn_internimage_b", "3x", 50.3, 44.8),
+    _coco("cascade_mask_rcnn_internimage_l", "1x", 54.9, 47.7),
+    _coco("cascade_mask_rcnn_internimage_l", "3x", 56.1, 48.5),
+    _coco("cascade_mask_rcnn_internimage_xl", "1x", 55.3, 48.1),
+    _coco("cascade_mask_rcnn_internimage_xl", "3x", 56.2, 48.8),
 )
 
 

@@ -25,7 +25,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
 __all__ = ["InternImageFPN", "UnroundedAnchorGenerator", "AlignedMultiScaleRoIAlign", "KeepRatioTransform",
-           "mmdet_to_torchvision", "torchvision_to_mmdet", "mask_rcnn_components"]
+           "paste_masks", "mmdet_to_torchvision", "torchvision_to_mmdet", "mask_rcnn_components"]
 
 
 class InternImageFPN(nn.Module):
@@ -91,69 +91,134 @@ class KeepRatioTransform(GeneralizedRCNNTransform):
                 target["masks"] = F.interpolate(target["masks"][:, None].float(), size=size)[:, 0].byte()
         return image, target
 
+    def postprocess(self, result: List[Dict[str, Tensor]], image_shapes: List[Tuple[int, int]],
+                    original_image_sizes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
+        """torchvision's (boxes back to the original size), with mmdet's mask pasting (:func:`paste_masks`)."""
+        if self.training:
+            return result
+        for prediction, resized, original in zip(result, image_shapes, original_image_sizes):
+            prediction["boxes"] = resize_boxes(prediction["boxes"], resized, original)
+            if "masks" in prediction:
+                prediction["masks"] = paste_masks(prediction["masks"], prediction["boxes"], *original)
+        return result
+
+
+def _paste_weights(low: Tensor, high: Tensor, size: int, length: int) -> Tensor:
+    """(N, size, length) bilinear weights that sample a length-``length`` axis spanning [low, high) of each of N
+    boxes at the ``size`` pixel centres of an image axis; 0 outside mmdet's paste region (the box's pixels and one
+    more on each side)."""
+    centres = torch.arange(size, dtype=low.dtype, device=low.device) + 0.5
+    grid = (centres - low[:, None]) / (high - low)[:, None] * 2 - 1
+    grid = torch.where(torch.isinf(grid), torch.zeros_like(grid), grid)  # a zero-size box: mmdet samples the centre
+    source = ((grid + 1) * length - 1) / 2  # grid_sample's index for align_corners=False
+    taps = torch.arange(length, dtype=low.dtype, device=low.device)
+    weights = (1 - (source[..., None] - taps).abs()).clamp(min=0)  # bilinear = triangle kernel, zeros outside
+    pixel = centres - 0.5
+    inside = (pixel >= torch.floor(low)[:, None] - 1) & (pixel < torch.ceil(high)[:, None] + 1)
+    return weights * inside[..., None].to(weights.dtype)
+
+
+def paste_masks(masks: Tensor, boxes: Tensor, height: int, width: int) -> Tensor:
+    """mmdet's mask pasting (``_do_paste_mask`` with ``skip_empty``, as on CPU): each (M, M) probability map covers
+    its box and is sampled bilinearly (zero padding, ``align_corners=False``) at the pixel centres of the box and one
+    pixel around it; elsewhere 0. masks (N, 1, M, M), boxes (N, 4) x1 y1 x2 y2 in pixels -> (N, 1, height, width);
+    threshold with ``>= 0.5`` as mmdet does.
+
+    Bilinear sampling is separable, so this is two small matrix products per mask rather than N x H x W grid
+    points (the same numbers; traceable, so detectors export with it)."""
+    masks = masks[:, 0].to(boxes.dtype)
+    rows = _paste_weights(boxes[:, 1], boxes[:, 3], height, masks.shape[-2])
+    cols = _paste_weights(boxes[:, 0], boxes[:, 2], width, masks.shape[-1])
+    return (rows @ masks @ cols.transpose(1, 2))[:, None]
+
 
 # -------------------------------------------------------------------------------------------------- converter
-def _renames(num_fpn: int, num_mask_convs: int) -> List[Tuple[str, str]]:
-    """(mmdet prefix, torchvision prefix) pairs for every module whose tensors keep their layout."""
-    pairs = [("backbone.", "backbone.body."),
-             ("rpn_head.rpn_conv.", "rpn.head.conv.0.0."), ("rpn_head.rpn_cls.", "rpn.head.cls_logits."),
-             ("rpn_head.rpn_reg.", "rpn.head.bbox_pred."),
-             ("roi_head.bbox_head.shared_fcs.0.", "roi_heads.box_head.fc6."),
-             ("roi_head.bbox_head.shared_fcs.1.", "roi_heads.box_head.fc7."),
-             ("roi_head.mask_head.upsample.", "roi_heads.mask_predictor.conv5_mask.")]
-    pairs += [(f"neck.lateral_convs.{i}.conv.", f"backbone.fpn.inner_blocks.{i}.0.") for i in range(num_fpn)]
-    pairs += [(f"neck.fpn_convs.{i}.conv.", f"backbone.fpn.layer_blocks.{i}.0.") for i in range(num_fpn)]
-    pairs += [(f"roi_head.mask_head.convs.{i}.conv.", f"roi_heads.mask_head.{i}.0.") for i in range(num_mask_convs)]
-    return pairs
+# A rule is (mmdet prefix, torchvision prefix, kind). Kinds: "same" keeps the tensor; "cls" moves the background row
+# (mmdet: last, torchvision: first); "reg" adds torchvision's unused background box rows (80x4 -> 81x4); "logits"
+# adds its unused background mask channel.
+_Rule = Tuple[str, str, str]
 
 
 def _counts(state: Dict[str, Tensor], prefix: str) -> int:
     return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
 
 
-def mmdet_to_torchvision(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    """Convert an mmdet Mask R-CNN state dict (background last, 80x4 class boxes) to our torchvision layout.
+def _mask_rules(mmdet: str, ours_head: str, ours_predictor: str, num_convs: int) -> List[_Rule]:
+    return [*((f"{mmdet}convs.{i}.conv.", f"{ours_head}{i}.0.", "same") for i in range(num_convs)),
+            (f"{mmdet}upsample.", f"{ours_predictor}conv5_mask.", "same"),
+            (f"{mmdet}conv_logits.", f"{ours_predictor}mask_fcn_logits.", "logits")]
 
-    Raises ValueError listing any key it does not know, so nothing is silently dropped.
-    """
-    pairs = _renames(_counts(state, "neck.lateral_convs."), _counts(state, "roi_head.mask_head.convs."))
+
+def _rules(state: Dict[str, Tensor], mmdet_layout: bool) -> List[_Rule]:
+    """Every rule a Mask R-CNN or Cascade Mask R-CNN state dict (in either layout) needs."""
+    if mmdet_layout:
+        num_fpn = _counts(state, "neck.lateral_convs.")
+        cascade = any(k.startswith("roi_head.bbox_head.0.") for k in state)
+        num_stages = _counts(state, "roi_head.bbox_head.") if cascade else 1
+        box_convs = _counts(state, "roi_head.bbox_head.0.shared_convs.")
+        mask_convs = _counts(state, "roi_head.mask_head.0.convs." if cascade else "roi_head.mask_head.convs.")
+    else:
+        num_fpn = _counts(state, "backbone.fpn.inner_blocks.")
+        cascade = any(k.startswith("roi_heads.box_heads.") for k in state)
+        num_stages = _counts(state, "roi_heads.box_heads.") if cascade else 1
+        box_convs = _counts(state, "roi_heads.box_heads.0.") - 1  # the FC follows the convs and a Flatten
+        mask_convs = _counts(state, "roi_heads.mask_heads.0." if cascade else "roi_heads.mask_head.")
+    rules: List[_Rule] = [("backbone.", "backbone.body.", "same"),
+                          ("rpn_head.rpn_conv.", "rpn.head.conv.0.0.", "same"),
+                          ("rpn_head.rpn_cls.", "rpn.head.cls_logits.", "same"),
+                          ("rpn_head.rpn_reg.", "rpn.head.bbox_pred.", "same")]
+    rules += [(f"neck.lateral_convs.{i}.conv.", f"backbone.fpn.inner_blocks.{i}.0.", "same") for i in range(num_fpn)]
+    rules += [(f"neck.fpn_convs.{i}.conv.", f"backbone.fpn.layer_blocks.{i}.0.", "same") for i in range(num_fpn)]
+    if not cascade:
+        return rules + [("roi_head.bbox_head.shared_fcs.0.", "roi_heads.box_head.fc6.", "same"),
+                        ("roi_head.bbox_head.shared_fcs.1.", "roi_heads.box_head.fc7.", "same"),
+                        ("roi_head.bbox_head.fc_cls.", "roi_heads.box_predictor.cls_score.", "cls"),
+                        ("roi_head.bbox_head.fc_reg.", "roi_heads.box_predictor.bbox_pred.", "reg"),
+                        *_mask_rules("roi_head.mask_head.", "roi_heads.mask_head.", "roi_heads.mask_predictor.",
+                                     mask_convs)]
+    for s in range(num_stages):  # mmdet ConvFCBBoxHead = torchvision FastRCNNConvFCHead (convs, Flatten, FC)
+        box, ours = f"roi_head.bbox_head.{s}.", f"roi_heads.box_heads.{s}."
+        rules += [(f"{box}shared_convs.{i}.{part}.", f"{ours}{i}.{j}.", "same")
+                  for i in range(box_convs) for j, part in enumerate(("conv", "bn"))]
+        rules += [(f"{box}shared_fcs.0.", f"{ours}{box_convs + 1}.", "same"),
+                  (f"{box}fc_cls.", f"roi_heads.box_predictors.{s}.cls_score.", "cls"),
+                  (f"{box}fc_reg.", f"roi_heads.box_predictors.{s}.bbox_pred.", "reg")]
+        rules += _mask_rules(f"roi_head.mask_head.{s}.", f"roi_heads.mask_heads.{s}.",
+                             f"roi_heads.mask_predictors.{s}.", mask_convs)
+    return rules
+
+
+def _convert(state: Dict[str, Tensor], to_torchvision: bool) -> Dict[str, Tensor]:
+    rules = _rules(state, mmdet_layout=to_torchvision)
     out, unknown = {}, []
     for key, value in state.items():
-        if key.startswith("roi_head.bbox_head.fc_cls."):  # [80 classes, background] -> [background, 80 classes]
-            out["roi_heads.box_predictor.cls_score." + key.rsplit(".", 1)[1]] = torch.cat([value[-1:], value[:-1]])
-        elif key.startswith("roi_head.bbox_head.fc_reg."):  # 80x4 -> 81x4 (background rows unused)
-            out["roi_heads.box_predictor.bbox_pred." + key.rsplit(".", 1)[1]] = torch.cat(
-                [value.new_zeros((4, *value.shape[1:])), value])
-        elif key.startswith("roi_head.mask_head.conv_logits."):  # 80 -> 81 (background row unused)
-            out["roi_heads.mask_predictor.mask_fcn_logits." + key.rsplit(".", 1)[1]] = torch.cat(
-                [value.new_zeros((1, *value.shape[1:])), value])
-        else:
-            match = next(((src, dst) for src, dst in pairs if key.startswith(src)), None)
-            if match is None:
-                unknown.append(key)
-                continue
-            out[match[1] + key[len(match[0]):]] = value
+        rule = next((r for r in rules if key.startswith(r[0 if to_torchvision else 1])), None)
+        if rule is None:
+            unknown.append(key)
+            continue
+        src, dst = (rule[0], rule[1]) if to_torchvision else (rule[1], rule[0])
+        kind = rule[2]
+        if kind == "cls":
+            value = torch.cat([value[-1:], value[:-1]]) if to_torchvision else torch.cat([value[1:], value[:1]])
+        elif kind in ("reg", "logits"):
+            rows = 4 if kind == "reg" else 1
+            value = torch.cat([value.new_zeros((rows, *value.shape[1:])), value]) if to_torchvision else value[rows:]
+        out[dst + key[len(src):]] = value
     if unknown:
-        raise ValueError(f"mmdet checkpoint: {len(unknown)} keys this converter does not know: {unknown[:8]}")
+        layout = "mmdet checkpoint" if to_torchvision else "detector state dict"
+        raise ValueError(f"{layout}: {len(unknown)} keys this converter does not know: {unknown[:8]}")
     return out
+
+
+def mmdet_to_torchvision(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """Convert an mmdet Mask R-CNN or Cascade Mask R-CNN state dict (background last, 80x4 class boxes) to our
+    torchvision layout. Raises ValueError listing any key it does not know, so nothing is silently dropped."""
+    return _convert(state, to_torchvision=True)
 
 
 def torchvision_to_mmdet(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
     """The inverse of :func:`mmdet_to_torchvision` (writes files in the official layout)."""
-    pairs = _renames(_counts(state, "backbone.fpn.inner_blocks."), _counts(state, "roi_heads.mask_head."))
-    out = {}
-    for key, value in state.items():
-        suffix = key.rsplit(".", 1)[1]
-        if key.startswith("roi_heads.box_predictor.cls_score."):
-            out[f"roi_head.bbox_head.fc_cls.{suffix}"] = torch.cat([value[1:], value[:1]])
-        elif key.startswith("roi_heads.box_predictor.bbox_pred."):
-            out[f"roi_head.bbox_head.fc_reg.{suffix}"] = value[4:]
-        elif key.startswith("roi_heads.mask_predictor.mask_fcn_logits."):
-            out[f"roi_head.mask_head.conv_logits.{suffix}"] = value[1:]
-        else:
-            src, dst = next((s, d) for s, d in pairs if key.startswith(d))
-            out[src + key[len(dst):]] = value
-    return out
+    return _convert(state, to_torchvision=False)
 
 
 def mask_rcnn_components(fpn_channels: int, num_classes: int, box_fc_channels: int = 1024,

@@ -1,4 +1,5 @@
-"""Mask R-CNN with an InternImage + FPN backbone on torchvision's detection stack (no mmcv/mmdet).
+"""Mask R-CNN and Cascade Mask R-CNN with an InternImage + FPN backbone on torchvision's detection stack (no
+mmcv/mmdet).
 
 ``model(images)`` (a list of CHW float tensors in [0, 1]) returns torchvision's per-image dicts (boxes, labels,
 scores, masks); ``model(images, targets)`` in training mode returns the loss dict. Official mmdet checkpoints
@@ -14,12 +15,13 @@ from torch import nn
 from torchvision.models.detection import MaskRCNN
 
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
+from ..heads.cascade import CASCADE_STDS, CascadeRoIHeads, cascade_stage
 from ..heads.detection import InternImageFPN, KeepRatioTransform, mask_rcnn_components, mmdet_to_torchvision
 from ..registry import register_variant
 from .internimage import InternImage, checkpoint_filter_fn
 from .upernet import _seg_backbone
 
-__all__ = ["InternImageMaskRCNN", "MASK_RCNN_VARIANTS"]
+__all__ = ["InternImageMaskRCNN", "InternImageCascadeMaskRCNN", "MASK_RCNN_VARIANTS", "CASCADE_VARIANTS"]
 
 log = logging.getLogger(__name__)
 _MMDET_PREFIXES = ("neck.", "rpn_head.", "roi_head.")
@@ -42,7 +44,7 @@ class InternImageMaskRCNN(MaskRCNN):
         body = InternImage(**backbone, features_only=True)
         super().__init__(InternImageFPN(body, fpn_channels), num_classes=None, min_size=min_size,  # heads given
                          max_size=max_size, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
-                         **mask_rcnn_components(fpn_channels, num_classes + 1, box_fc_channels, mask_channels),
+                         **self.roi_components(fpn_channels, num_classes + 1, box_fc_channels, mask_channels),
                          **kwargs)
         self.transform = KeepRatioTransform(min_size, max_size, list(IMAGENET_MEAN), list(IMAGENET_STD))
         self.backbone_config = dict(backbone)
@@ -50,6 +52,11 @@ class InternImageMaskRCNN(MaskRCNN):
         self.head_config = dict(num_classes=num_classes, min_size=min_size, max_size=max_size,
                                 fpn_channels=fpn_channels, box_fc_channels=box_fc_channels,
                                 mask_channels=mask_channels, **kwargs)
+
+    @staticmethod
+    def roi_components(fpn_channels: int, num_classes: int, box_fc_channels: int, mask_channels: int) -> Dict:
+        """torchvision MaskRCNN's RoI-head arguments (``num_classes`` counts the background)."""
+        return mask_rcnn_components(fpn_channels, num_classes, box_fc_channels, mask_channels)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.backbone.body.set_grad_checkpointing(enable)
@@ -78,6 +85,30 @@ class InternImageMaskRCNN(MaskRCNN):
         return dict(backbone=self.backbone_config, **self.head_config)
 
 
+class InternImageCascadeMaskRCNN(InternImageMaskRCNN):
+    """Cascade Mask R-CNN configured like the official mmdet InternImage-L/XL detectors (3 stages, ConvFC box heads
+    with BatchNorm whose convs are as wide as the FPN, class-specific GIoU regression; :mod:`intern2.heads.cascade`).
+    Same arguments as :class:`InternImageMaskRCNN`."""
+
+    def __init__(self, backbone: Dict, num_classes: int = 80, min_size: int = 800, max_size: int = 1333,
+                 fpn_channels: int = 256, box_fc_channels: int = 1024, mask_channels: int = 256, **kwargs):
+        super().__init__(backbone, num_classes, min_size, max_size, fpn_channels, box_fc_channels, mask_channels,
+                         **kwargs)
+        later = [cascade_stage(fpn_channels, num_classes + 1, fpn_channels, box_fc_channels, mask_channels)
+                 for _ in CASCADE_STDS[1:]]
+        self.roi_heads = CascadeRoIHeads(self.roi_heads, later)
+
+    @staticmethod
+    def roi_components(fpn_channels: int, num_classes: int, box_fc_channels: int, mask_channels: int) -> Dict:
+        """Stage 0's heads as torchvision MaskRCNN arguments (the cascade wraps them with the later stages)."""
+        return {**mask_rcnn_components(fpn_channels, num_classes, box_fc_channels, mask_channels),
+                **cascade_stage(fpn_channels, num_classes, fpn_channels, box_fc_channels, mask_channels)}
+
+    def sync_batchnorm(self) -> None:
+        """SyncBatchNorm in the box heads, as the official configs train them on several GPUs."""
+        self.roi_heads.box_heads = nn.SyncBatchNorm.convert_sync_batchnorm(self.roi_heads.box_heads)
+
+
 # name -> (backbone variant, backbone overrides of the official mmdet COCO config); tags are in intern2.weights.
 MASK_RCNN_VARIANTS = {
     "mask_rcnn_internimage_t": ("internimage_t", dict(drop_path_rate=0.2)),
@@ -86,10 +117,16 @@ MASK_RCNN_VARIANTS = {
 }
 
 
-def _builder(variant: str, overrides: Dict):
+CASCADE_VARIANTS = {
+    "cascade_mask_rcnn_internimage_l": ("internimage_l", dict(drop_path_rate=0.4)),
+    "cascade_mask_rcnn_internimage_xl": ("internimage_xl", dict(drop_path_rate=0.4)),  # 3x config: 0.6
+}
+
+
+def _builder(cls: type, variant: str, overrides: Dict):
     def build(kwargs: Dict) -> InternImageMaskRCNN:
         backbone = kwargs.pop("backbone", None) or {}
-        return InternImageMaskRCNN(_seg_backbone(variant, **{**overrides, **backbone}), **kwargs)
+        return cls(_seg_backbone(variant, **{**overrides, **backbone}), **kwargs)
     return build
 
 
@@ -99,5 +136,9 @@ def _test_size(model: InternImageMaskRCNN) -> Dict:
 
 
 for _name, (_variant, _overrides) in MASK_RCNN_VARIANTS.items():
-    register_variant(_name, _builder(_variant, _overrides),
+    register_variant(_name, _builder(InternImageMaskRCNN, _variant, _overrides),
                      f"Mask R-CNN + FPN + {_variant} (official mmdet COCO configuration) on torchvision.", _test_size)
+for _name, (_variant, _overrides) in CASCADE_VARIANTS.items():
+    register_variant(_name, _builder(InternImageCascadeMaskRCNN, _variant, _overrides),
+                     f"Cascade Mask R-CNN + FPN + {_variant} (official mmdet COCO configuration) on torchvision.",
+                     _test_size)

@@ -42,7 +42,7 @@ def draw_detections(image: Image.Image, output: Dict[str, torch.Tensor], classes
     palette = np.random.default_rng(7).integers(60, 256, (len(classes) + 1, 3))
     keep = output["scores"] >= threshold
     for mask, label in zip(output.get("masks", torch.zeros(0))[keep], output["labels"][keep]):
-        region = mask[0].numpy() > 0.5
+        region = mask[0].numpy() >= 0.5
         canvas[region] = canvas[region] * 0.5 + palette[int(label)] * 0.5
     drawn = Image.fromarray(canvas.astype(np.uint8))
     draw = ImageDraw.Draw(drawn)
@@ -94,7 +94,7 @@ class DetectionPipeline(Pipeline):
             entry = {"label": self.labels[index], "index": index, "score": round(float(output["scores"][i]), 4),
                      "box": [round(v, 1) for v in output["boxes"][i].tolist()]}
             if masks and "masks" in output:
-                entry["mask"] = mask_to_rle(output["masks"][i, 0].numpy() > 0.5)
+                entry["mask"] = mask_to_rle(output["masks"][i, 0].numpy() >= 0.5)
             found.append(entry)
         return found
 

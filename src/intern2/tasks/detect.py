@@ -72,7 +72,7 @@ def coco_evaluate(source: CocoSource, detections: List[Dict[str, Any]]) -> Dict[
 def to_coco_results(output: Dict[str, torch.Tensor], image_id: int, category_ids: Sequence[int]) -> List[Dict]:
     from pycocotools import mask as mask_utils
     results = []
-    masks = (output["masks"][:, 0] > 0.5).numpy().astype(np.uint8) if "masks" in output else None
+    masks = (output["masks"][:, 0] >= 0.5).numpy().astype(np.uint8) if "masks" in output else None
     for i, (box, label, score) in enumerate(zip(output["boxes"].tolist(), output["labels"].tolist(),
                                                 output["scores"].tolist())):
         entry = {"image_id": image_id, "category_id": category_ids[label - 1], "score": score,
