@@ -160,3 +160,21 @@ def test_checkpoint_round_trip_and_training(tmp_path):
     sum(losses.values()).backward()
     without_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not without_grad, without_grad[:5]
+
+
+def test_sync_batchnorm_keeps_the_layout_and_the_answer():
+    """Under torchrun on GPUs the trainer gives the box heads SyncBatchNorm (the official SyncBN); the state-dict
+    layout and the eval-mode answer are those of plain BatchNorm (CPU runs keep BatchNorm: SyncBN needs CUDA)."""
+    torch.manual_seed(0)
+    model = intern2.create_model("cascade_mask_rcnn_internimage_l", backbone=TINY_BACKBONE, num_classes=3,
+                                 min_size=64, max_size=96, fpn_channels=16, box_fc_channels=32, mask_channels=16,
+                                 box_score_thresh=0.0).eval()
+    image = [torch.rand(3, 64, 80, generator=torch.Generator().manual_seed(2))]
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        want = model(image)[0]
+        model.sync_batchnorm()
+        got = model(image)[0]
+    assert list(model.state_dict()) == keys
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.roi_heads.box_heads.modules()) == 12
+    torch.testing.assert_close(got["scores"], want["scores"], atol=0, rtol=0)

@@ -76,22 +76,24 @@ def test_image_classification(tmp_path, inputs, capsys):
     assert {r["label"] for r in python} == set(CLASSES) and all(CLASSES[r["index"]] == r["label"] for r in python)
 
 
-def test_detection(tmp_path, inputs, capsys):
+@pytest.mark.parametrize("architecture", ["mask_rcnn_internimage_t", "cascade_mask_rcnn_internimage_l"])
+def test_detection(tmp_path, inputs, capsys, architecture):
     torch.manual_seed(0)
-    model = intern2.create_model("mask_rcnn_internimage_t", backbone=BACKBONE, fpn_channels=32, num_classes=2,
+    model = intern2.create_model(architecture, backbone=BACKBONE, fpn_channels=32, num_classes=2,
                                  min_size=64, max_size=96, box_detections_per_img=5, box_score_thresh=0.0)
     model.pretrained_cfg["label_names"] = ["circle", "square"]
     folder = _folder(tmp_path, "detect", model)
     from intern2.pipelines.detect import DetectionPipeline
-    python = DetectionPipeline.from_pretrained(folder)(inputs["image"], threshold=0.0)["objects"]
+    python = DetectionPipeline.from_pretrained(folder)(inputs["image"], threshold=0.0, masks=True)["objects"]
     (cli_result,) = _predict_json(capsys, ["predict", inputs["image"], "--checkpoint", folder, "--threshold", "0",
-                                           "--out", str(tmp_path / "drawn"), "--json"])
+                                           "--masks", "--out", str(tmp_path / "drawn"), "--json"])
     http = _post(dict(detect_model=load_model_spec(folder)), "/v1/detect",
-                 data={"threshold": 0.0, "masks": "false", "draw": "false"},
+                 data={"threshold": 0.0, "masks": "true", "draw": "false"},
                  files={"file": ("image.png", open(inputs["image"], "rb").read(), "image/png")})["objects"]
     assert python, "a random detector with score threshold 0 still detects"
     _same_ranking(python, cli_result["objects"], http, key="score")
     assert [o["box"] for o in python] == [o["box"] for o in cli_result["objects"]] == [o["box"] for o in http]
+    assert [o["mask"] for o in python] == [o["mask"] for o in cli_result["objects"]] == [o["mask"] for o in http]
     assert all(["circle", "square"][o["index"]] == o["label"] for o in python)
 
 

@@ -77,9 +77,46 @@ def test_missing_image_file_is_named(tmp_path):
         open_coco_source(str(root), "train")
 
 
-def test_train_eval_predict_convert(shapes, tmp_path, capsys):
+def test_autoaugment_crops_keep_boxes_on_masks(shapes):
+    """The 3x recipe's AutoAugment: about half the samples resized and cropped (lengths scaled by min_size / 800),
+    boxes inside the crop and on their masks, reproducible per (seed, epoch, index), new crops each epoch."""
+    source = open_coco_source(str(shapes), "train")
+    dataset = CocoDetection(source, train=True, hflip=0.5, seed=3, augment="autoaugment", test_size=(400, 667))
+    sizes = set()
+    for epoch in range(4):
+        dataset.set_epoch(epoch)
+        for index in range(len(dataset)):
+            sample = dataset[index]
+            image, target = sample["image"], sample["target"]
+            height, width = image.shape[1:]
+            sizes.add((epoch, index, height, width))
+            assert target["masks"].shape == (len(target["boxes"]), height, width)
+            assert len(target["labels"]) == len(target["boxes"])
+            boxes = target["boxes"]
+            assert ((boxes[:, 0::2] >= 0) & (boxes[:, 0::2] <= width) & (boxes[:, 1::2] >= 0) &
+                    (boxes[:, 1::2] <= height)).all()
+            assert ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all()
+            for box, mask in zip(boxes, target["masks"]):
+                ys, xs = np.nonzero(mask.numpy())
+                if len(xs):  # an object cut by the crop keeps the part inside it
+                    assert xs.min() >= box[0].item() - 1 and xs.max() + 1 <= box[2].item() + 1
+    cropped = {(e, i) for e, i, h, w in sizes if (h, w) != (32, 32)}
+    assert 0 < len(cropped) < len(sizes)  # policy (b) some of the time: short side 200 / 250 / 300, crop 192..300
+    assert all(192 <= h <= 300 and 192 <= w <= 300 for e, i, h, w in sizes if (e, i) in cropped)
+    dataset.set_epoch(1)
+    again = dataset[2]
+    dataset.set_epoch(1)
+    torch.testing.assert_close(dataset[2]["image"], again["image"])
+    with pytest.raises(ValueError, match="augment 'mosaic'"):
+        CocoDetection(source, train=True, augment="mosaic")
+
+
+@pytest.mark.parametrize("architecture,augment", [("mask_rcnn_internimage_t", "none"),
+                                                  ("cascade_mask_rcnn_internimage_l", "autoaugment")])
+def test_train_eval_predict_convert(shapes, tmp_path, capsys, architecture, augment):
     out = tmp_path / "run"
-    assert cli.main(["train", "detect", "--data", str(shapes), "--out", str(out), "--set", TINY,
+    assert cli.main(["train", "detect", "--data", str(shapes), "--out", str(out), "--model", architecture,
+                     "--set", f"augment={augment}", "--set", TINY,
                      "--set", "min_size=64", "--set", "max_size=64", "--set", "train.max_steps=2",
                      "--set", "train.batch_size=2", "--set", "train.device=cpu", "--set", "train.lr=1e-4"]) == 0
     final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -100,7 +137,7 @@ def test_train_eval_predict_convert(shapes, tmp_path, capsys):
     config = json.loads((out / "model" / "config.json").read_text())
     overrides = ["--set", f"num_classes={config['num_classes']}", "--set", "min_size=64", "--set", "max_size=64",
                  "--set", f"backbone={json.dumps(config['backbone'])}", "--set", "fpn_channels=32"]
-    assert cli.main(["convert", "--model", "mask_rcnn_internimage_t", "--checkpoint", str(tmp_path / "official.pth"),
+    assert cli.main(["convert", "--model", architecture, "--checkpoint", str(tmp_path / "official.pth"),
                      "--out", str(tmp_path / "converted"), *overrides]) == 0
     converted = from_pretrained(tmp_path / "converted").eval()
     images = [torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))]
@@ -109,15 +146,16 @@ def test_train_eval_predict_convert(shapes, tmp_path, capsys):
             torch.testing.assert_close(converted(images)[0][key], model(images)[0][key])
 
 
-def test_onnx_export_matches_pytorch_on_the_shapes_images(shapes, tmp_path, capsys):
-    """`intern2 export onnx` of a Mask R-CNN (fixed size, post-processing in the graph): onnxruntime finds the
-    same objects as PyTorch on the built-in shapes images, boxes and scores within 1e-4."""
+@pytest.mark.parametrize("architecture", ["mask_rcnn_internimage_t", "cascade_mask_rcnn_internimage_l"])
+def test_onnx_export_matches_pytorch_on_the_shapes_images(shapes, tmp_path, capsys, architecture):
+    """`intern2 export onnx` of a Mask R-CNN / Cascade Mask R-CNN (fixed size, post-processing in the graph):
+    onnxruntime finds the same objects as PyTorch on the built-in shapes images, boxes and scores within 1e-4."""
     pytest.importorskip("onnxruntime")
     import onnxruntime as ort
 
     import intern2
     torch.manual_seed(0)
-    model = intern2.create_model("mask_rcnn_internimage_t", num_classes=5, min_size=64, max_size=64,
+    model = intern2.create_model(architecture, num_classes=5, min_size=64, max_size=64,
                                  backbone=dict(channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8],
                                                drop_path_rate=0.0), fpn_channels=32).eval()
     intern2.save_pretrained(model, tmp_path / "det")

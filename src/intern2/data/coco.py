@@ -22,8 +22,23 @@ import torch
 from torch.utils.data import Dataset
 
 from .images import load_image
+from .segmentation import keep_ratio_size
 
-__all__ = ["CocoSource", "open_coco_source", "CocoDetection", "collate_detection", "decode_segmentation"]
+__all__ = ["CocoSource", "open_coco_source", "CocoDetection", "collate_detection", "decode_segmentation",
+           "AUGMENTS", "autoaugment_short_sides", "autoaugment_crop"]
+
+AUGMENTS = ("none", "autoaugment")
+# The official 3x configs' AutoAugment (DETR's policy), at test size 800 x 1333: one of two policies at random,
+# (a) a multi-scale resize, short side 480..800 step 32; (b) a resize to short side 400 / 500 / 600, a random crop
+# of 384..600 pixels a side, then the same multi-scale resize. Other test sizes scale every length.
+_MULTI_SCALE = tuple(range(480, 801, 32))
+_CROP_RESIZE = (400, 500, 600)
+_CROP_RANGE = (384, 600)
+
+
+def autoaugment_short_sides(min_size: int) -> Tuple[int, ...]:
+    """The multi-scale training short sides for a test short side ``min_size`` (the last is ``min_size``)."""
+    return tuple(max(1, round(s * min_size / 800)) for s in _MULTI_SCALE)
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +155,48 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
     return mask_utils.decode(rle).astype(np.uint8)
 
 
-class CocoDetection(Dataset):
-    """Images as [0, 1] CHW tensors with torchvision targets (boxes x1y1x2y2, labels 1..K, masks); horizontal
-    flips seeded by (seed, epoch, index) when training."""
+def _randint(generator: torch.Generator, low: int, high: int) -> int:
+    """Uniform integer in [low, high]."""
+    return int(torch.randint(low, high + 1, (), generator=generator))
 
-    def __init__(self, source: CocoSource, train: bool, hflip: float = 0.5, seed: int = 0):
+
+def autoaugment_crop(image: torch.Tensor, target: Dict[str, torch.Tensor], generator: torch.Generator,
+                     min_size: int, max_size: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """AutoAugment's policy (b) before its final multi-scale resize (which the model's transform does): resize to a
+    random short side of 400 / 500 / 600 (keep ratio, long side at most ``max_size``; scaled by min_size / 800),
+    then mmdet's ``RandomCrop(crop_type='absolute_range', allow_negative_crop=True)``: a crop of 384..600 pixels a
+    side (at most the image) at a random offset; boxes are shifted and clipped, boxes left empty are dropped (an
+    image may end with none)."""
+    scale = min_size / 800
+    short = round(_CROP_RESIZE[_randint(generator, 0, len(_CROP_RESIZE) - 1)] * scale)
+    height, width = image.shape[1:]
+    size = keep_ratio_size(height, width, (short, max_size))
+    image = torch.nn.functional.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+    boxes = target["boxes"] * torch.tensor([size[1] / width, size[0] / height] * 2)
+    masks = torch.nn.functional.interpolate(target["masks"][:, None].float(), size=size)[:, 0].byte()
+    low, high = (round(v * scale) for v in _CROP_RANGE)
+    crop_h, crop_w = (_randint(generator, min(side, low), min(side, high)) for side in size)
+    top, left = _randint(generator, 0, size[0] - crop_h), _randint(generator, 0, size[1] - crop_w)
+    boxes = boxes - torch.tensor([left, top, left, top], dtype=boxes.dtype)
+    boxes[:, 0::2], boxes[:, 1::2] = boxes[:, 0::2].clamp(0, crop_w), boxes[:, 1::2].clamp(0, crop_h)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return image[:, top:top + crop_h, left:left + crop_w], {
+        "boxes": boxes[keep], "labels": target["labels"][keep],
+        "masks": masks[keep][:, top:top + crop_h, left:left + crop_w]}
+
+
+class CocoDetection(Dataset):
+    """Images as [0, 1] CHW tensors with torchvision targets (boxes x1y1x2y2, labels 1..K, masks); when training,
+    horizontal flips and (``augment="autoaugment"``) the official 3x AutoAugment crops, seeded by (seed, epoch,
+    index). ``test_size`` (short, long) scales the AutoAugment lengths (official: 800, 1333); its multi-scale
+    resize is the model's transform (``min_size`` = :func:`autoaugment_short_sides`)."""
+
+    def __init__(self, source: CocoSource, train: bool, hflip: float = 0.5, seed: int = 0, augment: str = "none",
+                 test_size: Tuple[int, int] = (800, 1333)):
+        if augment not in AUGMENTS:
+            raise ValueError(f"augment {augment!r}: expected one of {list(AUGMENTS)}")
         self.source, self.train, self.hflip, self.seed, self.epoch = source, train, hflip, seed, 0
+        self.augment, self.test_size = augment, test_size
         self.label_of = {cid: k + 1 for k, cid in enumerate(source.category_ids)}
 
     def set_epoch(self, epoch: int) -> None:
@@ -182,13 +233,14 @@ class CocoDetection(Dataset):
         target = {"boxes": torch.tensor([a["box"] for a in annotations], dtype=torch.float32).reshape(-1, 4),
                   "labels": torch.tensor([self.label_of[a["category_id"]] for a in annotations], dtype=torch.long),
                   "masks": torch.from_numpy(masks)}
-        if self.train and self.hflip > 0:
-            gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{self.epoch}:{index}".encode()))
-            if torch.rand((), generator=gen) < self.hflip:
-                image, target["masks"] = image.flip(-1), target["masks"].flip(-1)
-                boxes = target["boxes"].clone()
-                boxes[:, 0], boxes[:, 2] = width - target["boxes"][:, 2], width - target["boxes"][:, 0]
-                target["boxes"] = boxes
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{self.epoch}:{index}".encode()))
+        if self.train and self.hflip > 0 and torch.rand((), generator=gen) < self.hflip:
+            image, target["masks"] = image.flip(-1), target["masks"].flip(-1)
+            boxes = target["boxes"].clone()
+            boxes[:, 0], boxes[:, 2] = width - target["boxes"][:, 2], width - target["boxes"][:, 0]
+            target["boxes"] = boxes
+        if self.train and self.augment == "autoaugment" and torch.rand((), generator=gen) < 0.5:
+            image, target = autoaugment_crop(image, target, gen, *self.test_size)
         return {"image": image, "target": target, "image_id": entry["id"], "index": index}
 
 

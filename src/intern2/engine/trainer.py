@@ -250,8 +250,10 @@ class Trainer:
             fully_shard(model, mp_policy=policy, ignored_params=set(self._replicated) or None)
             return model
         if self.dist.distributed:
-            device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
-            return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+            cuda = self.dist.device.type == "cuda"
+            if cuda and hasattr(model, "sync_batchnorm"):  # SyncBatchNorm needs CUDA; on CPU each rank keeps its BN
+                model.sync_batchnorm()
+            return nn.parallel.DistributedDataParallel(model, device_ids=[self.dist.device.index] if cuda else None)
         return model
 
     def _loader(self, dataset: Dataset, sampler: Sampler, drop_last: bool) -> DataLoader:

@@ -24,6 +24,8 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
+from ..data.segmentation import keep_ratio_size
+
 __all__ = ["InternImageFPN", "UnroundedAnchorGenerator", "AlignedMultiScaleRoIAlign", "KeepRatioTransform",
            "paste_masks", "mmdet_to_torchvision", "torchvision_to_mmdet", "mask_rcnn_components"]
 
@@ -82,8 +84,7 @@ class KeepRatioTransform(GeneralizedRCNNTransform):
     def resize(self, image: Tensor, target: Optional[Dict[str, Tensor]] = None):
         height, width = image.shape[-2:]
         short = self.torch_choice(self.min_size) if self.training else self.min_size[-1]
-        scale = min(short / min(height, width), self.max_size / max(height, width))
-        size = (max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5)))  # a 1 x 10000 image too
+        size = keep_ratio_size(height, width, (short, self.max_size))
         image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
         if target is not None:
             target["boxes"] = resize_boxes(target["boxes"], (height, width), size)

@@ -64,7 +64,7 @@ class DetectionPipeline(Pipeline):
 
     task = "detect"
     bfloat16 = False  # torchvision's RoI heads and NMS run in float32
-    expects = "a detector (Mask R-CNN)"
+    expects = "a detector (Mask R-CNN or Cascade Mask R-CNN)"
     protocol: DetectionProtocol
 
     def __init__(self, model: nn.Module, source: Optional[str] = None, **protocol: Any):

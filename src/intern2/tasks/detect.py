@@ -1,5 +1,5 @@
-"""Object detection + instance segmentation: `intern2 train detect` and `intern2 eval` on Mask R-CNN models (COCO
-box and mask AP with pycocotools; inference: :mod:`intern2.pipelines.detect`)."""
+"""Object detection + instance segmentation: `intern2 train detect` and `intern2 eval` on Mask R-CNN and Cascade
+Mask R-CNN models (COCO box and mask AP with pycocotools; inference: :mod:`intern2.pipelines.detect`)."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import check_positive
-from ..data.coco import CocoDetection, CocoSource, collate_detection, open_coco_source
+from ..data.coco import (AUGMENTS, CocoDetection, CocoSource, autoaugment_short_sides, collate_detection,
+                         open_coco_source)
 from ..engine import TrainConfig
 from ..factory import create_model, save_pretrained
 from ..pipelines.common import add_model_arguments, pair, pipeline_from_args
@@ -42,10 +43,15 @@ class DetectConfig:
     min_size: int = 800
     max_size: int = 1333
     hflip: float = 0.5
+    # "autoaugment": the official 3x recipe (multi-scale short sides 480..800 + DETR's resize-crop policy, lengths
+    # scaled by min_size / 800); "none": one scale (min_size) and flips, as the 1x configs.
+    augment: str = "none"
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
         check_positive(self, "min_size", "max_size")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"augment: expected one of {list(AUGMENTS)}, got {self.augment!r}")
 
 
 def coco_evaluate(source: CocoSource, detections: List[Dict[str, Any]]) -> Dict[str, float]:
@@ -102,7 +108,8 @@ def evaluate_detector(model: nn.Module, dataset: CocoDetection, batch_size: int,
 
 
 class DetectionTask:
-    """Mask R-CNN training (torchvision's losses) and COCO evaluation."""
+    """Mask R-CNN / Cascade Mask R-CNN training (torchvision's losses; the cascade's are mmdet's) and COCO
+    evaluation."""
 
     def __init__(self, cfg: DetectConfig):
         self.cfg = cfg
@@ -119,10 +126,13 @@ class DetectionTask:
             load_checkpoint(model, self.cfg.backbone_checkpoint)
         if self.cfg.checkpoint:
             load_checkpoint(model, self.cfg.checkpoint)
+        if self.cfg.augment == "autoaugment":  # training draws a short side per batch; eval uses the last one
+            model.transform.min_size = autoaugment_short_sides(self.cfg.min_size)
         return model
 
     def train_dataset(self) -> Dataset:
-        return CocoDetection(self.train_source, True, self.cfg.hflip, self.cfg.train.seed)
+        return CocoDetection(self.train_source, True, self.cfg.hflip, self.cfg.train.seed, self.cfg.augment,
+                             (self.cfg.min_size, self.cfg.max_size))
 
     def eval_dataset(self) -> Dataset:
         return CocoDetection(self.val_source, False)
@@ -149,7 +159,7 @@ class DetectionTask:
 
 
 def train_main(argv: Optional[List[str]] = None) -> int:
-    return train_cli(argv, "detect", "Train Mask R-CNN.", DetectConfig, DetectionTask,
+    return train_cli(argv, "detect", "Train Mask R-CNN or Cascade Mask R-CNN.", DetectConfig, DetectionTask,
                      "COCO-format folder or builtin:shapes", "mask_rcnn_internimage_t", hide=())
 
 
