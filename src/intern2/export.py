@@ -15,7 +15,8 @@ __all__ = ["export_onnx", "export_detector_onnx", "main", "EXPORTABLE"]
 
 # What `intern2 export onnx` takes (task -> what it is called in messages).
 EXPORTABLE = {"image-cls": "image classifiers", "segment": "UperNet segmentors (--static)",
-              "video-cls": "video classifiers", "detect": "Mask R-CNN and Cascade Mask R-CNN detectors (a fixed image size)"}
+              "video-cls": "video classifiers", "detect": "Mask R-CNN and Cascade Mask R-CNN detectors "
+              "(a fixed image size)"}
 DETECTION_OUTPUTS = ("boxes", "labels", "scores", "masks")
 
 log = logging.getLogger(__name__)

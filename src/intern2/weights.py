@@ -390,7 +390,8 @@ class Weights:
 
 _WEIGHTS: Dict[str, List[Weights]] = {}
 # Architecture name prefix -> task, for names that have no record (e.g. a folder of an unknown variant).
-_TASK_PREFIXES = (("internimage_", "image-cls"), ("upernet_", "segment"), ("mask_rcnn_", "detect"), ("cascade_mask_rcnn_", "detect"),
+_TASK_PREFIXES = (("internimage_", "image-cls"), ("upernet_", "segment"), ("mask_rcnn_", "detect"),
+                  ("cascade_mask_rcnn_", "detect"),
                   ("videomae_pretrain_", "video-pretrain"), ("videomae_vit_", "video-cls"),
                   ("internvideo_mm_", "video-text"), ("intern2_mt_", "translation"), ("m2m_100", "translation"),
                   ("actionformer_", "tal"))

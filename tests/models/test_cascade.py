@@ -30,7 +30,8 @@ def official():
     p, test_cfg = meta["params"], meta["reduced_roi_head_cfg"]["test_cfg"]
     model = intern2.create_model("cascade_mask_rcnn_internimage_l", backbone=TINY_BACKBONE, num_classes=8,
                                  fpn_channels=p["C"], box_fc_channels=p["fc"], mask_channels=p["mconv"],
-                                 box_score_thresh=test_cfg["score_thr"], box_nms_thresh=test_cfg["nms"]["iou_threshold"],
+                                 box_score_thresh=test_cfg["score_thr"],
+                                 box_nms_thresh=test_cfg["nms"]["iou_threshold"],
                                  box_detections_per_img=test_cfg["max_per_img"])
     state = {f"roi_head.{k[len('state.'):]}": v for k, v in tensors.items() if k.startswith("state.")}
     heads = {k[len("roi_heads."):]: v for k, v in mmdet_to_torchvision(state).items()}
@@ -121,7 +122,8 @@ def test_official_full_size_layout_both_ways():
     assert {k: [list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in written.items()} == \
         {k: [shape, dtype] for k, shape, dtype in listing["keys"]}
     assert sum(v.numel() for v in written.values()) == listing["num_params"]
-    official = {k: torch.empty(shape, dtype=getattr(torch, dtype), device="meta") for k, shape, dtype in listing["keys"]}
+    official = {k: torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
+                for k, shape, dtype in listing["keys"]}
     converted = mmdet_to_torchvision(official)
     ours = model.state_dict()
     assert set(converted) == set(ours)

@@ -65,7 +65,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=_port, default=8000, help="TCP port, 0-65535 (0: any free port)")
     parser.add_argument("--image-model", metavar="SPEC", help=f"image classifier: {SPEC_HELP}")
-    parser.add_argument("--detect-model", metavar="SPEC", help=f"Mask R-CNN detector: {SPEC_HELP}")
+    parser.add_argument("--detect-model", metavar="SPEC",
+                        help=f"Mask R-CNN or Cascade Mask R-CNN detector: {SPEC_HELP}")
     parser.add_argument("--segment-model", metavar="SPEC", help=f"UperNet segmentor: {SPEC_HELP}")
     parser.add_argument("--video-model", metavar="SPEC", help=f"video classifier: {SPEC_HELP}")
     parser.add_argument("--retrieval-model", metavar="FOLDER",

@@ -342,7 +342,7 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
     """The intern2 HTTP API and web page for the given models (any may be None: its endpoints answer 503).
 
     Args:
-        image_model: an InternImage classifier; detect_model: an InternImage Mask R-CNN;
+        image_model: an InternImage classifier; detect_model: an InternImage (Cascade) Mask R-CNN;
             segment_model: an UperNet; video_model: a video ViT classifier (each a model, used in eval mode, or
             its pipeline).
         translator: a :class:`~intern2.pipelines.translation.Translator` (or a (model, tokenizer) pair);
