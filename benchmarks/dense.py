@@ -6,7 +6,8 @@ Section "small": Mask R-CNN and UperNet InternImage-T on one --size image (defau
 the official test sizes take seconds per image on a laptop CPU). Section "cascade": Cascade Mask R-CNN
 InternImage-L (the official COCO configuration, 277M parameters) and R50 Mask R-CNN on one 800x1333 image. With
 onnxruntime installed, each detector is also exported (`intern2.export.export_detector_onnx`: the whole pipeline in
-the graph, checked against PyTorch) and timed under onnxruntime's CPU provider with the same threads, next to its PyTorch time.
+the graph, checked against PyTorch) and timed under onnxruntime's CPU provider with the same threads, next to its
+PyTorch time.
 
     python benchmarks/dense.py [--size 512] [--rounds 3] [--threads 1] [--no-onnx]
                                [--sections small cascade]
