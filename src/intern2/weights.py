@@ -391,7 +391,7 @@ class Weights:
 _WEIGHTS: Dict[str, List[Weights]] = {}
 # Architecture name prefix -> task, for names that have no record (e.g. a folder of an unknown variant).
 _TASK_PREFIXES = (("internimage_", "image-cls"), ("upernet_", "segment"), ("mask_rcnn_", "detect"),
-                  ("cascade_mask_rcnn_", "detect"),
+                  ("cascade_mask_rcnn_", "detect"), ("dino_", "detect"),
                   ("videomae_pretrain_", "video-pretrain"), ("videomae_vit_", "video-cls"),
                   ("internvideo_mm_", "video-text"), ("intern2_mt_", "translation"), ("m2m_100", "translation"),
                   ("actionformer_", "tal"))
@@ -511,6 +511,23 @@ _add(
     _coco("cascade_mask_rcnn_internimage_l", "3x", 56.1, 48.5),
     _coco("cascade_mask_rcnn_internimage_xl", "1x", 55.3, 48.1),
     _coco("cascade_mask_rcnn_internimage_xl", "3x", 56.2, 48.8),
+)
+
+
+def _dino(arch: str, tag: str, file: str, box_ap: float) -> Weights:
+    return Weights(arch, tag, "detect", DetectionProtocol(), num_classes=80, labels="coco", file=file,
+                   hf_hub_id=_INTERNIMAGE_HUB, metrics=(Metric("bbox_AP", box_ap, "COCO val2017",
+                                                               "1333x800 keep-ratio, pad x32", _COCO_README),))
+
+
+_add(
+    _dino("dino_4scale_internimage_t", "coco_1x", "dino_4scale_internimage_t_1x_coco.pth", 53.9),
+    _dino("dino_4scale_internimage_l", "coco_1x", "dino_4scale_internimage_l_1x_coco_layer_wise_lr.pth", 57.5),
+    _dino("dino_4scale_internimage_l", "coco_1x_backbone_lr",
+          "dino_4scale_internimage_l_1x_coco_0.1x_backbone_lr.pth", 57.6),
+    # No official configuration or checkpoint for S / B: InternImage-S/B under DINO-T's head.
+    *(Weights(name, None, "detect", DetectionProtocol(), num_classes=80, labels="coco")
+      for name in ("dino_4scale_internimage_s", "dino_4scale_internimage_b")),
 )
 
 

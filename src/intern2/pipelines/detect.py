@@ -41,7 +41,8 @@ def draw_detections(image: Image.Image, output: Dict[str, torch.Tensor], classes
     canvas = np.asarray(image, dtype=np.float32).copy()
     palette = np.random.default_rng(7).integers(60, 256, (len(classes) + 1, 3))
     keep = output["scores"] >= threshold
-    for mask, label in zip(output.get("masks", torch.zeros(0))[keep], output["labels"][keep]):
+    masks = output["masks"][keep] if "masks" in output else []  # box-only detectors (DINO) have none
+    for mask, label in zip(masks, output["labels"][keep]):
         region = mask[0].numpy() >= 0.5
         canvas[region] = canvas[region] * 0.5 + palette[int(label)] * 0.5
     drawn = Image.fromarray(canvas.astype(np.uint8))
@@ -64,7 +65,7 @@ class DetectionPipeline(Pipeline):
 
     task = "detect"
     bfloat16 = False  # torchvision's RoI heads and NMS run in float32
-    expects = "a detector (Mask R-CNN or Cascade Mask R-CNN)"
+    expects = "a detector (Mask R-CNN, Cascade Mask R-CNN or DINO)"
     protocol: DetectionProtocol
 
     def __init__(self, model: nn.Module, source: Optional[str] = None, **protocol: Any):
@@ -76,8 +77,9 @@ class DetectionPipeline(Pipeline):
 
     @classmethod
     def model_types(cls) -> Tuple[type, ...]:
+        from ..models.dino import InternImageDINO
         from ..models.mask_rcnn import InternImageMaskRCNN
-        return (InternImageMaskRCNN,)
+        return (InternImageMaskRCNN, InternImageDINO)
 
     @torch.inference_mode()
     def raw(self, images: Sequence[torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
