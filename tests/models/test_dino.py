@@ -105,3 +105,65 @@ def test_detector_contract_and_checkpoint_round_trip(tmp_path):
     intern2.load_checkpoint(loaded, classifier.state_dict())
     torch.testing.assert_close(loaded.backbone.patch_embed.conv1.weight, classifier.patch_embed.conv1.weight)
     torch.testing.assert_close(loaded.neck.convs[0].conv.weight, model.neck.convs[0].conv.weight)
+
+
+def _train_head(official):
+    meta, t, neck, head, _, _ = official
+    p = meta["params"]
+    train_head = DINOHead(p["C"], p["E"], p["Q"], p["E"] // 2, 20, p["max_per_img"], num_dn_queries=p["ndn"],
+                          num_heads=p["heads"], num_points=p["points"], num_encoder_layers=p["Le"],
+                          num_decoder_layers=p["Ld"], feedforward_channels=p["F"]).double()
+    train_head.load_state_dict(head.state_dict())
+    gt_boxes = [t["train.gt_bboxes0"], t["train.gt_bboxes1"]]
+    gt_labels = [t["train.gt_labels0"], t["train.gt_labels1"]]
+    return train_head.train(), neck.train(), gt_boxes, gt_labels
+
+
+def test_training_losses_equal_the_official_ones(official):
+    """With the official run's denoising queries, all 15 official losses (encoder top-k, both decoder layers'
+    matching and denoising parts: focal / L1 / GIoU after Hungarian matching) to 1e-9; every parameter gets a
+    gradient."""
+    from intern2.heads.detr_losses import DenoisingQueries
+    meta, t, *_ = official
+    head, neck, gt_boxes, gt_labels = _train_head(official)
+    dn = DenoisingQueries(t["train.dn_label_query"], t["train.dn_bbox_query"], t["train.dn_attn_mask"],
+                          meta["train"]["dn_meta"]["pad_size"], meta["train"]["dn_meta"]["num_dn_group"])
+    feats = neck([t[f"input.backbone_feat{i}"] for i in range(3)])
+    out = head(feats, SIZES, tuple(meta["params"]["pad"]), dn.label, dn.boxes, dn.attn_mask)
+    losses = head.loss(out, gt_boxes, gt_labels, SIZES, dn)
+    assert set(losses) == set(meta["train"]["loss_keys"])
+    for name, value in losses.items():
+        torch.testing.assert_close(value.reshape(()), t[f"train.loss.{name}"], atol=1e-9, rtol=0, msg=name)
+    sum(losses.values()).backward()
+    without = [n for n, p in head.named_parameters() if p.grad is None and n != "label_embedding.weight"]
+    assert not without, without[:5]  # the given dn queries are constants: only the label embedding gets none
+
+
+def test_denoising_generator_reproduces_the_official_queries(official):
+    """Seeded as the official run, the generator draws the same label flips and box jitter: the same queries."""
+    meta, t, *_ = official
+    head, _, gt_boxes, gt_labels = _train_head(official)
+    torch.manual_seed(0)
+    dn = head.denoising_queries(gt_boxes, gt_labels, SIZES)
+    assert (dn.pad_size, dn.num_groups) == (24, 4)
+    torch.testing.assert_close(dn.label, t["train.dn_label_query"], atol=1e-12, rtol=0)
+    torch.testing.assert_close(dn.boxes, t["train.dn_bbox_query"], atol=1e-12, rtol=0)
+    assert torch.equal(dn.attn_mask, t["train.dn_attn_mask"])
+
+
+def test_training_forward_through_the_model():
+    """model(images, targets) in train mode: the loss dict with every key, an image without objects included."""
+    torch.manual_seed(0)
+    model = intern2.create_model("dino_4scale_internimage_t", backbone=TINY_BACKBONE, num_classes=3, min_size=64,
+                                 max_size=96, embed_dims=32, num_query=20, num_feats=16, neck_groups=8,
+                                 num_encoder_layers=1, num_decoder_layers=2, feedforward_channels=64,
+                                 num_dn_queries=6).train()
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 10.0, 60.0, 30.0]]), "labels": torch.tensor([1, 3])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
+    losses = model([torch.rand(3, 48, 64), torch.rand(3, 60, 40)], targets)
+    assert {"interm_loss_cls", "loss_cls", "d0.loss_bbox", "dn_loss_iou", "d0.dn_loss_cls"} <= set(losses)
+    assert all(torch.isfinite(v).all() for v in losses.values())
+    sum(v.sum() for v in losses.values()).backward()
+    assert model.bbox_head.label_embedding.weight.grad is not None
+    empty = model([torch.rand(3, 48, 64)], [targets[1]])  # no objects at all: zero denoising queries
+    assert all(torch.isfinite(v).all() for v in empty.values())

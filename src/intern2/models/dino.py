@@ -31,26 +31,17 @@ from torch import Tensor, nn
 
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..heads.detection import KeepRatioTransform
+from ..heads.detr_losses import DenoisingQueries, DinoCriterion, box_cxcywh_to_xyxy, cdn_queries, inverse_sigmoid
 from ..ops.msda_module import MultiScaleDeformableAttention
 from ..registry import register_variant
 from .internimage import InternImage, checkpoint_filter_fn
 from .upernet import _seg_backbone
 
-__all__ = ["InternImageDINO", "DINOHead", "DinoTransformer", "DinoOutputs", "ChannelMapper", "inverse_sigmoid",
-           "DINO_VARIANTS"]
+__all__ = ["InternImageDINO", "DINOHead", "DinoTransformer", "DinoOutputs", "ChannelMapper", "DINO_VARIANTS"]
 
 log = logging.getLogger(__name__)
 
 
-def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
-    """mmdet's ``inverse_sigmoid``: log(x / (1 - x)) with both clamped to at least ``eps``."""
-    x = x.clamp(0, 1)
-    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
-
-
-def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], -1)
 
 
 def sine_position_encoding(mask: Tensor, num_feats: int, temperature: float, scale: float = 2 * math.pi,
@@ -344,10 +335,11 @@ class DINOHead(nn.Module):
     proposals), the label embedding of the denoising queries, sine positions, top-k post-processing."""
 
     def __init__(self, num_classes: int = 80, embed_dims: int = 256, num_query: int = 900, num_feats: int = 128,
-                 temperature: float = 20, max_per_img: int = 100, **transformer):
+                 temperature: float = 20, max_per_img: int = 100, num_dn_queries: int = 100, **transformer):
         super().__init__()
         self.num_classes, self.num_feats, self.temperature = num_classes, num_feats, temperature
-        self.max_per_img = max_per_img
+        self.max_per_img, self.num_dn_queries = max_per_img, num_dn_queries
+        self.criterion = DinoCriterion(num_classes)
         self.transformer = DinoTransformer(embed_dims=embed_dims, num_query=num_query, **transformer)
         predictions = self.transformer.decoder_layers + 1
         self.cls_branches = nn.ModuleList([nn.Linear(embed_dims, num_classes) for _ in range(predictions)])
@@ -387,6 +379,8 @@ class DINOHead(nn.Module):
         out = self.transformer(feats, masks, positions, self.cls_branches, self.reg_branches, dn_label_query,
                                dn_bbox_query, attn_mask)
         states, references = out["inter_states"], out["inter_references"]
+        if dn_label_query is not None and dn_label_query.shape[1] == 0:  # no gt in the batch: keep DDP's graph whole
+            states = torch.cat([states[:1] + self.label_embedding.weight[0, 0] * 0.0, states[1:]])
         classes, coords = [], []
         for layer in range(states.shape[0]):
             classes.append(self.cls_branches[layer](states[layer]))
@@ -396,6 +390,19 @@ class DINOHead(nn.Module):
             k: out[k] for k in ("enc_topk_scores", "enc_topk_anchors", "memory", "enc_output_memory",
                                 "enc_output_proposals", "enc_outputs_class", "enc_outputs_coord_unact",
                                 "enc_topk_indices", "inter_states", "inter_references")})
+
+    def denoising_queries(self, gt_boxes: Sequence[Tensor], gt_labels: Sequence[Tensor],
+                          image_sizes: Sequence[Tuple[int, int]]) -> DenoisingQueries:
+        """The training batch's contrastive denoising queries (labels 0-based)."""
+        return cdn_queries(gt_boxes, gt_labels, image_sizes, self.label_embedding, self.transformer.num_query,
+                           self.num_classes, self.num_dn_queries)
+
+    def loss(self, out: DinoOutputs, gt_boxes: Sequence[Tensor], gt_labels: Sequence[Tensor],
+             image_sizes: Sequence[Tuple[int, int]], denoising: Optional[DenoisingQueries]) -> Dict[str, Tensor]:
+        """The official loss dict (``interm_loss_*``, ``loss_*``, ``d{i}.loss_*``, ``dn_loss_*``, ``d{i}.dn_loss_*``);
+        boxes xyxy in the resized images' pixels, labels 0-based."""
+        return self.criterion(out.all_cls_scores, out.all_bbox_preds, out.enc_topk_scores, out.enc_topk_anchors,
+                              gt_boxes, gt_labels, image_sizes, denoising)
 
     def detections(self, cls_scores: Tensor, bbox_preds: Tensor,
                    image_sizes: Sequence[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
@@ -426,28 +433,35 @@ class InternImageDINO(nn.Module):
 
     def __init__(self, backbone: Dict, num_classes: int = 80, min_size: int = 800, max_size: int = 1333,
                  embed_dims: int = 256, num_query: int = 900, max_per_img: int = 100, num_feats: int = 128,
-                 temperature: float = 20, neck_groups: int = 32, **transformer):
+                 temperature: float = 20, neck_groups: int = 32, num_dn_queries: int = 100, **transformer):
         super().__init__()
         self.backbone = InternImage(**backbone, features_only=True, out_indices=(1, 2, 3))
         self.neck = ChannelMapper(self.backbone.feature_info.channels(), embed_dims, 4, neck_groups)
         self.bbox_head = DINOHead(num_classes, embed_dims, num_query, num_feats, temperature, max_per_img,
-                                  **transformer)
+                                  num_dn_queries, **transformer)
         self.transform = KeepRatioTransform(min_size, max_size, list(IMAGENET_MEAN), list(IMAGENET_STD))
         self.backbone_config = dict(backbone)
         self.num_classes = num_classes
         self.head_config = dict(num_classes=num_classes, min_size=min_size, max_size=max_size, embed_dims=embed_dims,
                                 num_query=num_query, max_per_img=max_per_img, num_feats=num_feats,
-                                temperature=temperature, neck_groups=neck_groups, **transformer)
+                                temperature=temperature, neck_groups=neck_groups, num_dn_queries=num_dn_queries,
+                                **transformer)
 
     def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None):
         """torchvision's detector contract: a list of (3, H, W) [0, 1] images -> per-image dicts."""
-        if self.training:
-            raise NotImplementedError("DINO training (denoising queries, Hungarian matching, losses) is not "
-                                      "implemented yet; DINO runs inference with the official weights")
         original_sizes = [tuple(image.shape[-2:]) for image in images]
-        batch, _ = self.transform(images)
+        if self.training and targets is None:
+            raise ValueError("DINO: training needs targets (boxes, labels)")
+        batch, targets = self.transform(images, targets)
         feats = self.neck(self.backbone(batch.tensors))
-        out = self.bbox_head(feats, batch.image_sizes, tuple(batch.tensors.shape[-2:]))
+        input_size = tuple(batch.tensors.shape[-2:])
+        if self.training:
+            gt_boxes = [t["boxes"] for t in targets]
+            gt_labels = [t["labels"] - 1 for t in targets]
+            dn = self.bbox_head.denoising_queries(gt_boxes, gt_labels, batch.image_sizes)
+            out = self.bbox_head(feats, batch.image_sizes, input_size, dn.label, dn.boxes, dn.attn_mask)
+            return self.bbox_head.loss(out, gt_boxes, gt_labels, batch.image_sizes, dn)
+        out = self.bbox_head(feats, batch.image_sizes, input_size)
         detections = self.bbox_head.detections(out.all_cls_scores[-1], out.all_bbox_preds[-1], batch.image_sizes)
         return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
 

@@ -54,18 +54,20 @@ class DetectConfig:
             raise ValueError(f"augment: expected one of {list(AUGMENTS)}, got {self.augment!r}")
 
 
-def coco_evaluate(source: CocoSource, detections: List[Dict[str, Any]]) -> Dict[str, float]:
-    """COCO bbox and segm AP / AP50 / AP75 of ``detections`` (COCO result dicts) against ``source``."""
+def coco_evaluate(source: CocoSource, detections: List[Dict[str, Any]], masks: bool = True) -> Dict[str, float]:
+    """COCO bbox (and, for a detector with masks, segm) AP / AP50 / AP75 of ``detections`` (COCO result dicts)
+    against ``source``. pycocotools would score box-only results as box-shaped masks: ``masks=False`` skips segm."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
     keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+    kinds = ("bbox", "segm") if masks else ("bbox",)
     if not detections:
-        return {f"{kind}_{k}": 0.0 for kind in ("bbox", "segm") for k in keys}
+        return {f"{kind}_{k}": 0.0 for kind in kinds for k in keys}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress and tables
         ground_truth = COCO(str(source.annotation_file))
         results = ground_truth.loadRes(detections)
         metrics = {}
-        for kind in ("bbox", "segm"):
+        for kind in kinds:
             evaluator = COCOeval(ground_truth, results, kind)
             evaluator.params.imgIds = [image["id"] for image in source.images]
             evaluator.evaluate()
@@ -97,14 +99,17 @@ def evaluate_detector(model: nn.Module, dataset: CocoDetection, batch_size: int,
     was_training = model.training
     model.eval()
     detections: List[Dict] = []
+    masks = True
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_detection):
         with torch.no_grad():
             outputs = model([image.to(device) for image in batch["images"]])
         for output, image_id in zip(outputs, batch["image_ids"]):
+            masks = "masks" in output
             detections += to_coco_results({k: v.cpu() for k, v in output.items()}, image_id,
                                           dataset.source.category_ids)
     model.train(was_training)
-    return {**coco_evaluate(dataset.source, detections), "images": len(dataset), "detections": len(detections)}
+    return {**coco_evaluate(dataset.source, detections, masks), "images": len(dataset),
+            "detections": len(detections)}
 
 
 class DetectionTask:
@@ -180,7 +185,8 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     metrics = evaluate_detector(pipeline.model, CocoDetection(source, False), args.batch_size, pipeline.device)
+    mask = f"mask AP {metrics['segm_AP']:.2f} (AP50 {metrics['segm_AP50']:.2f}) " if "segm_AP" in metrics else ""
     print(json.dumps(metrics) if args.json else
           f"{source.annotation_file}: box AP {metrics['bbox_AP']:.2f} (AP50 {metrics['bbox_AP50']:.2f}), "
-          f"mask AP {metrics['segm_AP']:.2f} (AP50 {metrics['segm_AP50']:.2f}) on {metrics['images']} images")
+          f"{mask}on {metrics['images']} images")
     return 0
