@@ -15,8 +15,8 @@ __all__ = ["export_onnx", "export_detector_onnx", "main", "EXPORTABLE"]
 
 # What `intern2 export onnx` takes (task -> what it is called in messages).
 EXPORTABLE = {"image-cls": "image classifiers", "segment": "UperNet segmentors (--static)",
-              "video-cls": "video classifiers", "detect": "Mask R-CNN and Cascade Mask R-CNN detectors "
-              "(a fixed image size)"}
+              "video-cls": "video classifiers", "detect": "Mask R-CNN, Cascade Mask R-CNN and DINO "
+              "detectors (a fixed image size)"}
 DETECTION_OUTPUTS = ("boxes", "labels", "scores", "masks")
 
 log = logging.getLogger(__name__)
@@ -65,11 +65,12 @@ def export_onnx(model: nn.Module, path: Path, img_size: int, opset: int = 18, ch
 
 
 def export_detector_onnx(model: nn.Module, path: Path, size: Tuple[int, int], opset: int = 18, check: bool = True,
-                         atol: float = 1e-4, box_atol: float = 0.25) -> float:
-    """Export a Mask R-CNN for one (height, width): input ``image`` (3, H, W) RGB in [0, 1]; outputs ``boxes``
-    (N, 4) x1 y1 x2 y2 in pixels, ``labels`` (N,), ``scores`` (N,), ``masks`` (N, 1, H, W) probabilities: the whole
-    torchvision pipeline (resize, normalisation, RPN, NMS, RoI heads, mask pasting) is in the graph. Returns max
-    |onnxruntime - torch| of the scores on a test image (or -1 without the check); a different number of detections,
+                         atol: float = 1e-4, box_atol: float = 0.25) -> Tuple[float, List[str]]:
+    """Export a detector (Mask R-CNN, Cascade Mask R-CNN, DINO) for one (height, width): input ``image`` (3, H, W)
+    RGB in [0, 1]; outputs ``boxes`` (N, 4) x1 y1 x2 y2 in pixels, ``labels`` (N,), ``scores`` (N,) and, with a
+    mask head, ``masks`` (N, 1, H, W) probabilities: the whole pipeline (resize, normalisation, RPN, NMS, RoI heads,
+    mask pasting; DINO's deformable attention as grid_sample) is in the graph. Returns max
+    |onnxruntime - torch| of the scores on a test image (or -1 without the check) and the output names; a different number of detections,
     other labels, scores beyond ``atol`` or boxes beyond ``box_atol`` pixels (float32 sums in another order, through
     a deep network) is an error.
 
@@ -81,19 +82,21 @@ def export_detector_onnx(model: nn.Module, path: Path, size: Tuple[int, int], op
     height, width = size
     example = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0))
     path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():  # box-only detectors (DINO) have no masks output
+        outputs = [name for name in DETECTION_OUTPUTS if name in model([example])[0]]
     with warnings.catch_warnings():  # the tracer warns about every Python-level size it records
         warnings.simplefilter("ignore")
         torch.onnx.export(model, ([example],), str(path), dynamo=False, opset_version=opset,
-                          input_names=["image"], output_names=list(DETECTION_OUTPUTS),
-                          dynamic_axes={name: {0: "objects"} for name in DETECTION_OUTPUTS})
+                          input_names=["image"], output_names=outputs,
+                          dynamic_axes={name: {0: "objects"} for name in outputs})
     if not check:
-        return -1.0
+        return -1.0, outputs
     import onnx
     import onnxruntime as ort
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     probe = torch.rand(3, height, width, generator=torch.Generator().manual_seed(1))
-    got = dict(zip(DETECTION_OUTPUTS, session.run(None, {"image": probe.numpy()})))
+    got = dict(zip(outputs, session.run(None, {"image": probe.numpy()})))
     with torch.no_grad():
         want = model([probe])[0]
     if got["boxes"].shape != tuple(want["boxes"].shape) or (got["labels"] != want["labels"].numpy()).any():
@@ -104,7 +107,7 @@ def export_detector_onnx(model: nn.Module, path: Path, size: Tuple[int, int], op
     if diffs["scores"] > atol or diffs["boxes"] > box_atol:
         raise RuntimeError(f"{path}: onnxruntime differs from PyTorch by {diffs['scores']:.2e} in scores (at most "
                            f"{atol}) and {diffs['boxes']:.2e} px in boxes (at most {box_atol})")
-    return diffs["scores"]
+    return diffs["scores"], outputs
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -149,10 +152,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if task == "detect":
         test_size = getattr(model, "pretrained_cfg", {}).get("test_size", (1333, 800))
         size = args.image_size or (min(test_size), max(test_size))
-        diff = export_detector_onnx(model, Path(args.out), size, args.opset, check=not args.no_check)
+        diff, outputs = export_detector_onnx(model, Path(args.out), size, args.opset, check=not args.no_check)
         check = f" (onnxruntime vs torch max |diff| {diff:.2e})" if diff >= 0 else ""
         print(f"wrote {args.out}: input image (3, {size[0]}, {size[1]}) in [0, 1]; outputs "
-              f"{', '.join(DETECTION_OUTPUTS)}{check}")
+              f"{', '.join(outputs)}{check}")
         return 0
     if args.image_size:
         parser.error("--image-size is a detector's option; image models and video classifiers take --img-size")

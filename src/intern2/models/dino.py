@@ -253,9 +253,10 @@ class DinoTransformer(nn.Module):
         """Pixel centres of every level, normalised by that level's valid size -> (B, S, L, 2)."""
         points = []
         for level, (h, w) in enumerate(spatial_shapes):
-            ys, xs = torch.meshgrid(
-                torch.linspace(0.5, h - 0.5, h, dtype=valid_ratios.dtype, device=valid_ratios.device),
-                torch.linspace(0.5, w - 0.5, w, dtype=valid_ratios.dtype, device=valid_ratios.device), indexing="ij")
+            # arange + 0.5 = mmdet's linspace(0.5, n - 0.5, n) exactly (unit steps), and exports as ONNX Range
+            ys, xs = torch.meshgrid(torch.arange(h, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,
+                                    torch.arange(w, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,
+                                    indexing="ij")
             ys = ys.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * h)
             xs = xs.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * w)
             points.append(torch.stack((xs, ys), -1))
@@ -271,9 +272,8 @@ class DinoTransformer(nn.Module):
         for level, (h, w) in enumerate(spatial_shapes):
             mask = padding_mask[:, start:start + h * w].view(batch, h, w)
             valid_h, valid_w = (~mask[:, :, 0]).sum(1), (~mask[:, 0, :]).sum(1)
-            ys, xs = torch.meshgrid(torch.linspace(0, h - 1, h, dtype=memory.dtype, device=memory.device),
-                                    torch.linspace(0, w - 1, w, dtype=memory.dtype, device=memory.device),
-                                    indexing="ij")
+            ys, xs = torch.meshgrid(torch.arange(h, dtype=memory.dtype, device=memory.device),
+                                    torch.arange(w, dtype=memory.dtype, device=memory.device), indexing="ij")
             grid = torch.stack([xs, ys], -1)
             scale = torch.stack([valid_w, valid_h], 1).view(batch, 1, 1, 2)
             grid = (grid[None].expand(batch, -1, -1, -1) + 0.5) / scale
