@@ -69,8 +69,8 @@ def export_detector_onnx(model: nn.Module, path: Path, size: Tuple[int, int], op
     """Export a detector (Mask R-CNN, Cascade Mask R-CNN, DINO) for one (height, width): input ``image`` (3, H, W)
     RGB in [0, 1]; outputs ``boxes`` (N, 4) x1 y1 x2 y2 in pixels, ``labels`` (N,), ``scores`` (N,) and, with a
     mask head, ``masks`` (N, 1, H, W) probabilities: the whole pipeline (resize, normalisation, RPN, NMS, RoI heads,
-    mask pasting; DINO's deformable attention as grid_sample) is in the graph. Returns max
-    |onnxruntime - torch| of the scores on a test image (or -1 without the check) and the output names; a different number of detections,
+    mask pasting; DINO's deformable attention as grid_sample) is in the graph. Returns max |onnxruntime - torch| of
+    the scores on a test image (or -1 without the check) and the output names; a different number of detections,
     other labels, scores beyond ``atol`` or boxes beyond ``box_atol`` pixels (float32 sums in another order, through
     a deep network) is an error.
 

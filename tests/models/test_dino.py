@@ -158,7 +158,8 @@ def test_training_forward_through_the_model():
                                  max_size=96, embed_dims=32, num_query=20, num_feats=16, neck_groups=8,
                                  num_encoder_layers=1, num_decoder_layers=2, feedforward_channels=64,
                                  num_dn_queries=6).train()
-    targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 10.0, 60.0, 30.0]]), "labels": torch.tensor([1, 3])},
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 10.0, 60.0, 30.0]]),
+                "labels": torch.tensor([1, 3])},
                {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
     losses = model([torch.rand(3, 48, 64), torch.rand(3, 60, 40)], targets)
     assert {"interm_loss_cls", "loss_cls", "d0.loss_bbox", "dn_loss_iou", "d0.dn_loss_cls"} <= set(losses)

@@ -7,7 +7,7 @@ Class indices here are 0-based (mmdet's); ``num_classes`` marks "no object" in t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
