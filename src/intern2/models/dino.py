@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..heads.detection import KeepRatioTransform
+from ..heads.transformer import ConvGN, DeformableEncoder, FFN, MultiheadAttention, sine_position_encoding
 from ..heads.detr_losses import DenoisingQueries, DinoCriterion, box_cxcywh_to_xyxy, cdn_queries, inverse_sigmoid
 from ..ops.msda_module import MultiScaleDeformableAttention
 from ..registry import register_variant
@@ -44,23 +45,6 @@ log = logging.getLogger(__name__)
 
 
 
-def sine_position_encoding(mask: Tensor, num_feats: int, temperature: float, scale: float = 2 * math.pi,
-                           eps: float = 1e-6, dtype: torch.dtype = torch.float32) -> Tensor:
-    """mmdet's ``SinePositionalEncoding`` (normalize=True): (B, H, W) padding mask -> (B, 2 * num_feats, H, W),
-    y channels first; positions are cumulative counts of valid pixels normalised by the last one."""
-    valid = (~mask).to(dtype)
-    y = valid.cumsum(1)
-    x = valid.cumsum(2)
-    y = y / (y[:, -1:, :] + eps) * scale
-    x = x / (x[:, :, -1:] + eps) * scale
-    dim_t = torch.arange(num_feats, dtype=dtype, device=mask.device)
-    dim_t = temperature ** (2 * (dim_t // 2) / num_feats)
-    pos_x, pos_y = x[..., None] / dim_t, y[..., None] / dim_t
-    pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
-    pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
-    return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
-
-
 def sine_box_embedding(boxes: Tensor, embed_dims: int) -> Tensor:
     """DINO's ``gen_sineembed_for_position`` for (B, Q, 4) boxes -> (B, Q, 2 * embed_dims): (y, x, w, h) blocks."""
     half = embed_dims // 2
@@ -72,18 +56,6 @@ def sine_box_embedding(boxes: Tensor, embed_dims: int) -> Tensor:
         return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=3).flatten(2)
     x, y, w, h = boxes.unbind(-1)
     return torch.cat([embed(y), embed(x), embed(w), embed(h)], dim=2)
-
-
-class ConvGN(nn.Module):
-    """mmcv ``ConvModule(conv, GN, no activation)``: the conv has no bias (the norm has one)."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 32):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False)
-        self.gn = nn.GroupNorm(groups, out_channels)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.gn(self.conv(x))
 
 
 class ChannelMapper(nn.Module):
@@ -104,55 +76,13 @@ class ChannelMapper(nn.Module):
         return outs
 
 
-class FFN(nn.Module):
-    """mmcv's FFN (2 FCs, ReLU, identity added): ``layers.0.0`` and ``layers.1`` as in the checkpoints."""
-
-    def __init__(self, embed_dims: int, feedforward_channels: int):
-        super().__init__()
-        self.layers = nn.Sequential(nn.Sequential(nn.Linear(embed_dims, feedforward_channels), nn.ReLU(inplace=True)),
-                                    nn.Linear(feedforward_channels, embed_dims))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.layers(x)
-
-
-class SelfAttention(nn.Module):
-    """mmcv's ``MultiheadAttention`` wrapper (``attn`` = torch's): positions added to query and key, not the value."""
-
-    def __init__(self, embed_dims: int, num_heads: int):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(embed_dims, num_heads, batch_first=True)
-
-    def forward(self, query: Tensor, query_pos: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
-        q = query + query_pos
-        return query + self.attn(q, q, query, attn_mask=attn_mask, need_weights=False)[0]
-
-
-class EncoderLayer(nn.Module):
-    """self_attn (deformable), norm, ffn, norm."""
-
-    def __init__(self, embed_dims: int, num_heads: int, num_levels: int, num_points: int, feedforward_channels: int):
-        super().__init__()
-        self.attentions = nn.ModuleList([MultiScaleDeformableAttention(embed_dims, num_heads, num_levels, num_points,
-                                                                       dropout=0.0, batch_first=True)])
-        self.ffns = nn.ModuleList([FFN(embed_dims, feedforward_channels)])
-        self.norms = nn.ModuleList([nn.LayerNorm(embed_dims) for _ in range(2)])
-
-    def forward(self, query: Tensor, query_pos: Tensor, padding_mask: Tensor, reference_points: Tensor,
-                spatial_shapes: Tensor, level_start_index: Tensor) -> Tensor:
-        query = self.norms[0](self.attentions[0](query, query_pos=query_pos, key_padding_mask=padding_mask,
-                                                 reference_points=reference_points, spatial_shapes=spatial_shapes,
-                                                 level_start_index=level_start_index))
-        return self.norms[1](self.ffns[0](query))
-
-
 class DecoderLayer(nn.Module):
     """self_attn, norm, cross_attn (deformable, over the encoder memory), norm, ffn, norm."""
 
     def __init__(self, embed_dims: int, num_heads: int, num_levels: int, num_points: int, feedforward_channels: int):
         super().__init__()
         self.attentions = nn.ModuleList([
-            SelfAttention(embed_dims, num_heads),
+            MultiheadAttention(embed_dims, num_heads),
             MultiScaleDeformableAttention(embed_dims, num_heads, num_levels, num_points, dropout=0.0,
                                           batch_first=True)])
         self.ffns = nn.ModuleList([FFN(embed_dims, feedforward_channels)])
@@ -161,22 +91,11 @@ class DecoderLayer(nn.Module):
     def forward(self, query: Tensor, query_pos: Tensor, memory: Tensor, padding_mask: Tensor,
                 reference_points: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
                 attn_mask: Optional[Tensor]) -> Tensor:
-        query = self.norms[0](self.attentions[0](query, query_pos, attn_mask))
+        query = self.norms[0](self.attentions[0](query, query_pos=query_pos, attn_mask=attn_mask))
         query = self.norms[1](self.attentions[1](query, value=memory, query_pos=query_pos,
                                                  key_padding_mask=padding_mask, reference_points=reference_points,
                                                  spatial_shapes=spatial_shapes, level_start_index=level_start_index))
         return self.norms[2](self.ffns[0](query))
-
-
-class DinoEncoder(nn.Module):
-    def __init__(self, num_layers: int, **layer):
-        super().__init__()
-        self.layers = nn.ModuleList([EncoderLayer(**layer) for _ in range(num_layers)])
-
-    def forward(self, query: Tensor, **kwargs) -> Tensor:
-        for layer in self.layers:
-            query = layer(query, **kwargs)
-        return query
 
 
 class DinoDecoder(nn.Module):
@@ -234,7 +153,7 @@ class DinoTransformer(nn.Module):
                      feedforward_channels=feedforward_channels)
         self.embed_dims, self.num_levels, self.num_query = embed_dims, num_levels, num_query
         self.level_embeds = nn.Parameter(torch.empty(num_levels, embed_dims).normal_())
-        self.encoder = DinoEncoder(num_encoder_layers, embed_dims=embed_dims, **layer)
+        self.encoder = DeformableEncoder(num_encoder_layers, embed_dims=embed_dims, **layer)
         self.decoder = DinoDecoder(num_decoder_layers, embed_dims, **layer)
         self.enc_output = nn.Linear(embed_dims, embed_dims)
         self.enc_output_norm = nn.LayerNorm(embed_dims)
