@@ -391,7 +391,7 @@ class Weights:
 _WEIGHTS: Dict[str, List[Weights]] = {}
 # Architecture name prefix -> task, for names that have no record (e.g. a folder of an unknown variant).
 _TASK_PREFIXES = (("internimage_", "image-cls"), ("upernet_", "segment"), ("mask_rcnn_", "detect"),
-                  ("cascade_mask_rcnn_", "detect"), ("dino_", "detect"),
+                  ("cascade_mask_rcnn_", "detect"), ("dino_", "detect"), ("mask2former_", "segment"),
                   ("videomae_pretrain_", "video-pretrain"), ("videomae_vit_", "video-cls"),
                   ("internvideo_mm_", "video-text"), ("intern2_mt_", "translation"), ("m2m_100", "translation"),
                   ("actionformer_", "tal"))
@@ -492,6 +492,13 @@ _add(
     _ade20k("upernet_internimage_h", 896, (3584, 896), (59.9, 60.3)),
 )
 
+
+_add(Weights("mask2former_internimage_h", "ade20k", "segment",
+             SegmentationProtocol(test_size=(3584, 896), reduce_zero_label=True), num_classes=150, labels="ade20k",
+             file="mask2former_internimage_h_896_80k_cocostuff2ade20k.pth", hf_hub_id=_INTERNIMAGE_HUB,
+             metrics=(Metric("mIoU", 62.6, "ADE20K val", "single-scale (3584x896 keep-ratio, resize to x32)",
+                             _ADE_README),
+                      Metric("mIoU", 62.9, "ADE20K val", "multi-scale + flip (--tta)", _ADE_README))))
 
 def _coco(arch: str, schedule: str, box_ap: float, mask_ap: float) -> Weights:
     size = arch.rsplit("_", 1)[-1]

@@ -1,6 +1,8 @@
 """Training pieces of the DETR-family heads, as mmdet 2.28 / InternImage's ``mmdet_custom`` compute them: DINO's
 contrastive denoising queries (``CdnQueryGenerator``), one-to-one Hungarian matching (``HungarianAssigner`` with
-focal-class, L1-box and GIoU costs; scipy's ``linear_sum_assignment``), and the sigmoid focal / L1 / GIoU losses.
+focal-class, L1-box and GIoU costs; scipy's ``linear_sum_assignment``), the sigmoid focal / L1 / GIoU losses; and
+Mask2Former's (``MaskHungarianAssigner`` on randomly sampled points, class cross-entropy, mask BCE and dice on
+uncertainty-sampled points).
 
 Class indices here are 0-based (mmdet's); ``num_classes`` marks "no object" in the label targets.
 """
@@ -14,7 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["DenoisingQueries", "cdn_queries", "hungarian_match", "sigmoid_focal_loss", "giou_loss",
-           "box_xyxy_to_cxcywh", "box_cxcywh_to_xyxy", "pairwise_giou", "DinoCriterion"]
+           "box_xyxy_to_cxcywh", "box_cxcywh_to_xyxy", "pairwise_giou", "DinoCriterion", "point_sample",
+           "uncertain_points", "Mask2FormerCriterion"]
 
 
 def box_xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
@@ -79,7 +82,6 @@ def hungarian_match(cls_logits: Tensor, boxes: Tensor, gt_boxes: Tensor, gt_labe
                     giou_weight: float = 2.0, alpha: float = 0.25, gamma: float = 2.0) -> Tuple[Tensor, Tensor]:
     """mmdet's HungarianAssigner (FocalLossCost, BBoxL1Cost on normalised cxcywh, GIoU cost in pixels) for one
     image: (query indices, gt indices) of the optimal one-to-one matching. ``boxes``: (Q, 4) sigmoid cxcywh."""
-    from scipy.optimize import linear_sum_assignment
     if gt_boxes.shape[0] == 0 or boxes.shape[0] == 0:
         empty = torch.zeros(0, dtype=torch.long, device=boxes.device)
         return empty, empty
@@ -91,8 +93,14 @@ def hungarian_match(cls_logits: Tensor, boxes: Tensor, gt_boxes: Tensor, gt_labe
     cost = (pos[:, gt_labels] - neg[:, gt_labels]) * cls_weight
     cost = cost + torch.cdist(boxes, box_xyxy_to_cxcywh(gt_boxes / factor), p=1) * l1_weight
     cost = cost - pairwise_giou(box_cxcywh_to_xyxy(boxes) * factor, gt_boxes) * giou_weight
-    rows, cols = linear_sum_assignment(cost.cpu().numpy())
-    return torch.as_tensor(rows, device=boxes.device), torch.as_tensor(cols, device=boxes.device)
+    return _assign(cost)
+
+
+def _assign(cost: Tensor) -> Tuple[Tensor, Tensor]:
+    """(rows, cols) of the minimum-cost one-to-one assignment of a (queries, gts) cost matrix."""
+    from scipy.optimize import linear_sum_assignment
+    rows, cols = linear_sum_assignment(cost.detach().cpu().numpy())
+    return torch.as_tensor(rows, device=cost.device), torch.as_tensor(cols, device=cost.device)
 
 
 @dataclass
@@ -255,4 +263,105 @@ class DinoCriterion:
             if denoising is not None:
                 put(prefix, "dn_loss", self.denoising(all_logits[layer, :, :pad], all_boxes[layer, :, :pad],
                                                       gt_boxes, gt_labels, image_sizes, denoising.num_groups))
+        return losses
+
+
+# ------------------------------------------------------------------------------------------------ Mask2Former
+def point_sample(maps: Tensor, points: Tensor) -> Tensor:
+    """mmcv's ``point_sample``: (N, C, H, W) maps at (N, P, 2) normalised (x, y) points in [0, 1] -> (N, C, P)
+    (bilinear, zero padding, ``align_corners=False``)."""
+    return F.grid_sample(maps, 2 * points[:, :, None] - 1, align_corners=False)[..., 0]
+
+
+def uncertain_points(mask_logits: Tensor, num_points: int, oversample_ratio: float,
+                     importance_sample_ratio: float) -> Tensor:
+    """mmdet's ``get_uncertain_point_coords_with_randomness`` for (N, 1, H, W) logits: of ``num_points *
+    oversample_ratio`` uniform points, the ``importance_sample_ratio`` share closest to the decision boundary (least
+    |logit|), plus uniform points for the rest -> (N, num_points, 2)."""
+    n = mask_logits.shape[0]
+    sampled = int(num_points * oversample_ratio)
+    coords = torch.rand(n, sampled, 2, device=mask_logits.device, dtype=mask_logits.dtype)
+    uncertainty = -point_sample(mask_logits, coords)[:, 0].abs()
+    certain = int(importance_sample_ratio * num_points)
+    index = torch.topk(uncertainty, k=certain, dim=1)[1]
+    coords = torch.gather(coords, 1, index[..., None].expand(-1, -1, 2))
+    if num_points > certain:
+        coords = torch.cat([coords, torch.rand(n, num_points - certain, 2, device=mask_logits.device,
+                                               dtype=mask_logits.dtype)], 1)
+    return coords
+
+
+class Mask2FormerCriterion:
+    """Mask2Former's losses (mmdet 2.x ``Mask2FormerHead.loss``) for every prediction (``loss_*`` for the last,
+    ``d{i}.`` before): each image's queries are matched one to one to its gt masks (class, mask BCE and dice costs on
+    ``num_points`` uniform points); class cross-entropy over all queries (the "no object" class weighted 0.1), BCE
+    and dice on ``num_points`` uncertainty-sampled points of the matched masks, averaged over the gt masks of the
+    batch (all ranks)."""
+
+    def __init__(self, num_classes: int, num_points: int = 12544, oversample_ratio: float = 3.0,
+                 importance_sample_ratio: float = 0.75, cls_weight: float = 2.0, mask_weight: float = 5.0,
+                 dice_weight: float = 5.0, no_object_weight: float = 0.1):
+        self.num_classes, self.num_points = num_classes, num_points
+        self.oversample_ratio, self.importance_sample_ratio = oversample_ratio, importance_sample_ratio
+        self.cls_weight, self.mask_weight, self.dice_weight = cls_weight, mask_weight, dice_weight
+        self.no_object_weight = no_object_weight
+
+    @torch.no_grad()
+    def match(self, cls_logits: Tensor, mask_logits: Tensor, gt_labels: Tensor, gt_masks: Tensor):
+        """MaskHungarianAssigner for one image: (query indices, gt indices)."""
+        if len(gt_labels) == 0:
+            empty = torch.zeros(0, dtype=torch.long, device=cls_logits.device)
+            return empty, empty
+        points = torch.rand(1, self.num_points, 2, device=mask_logits.device, dtype=mask_logits.dtype)
+        pred = point_sample(mask_logits[:, None], points.expand(len(mask_logits), -1, -1))[:, 0]
+        gt = point_sample(gt_masks[:, None].to(pred.dtype), points.expand(len(gt_masks), -1, -1))[:, 0]
+        cost = -cls_logits.softmax(-1)[:, gt_labels] * self.cls_weight
+        pos = F.binary_cross_entropy_with_logits(pred, torch.ones_like(pred), reduction="none")
+        neg = F.binary_cross_entropy_with_logits(pred, torch.zeros_like(pred), reduction="none")
+        cost = cost + (pos @ gt.T + neg @ (1 - gt).T) / pred.shape[1] * self.mask_weight
+        prob = pred.sigmoid()
+        dice = 1 - (2 * prob @ gt.T + 1) / (prob.sum(-1)[:, None] + gt.sum(-1)[None] + 1)
+        return _assign(cost + dice * self.dice_weight)
+
+    def single(self, cls_logits: Tensor, mask_logits: Tensor, gt_labels: Sequence[Tensor],
+               gt_masks: Sequence[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+        """(class, mask, dice) losses of one prediction: (B, Q, K+1) logits, (B, Q, h, w) mask logits."""
+        labels = torch.full(cls_logits.shape[:2], self.num_classes, dtype=torch.long, device=cls_logits.device)
+        preds, targets = [], []
+        for b, (gtl, gtm) in enumerate(zip(gt_labels, gt_masks)):
+            rows, cols = self.match(cls_logits[b], mask_logits[b], gtl, gtm)
+            order = torch.argsort(rows)  # mmdet keeps the positives in query order
+            rows, cols = rows[order], cols[order]
+            labels[b, rows] = gtl[cols]
+            preds.append(mask_logits[b, rows])
+            targets.append(gtm[cols])
+        class_weight = cls_logits.new_ones(self.num_classes + 1)
+        class_weight[-1] = self.no_object_weight
+        flat = labels.flatten()
+        loss_cls = F.cross_entropy(cls_logits.flatten(0, 1), flat, weight=class_weight, reduction="none").sum()
+        loss_cls = loss_cls / (class_weight[flat].sum() + _AVG_EPS) * self.cls_weight
+        preds, targets = torch.cat(preds), torch.cat(targets)
+        num_masks = max(DinoCriterion._global_mean(len(targets), cls_logits), 1)
+        if len(targets) == 0:
+            return loss_cls, mask_logits.sum() * 0, mask_logits.sum() * 0
+        with torch.no_grad():
+            points = uncertain_points(preds[:, None], self.num_points, self.oversample_ratio,
+                                      self.importance_sample_ratio)
+            target_points = point_sample(targets[:, None].to(preds.dtype), points)[:, 0]
+        pred_points = point_sample(preds[:, None], points)[:, 0]
+        prob = pred_points.sigmoid()
+        dice = 1 - (2 * (prob * target_points).sum(1) + 1) / (prob.sum(1) + target_points.sum(1) + 1)
+        loss_dice = dice.sum() / (num_masks + _AVG_EPS) * self.dice_weight
+        bce = F.binary_cross_entropy_with_logits(pred_points, target_points, reduction="none").sum()
+        loss_mask = bce / (num_masks * self.num_points + _AVG_EPS) * self.mask_weight
+        return loss_cls, loss_mask, loss_dice
+
+    def __call__(self, all_cls: Sequence[Tensor], all_masks: Sequence[Tensor], gt_labels: Sequence[Tensor],
+                 gt_masks: Sequence[Tensor]) -> Dict[str, Tensor]:
+        losses: Dict[str, Tensor] = {}
+        for layer, (cls_logits, mask_logits) in enumerate(zip(all_cls, all_masks)):
+            prefix = "" if layer == len(all_cls) - 1 else f"d{layer}."
+            for name, value in zip(("loss_cls", "loss_mask", "loss_dice"),
+                                   self.single(cls_logits, mask_logits, gt_labels, gt_masks)):
+                losses[prefix + name] = value
         return losses

@@ -1,2 +1,3 @@
 """Model families. Importing this package registers every family with the registry."""
-from . import actionformer, dino, internimage, mask_rcnn, translator, upernet, video_vit, videotext  # noqa: F401
+from . import (actionformer, dino, internimage, mask2former, mask_rcnn, translator, upernet, video_vit,  # noqa: F401
+               videotext)

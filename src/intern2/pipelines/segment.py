@@ -125,8 +125,9 @@ class SegmentationPipeline(Pipeline):
 
     @classmethod
     def model_types(cls) -> Tuple[type, ...]:
+        from ..models.mask2former import Mask2Former
         from ..models.upernet import UperNet
-        return (UperNet,)
+        return (UperNet, Mask2Former)
 
     def input_size(self, height: int, width: int) -> Pair:
         """The size the model sees for an image of ``height`` x ``width`` (without test-time augmentation)."""

@@ -134,6 +134,12 @@ class SegmentationTask:
         images, labels = batch["image"], batch["label"]
         if len(images) == 0:
             return sum(p.sum() * 0 for p in model.parameters()), {"skipped_images": self.skipped}
+        from ..models.mask2former import Mask2Former
+        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        if isinstance(inner, Mask2Former):  # mask classification: its own matched losses
+            losses = model(images, labels)
+            return sum(losses.values()), {"skipped_images": self.skipped,
+                                          **{k: v.item() for k, v in losses.items() if "." not in k}}
         decode, aux = model(images, return_heads=True)
         size = labels.shape[-2:]
         loss = F.cross_entropy(F.interpolate(decode.float(), size=size, mode="bilinear", align_corners=False),
