@@ -104,10 +104,17 @@ def test_detection(tmp_path, inputs, capsys, architecture):
     assert all(["circle", "square"][o["index"]] == o["label"] for o in python)
 
 
-def test_segmentation(tmp_path, inputs, capsys):
+SEGMENTORS = {"upernet_internimage_t": dict(backbone=BACKBONE, channels=16, aux_channels=16),
+              "mask2former_internimage_h": dict(backbone=dict(BACKBONE, level2_post_norm_block_ids=None),
+                                                feat_channels=32, num_queries=8, num_heads=4, num_decoder_layers=2,
+                                                decoder_feedforward=64, num_encoder_layers=1, encoder_feedforward=64,
+                                                num_feats=16, groups=8)}
+
+
+@pytest.mark.parametrize("architecture", list(SEGMENTORS))
+def test_segmentation(tmp_path, inputs, capsys, architecture):
     torch.manual_seed(0)
-    model = intern2.create_model("upernet_internimage_t", backbone=BACKBONE, channels=16, aux_channels=16,
-                                 num_classes=4)
+    model = intern2.create_model(architecture, num_classes=4, **SEGMENTORS[architecture])
     model.pretrained_cfg.update(label_names=["sky", "road", "tree", "car"], test_size=[96, 64])
     folder = _folder(tmp_path, "segment", model)
     from intern2.pipelines.segment import SegmentationPipeline

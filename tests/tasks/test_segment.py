@@ -75,9 +75,17 @@ def test_miou_metric():
     assert result["aAcc"] == pytest.approx(11 / 14 * 100) and set(result["per_class_IoU"]) == {"bg", "a"}
 
 
-def test_train_eval_predict(shapes, tmp_path, capsys):
+TINY_M2F = ("model_args={backbone: {channels: 16, depths: [1, 1, 1, 1], groups: [1, 2, 4, 8], drop_path_rate: 0.0, "
+            "level2_post_norm_block_ids: null}, feat_channels: 32, num_queries: 8, num_heads: 4, "
+            "num_decoder_layers: 3, decoder_feedforward: 64, num_encoder_layers: 1, encoder_feedforward: 64, "
+            "num_feats: 16, groups: 8, train_points: 256}")
+
+
+@pytest.mark.parametrize("model", ["upernet_internimage_t", "mask2former_internimage_h"])
+def test_train_eval_predict(shapes, tmp_path, capsys, model):
     out = tmp_path / "run"
-    assert cli.main(["train", "segment", "--data", str(shapes), "--out", str(out), "--set", TINY,
+    tiny = TINY_M2F if model.startswith("mask2former") else TINY
+    assert cli.main(["train", "segment", "--data", str(shapes), "--out", str(out), "--model", model, "--set", tiny,
                      "--set", "crop_size=32", "--set", "scale=32", "--set", "test_size=[32, 32]",
                      "--set", "train.max_steps=2", "--set", "train.batch_size=4", "--set", "train.device=cpu"]) == 0
     final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -116,7 +116,7 @@ class SegmentationPipeline(Pipeline):
     """
 
     task = "segment"
-    expects = "a semantic segmentation model (UperNet)"
+    expects = "a semantic segmentation model (UperNet or Mask2Former)"
     protocol: SegmentationProtocol
 
     def __init__(self, model: nn.Module, source: Optional[str] = None, tta: bool = False, **protocol: Any):
