@@ -300,6 +300,12 @@ LABEL_SETS: Dict[str, LabelSet] = {s.name: s for s in (
                                              ("__background__", "N/A"))),
     LabelSet("ade20k", 150, "intern2 data/labels/ade20k.txt (mmseg ADE20KDataset.CLASSES)",
              lambda: _package_file("ade20k")),
+    *(LabelSet(name, size, f"intern2 data/labels/{name.replace('-', '_')}.txt ({source})",
+               functools.partial(_package_file, name.replace("-", "_")))
+      for name, size, source in (("cityscapes", 19, "mmseg CityscapesDataset classes"),
+                                 ("coco-stuff", 171, "mmseg COCOStuffDataset.CLASSES"),
+                                 ("nyu-depth-v2", 40, "InternImage mmseg_custom NYUDepthV2Dataset.CLASSES"),
+                                 ("pascal-context-59", 59, "mmseg PascalContextDataset59.CLASSES"))),
     LabelSet("kinetics-400", 400, "torchvision (R3D_18_Weights.KINETICS400_V1.meta['categories'])",
              lambda: _torchvision_categories("video.R3D_18_Weights.KINETICS400_V1")),
     LabelSet("kinetics-710", 710, "intern2 data/labels/kinetics710.txt (VideoMAEv2 misc/label_map_k710.txt)",
@@ -493,12 +499,51 @@ _add(
 )
 
 
-_add(Weights("mask2former_internimage_h", "ade20k", "segment",
-             SegmentationProtocol(test_size=(3584, 896), reduce_zero_label=True), num_classes=150, labels="ade20k",
-             file="mask2former_internimage_h_896_80k_cocostuff2ade20k.pth", hf_hub_id=_INTERNIMAGE_HUB,
-             metrics=(Metric("mIoU", 62.6, "ADE20K val", "single-scale (3584x896 keep-ratio, resize to x32)",
-                             _ADE_README),
-                      Metric("mIoU", 62.9, "ADE20K val", "multi-scale + flip (--tta)", _ADE_README))))
+# The Cityscapes / Mapillary / NYU / Pascal Context checkpoints have the smaller head (feat 256, 100 queries).
+_M2F_SMALL_HEAD = dict(feat_channels=256, num_queries=100, num_heads=8, encoder_feedforward=1024,
+                       decoder_feedforward=2048, num_feats=128)
+_SEG_README = "OpenGVLab/InternImage segmentation/configs/{}/README.md"
+
+
+def _m2f(tag: str, file: str, labels: str, protocol: SegmentationProtocol, miou: Optional[Tuple[float, ...]],
+         dataset: str, small_head: bool = False) -> Weights:
+    """An official Mask2Former-InternImage-H checkpoint (``miou``: single-scale, and multi-scale where the
+    released configs give its ratios)."""
+    size = LABEL_SETS[labels].size
+    where = f"{protocol.test_size[0]}x{protocol.test_size[1]} keep-ratio, resize to x32" + (
+        f", slide {protocol.slide_crop[0]}x{protocol.slide_crop[1]}" if protocol.slide_crop else "")
+    readme = _SEG_README.format(tag.replace("-", "_").removesuffix("_59"))
+    metrics = ()
+    if miou:
+        metrics = (Metric("mIoU", miou[0], dataset, f"single-scale ({where})", readme),) + tuple(
+            Metric("mIoU", value, dataset, "multi-scale + flip (--tta)", readme) for value in miou[1:])
+    return Weights("mask2former_internimage_h", tag, "segment", protocol, num_classes=size, labels=labels,
+                   file=file, hf_hub_id=_INTERNIMAGE_HUB, metrics=metrics,
+                   arch_overrides=dict(_M2F_SMALL_HEAD if small_head else {}, num_classes=size))
+
+
+_add(
+    _m2f("ade20k", "mask2former_internimage_h_896_80k_cocostuff2ade20k.pth", "ade20k",
+         SegmentationProtocol(test_size=(3584, 896), reduce_zero_label=True,
+                              tta_ratios=(768 / 896, 832 / 896, 1.0, 960 / 896, 1024 / 896)), (62.6, 62.9),
+         "ADE20K val"),
+    _m2f("cityscapes", "mask2former_internimage_h_1024x1024_80k_mapillary2cityscapes.pth", "cityscapes",
+         SegmentationProtocol(test_size=(2048, 1024), slide_crop=(1024, 1024), slide_stride=(512, 512)),
+         (86.37,), "Cityscapes val", small_head=True),
+    _m2f("mapillary", "mask2former_internimage_h_896x896_80k_mapillary.pth", "cityscapes",
+         SegmentationProtocol(test_size=(2048, 1024), slide_crop=(896, 896), slide_stride=(512, 512)), None,
+         "Cityscapes val", small_head=True),
+    _m2f("coco-stuff164k", "mask2former_internimage_h_896_80k_cocostuff164k.pth", "coco-stuff",
+         SegmentationProtocol(test_size=(3584, 896)), (52.6,), "COCO-Stuff-164k val"),
+    _m2f("coco-stuff10k", "mask2former_internimage_h_512_40k_cocostuff164k_to_10k.pth", "coco-stuff",
+         SegmentationProtocol(test_size=(2048, 512), reduce_zero_label=True), (59.2,), "COCO-Stuff-10k test"),
+    _m2f("nyu-depth-v2", "mask2former_internimage_h_480_40k_nyu.pth", "nyu-depth-v2",
+         SegmentationProtocol(test_size=(640, 480), reduce_zero_label=True), (67.1,), "NYU-Depth-v2 test",
+         small_head=True),
+    _m2f("pascal-context-59", "mask2former_internimage_h_480_40k_pascal_context_59.pth", "pascal-context-59",
+         SegmentationProtocol(test_size=(4096, 520), reduce_zero_label=True), (69.7,), "Pascal Context 59 val",
+         small_head=True),
+)
 
 def _coco(arch: str, schedule: str, box_ap: float, mask_ap: float) -> Weights:
     size = arch.rsplit("_", 1)[-1]

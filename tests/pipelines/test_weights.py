@@ -138,7 +138,7 @@ def test_bad_metadata_names_the_file_and_field(tmp_path):
     model = intern2.create_model("upernet_internimage_t", backbone=TINY, channels=16, aux_channels=16)
     intern2.save_pretrained(model, tmp_path / "model")
     config = json.loads((tmp_path / "model" / "config.json").read_text())
-    for change, message in ((dict(label_names="cityscapes"), "label_names: unknown label set 'cityscapes'"),
+    for change, message in ((dict(label_names="mars-rocks"), "label_names: unknown label set 'mars-rocks'"),
                             (dict(test_size="big"), "test_size: expected a list of 2 integers, got 'big'"),
                             (dict(size_divisor=-1), "size_divisor: expected a positive integer"),
                             (dict(label_names=5), "label_names: expected a label set name or a list")):
