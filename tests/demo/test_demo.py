@@ -94,13 +94,14 @@ def test_recipes_run_in_order_from_one_folder(tmp_path, tiny_actions, tiny_untri
     monkeypatch.chdir(tmp_path)
     short = ("train.max_steps=2", "train.eval_every=2", "train.batch_size=2")
     for task, recipe in (("image-cls", "digits"), ("segment", "shapes-segment"), ("detect", "shapes-detect"),
+                         ("detect", "shapes-detect-dino"),
                          ("video-pretrain", "actions-pretrain"), ("video-cls", "actions-finetune"),
                          ("tal", "untrimmed-localize"), ("video-text", "actions-text"), ("umt", "actions-umt"),
                          ("translation", "babel-translate")):
         settings = ("train.epochs=1", "train.batch_size=8") if recipe == "digits" else short
         if recipe == "babel-translate":
             settings = ("train.max_steps=2", "train.eval_every=2", "max_eval_examples=4")
-        if recipe == "shapes-detect":  # as the README runs it: from the segmentation recipe's backbone
+        if recipe.startswith("shapes-detect"):  # as the README runs it: from the segmentation recipe's backbone
             settings = (*short, "backbone_checkpoint=runs/shapes-segment/model")
         _train(task, recipe, *settings)
         metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

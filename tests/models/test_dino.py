@@ -105,6 +105,11 @@ def test_detector_contract_and_checkpoint_round_trip(tmp_path):
     intern2.load_checkpoint(loaded, classifier.state_dict())
     torch.testing.assert_close(loaded.backbone.patch_embed.conv1.weight, classifier.patch_embed.conv1.weight)
     torch.testing.assert_close(loaded.neck.convs[0].conv.weight, model.neck.convs[0].conv.weight)
+    segmentor = intern2.create_model("upernet_internimage_t", backbone=TINY_BACKBONE, num_classes=3, channels=16,
+                                     aux_channels=16)  # e.g. the shapes-segment recipe's model
+    intern2.load_checkpoint(loaded, segmentor.state_dict())
+    torch.testing.assert_close(loaded.backbone.levels[2].blocks[0].dcn.output_proj.weight,
+                               segmentor.backbone.levels[2].blocks[0].dcn.output_proj.weight)
 
 
 def _train_head(official):

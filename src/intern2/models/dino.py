@@ -388,9 +388,9 @@ class InternImageDINO(nn.Module):
         self.backbone.set_grad_checkpointing(enable)
 
     def checkpoint_filter(self, state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        """The official mmdet layout is ours (backbone names go through InternImage's filter); a bare InternImage
-        state dict initialises the backbone only."""
-        if not any(k.startswith(("backbone.", "neck.", "bbox_head.")) for k in state_dict):
+        """The official mmdet layout is ours (backbone names go through InternImage's filter); any other state dict
+        (a classifier, another task's model with an InternImage under ``backbone.``) initialises the backbone only."""
+        if not any(k.startswith(("neck.", "bbox_head.")) for k in state_dict):  # a classifier, segmentor, ...
             log.info("checkpoint has no detector keys: loading it into the backbone only")
             state_dict = {f"backbone.{k}": v for k, v in checkpoint_filter_fn(state_dict, self.backbone).items()}
             return {**{k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}, **state_dict}

@@ -245,9 +245,9 @@ class Mask2Former(nn.Module):
         return self.backbone.fsdp_units()
 
     def checkpoint_filter(self, state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        """The official mmseg layout is ours (backbone names go through InternImage's filter); a bare InternImage
-        state dict initialises the backbone only."""
-        if not any(k.startswith(("backbone.", "decode_head.")) for k in state_dict):
+        """The official mmseg layout is ours (backbone names go through InternImage's filter); any other state dict
+        (a classifier, an UperNet or detector with an InternImage under ``backbone.``) initialises the backbone only."""
+        if not any(k.startswith("decode_head.pixel_decoder.") for k in state_dict):  # not a Mask2Former
             log.info("checkpoint has no segmentor keys: loading it into the backbone only")
             state_dict = {f"backbone.{k}": v for k, v in checkpoint_filter_fn(state_dict, self.backbone).items()}
             return {**{k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}, **state_dict}
