@@ -348,3 +348,11 @@ def test_triton_on_cuda_matches_reference(dtype, atol):
     torch.testing.assert_close(got[0].double(), want[0], atol=atol, rtol=atol)
     for what, g, w in zip(GRADS[1:], got[1:], want[1:]):
         torch.testing.assert_close(g.double(), w, atol=atol * 10, rtol=atol * 10, msg=what)
+
+
+def test_module_takes_mmcv_config_arguments():
+    """An mmcv attn_cfgs dict (the Mask2Former configs pass im2col_step, norm_cfg, init_cfg) builds the module."""
+    cfg = dict(embed_dims=64, num_heads=8, num_levels=3, num_points=4, im2col_step=64, dropout=0.0, batch_first=False,
+               norm_cfg=None, init_cfg=None)
+    module = MultiScaleDeformableAttention(**cfg)
+    assert module.sampling_offsets.out_features == 8 * 3 * 4 * 2 and not module.batch_first

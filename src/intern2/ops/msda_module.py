@@ -28,6 +28,7 @@ class MultiScaleDeformableAttention(nn.Module):
         dropout: on the projected output, before the residual.
         batch_first: (N, length, C) inputs; False (mmcv's default, every InternImage config) means (length, N, C).
         impl: MSDA core implementation ('reference', 'fast', 'triton'; None picks per device).
+        im2col_step, norm_cfg, init_cfg: accepted and unused, as in mmcv, so mmcv configs construct it unchanged.
     """
 
     def __init__(
@@ -39,8 +40,12 @@ class MultiScaleDeformableAttention(nn.Module):
             dropout: float = 0.1,
             batch_first: bool = False,
             impl: Optional[str] = None,
+            im2col_step: int = 64,
+            norm_cfg: Optional[dict] = None,
+            init_cfg: Optional[dict] = None,
     ):
         super().__init__()
+        del im2col_step, norm_cfg, init_cfg  # mmcv stores and never uses them (im2col_step batches its CUDA kernel)
         if embed_dims % num_heads != 0:
             raise ValueError(f"embed_dims ({embed_dims}) must be divisible by num_heads ({num_heads})")
         if impl is not None and impl not in IMPLS:
