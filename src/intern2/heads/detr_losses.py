@@ -103,6 +103,14 @@ def _assign(cost: Tensor) -> Tuple[Tensor, Tensor]:
     return torch.as_tensor(rows, device=cost.device), torch.as_tensor(cols, device=cost.device)
 
 
+def _global_mean(value: float, like: Tensor) -> float:
+    """mmdet's ``reduce_mean``: the mean over the ranks of a distributed run (itself otherwise)."""
+    tensor = like.new_tensor([value])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor.div_(torch.distributed.get_world_size()))
+    return float(tensor)
+
+
 @dataclass
 class DenoisingQueries:
     """DINO's denoising part of the decoder input: ``label`` (B, pad, E) embeddings, ``boxes`` (B, pad, 4)
@@ -182,21 +190,12 @@ class DinoCriterion:
         self.num_classes = num_classes
         self.cls_weight, self.l1_weight, self.giou_weight = cls_weight, l1_weight, giou_weight
 
-    @staticmethod
-    def _global_mean(value: float, like: Tensor) -> float:
-        """mmdet's ``reduce_mean``: the mean over the ranks of a distributed run (itself otherwise)."""
-        tensor = like.new_tensor([value])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(tensor.div_(torch.distributed.get_world_size()))
-        return float(tensor)
-
     def _losses(self, logits: Tensor, boxes: Tensor, labels: Tensor, targets: Tensor, weights: Tensor,
                 factors: Tensor, num_pos: int) -> Tuple[Tensor, Tensor, Tensor]:
         """The three losses of flattened predictions given their targets (labels K = no object)."""
-        avg_cls = max(self._global_mean(num_pos, logits), 1)
-        loss_cls = sigmoid_focal_loss(logits, labels, avg_cls) * self.cls_weight if len(logits) else \
+        avg = max(_global_mean(num_pos, logits), 1)  # mmdet's class and box averages: the same number here
+        loss_cls = sigmoid_focal_loss(logits, labels, avg) * self.cls_weight if len(logits) else \
             logits.new_zeros(1)
-        avg = max(self._global_mean(num_pos, logits), 1)
         pred_xyxy = box_cxcywh_to_xyxy(boxes) * factors
         target_xyxy = box_cxcywh_to_xyxy(targets) * factors
         loss_iou = giou_loss(pred_xyxy, target_xyxy, weights[:, 0], avg) * self.giou_weight
@@ -341,7 +340,7 @@ class Mask2FormerCriterion:
         loss_cls = F.cross_entropy(cls_logits.flatten(0, 1), flat, weight=class_weight, reduction="none").sum()
         loss_cls = loss_cls / (class_weight[flat].sum() + _AVG_EPS) * self.cls_weight
         preds, targets = torch.cat(preds), torch.cat(targets)
-        num_masks = max(DinoCriterion._global_mean(len(targets), cls_logits), 1)
+        num_masks = max(_global_mean(len(targets), cls_logits), 1)
         if len(targets) == 0:
             return loss_cls, mask_logits.sum() * 0, mask_logits.sum() * 0
         with torch.no_grad():
