@@ -4,10 +4,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from typing import List, Optional
+
 import torch
 import torch.distributed as dist
+from torch import nn
 
-__all__ = ["DistInfo", "init_distributed", "cleanup", "all_reduce_mean"]
+__all__ = ["DistInfo", "init_distributed", "cleanup", "all_reduce_mean", "fully_shard_model"]
 
 
 @dataclass(frozen=True)
@@ -59,3 +62,18 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return value
+
+
+def fully_shard_model(model: nn.Module, mp_policy: Optional["torch.distributed.fsdp.MixedPrecisionPolicy"] = None
+                      ) -> List[nn.Parameter]:
+    """Shard ``model`` in place with FSDP2: each of its ``fsdp_units()`` (e.g. one per residual block) is a unit,
+    the root holds the rest. Returns the parameters left whole on every rank: ``fully_shard`` cannot shard 0-d
+    parameters (CLIP's logit_scale), so their gradients must be averaged by the caller."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = mp_policy or MixedPrecisionPolicy()
+    replicated = [p for p in model.parameters() if p.dim() == 0]
+    ignored = set(replicated) or None
+    for module in getattr(model, "fsdp_units", lambda: [])():
+        fully_shard(module, mp_policy=policy, ignored_params=ignored)
+    fully_shard(model, mp_policy=policy, ignored_params=ignored)
+    return replicated

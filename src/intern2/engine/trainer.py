@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..checkpoint import atomic_write, remove_stale_temps
 from ..config import to_dict
-from .distributed import DistInfo, cleanup, init_distributed
+from .distributed import DistInfo, cleanup, fully_shard_model, init_distributed
 from .optim import SCHEDULES, build_optimizer, lr_schedule, stretch_to_time
 
 __all__ = ["Task", "TrainConfig", "Trainer", "ShardedSampler", "ModelEma", "accumulate_eval"]
@@ -237,17 +237,13 @@ class Trainer:
     # --------------------------------------------------------------------------------------------------- setup
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.cfg.fsdp:
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+            from torch.distributed.fsdp import MixedPrecisionPolicy
             if not dist.is_initialized():
                 raise ValueError("train.fsdp needs a process group: launch with torchrun")
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-                if self.cfg.amp == "bf16" else MixedPrecisionPolicy()
-            # fully_shard cannot shard 0-d parameters (CLIP's logit_scale): they stay whole on every rank, and
-            # their gradients are averaged by hand (_average_replicated_grads).
-            self._replicated = [p for p in model.parameters() if p.dim() == 0]
-            for module in getattr(model, "fsdp_units", lambda: [])():  # e.g. one unit per residual block
-                fully_shard(module, mp_policy=policy, ignored_params=set(self._replicated) or None)
-            fully_shard(model, mp_policy=policy, ignored_params=set(self._replicated) or None)
+                if self.cfg.amp == "bf16" else None
+            # The 0-d parameters it leaves whole get their gradients averaged by hand (_average_replicated_grads).
+            self._replicated = fully_shard_model(model, policy)
             return model
         if self.dist.distributed:
             cuda = self.dist.device.type == "cuda"
