@@ -29,7 +29,8 @@ from machine import Limits, measure_limits
 
 STAGES = [(56, 64, 4), (28, 128, 8), (14, 256, 16), (7, 512, 32)]  # (H=W, C, G) of InternImage-T at 224 px
 KERNEL, STRIDE, PAD, DILATION = 3, 1, 1, 1
-TARGETS = {"fwd": 3.0, "fwdbwd": 4.0, "mem": 0.5, "floor": 1.5, "gpu": 5.0}
+# Issue 20 (CPU: geomean of the 4 stages, batch 8, 1 thread; no stage below "floor"; training memory <= "mem").
+TARGETS = {"fwd": 5.0, "fwdbwd": 5.0, "mem": 0.3, "floor": 3.0, "gpu": 5.0}
 
 
 def official_core(inp: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, group: int) -> torch.Tensor:
@@ -255,7 +256,8 @@ def main(argv=None) -> int:
                         ok = geomean(ratios) >= goal and (gpu or (min(ratios) >= TARGETS["floor"]
                                                                   and (mode == "fwd" or max(mems) <= TARGETS["mem"])))
                         failed |= not ok
-                        line += f" [target {goal:.0f}x: {'met' if ok else 'MISSED'}]"
+                        floor = "" if gpu else f", no stage < {TARGETS['floor']:.0f}x"
+                        line += f" [target {goal:.0f}x{floor}: {'met' if ok else 'MISSED'}]"
                 print(line)
     if args.json:
         with open(args.json, "w") as fh:

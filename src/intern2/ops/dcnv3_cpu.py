@@ -61,10 +61,29 @@ def _stack_array(typingctx, size, dtype):
     return array_type(size, dtype), codegen
 
 
+@numba.njit
+def _point_bases(kh, kw, dh, dw, remove_center):
+    """Each sampling point's position relative to the window centre, (x, y), before its learned offset.
+
+    Points run column-major over the kernel window (the official order); a removed centre shifts later points.
+    Computed once per call, so the per-sample geometry has no integer division and no branch on the centre.
+    """
+    points = kh * kw - remove_center
+    centre = (kw // 2) * kh + kh // 2 if remove_center else -1
+    half_h = (dh * (kh - 1)) // 2
+    half_w = (dw * (kw - 1)) // 2
+    bases = np.empty((points, 2))
+    for p in range(points):
+        k = p + 1 if 0 <= centre <= p else p
+        i = k // kh
+        bases[p, 0] = i * dw - half_w
+        bases[p, 1] = (k - i * kh) * dh - half_h
+    return bases
+
+
 @numba.njit(inline="always")
-def _sample_point(p, q, cx, cy, kh, centre, dw, dh, half_w, half_h, off, offset_scale, n, height, width, channels,
-                  column):
-    """Bilinear sampling of point p (offset index q) of the window centred at (cx, cy).
+def _sample_point(bx, by, q, cx, cy, off, offset_scale, n, height, width, channels, column):
+    """Bilinear sampling of the point at (bx, by) from the window centre (cx, cy), offset index q.
 
     Returns (inside, four corner row offsets from channel ``column``, four unmasked bilinear weights, four corner
     validity flags, x and y fractions). ``inside`` is False when the point lies fully outside the image (the
@@ -72,10 +91,8 @@ def _sample_point(p, q, cx, cy, kh, centre, dw, dh, half_w, half_h, off, offset_
     image, so channel loops load unconditionally. Row offsets are unsigned: numba adds a negative-index fix-up to
     signed indices, which blocks vectorisation.
     """
-    k = p + 1 if 0 <= centre <= p else p  # kernel position; a removed centre shifts later points
-    i = k // kh
-    x = cx + (i * dw - half_w + off[2 * q]) * offset_scale
-    y = cy + ((k - i * kh) * dh - half_h + off[2 * q + 1]) * offset_scale
+    x = cx + (bx + off[2 * q]) * offset_scale
+    y = cy + (by + off[2 * q + 1]) * offset_scale
     inside = x > -1.0 and y > -1.0 and x < width and y < height
     x0f = math.floor(x) if inside else 0.0
     y0f = math.floor(y) if inside else 0.0
@@ -142,8 +159,8 @@ def _forward_kernel(inp, off, msk, out, kh, kw, sh, sw, ph, pw, dh, dw, group, o
     n_batch, height, width, channels = inp.shape
     out_h, out_w = out.shape[1], out.shape[2]
     d_group = channels // group
-    points = kh * kw - remove_center
-    centre = (kw // 2) * kh + kh // 2 if remove_center else -1
+    bases = _point_bases(kh, kw, dh, dw, remove_center)
+    points = bases.shape[0]
     half_h = (dh * (kh - 1)) // 2
     half_w = (dw * (kw - 1)) // 2
     typed = inp.dtype.type  # keep the channel loops in the input dtype
@@ -171,8 +188,8 @@ def _forward_kernel(inp, off, msk, out, kh, kw, sh, sw, ph, pw, dh, dw, group, o
                     for p in range(points):
                         q = q0 + np.uint64(p)
                         inside, r00, r01, r10, r11, b00, b01, b10, b11, _, _, _, _, _, _ = _sample_point(
-                            p, q, cx, cy, kh, centre, dw, dh, half_w, half_h, off_flat, offset_scale, n, height,
-                            width, channels, g * d_group + int(start))
+                            bases[p, 0], bases[p, 1], q, cx, cy, off_flat, offset_scale, n, height, width, channels,
+                            g * d_group + int(start))
                         if not inside:
                             continue
                         m = msk_flat[q]
@@ -192,8 +209,8 @@ def _backward_kernel(gout, inp, off, msk, gin, goff, gmsk,
     n_batch, height, width, channels = inp.shape
     out_h, out_w = gout.shape[1], gout.shape[2]
     d_group = channels // group
-    points = kh * kw - remove_center
-    centre = (kw // 2) * kh + kh // 2 if remove_center else -1
+    bases = _point_bases(kh, kw, dh, dw, remove_center)
+    points = bases.shape[0]
     half_h = (dh * (kh - 1)) // 2
     half_w = (dw * (kw - 1)) // 2
     typed = inp.dtype.type
@@ -230,8 +247,8 @@ def _backward_kernel(gout, inp, off, msk, gin, goff, gmsk,
                         for p in range(points):
                             q = q0 + np.uint64(p)
                             inside, r00, r01, r10, r11, b00, b01, b10, b11, v00, v01, v10, v11, lx, ly = \
-                                _sample_point(p, q, cx, cy, kh, centre, dw, dh, half_w, half_h, off_flat, offset_scale,
-                                              n, height, width, channels, g * d_group + int(start))
+                                _sample_point(bases[p, 0], bases[p, 1], q, cx, cy, off_flat, offset_scale, n, height,
+                                              width, channels, g * d_group + int(start))
                             if not inside:
                                 continue
                             m = msk_flat[q]
