@@ -151,6 +151,15 @@ def _scatter4(grad, grad_in, r00, r01, r10, r11, a00, a01, a10, a11, count):
         grad_in[r11 + c] += a11 * grad[c]
 
 
+@numba.njit(inline="always")
+def _dot4_scatter4(grad, inp, grad_in, r00, r01, r10, r11, a00, a01, a10, a11, count):
+    """Dot products of ``grad`` with the four corner rows, then grad_in[row] += weight * grad; c < count."""
+    dots = (_dot(grad, inp, r00, count), _dot(grad, inp, r01, count), _dot(grad, inp, r10, count),
+            _dot(grad, inp, r11, count))
+    _scatter4(grad, grad_in, r00, r01, r10, r11, a00, a01, a10, a11, count)
+    return dots
+
+
 @numba.njit(**_JIT)
 def _forward_kernel(inp, off, msk, out, kh, kw, sh, sw, ph, pw, dh, dw, group, offset_scale, remove_center):
     n_batch, height, width, channels = inp.shape
