@@ -42,7 +42,7 @@ _VERBS = (("moves to the right", "slides right"), ("moves to the left", "slides 
 _COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 230), "yellow": (245, 220, 40),
             "purple": (150, 60, 200), "orange": (245, 140, 30), "white": (250, 250, 250), "black": (15, 15, 15)}
 _ROTATING = ("square", "triangle", "star")  # circles and rings look the same at every angle
-VERSION = 1
+VERSION = 2  # 2: videos encoded without x264's mbtree (reproducible)
 FPS = 8
 
 

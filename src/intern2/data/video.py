@@ -219,7 +219,11 @@ def write_video(path: Union[str, Path], frames: Union[np.ndarray, torch.Tensor],
     with av.open(str(path), "w") as container:
         stream = container.add_stream("h264", rate=int(round(fps)))
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.options = {"crf": str(crf)}
+        # x264's assembly is not reproducible run to run on small frames on AVX-512 CPUs (one input gave several
+        # encodings under CPU load; its C code, which the assembly is meant to match bit for bit, always one).
+        # Generated datasets need the same frames to encode to the same video on every CPU: the C code, at
+        # about twice the encoding time of tiny clips.
+        stream.options = {"crf": str(crf), "x264-params": "no-asm=1"}
         for image in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(stream.encode())
