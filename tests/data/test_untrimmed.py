@@ -43,7 +43,8 @@ def _frame_ranges(record):
 
 def test_annotation_layout(dataset):
     root, data = dataset
-    assert set(data) == {"version", "taxonomy", "database"} and data["version"] == f"intern2-untrimmed-v{untrimmed.VERSION}"
+    assert set(data) == {"version", "taxonomy", "database"}
+    assert data["version"] == f"intern2-untrimmed-v{untrimmed.VERSION}"
     classes = ACTION_CLASSES[:NUM_CLASSES]
     assert data["taxonomy"] == [{"nodeName": name, "nodeId": i} for i, name in enumerate(classes)]
     assert (root / "classes.txt").read_text().splitlines() == list(classes)

@@ -132,6 +132,23 @@ def test_fast_matches_reference(n, h, w, group, d, kernel, stride, dilation, pad
         torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9, msg=what)
 
 
+@pytest.mark.parametrize("n,kernel,group", [(1, 15, 3), (4, 3, 40)])
+def test_fast_splits_many_points_into_tables(n, kernel, group):
+    """More (group, point) entries per pixel than one geometry table holds (256): the kernels work through them in
+    chunks of whole groups (225 points: one group per table; 40 groups of 9: two tables per pixel)."""
+    geo = DCNv3Geometry.create(kernel, 1, kernel // 2, 1, group)
+    inputs = _random_inputs(n, 5, 6, group, 3, geo, seed=2)
+    cotangent = torch.randn(n, 5, 6, group * 3, dtype=torch.float64)
+    results = {}
+    for impl in ("reference", "fast"):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = dcnv3(*leaves, kernel, 1, kernel // 2, 1, group, impl=impl)
+        results[impl] = [out, *torch.autograd.grad(out, leaves, cotangent)]
+    names = ("out", "grad_input", "grad_offset", "grad_mask")
+    for what, got, want in zip(names, results["fast"], results["reference"]):
+        torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9, msg=what)
+
+
 @pytest.mark.parametrize("impl", ["fast", "triton"])
 @pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 5e-2), (torch.float16, 5e-3)])
 def test_half_precision_within_tolerance(impl, dtype, atol):
@@ -204,6 +221,17 @@ def test_bad_arguments_raise_clear_errors(mutate, args, message):
     kwargs.update(args)
     with pytest.raises(ValueError, match=message):
         dcnv3(*mutate(_good_inputs()), **kwargs)
+
+
+def test_kernels_larger_than_the_cpu_tables_use_the_reference():
+    """A 17x17 kernel (289 points per group) exceeds the CPU kernels' tables: the default path is the reference,
+    and asking for the fast kernels says why not."""
+    geo = DCNv3Geometry.create(17, 1, 8, 1, 1)
+    inputs = _random_inputs(1, 4, 4, 1, 4, geo, dtype=torch.float32)
+    torch.testing.assert_close(dcnv3(*inputs, 17, 1, 8, 1, 1), dcnv3(*inputs, 17, 1, 8, 1, 1, impl="reference"),
+                               atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"impl: 'fast' takes kernels of at most 256 points, got 17x17 \(289"):
+        dcnv3(*inputs, 17, 1, 8, 1, 1, impl="fast")
 
 
 def test_torch_compile_traces_custom_op():

@@ -241,6 +241,11 @@ def _triton_usable(device: torch.device) -> bool:
     return dcnv3_triton.AVAILABLE
 
 
+def _fast_supports(geo: DCNv3Geometry) -> bool:
+    from . import dcnv3_cpu
+    return geo.points <= dcnv3_cpu.MAX_POINTS
+
+
 def _default_impl(input: torch.Tensor) -> str:
     if torch.onnx.is_in_onnx_export():
         return "reference"
@@ -281,11 +286,17 @@ def dcnv3(
     """
     geo = DCNv3Geometry.create(kernel_size, stride, pad, dilation, group, offset_scale, remove_center)
     _check_inputs(input, offset, mask, geo)
-    impl = impl or _default_impl(input)
+    if impl is None:
+        impl = _default_impl(input)
+        if impl == "fast" and not _fast_supports(geo):  # larger kernels than the CPU kernels' tables hold
+            impl = "reference"
     if impl == "reference":
         return dcnv3_reference(input, offset, mask, geo)
     if impl == "fast" and input.device.type != "cpu":
         raise ValueError(f"impl: 'fast' runs on CPU tensors, got {input.device}; use 'triton' or 'reference'")
+    if impl == "fast" and not _fast_supports(geo):
+        raise ValueError(f"impl: 'fast' takes kernels of at most {_kernels('fast').MAX_POINTS} points, got "
+                         f"{geo.kernel_h}x{geo.kernel_w} ({geo.points} points); use 'reference'")
     if impl == "triton" and not _triton_usable(input.device):
         raise ValueError(f"impl: 'triton' needs CUDA tensors and an importable triton (or TRITON_INTERPRET=1 "
                          f"for CPU tensors), got a tensor on {input.device}")

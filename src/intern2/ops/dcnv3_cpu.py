@@ -2,19 +2,22 @@
 
 Design (docs/architecture.md has the measurements behind it):
 
-* For every (output pixel, group, point) the four bilinear corner rows and weights are computed once (the mask
-  folded in); corners outside the image get weight zero and a clamped index, so channel loops have no branches.
+* Per output pixel, the bilinear geometry of all its (group, point) samples is computed in one branch-free loop
+  over a stack table (four corner rows and weights, the mask folded in), in the input's precision (float32: the
+  official kernel's opmath). LLVM vectorises that loop; scalar, it was most of the forward's time. Corners
+  outside the image get weight zero and a clamped index, so channel loops have no branches.
 * Channels are processed in blocks of 16 lanes accumulated in a stack buffer. A fixed trip count lets LLVM's
   SLP vectoriser turn each block into whole vector registers, and the stack buffer cannot alias the input,
   so no runtime alias checks are needed. (LLVM's loop vectoriser, numba's default, leaves the usual D=16
   group width in a scalar tail loop.) Indices are unsigned: numba adds a negative-index fix-up to signed ones,
   which blocks vectorisation.
-* Backward recomputes indices and weights from (input, offset, mask) and runs in parallel over (batch, group):
-  each pair owns a disjoint slice of grad_input, so the scatter needs no atomics and is deterministic.
+* Backward recomputes the table from (input, offset, mask), accumulates the four corner dot products of every
+  sample over the channel blocks, and turns them into offset and mask gradients in a second vectorised loop over
+  the table. It runs in parallel over (batch, group): each pair owns a disjoint slice of grad_input, so the
+  scatter needs no atomics and is deterministic.
 """
 from __future__ import annotations
 
-import math
 import threading
 from contextlib import contextmanager
 
@@ -30,11 +33,17 @@ from .dcnv3 import DCNv3Geometry
 # Reassociation lets LLVM vectorise the channel reductions; no nnan/ninf: inputs may hold inf/nan.
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 _JIT = dict(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
+# The forward has no reductions over channels; without reassociation LLVM cannot turn its loop over points into
+# per-channel vector reductions over gathers (8x slower than the fixed-width channel blocks).
+_FORWARD_JIT = dict(_JIT, fastmath=_FASTMATH - {"reassoc"})
 # numba's fallback 'workqueue' threading layer aborts on concurrent calls; serialise only in that case.
 _WORKQUEUE_LOCK = threading.Lock()
 _LANES = 16
 _ULANES = np.uint64(_LANES)
 _ZERO = np.uint64(0)
+_ONE = np.uint64(1)
+_TABLE = 256  # (group, point) entries per geometry table: stack buffers of this literal size
+MAX_POINTS = _TABLE  # one group's points must fit a table
 
 
 @intrinsic
@@ -47,10 +56,11 @@ def _stack_array(typingctx, size, dtype):
     if not isinstance(size, types.IntegerLiteral):
         return None
     length = size.literal_value
-    array_type = types.Array(dtype.dtype, 1, "C")
+    element_type = dtype.dtype if isinstance(dtype, types.DType) else dtype.instance_type
+    array_type = types.Array(element_type, 1, "C")
 
     def codegen(context, builder, signature, args):
-        element = context.get_data_type(dtype.dtype)
+        element = context.get_data_type(element_type)
         data = cgutils.alloca_once(builder, element, size=length)
         itemsize = context.get_constant(types.intp, context.get_abi_sizeof(element))
         array = context.make_array(array_type)(context, builder)
@@ -62,57 +72,60 @@ def _stack_array(typingctx, size, dtype):
 
 
 @numba.njit
-def _point_bases(kh, kw, dh, dw, remove_center):
-    """Each sampling point's position relative to the window centre, (x, y), before its learned offset.
+def _point_tables(kh, kw, dh, dw, remove_center, group, d_group, dtype):
+    """Per entry j = g * P + p of a pixel's (group, point) table: the point's (x, y) in the kernel window before its
+    learned offset, and its group's first channel.
 
-    Points run column-major over the kernel window (the official order); a removed centre shifts later points.
-    Computed once per call, so the per-sample geometry has no integer division and no branch on the centre.
+    Points run column-major over the window (the official order); a removed centre shifts later points. Computed
+    once per call, so the per-sample geometry has no integer division and no branch on the centre.
     """
     points = kh * kw - remove_center
     centre = (kw // 2) * kh + kh // 2 if remove_center else -1
-    half_h = (dh * (kh - 1)) // 2
-    half_w = (dw * (kw - 1)) // 2
-    bases = np.empty((points, 2))
+    window_x = np.empty(group * points, dtype)
+    window_y = np.empty(group * points, dtype)
+    column = np.empty(group * points, np.uint64)
     for p in range(points):
         k = p + 1 if 0 <= centre <= p else p
         i = k // kh
-        bases[p, 0] = i * dw - half_w
-        bases[p, 1] = (k - i * kh) * dh - half_h
-    return bases
+        for g in range(group):
+            window_x[g * points + p] = i * dw
+            window_y[g * points + p] = (k - i * kh) * dh
+            column[g * points + p] = g * d_group
+    return window_x, window_y, column, points
 
 
 @numba.njit(inline="always")
-def _sample_point(bx, by, q, cx, cy, off, offset_scale, n, height, width, channels, column):
-    """Bilinear sampling of the point at (bx, by) from the window centre (cx, cy), offset index q.
+def _corners(x, y, height, width, height_f, width_f, row0, channels, column, zero, one):
+    """Bilinear corners of the sample at pixel (x, y) of the image whose first row is ``row0``.
 
-    Returns (inside, four corner row offsets from channel ``column``, four unmasked bilinear weights, four corner
-    validity flags, x and y fractions). ``inside`` is False when the point lies fully outside the image (the
-    official kernel skips it). Corners outside the image get weight and validity 0 and a row clamped into the
-    image, so channel loops load unconditionally. Row offsets are unsigned: numba adds a negative-index fix-up to
-    signed indices, which blocks vectorisation.
+    Returns (inside, four corner element offsets at channel ``column``, four bilinear weights, four corner validity
+    flags, x and y fractions). ``inside`` is False when the sample lies fully outside the image (the official
+    kernel skips it). Corners outside the image get weight and validity 0 and a row clamped into the image, so
+    channel loops load unconditionally. Branch-free, in the precision of ``x`` (``zero``/``one`` carry it), with
+    unsigned offsets (numba's negative-index fix-up blocks vectorisation): called in loops over a pixel's whole
+    (group, point) table, which LLVM vectorises.
     """
-    x = cx + (bx + off[2 * q]) * offset_scale
-    y = cy + (by + off[2 * q + 1]) * offset_scale
-    inside = x > -1.0 and y > -1.0 and x < width and y < height
-    x0f = math.floor(x) if inside else 0.0
-    y0f = math.floor(y) if inside else 0.0
-    lx = x - x0f
-    ly = y - y0f
-    x0 = int(x0f)
-    y0 = int(y0f)
-    vx0 = 1.0 if x0 >= 0 else 0.0
-    vx1 = 1.0 if x0 + 1 < width else 0.0
-    vy0 = 1.0 if y0 >= 0 else 0.0
-    vy1 = 1.0 if y0 + 1 < height else 0.0
-    top = (n * height + max(y0, 0)) * width
-    bottom = (n * height + min(y0 + 1, height - 1)) * width
-    left = max(x0, 0)
-    right = min(x0 + 1, width - 1)
-    return (inside,
-            np.uint64((top + left) * channels + column), np.uint64((top + right) * channels + column),
-            np.uint64((bottom + left) * channels + column), np.uint64((bottom + right) * channels + column),
-            (1.0 - ly) * (1.0 - lx) * vy0 * vx0, (1.0 - ly) * lx * vy0 * vx1,
-            ly * (1.0 - lx) * vy1 * vx0, ly * lx * vy1 * vx1,
+    inside = (x > -one) & (y > -one) & (x < width_f) & (y < height_f)
+    x_in = x if inside else zero
+    y_in = y if inside else zero
+    x0f = np.floor(x_in)
+    y0f = np.floor(y_in)
+    lx = x_in - x0f
+    ly = y_in - y0f
+    x0 = np.int64(x0f)
+    y0 = np.int64(y0f)
+    vx0 = one if x0 >= 0 else zero
+    vx1 = one if x0 + 1 < width else zero
+    vy0 = one if y0 >= 0 else zero
+    vy1 = one if y0 + 1 < height else zero
+    row_stride = width * channels
+    top = (row0 + max(y0, 0)) * row_stride + column
+    bottom = (row0 + min(y0 + 1, height - 1)) * row_stride + column
+    left = max(x0, 0) * channels
+    right = min(x0 + 1, width - 1) * channels
+    return (inside, np.uint64(top + left), np.uint64(top + right), np.uint64(bottom + left), np.uint64(bottom + right),
+            (one - ly) * (one - lx) * vy0 * vx0, (one - ly) * lx * vy0 * vx1,
+            ly * (one - lx) * vy1 * vx0, ly * lx * vy1 * vx1,
             vy0 * vx0, vy0 * vx1, vy1 * vx0, vy1 * vx1, lx, ly)
 
 
@@ -160,16 +173,23 @@ def _dot4_scatter4(grad, inp, grad_in, r00, r01, r10, r11, a00, a01, a10, a11, c
     return dots
 
 
-@numba.njit(**_JIT)
+@numba.njit(inline="always")
+def _window_origin(index, stride, pad, dilation, kernel, offset_scale, typed):
+    """Pixel coordinate of kernel point (0, 0) for output index ``index``, as the official kernel rounds it."""
+    half = (dilation * (kernel - 1)) // 2
+    return typed(half - pad + index * stride) - typed(half) * offset_scale
+
+
+@numba.njit(**_FORWARD_JIT)
 def _forward_kernel(inp, off, msk, out, kh, kw, sh, sw, ph, pw, dh, dw, group, offset_scale, remove_center):
     n_batch, height, width, channels = inp.shape
     out_h, out_w = out.shape[1], out.shape[2]
     d_group = channels // group
-    bases = _point_bases(kh, kw, dh, dw, remove_center)
-    points = bases.shape[0]
-    half_h = (dh * (kh - 1)) // 2
-    half_w = (dw * (kw - 1)) // 2
-    typed = inp.dtype.type  # keep the channel loops in the input dtype
+    typed = inp.dtype.type  # geometry and channel loops in the input dtype (float32: the official opmath)
+    zero, one, scale = typed(0.0), typed(1.0), typed(offset_scale)
+    height_f, width_f = typed(height), typed(width)
+    window_x, window_y, column, points = _point_tables(kh, kw, dh, dw, remove_center, group, d_group, inp.dtype)
+    groups_per_table = max(1, _TABLE // points)
     in_flat = inp.reshape(-1)
     out_flat = out.reshape(-1)
     off_flat = off.reshape(-1)
@@ -179,34 +199,49 @@ def _forward_kernel(inp, off, msk, out, kh, kw, sh, sw, ph, pw, dh, dw, group, o
         n = row // out_h
         ho = row - n * out_h
         acc = _stack_array(_LANES, inp.dtype)
-        cy = ho * sh - ph + half_h
+        inside = _stack_array(_TABLE, np.uint8)
+        r00, r01 = _stack_array(_TABLE, np.uint64), _stack_array(_TABLE, np.uint64)
+        r10, r11 = _stack_array(_TABLE, np.uint64), _stack_array(_TABLE, np.uint64)
+        w00, w01 = _stack_array(_TABLE, inp.dtype), _stack_array(_TABLE, inp.dtype)
+        w10, w11 = _stack_array(_TABLE, inp.dtype), _stack_array(_TABLE, inp.dtype)
+        y_origin = _window_origin(ho, sh, ph, dh, kh, scale, typed)
         for wo in range(out_w):
-            cx = wo * sw - pw + half_w
-            for g in range(group):
-                pixel = (n * out_h + ho) * out_w + wo
-                o = np.uint64(pixel * channels + g * d_group)
-                q0 = np.uint64(pixel * group * points + g * points)  # first mask index of this group
-                start = _ZERO
-                while start < dim:
-                    count = min(_ULANES, dim - start)
-                    for c in range(_ULANES):
-                        acc[c] = 0.0
-                    for p in range(points):
-                        q = q0 + np.uint64(p)
-                        inside, r00, r01, r10, r11, b00, b01, b10, b11, _, _, _, _, _, _ = _sample_point(
-                            bases[p, 0], bases[p, 1], q, cx, cy, off_flat, offset_scale, n, height, width, channels,
-                            g * d_group + int(start))
-                        if not inside:
-                            continue
-                        m = msk_flat[q]
-                        w00, w01, w10, w11 = typed(b00 * m), typed(b01 * m), typed(b10 * m), typed(b11 * m)
-                        if count == _ULANES:  # constant trip count: one vector per corner row
-                            _mix4(acc, in_flat, r00, r01, r10, r11, w00, w01, w10, w11, _ULANES)
-                        else:
-                            _mix4(acc, in_flat, r00, r01, r10, r11, w00, w01, w10, w11, count)
-                    for c in range(count):
-                        out_flat[o + start + c] = acc[c]
-                    start += _ULANES
+            x_origin = _window_origin(wo, sw, pw, dw, kw, scale, typed)
+            pixel = (n * out_h + ho) * out_w + wo
+            for g_first in range(0, group, groups_per_table):
+                g_end = min(g_first + groups_per_table, group)
+                j_first = np.uint64(g_first * points)
+                q_first = np.uint64(pixel * group * points) + j_first
+                # The whole table at once: a loop LLVM vectorises (the scalar version dominated the run time).
+                for j in range(np.uint64((g_end - g_first) * points)):
+                    q = q_first + j
+                    x = x_origin + (window_x[j_first + j] + off_flat[q + q]) * scale
+                    y = y_origin + (window_y[j_first + j] + off_flat[q + q + _ONE]) * scale
+                    ins, r00[j], r01[j], r10[j], r11[j], b00, b01, b10, b11, _, _, _, _, _, _ = _corners(
+                        x, y, height, width, height_f, width_f, n * height, channels, column[j_first + j], zero, one)
+                    m = msk_flat[q]
+                    inside[j] = ins
+                    w00[j], w01[j], w10[j], w11[j] = b00 * m, b01 * m, b10 * m, b11 * m
+                for g in range(g_first, g_end):
+                    o = np.uint64(pixel * channels + g * d_group)
+                    j0 = np.uint64((g - g_first) * points)
+                    start = _ZERO
+                    while start < dim:
+                        count = min(_ULANES, dim - start)
+                        for c in range(_ULANES):
+                            acc[c] = 0.0
+                        for j in range(j0, j0 + np.uint64(points)):
+                            if not inside[j]:
+                                continue
+                            if count == _ULANES:  # constant trip count: one vector per corner row
+                                _mix4(acc, in_flat, r00[j] + start, r01[j] + start, r10[j] + start, r11[j] + start,
+                                      w00[j], w01[j], w10[j], w11[j], _ULANES)
+                            else:
+                                _mix4(acc, in_flat, r00[j] + start, r01[j] + start, r10[j] + start, r11[j] + start,
+                                      w00[j], w01[j], w10[j], w11[j], count)
+                        for c in range(count):
+                            out_flat[o + start + c] = acc[c]
+                        start += _ULANES
 
 
 @numba.njit(**_JIT)
@@ -215,11 +250,11 @@ def _backward_kernel(gout, inp, off, msk, gin, goff, gmsk,
     n_batch, height, width, channels = inp.shape
     out_h, out_w = gout.shape[1], gout.shape[2]
     d_group = channels // group
-    bases = _point_bases(kh, kw, dh, dw, remove_center)
-    points = bases.shape[0]
-    half_h = (dh * (kh - 1)) // 2
-    half_w = (dw * (kw - 1)) // 2
     typed = inp.dtype.type
+    zero, one, scale = typed(0.0), typed(1.0), typed(offset_scale)
+    height_f, width_f = typed(height), typed(width)
+    window_x, window_y, column, points = _point_tables(kh, kw, dh, dw, remove_center, group, d_group, inp.dtype)
+    groups_per_table = max(1, _TABLE // points)
     in_flat = inp.reshape(-1)
     gin_flat = gin.reshape(-1)
     gout_flat = gout.reshape(-1)
@@ -231,51 +266,80 @@ def _backward_kernel(gout, inp, off, msk, gin, goff, gmsk,
     chunk = (group + group_chunks - 1) // group_chunks
     for item in prange(n_batch * group_chunks):
         n = item // group_chunks
-        g_first = (item - n * group_chunks) * chunk
+        g_item = (item - n * group_chunks) * chunk
+        g_item_end = min(g_item + chunk, group)
         grad = _stack_array(_LANES, inp.dtype)
+        inside = _stack_array(_TABLE, np.uint8)
+        r00, r01 = _stack_array(_TABLE, np.uint64), _stack_array(_TABLE, np.uint64)
+        r10, r11 = _stack_array(_TABLE, np.uint64), _stack_array(_TABLE, np.uint64)
+        b00, b01 = _stack_array(_TABLE, inp.dtype), _stack_array(_TABLE, inp.dtype)
+        b10, b11 = _stack_array(_TABLE, inp.dtype), _stack_array(_TABLE, inp.dtype)
+        v00, v01 = _stack_array(_TABLE, inp.dtype), _stack_array(_TABLE, inp.dtype)
+        v10, v11 = _stack_array(_TABLE, inp.dtype), _stack_array(_TABLE, inp.dtype)
+        s00, s01 = _stack_array(_TABLE, inp.dtype), _stack_array(_TABLE, inp.dtype)
+        s10, s11 = _stack_array(_TABLE, inp.dtype), _stack_array(_TABLE, inp.dtype)
+        lx, ly, m = _stack_array(_TABLE, inp.dtype), _stack_array(_TABLE, inp.dtype), _stack_array(_TABLE, inp.dtype)
         for ho in range(out_h):
-            cy = ho * sh - ph + half_h
+            y_origin = _window_origin(ho, sh, ph, dh, kh, scale, typed)
             for wo in range(out_w):
-                cx = wo * sw - pw + half_w
-                for g in range(g_first, min(g_first + chunk, group)):
-                    pixel = (n * out_h + ho) * out_w + wo
-                    o = np.uint64(pixel * channels + g * d_group)
-                    q0 = np.uint64(pixel * group * points + g * points)  # first mask index of this group
-                    start = _ZERO
-                    while start < dim:
-                        count = min(_ULANES, dim - start)
-                        # One stack copy of this block of grad_output serves all P points (and cannot alias
-                        # grad_input). Gradients are linear in the per-block dot products: accumulate them.
-                        if count == _ULANES:
-                            _copy(grad, gout_flat, o + start, _ULANES)
-                        else:
-                            _copy(grad, gout_flat, o + start, count)
-                        for p in range(points):
-                            q = q0 + np.uint64(p)
-                            inside, r00, r01, r10, r11, b00, b01, b10, b11, v00, v01, v10, v11, lx, ly = \
-                                _sample_point(bases[p, 0], bases[p, 1], q, cx, cy, off_flat, offset_scale, n, height,
-                                              width, channels, g * d_group + int(start))
-                            if not inside:
-                                continue
-                            m = msk_flat[q]
-                            a00, a01, a10, a11 = typed(b00 * m), typed(b01 * m), typed(b10 * m), typed(b11 * m)
-                            # The dot products take the runtime block width, outside the full-block branch:
-                            # with a constant 16 LLVM unrolls them and SLP packs the four reductions into
-                            # shuffle-bound 4-wide vectors; as loops the loop vectoriser reduces each in
-                            # whole registers (backward 10-20% faster).
-                            s00, s01, s10, s11 = (_dot(grad, in_flat, r00, count), _dot(grad, in_flat, r01, count),
-                                                  _dot(grad, in_flat, r10, count), _dot(grad, in_flat, r11, count))
+                x_origin = _window_origin(wo, sw, pw, dw, kw, scale, typed)
+                pixel = (n * out_h + ho) * out_w + wo
+                for g_first in range(g_item, g_item_end, groups_per_table):
+                    g_end = min(g_first + groups_per_table, g_item_end)
+                    entries = np.uint64((g_end - g_first) * points)
+                    j_first = np.uint64(g_first * points)
+                    q_first = np.uint64(pixel * group * points) + j_first
+                    for j in range(entries):
+                        q = q_first + j
+                        x = x_origin + (window_x[j_first + j] + off_flat[q + q]) * scale
+                        y = y_origin + (window_y[j_first + j] + off_flat[q + q + _ONE]) * scale
+                        (ins, r00[j], r01[j], r10[j], r11[j], b00[j], b01[j], b10[j], b11[j],
+                         v00[j], v01[j], v10[j], v11[j], lx[j], ly[j]) = _corners(
+                            x, y, height, width, height_f, width_f, n * height, channels, column[j_first + j],
+                            zero, one)
+                        inside[j] = ins
+                        m[j] = msk_flat[q]
+                        s00[j], s01[j], s10[j], s11[j] = zero, zero, zero, zero
+                    for g in range(g_first, g_end):
+                        o = np.uint64(pixel * channels + g * d_group)
+                        j0 = np.uint64((g - g_first) * points)
+                        start = _ZERO
+                        while start < dim:
+                            count = min(_ULANES, dim - start)
+                            # One stack copy of this block of grad_output serves all P points (and cannot alias
+                            # grad_input). Gradients are linear in the per-block dot products: accumulate them.
                             if count == _ULANES:
-                                _scatter4(grad, gin_flat, r00, r01, r10, r11, a00, a01, a10, a11, _ULANES)
+                                _copy(grad, gout_flat, o + start, _ULANES)
                             else:
-                                _scatter4(grad, gin_flat, r00, r01, r10, r11, a00, a01, a10, a11, count)
-                            # Corners outside the image hold zeros: their dot products must not count.
-                            s00, s01, s10, s11 = s00 * v00, s01 * v01, s10 * v10, s11 * v11
-                            gmsk_flat[q] += b00 * s00 + b01 * s01 + b10 * s10 + b11 * s11
-                            scale = m * offset_scale
-                            goff_flat[2 * q] += scale * ((1.0 - ly) * (s01 - s00) + ly * (s11 - s10))
-                            goff_flat[2 * q + 1] += scale * ((1.0 - lx) * (s10 - s00) + lx * (s11 - s01))
-                        start += _ULANES
+                                _copy(grad, gout_flat, o + start, count)
+                            for j in range(j0, j0 + np.uint64(points)):
+                                if not inside[j]:
+                                    continue
+                                a00, a01, a10, a11 = b00[j] * m[j], b01[j] * m[j], b10[j] * m[j], b11[j] * m[j]
+                                c00, c01, c10, c11 = r00[j] + start, r01[j] + start, r10[j] + start, r11[j] + start
+                                # The dot products take the runtime block width, outside the full-block branch:
+                                # with a constant 16 LLVM unrolls them and SLP packs the four reductions into
+                                # shuffle-bound 4-wide vectors; as loops the loop vectoriser reduces each in
+                                # whole registers (backward 10-20% faster).
+                                s00[j] += _dot(grad, in_flat, c00, count)
+                                s01[j] += _dot(grad, in_flat, c01, count)
+                                s10[j] += _dot(grad, in_flat, c10, count)
+                                s11[j] += _dot(grad, in_flat, c11, count)
+                                if count == _ULANES:
+                                    _scatter4(grad, gin_flat, c00, c01, c10, c11, a00, a01, a10, a11, _ULANES)
+                                else:
+                                    _scatter4(grad, gin_flat, c00, c01, c10, c11, a00, a01, a10, a11, count)
+                            start += _ULANES
+                    # Offset and mask gradients from the dot products, again a whole table at once. Each entry
+                    # belongs to this (pixel, group, point) alone: plain stores.
+                    for j in range(entries):
+                        q = q_first + j
+                        # Corners outside the image were read from clamped rows: their dot products must not count.
+                        t00, t01, t10, t11 = s00[j] * v00[j], s01[j] * v01[j], s10[j] * v10[j], s11[j] * v11[j]
+                        gmsk_flat[q] = b00[j] * t00 + b01[j] * t01 + b10[j] * t10 + b11[j] * t11
+                        step = m[j] * scale
+                        goff_flat[q + q] = step * ((one - ly[j]) * (t01 - t00) + ly[j] * (t11 - t10))
+                        goff_flat[q + q + _ONE] = step * ((one - lx[j]) * (t10 - t00) + lx[j] * (t11 - t01))
 
 
 @contextmanager
@@ -344,7 +408,9 @@ def dcnv3_backward(grad_output: torch.Tensor, input: torch.Tensor, offset: torch
                    geo: DCNv3Geometry):
     """Gradients w.r.t. (input, offset, mask) of sum(output * grad_output)."""
     dtype = _compute_dtype(input.dtype)
-    grads = [torch.zeros(t.shape, dtype=dtype) for t in (input, offset, mask)]
+    # The kernel accumulates into grad_input and writes every offset and mask gradient exactly once.
+    grads = [torch.zeros(input.shape, dtype=dtype), torch.empty(offset.shape, dtype=dtype),
+             torch.empty(mask.shape, dtype=dtype)]
     with _numba_threads() as threads:
         # Work items are (image, block of groups); split groups only as far as needed to feed every thread,
         # since a whole pixel's channels are contiguous in memory.
