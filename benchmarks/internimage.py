@@ -27,7 +27,8 @@ from machine import measure_limits  # noqa: E402
 import intern2  # noqa: E402
 import intern2.ops.dcnv3_module as dcnv3_module  # noqa: E402
 
-TARGETS = {"vs_baseline": 1.5, "vs_convnext_tiny": 0.8}
+# convnext_tiny: 0.9 is the FLOP ratio (4.5 vs 5.0 GMACs), i.e. equal efficiency.
+TARGETS = {"vs_baseline": 1.5, "vs_convnext_tiny": 0.9}
 
 
 def baseline_dcnv3(input, offset, mask, kernel_size, stride, pad, dilation, group, offset_scale=1.0,
@@ -117,13 +118,18 @@ def main(argv=None) -> int:
                 print(f"{threads:>3} {batch:>5} {name:<32} {median[name] * 1e3:>10.1f} {batch / median[name]:>8.2f} "
                       f"{vs_base:>11.2f}x {vs_convnext:>11.2f}x {peaks[name]:>9.1f} {peak:>7.1f}%")
             if threads == 1 and batch == 8:
-                ratios = {"vs_baseline": median["internimage_t (baseline core)"] / median["internimage_t"]}
+                # Targets use the median of per-round ratios: the models of one round ran back to back, so a
+                # machine slowing down between rounds moves both.
+                def paired(peer: str) -> float:
+                    return statistics.median(p / t for p, t in zip(times[peer], times["internimage_t"]))
+                ratios = {"vs_baseline": paired("internimage_t (baseline core)")}
                 if "convnext_tiny" in median:
-                    ratios["vs_convnext_tiny"] = median["convnext_tiny"] / median["internimage_t"]
+                    ratios["vs_convnext_tiny"] = paired("convnext_tiny")
                 for key, value in ratios.items():
                     ok = value >= TARGETS[key]
                     failed |= not ok
-                    print(f"    target {key} >= {TARGETS[key]}x: {value:.2f}x {'met' if ok else 'MISSED'}")
+                    print(f"    target {key} >= {TARGETS[key]}x (median of per-round ratios): {value:.2f}x "
+                          f"{'met' if ok else 'MISSED'}")
     return 1 if failed and not args.quick else 0
 
 

@@ -35,3 +35,27 @@ def test_bad_names():
         build_norm_layer(8, "LN", "nchw")
     with pytest.raises(ValueError, match="act_layer: expected one of"):
         build_act_layer("Mish")
+
+
+def test_gelu_is_in_place_only_where_autograd_does_not_need_its_input():
+    act = build_act_layer("GELU")
+    x = torch.randn(4, 8)
+    want = nn.functional.gelu(x)
+    with torch.inference_mode():
+        inference = x.clone()
+        assert act(inference).data_ptr() == inference.data_ptr()  # overwrote its input: no new buffer
+        torch.testing.assert_close(inference, want, atol=0, rtol=0)
+    leaf = x.clone().requires_grad_()
+    out = act(leaf)
+    out.sum().backward()
+    torch.testing.assert_close(leaf.detach(), x, atol=0, rtol=0)  # the input autograd needs is left alone
+    torch.testing.assert_close(out.detach(), want, atol=0, rtol=0)
+    reference = x.clone().requires_grad_()
+    nn.functional.gelu(reference).sum().backward()
+    torch.testing.assert_close(leaf.grad, reference.grad, atol=0, rtol=0)
+
+
+def test_gelu_is_traced_as_one_call():
+    traced = torch.fx.symbolic_trace(nn.Sequential(build_act_layer("GELU")))
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(traced(x.clone()), nn.functional.gelu(x), atol=0, rtol=0)

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..fields import coerce, describe
-from ..layers import DropPath, FeatureInfo, build_act_layer, build_norm_layer, take_indices
+from ..layers import DropPath, FeatureInfo, Mlp, build_act_layer, build_norm_layer, take_indices
 from ..ops import DCNv3
 from ..registry import register_variant
 
@@ -116,18 +116,6 @@ class DownsampleLayer(nn.Module):
         return self.norm(self.conv(x.permute(0, 3, 1, 2)))
 
 
-class MLPLayer(nn.Module):
-    def __init__(self, in_features: int, hidden_features: int, act_layer: str, drop: float):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = build_act_layer(act_layer)
-        self.fc2 = nn.Linear(hidden_features, in_features)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
-
-
 class InternImageLayer(nn.Module):
     """DCNv3 + MLP residual block in one of the official layouts.
 
@@ -151,7 +139,7 @@ class InternImageLayer(nn.Module):
                          remove_center=cfg.remove_center, impl=dcn_impl)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = build_norm_layer(channels, "LN")
-        self.mlp = MLPLayer(channels, int(channels * cfg.mlp_ratio), cfg.act_layer, cfg.drop_rate)
+        self.mlp = Mlp(channels, int(channels * cfg.mlp_ratio), cfg.act_layer, cfg.drop_rate)
         self.layer_scale = cfg.layer_scale is not None
         if self.layer_scale:
             self.gamma1 = nn.Parameter(torch.full((channels,), float(cfg.layer_scale)))

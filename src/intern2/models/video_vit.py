@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
-from ..layers import DropPath
+from ..layers import DropPath, Mlp
 from ..registry import register_variant
 
 __all__ = ["VideoViT", "VideoMAEPretrain", "keep_visible", "sinusoid_table", "resize_pos_embed", "tube_mask",
@@ -102,18 +102,6 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(batch, tokens, dim)))
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, drop: float):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
-
-
 class Block(nn.Module):
     """Pre-norm transformer block with optional layer scale (``gamma_1``/``gamma_2``, official names)."""
 
@@ -124,7 +112,7 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), "GELU", drop)
         if init_values > 0:
             self.gamma_1 = nn.Parameter(torch.full((dim,), float(init_values)))
             self.gamma_2 = nn.Parameter(torch.full((dim,), float(init_values)))
