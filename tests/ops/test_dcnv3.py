@@ -132,6 +132,17 @@ def test_fast_matches_reference(n, h, w, group, d, kernel, stride, dilation, pad
         torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9, msg=what)
 
 
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_no_sampling_points_gives_zeros(impl):
+    """A 1x1 kernel without its centre samples nothing: zero output and gradients (as the official kernel)."""
+    geo = DCNv3Geometry.create(1, 1, 0, 1, 2, remove_center=True)
+    leaves = [t.requires_grad_() for t in _random_inputs(1, 3, 4, 2, 3, geo)]
+    out = dcnv3(*leaves, 1, 1, 0, 1, 2, remove_center=True, impl=impl)
+    assert out.shape == (1, 3, 4, 6) and not out.any()
+    grads = torch.autograd.grad(out, leaves, torch.ones_like(out), allow_unused=True)
+    assert all(g is None or not g.any() for g in grads)
+
+
 @pytest.mark.parametrize("n,kernel,group", [(1, 15, 3), (4, 3, 40)])
 def test_fast_splits_many_points_into_tables(n, kernel, group):
     """More (group, point) entries per pixel than one geometry table holds (256): the kernels work through them in

@@ -189,7 +189,7 @@ def _forward_kernel(inp, off, msk, out, kh, kw, sh, sw, ph, pw, dh, dw, group, o
     zero, one, scale = typed(0.0), typed(1.0), typed(offset_scale)
     height_f, width_f = typed(height), typed(width)
     window_x, window_y, column, points = _point_tables(kh, kw, dh, dw, remove_center, group, d_group, inp.dtype)
-    groups_per_table = max(1, _TABLE // points)
+    groups_per_table = max(1, _TABLE // max(points, 1))  # 1x1 without its centre has no points
     in_flat = inp.reshape(-1)
     out_flat = out.reshape(-1)
     off_flat = off.reshape(-1)
@@ -254,7 +254,7 @@ def _backward_kernel(gout, inp, off, msk, gin, goff, gmsk,
     zero, one, scale = typed(0.0), typed(1.0), typed(offset_scale)
     height_f, width_f = typed(height), typed(width)
     window_x, window_y, column, points = _point_tables(kh, kw, dh, dw, remove_center, group, d_group, inp.dtype)
-    groups_per_table = max(1, _TABLE // points)
+    groups_per_table = max(1, _TABLE // max(points, 1))  # 1x1 without its centre has no points
     in_flat = inp.reshape(-1)
     gin_flat = gin.reshape(-1)
     gout_flat = gout.reshape(-1)
