@@ -138,9 +138,14 @@ def intern2_core(impl: str) -> Callable:
 
 def measure(impls: Dict[str, Callable], tensors, group: int, mode: str, rounds: int, device) -> Dict[str, dict]:
     runs = {name: runner(core, tensors, group, mode) for name, core in impls.items()}
-    reference = runs["baseline"]()
+    # The gate's reference: the baseline in float32 at least. In half precision the baseline (its sampling grid is
+    # built in bfloat16: ~0.2 px off at 56 px) is only a timing peer.
+    half = tensors[0].dtype in (torch.bfloat16, torch.float16)
+    reference = runner(impls["baseline"], [t.float() for t in tensors] if half else tensors, group, mode)()
     for name, run in runs.items():  # numerical gate before timing (also the warm-up / compile call)
         result = run()
+        if half and name == "baseline":
+            continue
         pairs = [(reference, result)] if mode == "fwd" else list(zip(reference, result))
         err = max((a.float() - b.float()).abs().max().item() for a, b in pairs[:1])
         tol = 1e-4 if tensors[0].dtype == torch.float32 else 5e-2

@@ -160,6 +160,28 @@ def test_fast_splits_many_points_into_tables(n, kernel, group):
         torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9, msg=what)
 
 
+def test_fast_reads_and_writes_bfloat16_with_float32_arithmetic():
+    """bfloat16 tensors go into the CPU kernels as they are: the output is exactly the float32 result on the same
+    (bfloat16) values rounded to nearest even, NaN stays NaN, and the gradients are the float32 ones rounded."""
+    geo = DCNv3Geometry.create(3, 1, 1, 1, 3)
+    inputs = [t.to(torch.bfloat16) for t in _random_inputs(2, 7, 6, 3, 16, geo, dtype=torch.float32, seed=4)]
+    widened = [t.float() for t in inputs]
+    out = dcnv3(*inputs, 3, 1, 1, 1, 3, impl="fast")
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, dcnv3(*widened, 3, 1, 1, 1, 3, impl="fast").to(torch.bfloat16))
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    leaves32 = [t.clone().requires_grad_() for t in widened]
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+    grads = torch.autograd.grad(dcnv3(*leaves, 3, 1, 1, 1, 3, impl="fast"), leaves, cotangent.to(torch.bfloat16))
+    grads32 = torch.autograd.grad(dcnv3(*leaves32, 3, 1, 1, 1, 3, impl="fast"), leaves32,
+                                  cotangent.to(torch.bfloat16).float())
+    for got, want in zip(grads, grads32):
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16))
+    poisoned = inputs[0].clone()
+    poisoned[0, 3, 3, 0] = float("nan")
+    assert torch.isnan(dcnv3(poisoned, *inputs[1:], 3, 1, 1, 1, 3, impl="fast")).any()
+
+
 @pytest.mark.parametrize("impl", ["fast", "triton"])
 @pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 5e-2), (torch.float16, 5e-3)])
 def test_half_precision_within_tolerance(impl, dtype, atol):

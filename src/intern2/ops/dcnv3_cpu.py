@@ -11,6 +11,8 @@ Design (docs/architecture.md has the measurements behind it):
   so no runtime alias checks are needed. (LLVM's loop vectoriser, numba's default, leaves the usual D=16
   group width in a scalar tail loop.) Indices are unsigned: numba adds a negative-index fix-up to signed ones,
   which blocks vectorisation.
+* bfloat16 tensors are read and written as they are (raw bits widened to float32 on load, rounded to nearest even
+  on store); float16 goes through float32 copies.
 * Backward recomputes the table from (input, offset, mask), accumulates the four corner dot products of every
   sample over the channel blocks, and turns them into offset and mask gradients in a second vectorised loop over
   the table. It runs in parallel over (batch, group): each pair owns a disjoint slice of grad_input, so the
@@ -26,7 +28,8 @@ import numpy as np
 import torch
 from numba import prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from llvmlite import ir
+from numba.extending import intrinsic, overload
 
 from .dcnv3 import DCNv3Geometry
 
@@ -69,6 +72,61 @@ def _stack_array(typingctx, size, dtype):
         return array._getvalue()
 
     return array_type(size, dtype), codegen
+
+
+def _widen(x):
+    """A loaded element in the compute precision: bfloat16 bits (stored as uint16) become float32, floats stay."""
+
+
+@overload(_widen, inline="always")
+def _widen_overload(x):
+    if isinstance(x, types.Float):
+        return lambda x: x
+    if x == types.uint16:
+        return lambda x: _bfloat16_to_float32(x)
+    return None
+
+
+def _store(array, index, value):
+    """array[index] = value, rounding to bfloat16 (round to nearest even, NaN kept quiet) for uint16 arrays."""
+
+
+@overload(_store, inline="always")
+def _store_overload(array, index, value):
+    if isinstance(array.dtype, types.Float):
+        def store(array, index, value):
+            array[index] = value
+        return store
+    if array.dtype == types.uint16:
+        def store_bfloat16(array, index, value):
+            bits = _float32_to_bits(np.float32(value))
+            rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            array[index] = np.uint16(rounded) if value == value else np.uint16(0x7FC0)
+        return store_bfloat16
+    return None
+
+
+@intrinsic
+def _bfloat16_to_float32(typingctx, bits):
+    """The float32 of bfloat16 ``bits`` (uint16): the same value, its bits in the upper half."""
+    if bits != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        upper = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(upper, ir.FloatType())
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def _float32_to_bits(typingctx, value):
+    """The IEEE bits (uint32) of a float32."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.uint32(value), codegen
 
 
 @numba.njit
@@ -133,22 +191,23 @@ def _corners(x, y, height, width, height_f, width_f, row0, channels, column, zer
 def _mix4(acc, inp, r00, r01, r10, r11, w00, w01, w10, w11, count):
     """acc[c] += bilinear mix of the four corner rows, c < count."""
     for c in range(count):
-        acc[c] += w00 * inp[r00 + c] + w01 * inp[r01 + c] + w10 * inp[r10 + c] + w11 * inp[r11 + c]
+        acc[c] += (w00 * _widen(inp[r00 + c]) + w01 * _widen(inp[r01 + c]) + w10 * _widen(inp[r10 + c])
+                   + w11 * _widen(inp[r11 + c]))
 
 
 @numba.njit(inline="always")
 def _dot(grad, inp, row, count):
     """sum(grad[c] * inp[row + c]) for c < count."""
-    total = inp.dtype.type(0.0)
+    total = grad.dtype.type(0.0)
     for c in range(count):
-        total += grad[c] * inp[row + c]
+        total += grad[c] * _widen(inp[row + c])
     return total
 
 
 @numba.njit(inline="always")
 def _copy(dst, src, start, count):
     for c in range(count):
-        dst[c] = src[start + c]
+        dst[c] = _widen(src[start + c])
 
 
 @numba.njit(inline="always")
@@ -181,14 +240,16 @@ def _window_origin(index, stride, pad, dilation, kernel, offset_scale, typed):
 
 
 @numba.njit(**_FORWARD_JIT)
-def _forward_kernel(inp, off, msk, out, kh, kw, sh, sw, ph, pw, dh, dw, group, offset_scale, remove_center):
+def _forward_kernel(inp, off, msk, out, proto, kh, kw, sh, sw, ph, pw, dh, dw, group, offset_scale, remove_center):
     n_batch, height, width, channels = inp.shape
     out_h, out_w = out.shape[1], out.shape[2]
     d_group = channels // group
-    typed = inp.dtype.type  # geometry and channel loops in the input dtype (float32: the official opmath)
+    # Geometry and channel loops in proto's dtype: the input's, float32 for bfloat16 (the official opmath).
+    compute = proto.dtype
+    typed = compute.type
     zero, one, scale = typed(0.0), typed(1.0), typed(offset_scale)
     height_f, width_f = typed(height), typed(width)
-    window_x, window_y, column, points = _point_tables(kh, kw, dh, dw, remove_center, group, d_group, inp.dtype)
+    window_x, window_y, column, points = _point_tables(kh, kw, dh, dw, remove_center, group, d_group, compute)
     groups_per_table = max(1, _TABLE // max(points, 1))  # 1x1 without its centre has no points
     in_flat = inp.reshape(-1)
     out_flat = out.reshape(-1)
@@ -198,12 +259,12 @@ def _forward_kernel(inp, off, msk, out, kh, kw, sh, sw, ph, pw, dh, dw, group, o
     for row in prange(n_batch * out_h):
         n = row // out_h
         ho = row - n * out_h
-        acc = _stack_array(_LANES, inp.dtype)
+        acc = _stack_array(_LANES, compute)
         inside = _stack_array(_TABLE, np.uint8)
         r00, r01 = _stack_array(_TABLE, np.uint64), _stack_array(_TABLE, np.uint64)
         r10, r11 = _stack_array(_TABLE, np.uint64), _stack_array(_TABLE, np.uint64)
-        w00, w01 = _stack_array(_TABLE, inp.dtype), _stack_array(_TABLE, inp.dtype)
-        w10, w11 = _stack_array(_TABLE, inp.dtype), _stack_array(_TABLE, inp.dtype)
+        w00, w01 = _stack_array(_TABLE, compute), _stack_array(_TABLE, compute)
+        w10, w11 = _stack_array(_TABLE, compute), _stack_array(_TABLE, compute)
         y_origin = _window_origin(ho, sh, ph, dh, kh, scale, typed)
         for wo in range(out_w):
             x_origin = _window_origin(wo, sw, pw, dw, kw, scale, typed)
@@ -215,11 +276,11 @@ def _forward_kernel(inp, off, msk, out, kh, kw, sh, sw, ph, pw, dh, dw, group, o
                 # The whole table at once: a loop LLVM vectorises (the scalar version dominated the run time).
                 for j in range(np.uint64((g_end - g_first) * points)):
                     q = q_first + j
-                    x = x_origin + (window_x[j_first + j] + off_flat[q + q]) * scale
-                    y = y_origin + (window_y[j_first + j] + off_flat[q + q + _ONE]) * scale
+                    x = x_origin + (window_x[j_first + j] + _widen(off_flat[q + q])) * scale
+                    y = y_origin + (window_y[j_first + j] + _widen(off_flat[q + q + _ONE])) * scale
                     ins, r00[j], r01[j], r10[j], r11[j], b00, b01, b10, b11, _, _, _, _, _, _ = _corners(
                         x, y, height, width, height_f, width_f, n * height, channels, column[j_first + j], zero, one)
-                    m = msk_flat[q]
+                    m = _widen(msk_flat[q])
                     inside[j] = ins
                     w00[j], w01[j], w10[j], w11[j] = b00 * m, b01 * m, b10 * m, b11 * m
                 for g in range(g_first, g_end):
@@ -240,7 +301,7 @@ def _forward_kernel(inp, off, msk, out, kh, kw, sh, sw, ph, pw, dh, dw, group, o
                                 _mix4(acc, in_flat, r00[j] + start, r01[j] + start, r10[j] + start, r11[j] + start,
                                       w00[j], w01[j], w10[j], w11[j], count)
                         for c in range(count):
-                            out_flat[o + start + c] = acc[c]
+                            _store(out_flat, o + start + c, acc[c])
                         start += _ULANES
 
 
@@ -250,10 +311,11 @@ def _backward_kernel(gout, inp, off, msk, gin, goff, gmsk,
     n_batch, height, width, channels = inp.shape
     out_h, out_w = gout.shape[1], gout.shape[2]
     d_group = channels // group
-    typed = inp.dtype.type
+    compute = gin.dtype  # grad_input accumulates in the compute precision
+    typed = compute.type
     zero, one, scale = typed(0.0), typed(1.0), typed(offset_scale)
     height_f, width_f = typed(height), typed(width)
-    window_x, window_y, column, points = _point_tables(kh, kw, dh, dw, remove_center, group, d_group, inp.dtype)
+    window_x, window_y, column, points = _point_tables(kh, kw, dh, dw, remove_center, group, d_group, compute)
     groups_per_table = max(1, _TABLE // max(points, 1))  # 1x1 without its centre has no points
     in_flat = inp.reshape(-1)
     gin_flat = gin.reshape(-1)
@@ -268,17 +330,17 @@ def _backward_kernel(gout, inp, off, msk, gin, goff, gmsk,
         n = item // group_chunks
         g_item = (item - n * group_chunks) * chunk
         g_item_end = min(g_item + chunk, group)
-        grad = _stack_array(_LANES, inp.dtype)
+        grad = _stack_array(_LANES, compute)
         inside = _stack_array(_TABLE, np.uint8)
         r00, r01 = _stack_array(_TABLE, np.uint64), _stack_array(_TABLE, np.uint64)
         r10, r11 = _stack_array(_TABLE, np.uint64), _stack_array(_TABLE, np.uint64)
-        b00, b01 = _stack_array(_TABLE, inp.dtype), _stack_array(_TABLE, inp.dtype)
-        b10, b11 = _stack_array(_TABLE, inp.dtype), _stack_array(_TABLE, inp.dtype)
-        v00, v01 = _stack_array(_TABLE, inp.dtype), _stack_array(_TABLE, inp.dtype)
-        v10, v11 = _stack_array(_TABLE, inp.dtype), _stack_array(_TABLE, inp.dtype)
-        s00, s01 = _stack_array(_TABLE, inp.dtype), _stack_array(_TABLE, inp.dtype)
-        s10, s11 = _stack_array(_TABLE, inp.dtype), _stack_array(_TABLE, inp.dtype)
-        lx, ly, m = _stack_array(_TABLE, inp.dtype), _stack_array(_TABLE, inp.dtype), _stack_array(_TABLE, inp.dtype)
+        b00, b01 = _stack_array(_TABLE, compute), _stack_array(_TABLE, compute)
+        b10, b11 = _stack_array(_TABLE, compute), _stack_array(_TABLE, compute)
+        v00, v01 = _stack_array(_TABLE, compute), _stack_array(_TABLE, compute)
+        v10, v11 = _stack_array(_TABLE, compute), _stack_array(_TABLE, compute)
+        s00, s01 = _stack_array(_TABLE, compute), _stack_array(_TABLE, compute)
+        s10, s11 = _stack_array(_TABLE, compute), _stack_array(_TABLE, compute)
+        lx, ly, m = _stack_array(_TABLE, compute), _stack_array(_TABLE, compute), _stack_array(_TABLE, compute)
         for ho in range(out_h):
             y_origin = _window_origin(ho, sh, ph, dh, kh, scale, typed)
             for wo in range(out_w):
@@ -291,14 +353,14 @@ def _backward_kernel(gout, inp, off, msk, gin, goff, gmsk,
                     q_first = np.uint64(pixel * group * points) + j_first
                     for j in range(entries):
                         q = q_first + j
-                        x = x_origin + (window_x[j_first + j] + off_flat[q + q]) * scale
-                        y = y_origin + (window_y[j_first + j] + off_flat[q + q + _ONE]) * scale
+                        x = x_origin + (window_x[j_first + j] + _widen(off_flat[q + q])) * scale
+                        y = y_origin + (window_y[j_first + j] + _widen(off_flat[q + q + _ONE])) * scale
                         (ins, r00[j], r01[j], r10[j], r11[j], b00[j], b01[j], b10[j], b11[j],
                          v00[j], v01[j], v10[j], v11[j], lx[j], ly[j]) = _corners(
                             x, y, height, width, height_f, width_f, n * height, channels, column[j_first + j],
                             zero, one)
                         inside[j] = ins
-                        m[j] = msk_flat[q]
+                        m[j] = _widen(msk_flat[q])
                         s00[j], s01[j], s10[j], s11[j] = zero, zero, zero, zero
                     for g in range(g_first, g_end):
                         o = np.uint64(pixel * channels + g * d_group)
@@ -393,20 +455,31 @@ def _geometry_args(geo: DCNv3Geometry) -> tuple:
             geo.dilation_h, geo.dilation_w, geo.group, geo.offset_scale, int(geo.remove_center))
 
 
+def _kernel_array(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """``t`` as the kernels read it: bfloat16 as its raw bits (uint16, widened to float32 as it is loaded), other
+    dtypes converted to the compute ``dtype`` (float16: numba has no such type, so a float32 copy)."""
+    if t.dtype == torch.bfloat16:
+        return t.detach().contiguous().view(torch.int16).numpy().view(np.uint16)
+    return _as_numpy(t, dtype)
+
+
 def dcnv3_forward(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, geo: DCNv3Geometry) -> torch.Tensor:
-    """Forward on CPU tensors; half types are computed in float32."""
+    """Forward on CPU tensors. bfloat16 is read and written as such with float32 arithmetic; float16 is computed in
+    float32 copies."""
     dtype = _compute_dtype(input.dtype)
     n, h, w, c = input.shape
-    out = torch.empty((n, *offset.shape[1:3], c), dtype=dtype)  # the kernel writes every element
+    out_dtype = torch.bfloat16 if input.dtype == torch.bfloat16 else dtype
+    out = torch.empty((n, *offset.shape[1:3], c), dtype=out_dtype)  # the kernel writes every element
     with _numba_threads():
-        _forward_kernel(_as_numpy(input, dtype), _as_numpy(offset, dtype), _as_numpy(mask, dtype), out.numpy(),
-                        *_geometry_args(geo))
+        _forward_kernel(*(_kernel_array(t, dtype) for t in (input, offset, mask)), _kernel_array(out, dtype),
+                        np.empty(0, torch.empty(0, dtype=dtype).numpy().dtype), *_geometry_args(geo))
     return out.to(input.dtype)
 
 
 def dcnv3_backward(grad_output: torch.Tensor, input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor,
                    geo: DCNv3Geometry):
-    """Gradients w.r.t. (input, offset, mask) of sum(output * grad_output)."""
+    """Gradients w.r.t. (input, offset, mask) of sum(output * grad_output), accumulated in float32 for half types
+    (bfloat16 tensors are read as such)."""
     dtype = _compute_dtype(input.dtype)
     # The kernel accumulates into grad_input and writes every offset and mask gradient exactly once.
     grads = [torch.zeros(input.shape, dtype=dtype), torch.empty(offset.shape, dtype=dtype),
@@ -415,7 +488,6 @@ def dcnv3_backward(grad_output: torch.Tensor, input: torch.Tensor, offset: torch
         # Work items are (image, block of groups); split groups only as far as needed to feed every thread,
         # since a whole pixel's channels are contiguous in memory.
         group_chunks = min(geo.group, -(-2 * threads // max(1, input.shape[0])))
-        _backward_kernel(_as_numpy(grad_output, dtype), _as_numpy(input, dtype), _as_numpy(offset, dtype),
-                         _as_numpy(mask, dtype), *(gr.numpy() for gr in grads), *_geometry_args(geo),
-                         group_chunks)
+        _backward_kernel(*(_kernel_array(t, dtype) for t in (grad_output, input, offset, mask)),
+                         *(gr.numpy() for gr in grads), *_geometry_args(geo), group_chunks)
     return tuple(gr.to(t.dtype) for gr, t in zip(grads, (input, offset, mask)))
