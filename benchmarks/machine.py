@@ -6,6 +6,10 @@ model, the ISA features that matter, torch's thread count, sgemm (and, where the
 gemm) GFLOP/s from one large matmul, and copy bandwidth — and states its results as a fraction of the relevant
 limit: FLOP-bound work against the gemm peak, memory-bound work against the copy bandwidth.
 
+The sgemm peak is the faster of the two libraries in torch's x86 wheels: MKL (``torch.mm``, what ``F.linear``
+calls) and oneDNN (what :class:`intern2.layers.Linear` calls at inference). They differ by CPU: on the AMD EPYC we
+measure, MKL reaches ~70 GFLOP/s at one thread and oneDNN ~100, so MKL's figure alone understated the machine.
+
     python benchmarks/machine.py            # the limits at 1 thread and at every core
 """
 from __future__ import annotations
@@ -18,6 +22,8 @@ from pathlib import Path
 from typing import Callable, Optional, Tuple
 
 import torch
+
+from intern2.layers import linear, onednn_linear_available
 
 ISA_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8")
 
@@ -59,14 +65,16 @@ class Limits:
     cpu: str
     features: Tuple[str, ...]
     threads: int
-    sgemm_gflops: float
+    sgemm_gflops: float  # the faster library's
+    sgemm_by_library: Tuple[Tuple[str, float], ...]
     bf16_gflops: Optional[float]  # None: no bf16 instructions (torch would emulate them)
     copy_gbs: float  # bytes read + bytes written per second, of one large copy
 
     def describe(self) -> str:
         bf16 = f"{self.bf16_gflops:.0f}" if self.bf16_gflops else "n/a (no bf16 instructions)"
         return (f"machine: {self.cpu}; ISA: {' '.join(self.features) or 'none of ' + ', '.join(ISA_FEATURES)}; "
-                f"torch {torch.__version__}, {self.threads} thread(s); limits: sgemm {self.sgemm_gflops:.0f} GFLOP/s, "
+                f"torch {torch.__version__}, {self.threads} thread(s); limits: sgemm {self.sgemm_gflops:.0f} GFLOP/s "
+                f"({', '.join(f'{name} {value:.0f}' for name, value in self.sgemm_by_library)}), "
                 f"bf16 gemm {bf16} GFLOP/s, copy {self.copy_gbs:.1f} GB/s")
 
     def flop_fraction(self, flops: float, seconds: float, dtype: torch.dtype = torch.float32) -> float:
@@ -89,7 +97,11 @@ def measure_limits(threads: Optional[int] = None, gemm_size: int = 2048, copy_mi
         features = cpu_features()
         a, b = torch.randn(gemm_size, gemm_size), torch.randn(gemm_size, gemm_size)
         flops = 2.0 * gemm_size ** 3
-        sgemm = flops / _best_seconds(lambda: torch.mm(a, b), repeats) / 1e9
+        by_library = {"MKL": flops / _best_seconds(lambda: torch.mm(a, b), repeats) / 1e9}
+        if onednn_linear_available():
+            weight = b.t().contiguous()  # linear(a, weight) = a @ b
+            with torch.inference_mode():
+                by_library["oneDNN"] = flops / _best_seconds(lambda: linear(a, weight), repeats) / 1e9
         bf16 = None
         if {"avx512_bf16", "amx_bf16"} & set(features):
             a16, b16 = a.bfloat16(), b.bfloat16()
@@ -97,7 +109,8 @@ def measure_limits(threads: Optional[int] = None, gemm_size: int = 2048, copy_mi
         source = torch.ones(copy_mib * 2 ** 18)  # float32: copy_mib MiB
         target = torch.empty_like(source)
         copy = 2 * source.numel() * 4 / _best_seconds(lambda: target.copy_(source), repeats) / 1e9
-        return Limits(cpu_model(), features, torch.get_num_threads(), sgemm, bf16, copy)
+        return Limits(cpu_model(), features, torch.get_num_threads(), max(by_library.values()),
+                      tuple(by_library.items()), bf16, copy)
     finally:
         torch.set_num_threads(previous)
 

@@ -1,11 +1,12 @@
-"""Norm/activation factories: module layout (checkpoint key indices) and errors."""
+"""Norm/activation factories (module layout = checkpoint key indices, errors) and the oneDNN Linear."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from intern2.layers import ToChannelsFirst, ToChannelsLast, build_act_layer, build_norm_layer
+import intern2.layers as layers
+from intern2.layers import Linear, ToChannelsFirst, ToChannelsLast, build_act_layer, build_norm_layer
 
 
 def test_layer_norm_from_channels_first_keeps_official_indices():
@@ -59,3 +60,85 @@ def test_gelu_is_traced_as_one_call():
     traced = torch.fx.symbolic_trace(nn.Sequential(build_act_layer("GELU")))
     x = torch.randn(3, 5)
     torch.testing.assert_close(traced(x.clone()), nn.functional.gelu(x), atol=0, rtol=0)
+
+
+needs_onednn = pytest.mark.skipif(not layers._onednn_dtypes(), reason="this torch build has no oneDNN linear")
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """Counts the calls that reach oneDNN's linear."""
+    calls, onednn = [], layers._ONEDNN_LINEAR
+
+    def counted(*args):
+        calls.append(args[0].dtype)
+        return onednn(*args)
+    monkeypatch.setattr(layers, "_ONEDNN_LINEAR", counted)
+    return calls
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_linear_runs_onednn_at_inference_with_f_linear_values(onednn_calls, dtype, atol):
+    if dtype not in layers._onednn_dtypes():
+        pytest.skip("no bf16 oneDNN on this CPU")
+    torch.manual_seed(0)
+    layer = Linear(24, 40).to(dtype)
+    x = torch.randn(2, 5, 7, 24, dtype=dtype).permute(0, 2, 1, 3)  # 4-d and not contiguous, as NHWC blocks pass
+    with torch.inference_mode():
+        out = layer(x)
+    assert onednn_calls == [dtype] and out.dtype == dtype and out.shape == (2, 7, 5, 40)
+    torch.testing.assert_close(out.float(), nn.functional.linear(x, layer.weight, layer.bias).float(),
+                               atol=atol, rtol=atol)
+    with torch.no_grad():
+        no_bias = Linear(24, 3, bias=False)(x.float())
+    assert onednn_calls == [dtype, torch.float32] and no_bias.shape == (2, 7, 5, 3)
+
+
+@needs_onednn
+def test_linear_is_f_linear_under_autograd_autocast_tracing_and_empty_input(onednn_calls):
+    layer = Linear(6, 4)
+    x = torch.randn(3, 6)
+    out = layer(x)  # grad mode, parameters require grad: autograd must record aten.linear
+    out.sum().backward()
+    want = nn.functional.linear(x, layer.weight, layer.bias)
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    assert layer.weight.grad is not None
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16  # autocast's cast, which the oneDNN call would skip
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, x, check_trace=False)  # its check would rerun forward untraced
+        assert layer(torch.empty(0, 6)).shape == (0, 4)
+    assert "aten::linear" in str(traced.graph)
+    assert onednn_calls == []
+    with torch.inference_mode():
+        torch.testing.assert_close(traced(x), want.detach(), atol=0, rtol=0)
+
+
+def test_linear_keeps_nn_linear_state_dict_and_is_traced_as_one_call():
+    layer = Linear(6, 4)
+    plain = nn.Linear(6, 4)
+    plain.load_state_dict(layer.state_dict())
+    assert isinstance(layer, nn.Linear) and list(layer.state_dict()) == ["weight", "bias"]
+    graph = torch.fx.symbolic_trace(nn.Sequential(layer)).graph
+    assert [n.target.__name__ for n in graph.nodes if n.op == "call_function"] == ["linear"]
+    x = torch.randn(3, 6)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), plain(x), atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_flop_counter_counts_the_onednn_linear():
+    from torch.utils.flop_counter import FlopCounterMode
+    layer = Linear(16, 8)
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        layer(torch.randn(2, 3, 16))
+    assert counter.get_total_flops() == 2 * 6 * 16 * 8
+
+
+def test_onednn_probe_leaves_the_global_generator_alone():
+    layers._onednn_dtypes.cache_clear()
+    state = torch.random.get_rng_state()
+    layers._onednn_dtypes()
+    assert torch.equal(torch.random.get_rng_state(), state)

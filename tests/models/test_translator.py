@@ -127,6 +127,11 @@ def test_inference_linear_matches_the_module_and_leaves_autograd_alone(golden, m
     with torch.no_grad():
         torch.testing.assert_close(apply_linear(layer, x), layer(x))
     assert apply_linear(layer, x).grad_fn is not None  # training: the module's own, differentiable forward
+    seen = []
+    layer.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        apply_linear(layer, x)
+    assert seen == [(3, 5, 48)]  # a hooked module runs its own forward, so its hooks fire
     model, t, _ = golden
     ids, mask = _inputs(t)
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)

@@ -19,9 +19,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..fields import coerce, describe
-from ..layers import DropPath, FeatureInfo, Mlp, build_act_layer, build_norm_layer, take_indices
+from ..layers import DropPath, FeatureInfo, Linear, Mlp, build_act_layer, build_norm_layer, linear, take_indices
 from ..ops import DCNv3
 from ..registry import register_variant
+
+torch.fx.wrap("linear")  # symbolic tracing records calls to it (fx.wrap applies per module namespace)
 
 __all__ = ["InternImage", "InternImageConfig", "checkpoint_filter_fn", "INTERNIMAGE_VARIANTS"]
 
@@ -203,18 +205,18 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, out_dim: int):
         super().__init__()
         self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim, bias=False)
-        self.k = nn.Linear(dim, dim, bias=False)
-        self.v = nn.Linear(dim, dim, bias=False)
+        self.q = Linear(dim, dim, bias=False)
+        self.k = Linear(dim, dim, bias=False)
+        self.v = Linear(dim, dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.k_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
-        self.proj = nn.Linear(dim, out_dim)
+        self.proj = Linear(dim, out_dim)
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         def heads(t: torch.Tensor, layer: nn.Linear, bias: torch.Tensor) -> torch.Tensor:
             b, n, _ = t.shape
-            return F.linear(t, layer.weight, bias).reshape(b, n, self.num_heads, -1).transpose(1, 2)
+            return linear(t, layer.weight, bias).reshape(b, n, self.num_heads, -1).transpose(1, 2)
         out = F.scaled_dot_product_attention(heads(x, self.q, self.q_bias), heads(k, self.k, self.k_bias),
                                              heads(v, self.v, self.v_bias))
         return self.proj(out.transpose(1, 2).flatten(2))
@@ -334,7 +336,7 @@ class InternImage(nn.Module):
                 nn.Conv2d(last, self.head_hidden_size, 1, bias=False),
                 build_norm_layer(self.head_hidden_size, "BN", "channels_first", "channels_first"),
                 build_act_layer(cfg.act_layer))
-        self.head = nn.Linear(self.head_hidden_size, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.head = Linear(self.head_hidden_size, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
 
     @staticmethod
     def _check_pool(global_pool: str, num_classes: int) -> str:
@@ -421,7 +423,7 @@ class InternImage(nn.Module):
             raise ValueError("reset_classifier: a features_only backbone has no classifier")
         self.global_pool = self._check_pool(self.global_pool if global_pool is None else global_pool, num_classes)
         self.num_classes = num_classes
-        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             self._init_weights(self.head)
 

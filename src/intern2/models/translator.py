@@ -16,13 +16,12 @@ dimensions, 1,370,638,336 parameters) and ``intern2_mt_3p3b`` (NLLB-200-3.3B).
 
 Decoding (``model.generate``: greedy, sampling, beam search) lives in :mod:`intern2.models.generation`.
 
-On CPU, float32 inference runs the linear layers through oneDNN (:func:`apply_linear`), whose few-row matmuls are up
-to twice as fast as ``F.linear``'s.
+On CPU, float32/bfloat16 inference runs the linear layers through oneDNN (:func:`apply_linear`), whose few-row
+matmuls are up to twice as fast as ``F.linear``'s.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import warnings
@@ -36,6 +35,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write, read_checkpoint, read_state_dict
+from ..layers import linear
 from ..registry import register_variant
 from .generation import GenerationMixin
 
@@ -117,27 +117,14 @@ class Seq2SeqLMOutput:
 
 
 # ------------------------------------------------------------------------------------------------------ layers
-@functools.lru_cache(maxsize=None)
-def _onednn_linear_works() -> bool:
-    """Whether this torch build has oneDNN's linear op (x86 and most arm64 builds) and it agrees with F.linear."""
-    try:
-        x, weight, bias = (torch.randn(*shape, dtype=torch.float32, device="cpu") for shape in ((2, 8), (4, 8), (4,)))
-        out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-        return torch.allclose(out, F.linear(x, weight, bias), atol=1e-5)
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def apply_linear(layer: nn.Module, x: Tensor) -> Tensor:
-    """``layer(x)``. A float32 ``nn.Linear`` on CPU outside autograd runs as oneDNN's linear on the unchanged weight:
-    at the few rows of a decoding step it streams the weight 1.3-2.2x faster than the MKL gemv/gemm behind
-    ``F.linear`` (which transformers uses too; measured on the 2-core AMD EPYC of benchmarks/translate.py), with the
-    same result up to float rounding. Anything else (autograd, autocast, other dtypes or devices, int8 modules) runs
-    the module's own forward."""
-    if (type(layer) is nn.Linear and x.dtype == torch.float32 and x.device.type == "cpu"
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.enabled
-            and _onednn_linear_works()):
-        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
+    """``layer(x)``; a plain ``nn.Linear`` runs :func:`intern2.layers.linear` (oneDNN for CPU inference): at the
+    few rows of a decoding step it streams the weight 1.3-2.2x faster than the MKL gemv/gemm behind ``F.linear``
+    (which transformers uses too; measured on the 2-core AMD EPYC of benchmarks/translate.py). The modules stay
+    ``nn.Linear`` so ``quantize_dynamic`` finds them; quantized or otherwise replaced modules, and modules with
+    hooks, run their own forward."""
+    if type(layer) is nn.Linear and not (layer._forward_hooks or layer._forward_pre_hooks):
+        return linear(x, layer.weight, layer.bias)
     return layer(x)
 
 

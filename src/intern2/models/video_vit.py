@@ -18,8 +18,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
-from ..layers import DropPath, Mlp
+from ..layers import DropPath, Linear, Mlp, linear
 from ..registry import register_variant
+
+torch.fx.wrap("linear")  # symbolic tracing records calls to it (fx.wrap applies per module namespace)
 
 __all__ = ["VideoViT", "VideoMAEPretrain", "keep_visible", "sinusoid_table", "resize_pos_embed", "tube_mask",
            "running_cell_mask", "pixel_targets", "videomae_loss", "official_to_hf", "hf_to_official", "config_from_hf",
@@ -80,14 +82,14 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool, attn_drop: float, proj_drop: float):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.qkv = Linear(dim, dim * 3, bias=False)
         if qkv_bias:
             self.q_bias = nn.Parameter(torch.zeros(dim))
             self.v_bias = nn.Parameter(torch.zeros(dim))
         else:
             self.q_bias = self.v_bias = None
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +97,7 @@ class Attention(nn.Module):
         bias = None
         if self.q_bias is not None:
             bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, bias).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+        qkv = linear(x, self.qkv.weight, bias).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         # SDPA picks flash / memory-efficient kernels and never materialises the (N, N) matrix where it can.
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import build_act_layer, build_norm_layer
+from ..layers import Linear, build_act_layer, build_norm_layer
 from .dcnv3 import IMPLS, dcnv3
 
 __all__ = ["DCNv3"]
@@ -116,10 +116,10 @@ class DCNv3(nn.Module):
             build_norm_layer(channels, norm_layer, "channels_first", "channels_last"),
             build_act_layer(act_layer),
         )
-        self.offset = nn.Linear(channels, group * points * 2)
-        self.mask = nn.Linear(channels, group * points)
-        self.input_proj = nn.Linear(channels, channels)
-        self.output_proj = nn.Linear(channels, channels)
+        self.offset = Linear(channels, group * points * 2)
+        self.mask = Linear(channels, group * points)
+        self.input_proj = Linear(channels, channels)
+        self.output_proj = Linear(channels, channels)
         if center_feature_scale:
             self.center_feature_scale_proj_weight = nn.Parameter(torch.zeros(group, channels))
             self.center_feature_scale_proj_bias = nn.Parameter(torch.zeros(group))
