@@ -69,11 +69,9 @@ def onednn_linear_available(dtype: torch.dtype = torch.float32) -> bool:
 
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     """Whether :func:`linear` may run on oneDNN: plain CPU tensors of one supported dtype, nothing for autograd to
-    record (the op has no backward), no autocast, and no tracer, compiler or exporter watching (they must see
-    ``aten.linear``)."""
-    if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
-        return False
-    if x.device.type != "cpu" or x.dim() < 2 or x.numel() == 0 or not torch.backends.mkldnn.enabled:
+    record (the op has no backward), no autocast, and no tracer or compiler watching (they must see ``aten.linear``;
+    the ONNX exporters run under one of them). Cheap checks first: a decoding step makes ~50 of these calls."""
+    if not x.is_cpu or x.dim() < 2 or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
     if type(x) not in _PLAIN_TENSORS or type(weight) not in _PLAIN_TENSORS or weight.dtype != x.dtype:
         return False
@@ -82,7 +80,8 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
                                     (bias is not None and bias.requires_grad)):
         return False
-    return not torch.is_autocast_enabled("cpu") and onednn_linear_available(x.dtype)
+    return (x.numel() > 0 and torch.backends.mkldnn.enabled and not torch.is_autocast_enabled("cpu")
+            and onednn_linear_available(x.dtype))
 
 
 @torch.fx.wrap
