@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..layers import Linear
 from ..ops.msda_module import MultiScaleDeformableAttention
 
 __all__ = ["sine_position_encoding", "ConvGN", "FFN", "MultiheadAttention", "DeformableEncoderLayer",
@@ -53,8 +54,8 @@ class FFN(nn.Module):
 
     def __init__(self, embed_dims: int, feedforward_channels: int):
         super().__init__()
-        self.layers = nn.Sequential(nn.Sequential(nn.Linear(embed_dims, feedforward_channels), nn.ReLU(inplace=True)),
-                                    nn.Linear(feedforward_channels, embed_dims))
+        self.layers = nn.Sequential(nn.Sequential(Linear(embed_dims, feedforward_channels), nn.ReLU(inplace=True)),
+                                    Linear(feedforward_channels, embed_dims))
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.layers(x)

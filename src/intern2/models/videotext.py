@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..constants import CLIP_MEAN, CLIP_STD  # noqa: F401 (re-exported)
-from ..layers import DropPath
+from ..layers import DropPath, Linear
 from ..registry import register_variant
 from .video_vit import VideoViT
 
@@ -51,10 +51,10 @@ class QuickGELU(nn.Module):
 
 
 def _mlp(width: int, hidden: int, dropout: float = 0.0) -> nn.Sequential:
-    layers = [("c_fc", nn.Linear(width, hidden)), ("gelu", QuickGELU())]
+    layers = [("c_fc", Linear(width, hidden)), ("gelu", QuickGELU())]
     if dropout > 0:  # parameter-free, so the official names stay c_fc / c_proj either way
         layers.append(("dropout", nn.Dropout(dropout)))
-    layers.append(("c_proj", nn.Linear(hidden, width)))
+    layers.append(("c_proj", Linear(hidden, width)))
     return nn.Sequential(OrderedDict(layers))
 
 

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..layers import Linear
 from .dcnv3 import IMPLS
 from .msda import SpatialShapes, ms_deform_attn
 
@@ -57,10 +58,10 @@ class MultiScaleDeformableAttention(nn.Module):
         self.batch_first = batch_first
         self.impl = impl
         self.dropout = nn.Dropout(dropout)
-        self.sampling_offsets = nn.Linear(embed_dims, num_heads * num_levels * num_points * 2)
-        self.attention_weights = nn.Linear(embed_dims, num_heads * num_levels * num_points)
-        self.value_proj = nn.Linear(embed_dims, embed_dims)
-        self.output_proj = nn.Linear(embed_dims, embed_dims)
+        self.sampling_offsets = Linear(embed_dims, num_heads * num_levels * num_points * 2)
+        self.attention_weights = Linear(embed_dims, num_heads * num_levels * num_points)
+        self.value_proj = Linear(embed_dims, embed_dims)
+        self.output_proj = Linear(embed_dims, embed_dims)
         self.init_weights()
 
     def init_weights(self) -> None:
