@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 import intern2.layers as layers
-from intern2.layers import Linear, ToChannelsFirst, ToChannelsLast, build_act_layer, build_norm_layer
+from intern2.layers import (Linear, ToChannelsFirst, ToChannelsLast, build_act_layer, build_norm_layer,
+                            residual_add)
 
 
 def test_layer_norm_from_channels_first_keeps_official_indices():
@@ -142,3 +143,20 @@ def test_onednn_probe_leaves_the_global_generator_alone():
     state = torch.random.get_rng_state()
     layers._onednn_dtypes()
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_residual_add_writes_into_the_branch_only_at_inference():
+    x, branch = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    want = x + branch
+    with torch.inference_mode():
+        fresh = branch.clone()
+        out = residual_add(x, fresh)
+        assert out.data_ptr() == fresh.data_ptr()  # no new buffer
+        torch.testing.assert_close(out, want, atol=0, rtol=0)
+    leaf = x.clone().requires_grad_()
+    kept = branch.clone()
+    out = residual_add(leaf, kept)
+    assert out.data_ptr() != kept.data_ptr() and torch.equal(kept, branch)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), want, atol=0, rtol=0)
+    assert torch.equal(leaf.grad, torch.ones_like(x))

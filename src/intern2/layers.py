@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
 __all__ = ["ToChannelsFirst", "ToChannelsLast", "Linear", "linear", "onednn_linear_available", "GELU", "Mlp",
-           "DropPath", "build_norm_layer", "build_act_layer", "FeatureInfo", "take_indices"]
+           "residual_add", "DropPath", "build_norm_layer", "build_act_layer", "FeatureInfo", "take_indices"]
 
 
 class ToChannelsFirst(nn.Module):
@@ -140,6 +140,16 @@ def _gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         return nn.functional.gelu(x, approximate=approximate)
     return torch.ops.aten.gelu_(x, approximate=approximate)
+
+
+@torch.fx.wrap
+def residual_add(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """``x + branch`` for a residual block whose ``branch`` is a fresh tensor of x's shape. When autograd does not
+    need them (inference) the sum is written into ``branch``: no new buffer to allocate and fault in, and the same
+    bits (float addition is commutative). Kept out of symbolic tracing: torch.fx records the call."""
+    if torch.is_grad_enabled() and (x.requires_grad or branch.requires_grad):
+        return x + branch
+    return branch.add_(x)
 
 
 class GELU(nn.GELU):

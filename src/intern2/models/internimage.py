@@ -19,11 +19,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..fields import coerce, describe
-from ..layers import DropPath, FeatureInfo, Linear, Mlp, build_act_layer, build_norm_layer, linear, take_indices
+from ..layers import (DropPath, FeatureInfo, Linear, Mlp, build_act_layer, build_norm_layer, linear, residual_add,
+                      take_indices)
 from ..ops import DCNv3
 from ..registry import register_variant
 
-torch.fx.wrap("linear")  # symbolic tracing records calls to it (fx.wrap applies per module namespace)
+# Symbolic tracing records calls to these (fx.wrap applies per module namespace).
+torch.fx.wrap("linear")
+torch.fx.wrap("residual_add")
 
 __all__ = ["InternImage", "InternImageConfig", "checkpoint_filter_fn", "INTERNIMAGE_VARIANTS"]
 
@@ -153,18 +156,18 @@ class InternImageLayer(nn.Module):
     def _residuals(self, x: torch.Tensor) -> torch.Tensor:
         if self.layer_scale:
             if self.post_norm:
-                x = x + self.drop_path(self.gamma1 * self.norm1(self.dcn(x)))
-                return x + self.drop_path(self.gamma2 * self.norm2(self.mlp(x)))
-            x = x + self.drop_path(self.gamma1 * self.dcn(self.norm1(x)))
-            return x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x)))
+                x = residual_add(x, self.drop_path(self.gamma1 * self.norm1(self.dcn(x))))
+                return residual_add(x, self.drop_path(self.gamma2 * self.norm2(self.mlp(x))))
+            x = residual_add(x, self.drop_path(self.gamma1 * self.dcn(self.norm1(x))))
+            return residual_add(x, self.drop_path(self.gamma2 * self.mlp(self.norm2(x))))
         if self.post_norm:
-            x = x + self.drop_path(self.norm1(self.dcn(x)))
-            return x + self.drop_path(self.norm2(self.mlp(x)))
+            x = residual_add(x, self.drop_path(self.norm1(self.dcn(x))))
+            return residual_add(x, self.drop_path(self.norm2(self.mlp(x))))
         if self.res_post_norm:
-            x = x + self.drop_path(self.res_post_norm1(self.dcn(self.norm1(x))))
-            return x + self.drop_path(self.res_post_norm2(self.mlp(self.norm2(x))))
-        x = x + self.drop_path(self.dcn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+            x = residual_add(x, self.drop_path(self.res_post_norm1(self.dcn(self.norm1(x)))))
+            return residual_add(x, self.drop_path(self.res_post_norm2(self.mlp(self.norm2(x)))))
+        x = residual_add(x, self.drop_path(self.dcn(self.norm1(x))))
+        return residual_add(x, self.drop_path(self.mlp(self.norm2(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.with_cp and x.requires_grad:
