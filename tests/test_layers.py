@@ -74,6 +74,11 @@ def onednn_calls(monkeypatch):
     def counted(*args):
         calls.append(args[0].dtype)
         return onednn(*args)
+
+    def counted_binary(*args):
+        calls.append(("add", args[0].dtype))
+        return onednn.binary(*args)
+    counted.binary = counted_binary
     monkeypatch.setattr(layers, "_ONEDNN_LINEAR", counted)
     return calls
 
@@ -160,3 +165,65 @@ def test_residual_add_writes_into_the_branch_only_at_inference():
     out.sum().backward()
     torch.testing.assert_close(out.detach(), want, atol=0, rtol=0)
     assert torch.equal(leaf.grad, torch.ones_like(x))
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 6e-2)])
+def test_linear_fuses_the_residual_sum_at_inference(onednn_calls, dtype, atol):
+    if dtype not in layers._onednn_dtypes():
+        pytest.skip("no bf16 oneDNN on this CPU")
+    torch.manual_seed(0)
+    layer = Linear(24, 16).to(dtype)
+    x = torch.randn(2, 5, 7, 24, dtype=dtype)
+    residual = torch.randn(2, 5, 7, 16, dtype=dtype)
+    want = (nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float()) + residual.float())
+    with torch.inference_mode():
+        out = layer(x, residual)
+    assert onednn_calls == [("add", dtype)] and out.dtype == dtype and out.data_ptr() != residual.data_ptr()
+    torch.testing.assert_close(out.float(), want, atol=atol, rtol=atol)
+    with torch.inference_mode():  # a residual that only broadcasts to the output: the separate sum
+        row = residual[:1]
+        torch.testing.assert_close(layer(x, row).float(), want - residual.float() + row.float(), atol=atol, rtol=atol)
+    assert onednn_calls == [("add", dtype)]  # F.linear then the in-place sum
+
+
+def test_linear_residual_under_autograd_is_differentiable():
+    layer = Linear(6, 4)
+    x = torch.randn(3, 6)
+    residual = torch.randn(3, 4, requires_grad=True)
+    with torch.no_grad():
+        fused = layer(x, residual)  # nothing to record: the fused path where oneDNN runs
+    out = layer(x, residual)  # autograd records F.linear and the sum
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), fused, atol=1e-5, rtol=1e-5)
+    assert torch.equal(residual.grad, torch.ones_like(residual)) and layer.weight.grad is not None
+
+
+@needs_onednn
+def test_one_row_bfloat16_linear_runs_gemv(onednn_calls):
+    if torch.bfloat16 not in layers._onednn_dtypes():
+        pytest.skip("no bf16 oneDNN on this CPU")
+    torch.manual_seed(0)
+    for bias in (True, False):
+        layer = Linear(64, 48, bias=bias).bfloat16()
+        x = torch.randn(1, 1, 64, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            out = layer(x)
+        want = nn.functional.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
+        assert out.shape == (1, 1, 48) and out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), want, atol=3e-2, rtol=3e-2)
+    assert onednn_calls == []  # the one-row case is ATen's gemv, not the oneDNN matmul
+
+
+def test_mlp_residual_equals_the_separate_sum():
+    torch.manual_seed(0)
+    mlp = layers.Mlp(8, 32, drop=0.5)
+    x, residual = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    mlp.eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(mlp(x, residual), residual + mlp(x), atol=1e-5, rtol=1e-5)
+    mlp.train()
+    torch.manual_seed(1)
+    trained = mlp(x, residual)
+    torch.manual_seed(1)
+    torch.testing.assert_close(trained, residual + mlp(x), atol=1e-6, rtol=1e-6)  # dropout before the sum

@@ -166,6 +166,9 @@ class InternImageLayer(nn.Module):
         if self.res_post_norm:
             x = residual_add(x, self.drop_path(self.res_post_norm1(self.dcn(self.norm1(x)))))
             return residual_add(x, self.drop_path(self.res_post_norm2(self.mlp(self.norm2(x)))))
+        if isinstance(self.drop_path, nn.Identity) or not self.training:  # the sums fused into the last linears
+            x = self.dcn(self.norm1(x), residual=x)
+            return self.mlp(self.norm2(x), residual=x)
         x = residual_add(x, self.drop_path(self.dcn(self.norm1(x))))
         return residual_add(x, self.drop_path(self.mlp(self.norm2(x))))
 

@@ -137,7 +137,8 @@ class DCNv3(nn.Module):
             nn.init.zeros_(self.center_feature_scale_proj_weight)
             nn.init.zeros_(self.center_feature_scale_proj_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The module's output, or ``residual + output`` (the sum fused into the output projection at inference)."""
         x = _checked(x, self.channels)
         x_proj = self.input_proj(x)
         query = self.dw_conv(x.permute(0, 3, 1, 2))
@@ -148,7 +149,7 @@ class DCNv3(nn.Module):
                                           self.center_feature_scale_proj_bias))
             gate = gate.repeat_interleave(self.group_channels, dim=-1)  # (N, H, W, G) -> per channel
             out = out * (1 - gate) + x_proj * gate
-        return self.output_proj(out)
+        return self.output_proj(out, residual)
 
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, kernel_size={self.kernel_size}, group={self.group}, "
