@@ -26,15 +26,18 @@ from machine import measure_limits  # noqa: E402
 
 import intern2  # noqa: E402
 import intern2.ops.dcnv3_module as dcnv3_module  # noqa: E402
+from intern2.ops.dcnv3 import mask_softmax  # noqa: E402
 
 # convnext_tiny: 0.9 is the FLOP ratio (4.5 vs 5.0 GMACs), i.e. equal efficiency.
 TARGETS = {"vs_baseline": 1.5, "vs_convnext_tiny": 0.9}
 
 
 def baseline_dcnv3(input, offset, mask, kernel_size, stride, pad, dilation, group, offset_scale=1.0,
-                   remove_center=False, impl=None):
+                   remove_center=False, impl=None, softmax_mask=False):
     if (kernel_size, stride, pad, dilation, offset_scale, remove_center) != (3, 1, 1, 1, 1.0, False):
         raise ValueError("the baseline core is written for InternImage-T's k3 s1 p1 d1 layers")
+    if softmax_mask:  # the mask softmax the module asks for, as intern2 computes it outside its CPU kernel
+        mask = mask_softmax(mask, group)
     return official_core(input, offset, mask, group)
 
 

@@ -11,11 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from intern2.ops import DCNv3Geometry
+from intern2.ops.dcnv3 import mask_softmax
 
 
 def official_grid_core(input, offset, mask, kernel_size, stride, pad, dilation, group, offset_scale=1.0,
-                       remove_center=False, impl=None):
+                       remove_center=False, impl=None, softmax_mask=False):
     geo = DCNv3Geometry.create(kernel_size, stride, pad, dilation, group, offset_scale, remove_center)
+    if softmax_mask:  # the official module's softmax, before its core
+        mask = mask_softmax(mask, group)
     n, h, w, c = input.shape
     d = c // group
     ho, wo = geo.output_size(h, w)

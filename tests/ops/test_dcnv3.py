@@ -182,6 +182,51 @@ def test_fast_reads_and_writes_bfloat16_with_float32_arithmetic():
     assert torch.isnan(dcnv3(poisoned, *inputs[1:], 3, 1, 1, 1, 3, impl="fast")).any()
 
 
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+@pytest.mark.parametrize("kernel,group,remove_center", [(3, 2, False), (3, 3, True), (3, 40, False), (15, 1, False)])
+def test_softmax_mask_equals_the_softmax_then_the_core(impl, kernel, group, remove_center):
+    """softmax_mask=True: the mask holds logits, normalised over each group's points (in the fast kernel as it reads
+    them, also when a pixel's groups span several geometry tables); gradients reach the logits."""
+    geo = DCNv3Geometry.create(kernel, 1, kernel // 2, 1, group, remove_center=remove_center)
+    inp, offset, _ = _random_inputs(2, 5, 6, group, 3, geo, seed=6)
+    logits = torch.randn(offset.shape[:3] + (group * geo.points,), generator=torch.Generator().manual_seed(6),
+                         dtype=torch.float64) * 4
+    args = (kernel, 1, kernel // 2, 1, group, 1.0, remove_center)
+    cotangent = torch.randn(2, 5, 6, group * 3, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (inp, offset, logits)]
+    out = dcnv3(*leaves, *args, impl=impl, softmax_mask=True)
+    grads = torch.autograd.grad(out, leaves, cotangent)
+    want_leaves = [t.clone().requires_grad_() for t in (inp, offset, logits)]
+    weights = torch.softmax(want_leaves[2].view(2, 5, 6, group, -1), -1).flatten(3)
+    want = dcnv3(want_leaves[0], want_leaves[1], weights, *args, impl="reference")
+    want_grads = torch.autograd.grad(want, want_leaves, cotangent)
+    for what, got, expected in zip(("out", "grad_input", "grad_offset", "grad_logits"), (out, *grads),
+                                   (want, *want_grads)):
+        torch.testing.assert_close(got, expected, atol=1e-9, rtol=1e-9, msg=what)
+    with torch.inference_mode():  # float32: the kernel's polynomial exp against ATen's
+        got32 = dcnv3(inp.float(), offset.float(), logits.float(), *args, impl=impl, softmax_mask=True)
+    torch.testing.assert_close(got32.double(), want.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_softmax_mask_is_stable_for_extreme_logits():
+    """Logits far beyond exp's range (and -inf for points switched off) give F.softmax's weights, not inf/NaN."""
+    geo = DCNv3Geometry.create(3, 1, 1, 1, 2)
+    inp, offset, _ = _random_inputs(1, 4, 5, 2, 16, geo, dtype=torch.float32, seed=7)
+    logits = torch.randn(1, 4, 5, 18, generator=torch.Generator().manual_seed(7)) * 1e4
+    logits[..., 3] = float("-inf")
+    weights = torch.softmax(logits.view(1, 4, 5, 2, 9), -1).flatten(3)
+    want = dcnv3(inp, offset, weights, 3, 1, 1, 1, 2, impl="reference")
+    for dtype in (torch.float32, torch.bfloat16):
+        got = dcnv3(inp.to(dtype), offset.to(dtype), logits.to(dtype), 3, 1, 1, 1, 2, impl="fast", softmax_mask=True)
+        assert torch.isfinite(got).all()
+        want_dtype = dcnv3(inp.to(dtype).float(), offset.to(dtype).float(),
+                           torch.softmax(logits.to(dtype).float().view(1, 4, 5, 2, 9), -1).flatten(3),
+                           3, 1, 1, 1, 2, impl="reference")
+        torch.testing.assert_close(got.float(), want_dtype, atol=3e-2 if dtype == torch.bfloat16 else 1e-5,
+                                   rtol=3e-2 if dtype == torch.bfloat16 else 1e-5)
+    assert torch.isfinite(want).all()
+
+
 @pytest.mark.parametrize("impl", ["fast", "triton"])
 @pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 5e-2), (torch.float16, 5e-3)])
 def test_half_precision_within_tolerance(impl, dtype, atol):

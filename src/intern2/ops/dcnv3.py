@@ -10,7 +10,9 @@ Semantics follow the official InternImage operator exactly:
   ``remove_center``;
 * sampling location ``x = wo*sw - pw + half_w + (i*dw - half_w + off_x) * offset_scale`` (likewise y), with
   ``half = dilation*(k-1)//2``: offset_scale multiplies the dilation grid as well as the learned offset;
-* bilinear interpolation, corners outside the image contribute zero; the mask is used as given (no softmax).
+* bilinear interpolation, corners outside the image contribute zero; the mask is used as given (no softmax), or
+  with ``softmax_mask=True`` it holds logits, normalised by a softmax over each group's P points (what the DCNv3
+  module does; in float32 for half-precision logits). The CPU kernel computes that softmax as it reads the mask.
 
 Three implementations share this contract (``impl``):
 
@@ -32,7 +34,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-__all__ = ["dcnv3", "dcnv3_reference", "DCNv3Geometry", "IMPLS", "dcnv3_decompositions"]
+__all__ = ["dcnv3", "dcnv3_reference", "mask_softmax", "DCNv3Geometry", "IMPLS", "dcnv3_decompositions"]
 
 IntOrPair = Union[int, Sequence[int]]
 IMPLS = ("reference", "fast", "triton")
@@ -142,8 +144,26 @@ def _check_inputs(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor,
             raise ValueError(f"{name}: expected dtype {input.dtype} (the input's), got {t.dtype}")
 
 
-def dcnv3_reference(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, geo: DCNv3Geometry) -> torch.Tensor:
+def mask_softmax(mask: torch.Tensor, group: int) -> torch.Tensor:
+    """Softmax of (N, H, W, group*P) mask logits over each group's P points; half-precision logits in float32 (the
+    result stays float32).
+
+    For inference the softmax is written out: ATen's softmax kernel is ~4x slower on a 9-wide last dimension on CPU.
+    Under autograd F.softmax keeps its lean backward (it saves only its output).
+    """
+    logits = mask.float() if mask.dtype in (torch.float16, torch.bfloat16) else mask
+    logits = logits.reshape(*mask.shape[:-1], group, mask.shape[-1] // group)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return F.softmax(logits, -1).reshape(mask.shape)
+    weights = (logits - logits.amax(-1, keepdim=True)).exp_()
+    return weights.div_(weights.sum(-1, keepdim=True)).reshape(mask.shape)
+
+
+def dcnv3_reference(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, geo: DCNv3Geometry,
+                    softmax_mask: bool = False) -> torch.Tensor:
     """Readable pure-PyTorch DCNv3 core through ``F.grid_sample``; exact in float64 and ONNX-exportable."""
+    if softmax_mask:
+        mask = mask_softmax(mask, geo.group)
     if input.dtype in (torch.float16, torch.bfloat16):  # pixel coordinates need more than 8-11 mantissa bits
         return dcnv3_reference(input.float(), offset.float(), mask.float(), geo).to(input.dtype)
     n, h, w, c = input.shape
@@ -190,16 +210,17 @@ def _kernels(backend: str):
 def _dcnv3_op(
         input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor,
         kernel_h: int, kernel_w: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int,
-        dilation_h: int, dilation_w: int, group: int, offset_scale: float, remove_center: bool, backend: str,
+        dilation_h: int, dilation_w: int, group: int, offset_scale: float, remove_center: bool,
+        softmax_mask: bool, backend: str,
 ) -> torch.Tensor:
     geo = DCNv3Geometry(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
                         offset_scale, remove_center)
-    return _kernels(backend).dcnv3_forward(input, offset, mask, geo)
+    return _kernels(backend).dcnv3_forward(input, offset, mask, geo, softmax_mask)
 
 
 @_dcnv3_op.register_fake
 def _dcnv3_fake(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-                dilation_h, dilation_w, group, offset_scale, remove_center, backend):
+                dilation_h, dilation_w, group, offset_scale, remove_center, softmax_mask, backend):
     return input.new_empty((*offset.shape[:3], input.shape[3]))
 
 
@@ -227,8 +248,20 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_output):
     input, offset, mask = ctx.saved_tensors
-    grads = _dcnv3_backward_op(grad_output, input, offset, mask, *ctx.static)
-    return (*grads,) + (None,) * len(ctx.static)
+    *geometry, softmax_mask, backend = ctx.static
+    if not softmax_mask:
+        grads = _dcnv3_backward_op(grad_output, input, offset, mask, *geometry, backend)
+        return (*grads,) + (None,) * len(ctx.static)
+    group = geometry[8]
+    with torch.no_grad():
+        weights = mask_softmax(mask, group)  # recomputed: cheaper than saving it
+    grad_input, grad_offset, grad_weights = _dcnv3_backward_op(grad_output, input, offset, weights.to(mask.dtype),
+                                                               *geometry, backend)
+    # Softmax backward per group: w * (g - sum(g * w)).
+    shape = (*mask.shape[:-1], group, mask.shape[-1] // group)
+    w, g = weights.view(shape), grad_weights.to(weights.dtype).view(shape)
+    grad_mask = (w * (g - (g * w).sum(-1, keepdim=True))).reshape(mask.shape).to(mask.dtype)
+    return (grad_input, grad_offset, grad_mask) + (None,) * len(ctx.static)
 
 
 _dcnv3_op.register_autograd(_backward, setup_context=_setup_context)
@@ -268,18 +301,20 @@ def dcnv3(
         offset_scale: float = 1.0,
         remove_center: bool = False,
         impl: Optional[str] = None,
+        softmax_mask: bool = False,
 ) -> torch.Tensor:
     """DCNv3 core: mask-weighted bilinear sampling at learned offsets, per channel group.
 
     Args:
         input: (N, H, W, group*D) channels-last values.
         offset: (N, H_out, W_out, group*P*2) pixel displacements, x before y, x-major point order.
-        mask: (N, H_out, W_out, group*P) per-point weights, used as given.
+        mask: (N, H_out, W_out, group*P) per-point weights, used as given (or logits, see ``softmax_mask``).
         kernel_size, stride, pad, dilation: int or (h, w) pair.
         group: number of channel groups G.
         offset_scale: multiplies both the dilation grid and the offsets.
         remove_center: drop the kernel's centre point (square odd kernels).
         impl: "reference", "fast" (CPU) or "triton" (CUDA); None picks the best for the device.
+        softmax_mask: the mask holds logits: weights are their softmax over each group's P points.
 
     Returns:
         (N, H_out, W_out, group*D) tensor in the input's dtype.
@@ -291,7 +326,7 @@ def dcnv3(
         if impl == "fast" and not _fast_supports(geo):  # larger kernels than the CPU kernels' tables hold
             impl = "reference"
     if impl == "reference":
-        return dcnv3_reference(input, offset, mask, geo)
+        return dcnv3_reference(input, offset, mask, geo, softmax_mask)
     if impl == "fast" and input.device.type != "cpu":
         raise ValueError(f"impl: 'fast' runs on CPU tensors, got {input.device}; use 'triton' or 'reference'")
     if impl == "fast" and not _fast_supports(geo):
@@ -302,11 +337,16 @@ def dcnv3(
                          f"for CPU tensors), got a tensor on {input.device}")
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS} or None, got {impl!r}")
-    return _dcnv3_op(input.contiguous(), offset.contiguous(), mask.contiguous(), *_geometry_args(geo), impl)
+    return _dcnv3_op(input.contiguous(), offset.contiguous(), mask.contiguous(), *_geometry_args(geo),
+                     bool(softmax_mask), impl)
 
 
 def _decomposed(input, offset, mask, *args):
-    return dcnv3_reference(input, offset, mask, DCNv3Geometry(*args[:11]))
+    geo, softmax_mask = DCNv3Geometry(*args[:11]), args[11]
+    if softmax_mask:  # F.softmax: decompositions must be functional (mask_softmax works in place at inference)
+        logits = mask.float() if mask.dtype in (torch.float16, torch.bfloat16) else mask
+        mask = F.softmax(logits.reshape(*mask.shape[:-1], geo.group, -1), -1).reshape(mask.shape)
+    return dcnv3_reference(input, offset, mask, geo)
 
 
 def dcnv3_decompositions() -> dict:

@@ -11,6 +11,10 @@ Design (docs/architecture.md has the measurements behind it):
   so no runtime alias checks are needed. (LLVM's loop vectoriser, numba's default, leaves the usual D=16
   group width in a scalar tail loop.) Indices are unsigned: numba adds a negative-index fix-up to signed ones,
   which blocks vectorisation.
+* With ``softmax_mask`` the mask holds logits: each table's softmax over its groups' points is computed as the
+  mask is read (per-group max and sum in short scalar loops, the exponentials in one vectorised loop over the
+  table with a polynomial exp: LLVM cannot vectorise libm's), so the normalised weights never go through memory.
+  The backward takes the normalised weights (dcnv3.py applies the softmax's own backward).
 * bfloat16 tensors are read and written as they are (raw bits widened to float32 on load, rounded to nearest even
   on store); float16 goes through float32 copies.
 * Backward recomputes the table from (input, offset, mask), accumulates the four corner dot products of every
@@ -129,6 +133,69 @@ def _float32_to_bits(typingctx, value):
     return types.uint32(value), codegen
 
 
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """The float32 whose IEEE bits are the low 32 bits of the integer ``bits``."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        low = builder.trunc(args[0], ir.IntType(32)) if bits.bitwidth > 32 else args[0]
+        return builder.bitcast(low, ir.FloatType())
+    return types.float32(bits), codegen
+
+
+def _exp_nonpositive(x):
+    """exp(x) for x <= 0 (a softmax's shifted logits): 0 below float32's normal range, NaN kept."""
+
+
+@overload(_exp_nonpositive, inline="always")
+def _exp_nonpositive_overload(x):
+    if x == types.float64:
+        return lambda x: np.exp(x)
+    if x != types.float32:
+        return None
+
+    def exp_float32(x):
+        # Cephes' expf: x = n*ln2 + r with |r| <= ln2/2 (ln2 split in two for an exact n*ln2), a degree-7
+        # polynomial for e^r, 2^n assembled in the exponent bits. ~1 ulp; branch-free, so LLVM vectorises it.
+        clamped = max(x, np.float32(-87.0))
+        n = np.floor(clamped * np.float32(1.44269504088896341) + np.float32(0.5))
+        r = clamped - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
+        r2 = r * r
+        poly = np.float32(1.9875691500e-4)
+        poly = poly * r + np.float32(1.3981999507e-3)
+        poly = poly * r + np.float32(8.3334519073e-3)
+        poly = poly * r + np.float32(4.1665795894e-2)
+        poly = poly * r + np.float32(1.6666665459e-1)
+        poly = poly * r + np.float32(5.0000001201e-1)
+        poly = poly * r2 + r + np.float32(1.0)
+        scale = _float32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
+        value = poly * scale
+        return value if x >= np.float32(-87.0) else (np.float32(0.0) if x == x else x)
+    return exp_float32
+
+
+@numba.njit(inline="always")
+def _softmax_points(logits, weights, shift, entries, points):
+    """weights[j] = softmax over each group's ``points`` consecutive entries of ``logits[j]``, j < entries."""
+    for first in range(0, entries, points):
+        top = logits[first]
+        for j in range(first + 1, first + points):
+            top = max(top, logits[j])
+        for j in range(first, first + points):
+            shift[j] = top
+    for j in range(entries):  # the one vectorised loop: the exponentials
+        weights[j] = _exp_nonpositive(logits[j] - shift[j])
+    for first in range(0, entries, points):
+        total = weights[first]
+        for j in range(first + 1, first + points):
+            total += weights[j]
+        inverse = 1.0 / total
+        for j in range(first, first + points):
+            weights[j] *= inverse
+
+
 @numba.njit
 def _point_tables(kh, kw, dh, dw, remove_center, group, d_group, dtype):
     """Per entry j = g * P + p of a pixel's (group, point) table: the point's (x, y) in the kernel window before its
@@ -240,7 +307,8 @@ def _window_origin(index, stride, pad, dilation, kernel, offset_scale, typed):
 
 
 @numba.njit(**_FORWARD_JIT)
-def _forward_kernel(inp, off, msk, out, proto, kh, kw, sh, sw, ph, pw, dh, dw, group, offset_scale, remove_center):
+def _forward_kernel(inp, off, msk, out, proto, kh, kw, sh, sw, ph, pw, dh, dw, group, offset_scale, remove_center,
+                    softmax_mask):
     n_batch, height, width, channels = inp.shape
     out_h, out_w = out.shape[1], out.shape[2]
     d_group = channels // group
@@ -265,6 +333,8 @@ def _forward_kernel(inp, off, msk, out, proto, kh, kw, sh, sw, ph, pw, dh, dw, g
         r10, r11 = _stack_array(_TABLE, np.uint64), _stack_array(_TABLE, np.uint64)
         w00, w01 = _stack_array(_TABLE, compute), _stack_array(_TABLE, compute)
         w10, w11 = _stack_array(_TABLE, compute), _stack_array(_TABLE, compute)
+        logits, weights, shift = (_stack_array(_TABLE, compute), _stack_array(_TABLE, compute),
+                                  _stack_array(_TABLE, compute))
         y_origin = _window_origin(ho, sh, ph, dh, kh, scale, typed)
         for wo in range(out_w):
             x_origin = _window_origin(wo, sw, pw, dw, kw, scale, typed)
@@ -273,14 +343,22 @@ def _forward_kernel(inp, off, msk, out, proto, kh, kw, sh, sw, ph, pw, dh, dw, g
                 g_end = min(g_first + groups_per_table, group)
                 j_first = np.uint64(g_first * points)
                 q_first = np.uint64(pixel * group * points) + j_first
+                entries = np.uint64((g_end - g_first) * points)
+                for j in range(entries):
+                    logits[j] = _widen(msk_flat[q_first + j])
+                if softmax_mask:
+                    _softmax_points(logits, weights, shift, entries, np.uint64(points))
+                else:
+                    for j in range(entries):
+                        weights[j] = logits[j]
                 # The whole table at once: a loop LLVM vectorises (the scalar version dominated the run time).
-                for j in range(np.uint64((g_end - g_first) * points)):
+                for j in range(entries):
                     q = q_first + j
                     x = x_origin + (window_x[j_first + j] + _widen(off_flat[q + q])) * scale
                     y = y_origin + (window_y[j_first + j] + _widen(off_flat[q + q + _ONE])) * scale
                     ins, r00[j], r01[j], r10[j], r11[j], b00, b01, b10, b11, _, _, _, _, _, _ = _corners(
                         x, y, height, width, height_f, width_f, n * height, channels, column[j_first + j], zero, one)
-                    m = _widen(msk_flat[q])
+                    m = weights[j]
                     inside[j] = ins
                     w00[j], w01[j], w10[j], w11[j] = b00 * m, b01 * m, b10 * m, b11 * m
                 for g in range(g_first, g_end):
@@ -463,16 +541,18 @@ def _kernel_array(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     return _as_numpy(t, dtype)
 
 
-def dcnv3_forward(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, geo: DCNv3Geometry) -> torch.Tensor:
-    """Forward on CPU tensors. bfloat16 is read and written as such with float32 arithmetic; float16 is computed in
-    float32 copies."""
+def dcnv3_forward(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, geo: DCNv3Geometry,
+                  softmax_mask: bool = False) -> torch.Tensor:
+    """Forward on CPU tensors; ``softmax_mask``: the mask holds logits (softmax over each group's points, computed
+    here). bfloat16 is read and written as such with float32 arithmetic; float16 is computed in float32 copies."""
     dtype = _compute_dtype(input.dtype)
     n, h, w, c = input.shape
     out_dtype = torch.bfloat16 if input.dtype == torch.bfloat16 else dtype
     out = torch.empty((n, *offset.shape[1:3], c), dtype=out_dtype)  # the kernel writes every element
     with _numba_threads():
         _forward_kernel(*(_kernel_array(t, dtype) for t in (input, offset, mask)), _kernel_array(out, dtype),
-                        np.empty(0, torch.empty(0, dtype=dtype).numpy().dtype), *_geometry_args(geo))
+                        np.empty(0, torch.empty(0, dtype=dtype).numpy().dtype), *_geometry_args(geo),
+                        int(softmax_mask))
     return out.to(input.dtype)
 
 

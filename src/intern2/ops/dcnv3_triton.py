@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .dcnv3 import DCNv3Geometry
+from .dcnv3 import DCNv3Geometry, mask_softmax
 
 try:
     import triton
@@ -151,8 +151,11 @@ def _launch_args(input: torch.Tensor, offset: torch.Tensor, geo: DCNv3Geometry):
     return grid, scalars, dict(ACC=acc, BLOCK_Q=BLOCK_Q, BLOCK_D=block_d)
 
 
-def dcnv3_forward(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, geo: DCNv3Geometry) -> torch.Tensor:
-    """Forward; output in the input's dtype."""
+def dcnv3_forward(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, geo: DCNv3Geometry,
+                  softmax_mask: bool = False) -> torch.Tensor:
+    """Forward; output in the input's dtype. Mask logits (``softmax_mask``) are normalised by ATen first."""
+    if softmax_mask:
+        mask = mask_softmax(mask, geo.group).to(input.dtype)
     out = input.new_empty((input.shape[0], *offset.shape[1:3], input.shape[3]))
     grid, scalars, meta = _launch_args(input, offset, geo)
     _forward_kernel[grid](input, offset, mask, out, *scalars, **meta)
