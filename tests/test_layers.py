@@ -227,3 +227,39 @@ def test_mlp_residual_equals_the_separate_sum():
     trained = mlp(x, residual)
     torch.manual_seed(1)
     torch.testing.assert_close(trained, residual + mlp(x), atol=1e-6, rtol=1e-6)  # dropout before the sum
+
+
+@needs_onednn
+def test_linear_gelu_is_the_gelu_of_the_linear_on_every_path(onednn_calls):
+    torch.manual_seed(0)
+    weight, bias = torch.randn(32, 16), torch.randn(32)
+    x = torch.randn(2, 3, 16) * 3
+    want = nn.functional.gelu(nn.functional.linear(x, weight, bias))
+    with torch.inference_mode():
+        torch.testing.assert_close(layers.linear_gelu(x, weight, bias), want, atol=1e-5, rtol=1e-5)
+    assert onednn_calls == [torch.float32]  # float32 inference: the GELU in oneDNN's epilogue
+    if torch.bfloat16 in layers._onednn_dtypes():
+        with torch.inference_mode():  # bfloat16: oneDNN's matmul, then ATen's GELU pass
+            half = layers.linear_gelu(x.bfloat16(), weight.bfloat16(), bias.bfloat16())
+        torch.testing.assert_close(half.float(), want, atol=0.1, rtol=3e-2)
+        assert onednn_calls == [torch.float32, torch.bfloat16]
+    leaf = weight.clone().requires_grad_()
+    out = layers.linear_gelu(x, leaf, bias)  # autograd: F.linear then F.gelu
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), want, atol=1e-6, rtol=1e-6)
+    assert leaf.grad is not None and len(onednn_calls) <= 2
+
+
+def test_mlp_with_exact_gelu_fuses_it_only_where_dropout_is_inactive():
+    torch.manual_seed(0)
+    mlp = layers.Mlp(8, 32, drop=0.0).eval()
+    x = torch.randn(2, 3, 8)
+    want = mlp.fc2(nn.functional.gelu(mlp.fc1(x)))
+    with torch.inference_mode():
+        torch.testing.assert_close(mlp(x), want, atol=1e-5, rtol=1e-5)
+    tanh = layers.Mlp(8, 32, act_layer=lambda: nn.GELU(approximate="tanh")).eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(tanh(x), tanh.fc2(nn.functional.gelu(tanh.fc1(x), approximate="tanh")),
+                                   atol=1e-5, rtol=1e-5)
+    graph = torch.fx.symbolic_trace(mlp).graph
+    assert "linear_gelu" in [n.target.__name__ for n in graph.nodes if n.op == "call_function"]

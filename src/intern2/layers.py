@@ -15,8 +15,8 @@ import torchvision
 from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
-__all__ = ["ToChannelsFirst", "ToChannelsLast", "Linear", "linear", "onednn_linear_available", "GELU", "Mlp",
-           "residual_add", "DropPath", "build_norm_layer", "build_act_layer", "FeatureInfo", "take_indices"]
+__all__ = ["ToChannelsFirst", "ToChannelsLast", "Linear", "linear", "linear_gelu", "onednn_linear_available", "GELU",
+           "Mlp", "residual_add", "DropPath", "build_norm_layer", "build_act_layer", "FeatureInfo", "take_indices"]
 
 
 class ToChannelsFirst(nn.Module):
@@ -111,6 +111,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     return out if residual is None else residual_add(residual, out)
 
 
+@torch.fx.wrap
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Exact (erf) GELU of ``F.linear(x, weight, bias)``. In float32 CPU inference oneDNN applies the GELU in the
+    matmul's epilogue: the separate pass over a 4x-wide MLP hidden tensor is memory-bound where that tensor leaves
+    the cache (InternImage-T's stage 1: ~5 ms of a 14 ms fc1 + GELU at batch 8). Not in bfloat16: there oneDNN's
+    epilogue GELU is slower than ATen's own pass (measured on an Intel Xeon with AMX). Kept out of symbolic tracing."""
+    if x.dtype == torch.float32 and _onednn_applies(x, weight, bias):
+        return _ONEDNN_LINEAR(x, weight, bias, "gelu", [], "none")
+    return _gelu(linear(x, weight, bias), "none")
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, init and state dict) whose CPU inference runs on oneDNN's matmul.
 
@@ -202,7 +213,10 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The block's output, or ``residual + output`` (the sum fused into fc2 where dropout is inactive)."""
-        hidden = self.drop(self.act(self.fc1(x)))
+        if isinstance(self.act, GELU) and self.act.approximate == "none" and (self.drop.p == 0 or not self.training):
+            hidden = linear_gelu(x, self.fc1.weight, self.fc1.bias)
+        else:
+            hidden = self.drop(self.act(self.fc1(x)))
         if residual is None:
             return self.drop(self.fc2(hidden))
         if self.drop.p == 0 or not self.training:
