@@ -200,19 +200,25 @@ def test_linear_residual_under_autograd_is_differentiable():
 
 
 @needs_onednn
-def test_one_row_bfloat16_linear_runs_gemv(onednn_calls):
-    if torch.bfloat16 not in layers._onednn_dtypes():
+@pytest.mark.parametrize("dtype,intel,gemv", [(torch.bfloat16, False, True), (torch.float32, True, True),
+                                              (torch.float32, False, False)])
+def test_one_row_linear_runs_gemv_where_it_is_faster(onednn_calls, monkeypatch, dtype, intel, gemv):
+    """One-row linears (batch-1 decoding): ATen's gemv in bfloat16, MKL's sgemv in float32 on Intel CPUs, else
+    oneDNN; the same values either way."""
+    if dtype not in layers._onednn_dtypes():
         pytest.skip("no bf16 oneDNN on this CPU")
+    monkeypatch.setattr(layers, "_intel_cpu", lambda: intel)
     torch.manual_seed(0)
+    atol = 3e-2 if dtype == torch.bfloat16 else 1e-5
     for bias in (True, False):
-        layer = Linear(64, 48, bias=bias).bfloat16()
-        x = torch.randn(1, 1, 64, dtype=torch.bfloat16)
+        layer = Linear(64, 48, bias=bias).to(dtype)
+        x = torch.randn(1, 1, 64, dtype=dtype)
         with torch.inference_mode():
             out = layer(x)
         want = nn.functional.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
-        assert out.shape == (1, 1, 48) and out.dtype == torch.bfloat16
-        torch.testing.assert_close(out.float(), want, atol=3e-2, rtol=3e-2)
-    assert onednn_calls == []  # the one-row case is ATen's gemv, not the oneDNN matmul
+        assert out.shape == (1, 1, 48) and out.dtype == dtype
+        torch.testing.assert_close(out.float(), want, atol=atol, rtol=atol)
+    assert onednn_calls == ([] if gemv else [dtype, dtype])
 
 
 def test_mlp_residual_equals_the_separate_sum():

@@ -84,6 +84,26 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
             and onednn_linear_available(x.dtype))
 
 
+@functools.lru_cache(maxsize=None)
+def _intel_cpu() -> bool:
+    """Whether this is an Intel CPU (MKL picks its fast kernels by vendor)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in info)
+    except OSError:
+        return False
+
+
+def _gemv_preferred(dtype: torch.dtype) -> bool:
+    """Whether a one-row linear (a batch-1 decoding step) should run as ``torch.addmv`` rather than on oneDNN.
+
+    Measured with cold weights (docs/architecture.md): in bfloat16 ATen's own gemv streams 1.3-1.6x faster than
+    oneDNN's one-row matmul on an Intel Xeon; in float32 MKL's sgemv is ~1.2-1.4x faster there at 2 threads (equal
+    at 1), while on an AMD EPYC MKL's one-row kernels are 1.3-3x slower than oneDNN's.
+    """
+    return dtype == torch.bfloat16 or (dtype == torch.float32 and _intel_cpu())
+
+
 @torch.fx.wrap
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -95,9 +115,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     tracing: torch.fx records the call.
     """
     if _onednn_applies(x, weight, bias):
-        if residual is None and x.dtype == torch.bfloat16 and x.numel() == x.shape[-1]:
-            # One row (a batch-1 decoding step): ATen's bfloat16 gemv streams a cold weight 1.3-1.4x faster than
-            # oneDNN's or MKL's one-row matmul (measured on an Intel Xeon with AMX, docs/architecture.md).
+        if residual is None and x.numel() == x.shape[-1] and _gemv_preferred(x.dtype):
             rows = x.reshape(-1)
             out = torch.mv(weight, rows) if bias is None else torch.addmv(bias, weight, rows)
             return out.view(*x.shape[:-1], weight.shape[0])
