@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+from torch import nn
 
 import intern2
+from machine import measure_limits
 
 NEW_TOKENS = 32
 SOURCE_TOKENS = 30
@@ -154,6 +156,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per setting (median)")
     args = parser.parse_args(argv)
+    limits = measure_limits(args.threads)
+    print(limits.describe())
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = intern2.create_model("intern2_mt_small").eval()  # random init, d512 6+6, vocab 32000
@@ -190,6 +194,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         ratios = " ".join(f"{row[n] / row['HF']:>13.2f}" for n in names if n != "HF") if "HF" in row else ""
         print(f"{batch:>5} {beams:>5} " + " ".join(f"{row[n]:>14.1f}" for n in names) + "  " + ratios)
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (this process: all but CT2)")
+    # A batch-1 greedy step reads every decoder weight matrix and the output projection once (the cross-attention
+    # keys/values are cached): memory-bound, so it is stated against the copy bandwidth.
+    step_linears = [m for name, m in model.model.decoder.named_modules() if isinstance(m, nn.Linear)
+                    and not name.endswith(("encoder_attn.k_proj", "encoder_attn.v_proj"))] + [model.lm_head]
+    step_bytes = sum(m.weight.numel() * m.weight.element_size() for m in step_linears)
+    print(f"batch-1 greedy reads {step_bytes / 1e6:.0f} MB of float32 weights per token: "
+          + ", ".join(f"{name} {100 * limits.bandwidth_fraction(step_bytes * rates[1, 1][name], 1.0):.0f}%"
+                      for name in names if name in ("intern2", "HF"))
+          + " of the copy bandwidth")
     checks = []
     if "HF" in names:
         checks += [("intern2 >= 1.5x HF, batch 1 greedy", rates[1, 1]["intern2"] / rates[1, 1]["HF"], 1.5),

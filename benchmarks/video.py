@@ -2,7 +2,9 @@
 attention (softmax(q k^T * scale) v with the matrix materialised), attention peak memory, and a VideoMAE
 pre-training step at 90% tube masking against forwarding only the visible tokens plus the decoder.
 
-Random init, one process, interleaved rounds, medians; ratios against baselines measured in the same run.
+Random init, one process, interleaved rounds, medians; ratios against baselines measured in the same run. The
+machine's limits are measured first; the forward pass and the training step are also stated as a share of the
+sgemm peak (their FLOPs counted by torch's FlopCounterMode).
 
     python benchmarks/video.py [--rounds 3] [--threads 2] [--frames 16] [--size 224]
 """
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dcnv3 import peak_bytes  # noqa: E402
+from machine import measure_limits  # noqa: E402
 
 import intern2  # noqa: E402
 from intern2.models import video_vit  # noqa: E402
@@ -75,6 +78,15 @@ def interleaved(runs: Dict[str, Callable[[], object]], rounds: int) -> Dict[str,
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def counted_flops(run: Callable[[], object]) -> float:
+    """FLOPs of one call (torch's FlopCounterMode: matmuls, convolutions and attention; 2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run()
+    return float(counter.get_total_flops())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -82,6 +94,8 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--size", type=int, default=224)
     args = parser.parse_args(argv)
+    limits = measure_limits(args.threads)
+    print(limits.describe())
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     video = torch.randn(1, 3, args.frames, args.size, args.size)
@@ -118,6 +132,7 @@ def main(argv=None) -> int:
 
     steps = interleaved({"step": step, "reference": reference_step}, args.rounds)
 
+    forward_flops, step_flops = counted_flops(forward), counted_flops(step)
     forward_ratio = fwd["explicit"] / fwd["sdpa"]
     memory_ratio = attn_peak / attn_peak_explicit
     step_ratio = steps["step"] / steps["reference"]
@@ -134,6 +149,10 @@ def main(argv=None) -> int:
     ]
     for name, ours, base, ratio, target, met in rows:
         print(f"{name:<52} {ours:>10.3f} {base:>10.3f} {ratio:>7.2f}x {target:>10} {'met' if met else 'MISSED'}")
+    forward_share = 100 * limits.flop_fraction(forward_flops, fwd["sdpa"])
+    step_share = 100 * limits.flop_fraction(step_flops, steps["step"])
+    print(f"share of the sgemm peak: forward {forward_share:.1f}% ({forward_flops / 1e9:.0f} GFLOP), "
+          f"pre-train step {step_share:.1f}% ({step_flops / 1e9:.0f} GFLOP)")
     return 0
 
 

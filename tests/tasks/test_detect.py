@@ -193,3 +193,22 @@ def test_onnx_export_matches_pytorch_on_the_shapes_images(shapes, tmp_path, caps
         np.testing.assert_allclose(got["scores"], want["scores"].numpy(), rtol=0, atol=1e-4)
         if "masks" in got:
             np.testing.assert_allclose(got["masks"], want["masks"].numpy(), rtol=0, atol=1e-3)
+
+
+def test_export_check_matches_detections_whose_scores_tie():
+    """Near-tied detections may leave NMS in either order: the export check matches rows (label, score, box), and
+    still refuses detections it cannot pair one to one."""
+    from intern2.export import _matched_order
+    want = {"boxes": torch.tensor([[0., 0., 10., 10.], [50., 50., 90., 90.], [5., 5., 20., 20.]]),
+            "scores": torch.tensor([0.5, 0.5, 0.4]), "labels": torch.tensor([1, 1, 2])}
+    swapped = {k: v[[1, 0, 2]] for k, v in want.items()}
+    swapped["boxes"] = swapped["boxes"] + 0.01
+    order = _matched_order(swapped, want, atol=1e-4)
+    assert order.tolist() == [1, 0, 2]
+    torch.testing.assert_close(swapped["boxes"][order], want["boxes"] + 0.01)
+    relabelled = dict(swapped, labels=torch.tensor([1, 1, 3]))
+    assert _matched_order(relabelled, want, atol=1e-4) is None  # no detection of label 2 to pair with
+    duplicated = dict(want, boxes=want["boxes"][[0, 0, 2]])
+    assert _matched_order(duplicated, want, atol=1e-4) is None  # two of PyTorch's rows would take the same one
+    empty = {k: v[:0] for k, v in want.items()}
+    assert _matched_order(empty, empty, atol=1e-4).tolist() == []
