@@ -269,3 +269,40 @@ def test_mlp_with_exact_gelu_fuses_it_only_where_dropout_is_inactive():
                                    atol=1e-5, rtol=1e-5)
     graph = torch.fx.symbolic_trace(mlp).graph
     assert "linear_gelu" in [n.target.__name__ for n in graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize("width", [64, 200, 512])
+def test_bfloat16_layer_norm_kernel_matches_aten(width):
+    """bfloat16 CPU inference runs the numba kernel: ATen's values within one bfloat16 rounding (the float32 sums may
+    run in another order), on non-contiguous input; other cases are F.layer_norm itself."""
+    torch.manual_seed(0)
+    norm = layers.LayerNorm(width, eps=1e-6).bfloat16()
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    x = (torch.randn(3, width, 7) * 4 + 2).bfloat16().transpose(1, 2)  # rows not contiguous; 21 rows
+    want = nn.functional.layer_norm(x, (width,), norm.weight, norm.bias, 1e-6)
+    with torch.inference_mode():
+        got = norm(x)
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape
+    exact = nn.functional.layer_norm(x.float(), (width,), norm.weight.float(), norm.bias.float(), 1e-6)
+    torch.testing.assert_close(got.float(), exact, atol=0.1, rtol=1 / 128)  # bf16 rounding of values up to ~10
+    assert (got != want).float().mean() < 0.01  # the same bits as ATen's almost everywhere
+
+
+def test_layer_norm_falls_back_where_the_kernel_does_not_apply(monkeypatch):
+    from intern2.ops import layer_norm_cpu
+    calls = []
+    monkeypatch.setattr(layer_norm_cpu, "layer_norm_bfloat16", lambda *args: calls.append(args) or args[0])
+    norm = layers.LayerNorm(8).bfloat16()
+    x = torch.randn(2, 8).bfloat16()
+    norm(x.float().requires_grad_().bfloat16())  # autograd records: ATen
+    with torch.inference_mode():
+        layers.LayerNorm(8)(x.float())  # float32: ATen
+        layers.LayerNorm(8, elementwise_affine=False).bfloat16()(x)  # no affine parameters: ATen
+        wide = layer_norm_cpu.MAX_WIDTH + 1  # wider than the kernel's stack buffer: ATen
+        layers.LayerNorm(wide).bfloat16()(torch.randn(1, wide).bfloat16())
+        assert not calls
+        norm(x)
+    assert len(calls) == 1
+    graph = torch.fx.symbolic_trace(nn.Sequential(norm)).graph
+    assert [n.target.__name__ for n in graph.nodes if n.op == "call_function"] == ["layer_norm"]

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
-from ..layers import DropPath, Linear, Mlp, linear
+from ..layers import DropPath, LayerNorm, Linear, Mlp, linear
 from ..registry import register_variant
 
 torch.fx.wrap("linear")  # symbolic tracing records calls to it (fx.wrap applies per module namespace)
@@ -110,10 +110,10 @@ class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop: float, attn_drop: float,
                  drop_path: float, init_values: float, norm_eps: float):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm1 = LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm2 = LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), "GELU", drop)
         if init_values > 0:
             self.gamma_1 = nn.Parameter(torch.full((dim,), float(init_values)))
@@ -202,8 +202,8 @@ class VideoViT(nn.Module):
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate,
                                           rates[i], init_values, norm_eps) for i in range(depth))
-        self.norm = nn.Identity() if use_mean_pooling else nn.LayerNorm(embed_dim, eps=norm_eps)
-        self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps if fc_norm_eps is None else fc_norm_eps) \
+        self.norm = nn.Identity() if use_mean_pooling else LayerNorm(embed_dim, eps=norm_eps)
+        self.fc_norm = LayerNorm(embed_dim, eps=norm_eps if fc_norm_eps is None else fc_norm_eps) \
             if use_mean_pooling else None
         self.fc_dropout = nn.Dropout(fc_drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -312,7 +312,7 @@ class VideoMAEDecoder(nn.Module):
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, 0.0, 0.0, rates[i],
                                           init_values, norm_eps) for i in range(depth))
-        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps if final_norm_eps is None else final_norm_eps)
+        self.norm = LayerNorm(embed_dim, eps=norm_eps if final_norm_eps is None else final_norm_eps)
         self.head = nn.Linear(embed_dim, num_classes)
         self.grad_checkpointing = False
 

@@ -537,8 +537,13 @@ def _kernel_array(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     """``t`` as the kernels read it: bfloat16 as its raw bits (uint16, widened to float32 as it is loaded), other
     dtypes converted to the compute ``dtype`` (float16: numba has no such type, so a float32 copy)."""
     if t.dtype == torch.bfloat16:
-        return t.detach().contiguous().view(torch.int16).numpy().view(np.uint16)
+        return _bfloat16_bits(t)
     return _as_numpy(t, dtype)
+
+
+def _bfloat16_bits(t: torch.Tensor) -> np.ndarray:
+    """A bfloat16 tensor's raw bits as a uint16 array (the tensor's own memory when it is contiguous)."""
+    return t.detach().contiguous().view(torch.int16).numpy().view(np.uint16)
 
 
 def dcnv3_forward(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, geo: DCNv3Geometry,
