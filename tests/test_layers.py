@@ -306,3 +306,22 @@ def test_layer_norm_falls_back_where_the_kernel_does_not_apply(monkeypatch):
     assert len(calls) == 1
     graph = torch.fx.symbolic_trace(nn.Sequential(norm)).graph
     assert [n.target.__name__ for n in graph.nodes if n.op == "call_function"] == ["layer_norm"]
+
+
+def test_mlp_fuses_nothing_that_a_hook_or_a_replacement_would_observe():
+    torch.manual_seed(0)
+    mlp = layers.Mlp(8, 32).eval()
+    x, residual = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    with torch.inference_mode():
+        want = residual + mlp(x)
+    seen = {}
+    for name in ("fc1", "act", "fc2"):
+        getattr(mlp, name).register_forward_hook(lambda module, args, out, name=name: seen.__setitem__(name, out))
+    with torch.inference_mode():
+        got = mlp(x, residual)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(seen["fc2"], want - residual, atol=1e-5, rtol=1e-5)  # fc2's own output
+        assert seen["fc1"].shape == seen["act"].shape == (2, 3, 32)  # the separate calls ran
+    quantized = torch.ao.quantization.quantize_dynamic(layers.Mlp(8, 32).eval(), {nn.Linear}, dtype=torch.qint8)
+    with torch.inference_mode():
+        assert quantized(x, residual).shape == x.shape  # replaced linears: the plain calls

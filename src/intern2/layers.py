@@ -15,9 +15,9 @@ import torchvision
 from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
-__all__ = ["ToChannelsFirst", "ToChannelsLast", "Linear", "linear", "linear_gelu", "onednn_linear_available", "GELU",
-           "LayerNorm", "layer_norm", "Mlp", "residual_add", "DropPath", "build_norm_layer", "build_act_layer",
-           "FeatureInfo", "take_indices"]
+__all__ = ["ToChannelsFirst", "ToChannelsLast", "Linear", "linear", "linear_gelu", "linear_residual", "fusable",
+           "onednn_linear_available", "GELU", "LayerNorm", "layer_norm", "Mlp", "residual_add", "DropPath",
+           "build_norm_layer", "build_act_layer", "FeatureInfo", "take_indices"]
 
 
 class ToChannelsFirst(nn.Module):
@@ -154,6 +154,20 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias, residual)
 
 
+def fusable(*modules: nn.Module) -> bool:
+    """Whether work may be fused into these modules' calls: each exactly an intern2 ``Linear`` or ``GELU`` (not a
+    replacement such as ``quantize_dynamic``'s) without forward hooks, so nobody observes their separate inputs and
+    outputs and a fused call gives what the separate ones would."""
+    return all(type(m) in (Linear, GELU) and not (m._forward_hooks or m._forward_pre_hooks) for m in modules)
+
+
+def linear_residual(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + layer(x)``, the sum fused into the matmul where :func:`fusable` allows it."""
+    if fusable(layer):
+        return layer(x, residual)
+    return residual + layer(x)  # not into the output: a hook may hold it
+
+
 @torch.fx.wrap
 def layer_norm(x: torch.Tensor, normalized_shape: Tuple[int, ...], weight: Optional[torch.Tensor],
                bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
@@ -257,14 +271,15 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The block's output, or ``residual + output`` (the sum fused into fc2 where dropout is inactive)."""
-        if isinstance(self.act, GELU) and self.act.approximate == "none" and (self.drop.p == 0 or not self.training):
+        dropout_off = self.drop.p == 0 or not self.training
+        if dropout_off and fusable(self.fc1, self.act) and type(self.act) is GELU and self.act.approximate == "none":
             hidden = linear_gelu(x, self.fc1.weight, self.fc1.bias)
         else:
             hidden = self.drop(self.act(self.fc1(x)))
         if residual is None:
             return self.drop(self.fc2(hidden))
-        if self.drop.p == 0 or not self.training:
-            return self.fc2(hidden, residual)
+        if dropout_off:
+            return linear_residual(self.fc2, hidden, residual)
         return residual_add(residual, self.drop(self.fc2(hidden)))
 
 

@@ -144,16 +144,17 @@ def _check_inputs(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor,
             raise ValueError(f"{name}: expected dtype {input.dtype} (the input's), got {t.dtype}")
 
 
-def mask_softmax(mask: torch.Tensor, group: int) -> torch.Tensor:
+def mask_softmax(mask: torch.Tensor, group: int, functional: bool = False) -> torch.Tensor:
     """Softmax of (N, H, W, group*P) mask logits over each group's P points; half-precision logits in float32 (the
     result stays float32).
 
-    For inference the softmax is written out: ATen's softmax kernel is ~4x slower on a 9-wide last dimension on CPU.
-    Under autograd F.softmax keeps its lean backward (it saves only its output).
+    For inference the softmax is written out, in place: ATen's softmax kernel is ~4x slower on a 9-wide last
+    dimension on CPU. Under autograd (or ``functional``, for decompositions) it is F.softmax, whose backward saves
+    only its output.
     """
     logits = mask.float() if mask.dtype in (torch.float16, torch.bfloat16) else mask
     logits = logits.reshape(*mask.shape[:-1], group, mask.shape[-1] // group)
-    if torch.is_grad_enabled() and logits.requires_grad:
+    if functional or (torch.is_grad_enabled() and logits.requires_grad):
         return F.softmax(logits, -1).reshape(mask.shape)
     weights = (logits - logits.amax(-1, keepdim=True)).exp_()
     return weights.div_(weights.sum(-1, keepdim=True)).reshape(mask.shape)
@@ -255,6 +256,7 @@ def _backward(ctx, grad_output):
     group = geometry[8]
     with torch.no_grad():
         weights = mask_softmax(mask, group)  # recomputed: cheaper than saving it
+    # The kernels take the weights in the input's dtype (bfloat16 training: rounded once, as the official module's).
     grad_input, grad_offset, grad_weights = _dcnv3_backward_op(grad_output, input, offset, weights.to(mask.dtype),
                                                                *geometry, backend)
     # Softmax backward per group: w * (g - sum(g * w)).
@@ -343,9 +345,8 @@ def dcnv3(
 
 def _decomposed(input, offset, mask, *args):
     geo, softmax_mask = DCNv3Geometry(*args[:11]), args[11]
-    if softmax_mask:  # F.softmax: decompositions must be functional (mask_softmax works in place at inference)
-        logits = mask.float() if mask.dtype in (torch.float16, torch.bfloat16) else mask
-        mask = F.softmax(logits.reshape(*mask.shape[:-1], geo.group, -1), -1).reshape(mask.shape)
+    if softmax_mask:  # decompositions must be functional
+        mask = mask_softmax(mask, geo.group, functional=True)
     return dcnv3_reference(input, offset, mask, geo)
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import Linear, build_act_layer, build_norm_layer
+from ..layers import Linear, build_act_layer, build_norm_layer, linear_residual
 from .dcnv3 import IMPLS, dcnv3
 
 __all__ = ["DCNv3"]
@@ -132,7 +132,7 @@ class DCNv3(nn.Module):
                                           self.center_feature_scale_proj_bias))
             gate = gate.repeat_interleave(self.group_channels, dim=-1)  # (N, H, W, G) -> per channel
             out = out * (1 - gate) + x_proj * gate
-        return self.output_proj(out, residual)
+        return self.output_proj(out) if residual is None else linear_residual(self.output_proj, out, residual)
 
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, kernel_size={self.kernel_size}, group={self.group}, "
