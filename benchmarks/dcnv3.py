@@ -14,9 +14,12 @@ permuted to its row-major point order, layout conversions included in the time).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import statistics
+import sys
 import time
 from typing import Callable, Dict, List
 
@@ -74,6 +77,22 @@ def torchvision_core(inp: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor
     return out.permute(0, 2, 3, 1)
 
 
+@contextlib.contextmanager
+def _kineto_quiet():
+    """Silence the C++ stderr of a profiler session: kineto prints 'USDT ... profiler_start/stop' lines (and a
+    'gpuGetDeviceCount failed' error on CPU-only machines) whatever KINETO_LOG_LEVEL says, which buried the
+    benchmark's table. Python exceptions still propagate; only file descriptor 2 is redirected, and restored."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
     """Peak bytes allocated above the level at call start."""
     if device.type == "cuda":
@@ -84,7 +103,8 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - start
     # CPU: running sum of the profiler's raw allocation events (deterministic, load-independent).
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _kineto_quiet(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                  profile_memory=True) as prof:
         fn()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]")

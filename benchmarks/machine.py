@@ -1,14 +1,15 @@
 """What this machine can do, measured in the benchmark's own process, so every figure can say how close it is.
 
 A ratio against a peer on one machine does not say whether a kernel is good: CPUs of one kind differ (AMD EPYC
-with AVX-512; Intel Xeon with AVX-512-BF16 and AMX). Each benchmark prints :func:`measure_limits` first — the CPU
-model, the ISA features that matter, torch's thread count, sgemm (and, where the CPU has bf16 instructions, bf16
-gemm) GFLOP/s from one large matmul, and copy bandwidth — and states its results as a fraction of the relevant
-limit: FLOP-bound work against the gemm peak, memory-bound work against the copy bandwidth.
+with AVX-512, AMD EPYC with AVX2 only, Intel Xeon with AVX-512-BF16 and AMX). Each benchmark prints
+:func:`measure_limits` first — the CPU model, the ISA features that matter, torch's thread count, sgemm (and, where
+the CPU has bf16 instructions, bf16 gemm) GFLOP/s from one large matmul, and copy bandwidth — and states its results
+as a fraction of the relevant limit: FLOP-bound work against the gemm peak, memory-bound work against the copy
+bandwidth.
 
 The sgemm peak is the faster of the two libraries in torch's x86 wheels: MKL (``torch.mm``, what ``F.linear``
-calls) and oneDNN (what :class:`intern2.layers.Linear` calls at inference). They differ by CPU: on the AMD EPYC we
-measure, MKL reaches ~70 GFLOP/s at one thread and oneDNN ~100, so MKL's figure alone understated the machine.
+calls) and oneDNN (what :class:`intern2.layers.Linear` calls at inference). They differ by CPU: on the AVX-512 AMD EPYC
+we measured, MKL reaches ~70 GFLOP/s at one thread and oneDNN ~100, so MKL's figure alone understated the machine.
 
     python benchmarks/machine.py            # the limits at 1 thread and at every core
 """
@@ -71,11 +72,11 @@ class Limits:
     copy_gbs: float  # bytes read + bytes written per second, of one large copy
 
     def describe(self) -> str:
-        bf16 = f"{self.bf16_gflops:.0f}" if self.bf16_gflops else "n/a (no bf16 instructions)"
+        bf16 = f"{self.bf16_gflops:.0f} GFLOP/s" if self.bf16_gflops else "n/a (no bf16 instructions)"
         return (f"machine: {self.cpu}; ISA: {' '.join(self.features) or 'none of ' + ', '.join(ISA_FEATURES)}; "
                 f"torch {torch.__version__}, {self.threads} thread(s); limits: sgemm {self.sgemm_gflops:.0f} GFLOP/s "
                 f"({', '.join(f'{name} {value:.0f}' for name, value in self.sgemm_by_library)}), "
-                f"bf16 gemm {bf16} GFLOP/s, copy {self.copy_gbs:.1f} GB/s")
+                f"bf16 gemm {bf16}, copy {self.copy_gbs:.1f} GB/s")
 
     def flop_fraction(self, flops: float, seconds: float, dtype: torch.dtype = torch.float32) -> float:
         """``flops`` done in ``seconds`` as a fraction of the gemm peak of ``dtype``."""

@@ -168,10 +168,14 @@ def test_residual_add_writes_into_the_branch_only_at_inference():
 
 
 @needs_onednn
+@pytest.mark.parametrize("epilogues", [True, False])
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 6e-2)])
-def test_linear_fuses_the_residual_sum_at_inference(onednn_calls, dtype, atol):
+def test_linear_fuses_the_residual_sum_at_inference(onednn_calls, monkeypatch, dtype, atol, epilogues):
+    """The residual sum in oneDNN's epilogue where epilogues are faster (AVX-512 CPUs), else oneDNN's matmul and an
+    in-place sum; the same values, and the residual is never overwritten."""
     if dtype not in layers._onednn_dtypes():
         pytest.skip("no bf16 oneDNN on this CPU")
+    monkeypatch.setattr(layers, "_epilogues_preferred", lambda: epilogues)
     torch.manual_seed(0)
     layer = Linear(24, 16).to(dtype)
     x = torch.randn(2, 5, 7, 24, dtype=dtype)
@@ -179,12 +183,13 @@ def test_linear_fuses_the_residual_sum_at_inference(onednn_calls, dtype, atol):
     want = (nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float()) + residual.float())
     with torch.inference_mode():
         out = layer(x, residual)
-    assert onednn_calls == [("add", dtype)] and out.dtype == dtype and out.data_ptr() != residual.data_ptr()
+    fused = [("add", dtype)] if epilogues else [dtype]
+    assert onednn_calls == fused and out.dtype == dtype and out.data_ptr() != residual.data_ptr()
     torch.testing.assert_close(out.float(), want, atol=atol, rtol=atol)
     with torch.inference_mode():  # a residual that only broadcasts to the output: the separate sum
         row = residual[:1]
         torch.testing.assert_close(layer(x, row).float(), want - residual.float() + row.float(), atol=atol, rtol=atol)
-    assert onednn_calls == [("add", dtype)]  # F.linear then the in-place sum
+    assert onednn_calls == fused + ([] if epilogues else [dtype])  # a matmul, then the in-place sum
 
 
 def test_linear_residual_under_autograd_is_differentiable():
@@ -236,14 +241,16 @@ def test_mlp_residual_equals_the_separate_sum():
 
 
 @needs_onednn
-def test_linear_gelu_is_the_gelu_of_the_linear_on_every_path(onednn_calls):
+@pytest.mark.parametrize("epilogues", [True, False])
+def test_linear_gelu_is_the_gelu_of_the_linear_on_every_path(onednn_calls, monkeypatch, epilogues):
+    monkeypatch.setattr(layers, "_epilogues_preferred", lambda: epilogues)
     torch.manual_seed(0)
     weight, bias = torch.randn(32, 16), torch.randn(32)
     x = torch.randn(2, 3, 16) * 3
     want = nn.functional.gelu(nn.functional.linear(x, weight, bias))
     with torch.inference_mode():
         torch.testing.assert_close(layers.linear_gelu(x, weight, bias), want, atol=1e-5, rtol=1e-5)
-    assert onednn_calls == [torch.float32]  # float32 inference: the GELU in oneDNN's epilogue
+    assert onednn_calls == [torch.float32]  # float32 inference: oneDNN's matmul (the GELU in its epilogue or not)
     if torch.bfloat16 in layers._onednn_dtypes():
         with torch.inference_mode():  # bfloat16: oneDNN's matmul, then ATen's GELU pass
             half = layers.linear_gelu(x.bfloat16(), weight.bfloat16(), bias.bfloat16())

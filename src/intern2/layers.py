@@ -105,23 +105,36 @@ def _gemv_preferred(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 or (dtype == torch.float32 and _intel_cpu())
 
 
+@functools.lru_cache(maxsize=None)
+def _epilogues_preferred() -> bool:
+    """Whether oneDNN's matmul epilogues (the fused residual sum, fp32 GELU) beat a separate in-place pass here.
+
+    They do where torch's CPU kernels use AVX-512 (Intel Xeon with AMX: ~16 ms each of InternImage-T's batch-8
+    forward). On an AVX2-only AMD EPYC oneDNN's AVX2 matmul with any post-op is slower than the plain matmul plus
+    ATen's pass, at every InternImage-T shape: +1-2.5 ms per fused residual, +0.7-2.9 ns per element for the GELU
+    when the input has 128 or more channels (docs/architecture.md).
+    """
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 @torch.fx.wrap
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, plus ``residual`` (of the output's shape) when given, run by oneDNN's matmul
     for CPU inference in float32/bfloat16 (see :class:`Linear`).
 
-    The residual sum is then the matmul's epilogue (one rounding in bfloat16, no separate pass over the output).
-    The two paths differ only in rounding (the order of the sums: ~1e-7 relative in float32). Kept out of symbolic
-    tracing: torch.fx records the call.
+    The residual sum is then the matmul's epilogue where that is faster (:func:`_epilogues_preferred`; one rounding
+    in bfloat16, no separate pass over the output), else an in-place pass. The two paths differ only in rounding
+    (the order of the sums: ~1e-7 relative in float32). Kept out of symbolic tracing: torch.fx records the call.
     """
     if _onednn_applies(x, weight, bias):
         if residual is None and x.numel() == x.shape[-1] and _gemv_preferred(x.dtype):
             rows = x.reshape(-1)
             out = torch.mv(weight, rows) if bias is None else torch.addmv(bias, weight, rows)
             return out.view(*x.shape[:-1], weight.shape[0])
-        if residual is None:
-            return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+        if residual is None or not _epilogues_preferred():
+            out = _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+            return out if residual is None else residual_add(residual, out)
         if (type(residual) in _PLAIN_TENSORS and residual.dtype == x.dtype and residual.dim() == x.dim()
                 and residual.shape[-1] == weight.shape[0] and residual.shape[:-1] == x.shape[:-1]
                 and not (residual.requires_grad and torch.is_grad_enabled())):
@@ -135,8 +148,9 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     """Exact (erf) GELU of ``F.linear(x, weight, bias)``. In float32 CPU inference oneDNN applies the GELU in the
     matmul's epilogue: the separate pass over a 4x-wide MLP hidden tensor is memory-bound where that tensor leaves
     the cache (InternImage-T's stage 1: ~5 ms of a 14 ms fc1 + GELU at batch 8). Not in bfloat16: there oneDNN's
-    epilogue GELU is slower than ATen's own pass (measured on an Intel Xeon with AMX). Kept out of symbolic tracing."""
-    if x.dtype == torch.float32 and _onednn_applies(x, weight, bias):
+    epilogue GELU is slower than ATen's own pass (measured on an Intel Xeon with AMX); nor where oneDNN's epilogues
+    are slow (:func:`_epilogues_preferred`). Kept out of symbolic tracing."""
+    if x.dtype == torch.float32 and _epilogues_preferred() and _onednn_applies(x, weight, bias):
         return _ONEDNN_LINEAR(x, weight, bias, "gelu", [], "none")
     return _gelu(linear(x, weight, bias), "none")
 
