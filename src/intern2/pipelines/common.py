@@ -15,7 +15,7 @@ from torch import nn
 
 from ..weights import labels_from_cfg, protocol_from_cfg, task_of
 
-__all__ = ["Pipeline", "DTYPES", "cpu_has_bf16", "inference_dtype", "model_dtype", "load_model", "load_model_spec",
+__all__ = ["Pipeline", "DTYPES", "cpu_has_bf16", "requested_dtype", "inference_dtype", "model_dtype", "load_model", "load_model_spec",
            "model_task", "top_k", "setup_logging",
            "add_model_arguments", "model_from_args", "pipeline_from_args", "print_topk", "open_pipeline", "pair",
            "task_of_arguments", "run_on_images", "check_aspect", "progress"]
@@ -93,12 +93,18 @@ def cpu_has_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
-def inference_dtype(dtype: Any, device: torch.device) -> torch.dtype:
-    """``dtype`` ('fp32', 'bf16', or a torch dtype) to run at on ``device``: bfloat16 on a CPU without bfloat16
-    instructions falls back to float32, with a warning that says so."""
+def requested_dtype(dtype: Any) -> torch.dtype:
+    """``dtype`` ('fp32', 'bf16', or a torch dtype) as a torch dtype; anything else is a ValueError."""
     resolved = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if resolved not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dtype: expected fp32 or bf16, got {dtype!r}")
+    return resolved
+
+
+def inference_dtype(dtype: Any, device: torch.device) -> torch.dtype:
+    """``dtype`` ('fp32', 'bf16', or a torch dtype) to run at on ``device``: bfloat16 on a CPU without bfloat16
+    instructions falls back to float32, with a warning that says so."""
+    resolved = requested_dtype(dtype)
     if resolved == torch.bfloat16 and device.type == "cpu" and not cpu_has_bf16():
         log.warning("this CPU has no bfloat16 instructions (avx512_bf16 / amx_bf16): running in float32")
         return torch.float32
@@ -132,10 +138,10 @@ class Pipeline:
         cfg = getattr(model, "pretrained_cfg", None) or {}
         where = f"{source or cfg.get('architecture') or type(model).__name__}: pretrained_cfg"
         if dtype is not None:
-            dtype = inference_dtype(dtype, next(model.parameters()).device)
-            if dtype == torch.bfloat16 and not self.bfloat16:
+            # The family's refusal first: it must not depend on whether this CPU would fall back to float32.
+            if requested_dtype(dtype) == torch.bfloat16 and not self.bfloat16:
                 raise ValueError(f"dtype: {type(self).__name__} runs in float32 only")
-            model = model.to(dtype)
+            model = model.to(inference_dtype(dtype, next(model.parameters()).device))
         self.model = model.eval()
         self.source = source
         self.protocol = protocol_from_cfg(cfg, self.task, where).replace(**protocol)
