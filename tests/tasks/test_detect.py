@@ -14,7 +14,8 @@ from intern2.data.shapes import generate_shapes
 
 pytest.importorskip("pycocotools")
 TINY = ("model_args={backbone: {channels: 16, depths: [1, 1, 1, 1], groups: [1, 2, 4, 8], drop_path_rate: 0.0}, "
-        "fpn_channels: 32, box_batch_size_per_image: 32, rpn_post_nms_top_n_train: 100, rpn_pre_nms_top_n_train: 200}")
+        "fpn_channels: 32, box_fc_channels: 64, mask_channels: 16, box_batch_size_per_image: 32, "
+        "rpn_post_nms_top_n_train: 100, rpn_pre_nms_top_n_train: 200}")
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +146,7 @@ def test_train_eval_predict_convert(shapes, tmp_path, capsys, architecture, augm
     torch.save({"state_dict": state}, tmp_path / "official.pth")
     config = json.loads((out / "model" / "config.json").read_text())
     head = ["embed_dims", "num_query", "num_feats", "neck_groups", "num_encoder_layers", "num_decoder_layers",
-            "feedforward_channels"] if dino else ["fpn_channels"]
+            "feedforward_channels"] if dino else ["fpn_channels", "box_fc_channels", "mask_channels"]
     overrides = ["--set", f"num_classes={config['num_classes']}", "--set", "min_size=64", "--set", "max_size=64",
                  "--set", f"backbone={json.dumps(config['backbone'])}",
                  *(arg for key in head for arg in ("--set", f"{key}={config[key]}"))]
@@ -158,7 +159,8 @@ def test_train_eval_predict_convert(shapes, tmp_path, capsys, architecture, augm
             torch.testing.assert_close(converted(images)[0][key], model(images)[0][key])
 
 
-EXPORTED = {"mask_rcnn_internimage_t": dict(fpn_channels=32), "cascade_mask_rcnn_internimage_l": dict(fpn_channels=32),
+EXPORTED = {"mask_rcnn_internimage_t": dict(fpn_channels=32, box_fc_channels=64, mask_channels=16),
+            "cascade_mask_rcnn_internimage_l": dict(fpn_channels=32, box_fc_channels=64, mask_channels=16),
             "dino_4scale_internimage_t": dict(embed_dims=32, num_query=20, max_per_img=10, num_feats=16, neck_groups=8,
                                               num_encoder_layers=1, num_decoder_layers=2, feedforward_channels=64)}
 

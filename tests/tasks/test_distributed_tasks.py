@@ -61,7 +61,8 @@ def test_segmentation(shapes, tmp_path, mode):
 
 def test_detection(shapes, tmp_path, mode):
     final = _torchrun(tmp_path / "det", "detect", "--data", str(shapes), "--set",
-                      f"model_args={{{BACKBONE}, fpn_channels: 32, box_batch_size_per_image: 32, "
+                      f"model_args={{{BACKBONE}, fpn_channels: 32, box_fc_channels: 64, mask_channels: 16, "
+                      "box_batch_size_per_image: 32, "
                       "rpn_post_nms_top_n_train: 100, rpn_pre_nms_top_n_train: 200}", "--set", "min_size=64",
                       "--set", "max_size=64", *STEPS, "--set", "train.lr=1e-4", *mode)
     assert final["images"] == 4 and {"bbox_AP", "segm_AP"} <= set(final)
