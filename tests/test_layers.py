@@ -205,11 +205,11 @@ def test_linear_residual_under_autograd_is_differentiable():
 
 
 @needs_onednn
-@pytest.mark.parametrize("dtype,intel,gemv", [(torch.bfloat16, False, True), (torch.float32, True, True),
-                                              (torch.float32, False, False)])
+@pytest.mark.parametrize("dtype,intel,gemv", [(torch.bfloat16, True, True), (torch.bfloat16, False, False),
+                                              (torch.float32, True, True), (torch.float32, False, False)])
 def test_one_row_linear_runs_gemv_where_it_is_faster(onednn_calls, monkeypatch, dtype, intel, gemv):
-    """One-row linears (batch-1 decoding): ATen's gemv in bfloat16, MKL's sgemv in float32 on Intel CPUs, else
-    oneDNN; the same values either way."""
+    """One-row linears (batch-1 decoding): on Intel CPUs ATen's gemv (MKL's sgemv in float32), elsewhere oneDNN;
+    the same values either way."""
     if dtype not in layers._onednn_dtypes():
         pytest.skip("no bf16 oneDNN on this CPU")
     monkeypatch.setattr(layers, "_intel_cpu", lambda: intel)

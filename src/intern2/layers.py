@@ -98,11 +98,12 @@ def _intel_cpu() -> bool:
 def _gemv_preferred(dtype: torch.dtype) -> bool:
     """Whether a one-row linear (a batch-1 decoding step) should run as ``torch.addmv`` rather than on oneDNN.
 
-    Measured with cold weights (docs/architecture.md): in bfloat16 ATen's own gemv streams 1.3-1.6x faster than
-    oneDNN's one-row matmul on an Intel Xeon; in float32 MKL's sgemv is ~1.2-1.4x faster there at 2 threads (equal
-    at 1), while on an AMD EPYC MKL's one-row kernels are 1.3-3x slower than oneDNN's.
+    Measured with cold weights (docs/architecture.md): on an Intel Xeon ATen's own bfloat16 gemv streams 1.3-1.6x
+    faster than oneDNN's one-row matmul, and MKL's sgemv ~1.2-1.4x in float32 at 2 threads (equal at 1); on an AMD
+    EPYC with AVX-512 oneDNN's one-row matmul is the faster in both dtypes (1.4-2x ATen's bfloat16 gemv, 1.3-2.5x
+    MKL's sgemv).
     """
-    return dtype == torch.bfloat16 or (dtype == torch.float32 and _intel_cpu())
+    return dtype in (torch.float32, torch.bfloat16) and _intel_cpu()
 
 
 @functools.lru_cache(maxsize=None)
