@@ -139,6 +139,42 @@ def test_inference_linear_matches_the_module_and_leaves_autograd_alone(golden, m
                        t["ref.greedy_sequences"])
 
 
+def test_decoding_stacks_self_attention_projections_only_for_plain_modules(golden):
+    """A decoding step's q/k/v run as one matmul over the stacked weights: the same heads as the three projections,
+    built per generate call (a weight edited between calls is seen), and not where a module is replaced or hooked."""
+    model, t, _ = golden
+    attn = model.model.decoder.layers[0].self_attn
+    stacked = attn.stacked_projection()
+    assert stacked[0].shape == (3 * attn.q_proj.out_features, attn.q_proj.in_features)
+    x = torch.randn(3, 1, attn.q_proj.in_features)
+    with torch.inference_mode():
+        for ours, want in zip(attn.queries_keys_values(x, stacked), attn.queries_keys_values(x)):
+            torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
+    ids, mask = _inputs(t)
+    before = model.generate(ids, mask, forced_bos_token_id=TGT_LANG, max_new_tokens=12, min_new_tokens=12)
+    original = attn.v_proj.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            attn.v_proj.weight.mul_(3.0)
+        edited = model.generate(ids, mask, forced_bos_token_id=TGT_LANG, max_new_tokens=12, min_new_tokens=12)
+        seqs = edited[:, :2]
+        with torch.no_grad():  # teacher forcing: the three projections, no stacking
+            for _ in range(11):
+                logits = model(ids, mask, decoder_input_ids=seqs).logits[:, -1]
+                logits[:, model.config.eos_token_id] = -float("inf")  # min_new_tokens
+                seqs = torch.cat([seqs, logits.argmax(-1, keepdim=True)], dim=1)
+    finally:
+        with torch.no_grad():
+            attn.v_proj.weight.copy_(original)
+    assert torch.equal(edited, seqs) and not torch.equal(edited, before)
+    attn.q_proj.register_forward_hook(lambda *args: None)
+    try:
+        assert attn.stacked_projection() is None
+    finally:
+        attn.q_proj._forward_hooks.clear()
+    assert model.quantize_dynamic().model.decoder.layers[0].self_attn.stacked_projection() is None
+
+
 def test_sampling_with_top_k_1_is_greedy_and_groups_rows_per_source(golden):
     model, t, _ = golden
     ids, mask = _inputs(t)
