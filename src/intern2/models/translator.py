@@ -16,8 +16,9 @@ dimensions, 1,370,638,336 parameters) and ``intern2_mt_3p3b`` (NLLB-200-3.3B).
 
 Decoding (``model.generate``: greedy, sampling, beam search) lives in :mod:`intern2.models.generation`.
 
-On CPU, float32/bfloat16 inference runs the linear layers through oneDNN (:func:`apply_linear`), whose few-row
-matmuls are up to twice as fast as ``F.linear``'s.
+On CPU, float32/bfloat16 inference runs the linear layers through :func:`apply_linear` (oneDNN's matmul, whose
+few-row matmuls are up to twice as fast as ``F.linear``'s on AMD CPUs; one-row ones on Intel CPUs as ``addmv``), and a
+decoding step's self-attention q/k/v as one matmul (:meth:`Attention.stacked_projection`).
 """
 from __future__ import annotations
 
