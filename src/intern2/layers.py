@@ -13,11 +13,12 @@ import math
 import torch
 import torchvision
 from torch import nn
+from torch.nn.modules import module as _module_hooks  # the global forward hooks live there
 from torch.utils.flop_counter import register_flop_formula
 
 __all__ = ["ToChannelsFirst", "ToChannelsLast", "Linear", "linear", "linear_gelu", "linear_residual", "fusable",
-           "onednn_linear_available", "GELU", "LayerNorm", "layer_norm", "Mlp", "residual_add", "DropPath",
-           "build_norm_layer", "build_act_layer", "FeatureInfo", "take_indices"]
+           "unobserved", "onednn_linear_available", "GELU", "LayerNorm", "layer_norm", "Mlp", "residual_add",
+           "DropPath", "build_norm_layer", "build_act_layer", "FeatureInfo", "take_indices"]
 
 
 class ToChannelsFirst(nn.Module):
@@ -169,11 +170,19 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias, residual)
 
 
+def unobserved(*modules: nn.Module) -> bool:
+    """Whether no forward hook (a module's own, or a global one from ``register_module_forward_hook``) sees these
+    modules' inputs or outputs, so a sum may be fused into their calls or written over their outputs unnoticed."""
+    if _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks:
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 def fusable(*modules: nn.Module) -> bool:
     """Whether work may be fused into these modules' calls: each exactly an intern2 ``Linear`` or ``GELU`` (not a
-    replacement such as ``quantize_dynamic``'s) without forward hooks, so nobody observes their separate inputs and
+    replacement such as ``quantize_dynamic``'s) and :func:`unobserved`, so nobody sees their separate inputs and
     outputs and a fused call gives what the separate ones would."""
-    return all(type(m) in (Linear, GELU) and not (m._forward_hooks or m._forward_pre_hooks) for m in modules)
+    return all(type(m) in (Linear, GELU) for m in modules) and unobserved(*modules)
 
 
 def linear_residual(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

@@ -144,6 +144,48 @@ def test_every_parameter_gets_a_gradient(config):
         assert param.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("config", [dict(), dict(post_norm=True), dict(res_post_norm=True)])
+def test_hooks_see_the_official_branches_at_inference(config):
+    """At inference a block fuses its residual sums into its last linears or writes them over the branch outputs;
+    a forward hook on a branch's module (block-level or global) must still see the branch itself, as in the
+    official code, and the logits stay the same."""
+    torch.manual_seed(0)
+    model = intern2.create_model("internimage_t", **{**TINY, **config}).eval()
+    with torch.no_grad():  # off the official zero init, so the branches are not trivial
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    x = torch.randn(2, 3, 64, 64)
+    block = model.levels[0].blocks[0]
+    inputs, outputs = {}, {}
+    with torch.inference_mode():
+        want = model(x)
+        names = (["dcn", "mlp"] + (["norm1", "norm2"] if config.get("post_norm") else [])
+                 + (["res_post_norm1", "res_post_norm2"] if config.get("res_post_norm") else []))
+
+        def keep(name):
+            def hook(module, args, out):
+                inputs[name], outputs[name] = args[0].clone(), out
+            return hook
+        handles = [getattr(block, name).register_forward_hook(keep(name)) for name in names]
+        torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)
+        for name in names:  # what the hook kept is the module's own output, not a sum written over it
+            torch.testing.assert_close(outputs[name], getattr(block, name)(inputs[name]), atol=1e-6, rtol=1e-6)
+        for handle in handles:
+            handle.remove()
+        seen = []
+
+        def keep_dcn(module, args, out):
+            if module is block.dcn:
+                seen.append((args[0].clone(), out))
+        handle = torch.nn.modules.module.register_module_forward_hook(keep_dcn)
+        try:
+            torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)
+        finally:
+            handle.remove()
+        (dcn_in, dcn_out), = seen
+        torch.testing.assert_close(dcn_out, block.dcn(dcn_in), atol=1e-6, rtol=1e-6)
+
+
 def test_gradient_checkpointing_matches():
     torch.manual_seed(0)
     model = intern2.create_model("internimage_t", **TINY).train()

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..fields import coerce, describe
 from ..layers import (DropPath, FeatureInfo, Linear, Mlp, build_act_layer, build_norm_layer, linear, residual_add,
-                      take_indices)
+                      take_indices, unobserved)
 from ..ops import DCNv3
 from ..registry import register_variant
 
@@ -153,24 +153,49 @@ class InternImageLayer(nn.Module):
             self.res_post_norm1 = build_norm_layer(channels, "LN")
             self.res_post_norm2 = build_norm_layer(channels, "LN")
 
-    def _residuals(self, x: torch.Tensor) -> torch.Tensor:
+    def _dcn_branch(self, x: torch.Tensor) -> torch.Tensor:
         if self.layer_scale:
-            if self.post_norm:
-                x = residual_add(x, self.drop_path(self.gamma1 * self.norm1(self.dcn(x))))
-                return residual_add(x, self.drop_path(self.gamma2 * self.norm2(self.mlp(x))))
-            x = residual_add(x, self.drop_path(self.gamma1 * self.dcn(self.norm1(x))))
-            return residual_add(x, self.drop_path(self.gamma2 * self.mlp(self.norm2(x))))
+            return self.gamma1 * (self.norm1(self.dcn(x)) if self.post_norm else self.dcn(self.norm1(x)))
         if self.post_norm:
-            x = residual_add(x, self.drop_path(self.norm1(self.dcn(x))))
-            return residual_add(x, self.drop_path(self.norm2(self.mlp(x))))
+            return self.norm1(self.dcn(x))
         if self.res_post_norm:
-            x = residual_add(x, self.drop_path(self.res_post_norm1(self.dcn(self.norm1(x)))))
-            return residual_add(x, self.drop_path(self.res_post_norm2(self.mlp(self.norm2(x)))))
-        if isinstance(self.drop_path, nn.Identity) or not self.training:  # the sums fused into the last linears
+            return self.res_post_norm1(self.dcn(self.norm1(x)))
+        return self.dcn(self.norm1(x))
+
+    def _mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layer_scale:
+            return self.gamma2 * (self.norm2(self.mlp(x)) if self.post_norm else self.mlp(self.norm2(x)))
+        if self.post_norm:
+            return self.norm2(self.mlp(x))
+        if self.res_post_norm:
+            return self.res_post_norm2(self.mlp(self.norm2(x)))
+        return self.mlp(self.norm2(x))
+
+    def _branches_unobserved(self) -> bool:
+        """Whether no forward hook sees a module whose output is (or passes on) a residual branch: the DCNv3 and
+        MLP modules and their last linears, the norms and the drop path. Only then may the sums be fused into
+        those outputs or written over them; a hooked block adds out of place, so every hook sees what the
+        official code computes."""
+        children = self._modules  # direct: nn.Module.__getattr__ would make this check ~3x as slow
+        names = ("dcn", "mlp", "drop_path", "norm1", "norm2") + (
+            ("res_post_norm1", "res_post_norm2") if self.res_post_norm else ())
+        modules = [children["dcn"]._modules["output_proj"], children["mlp"]._modules["fc2"]]
+        for name in names:
+            modules.append(children[name])
+            if isinstance(children[name], nn.Sequential):  # a norm: its layers pass the output on
+                modules.extend(children[name]._modules.values())
+        return unobserved(*modules)
+
+    def _residuals(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._branches_unobserved():
+            x = x + self.drop_path(self._dcn_branch(x))
+            return x + self.drop_path(self._mlp_branch(x))
+        plain = not (self.layer_scale or self.post_norm or self.res_post_norm)
+        if plain and (isinstance(self.drop_path, nn.Identity) or not self.training):  # sums fused into the last linears
             x = self.dcn(self.norm1(x), residual=x)
             return self.mlp(self.norm2(x), residual=x)
-        x = residual_add(x, self.drop_path(self.dcn(self.norm1(x))))
-        return residual_add(x, self.drop_path(self.mlp(self.norm2(x))))
+        x = residual_add(x, self.drop_path(self._dcn_branch(x)))
+        return residual_add(x, self.drop_path(self._mlp_branch(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.with_cp and x.requires_grad:
