@@ -132,6 +132,15 @@ def test_inference_linear_matches_the_module_and_leaves_autograd_alone(golden, m
     with torch.no_grad():
         apply_linear(layer, x)
     assert seen == [(3, 5, 48)]  # a hooked module runs its own forward, so its hooks fire
+    plain, called = torch.nn.Linear(16, 8), []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: called.append(module) if module is plain else None)
+    try:
+        with torch.no_grad():
+            apply_linear(plain, x)
+    finally:
+        handle.remove()
+    assert called == [plain]  # global hooks too
     model, t, _ = golden
     ids, mask = _inputs(t)
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)

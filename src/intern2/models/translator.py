@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write, read_checkpoint, read_state_dict
-from ..layers import linear
+from ..layers import linear, unobserved
 from ..registry import register_variant
 from .generation import GenerationMixin
 
@@ -122,9 +122,9 @@ def apply_linear(layer: nn.Module, x: Tensor) -> Tensor:
     """``layer(x)``; a plain ``nn.Linear`` runs :func:`intern2.layers.linear` (oneDNN for CPU inference): at the
     few rows of a decoding step it streams the weight 1.3-2.2x faster than the MKL gemv/gemm behind ``F.linear``
     (which transformers uses too; measured on the 2-core AMD EPYC of benchmarks/translate.py). The modules stay
-    ``nn.Linear`` so ``quantize_dynamic`` finds them; quantized or otherwise replaced modules, and modules with
-    hooks, run their own forward."""
-    if type(layer) is nn.Linear and not (layer._forward_hooks or layer._forward_pre_hooks):
+    ``nn.Linear`` so ``quantize_dynamic`` finds them; quantized or otherwise replaced modules, and modules that a
+    hook watches (their own or a global one), run their own forward."""
+    if type(layer) is nn.Linear and unobserved(layer):
         return linear(x, layer.weight, layer.bias)
     return layer(x)
 
@@ -186,7 +186,7 @@ class Attention(nn.Module):
         :meth:`queries_keys_values`; None where they cannot be (a replaced or hooked module, e.g. after
         ``quantize_dynamic``, or biases on some projections only)."""
         layers = (self.q_proj, self.k_proj, self.v_proj)
-        if any(type(layer) is not nn.Linear or layer._forward_hooks or layer._forward_pre_hooks for layer in layers):
+        if any(type(layer) is not nn.Linear for layer in layers) or not unobserved(*layers):
             return None
         biases = [layer.bias for layer in layers]
         if all(b is None for b in biases):
@@ -199,7 +199,7 @@ class Attention(nn.Module):
                             ) -> Tuple[Tensor, Tensor, Tensor]:
         """Query, key and value heads of ``x`` (self-attention); with ``stacked`` (:meth:`stacked_projection`) as
         one matmul: a batch-1 decoding step's three one-row matmuls over 1/3 of the weight each stream it slower
-        than one over all of it (+5-8% tokens/s for ``intern2_mt_small`` on an AMD EPYC)."""
+        than one over all of it (``intern2_mt_small`` on an AMD EPYC: +2% tokens/s at 1 thread, +10% at 2)."""
         if stacked is None:
             return (self._heads(apply_linear(self.q_proj, x)), *self.keys_values(x))
         q, k, v = linear(x, *stacked).chunk(3, dim=-1)
