@@ -154,8 +154,8 @@ def test_decoding_stacks_self_attention_projections_only_for_plain_modules(golde
     model, t, _ = golden
     attn = model.model.decoder.layers[0].self_attn
     stacked = attn.stacked_projection()
-    assert stacked[0].shape == (3 * attn.q_proj.out_features, attn.q_proj.in_features)
     x = torch.randn(3, 1, attn.q_proj.in_features)
+    assert stacked(x).shape == (3, 1, 3 * attn.q_proj.out_features)
     with torch.inference_mode():
         for ours, want in zip(attn.queries_keys_values(x, stacked), attn.queries_keys_values(x)):
             torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
@@ -181,7 +181,36 @@ def test_decoding_stacks_self_attention_projections_only_for_plain_modules(golde
         assert attn.stacked_projection() is None
     finally:
         attn.q_proj._forward_hooks.clear()
-    assert model.quantize_dynamic().model.decoder.layers[0].self_attn.stacked_projection() is None
+
+
+def test_int8_decoding_stacks_the_quantized_projections_exactly(golden):
+    """After quantize_dynamic the three int8 q/k/v weights are stacked as they are (one scale per row): the stacked
+    matmul equals the three modules bit for bit, decoding gives the unstacked model's tokens, and a hooked module
+    keeps its own call."""
+    model, t, _ = golden
+    int8 = model.quantize_dynamic()
+    attn = int8.model.decoder.layers[0].self_attn
+    stacked = attn.stacked_projection()
+    x = torch.randn(3, 1, model.config.d_model)
+    with torch.inference_mode():
+        for ours, want in zip(attn.queries_keys_values(x, stacked), attn.queries_keys_values(x)):
+            assert torch.equal(ours, want)
+        assert attn.stacked_projection() is stacked  # packed once, not per generate call
+        w = attn.q_proj.weight()
+        attn.q_proj.set_weight_bias(torch.quantize_per_tensor(w.dequantize().flip(0), w.q_scale(), 0, torch.qint8),
+                                    attn.q_proj.bias())
+        edited = attn.stacked_projection()
+        assert edited is not stacked and torch.equal(edited(x)[..., :model.config.d_model], attn.q_proj(x))
+    ids, mask = _inputs(t)
+    stacked_tokens = int8.generate(ids, mask, forced_bos_token_id=TGT_LANG, max_new_tokens=12, min_new_tokens=12)
+    hooks = [layer.self_attn.q_proj.register_forward_hook(lambda *args: None) for layer in int8.model.decoder.layers]
+    try:
+        assert attn.stacked_projection() is None
+        separate_tokens = int8.generate(ids, mask, forced_bos_token_id=TGT_LANG, max_new_tokens=12, min_new_tokens=12)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert torch.equal(stacked_tokens, separate_tokens)
 
 
 def test_sampling_with_top_k_1_is_greedy_and_groups_rows_per_source(golden):
