@@ -216,14 +216,36 @@ def test_one_row_linear_runs_gemv_where_it_is_faster(onednn_calls, monkeypatch, 
     torch.manual_seed(0)
     atol = 3e-2 if dtype == torch.bfloat16 else 1e-5
     for bias in (True, False):
-        layer = Linear(64, 48, bias=bias).to(dtype)
-        x = torch.randn(1, 1, 64, dtype=dtype)
+        layer = Linear(512, 160, bias=bias).to(dtype)  # above the small weights that float32 leaves to F.linear
+        x = torch.randn(1, 1, 512, dtype=dtype)
         with torch.inference_mode():
             out = layer(x)
         want = nn.functional.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
-        assert out.shape == (1, 1, 48) and out.dtype == dtype
+        assert out.shape == (1, 1, 160) and out.dtype == dtype
         torch.testing.assert_close(out.float(), want, atol=atol, rtol=atol)
     assert onednn_calls == ([] if gemv else [dtype, dtype])
+
+
+@needs_onednn
+def test_small_float32_matmuls_of_few_rows_skip_onednn(onednn_calls):
+    """A few rows over a small float32 weight (a small model's decoding step) run F.linear, exactly; more rows, a
+    larger weight or bfloat16 still reach oneDNN."""
+    torch.manual_seed(0)
+    small = Linear(256, 256)  # 65536 weight elements: the largest "small" weight
+    x = torch.randn(2, 8, 256)  # 16 rows
+    residual = torch.randn(2, 8, 256)
+    with torch.inference_mode():
+        assert torch.equal(small(x), nn.functional.linear(x, small.weight, small.bias))
+        assert torch.equal(small(x, residual), residual + nn.functional.linear(x, small.weight, small.bias))
+        assert torch.equal(layers.linear_gelu(x, small.weight, small.bias),
+                           nn.functional.gelu(nn.functional.linear(x, small.weight, small.bias)))
+        assert onednn_calls == []
+        small(torch.randn(17, 256))  # 17 rows
+        Linear(257, 256)(x[..., :1].expand(2, 8, 257))  # one weight element over
+        assert onednn_calls == [torch.float32, torch.float32]
+        if torch.bfloat16 in layers._onednn_dtypes():
+            small.to(torch.bfloat16)(x.to(torch.bfloat16))
+            assert onednn_calls[2:] == [torch.bfloat16]
 
 
 def test_mlp_residual_equals_the_separate_sum():
@@ -246,7 +268,7 @@ def test_linear_gelu_is_the_gelu_of_the_linear_on_every_path(onednn_calls, monke
     monkeypatch.setattr(layers, "_epilogues_preferred", lambda: epilogues)
     torch.manual_seed(0)
     weight, bias = torch.randn(32, 16), torch.randn(32)
-    x = torch.randn(2, 3, 16) * 3
+    x = torch.randn(2, 10, 16) * 3  # more rows than F.linear keeps (test_small_float32_matmuls_of_few_rows_skip_onednn)
     want = nn.functional.gelu(nn.functional.linear(x, weight, bias))
     with torch.inference_mode():
         torch.testing.assert_close(layers.linear_gelu(x, weight, bias), want, atol=1e-5, rtol=1e-5)

@@ -96,6 +96,20 @@ def _intel_cpu() -> bool:
         return False
 
 
+# oneDNN's matmul costs ~16-20 µs per call before any work (AVX-512 EPYC; 35-60 on an AVX2-only one), MKL's ~2-3:
+# float32 matmuls of at most this many rows over at most this many weight elements (256 KiB) are faster on
+# F.linear at 1 and 2 threads, with warm or cold weights (64x64 at one row: 3.0 against 16.2 µs; 256x256 at 16 rows:
+# 30 against 42). From a 1 MiB weight on (512x512) oneDNN streams a cold weight faster. Measured on the AVX-512 EPYC.
+_MKL_MAX_ROWS, _MKL_MAX_WEIGHT = 16, 65536
+
+
+def _onednn_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether oneDNN's fixed cost per call is worth paying: not for a float32 matmul of a few rows over a small
+    weight (a small model's decoding step), where F.linear's MKL call is done before oneDNN starts."""
+    return not (x.dtype == torch.float32 and weight.numel() <= _MKL_MAX_WEIGHT
+                and x.numel() <= _MKL_MAX_ROWS * x.shape[-1])
+
+
 def _gemv_preferred(dtype: torch.dtype) -> bool:
     """Whether a one-row linear (a batch-1 decoding step) should run as ``torch.addmv`` rather than on oneDNN.
 
@@ -129,7 +143,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     in bfloat16, no separate pass over the output), else an in-place pass. The two paths differ only in rounding
     (the order of the sums: ~1e-7 relative in float32). Kept out of symbolic tracing: torch.fx records the call.
     """
-    if _onednn_applies(x, weight, bias):
+    if _onednn_applies(x, weight, bias) and _onednn_pays(x, weight):
         if residual is None and x.numel() == x.shape[-1] and _gemv_preferred(x.dtype):
             rows = x.reshape(-1)
             out = torch.mv(weight, rows) if bias is None else torch.addmv(bias, weight, rows)
@@ -152,7 +166,8 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     the cache (InternImage-T's stage 1: ~5 ms of a 14 ms fc1 + GELU at batch 8). Not in bfloat16: there oneDNN's
     epilogue GELU is slower than ATen's own pass (measured on an Intel Xeon with AMX); nor where oneDNN's epilogues
     are slow (:func:`_epilogues_preferred`). Kept out of symbolic tracing."""
-    if x.dtype == torch.float32 and _epilogues_preferred() and _onednn_applies(x, weight, bias):
+    if (x.dtype == torch.float32 and _epilogues_preferred() and _onednn_applies(x, weight, bias)
+            and _onednn_pays(x, weight)):
         return _ONEDNN_LINEAR(x, weight, bias, "gelu", [], "none")
     return _gelu(linear(x, weight, bias), "none")
 
