@@ -47,6 +47,8 @@ def files(tmp_path_factory):
     (root / "not_a_dir").write_text("x")
     torch.save([1, 2, 3], root / "list.pth")
     torch.save(model.state_dict(), root / "weights.pth")  # weights, not a training checkpoint
+    (root / "only_bad" / "0").mkdir(parents=True)
+    (root / "only_bad" / "0" / "broken.png").write_bytes(b"not a png")
     (root / "one_image" / "cat").mkdir(parents=True)
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(root / "one_image" / "cat" / "a.png")
     wide = intern2.create_model("internimage_t", num_classes=3, **{**TINY, "channels": 32})
@@ -128,6 +130,17 @@ CASES = [
     ("serve-upload-limit", ["serve", "--max-upload-mb", "-5"], "--max-upload-mb: expected a positive float, got '-5'"),
     ("serve-missing-model", ["serve", "--image-model", "/nope"], "/nope: no such file or folder"),
     ("resume-other-widths", TRAIN + ["--set", "checkpoint={wide}"], "wide"),
+    ("eval-digits-other-classes", ["eval", "--data", "builtin:digits", "--checkpoint", "{good}"],
+     "data builtin:digits: its 10 classes"),
+    ("eval-nothing-readable", ["eval", "--data", "{root}/only_bad", "--checkpoint", "{good}"],
+     "no readable images (1 unreadable)"),
+    ("serve-upload-limit-inf", ["serve", "--max-upload-mb", "inf"], "expected a positive float, got 'inf'"),
+    ("serve-spec-no-weights", ["serve", "--image-model", "internimage_t:"], "internimage_t:: nothing after ':'"),
+    ("serve-unknown-model-unquoted", ["serve", "--image-model", "nosuch"], "serve: error: unknown model 'nosuch'"),
+    ("convert-out-empty", ["convert", "--model", "internimage_t", "--checkpoint", "{root}/weights.pth", "--out", ""],
+     "--out: empty path"),
+    ("zero-shot-two-fields", ["zero-shot", "{image}", "--prompt", "{} and {}", "--labels", "a,b"],
+     "--prompt '{} and {}': expected one '{}' where the label goes, found 2 fields"),
     ("detector-threshold", ["predict", "{image}", "--model", "mask_rcnn_internimage_t", "--threshold", "2"],
      "--threshold 2.0: expected a score in [0, 1]"),
 ]

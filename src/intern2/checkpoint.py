@@ -251,12 +251,16 @@ def remove_stale_temps(path: Union[str, os.PathLike]) -> int:
 def check_output(path: Union[str, os.PathLike], flag: str, folder: bool = False) -> Path:
     """``path`` if a file (or with ``folder``, a folder) can be written there, else a ValueError naming ``flag``:
     checked before the work, so a minute of export or translation is not lost to a typo in the output path."""
+    if not str(path).strip():  # Path("") is the current folder: never what an empty argument meant
+        raise ValueError(f"{flag}: empty path; expected a {'folder' if folder else 'file'} to write")
     path = Path(path)
     if folder and path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path}: is a file; expected a folder (new or existing)")
     if not folder and path.is_dir():
         raise ValueError(f"{flag} {path}: is a folder; expected a file")
-    existing = path if path.exists() else path.parent
+    # A file is replaced by renaming a temp file in its folder, so that folder must be writable; a folder is
+    # written into.
+    existing = path if folder and path.exists() else path.parent
     while not existing.exists():  # the folders atomic_write / save_pretrained will create
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK):

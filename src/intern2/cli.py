@@ -101,7 +101,8 @@ def _one_line(exc: BaseException) -> str:
     if isinstance(exc, ModuleNotFoundError) and exc.name and exc.name.split(".")[0] in EXTRAS:
         package = exc.name.split(".")[0]
         return f"this needs the optional package {package!r}: pip install 'intern2[{EXTRAS[package]}]'"
-    text = exc.args[0] if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str) else str(exc)
+    from .config import error_message
+    text = error_message(exc)
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return " ".join(lines) if lines else type(exc).__name__
 

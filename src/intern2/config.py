@@ -13,9 +13,14 @@ import yaml
 from .fields import coerce, describe
 
 __all__ = ["from_dict", "to_dict", "load_config", "apply_overrides", "parse_assignments", "describe_fields",
-           "check_positive"]
+           "check_positive", "error_message"]
 
 T = TypeVar("T")
+
+
+def error_message(exc: BaseException) -> str:
+    """The message of a user-caused failure as the user should read it: a KeyError's ``str()`` quotes it."""
+    return exc.args[0] if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str) else str(exc)
 
 
 def _dataclass_type(hint: Any) -> Optional[type]:

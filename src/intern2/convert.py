@@ -17,12 +17,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="model config override (e.g. num_classes=3) when the file is not the default config")
     args = parser.parse_args(argv)
     from .checkpoint import check_output
-    from .config import parse_assignments
+    from .config import error_message, parse_assignments
     from .factory import create_model, save_pretrained
     try:
         check_output(args.out, "--out", folder=True)
         model = create_model(args.model, checkpoint_path=args.checkpoint, **parse_assignments(args.overrides))
     except (ValueError, FileNotFoundError, KeyError) as exc:
-        parser.error(str(exc))
+        parser.error(error_message(exc))
     print(f"wrote {save_pretrained(model, args.out)}")
     return 0

@@ -183,3 +183,22 @@ def test_translation(tmp_path, capsys):
     http = _post(dict(translator=load_translator(str(folder))), "/v1/translate",
                  json={"text": text, "src_lang": "en", "tgt_lang": "fra_Latn", "max_new_tokens": 8})["translation"]
     assert python == from_cli == http
+    # Text that is not Unicode (bytes that were not UTF-8: a lone surrogate) is refused alike by every door,
+    # naming the character, where sentencepiece would fail with an error that names nothing.
+    bad = "bad \udcff text"
+    with pytest.raises(ValueError, match=r"text: not valid Unicode text: '\\udcff' at character 4"):
+        Translator.from_pretrained(folder).translate([bad], "eng_Latn", "fra_Latn")
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["translate", "--model", str(folder), "--src", "en", "--tgt", "fr", bad])
+    assert exited.value.code == 2 and "not valid Unicode text" in capsys.readouterr().err
+    with TestClient(create_app(translator=load_translator(str(folder)))) as client:
+        response = client.post("/v1/translate", headers={"content-type": "application/json"},
+                               content=b'{"text": "bad \\udcff text", "src_lang": "en", "tgt_lang": "fr"}')
+    assert response.status_code == 400 and response.json()["error"] == "invalid_text", response.text
+    # An existing --output file is replaced (atomically), not refused.
+    output = tmp_path / "out.txt"
+    output.write_text("an earlier translation\n")
+    (tmp_path / "in.txt").write_text(text + "\n")
+    assert cli.main(["translate", "--model", str(folder), "--src", "en", "--tgt", "fr", "--max-new-tokens", "8",
+                     "--input", str(tmp_path / "in.txt"), "--output", str(output)]) == 0
+    assert output.read_text() == python + "\n"

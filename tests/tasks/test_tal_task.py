@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,30 @@ def test_every_door_gives_the_same_segments(trained, capsys):
         assert bad.status_code == 400 and f"(T, {DIM})" in bad.json()["detail"]
         video = client.post("/v1/video/localize", files={"file": ("clip.mp4", b"\0" * 10)})
         assert video.status_code == 400 and "--tal-encoder" in video.json()["detail"]
+        empty = client.post("/v1/video/localize", files={"file": ("e.npy", b"")}, data={"fps": "8"})
+        assert empty.status_code == 400 and empty.json()["detail"].startswith("e.npy:")
+        # What the three doors refuse alike: non-finite features, a non-finite frame rate, a score beyond 1.
+        features = np.load(file)
+        nan = root / "nan.npy"
+        np.save(nan, np.where(np.arange(len(features))[:, None] == 3, np.nan, features).astype(np.float32))
+        for options, culprit in (({"file": nan}, "NaN"), ({"fps": "inf"}, "inf"), ({"min_score": "2"}, "min.score")):
+            source = options.get("file", file)
+            values = {"fps": FPS, "min_score": 0.05, **{k: float(v) for k, v in options.items() if k != "file"}}
+            with pytest.raises(ValueError, match=culprit):
+                pipeline(str(source), **values)
+            with pytest.raises(ValueError, match=culprit):
+                pipeline(np.load(source), **values)
+            capsys.readouterr()
+            argv = ["predict", "--checkpoint", str(model), str(source), "--fps", str(values["fps"]),
+                    "--min-score", str(values["min_score"])]
+            try:
+                code = cli.main(argv)
+            except SystemExit as exc:  # argparse's usage errors
+                code = exc.code
+            assert code in (1, 2) and re.search(culprit, capsys.readouterr().err)  # 2: a flag; 1: a file of the batch
+            answer = client.post("/v1/video/localize", files={"file": ("f.npy", source.read_bytes())},
+                                 data={k: str(v) for k, v in values.items()})
+            assert 400 <= answer.status_code < 500 and re.search(culprit, answer.text), answer.text
 
 
 def test_eval_is_the_official_metric_of_the_predictions(trained, tmp_path, capsys):

@@ -103,7 +103,11 @@ def open_image_source(spec: str, classes: Optional[Sequence[str]] = None) -> Ima
     ``classes`` fixes the label order (a trained model's classes); otherwise it is the sorted class names.
     """
     if spec in BUILTIN:
-        return BUILTIN[spec]()
+        source = BUILTIN[spec]()
+        if classes is not None and tuple(classes) != source.classes:  # its labels index the model's outputs as they are
+            raise ValueError(f"data {spec}: its {len(source.classes)} classes {list(source.classes)[:10]} are not "
+                             f"the model's {len(classes)} classes {list(classes)[:10]}")
+        return source
     if spec.startswith("builtin:"):
         raise ValueError(f"data {spec!r}: unknown built-in dataset; available: {sorted(BUILTIN)}")
     path = Path(spec)

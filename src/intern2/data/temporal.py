@@ -92,8 +92,8 @@ def read_features(path: Path, feature_dim: Optional[int] = None) -> np.ndarray:
     """A (T, C) float32 feature array; a ValueError names the file when it is unreadable or of the wrong shape."""
     try:
         array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not a readable .npy feature file ({exc})") from None
+    except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file
+        raise ValueError(f"{path}: not a readable .npy feature file ({exc or 'empty'})") from None
     if array.ndim != 2 or array.shape[0] < 1 or not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"{path}: expected a (T, C) float array of snippet features, got {array.dtype} "
                          f"{tuple(array.shape)}")
@@ -108,8 +108,8 @@ def read_features(path: Path, feature_dim: Optional[int] = None) -> np.ndarray:
 def _feature_shape(path: Path) -> Tuple[int, ...]:
     try:
         return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)  # reads the header only
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not a readable .npy feature file ({exc})") from None
+    except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file
+        raise ValueError(f"{path}: not a readable .npy feature file ({exc or 'empty'})") from None
 
 
 def _sidecar_fps(feature_file: Path) -> Optional[float]:

@@ -13,6 +13,7 @@ from typing import Any, Callable, ClassVar, Dict, Iterable, Iterator, List, Opti
 import torch
 from torch import nn
 
+from ..config import error_message
 from ..weights import labels_from_cfg, protocol_from_cfg, task_of
 
 __all__ = ["Pipeline", "DTYPES", "cpu_has_bf16", "requested_dtype", "inference_dtype", "model_dtype", "load_model",
@@ -66,9 +67,13 @@ def load_model_spec(spec: str) -> nn.Module:
     """A model from ``FOLDER``, ``NAME`` (random weights: for trying the API) or ``NAME:WEIGHTS_FILE``."""
     if Path(spec).is_dir():
         return load_model(spec, None)
-    name, _, weights = spec.partition(":")
+    name, colon, weights = spec.partition(":")
     if "/" in name or name.startswith("."):  # a path, not a registered name
         raise FileNotFoundError(f"{spec}: no such file or folder (expected a model folder, NAME or NAME:WEIGHTS)")
+    if colon and not weights.strip():  # 'NAME:' would silently serve random weights
+        raise ValueError(f"{spec}: nothing after ':'; expected NAME:WEIGHTS_FILE (or NAME alone for random weights)")
+    if not name.strip():
+        raise ValueError(f"{spec!r}: no model name; expected a model folder, NAME or NAME:WEIGHTS_FILE")
     return load_model(weights or None, name)
 
 
@@ -235,7 +240,7 @@ def model_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     try:
         return load_model(args.checkpoint, args.model)
     except (ValueError, FileNotFoundError, KeyError) as exc:
-        parser.error(str(exc))
+        parser.error(error_message(exc))
 
 
 def pipeline_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, pipeline_cls: type,
@@ -247,7 +252,7 @@ def pipeline_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace
         return pipeline_cls(model, source=args.checkpoint or args.model, dtype=getattr(args, "dtype", None),
                             **options)
     except (ValueError, TypeError, KeyError, ImportError) as exc:
-        parser.error(str(exc))
+        parser.error(error_message(exc))
 
 
 def print_topk(results: List[dict], as_json: bool) -> int:

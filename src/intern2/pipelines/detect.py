@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
+from ..checkpoint import check_output
 from ..data.images import load_image
 from ..weights import DetectionProtocol
 from .common import Pipeline, add_model_arguments, pair, pipeline_from_args, run_on_images
@@ -130,7 +131,11 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
         drawing = Path(args.out) / f"{Path(file).stem}_det.png"
         pipeline.draw(image, result.pop("output"), args.threshold).save(drawing)
         return {"drawing": str(drawing), **result}
-    results, failed = run_on_images(args.images, Path(args.out), run)
+    try:
+        out = check_output(args.out, "--out", folder=True)
+    except ValueError as exc:
+        parser.error(str(exc))
+    results, failed = run_on_images(args.images, out, run)
     if args.json:
         print(json.dumps(results, indent=2))
     else:

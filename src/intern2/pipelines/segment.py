@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from ..checkpoint import check_output
 from ..data.images import load_image
 from ..data.segmentation import keep_ratio_size
 from ..weights import SegmentationProtocol
@@ -199,7 +200,11 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
         colourise(image, prediction).save(overlay)
         pipeline.mask_image(prediction).save(mask)
         return {"overlay": str(overlay), "mask": str(mask), **result}
-    results, failed = run_on_images(args.images, Path(args.out), run)
+    try:
+        out = check_output(args.out, "--out", folder=True)
+    except ValueError as exc:
+        parser.error(str(exc))
+    results, failed = run_on_images(args.images, out, run)
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -60,11 +61,21 @@ class TemporalLocalizationPipeline(Pipeline):
         array = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
         if array.ndim != 2 or array.shape[1] != dim or array.shape[0] < 1:
             raise ValueError(f"features: expected a (T, {dim}) array, got {tuple(array.shape)}")
-        return array.astype(np.float32), {}
+        array = array.astype(np.float32)
+        if not np.isfinite(array).all():  # as read_features says of a file
+            raise ValueError("features contain NaN or infinite values")
+        return array, {}
 
     @torch.inference_mode()
     def __call__(self, features: Features, fps: Optional[float] = None, duration: Optional[float] = None,
                  min_score: float = 0.0, topk: Optional[int] = None) -> Dict[str, Any]:
+        if not 0.0 <= min_score <= 1.0:
+            raise ValueError(f"min_score {min_score}: expected a score between 0 and 1")
+        if topk is not None and topk < 1:
+            raise ValueError(f"topk {topk}: expected a positive number of segments")
+        for name, value in (("fps", fps), ("duration", duration)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} {value}: expected a positive finite number")
         array, meta = self._features(features)
         p = self.protocol
         fps = fps or meta.get("fps") or p.default_fps
@@ -132,8 +143,10 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     for name in ("fps", "topk"):
         value = getattr(args, name)
-        if value is not None and value <= 0:
+        if value is not None and not (math.isfinite(value) and value > 0):
             parser.error(f"--{name} {value}: expected a positive number")
+    if not 0.0 <= args.min_score <= 1.0:
+        parser.error(f"--min-score {args.min_score}: expected a score between 0 and 1")
     pipeline = pipeline_from_args(parser, args, TemporalLocalizationPipeline)
     if args.encoder:
         try:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checkpoint import check_output
 from ..data.video import FrameSampler, VideoDecodeError, VideoEvalTransform, read_video
 from ..weights import SAMPLINGS, VideoProtocol
 from .common import (Pipeline, add_model_arguments, check_aspect, model_dtype, pipeline_from_args, print_topk, progress,
@@ -176,6 +177,10 @@ def extract_features_main(argv: Optional[List[str]] = None) -> int:
     out = Path(args.out)
     if out.suffix not in (".safetensors", ".npy"):
         parser.error(f"--out {out}: expected a .safetensors or .npy file name")
+    try:
+        check_output(out, "--out")
+    except ValueError as exc:
+        parser.error(str(exc))
     files = video_files(args.videos)
     if not files:
         parser.error(f"no video files found in {args.videos} (extensions: {', '.join(VIDEO_SUFFIXES)})")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import string
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -17,17 +18,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import check_output
 from ..data.video import FrameSampler, VideoDecodeError, VideoEvalTransform, read_video
+from ..text import check_text
 from ..weights import VideoProtocol
 from .common import (Pipeline, add_model_arguments, check_aspect, load_model, model_dtype, print_topk, progress,
                      setup_logging)
 from .video_cls import VIDEO_SUFFIXES, add_protocol_arguments, protocol_options, video_files, write_arrays
 
-__all__ = ["VideoTextPipeline", "DEFAULT_PROMPT", "encode_texts", "encode_views", "retrieve_main",
+__all__ = ["VideoTextPipeline", "DEFAULT_PROMPT", "check_prompt", "encode_texts", "encode_views", "retrieve_main",
            "zero_shot_main", "predict_main", "embed_main"]
 
 log = logging.getLogger(__name__)
 DEFAULT_PROMPT = "a video of {}"
+
+
+def check_prompt(prompt: str, what: str = "prompt") -> str:
+    """``prompt`` if it is a template with one ``{}`` where the label goes (literal braces doubled), else a
+    ValueError naming ``what``."""
+    check_text(prompt, what)
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(prompt) if name is not None]
+    except ValueError as exc:  # a lone '{' or '}'
+        raise ValueError(f"{what} {prompt!r}: {exc}; write literal braces as '{{{{' and '}}}}'") from None
+    if fields != [""]:
+        raise ValueError(f"{what} {prompt!r}: expected one '{{}}' where the label goes, found "
+                         f"{len(fields)} fields {fields}")
+    return prompt
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -132,8 +149,10 @@ class VideoTextPipeline(Pipeline):
                   topk: int = 5) -> List[Dict[str, Any]]:
         """Per video, ``labels`` ranked by the similarity of the clip to ``prompt.format(label)`` (softmax at the
         model's logit scale): ``{"file", "top": [{"label", "index", "prob"}]}``, or ``{"file", "error"}``."""
+        prompt = check_prompt(prompt or self.prompt)
+        labels = [check_text(label, "label") for label in labels]
         features, done, errors = self.encode_videos(files)
-        texts = self.encode_texts([(prompt or self.prompt).format(label) for label in labels])
+        texts = self.encode_texts([prompt.format(label) for label in labels])
         probs = (self._scale() * features @ texts.t()).softmax(-1)
         rows, messages = dict(zip(done, probs)), iter(errors)  # errors come in the order of the failed files
         results = []
@@ -195,6 +214,13 @@ def _files_or_error(parser: argparse.ArgumentParser, paths: Sequence[str]) -> Li
     return files
 
 
+def _checked_text(parser: argparse.ArgumentParser, text: str, flag: str) -> str:
+    try:
+        return check_text(text, flag)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
 def retrieve_main(argv: Optional[List[str]] = None) -> int:
     """`intern2 retrieve --videos DIR --query TEXT`."""
     parser = argparse.ArgumentParser(prog="intern2 retrieve", description="Rank videos by similarity to a text.")
@@ -204,7 +230,7 @@ def retrieve_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--topk", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     args = parser.parse_args(argv)
-    if not args.query.strip():
+    if not _checked_text(parser, args.query, "--query").strip():
         parser.error("--query is empty: give the text to search for")
     files = _files_or_error(parser, args.videos)
     pipeline = pipeline_from_args(parser, args)
@@ -231,8 +257,11 @@ def zero_shot_main(argv: Optional[List[str]] = None, prog: str = "intern2 zero-s
     parser.add_argument("--topk", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     args = parser.parse_args(argv)
-    if args.prompt is not None and "{}" not in args.prompt:
-        parser.error(f"--prompt {args.prompt!r}: needs a '{{}}' where the label goes")
+    if args.prompt is not None:
+        try:
+            check_prompt(args.prompt, "--prompt")
+        except ValueError as exc:
+            parser.error(str(exc))
     if args.topk < 1:
         parser.error(f"--topk {args.topk}: expected a positive integer")
     files = _files_or_error(parser, args.videos)
@@ -242,7 +271,8 @@ def zero_shot_main(argv: Optional[List[str]] = None, prog: str = "intern2 zero-s
         if len(labels) < 2:
             parser.error("--labels is required: the model records no class names of its own")
     else:
-        labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+        labels = [label.strip() for label in _checked_text(parser, args.labels, "--labels").split(",")
+                  if label.strip()]
         if len(labels) < 2:
             parser.error(f"--labels {args.labels!r}: give at least two comma-separated class names")
     return print_topk(pipeline.zero_shot(files, labels, args.prompt, args.topk), args.json)
@@ -266,11 +296,15 @@ def embed_main(argv: Optional[List[str]] = None) -> int:
     out = Path(args.out)
     if out.suffix not in (".safetensors", ".npy"):
         parser.error(f"--out {out}: expected a .safetensors or .npy file name")
+    try:
+        check_output(out, "--out")
+    except ValueError as exc:
+        parser.error(str(exc))
     if not args.videos and not args.texts:
         parser.error("nothing to embed: give --videos and/or --texts")
     if out.suffix == ".npy" and args.videos and args.texts:
         parser.error("--out .npy holds one array: embed videos and texts separately, or use .safetensors")
-    if any(not t.strip() for t in args.texts):
+    if any(not _checked_text(parser, t, "--texts").strip() for t in args.texts):
         parser.error("--texts: empty text")
     files = _files_or_error(parser, args.videos) if args.videos else []
     pipeline = pipeline_from_args(parser, args)

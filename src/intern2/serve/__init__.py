@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -101,6 +102,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .app import create_app
     except ImportError as exc:
         parser.error(f"serving needs FastAPI, uvicorn and python-multipart: pip install 'intern2[serve]' ({exc})")
+    from ..config import error_message
     from ..pipelines.common import setup_logging
     setup_logging()
     models = {}
@@ -130,7 +132,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                          max_frame_pixels=args.max_frame_pixels, max_translate_steps=args.max_translate_steps,
                          max_request_seconds=args.max_request_seconds, allow_origins=tuple(args.allow_origin))
     except (ValueError, TypeError, FileNotFoundError, KeyError, ImportError) as exc:
-        parser.error(str(exc))
+        parser.error(error_message(exc))
     if not models:
         log.warning("no model given: every endpoint but /healthz and /v1/models answers 503 (see --help)")
     _graceful(uvicorn.Server)(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)).run()
@@ -154,7 +156,7 @@ def _positive(kind: type):
             value = kind(text)
         except ValueError:
             value = 0
-        if not value > 0:
+        if not (value > 0 and math.isfinite(value)):  # inf would reach int() in the limits
             raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
         return value
     return parse

@@ -36,6 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import (DEFAULT_MAX_FRAME_PIXELS, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_REQUEST_SECONDS,
                DEFAULT_MAX_TRANSLATE_STEPS, DEFAULT_MAX_UPLOAD_MB)
+from ..text import check_text
 
 if TYPE_CHECKING:
     from ..pipelines import Pipeline
@@ -235,7 +236,7 @@ def _localize(pipeline: Pipeline, data: bytes, filename: str, fps: Optional[floa
     try:
         features = np.load(io.BytesIO(data), allow_pickle=False)
         return pipeline(features, fps=fps, min_score=min_score, topk=topk)
-    except ValueError as exc:  # not an .npy array, wrong shape, no frame rate
+    except (ValueError, EOFError) as exc:  # not an .npy array (EOFError: an empty one), wrong shape, no frame rate
         raise ServeError(400, "invalid_features", f"{filename}: {exc}") from exc
 
 
@@ -494,6 +495,10 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
     async def translate(request: TranslateRequest, http_request: Request) -> Dict[str, Any]:
         slot = slot_of("translator")
         text = request.text
+        try:
+            check_text(text, "text")
+        except ValueError as exc:
+            raise ServeError(400, "invalid_text", str(exc)) from None
         if not text.strip():
             raise ServeError(400, "empty_text", "text: nothing to translate (empty or only whitespace)")
         if len(text) > max_text_chars:

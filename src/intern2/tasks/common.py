@@ -7,6 +7,7 @@ import json
 import logging
 from typing import Any, Callable, List, Optional, Type
 
+from ..checkpoint import check_output
 from ..pipelines.common import setup_logging
 
 __all__ = ["train_cli"]
@@ -45,6 +46,7 @@ def train_cli(argv: Optional[List[str]], task_name: str, description: str, confi
         cfg = load_config(config_cls, args.config, overrides, recipe and recipe.config,
                           f"recipe {args.recipe}")
         _check_model_kind(cfg.model, config_cls().model, task_name)
+        check_output(cfg.train.out_dir, "--out" if args.out is not None else "train.out_dir", folder=True)
         task = task_cls(cfg)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))

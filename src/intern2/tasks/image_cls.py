@@ -197,6 +197,8 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     metrics_of = ClassificationMetrics(source.classes)
     batches = progress(loader, "eval", len(loader))
     metrics = metrics_of.summarize(accumulate_eval(pipeline.model, batches, metrics_of.eval_step, torch.device("cpu")))
+    if not metrics["count"]:
+        parser.error(f"--data {args.data}: no readable images ({metrics['skipped']} unreadable)")
     if args.json:
         print(json.dumps(metrics))
     else:

@@ -197,6 +197,8 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     loader = DataLoader(dataset, batch_size=1, collate_fn=collate_segmentation)
     batches = progress(loader, "eval", len(loader))
     metrics = metrics_of.summarize(accumulate_eval(pipeline.model, batches, metrics_of.eval_step, torch.device("cpu")))
+    if metrics["skipped"] >= len(dataset):
+        parser.error(f"--data {args.data}: no readable images ({metrics['skipped']} unreadable)")
     if args.json:
         print(json.dumps(metrics))
     else:

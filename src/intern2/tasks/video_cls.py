@@ -233,6 +233,8 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     batches = progress(loader, "eval", len(loader))
     sums = accumulate_eval(pipeline.model, batches, lambda m, b: _eval_sums(m, b, metrics_of), torch.device("cpu"))
     metrics = metrics_of.summarize(sums)
+    if not metrics["count"]:
+        parser.error(f"--data {args.data}: no readable videos ({metrics['skipped']} unreadable)")
     if args.json:
         print(json.dumps(metrics))
     else:

@@ -17,6 +17,8 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from . import check_text
+
 __all__ = ["BPETokenizer", "SOT", "EOT", "TOKENIZER_NAME", "CLIP_VOCAB_NAME"]
 
 SOT = "<start_of_text>"  # open_clip's names; OpenAI's CLIP spells them <|startoftext|> / <|endoftext|>
@@ -195,7 +197,7 @@ class BPETokenizer:
     def __call__(self, texts: Union[str, Sequence[str]]) -> torch.Tensor:
         """Token ids, (N, context_length) int64; a single string gives N = 1. Long texts are truncated, keeping
         the end-of-text token."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        texts = [check_text(text) for text in ([texts] if isinstance(texts, str) else texts)]
         encodings = self.tokenizer.encode_batch(texts)
         return torch.tensor([e.ids for e in encodings], dtype=torch.long).reshape(len(texts), self.context_length)
 

@@ -23,6 +23,7 @@ import logging
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
+from . import check_text
 from .languages import get_language, nllb_codes
 
 __all__ = ["NllbTokenizer", "MissingLanguageTokenError"]
@@ -241,14 +242,14 @@ class NllbTokenizer:
 
     def tokenize(self, text: str) -> List[str]:
         """SentencePiece pieces of ``text`` (no special tokens)."""
-        return self.sp.encode(text, out_type=str)
+        return self.sp.encode(check_text(text), out_type=str)
 
     def encode(self, text: str, src_lang: str, max_length: Optional[int] = None) -> List[int]:
         """``[lang_token, pieces..., </s>]`` for ``text`` in language ``src_lang`` (also the label layout,
         with the target language). ``max_length`` truncates the pieces, keeping the language token and
         </s>."""
         lang_id = self.lang_token_id(src_lang)
-        pieces = [p + 1 if p else self.unk_id for p in self.sp.encode(text)]
+        pieces = [p + 1 if p else self.unk_id for p in self.sp.encode(check_text(text))]
         if max_length is not None:
             if max_length < 2:
                 raise ValueError(f"max_length must be >= 2 (language token and </s>), got {max_length}")
