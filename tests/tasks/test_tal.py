@@ -56,14 +56,26 @@ def _write(path, data) -> str:
     ({"database": {}}, {"results": {}}, "no annotated video in subset 'validation'"),
     ({"videos": {}}, {"results": {}}, "expected a 'database' object of videos"),
     ({"database": {"v1": {"subset": "Validation", "annotations": [{"label_id": 0, "segment": [1.0]}]}}},
-     {"results": {}}, "v1 annotation 0: 'segment' must be [start, end] in seconds, got [1.0]"),
+     {"results": {}}, "v1 annotation 0: 'segment' must be [start, end] in seconds with start <= end, got [1.0]"),
     ({"database": {"v1": {"subset": "validation", "annotations": [{"label_id": "Diving", "segment": [1, 2]}]}}},
      {"results": {}}, "v1 annotation 0: 'label_id' must be an integer class id, got 'Diving'"),
     ({"database": {"v1": {"subset": "validation", "annotations": [{"label_id": 0, "segment": [1, 2]}]}}},
      {"preds": {}}, "expected a 'results' (ActivityNet) or 'database' (ActionFormer) object"),
     ({"database": {"v1": {"subset": "validation", "annotations": [{"label_id": 0, "segment": [1, 2]}]}}},
      {"results": {"v1": [{"label_id": 0, "segment": [1, 2]}]}}, "v1 entry 0: expected an integer 'label_id' and a "
-                                                                 "number 'score'"),
+                                                                 "finite number 'score'"),
+    ({"database": {"v1": "x"}}, {"results": {}}, "v1: expected a video object ('subset', 'annotations'), got \"x\""),
+    ({"database": {"v1": {"subset": "validation", "annotations": "x"}}}, {"results": {}},
+     "v1 annotations: expected a list of annotation objects, got \"x\""),
+    ({"database": {"v1": {"subset": "validation", "annotations": [5]}}}, {"results": {}},
+     "v1 annotations: expected a list of annotation objects, got [5]"),
+    ({"database": {"v1": {"subset": "validation", "annotations": [{"label_id": 0, "segment": [3, 1]}]}}},
+     {"results": {}}, "v1 annotation 0: 'segment' must be [start, end] in seconds with start <= end, got [3, 1]"),
+    ({"database": {"v1": {"subset": "validation", "annotations": [{"label_id": 0, "segment": [1, 2]}]}}},
+     {"results": {"v1": [{"label_id": 0, "segment": [1, 2], "score": float("nan")}]}},
+     "v1 entry 0: expected an integer 'label_id' and a finite number 'score'"),
+    ({"database": {"v1": {"subset": "validation", "annotations": [{"label_id": 0, "segment": [1, 2]}]}}},
+     {"results": {"v1": {"label_id": 0}}}, "v1: expected a list of prediction objects"),
 ])
 def test_bad_files_are_one_line_naming_the_entry(tmp_path, capsys, gt, predictions, message):
     with pytest.raises(SystemExit) as stop:

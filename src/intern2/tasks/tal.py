@@ -76,9 +76,16 @@ def _read_json(path: Path, what: str) -> Dict[str, Any]:
 def _segment(entry: Any, where: str) -> Tuple[float, float]:
     segment = entry.get("segment") if isinstance(entry, dict) else None
     if (not isinstance(segment, (list, tuple)) or len(segment) != 2
-            or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in segment)):
-        raise ValueError(f"{where}: 'segment' must be [start, end] in seconds, got {segment!r}")
+            or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in segment) or segment[0] > segment[1]):
+        raise ValueError(f"{where}: 'segment' must be [start, end] in seconds with start <= end, got {segment!r}")
     return float(segment[0]), float(segment[1])
+
+
+def _entries(value: Any, where: str, what: str) -> List[Dict[str, Any]]:
+    """``value`` if it is a list of JSON objects, else a ValueError naming ``where``."""
+    if not isinstance(value, list) or not all(isinstance(entry, dict) for entry in value):
+        raise ValueError(f"{where}: expected a list of {what} objects, got {json.dumps(value)[:60]}")
+    return value
 
 
 def load_ground_truth(path: Path, subset: str = "validation") -> Tuple[List[Segment], Dict[int, str]]:
@@ -88,13 +95,20 @@ def load_ground_truth(path: Path, subset: str = "validation") -> Tuple[List[Segm
     database = data.get("database")
     if not isinstance(database, dict):
         raise ValueError(f"ground truth {path}: expected a 'database' object of videos (ActivityNet layout)")
-    names = {int(n["nodeId"]): str(n["nodeName"]) for n in data.get("taxonomy", []) if "nodeId" in n}
+    taxonomy = _entries(data.get("taxonomy", []), f"ground truth {path}: taxonomy", "class")
+    names = {int(n["nodeId"]): str(n.get("nodeName", n["nodeId"])) for n in taxonomy
+             if isinstance(n.get("nodeId"), int)}
     instances: List[Segment] = []
     for video, record in database.items():
+        if not isinstance(record, dict):
+            raise ValueError(f"ground truth {path}: {video}: expected a video object ('subset', 'annotations'), "
+                             f"got {json.dumps(record)[:60]}")
         if str(record.get("subset", "")).lower() != subset.lower():
             continue
         kept: List[Segment] = []
-        for i, entry in enumerate(record.get("annotations", [])):
+        annotations = _entries(record.get("annotations", []), f"ground truth {path}: {video} annotations",
+                               "annotation")
+        for i, entry in enumerate(annotations):
             where = f"ground truth {path}: {video} annotation {i}"
             if not isinstance(entry.get("label_id"), int):
                 raise ValueError(f"{where}: 'label_id' must be an integer class id, got {entry.get('label_id')!r}")
@@ -121,12 +135,13 @@ def load_predictions(path: Path) -> List[Segment]:
     score_key = "score" if layout == "results" else "scores"
     predictions = []
     for video, entries in data[layout].items():
-        for i, entry in enumerate(entries):
+        for i, entry in enumerate(_entries(entries, f"predictions {path}: {video}", "prediction")):
             where = f"predictions {path}: {video} entry {i}"
             start, end = _segment(entry, where)
             label, score = entry.get("label_id"), entry.get(score_key)
-            if not isinstance(label, int) or not isinstance(score, (int, float)):
-                raise ValueError(f"{where}: expected an integer 'label_id' and a number '{score_key}'")
+            if (not isinstance(label, int) or not isinstance(score, (int, float)) or isinstance(score, bool)
+                    or not math.isfinite(score)):
+                raise ValueError(f"{where}: expected an integer 'label_id' and a finite number '{score_key}'")
             predictions.append(Segment(video, label, start, end, float(score)))
     return predictions
 
