@@ -141,6 +141,8 @@ CASES = [
      "--out: empty path"),
     ("zero-shot-two-fields", ["zero-shot", "{image}", "--prompt", "{} and {}", "--labels", "a,b"],
      "--prompt '{} and {}': expected one '{}' where the label goes, found 2 fields"),
+    ("export-img-size-0", ["export", "onnx", "--checkpoint", "{good}", "--out", "{root}/m.onnx", "--img-size", "0"],
+     "--img-size 0: expected a positive number of pixels"),
     ("detector-threshold", ["predict", "{image}", "--model", "mask_rcnn_internimage_t", "--threshold", "2"],
      "--threshold 2.0: expected a score in [0, 1]"),
 ]

@@ -183,7 +183,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = getattr(model, "pretrained_cfg", {})
     input_size = cfg.get("input_size", (3, cfg.get("crop_size", 224)))
     num_frames = input_size[1] if len(input_size) == 4 else None  # (3, T, H, W): a video classifier
-    size = args.img_size or input_size[-1]
+    size = args.img_size if args.img_size is not None else input_size[-1]
+    if size < 1:
+        parser.error(f"--img-size {size}: expected a positive number of pixels")
+    try:  # a size the model cannot take fails here in one line, not deep in the exporter
+        with torch.no_grad():
+            model(torch.zeros(1, 3, *(() if num_frames is None else (num_frames,)), size, size))
+    except (ValueError, RuntimeError, AssertionError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        parser.error(f"--img-size {size}: the model cannot take a {size}x{size} input ({reason})")
     diff = export_onnx(model, Path(args.out), size, args.opset, check=not args.no_check, dynamic=not args.static,
                        num_frames=num_frames)
     print(f"wrote {args.out}" + (f" (onnxruntime vs torch max |diff| {diff:.2e})" if diff >= 0 else ""))

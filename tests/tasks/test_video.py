@@ -96,6 +96,11 @@ def test_fine_tune_from_pretraining_then_eval_predict_extract(actions, pretraine
     (logits,) = session.run(None, {"video": views.numpy()})
     with torch.no_grad():
         np.testing.assert_allclose(logits, model(views).numpy(), atol=1e-4)
+    with pytest.raises(SystemExit) as refused:  # not a multiple of the patch size: one line, before exporting
+        cli.main(["export", "onnx", "--checkpoint", str(out / "model"), "--out", str(tmp_path / "odd.onnx"),
+                  "--static", "--img-size", "31"])
+    assert refused.value.code == 2 and "--img-size 31: the model cannot take a 31x31 input" in capsys.readouterr().err
+    assert not (tmp_path / "odd.onnx").exists()
 
 
 def test_pretrained_encoder_transfers_to_classifier(pretrained):
