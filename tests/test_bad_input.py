@@ -143,6 +143,8 @@ CASES = [
      "--prompt '{} and {}': expected one '{}' where the label goes, found 2 fields"),
     ("export-img-size-0", ["export", "onnx", "--checkpoint", "{good}", "--out", "{root}/m.onnx", "--img-size", "0"],
      "--img-size 0: expected a positive number of pixels"),
+    ("size-divisor-huge", ["predict", "{image}", "--checkpoint", "{seg}", "--size-divisor", "100000"],
+     "size_divisor: expected at most 8192 pixels, got 100000"),
     ("detector-threshold", ["predict", "{image}", "--model", "mask_rcnn_internimage_t", "--threshold", "2"],
      "--threshold 2.0: expected a score in [0, 1]"),
 ]

@@ -30,6 +30,8 @@ __all__ = ["Metric", "ImageClassificationProtocol", "SegmentationProtocol", "Det
            "pretrained_tags", "task_of", "label_set", "LABEL_SETS", "protocol_from_cfg", "labels_from_cfg", "TASKS",
            "PROTOCOLS"]
 
+# The largest image or frame side a protocol may ask for (the official protocols stay under 4096, TTA included).
+MAX_SIDE = 8192
 TASKS = ("image-cls", "segment", "detect", "video-cls", "video-pretrain", "video-text", "translation", "tal")
 Pair = Tuple[int, int]
 
@@ -72,6 +74,15 @@ class _Protocol:
         if not condition:
             raise ValueError(message)
 
+    def _check_pixels(self, *names: str) -> None:
+        """The named sizes (ints, pairs or None) are at most :data:`MAX_SIDE` pixels: beyond it a typo asks the
+        allocator for hundreds of gigabytes."""
+        for name in names:
+            value = getattr(self, name)
+            values = value if isinstance(value, (tuple, list)) else () if value is None else (value,)
+            self._check(max(values, default=0) <= MAX_SIDE,
+                        f"{name}: expected at most {MAX_SIDE} pixels, got {value}")
+
 
 @dataclass(frozen=True)
 class ImageClassificationProtocol(_Protocol):
@@ -88,6 +99,7 @@ class ImageClassificationProtocol(_Protocol):
         self._check(0 < self.crop_pct <= 1, f"crop_pct: expected a number in (0, 1], got {self.crop_pct}")
         self._check(self.interpolation in ("bicubic", "bilinear", "nearest"),
                     f"interpolation: expected bicubic, bilinear or nearest, got {self.interpolation!r}")
+        self._check_pixels("input_size")
 
     @property
     def img_size(self) -> int:
@@ -123,6 +135,7 @@ class SegmentationProtocol(_Protocol):
         self._check(self.slide_stride is None or self.slide_crop is not None, "slide_stride: needs slide_crop")
         self._check(len(self.tta_ratios) >= 1 and min(self.tta_ratios) > 0,
                     f"tta_ratios: expected positive ratios, got {self.tta_ratios}")
+        self._check_pixels("test_size", "size_divisor", "slide_crop", "slide_stride")
 
     @property
     def stride(self) -> Optional[Pair]:
@@ -145,6 +158,7 @@ class DetectionProtocol(_Protocol):
     def __post_init__(self):
         self._check(min(self.test_size) >= 1, f"test_size: expected positive sizes, got {self.test_size}")
         self._check(self.size_divisor >= 1, f"size_divisor: expected a positive integer, got {self.size_divisor}")
+        self._check_pixels("test_size", "size_divisor")
 
 
 SAMPLINGS = ("dense", "segment", "uniform")
@@ -194,6 +208,7 @@ class VideoProtocol(_Protocol):
                     f"short_side: expected null or >= img_size {self.img_size}, got {self.short_side}")
         self._check(self.sampling != "uniform" or self.test_clips == 1,
                     f"test_clips: uniform sampling has one test view, got {self.test_clips}")
+        self._check_pixels("img_size", "short_side")
 
     def to_cfg(self) -> Dict[str, Any]:
         return {**super().to_cfg(), "input_size": [3, self.num_frames, self.img_size, self.img_size]}
