@@ -71,11 +71,14 @@ def test_fine_tune_from_pretraining_then_eval_predict_extract(actions, pretraine
     clip = str(actions / "videos" / "val" / "00000.mp4")
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"\x00not a video" * 50)
-    assert cli.main(["predict", clip, str(bad), "--checkpoint", str(out / "model"), "--json", "--topk", "3"]) == 1
+    thin = write_video(tmp_path / "thin.mp4", np.zeros((4, 16, 640, 3), np.uint8))  # 40:1, too elongated to resize
+    assert cli.main(["predict", str(thin), clip, str(bad), "--checkpoint", str(out / "model"), "--json", "--topk",
+                     "3"]) == 1
     captured = capsys.readouterr()
-    results = json.loads(captured.out)
-    assert len(results[0]["top"]) == 3 and results[0]["top"][0]["label"] in ACTION_CLASSES
-    assert "bad.mp4" in results[1]["error"] and "bad.mp4" in captured.err
+    results = json.loads(captured.out)  # a bad file of the batch is reported, the others still run
+    assert len(results[1]["top"]) == 3 and results[1]["top"][0]["label"] in ACTION_CLASSES
+    assert "aspect ratio of 40:1" in results[0]["error"] and "thin.mp4" in captured.err
+    assert "bad.mp4" in results[2]["error"] and "bad.mp4" in captured.err
 
     for name in ("features.safetensors", "features.npy"):
         assert cli.main(["extract-features", str(actions / "videos" / "val"), "--checkpoint", str(out / "model"),

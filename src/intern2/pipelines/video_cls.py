@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import check_output
-from ..data.video import FrameSampler, VideoDecodeError, VideoEvalTransform, read_video
+from ..data.video import FrameSampler, VideoEvalTransform, read_video
 from ..weights import SAMPLINGS, VideoProtocol
 from .common import (Pipeline, add_model_arguments, check_aspect, model_dtype, pipeline_from_args, print_topk, progress,
                      setup_logging, top_k)
@@ -104,7 +104,7 @@ class VideoClassificationPipeline(Pipeline):
         for file in progress(files, "videos"):
             try:
                 results.append({"file": file, **self(file, topk)})
-            except VideoDecodeError as exc:
+            except ValueError as exc:  # VideoDecodeError, or frames too elongated to resize
                 results.append({"file": file, "error": str(exc)})
         return results
 
@@ -120,7 +120,7 @@ class VideoClassificationPipeline(Pipeline):
         for file in progress(files, "videos"):
             try:
                 features.append(self.features(file))
-            except VideoDecodeError as exc:
+            except ValueError as exc:  # VideoDecodeError, or frames too elongated to resize
                 errors.append(str(exc))
                 continue
             done.append(file)

@@ -135,7 +135,7 @@ class VideoTextPipeline(Pipeline):
         for file in progress(files, "videos"):
             try:
                 views = self.views(file)
-            except VideoDecodeError as exc:
+            except ValueError as exc:  # VideoDecodeError, or frames too elongated to resize
                 errors.append(str(exc))
                 continue
             features.append(encode_views(self.model, views[None].to(self.device))[0].cpu())
