@@ -145,6 +145,9 @@ CASES = [
      "--img-size 0: expected a positive number of pixels"),
     ("size-divisor-huge", ["predict", "{image}", "--checkpoint", "{seg}", "--size-divisor", "100000"],
      "size_divisor: expected at most 8192 pixels, got 100000"),
+    ("set-yaml-one-line", TRAIN + ["--set", "img_size=[1"], "--set 'img_size=[1': value is not valid YAML (expected "
+     "',' or ']', but got '<stream end>' at line 1, column 3)"),
+    ("eval-csv-not-text", ["eval", "--data", "{image}", "--checkpoint", "{good}"], "not a UTF-8 CSV of 'path,label'"),
     ("detector-threshold", ["predict", "{image}", "--model", "mask_rcnn_internimage_t", "--threshold", "2"],
      "--threshold 2.0: expected a score in [0, 1]"),
 ]

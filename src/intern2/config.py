@@ -75,10 +75,7 @@ def apply_overrides(cfg: T, assignments: Sequence[str]) -> T:
         key, sep, text = assignment.partition("=")
         if not sep or not key:
             raise ValueError(f"--set {assignment!r}: expected key=value, e.g. train.lr=1e-3")
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""  # `key=` means empty, not YAML's null
-        except yaml.YAMLError as exc:
-            raise ValueError(f"--set {assignment!r}: value is not valid YAML ({exc})") from exc
+        value = _yaml_value(assignment, text) if text.strip() else ""  # `key=` means empty, not YAML's null
         node = data
         parts = key.split(".")
         for depth, part in enumerate(parts[:-1]):
@@ -106,7 +103,8 @@ def load_config(cls: Type[T], path: Optional[Union[str, Path]] = None, overrides
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise ValueError(f"config file {path}: not a readable YAML file ({exc})") from exc
+            reason = _yaml_problem(exc) if isinstance(exc, yaml.YAMLError) else exc
+            raise ValueError(f"config file {path}: not a readable YAML file ({reason})") from exc
         merged = to_dict(cfg)
         _deep_update(merged, data, str(path))
         cfg = from_dict(cls, merged, str(path))
@@ -130,11 +128,24 @@ def parse_assignments(assignments: Sequence[str]) -> Dict[str, Any]:
         key, sep, text = assignment.partition("=")
         if not sep or not key:
             raise ValueError(f"--set {assignment!r}: expected key=value")
-        try:
-            kwargs[key] = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ValueError(f"--set {assignment!r}: value is not valid YAML ({exc})") from exc
+        kwargs[key] = _yaml_value(assignment, text)
     return kwargs
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line report as one line: the problem and where."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None)
+    if problem is None:
+        return " ".join(str(exc).split())
+    return problem + (f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "")
+
+
+def _yaml_value(assignment: str, text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--set {assignment!r}: value is not valid YAML ({_yaml_problem(exc)})") from exc
 
 
 def _field_comments(cls: type) -> Dict[str, str]:

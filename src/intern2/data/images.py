@@ -77,8 +77,11 @@ def _folder(root: Path, classes: Optional[Sequence[str]] = None) -> ImageSource:
 
 def _csv(path: Path, classes: Optional[Sequence[str]] = None) -> ImageSource:
     """Rows ``path,label`` (optional header); relative paths are relative to the CSV file."""
-    with path.open(newline="") as fh:
-        rows = [row for row in csv.reader(fh) if row and not row[0].startswith("#")]
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            rows = [row for row in csv.reader(fh) if row and not row[0].startswith("#")]
+    except (UnicodeDecodeError, csv.Error) as exc:  # e.g. an image given as the CSV
+        raise ValueError(f"data {path}: not a UTF-8 CSV of 'path,label' rows ({exc})") from None
     if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
         rows = rows[1:]
     for number, row in enumerate(rows, 1):

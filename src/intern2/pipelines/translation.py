@@ -122,7 +122,8 @@ class Translator(Pipeline):
         from ..text.tokenizer import NllbTokenizer
         folder = Path(folder)
         if not folder.is_dir():
-            raise FileNotFoundError(f"model folder {folder} does not exist")
+            raise FileNotFoundError(f"model folder {folder} " + ("is a file; expected a folder (config.json, weights, "
+                                    "tokenizer)" if folder.exists() else "does not exist"))
         tokenizer = NllbTokenizer.from_pretrained(folder)
         model = TranslationModel.from_pretrained(folder, device=device)
         return cls(model.quantize_dynamic() if int8 else model, tokenizer, source=str(folder), **protocol)

@@ -306,6 +306,8 @@ def read_flores_pair(root: Union[str, Path], split: str, src: str, tgt: str) -> 
 def read_lines(path: Union[str, Path]) -> List[str]:
     """The lines of a UTF-8 text file; a missing or non-UTF-8 file is an error naming it."""
     file = Path(path)
+    if file.is_dir():
+        raise ValueError(f"text file {file}: is a folder; expected a UTF-8 text file")
     if not file.is_file():
         raise FileNotFoundError(f"text file {file} does not exist")
     try:
