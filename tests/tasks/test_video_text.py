@@ -58,6 +58,12 @@ def test_retrieve_zero_shot_embed_and_eval_commands(actions, trained, tmp_path, 
     ranked = json.loads(capsys.readouterr().out)
     assert len(ranked) == 3 and all(r["file"].endswith(".mp4") for r in ranked)
     assert ranked[0]["score"] >= ranked[1]["score"] >= ranked[2]["score"]
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\0" * 100)
+    assert cli.main(["retrieve", "--videos", str(videos / "00000.mp4"), str(broken), "--query", "a red circle",
+                     "--checkpoint", model, "--json"]) == 1  # as every batch command: a failed file is status 1
+    captured = capsys.readouterr()
+    assert [r["file"] for r in json.loads(captured.out)] == [str(videos / "00000.mp4")] and "broken.mp4" in captured.err
     assert cli.main(["zero-shot", str(videos / "00000.mp4"), "--labels", "moving right, moving left,moving up",
                      "--checkpoint", model, "--json"]) == 0
     (result,) = json.loads(capsys.readouterr().out)

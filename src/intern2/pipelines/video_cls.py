@@ -153,8 +153,11 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.topk < 1:
         parser.error(f"--topk {args.topk}: expected a positive integer")
+    files = video_files(args.videos)
+    if not files:
+        parser.error(f"no video files found in {args.videos} (extensions: {', '.join(VIDEO_SUFFIXES)})")
     pipeline = pipeline_from_args(parser, args, VideoClassificationPipeline, **protocol_options(args))
-    return print_topk(pipeline.predict_files(video_files(args.videos), args.topk), args.json)
+    return print_topk(pipeline.predict_files(files, args.topk), args.json)
 
 
 def extract_features_main(argv: Optional[List[str]] = None) -> int:

@@ -242,7 +242,7 @@ def retrieve_main(argv: Optional[List[str]] = None) -> int:
     else:
         for rank, item in enumerate(ranked, 1):
             print(f"{rank}. {item['file']} ({item['score']:.3f})")
-    return 0 if ranked else 1
+    return 1 if errors or not ranked else 0  # as every batch command: 1 when a file failed
 
 
 def zero_shot_main(argv: Optional[List[str]] = None, prog: str = "intern2 zero-shot") -> int:
