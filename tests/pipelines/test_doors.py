@@ -202,3 +202,9 @@ def test_translation(tmp_path, capsys):
     assert cli.main(["translate", "--model", str(folder), "--src", "en", "--tgt", "fr", "--max-new-tokens", "8",
                      "--input", str(tmp_path / "in.txt"), "--output", str(output)]) == 0
     assert output.read_text() == python + "\n"
+    (tmp_path / "long.txt").write_text("Hello.\n" + "word " * 400 + "\n")
+    with pytest.raises(SystemExit) as exited:  # named by its line, before any decoding; the output is kept
+        cli.main(["translate", "--model", str(folder), "--src", "en", "--tgt", "fr", "--input",
+                  str(tmp_path / "long.txt"), "--output", str(output)])
+    assert exited.value.code == 2 and "long.txt line 2: a sentence of" in capsys.readouterr().err
+    assert output.read_text() == python + "\n"

@@ -11,6 +11,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ..config import error_message
 from ..text.corpus import read_lines
 from ..text.languages import get_language
 from ..weights import TranslationProtocol
@@ -229,10 +230,16 @@ def translate_main(argv: Optional[List[str]] = None) -> int:
         setup_logging()
         translator = Translator.from_pretrained(args.model or _default_model(), int8=args.int8, dtype=args.dtype)
         rows = [i for i, text in enumerate(texts) if text.strip()]  # blank lines stay blank
+        for i in rows:  # text the model cannot take (too long, not Unicode), named by its line before any work
+            try:
+                translator.decoding_steps([texts[i]], src)
+            except ValueError as exc:
+                raise ValueError(f"{args.input} line {i + 1}: {exc}" if args.input else
+                                 f"text {i + 1}: {exc}") from None
         outputs = translator.translate([texts[i] for i in rows], src, tgt, num_beams=args.beams,
                                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
-        parser.error(str(exc))
+        parser.error(error_message(exc))
     lines = [""] * len(texts)
     for i, translation in zip(rows, outputs):
         lines[i] = translation
