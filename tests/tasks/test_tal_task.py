@@ -81,6 +81,9 @@ def test_every_door_gives_the_same_segments(trained, capsys):
     assert cli.main(["predict", "--checkpoint", str(model), str(file), "--fps", str(FPS), "--json"]) == 0
     (from_cli,) = json.loads(capsys.readouterr().out)
     assert from_cli["segments"] == python["segments"]
+    assert cli.main(["predict", "--checkpoint", str(model), str(root / "feats"), "--fps", str(FPS), "--json"]) == 0
+    from_folder = {r["file"]: r for r in json.loads(capsys.readouterr().out)}  # a folder: its .npy files
+    assert from_folder[str(file)]["segments"] == python["segments"]
     with TestClient(create_app(localizer=pipeline.model)) as client:
         answer = client.post("/v1/video/localize", files={"file": ("v12.npy", file.read_bytes())},
                              data={"fps": str(FPS)})

@@ -132,7 +132,8 @@ class TemporalLocalizationPipeline(Pipeline):
 def predict_main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="intern2 predict", description="Localize actions in videos: snippet "
                                      "feature files (.npy), or video files with --encoder.")
-    parser.add_argument("inputs", nargs="+", help=".npy feature files (T, C), or video files with --encoder")
+    parser.add_argument("inputs", nargs="+", help=".npy feature files (T, C) or folders of them, or video files with "
+                        "--encoder")
     add_model_arguments(parser)
     parser.add_argument("--encoder", help="the video model folder whose snippet features the localizer was trained "
                         "on (needed for video files)")
@@ -153,7 +154,14 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
             pipeline.encoder = pipeline.snippet_extractor(load_model_spec(args.encoder), args.encoder)
         except (ValueError, FileNotFoundError, TypeError, KeyError) as exc:
             parser.error(f"--encoder {args.encoder}: {exc}")
-    results = pipeline.predict_files(args.inputs, args.fps, args.min_score, args.topk)
+    inputs = []
+    for item in args.inputs:  # a folder: its feature files (extract-features --snippets writes one per video)
+        path = Path(item)
+        found = sorted(str(f) for f in path.glob("*.npy")) if path.is_dir() else [item]
+        if not found:
+            parser.error(f"{item}: a folder without .npy feature files")
+        inputs += found
+    results = pipeline.predict_files(inputs, args.fps, args.min_score, args.topk)
     if args.json:
         print(json.dumps(results, indent=2))
     for result in results:
