@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import functools
+import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from .fields import coerce, describe
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Metric", "ImageClassificationProtocol", "SegmentationProtocol", "DetectionProtocol", "VideoProtocol",
            "TranslationProtocol", "TemporalLocalizationProtocol", "Weights", "get_weights", "list_pretrained",
@@ -351,14 +354,19 @@ def labels_from_cfg(cfg: Mapping[str, Any], num_classes: int, where: str = "pret
                              f"or a list of class names")
         if LABEL_SETS[names].size == num_classes:
             return list(label_set(names))
+        size = LABEL_SETS[names].size
     elif isinstance(names, (list, tuple)):
         if not all(isinstance(n, str) for n in names):
             raise ValueError(f"{where}: label_names: expected a list of strings")
         if len(names) == num_classes:
             return list(names)
+        size = len(names)
     elif names is not None:
         raise ValueError(f"{where}: label_names: expected a label set name or a list of class names, "
                          f"got {type(names).__name__}")
+    if names is not None and num_classes:  # e.g. a head replaced after the names were recorded
+        log.warning("%s: label_names has %d names but the model has %d classes: classes are named by index",
+                    where, size, num_classes)
     return [str(i) for i in range(num_classes)]
 
 

@@ -205,3 +205,17 @@ def test_load_model_reads_a_folder_checkpoint_for_a_named_model(tmp_path):
     with pytest.raises(ValueError, match="shapes do not match"):  # the registered size, not the folder's config
         load_model(str(tmp_path / "folder"), "videomae_vit_s.k400")
     assert load_model(str(tmp_path / "folder"), None).pretrained_cfg["tag"] == "k400"
+
+
+def test_label_names_of_another_size_fall_back_to_indices_with_a_warning(caplog):
+    """A head replaced after the names were recorded: class indices, and a warning that says why."""
+    with caplog.at_level("WARNING", logger="intern2.weights"):
+        assert labels_from_cfg({"label_names": ["cat", "dog"]}, 3, "m/config.json") == ["0", "1", "2"]
+        assert labels_from_cfg({"label_names": "coco"}, 5) == ["0", "1", "2", "3", "4"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "m/config.json: label_names has 2 names but the model has 3 classes: classes are named by index",
+        "pretrained_cfg: label_names has 80 names but the model has 5 classes: classes are named by index"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="intern2.weights"):
+        assert labels_from_cfg({}, 2) == ["0", "1"] and labels_from_cfg({"label_names": ["a", "b"]}, 2) == ["a", "b"]
+    assert not caplog.records
