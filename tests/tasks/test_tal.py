@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,18 @@ def test_bad_thresholds_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["eval-tal", "gt.json", "pred.json", "--tiou", "0:1.5:3"])
     assert stop.value.code == 2 and "expected thresholds in (0, 1]" in capsys.readouterr().err
+
+
+def test_training_evaluation_leaves_out_what_eval_tal_refuses(tmp_path):
+    """The evaluation of a training run skips the annotations its data source skipped; eval-tal names them."""
+    from intern2.tasks.tal import load_ground_truth
+    good = {"label_id": 0, "label": "a", "segment": [1, 2]}
+    gt = {"taxonomy": [{"nodeId": "0", "nodeName": "a"}],
+          "database": {"v1": {"subset": "validation", "annotations": [good, {"label_id": 0, "segment": [3, 1]}]},
+                       "v2": "not a video", "v3": {"subset": "validation", "annotations": [good]}}}
+    path = Path(_write(tmp_path / "gt.json", gt))
+    with pytest.raises(ValueError, match="v1 annotation 1: 'segment' must be"):
+        load_ground_truth(path)
+    instances, names = load_ground_truth(path, skip_unusable=True)
+    assert [(i.video, i.start, i.end) for i in instances] == [("v1", 1.0, 2.0), ("v3", 1.0, 2.0)]
+    assert names == {0: "a"}  # a taxonomy id written as a string still names its class

@@ -88,40 +88,63 @@ def _entries(value: Any, where: str, what: str) -> List[Dict[str, Any]]:
     return value
 
 
-def load_ground_truth(path: Path, subset: str = "validation") -> Tuple[List[Segment], Dict[int, str]]:
+def load_ground_truth(path: Path, subset: str = "validation",
+                      skip_unusable: bool = False) -> Tuple[List[Segment], Dict[int, str]]:
     """The de-duplicated instances of ``subset`` in an ActivityNet-layout file and the class names by id (from
-    the taxonomy, else from the annotations' labels)."""
+    the taxonomy, else from the annotations' labels). An unusable video record or annotation is an error naming
+    it, or with ``skip_unusable`` (the evaluation of a training run, whose data source skips and counts them too)
+    left out."""
     data = _read_json(path, "ground truth")
     database = data.get("database")
     if not isinstance(database, dict):
         raise ValueError(f"ground truth {path}: expected a 'database' object of videos (ActivityNet layout)")
-    taxonomy = _entries(data.get("taxonomy", []), f"ground truth {path}: taxonomy", "class")
-    names = {int(n["nodeId"]): str(n.get("nodeName", n["nodeId"])) for n in taxonomy
-             if isinstance(n.get("nodeId"), int)}
+    names: Dict[int, str] = {}
+    for node in _entries(data.get("taxonomy", []), f"ground truth {path}: taxonomy", "class"):
+        if "nodeId" in node:
+            try:
+                names[int(node["nodeId"])] = str(node.get("nodeName", node["nodeId"]))
+            except (TypeError, ValueError):
+                raise ValueError(f"ground truth {path}: taxonomy: nodeId {node['nodeId']!r} is not an integer") \
+                    from None
     instances: List[Segment] = []
     for video, record in database.items():
-        if not isinstance(record, dict):
-            raise ValueError(f"ground truth {path}: {video}: expected a video object ('subset', 'annotations'), "
-                             f"got {json.dumps(record)[:60]}")
-        if str(record.get("subset", "")).lower() != subset.lower():
-            continue
-        kept: List[Segment] = []
-        annotations = _entries(record.get("annotations", []), f"ground truth {path}: {video} annotations",
-                               "annotation")
-        for i, entry in enumerate(annotations):
-            where = f"ground truth {path}: {video} annotation {i}"
-            if not isinstance(entry.get("label_id"), int):
-                raise ValueError(f"{where}: 'label_id' must be an integer class id, got {entry.get('label_id')!r}")
-            start, end = _segment(entry, where)
-            names.setdefault(entry["label_id"], str(entry.get("label", entry["label_id"])))
-            instance = Segment(video, entry["label_id"], start, end)
-            if not any(k.label == instance.label and abs(k.start - start) <= DUPLICATE_TOLERANCE_S
-                       and abs(k.end - end) <= DUPLICATE_TOLERANCE_S for k in kept):
-                kept.append(instance)
-        instances += kept
+        try:
+            instances += _video_instances(path, video, record, subset, names, skip_unusable)
+        except ValueError:  # the record itself
+            if not skip_unusable:
+                raise
     if not instances:
         raise ValueError(f"ground truth {path}: no annotated video in subset {subset!r}")
     return instances, names
+
+
+def _video_instances(path: Path, video: str, record: Any, subset: str, names: Dict[int, str],
+                     skip_unusable: bool) -> List[Segment]:
+    """One video's de-duplicated instances if it is in ``subset`` (unusable annotations left out with
+    ``skip_unusable``); class names of its labels go into ``names``."""
+    if not isinstance(record, dict):
+        raise ValueError(f"ground truth {path}: {video}: expected a video object ('subset', 'annotations'), "
+                         f"got {json.dumps(record)[:60]}")
+    if str(record.get("subset", "")).lower() != subset.lower():
+        return []
+    kept: List[Segment] = []
+    annotations = _entries(record.get("annotations", []), f"ground truth {path}: {video} annotations", "annotation")
+    for i, entry in enumerate(annotations):
+        where = f"ground truth {path}: {video} annotation {i}"
+        try:
+            if not isinstance(entry.get("label_id"), int):
+                raise ValueError(f"{where}: 'label_id' must be an integer class id, got {entry.get('label_id')!r}")
+            start, end = _segment(entry, where)
+        except ValueError:
+            if skip_unusable:
+                continue
+            raise
+        names.setdefault(entry["label_id"], str(entry.get("label", entry["label_id"])))
+        instance = Segment(video, entry["label_id"], start, end)
+        if not any(k.label == instance.label and abs(k.start - start) <= DUPLICATE_TOLERANCE_S
+                   and abs(k.end - end) <= DUPLICATE_TOLERANCE_S for k in kept):
+            kept.append(instance)
+    return kept
 
 
 def load_predictions(path: Path) -> List[Segment]:
@@ -314,7 +337,7 @@ def evaluate_localizer(model: nn.Module, source: TemporalSource, protocol: Tempo
     from ..pipelines.tal import TemporalLocalizationPipeline
     pipeline = TemporalLocalizationPipeline(model, **{k: v for k, v in protocol.to_cfg().items()})
     pipeline.labels = list(labels)
-    ground_truth, names = load_ground_truth(source.annotation_file, source.subset)
+    ground_truth, names = load_ground_truth(source.annotation_file, source.subset, skip_unusable=True)
     gt_ids = {name: i for i, name in names.items()}
     predictions: List[Segment] = []
     database: Dict[str, List[Dict[str, Any]]] = {}
