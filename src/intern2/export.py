@@ -153,7 +153,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.opset < 17:
         parser.error(f"--opset {args.opset}: expected >= 17")
     from .checkpoint import check_output
-    from .config import parse_assignments
+    from .config import error_message, parse_assignments
     try:
         check_output(args.out, "--out")
         overrides = parse_assignments(args.overrides)
@@ -165,7 +165,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             model = load_model(args.checkpoint, args.model)
     except (ValueError, FileNotFoundError, KeyError) as exc:
-        parser.error(str(exc))
+        parser.error(error_message(exc))
     task = model_task(model)
     if task not in EXPORTABLE:
         parser.error(f"{args.checkpoint or args.model}: a {task or type(model).__name__} model cannot be exported to "

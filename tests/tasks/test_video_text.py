@@ -117,10 +117,14 @@ def test_bad_inputs_get_clear_messages(actions, trained, tmp_path, capsys):
     results = json.loads(captured.out)  # in the order given, the unreadable file named
     assert results[0]["file"] == str(bad) and "error" in results[0] and results[1]["file"] == good
     for override, message in (("model=videomae_vit_s", "is a video-cls model, not video-text"),
-                              ("prompt=a video", "needs a '{}'")):
+                              ("prompt=a video", "prompt 'a video': expected one '{}' where the label goes"),
+                              ("prompt='{} and {}'", "found 2 fields")):
         with pytest.raises(SystemExit):
             cli.main(["train", "video-text", "--data", str(actions / "train_captions.jsonl"), "--set", override])
         assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # before any video is encoded
+        cli.main(["eval", "--data", str(actions / "val_captions.jsonl"), "--checkpoint", model, "--prompt", "a {"])
+    assert refused.value.code == 2 and "--prompt 'a {': Single '{' encountered" in capsys.readouterr().err
     captions = tmp_path / "train.jsonl"
     captions.write_text('{"path": "a.mp4"}\n')
     with pytest.raises(SystemExit):

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import atomic_write
+from ..config import error_message
 from ..data.video import VideoDecodeError, VideoEvalTransform, iter_frames, probe_video, uniform_indices
 from ..weights import protocol_from_cfg
 from .common import check_aspect, model_from_args, model_task, progress
@@ -307,7 +308,7 @@ def snippets_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     try:
         extractor = SnippetFeatureExtractor(model, snippets, args.checkpoint or args.model, args.fps, args.task)
     except (ValueError, TypeError, KeyError) as exc:
-        parser.error(str(exc))
+        parser.error(error_message(exc))
     summary = extractor.extract_to_folder(files, out)
     for message in summary["failed"]:
         print(f"error: {message}", file=sys.stderr)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import error_message
 from ..data.temporal import read_features
 from ..weights import TemporalLocalizationProtocol
 from .common import Pipeline, add_model_arguments, load_model_spec, pipeline_from_args, progress
@@ -153,7 +154,7 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
         try:
             pipeline.encoder = pipeline.snippet_extractor(load_model_spec(args.encoder), args.encoder)
         except (ValueError, FileNotFoundError, TypeError, KeyError) as exc:
-            parser.error(f"--encoder {args.encoder}: {exc}")
+            parser.error(f"--encoder {args.encoder}: {error_message(exc)}")
     inputs = []
     for item in args.inputs:  # a folder: its feature files (extract-features --snippets writes one per video)
         path = Path(item)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import check_output
+from ..config import error_message
 from ..data.video import FrameSampler, VideoDecodeError, VideoEvalTransform, read_video
 from ..text import check_text
 from ..weights import VideoProtocol
@@ -43,7 +44,7 @@ def check_prompt(prompt: str, what: str = "prompt") -> str:
         raise ValueError(f"{what} {prompt!r}: {exc}; write literal braces as '{{{{' and '}}}}'") from None
     if fields != [""]:
         raise ValueError(f"{what} {prompt!r}: expected one '{{}}' where the label goes, found "
-                         f"{len(fields)} fields {fields}")
+                         f"{len(fields)} field{'' if len(fields) == 1 else 's'} {fields}")
     return prompt
 
 
@@ -201,7 +202,7 @@ def pipeline_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace
     try:
         return VideoTextPipeline.from_pretrained(args.checkpoint, args.model, args.tokenizer, **protocol_options(args))
     except (ValueError, TypeError, FileNotFoundError, KeyError, ImportError) as exc:
-        parser.error(str(exc))
+        parser.error(error_message(exc))
 
 
 def _files_or_error(parser: argparse.ArgumentParser, paths: Sequence[str]) -> List[str]:

@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..checkpoint import atomic_write
+from ..config import error_message
 from ..engine import TrainConfig
 from ..models.translator import TranslationModel, resize_embeddings_for_languages
 from ..pipelines.common import setup_logging
@@ -423,7 +424,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
         beams = args.beams or translator.protocol.num_beams
         metrics = evaluate_translations(translator, examples, beams, args.batch_size)
     except (ValueError, KeyError, FileNotFoundError) as exc:
-        parser.error(str(exc))
+        parser.error(error_message(exc))
     if args.json:
         print(json.dumps(metrics))
         return 0

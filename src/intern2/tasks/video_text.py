@@ -36,6 +36,7 @@ from ..pipelines.video_text import (
     DEFAULT_PROMPT,
     VideoTextPipeline,
     add_inference_arguments,
+    check_prompt,
     encode_texts,
     encode_views,
     pipeline_from_args,
@@ -276,8 +277,7 @@ class VideoTextTask:
 
     def __init__(self, cfg: VideoTextConfig):
         from ..text.bpe import BPETokenizer
-        if "{}" not in cfg.prompt:
-            raise ValueError(f"prompt {cfg.prompt!r}: needs a '{{}}' where the class name goes")
+        check_prompt(cfg.prompt)
         arch = _model_config(cfg)
         # The frame count and size the config leaves open are the model's.
         cfg = dataclasses.replace(cfg, num_frames=cfg.num_frames or arch["num_frames"],
@@ -367,6 +367,11 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     args = parser.parse_args(argv)
+    try:
+        if args.prompt is not None:
+            check_prompt(args.prompt, "--prompt")
+    except ValueError as exc:
+        parser.error(str(exc))
     pipeline: VideoTextPipeline = pipeline_from_args(parser, args)
     try:
         if args.data == BUILTIN:
