@@ -186,11 +186,11 @@ def test_translation(tmp_path, capsys):
     # Text that is not Unicode (bytes that were not UTF-8: a lone surrogate) is refused alike by every door,
     # naming the character, where sentencepiece would fail with an error that names nothing.
     bad = "bad \udcff text"
-    with pytest.raises(ValueError, match=r"text: not valid Unicode text: '\\udcff' at character 4"):
+    with pytest.raises(ValueError, match=r"texts\[0\]: not valid Unicode text: '\\udcff' at character 4"):
         Translator.from_pretrained(folder).translate([bad], "eng_Latn", "fra_Latn")
     with pytest.raises(SystemExit) as exited:
         cli.main(["translate", "--model", str(folder), "--src", "en", "--tgt", "fr", bad])
-    assert exited.value.code == 2 and "not valid Unicode text" in capsys.readouterr().err
+    assert exited.value.code == 2 and "text 1: not valid Unicode text" in capsys.readouterr().err
     with TestClient(create_app(translator=load_translator(str(folder)))) as client:
         response = client.post("/v1/translate", headers={"content-type": "application/json"},
                                content=b'{"text": "bad \\udcff text", "src_lang": "en", "tgt_lang": "fr"}')

@@ -121,6 +121,11 @@ def test_every_door_gives_the_same_segments(trained, capsys):
             answer = client.post("/v1/video/localize", files={"file": ("f.npy", source.read_bytes())},
                                  data={k: str(v) for k, v in values.items()})
             assert 400 <= answer.status_code < 500 and re.search(culprit, answer.text), answer.text
+    copy = root / "sidecar_inf.npy"
+    copy.write_bytes(file.read_bytes())
+    copy.with_suffix(".json").write_text('{"fps": Infinity}')  # Python's json reads it
+    with pytest.raises(ValueError, match="sidecar_inf.npy: fps inf: expected a positive finite number"):
+        pipeline(str(copy))
 
 
 def test_eval_is_the_official_metric_of_the_predictions(trained, tmp_path, capsys):

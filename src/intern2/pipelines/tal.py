@@ -74,18 +74,19 @@ class TemporalLocalizationPipeline(Pipeline):
             raise ValueError(f"min_score {min_score}: expected a score between 0 and 1")
         if topk is not None and topk < 1:
             raise ValueError(f"topk {topk}: expected a positive number of segments")
-        for name, value in (("fps", fps), ("duration", duration)):
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} {value}: expected a positive finite number")
         array, meta = self._features(features)
+        where = features if isinstance(features, (str, Path)) else "features"
         p = self.protocol
         fps = fps or meta.get("fps") or p.default_fps
-        if not fps or fps <= 0:
-            raise ValueError(f"{features if isinstance(features, (str, Path)) else 'features'}: no frame rate: give "
-                             f"fps (the video's frames per second), or extract with `intern2 extract-features "
-                             f"--snippets`, whose sidecar JSON records it")
+        if not fps:
+            raise ValueError(f"{where}: no frame rate: give fps (the video's frames per second), or extract with "
+                             f"`intern2 extract-features --snippets`, whose sidecar JSON records it")
         # Without a stated duration: the end of the last snippet.
         duration = duration or meta.get("duration") or ((len(array) - 1) * p.feat_stride + p.feat_num_frames) / fps
+        for name, value in (("fps", fps), ("duration", duration)):  # as given, or from the sidecar JSON
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value)
+                                                                                       and value > 0):
+                raise ValueError(f"{where}: {name} {value}: expected a positive finite number")
         seconds, scores, labels = self.model.detect(torch.from_numpy(array).T, fps, duration, p.feat_stride,
                                                     p.feat_num_frames)
         keep = scores >= min_score

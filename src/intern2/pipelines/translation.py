@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..config import error_message
+from ..text import check_text
 from ..text.corpus import read_lines
 from ..text.languages import get_language
 from ..weights import TranslationProtocol
@@ -142,6 +143,8 @@ class Translator(Pipeline):
         langs = [src_lang] * len(texts) if isinstance(src_lang, str) else list(src_lang)
         if len(langs) != len(texts):
             raise ValueError(f"got {len(texts)} texts but {len(langs)} source languages")
+        for i, text in enumerate(texts):  # whole texts: positions count from their start, not a sentence's
+            check_text(text, f"texts[{i}]")
         forced = self.tokenizer.lang_token_id(tgt_lang)
         for lang in set(langs):
             self.tokenizer.lang_token_id(lang)  # unknown or missing languages fail before any decoding
@@ -230,12 +233,14 @@ def translate_main(argv: Optional[List[str]] = None) -> int:
         setup_logging()
         translator = Translator.from_pretrained(args.model or _default_model(), int8=args.int8, dtype=args.dtype)
         rows = [i for i, text in enumerate(texts) if text.strip()]  # blank lines stay blank
-        for i in rows:  # text the model cannot take (too long, not Unicode), named by its line before any work
+        source = args.input or ("text" if args.text else "stdin")
+        for i in rows:  # text the model cannot take (not Unicode, too long), named by its line before any work
+            where = f"{source} line {i + 1}" if source != "text" else f"text {i + 1}"
+            check_text(texts[i], where)
             try:
                 translator.decoding_steps([texts[i]], src)
             except ValueError as exc:
-                raise ValueError(f"{args.input} line {i + 1}: {exc}" if args.input else
-                                 f"text {i + 1}: {exc}") from None
+                raise ValueError(f"{where}: {exc}") from None
         outputs = translator.translate([texts[i] for i in rows], src, tgt, num_beams=args.beams,
                                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
