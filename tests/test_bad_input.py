@@ -142,7 +142,7 @@ CASES = [
     ("zero-shot-two-fields", ["zero-shot", "{image}", "--prompt", "{} and {}", "--labels", "a,b"],
      "--prompt '{} and {}': expected one '{}' where the label goes, found 2 fields"),
     ("export-img-size-0", ["export", "onnx", "--checkpoint", "{good}", "--out", "{root}/m.onnx", "--img-size", "0"],
-     "--img-size 0: expected a positive number of pixels"),
+     "--img-size 0: expected a positive number of pixels, at most 8192"),
     ("size-divisor-huge", ["predict", "{image}", "--checkpoint", "{seg}", "--size-divisor", "100000"],
      "size_divisor: expected at most 8192 pixels, got 100000"),
     ("set-yaml-one-line", TRAIN + ["--set", "img_size=[1"], "--set 'img_size=[1': value is not valid YAML (expected "

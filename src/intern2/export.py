@@ -154,6 +154,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"--opset {args.opset}: expected >= 17")
     from .checkpoint import check_output
     from .config import error_message, parse_assignments
+    from .weights import MAX_SIDE
     try:
         check_output(args.out, "--out")
         overrides = parse_assignments(args.overrides)
@@ -184,8 +185,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     input_size = cfg.get("input_size", (3, cfg.get("crop_size", 224)))
     num_frames = input_size[1] if len(input_size) == 4 else None  # (3, T, H, W): a video classifier
     size = args.img_size if args.img_size is not None else input_size[-1]
-    if size < 1:
-        parser.error(f"--img-size {size}: expected a positive number of pixels")
+    if not 1 <= size <= MAX_SIDE:
+        parser.error(f"--img-size {size}: expected a positive number of pixels, at most {MAX_SIDE}")
     try:  # a size the model cannot take fails here in one line, not deep in the exporter
         with torch.no_grad():
             model(torch.zeros(1, 3, *(() if num_frames is None else (num_frames,)), size, size))

@@ -139,6 +139,9 @@ class SegmentationProtocol(_Protocol):
         self._check(len(self.tta_ratios) >= 1 and min(self.tta_ratios) > 0,
                     f"tta_ratios: expected positive ratios, got {self.tta_ratios}")
         self._check_pixels("test_size", "size_divisor", "slide_crop", "slide_stride")
+        largest = max(self.test_size) * max(self.tta_ratios)  # the largest scale test-time augmentation resizes to
+        self._check(largest <= MAX_SIDE, f"tta_ratios: {max(self.tta_ratios)} x test_size {self.test_size} is "
+                    f"{largest:.0f} pixels, more than {MAX_SIDE}")
 
     @property
     def stride(self) -> Optional[Pair]:

@@ -13,6 +13,7 @@ from typing import Any, Callable, ClassVar, Dict, Iterable, Iterator, List, Opti
 import torch
 from torch import nn
 
+from ..checkpoint import check_output
 from ..config import error_message
 from ..weights import labels_from_cfg, protocol_from_cfg, task_of
 
@@ -241,6 +242,14 @@ def model_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         return load_model(args.checkpoint, args.model)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         parser.error(error_message(exc))
+
+
+def output_or_exit(parser: argparse.ArgumentParser, path: str, flag: str, folder: bool = False) -> Path:
+    """:func:`intern2.checkpoint.check_output` for a CLI flag, before the work: a usage error naming it."""
+    try:
+        return check_output(path, flag, folder=folder)
+    except ValueError as exc:
+        parser.error(str(exc))
 
 
 def pipeline_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, pipeline_cls: type,

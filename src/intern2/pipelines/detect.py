@@ -16,10 +16,9 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from ..checkpoint import check_output
 from ..data.images import load_image
 from ..weights import DetectionProtocol
-from .common import Pipeline, add_model_arguments, pair, pipeline_from_args, run_on_images
+from .common import Pipeline, add_model_arguments, output_or_exit, pair, pipeline_from_args, run_on_images
 from .segment import image_tensor
 
 __all__ = ["DetectionPipeline", "draw_detections", "mask_to_rle", "predict_main"]
@@ -124,17 +123,14 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if not 0 <= args.threshold <= 1:
         parser.error(f"--threshold {args.threshold}: expected a score in [0, 1]")
+    out = output_or_exit(parser, args.out, "--out", folder=True)
     pipeline = pipeline_from_args(parser, args, DetectionPipeline, test_size=args.test_size)
 
     def run(file: str, image: Image.Image) -> Dict[str, Any]:
         result = pipeline(image, args.threshold, args.masks)
-        drawing = Path(args.out) / f"{Path(file).stem}_det.png"
+        drawing = out / f"{Path(file).stem}_det.png"
         pipeline.draw(image, result.pop("output"), args.threshold).save(drawing)
         return {"drawing": str(drawing), **result}
-    try:
-        out = check_output(args.out, "--out", folder=True)
-    except ValueError as exc:
-        parser.error(str(exc))
     results, failed = run_on_images(args.images, out, run)
     if args.json:
         print(json.dumps(results, indent=2))

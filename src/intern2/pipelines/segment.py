@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..checkpoint import check_output
 from ..data.images import load_image
 from ..data.segmentation import keep_ratio_size
 from ..weights import SegmentationProtocol
-from .common import Pipeline, add_model_arguments, model_dtype, pair, pipeline_from_args, run_on_images
+from .common import (Pipeline, add_model_arguments, model_dtype, output_or_exit, pair, pipeline_from_args,
+                     run_on_images)
 
 __all__ = ["SegmentationPipeline", "eval_input_size", "segment_probabilities", "slide_inference", "palette",
            "colourise", "image_tensor", "predict_main"]
@@ -191,19 +191,16 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", default="predictions", help="folder for overlays (<name>_seg.png) and masks")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    out = output_or_exit(parser, args.out, "--out", folder=True)
     pipeline = pipeline_from_args(parser, args, SegmentationPipeline, **protocol_options(args))
 
     def run(file: str, image: Image.Image) -> Dict[str, Any]:
         result = pipeline(image)
         prediction = result.pop("prediction")
-        overlay, mask = (Path(args.out) / f"{Path(file).stem}_{kind}.png" for kind in ("seg", "mask"))
+        overlay, mask = (out / f"{Path(file).stem}_{kind}.png" for kind in ("seg", "mask"))
         colourise(image, prediction).save(overlay)
         pipeline.mask_image(prediction).save(mask)
         return {"overlay": str(overlay), "mask": str(mask), **result}
-    try:
-        out = check_output(args.out, "--out", folder=True)
-    except ValueError as exc:
-        parser.error(str(exc))
     results, failed = run_on_images(args.images, out, run)
     if args.json:
         print(json.dumps(results, indent=2))

@@ -41,7 +41,7 @@ from ..config import error_message
 from ..data.video import VideoDecodeError, VideoEvalTransform, iter_frames, probe_video, uniform_indices
 from ..weights import protocol_from_cfg
 from .common import check_aspect, model_from_args, model_task, progress
-from .video_cls import VideoClassificationPipeline, pooled_features, video_files, write_npy
+from .video_cls import VideoClassificationPipeline, pooled_features, video_files_or_exit, write_npy
 from .video_text import VideoTextPipeline, encode_views
 
 __all__ = ["SnippetProtocol", "SNIPPET_PRESETS", "SnippetFeatures", "SnippetFeatureExtractor", "feature_names",
@@ -297,9 +297,7 @@ def snippets_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     out = Path(args.out)
     if out.suffix in (".npy", ".safetensors") or (out.exists() and not out.is_dir()):
         parser.error(f"--out {out}: with --snippets, --out is a folder (one <video>.npy + <video>.json each)")
-    files = video_files(args.videos)
-    if not files:
-        parser.error(f"no video files found in {args.videos}")
+    files = video_files_or_exit(parser, args.videos)
     try:
         feature_names(files)
     except ValueError as exc:

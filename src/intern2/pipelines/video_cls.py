@@ -10,19 +10,18 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import check_output
 from ..data.video import FrameSampler, VideoEvalTransform, read_video
 from ..weights import SAMPLINGS, VideoProtocol
-from .common import (Pipeline, add_model_arguments, check_aspect, model_dtype, pipeline_from_args, print_topk, progress,
-                     setup_logging, top_k)
+from .common import (Pipeline, add_model_arguments, check_aspect, model_dtype, output_or_exit, pipeline_from_args,
+                     print_topk, progress, setup_logging, top_k)
 
-__all__ = ["VideoClassificationPipeline", "VIDEO_SUFFIXES", "video_files", "view_probabilities",
+__all__ = ["VideoClassificationPipeline", "VIDEO_SUFFIXES", "video_files", "video_files_or_exit", "view_probabilities",
            "pooled_features", "add_protocol_arguments", "protocol_options", "predict_main",
            "extract_features_main", "write_npy"]
 
@@ -38,6 +37,17 @@ def video_files(paths: Sequence[str]) -> List[str]:
             files += sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
         else:
             files.append(str(path))
+    return files
+
+
+def video_files_or_exit(parser: argparse.ArgumentParser, paths: Sequence[str]) -> List[str]:
+    """:func:`video_files` of a command's arguments; missing paths or no video at all are a usage error."""
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        parser.error(f"no such file or folder: {', '.join(missing)}")
+    files = video_files(paths)
+    if not files:
+        parser.error(f"no video files found in {', '.join(paths)} (extensions: {', '.join(VIDEO_SUFFIXES)})")
     return files
 
 
@@ -96,33 +106,43 @@ class VideoClassificationPipeline(Pipeline):
         return view_probabilities(self.model, views.to(self.device)).cpu()
 
     def __call__(self, file: str, topk: int = 5) -> Dict[str, Any]:
-        return {"top": top_k(self.probabilities(self.views(file)[None])[0], self.labels, topk)}
+        return self._top(self.views(file), topk)
+
+    def _top(self, views: torch.Tensor, topk: int) -> Dict[str, Any]:
+        return {"top": top_k(self.probabilities(views[None])[0], self.labels, topk)}
+
+    def _readable_views(self, files: Sequence[str]) -> Iterator[Tuple[str, Optional[torch.Tensor], Optional[str]]]:
+        """(file, its test views, None), or (file, None, why) for a file it cannot use (VideoDecodeError, frames
+        too elongated to resize): a bad file of a batch is reported, the others still run."""
+        for file in progress(files, "videos"):
+            try:
+                yield file, self.views(file), None
+            except ValueError as exc:
+                yield file, None, str(exc)
 
     def predict_files(self, files: Sequence[str], topk: int = 5) -> List[Dict[str, Any]]:
         """``{"file", "top"}`` per file; an unreadable file gets ``{"file", "error"}`` naming it."""
-        results = []
-        for file in progress(files, "videos"):
-            try:
-                results.append({"file": file, **self(file, topk)})
-            except ValueError as exc:  # VideoDecodeError, or frames too elongated to resize
-                results.append({"file": file, "error": str(exc)})
-        return results
+        return [{"file": file, "error": error} if views is None else {"file": file, **self._top(views, topk)}
+                for file, views, error in self._readable_views(files)]
 
     @torch.inference_mode()
     def features(self, file: str) -> torch.Tensor:
         """The pooled (D,) float32 feature of a video file (:func:`pooled_features`), averaged over the test
         views."""
-        return pooled_features(self.model, self.views(file).to(self.device)).mean(0).cpu()
+        return self._features(self.views(file))
+
+    @torch.inference_mode()
+    def _features(self, views: torch.Tensor) -> torch.Tensor:
+        return pooled_features(self.model, views.to(self.device)).mean(0).cpu()
 
     def extract_features(self, files: Sequence[str]) -> Tuple[torch.Tensor, List[str], List[str]]:
         """(N, D) features of the readable files, the files read, and the errors of the unreadable ones."""
         features, done, errors = [], [], []
-        for file in progress(files, "videos"):
-            try:
-                features.append(self.features(file))
-            except ValueError as exc:  # VideoDecodeError, or frames too elongated to resize
-                errors.append(str(exc))
+        for file, views, error in self._readable_views(files):
+            if views is None:
+                errors.append(error)
                 continue
+            features.append(self._features(views))
             done.append(file)
         dim = getattr(getattr(self.model, "encoder", self.model), "embed_dim", 0)
         return (torch.stack(features) if features else torch.zeros(0, dim)), done, errors
@@ -153,9 +173,7 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.topk < 1:
         parser.error(f"--topk {args.topk}: expected a positive integer")
-    files = video_files(args.videos)
-    if not files:
-        parser.error(f"no video files found in {args.videos} (extensions: {', '.join(VIDEO_SUFFIXES)})")
+    files = video_files_or_exit(parser, args.videos)
     pipeline = pipeline_from_args(parser, args, VideoClassificationPipeline, **protocol_options(args))
     return print_topk(pipeline.predict_files(files, args.topk), args.json)
 
@@ -180,13 +198,8 @@ def extract_features_main(argv: Optional[List[str]] = None) -> int:
     out = Path(args.out)
     if out.suffix not in (".safetensors", ".npy"):
         parser.error(f"--out {out}: expected a .safetensors or .npy file name")
-    try:
-        check_output(out, "--out")
-    except ValueError as exc:
-        parser.error(str(exc))
-    files = video_files(args.videos)
-    if not files:
-        parser.error(f"no video files found in {args.videos} (extensions: {', '.join(VIDEO_SUFFIXES)})")
+    output_or_exit(parser, args.out, "--out")
+    files = video_files_or_exit(parser, args.videos)
     pipeline = pipeline_from_args(parser, args, VideoClassificationPipeline, **protocol_options(args))
     features, done, errors = pipeline.extract_features(files)
     for error in errors:

@@ -18,14 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import check_output
 from ..config import error_message
 from ..data.video import FrameSampler, VideoDecodeError, VideoEvalTransform, read_video
 from ..text import check_text
 from ..weights import VideoProtocol
-from .common import (Pipeline, add_model_arguments, check_aspect, load_model, model_dtype, print_topk, progress,
-                     setup_logging)
-from .video_cls import VIDEO_SUFFIXES, add_protocol_arguments, protocol_options, video_files, write_arrays
+from .common import (Pipeline, add_model_arguments, check_aspect, load_model, model_dtype, output_or_exit, print_topk,
+                     progress, setup_logging)
+from .video_cls import add_protocol_arguments, protocol_options, video_files_or_exit, write_arrays
 
 __all__ = ["VideoTextPipeline", "DEFAULT_PROMPT", "check_prompt", "encode_texts", "encode_views", "retrieve_main",
            "zero_shot_main", "predict_main", "embed_main"]
@@ -205,16 +204,6 @@ def pipeline_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace
         parser.error(error_message(exc))
 
 
-def _files_or_error(parser: argparse.ArgumentParser, paths: Sequence[str]) -> List[str]:
-    missing = [p for p in paths if not Path(p).exists()]
-    if missing:
-        parser.error(f"no such file or folder: {', '.join(missing)}")
-    files = video_files(paths)
-    if not files:
-        parser.error(f"no video files found in {', '.join(paths)} (extensions: {', '.join(VIDEO_SUFFIXES)})")
-    return files
-
-
 def _checked_text(parser: argparse.ArgumentParser, text: str, flag: str) -> str:
     try:
         return check_text(text, flag)
@@ -233,7 +222,7 @@ def retrieve_main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if not _checked_text(parser, args.query, "--query").strip():
         parser.error("--query is empty: give the text to search for")
-    files = _files_or_error(parser, args.videos)
+    files = video_files_or_exit(parser, args.videos)
     pipeline = pipeline_from_args(parser, args)
     ranked, errors = pipeline.retrieve(files, args.query, args.topk)
     for error in errors:
@@ -265,7 +254,7 @@ def zero_shot_main(argv: Optional[List[str]] = None, prog: str = "intern2 zero-s
             parser.error(str(exc))
     if args.topk < 1:
         parser.error(f"--topk {args.topk}: expected a positive integer")
-    files = _files_or_error(parser, args.videos)
+    files = video_files_or_exit(parser, args.videos)
     pipeline = pipeline_from_args(parser, args)
     if args.labels is None:
         labels = pipeline.class_names
@@ -297,17 +286,14 @@ def embed_main(argv: Optional[List[str]] = None) -> int:
     out = Path(args.out)
     if out.suffix not in (".safetensors", ".npy"):
         parser.error(f"--out {out}: expected a .safetensors or .npy file name")
-    try:
-        check_output(out, "--out")
-    except ValueError as exc:
-        parser.error(str(exc))
+    output_or_exit(parser, args.out, "--out")
     if not args.videos and not args.texts:
         parser.error("nothing to embed: give --videos and/or --texts")
     if out.suffix == ".npy" and args.videos and args.texts:
         parser.error("--out .npy holds one array: embed videos and texts separately, or use .safetensors")
     if any(not _checked_text(parser, t, "--texts").strip() for t in args.texts):
         parser.error("--texts: empty text")
-    files = _files_or_error(parser, args.videos) if args.videos else []
+    files = video_files_or_exit(parser, args.videos) if args.videos else []
     pipeline = pipeline_from_args(parser, args)
     tensors, names, errors = {}, {}, []
     if files:
