@@ -78,7 +78,7 @@ def _folder(root: Path, classes: Optional[Sequence[str]] = None) -> ImageSource:
 def _csv(path: Path, classes: Optional[Sequence[str]] = None) -> ImageSource:
     """Rows ``path,label`` (optional header); relative paths are relative to the CSV file."""
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
+        with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: a BOM (Excel) is not part of the header
             rows = [row for row in csv.reader(fh) if row and not row[0].startswith("#")]
     except (UnicodeDecodeError, csv.Error) as exc:  # e.g. an image given as the CSV
         raise ValueError(f"data {path}: not a UTF-8 CSV of 'path,label' rows ({exc})") from None
