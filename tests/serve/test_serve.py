@@ -254,6 +254,15 @@ def test_bad_requests_are_4xx_naming_the_field(client):
         assert response.status_code == status and culprit in response.json()["detail"], (path, response.text)
 
 
+def test_health_probes_may_use_head_and_a_wrong_method_says_which_are_allowed():
+    with TestClient(create_app()) as empty:
+        for path in ("/healthz", "/v1/models", "/"):
+            assert empty.head(path).status_code == 200, path
+        wrong = empty.put("/v1/classify")
+    assert wrong.status_code == 405 and wrong.json()["error"] == "method_not_allowed"
+    assert wrong.headers["allow"] == "POST"
+
+
 def test_models_not_loaded_answer_503():
     with TestClient(create_app()) as empty:
         assert empty.get("/v1/models").json()["models"]["image"] == {"loaded": False, "flag": "--image-model"}

@@ -99,6 +99,16 @@ def test_every_door_gives_the_same_segments(trained, capsys):
         assert video.status_code == 400 and "--tal-encoder" in video.json()["detail"]
         empty = client.post("/v1/video/localize", files={"file": ("e.npy", b"")}, data={"fps": "8"})
         assert empty.status_code == 400 and empty.json()["detail"].startswith("e.npy:")
+        header = io.BytesIO()  # a 74-byte upload whose header declares 29 TiB
+        np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
+                                                     "shape": (10 ** 12, DIM)})
+        huge = client.post("/v1/video/localize", files={"file": ("h.npy", header.getvalue() + bytes(64))},
+                           data={"fps": "8"})
+        assert huge.status_code == 400 and "declares an array far larger" in huge.json()["detail"], huge.text
+        dates = io.BytesIO()
+        np.save(dates, np.zeros((5, DIM), "datetime64[s]"))
+        odd = client.post("/v1/video/localize", files={"file": ("d.npy", dates.getvalue())}, data={"fps": "8"})
+        assert odd.status_code == 400 and "expected numbers" in odd.json()["detail"]
         # What the three doors refuse alike: non-finite features, a non-finite frame rate, a score beyond 1.
         features = np.load(file)
         nan = root / "nan.npy"

@@ -94,6 +94,8 @@ def read_features(path: Path, feature_dim: Optional[int] = None) -> np.ndarray:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file
         raise ValueError(f"{path}: not a readable .npy feature file ({exc or 'empty'})") from None
+    except MemoryError:  # numpy sizes the array from the header before reading the data
+        raise ValueError(f"{path}: its .npy header declares an array too large to load") from None
     if array.ndim != 2 or array.shape[0] < 1 or not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"{path}: expected a (T, C) float array of snippet features, got {array.dtype} "
                          f"{tuple(array.shape)}")

@@ -62,6 +62,8 @@ class TemporalLocalizationPipeline(Pipeline):
         array = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
         if array.ndim != 2 or array.shape[1] != dim or array.shape[0] < 1:
             raise ValueError(f"features: expected a (T, {dim}) array, got {tuple(array.shape)}")
+        if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+            raise ValueError(f"features: expected numbers, got an array of {array.dtype}")
         array = array.astype(np.float32)
         if not np.isfinite(array).all():  # as read_features says of a file
             raise ValueError("features contain NaN or infinite values")
@@ -120,6 +122,7 @@ class TemporalLocalizationPipeline(Pipeline):
         from ..data.video import VideoDecodeError
         results = []
         for file in progress(files, "videos"):
+            file = str(file)
             try:
                 if file.endswith(".npy"):
                     result = self(file, fps=fps, min_score=min_score, topk=topk)

@@ -238,6 +238,9 @@ def _localize(pipeline: Pipeline, data: bytes, filename: str, fps: Optional[floa
         return pipeline(features, fps=fps, min_score=min_score, topk=topk)
     except (ValueError, EOFError) as exc:  # not an .npy array (EOFError: an empty one), wrong shape, no frame rate
         raise ServeError(400, "invalid_features", f"{filename}: {exc}") from exc
+    except MemoryError:  # numpy sizes the array from the header before reading the data
+        raise ServeError(400, "invalid_features", f"{filename}: the .npy header declares an array far larger than "
+                         f"the {len(data):,} bytes sent") from None
 
 
 @torch.inference_mode()
@@ -389,7 +392,9 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
         if exc.status_code == 400:  # FastAPI's own message does not say what a body should be
             detail += (" (expected UTF-8 JSON for /v1/translate, multipart form data for uploads, whose part headers,"
                        " the file name too, must stay short)")
-        return _error(exc.status_code, codes.get(exc.status_code, f"http_{exc.status_code}"), detail)
+        response = _error(exc.status_code, codes.get(exc.status_code, f"http_{exc.status_code}"), detail)
+        response.headers.update(exc.headers or {})  # e.g. the Allow header of a 405
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -414,11 +419,11 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
     async def read_upload(upload: UploadFile) -> Tuple[bytes, str]:
         return await upload.read(), upload.filename or "upload"
 
-    @app.get("/healthz", summary="liveness: ok while the server answers")
+    @app.api_route("/healthz", methods=["GET", "HEAD"], summary="liveness: ok while the server answers")
     async def healthz() -> Dict[str, Any]:
         return {"status": "ok", "models": sorted(slots)}
 
-    @app.get("/v1/models", summary="the loaded models, their labels and languages")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"], summary="the loaded models, their labels and languages")
     async def list_models() -> Dict[str, Any]:
         return {"models": {name: ({"loaded": True, **slots[name].info} if name in slots else
                                   {"loaded": False, "flag": FLAGS[name]}) for name in SLOTS},
@@ -524,7 +529,7 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
