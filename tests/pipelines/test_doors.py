@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 import intern2  # noqa: E402
 from intern2 import cli  # noqa: E402
+from intern2.pipelines import open_pipeline  # noqa: E402
 from intern2.serve import load_model_spec, load_retrieval, load_translator  # noqa: E402
 from intern2.serve.app import create_app  # noqa: E402
 
@@ -176,6 +177,9 @@ def test_translation(tmp_path, capsys):
     tokenizer.save_pretrained(folder)
     text = "Good morning. See you tomorrow!"
     (python,) = Translator.from_pretrained(folder).translate([text], "eng_Latn", "fra_Latn", max_new_tokens=8)
+    opened = open_pipeline(str(folder))  # an HF-layout folder: its config.json says only model_type m2m_100
+    assert isinstance(opened, Translator)
+    assert opened.translate([text], "eng_Latn", "fra_Latn", max_new_tokens=8) == [python]
     capsys.readouterr()
     assert cli.main(["translate", "--model", str(folder), "--src", "en", "--tgt", "French", "--max-new-tokens", "8",
                      text]) == 0

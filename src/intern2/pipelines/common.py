@@ -187,7 +187,8 @@ def open_pipeline(checkpoint: Optional[str] = None, model: Optional[str] = None,
     """The pipeline of a model's task (``task``, else the model's own): ``open_pipeline('runs/seg/model')``."""
     from . import pipeline_class
     loaded = load_model(checkpoint, model)
-    return pipeline_class(task or model_task(loaded))(loaded, source=checkpoint or model, **options)
+    task = task or model_task(loaded) or folder_task(checkpoint)
+    return pipeline_class(task)(loaded, source=checkpoint or model, **options)
 
 
 def progress(items: Iterable[T], desc: str, total: Optional[int] = None) -> Iterator[T]:
@@ -324,17 +325,21 @@ def task_of_arguments(argv: Sequence[str]) -> str:
         return args.task
     if args.model:
         return task_of(args.model.partition(".")[0]) or "image-cls"
-    config = Path(args.checkpoint or "") / "config.json"
-    if args.checkpoint and config.is_file():
-        from ..checkpoint import read_config
-        try:
-            values = read_config(args.checkpoint)
-        except (OSError, ValueError):
-            values = None  # loading the model reports it
-        if values is not None:
-            cfg = values.get("pretrained_cfg")
-            task = cfg.get("task") if isinstance(cfg, dict) else None
-            architecture = values.get("architecture")
-            return (task or (task_of(architecture) if isinstance(architecture, str) else None)
-                    or _HF_TASKS.get(values.get("model_type")) or "image-cls")
-    return "image-cls"
+    return folder_task(args.checkpoint) or "image-cls"
+
+
+def folder_task(checkpoint: Optional[str]) -> Optional[str]:
+    """The task a model folder's config.json states: its weights metadata, architecture, or HF model type (an HF
+    NLLB folder says only ``m2m_100``); None when it says nothing or cannot be read (loading reports that)."""
+    if not checkpoint or not (Path(checkpoint) / "config.json").is_file():
+        return None
+    from ..checkpoint import read_config
+    try:
+        values = read_config(checkpoint)
+    except (OSError, ValueError):
+        return None
+    cfg = values.get("pretrained_cfg")
+    task = cfg.get("task") if isinstance(cfg, dict) else None
+    architecture = values.get("architecture")
+    return (task or (task_of(architecture) if isinstance(architecture, str) else None)
+            or _HF_TASKS.get(values.get("model_type")))
