@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import re
 import zlib
 from dataclasses import dataclass
@@ -137,16 +138,29 @@ def split_source(source: ImageSource, val_fraction: float, seed: int) -> Tuple[I
             ImageSource(pick(val), source.classes, source.name + "[val]"))
 
 
-def load_image(sample: Sample) -> Image.Image:
-    """RGB PIL image from a path or a uint8 array; raises ValueError naming the file if it is not an image."""
-    if isinstance(sample, np.ndarray):
-        return Image.fromarray(sample).convert("RGB")
-    try:
-        with Image.open(sample) as img:
-            img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
-        raise ValueError(f"{sample}: not a readable image ({exc.__class__.__name__}: {exc})") from exc
+def load_image(sample: Union[Sample, Image.Image]) -> Image.Image:
+    """RGB PIL image from a path, a PIL image of any mode or an (H, W[, C]) uint8 array; a ValueError names the
+    file that is not an image, or an image without pixels; a TypeError says what else it takes."""
+    if isinstance(sample, Image.Image):
+        image = sample if sample.mode == "RGB" else sample.convert("RGB")
+    elif isinstance(sample, np.ndarray):
+        if sample.ndim not in (2, 3) or sample.dtype != np.uint8:
+            raise ValueError(f"image: expected an (H, W) or (H, W, 3) uint8 array, got {sample.dtype} "
+                             f"{tuple(sample.shape)}")
+        image = Image.fromarray(sample).convert("RGB")
+    elif isinstance(sample, (str, os.PathLike)):
+        try:
+            with Image.open(sample) as img:
+                img.load()
+                image = img.convert("RGB")
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
+            raise ValueError(f"{sample}: not a readable image ({exc.__class__.__name__}: {exc})") from exc
+    else:
+        raise TypeError(f"image: expected a file path, a PIL image or a uint8 array, got {type(sample).__name__}")
+    if not min(image.size):
+        raise ValueError(f"{sample if isinstance(sample, (str, os.PathLike)) else 'image'}: has no pixels "
+                         f"({image.width} x {image.height})")
+    return image
 
 
 def train_transform(img_size: int, mean: Sequence[float], std: Sequence[float], crop_scale=(0.6, 1.0),

@@ -101,7 +101,7 @@ class DetectionPipeline(Pipeline):
         return found
 
     def __call__(self, image: Union[Image.Image, str], threshold: float = 0.5, masks: bool = False) -> Dict[str, Any]:
-        image = load_image(image) if not isinstance(image, Image.Image) else image
+        image = load_image(image)
         (output,) = self.raw([image_tensor(image)])
         return {"width": image.width, "height": image.height, "objects": self.objects(output, threshold, masks),
                 "output": output}

@@ -44,7 +44,7 @@ class ImageClassificationPipeline(Pipeline):
         return self.model(images.to(self.device, self.dtype)).float().softmax(-1).cpu()
 
     def __call__(self, image: Union[Image.Image, str], topk: int = 5) -> Dict[str, Any]:
-        image = load_image(image) if not isinstance(image, Image.Image) else image
+        image = load_image(image)
         check_aspect(*image.size)
         return {"top": top_k(self.probabilities(self.transform(image)[None])[0], self.labels, topk)}
 

@@ -140,7 +140,7 @@ class SegmentationPipeline(Pipeline):
 
     def predict(self, image: Union[Image.Image, str]) -> np.ndarray:
         """(H, W) int64 class index per pixel."""
-        image = load_image(image) if not isinstance(image, Image.Image) else image
+        image = load_image(image)
         return self.probabilities(image_tensor(image)).argmax(0).numpy().astype(np.int64)
 
     def describe(self, prediction: np.ndarray) -> List[Dict[str, Any]]:
@@ -156,7 +156,7 @@ class SegmentationPipeline(Pipeline):
         return Image.fromarray(prediction.astype(np.uint8 if len(self.labels) <= 256 else np.uint16))
 
     def __call__(self, image: Union[Image.Image, str]) -> Dict[str, Any]:
-        image = load_image(image) if not isinstance(image, Image.Image) else image
+        image = load_image(image)
         prediction = self.predict(image)
         return {"width": image.width, "height": image.height, "classes": self.describe(prediction),
                 "prediction": prediction}
