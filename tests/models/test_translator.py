@@ -292,6 +292,23 @@ def test_generate_rejects_bad_arguments(golden):
         model.generate(ids, mask, forced_bos_token_id=TGT_LANG, num_beams=2, num_return_sequences=3)
     with pytest.raises(ValueError, match="greedy"):
         model.generate(ids, mask, forced_bos_token_id=TGT_LANG, num_return_sequences=2)
+    vocab = model.config.vocab_size
+    for kwargs, error, message in [  # each named, before any work; none an IndexError or RuntimeError inside
+        (dict(input_ids=ids.tolist()), TypeError, "input_ids: expected a tensor of integer token ids, got list"),
+        (dict(input_ids=ids.float()), TypeError, "got torch.float32"),
+        (dict(input_ids=ids[:0]), ValueError, r"input_ids: expected \[batch, length\] token ids, got shape \(0,"),
+        (dict(input_ids=ids[:, :0]), ValueError, "got shape"),
+        (dict(input_ids=ids.clamp(max=0) - 1), ValueError, f"ids from -1 to -1, expected 0 to {vocab - 1}"),
+        (dict(max_new_tokens=-1, num_beams=2), ValueError, "max_new_tokens: expected a non-negative integer"),
+        (dict(max_new_tokens=10 ** 12), ValueError, "max_new_tokens: expected 1 to"),
+        (dict(num_beams=1.5), ValueError, "num_beams: expected a non-negative integer, got 1.5"),
+        (dict(no_repeat_ngram_size=-1), ValueError, "no_repeat_ngram_size"),
+        (dict(do_sample=True, temperature=float("nan")), ValueError, "temperature: expected a finite number"),
+        (dict(forced_bos_token_id=1.5), ValueError, "forced_bos_token_id=1.5"),
+    ]:
+        call = {"input_ids": ids, "forced_bos_token_id": TGT_LANG, **kwargs}
+        with pytest.raises(error, match=message):
+            model.generate(**call)
 
 
 # ---------------------------------------------------------------------------------------------- layouts, checkpoints

@@ -180,6 +180,16 @@ def test_translation(tmp_path, capsys):
     opened = open_pipeline(str(folder))  # an HF-layout folder: its config.json says only model_type m2m_100
     assert isinstance(opened, Translator)
     assert opened.translate([text], "eng_Latn", "fra_Latn", max_new_tokens=8) == [python]
+    for kwargs, error, message in [
+        (dict(texts=text), TypeError, "texts: expected a list of texts, got one str"),
+        (dict(batch_size=-1), ValueError, "batch_size: expected a positive integer, got -1"),
+        (dict(num_beams=0), ValueError, "num_beams"),  # not silently the default
+        (dict(max_new_tokens=10 ** 12), ValueError, "max_new_tokens: expected 1 to"),
+    ]:
+        with pytest.raises(error, match=message):
+            opened.translate(**{"texts": [text], "src_lang": "eng_Latn", "tgt_lang": "fra_Latn", **kwargs})
+    with pytest.raises(ValueError, match="int8=True and dtype='bf16': choose one"):
+        Translator.from_pretrained(folder, int8=True, dtype="bf16")
     capsys.readouterr()
     assert cli.main(["translate", "--model", str(folder), "--src", "en", "--tgt", "French", "--max-new-tokens", "8",
                      text]) == 0

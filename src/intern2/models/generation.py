@@ -167,8 +167,30 @@ class GenerationMixin:
             with ``pad_token_id`` after EOS.
         """
         cfg = self.config
-        if input_ids.dim() != 2:
+        if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.long, torch.int):
+            raise TypeError(f"input_ids: expected a tensor of integer token ids, got "
+                            f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
+        if input_ids.dim() != 2 or not input_ids.numel():
             raise ValueError(f"input_ids: expected [batch, length] token ids, got shape {tuple(input_ids.shape)}")
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size:
+            raise ValueError(f"input_ids: ids from {int(input_ids.min())} to {int(input_ids.max())}, expected "
+                             f"0 to {cfg.vocab_size - 1} (vocab_size)")
+        counts = dict(num_beams=num_beams, num_return_sequences=num_return_sequences, min_new_tokens=min_new_tokens,
+                      no_repeat_ngram_size=no_repeat_ngram_size, top_k=top_k,
+                      **({} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}))
+        for name, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}: expected a non-negative integer, got {value!r}")
+        # Sinusoidal positions extrapolate past max_position_embeddings, but not without end: the cache is
+        # allocated for every position at the first step.
+        longest = 4 * cfg.max_position_embeddings
+        if max_new_tokens is not None and not 1 <= max_new_tokens <= longest:
+            raise ValueError(f"max_new_tokens: expected 1 to {longest} (4 x max_position_embeddings), "
+                             f"got {max_new_tokens}")
+        for name, value in (("temperature", temperature), ("top_p", top_p), ("repetition_penalty", repetition_penalty),
+                            ("length_penalty", length_penalty)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name}: expected a finite number, got {value!r}")
         if attention_mask is None:
             attention_mask = input_ids.ne(cfg.pad_token_id)
         elif attention_mask.shape != input_ids.shape:
@@ -177,7 +199,8 @@ class GenerationMixin:
         if forced_bos_token_id is None:
             warnings.warn("generate() without forced_bos_token_id: NLLB/M2M-100 models need the target-language "
                           "token forced or they may translate into the wrong language", stacklevel=3)
-        elif not 0 <= forced_bos_token_id < cfg.vocab_size:
+        elif isinstance(forced_bos_token_id, bool) or not isinstance(forced_bos_token_id, int) \
+                or not 0 <= forced_bos_token_id < cfg.vocab_size:
             raise ValueError(f"forced_bos_token_id={forced_bos_token_id} is outside the vocabulary "
                              f"(vocab_size={cfg.vocab_size})")
         if num_beams < 1 or num_return_sequences < 1 or (num_beams > 1 and num_return_sequences > num_beams):

@@ -122,6 +122,10 @@ class Translator(Pipeline):
         layers (CPU)."""
         from ..models.translator import TranslationModel
         from ..text.tokenizer import NllbTokenizer
+        from .common import requested_dtype
+        if int8 and protocol.get("dtype") is not None and requested_dtype(protocol["dtype"]) != torch.float32:
+            raise ValueError(f"int8=True and dtype={protocol['dtype']!r}: choose one (int8 layers take float32 "
+                             f"activations)")
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"model folder {folder} " + ("is a file; expected a folder (config.json, weights, "
@@ -140,6 +144,11 @@ class Translator(Pipeline):
         which raises to abandon the work). ``num_beams`` / ``max_new_tokens`` default to the protocol's. A sentence
         longer than :attr:`max_source_tokens` is a ValueError naming it.
         """
+        if isinstance(texts, str):  # iterating it would translate each character
+            raise TypeError("texts: expected a list of texts, got one str; pass [text]")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        texts = list(texts)
         langs = [src_lang] * len(texts) if isinstance(src_lang, str) else list(src_lang)
         if len(langs) != len(texts):
             raise ValueError(f"got {len(texts)} texts but {len(langs)} source languages")
@@ -148,8 +157,10 @@ class Translator(Pipeline):
         forced = self.tokenizer.lang_token_id(tgt_lang)
         for lang in set(langs):
             self.tokenizer.lang_token_id(lang)  # unknown or missing languages fail before any decoding
-        options = dict(num_beams=num_beams or self.protocol.num_beams,
-                       max_new_tokens=max_new_tokens or self.protocol.max_new_tokens, **generate_kwargs)
+        # The protocol's defaults only where nothing was given (0 must reach generate's check, not mean "default").
+        options = dict(num_beams=self.protocol.num_beams if num_beams is None else num_beams,
+                       max_new_tokens=self.protocol.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                       **generate_kwargs)
 
         def run(sentences: List[str], sentence_langs: List[str]) -> List[str]:
             return self._generate(sentences, sentence_langs, forced, batch_size, **options)
