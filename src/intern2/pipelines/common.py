@@ -4,8 +4,10 @@ commands."""
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
@@ -218,7 +220,7 @@ def check_aspect(width: int, height: int, what: str = "image") -> None:
 def top_k(probs: torch.Tensor, labels: Sequence[str], k: int) -> List[Dict[str, Any]]:
     """The ``k`` most probable classes: ``[{"label", "index", "prob"}]`` (index: the class's position in the
     model's label list), best first."""
-    values, indices = probs.float().topk(min(k, probs.numel()))
+    values, indices = probs.float().topk(min(positive_count(k, "topk"), probs.numel()))
     return [{"label": labels[i], "index": int(i), "prob": round(float(p), 6)}
             for p, i in zip(values.tolist(), indices.tolist())]
 
@@ -243,6 +245,21 @@ def model_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         return load_model(args.checkpoint, args.model)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         parser.error(error_message(exc))
+
+
+def items(values: Any, what: str) -> List[Any]:
+    """``values`` as a list; one str or path is a TypeError (iterating it would run each character as a file or
+    text), as is a value that is no sequence at all."""
+    if isinstance(values, (str, bytes, os.PathLike)) or not isinstance(values, collections.abc.Iterable):
+        raise TypeError(f"{what}: expected a list, got {type(values).__name__}; pass [value] for one")
+    return list(values)
+
+
+def positive_count(value: Any, what: str) -> int:
+    """``value`` if it is a positive int (a top-k, a batch size), else a ValueError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what}: expected a positive integer, got {value!r}")
+    return value
 
 
 def output_or_exit(parser: argparse.ArgumentParser, path: str, flag: str, folder: bool = False) -> Path:

@@ -9,7 +9,8 @@ from PIL import Image
 
 from ..data.images import eval_transform, load_image
 from ..weights import ImageClassificationProtocol
-from .common import Pipeline, add_model_arguments, check_aspect, pipeline_from_args, print_topk, progress, top_k
+from .common import (Pipeline, add_model_arguments, check_aspect, items, pipeline_from_args, print_topk, progress,
+                     top_k)
 
 __all__ = ["ImageClassificationPipeline", "predict_main"]
 
@@ -51,7 +52,7 @@ class ImageClassificationPipeline(Pipeline):
     def predict_files(self, files: Sequence[str], topk: int = 5) -> List[Dict[str, Any]]:
         """``{"file", "top"}`` per file; an unreadable file gets ``{"file", "error"}`` naming it."""
         results = []
-        for file in progress(files, "images"):
+        for file in progress(items(files, "files"), "images"):
             try:
                 results.append({"file": file, **self(load_image(file), topk)})
             except ValueError as exc:  # unreadable, or beyond the preprocessing

@@ -21,7 +21,7 @@ from torch import nn
 from ..config import error_message
 from ..data.temporal import read_features
 from ..weights import TemporalLocalizationProtocol
-from .common import Pipeline, add_model_arguments, load_model_spec, pipeline_from_args, progress
+from .common import Pipeline, add_model_arguments, items, load_model_spec, pipeline_from_args, progress
 
 __all__ = ["TemporalLocalizationPipeline", "predict_main"]
 
@@ -121,7 +121,7 @@ class TemporalLocalizationPipeline(Pipeline):
         """``{"file", "segments", ...}`` per .npy feature file or video; a bad file gets ``{"file", "error"}``."""
         from ..data.video import VideoDecodeError
         results = []
-        for file in progress(files, "videos"):
+        for file in progress(items(files, "files"), "videos"):
             file = str(file)
             try:
                 if file.endswith(".npy"):

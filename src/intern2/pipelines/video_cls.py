@@ -18,8 +18,8 @@ from torch import nn
 
 from ..data.video import FrameSampler, VideoEvalTransform, read_video
 from ..weights import SAMPLINGS, VideoProtocol
-from .common import (Pipeline, add_model_arguments, check_aspect, model_dtype, output_or_exit, pipeline_from_args,
-                     print_topk, progress, setup_logging, top_k)
+from .common import (Pipeline, add_model_arguments, check_aspect, items, model_dtype, output_or_exit,
+                     pipeline_from_args, print_topk, progress, setup_logging, top_k)
 
 __all__ = ["VideoClassificationPipeline", "VIDEO_SUFFIXES", "video_files", "video_files_or_exit", "view_probabilities",
            "pooled_features", "add_protocol_arguments", "protocol_options", "predict_main",
@@ -114,9 +114,9 @@ class VideoClassificationPipeline(Pipeline):
     def _readable_views(self, files: Sequence[str]) -> Iterator[Tuple[str, Optional[torch.Tensor], Optional[str]]]:
         """(file, its test views, None), or (file, None, why) for a file it cannot use (VideoDecodeError, frames
         too elongated to resize): a bad file of a batch is reported, the others still run."""
-        for file in progress(files, "videos"):
+        for file in progress(items(files, "files"), "videos"):
             try:
-                yield file, self.views(file), None
+                yield str(file), self.views(file), None
             except ValueError as exc:
                 yield file, None, str(exc)
 

@@ -22,8 +22,8 @@ from ..config import error_message
 from ..data.video import FrameSampler, VideoDecodeError, VideoEvalTransform, read_video
 from ..text import check_text
 from ..weights import VideoProtocol
-from .common import (Pipeline, add_model_arguments, check_aspect, load_model, model_dtype, output_or_exit, print_topk,
-                     progress, setup_logging)
+from .common import (Pipeline, add_model_arguments, check_aspect, items, load_model, model_dtype, output_or_exit,
+                     positive_count, print_topk, progress, setup_logging)
 from .video_cls import add_protocol_arguments, protocol_options, video_files_or_exit, write_arrays
 
 __all__ = ["VideoTextPipeline", "DEFAULT_PROMPT", "check_prompt", "encode_texts", "encode_views", "retrieve_main",
@@ -132,7 +132,7 @@ class VideoTextPipeline(Pipeline):
     def encode_videos(self, files: Sequence[str]) -> Tuple[torch.Tensor, List[str], List[str]]:
         """(N, D) normalised features of the readable files, the files read, the errors of the unreadable ones."""
         features, done, errors = [], [], []
-        for file in progress(files, "videos"):
+        for file in progress(items(files, "files"), "videos"):
             try:
                 views = self.views(file)
             except ValueError as exc:  # VideoDecodeError, or frames too elongated to resize
@@ -150,7 +150,8 @@ class VideoTextPipeline(Pipeline):
         """Per video, ``labels`` ranked by the similarity of the clip to ``prompt.format(label)`` (softmax at the
         model's logit scale): ``{"file", "top": [{"label", "index", "prob"}]}``, or ``{"file", "error"}``."""
         prompt = check_prompt(prompt or self.prompt)
-        labels = [check_text(label, "label") for label in labels]
+        labels = [check_text(label, "label") for label in items(labels, "labels")]
+        files, topk = items(files, "files"), positive_count(topk, "topk")
         features, done, errors = self.encode_videos(files)
         texts = self.encode_texts([prompt.format(label) for label in labels])
         probs = (self._scale() * features @ texts.t()).softmax(-1)
@@ -168,8 +169,9 @@ class VideoTextPipeline(Pipeline):
     def retrieve(self, files: Sequence[str], query: str, topk: int = 5) -> Tuple[List[Dict[str, Any]], List[str]]:
         """The ``topk`` videos most similar to the text ``query`` (``[{file, score}]``, best first) and the
         errors of unreadable files."""
-        if not query.strip():
+        if not check_text(query, "query").strip():
             raise ValueError("the query is empty")
+        positive_count(topk, "topk")
         features, done, errors = self.encode_videos(files)
         scores = (features @ self.encode_texts([query])[0]).tolist()
         ranked = sorted(zip(done, scores), key=lambda item: -item[1])[:topk]
@@ -178,6 +180,7 @@ class VideoTextPipeline(Pipeline):
     def rank_captions(self, file: str, captions: Sequence[str], topk: int = 10) -> Dict[str, Any]:
         """``captions`` ranked by cosine similarity to the video, with softmax probabilities at the model's
         temperature: ``{"ranking": [{"text", "index", "similarity", "prob"}]}``."""
+        captions, topk = items(captions, "captions"), positive_count(topk, "topk")
         features, _, errors = self.encode_videos([file])
         if errors:
             raise VideoDecodeError(errors[0])

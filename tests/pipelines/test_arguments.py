@@ -1,0 +1,47 @@
+"""Python-API arguments of the pipelines as a user may get them wrong: one str where a list goes, a top-k that is
+no positive integer, paths as Path objects."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import intern2
+from intern2.pipelines.common import items, positive_count
+from intern2.pipelines.image_cls import ImageClassificationPipeline
+from intern2.pipelines.tal import TemporalLocalizationPipeline
+
+
+def test_items_and_counts():
+    assert items(("a", Path("b")), "files") == ["a", Path("b")] and items(iter([1]), "x") == [1]
+    for one in ("clip.mp4", Path("clip.mp4"), b"x", 5, None):
+        with pytest.raises(TypeError, match="files: expected a list, got"):
+            items(one, "files")
+    assert positive_count(3, "topk") == 3
+    for bad in (0, -1, 1.5, True, "3", None):
+        with pytest.raises(ValueError, match="topk: expected a positive integer"):
+            positive_count(bad, "topk")
+
+
+def test_image_and_localizer_pipelines_name_their_arguments(tmp_path):
+    torch.manual_seed(0)
+    model = intern2.create_model("internimage_t", num_classes=3, channels=16, depths=[1, 1, 1, 1],
+                                 groups=[1, 2, 4, 8])
+    model.pretrained_cfg["input_size"] = (3, 32, 32)
+    images = ImageClassificationPipeline(model)
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    with pytest.raises(TypeError, match="files: expected a list, got str"):  # not one "file" per character
+        images.predict_files(str(tmp_path / "a.png"))
+    with pytest.raises(ValueError, match="topk: expected a positive integer, got -1"):
+        images(str(tmp_path / "a.png"), topk=-1)
+    assert images.predict_files([tmp_path / "a.png"])[0]["file"] == tmp_path / "a.png"
+    localizer = TemporalLocalizationPipeline(intern2.create_model(
+        "actionformer_thumos14", input_dim=8, num_classes=2, embd_dim=16, fpn_dim=16, head_dim=16))
+    np.save(tmp_path / "f.npy", np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32))
+    (result,) = localizer.predict_files([tmp_path / "f.npy"], fps=30.0)  # a Path is a file too
+    assert result["file"] == str(tmp_path / "f.npy") and "segments" in result
+    with pytest.raises(TypeError, match="files: expected a list, got str"):
+        localizer.predict_files(str(tmp_path / "f.npy"), fps=30.0)
