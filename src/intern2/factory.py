@@ -36,6 +36,8 @@ def create_model(
         cache_dir: the Hugging Face cache to use instead of the default (``$HF_HUB_CACHE``).
         **kwargs: override architecture config fields (num_classes, depths, channels, drop_path_rate, ...).
     """
+    if not isinstance(name, str):
+        raise TypeError(f"create_model: expected a model name such as 'internimage_t', got {type(name).__name__}")
     arch, _, tag = name.partition(".")
     builder = get_model_builder(arch)
     if tag:

@@ -69,8 +69,14 @@ class _Protocol:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def replace(self, **changes: Any) -> "_Protocol":
-        """A copy with ``changes`` (None values are ignored: an option the user did not give)."""
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+        """A copy with ``changes`` (None values are ignored: an option the user did not give), each checked as
+        :meth:`from_cfg` checks a stored value (``test_size=5`` is a ValueError naming the field)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise TypeError(f"unknown {self.task} protocol options {unknown}; known: {sorted(names)}")
+        given = {k: v for k, v in changes.items() if v is not None}
+        return type(self).from_cfg({**dataclasses.asdict(self), **given}, "options") if given else self
 
     @staticmethod
     def _check(condition: bool, message: str) -> None:

@@ -45,3 +45,14 @@ def test_image_and_localizer_pipelines_name_their_arguments(tmp_path):
     assert result["file"] == str(tmp_path / "f.npy") and "segments" in result
     with pytest.raises(TypeError, match="files: expected a list, got str"):
         localizer.predict_files(str(tmp_path / "f.npy"), fps=30.0)
+
+
+def test_a_model_name_and_protocol_options_of_the_wrong_type_are_named():
+    with pytest.raises(TypeError, match="create_model: expected a model name such as 'internimage_t', got NoneType"):
+        intern2.create_model(None)
+    model = intern2.create_model("internimage_t", num_classes=3, channels=16, depths=[1, 1, 1, 1],
+                                 groups=[1, 2, 4, 8])
+    with pytest.raises(ValueError, match=r"options: mean: expected a list of 3 numbers, got \(1, 2\)"):
+        ImageClassificationPipeline(model, mean=(1, 2))  # at construction, not at the first image
+    with pytest.raises(TypeError, match="unknown image-cls protocol options"):
+        ImageClassificationPipeline(model, test_size=(2, 2))

@@ -136,6 +136,8 @@ def test_every_door_gives_the_same_segments(trained, capsys):
     copy.with_suffix(".json").write_text('{"fps": Infinity}')  # Python's json reads it
     with pytest.raises(ValueError, match="sidecar_inf.npy: fps inf: expected a positive finite number"):
         pipeline(str(copy))
+    with pytest.raises(ValueError, match="fps '30': expected a positive finite number"):
+        pipeline(str(file), fps="30")
 
 
 def test_eval_is_the_official_metric_of_the_predictions(trained, tmp_path, capsys):

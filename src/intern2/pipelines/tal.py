@@ -28,6 +28,11 @@ __all__ = ["TemporalLocalizationPipeline", "predict_main"]
 Features = Union[str, Path, np.ndarray, torch.Tensor]
 
 
+def _check_rate(value: Any, name: str, where: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{where}: {name} {value!r}: expected a positive finite number")
+
+
 class TemporalLocalizationPipeline(Pipeline):
     """``pipeline(features, fps=None, duration=None) -> {"segments": [{"label", "index", "score", "segment"}],
     ...}``: ``features`` a (T, C) array or a .npy file; segments in seconds, best first.
@@ -83,12 +88,10 @@ class TemporalLocalizationPipeline(Pipeline):
         if not fps:
             raise ValueError(f"{where}: no frame rate: give fps (the video's frames per second), or extract with "
                              f"`intern2 extract-features --snippets`, whose sidecar JSON records it")
+        _check_rate(fps, "fps", where)  # as given, or from the sidecar JSON
         # Without a stated duration: the end of the last snippet.
         duration = duration or meta.get("duration") or ((len(array) - 1) * p.feat_stride + p.feat_num_frames) / fps
-        for name, value in (("fps", fps), ("duration", duration)):  # as given, or from the sidecar JSON
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value)
-                                                                                       and value > 0):
-                raise ValueError(f"{where}: {name} {value}: expected a positive finite number")
+        _check_rate(duration, "duration", where)
         seconds, scores, labels = self.model.detect(torch.from_numpy(array).T, fps, duration, p.feat_stride,
                                                     p.feat_num_frames)
         keep = scores >= min_score

@@ -96,6 +96,9 @@ class VideoTextPipeline(Pipeline):
     def _tokenizer(self, tokenizer: Any, source: Optional[str]) -> Any:
         from ..text.bpe import BPETokenizer
         if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
+            if not callable(tokenizer) or not hasattr(tokenizer, "vocab_size"):
+                raise TypeError(f"tokenizer: expected a tokenizer (BPETokenizer) or the path of its file, got "
+                                f"{type(tokenizer).__name__}")
             found = tokenizer
         else:
             path = tokenizer or (source if source and Path(source).is_dir() else None)
