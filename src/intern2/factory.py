@@ -38,6 +38,10 @@ def create_model(
     """
     if not isinstance(name, str):
         raise TypeError(f"create_model: expected a model name such as 'internimage_t', got {type(name).__name__}")
+    for key, least in (("num_classes", 0), ("in_chans", 1)):  # 0 classes: no head (timm's features model)
+        value = kwargs.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise ValueError(f"{key}: expected an integer >= {least}, got {value!r}")
     arch, _, tag = name.partition(".")
     builder = get_model_builder(arch)
     if tag:

@@ -50,6 +50,9 @@ def test_image_and_localizer_pipelines_name_their_arguments(tmp_path):
 def test_a_model_name_and_protocol_options_of_the_wrong_type_are_named():
     with pytest.raises(TypeError, match="create_model: expected a model name such as 'internimage_t', got NoneType"):
         intern2.create_model(None)
+    for key, value, least in (("num_classes", -1, 0), ("in_chans", 0, 1)):
+        with pytest.raises(ValueError, match=f"{key}: expected an integer >= {least}, got {value}"):
+            intern2.create_model("internimage_t", **{key: value})
     model = intern2.create_model("internimage_t", num_classes=3, channels=16, depths=[1, 1, 1, 1],
                                  groups=[1, 2, 4, 8])
     with pytest.raises(ValueError, match=r"options: mean: expected a list of 3 numbers, got \(1, 2\)"):
