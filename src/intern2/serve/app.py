@@ -419,11 +419,13 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
     async def read_upload(upload: UploadFile) -> Tuple[bytes, str]:
         return await upload.read(), upload.filename or "upload"
 
-    @app.api_route("/healthz", methods=["GET", "HEAD"], summary="liveness: ok while the server answers")
+    @app.head("/healthz", include_in_schema=False)  # what health probes send
+    @app.get("/healthz", summary="liveness: ok while the server answers")
     async def healthz() -> Dict[str, Any]:
         return {"status": "ok", "models": sorted(slots)}
 
-    @app.api_route("/v1/models", methods=["GET", "HEAD"], summary="the loaded models, their labels and languages")
+    @app.head("/v1/models", include_in_schema=False)  # what health probes send
+    @app.get("/v1/models", summary="the loaded models, their labels and languages")
     async def list_models() -> Dict[str, Any]:
         return {"models": {name: ({"loaded": True, **slots[name].info} if name in slots else
                                   {"loaded": False, "flag": FLAGS[name]}) for name in SLOTS},
@@ -529,7 +531,8 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    @app.head("/", include_in_schema=False)
+    @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
