@@ -159,6 +159,9 @@ def test_pretrained_reads_intern2_home_or_an_explicit_file(reference, tmp_path, 
                                  **TINY)
     _same_outputs(model, reference)
     assert model.pretrained_cfg["crop_pct"] == 1.0 and model.pretrained_cfg["interpolation"] == "bicubic"
+    with pytest.raises(FileNotFoundError, match=f"pretrained_cfg_overlay file {tmp_path / 'nope.pth'}: no such file"):
+        intern2.create_model("internimage_t.in1k", pretrained=True,
+                             pretrained_cfg_overlay=dict(file=str(tmp_path / "nope.pth")), **TINY)
 
 
 @pytest.mark.parametrize("order", ["intern2_first", "timm_first"])

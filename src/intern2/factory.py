@@ -56,6 +56,9 @@ def create_model(
         load_checkpoint(model, checkpoint_path)
     elif pretrained:
         from .hub import resolve_weights
+        given = (pretrained_cfg_overlay or {}).get("file")
+        if given is not None and not Path(given).exists():  # as in timm, an overlay's file is a local path
+            raise FileNotFoundError(f"pretrained_cfg_overlay file {given}: no such file")
         path = resolve_weights(model.pretrained_cfg, cache_dir)
         try:
             load_checkpoint(model, path)
