@@ -91,6 +91,7 @@ def test_every_door_gives_the_same_segments(trained, capsys):
         assert answer.json()["segments"] == python["segments"]
         bad = client.post("/v1/video/localize", files={"file": ("x.npy", b"not an array")})
         assert bad.status_code == 400 and bad.json()["detail"].startswith("x.npy:")
+        assert "does not start with the .npy signature" in bad.json()["detail"]  # not "holds pickled data"
         wrong = io.BytesIO()
         np.save(wrong, np.zeros((5, DIM + 1), np.float32))
         bad = client.post("/v1/video/localize", files={"file": ("w.npy", wrong.getvalue())}, data={"fps": "8"})

@@ -18,12 +18,14 @@ the video are clipped to it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, BinaryIO, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -88,14 +90,24 @@ def _class_names(path: Path, database: Dict[str, Any]) -> List[str]:
     return sorted({a["label"] for a in entries})
 
 
+def load_npy(source: Union[Path, BinaryIO], where: Any) -> np.ndarray:
+    """The one array of an .npy file or stream (never unpickled); a ValueError naming ``where`` otherwise."""
+    try:
+        with (open(source, "rb") if isinstance(source, (str, os.PathLike)) else contextlib.nullcontext(source)) as f:
+            magic = f.read(6)
+            if magic != b"\x93NUMPY":  # else numpy reads it as a pickle and says it holds pickled data
+                raise ValueError("empty" if not magic else "it does not start with the .npy signature")
+            f.seek(0)
+            return np.load(f, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:  # EOFError: a header without its data
+        raise ValueError(f"{where}: not a readable .npy feature file ({exc})") from None
+    except MemoryError:  # numpy sizes the array from the header before reading the data
+        raise ValueError(f"{where}: its .npy header declares an array far larger than the file") from None
+
+
 def read_features(path: Path, feature_dim: Optional[int] = None) -> np.ndarray:
     """A (T, C) float32 feature array; a ValueError names the file when it is unreadable or of the wrong shape."""
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file
-        raise ValueError(f"{path}: not a readable .npy feature file ({exc or 'empty'})") from None
-    except MemoryError:  # numpy sizes the array from the header before reading the data
-        raise ValueError(f"{path}: its .npy header declares an array too large to load") from None
+    array = load_npy(path, path)
     if array.ndim != 2 or array.shape[0] < 1 or not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"{path}: expected a (T, C) float array of snippet features, got {array.dtype} "
                          f"{tuple(array.shape)}")

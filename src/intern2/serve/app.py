@@ -232,15 +232,13 @@ def _localize(pipeline: Pipeline, data: bytes, filename: str, fps: Optional[floa
     """Snippet features uploaded as a .npy (T, C) array: the localizer's segments."""
     import io
 
-    import numpy as np
+    from ..data.temporal import load_npy
     try:
-        features = np.load(io.BytesIO(data), allow_pickle=False)
-        return pipeline(features, fps=fps, min_score=min_score, topk=topk)
-    except (ValueError, EOFError) as exc:  # not an .npy array (EOFError: an empty one), wrong shape, no frame rate
-        raise ServeError(400, "invalid_features", f"{filename}: {exc}") from exc
-    except MemoryError:  # numpy sizes the array from the header before reading the data
-        raise ServeError(400, "invalid_features", f"{filename}: the .npy header declares an array far larger than "
-                         f"the {len(data):,} bytes sent") from None
+        return pipeline(load_npy(io.BytesIO(data), filename), fps=fps, min_score=min_score, topk=topk)
+    except ValueError as exc:  # not an .npy array, wrong shape, no frame rate
+        message = str(exc)
+        raise ServeError(400, "invalid_features", message if message.startswith(filename) else
+                         f"{filename}: {message}") from None
 
 
 @torch.inference_mode()
