@@ -244,6 +244,11 @@ def test_bad_requests_are_4xx_naming_the_field(client):
         ("/v1/detect", dict(files=_upload("a.png", _png()), data={"threshold": 2}), 422, "threshold"),
         ("/v1/classify", dict(files=_upload("x" * 10_000 + ".png", _png())), 400, "the file name too"),
         ("/v1/classify", dict(files=_upload("notes.png", b"plain text")), 400, "notes.png"),
+        # one field twice: FastAPI alone would keep one of the two silently
+        ("/v1/classify", dict(files=[("file", ("a.png", _png(), "image/png")), ("file", ("b.png", _png(seed=1), "image/png"))]),
+         400, "file: given more than once"),
+        ("/v1/segment", dict(files=[("file", ("a.png", _png(), "image/png")), ("include_mask", (None, "true")),
+                                    ("include_mask", (None, "false"))]), 400, "include_mask"),
         ("/v1/translate", dict(json={"text": "Hi", "src_lang": "en", "tgt_lang": "fr", "num_beams": 0}), 422,
          "num_beams"),
         ("/v1/translate", dict(json={"text": "Hi", "src_lang": "en"}), 422, "tgt_lang"),

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import anyio
 import torch
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -64,6 +64,15 @@ class ServeError(Exception):
 
 def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": code, "detail": message, **extra}, status_code=status)
+
+
+async def _one_part_per_field(request: Request) -> None:
+    """400 for a form that gives one field twice (two files, two topk): FastAPI would silently keep one of them.
+    Starlette keeps the parsed form on the request, so this reads nothing the endpoint does not."""
+    form = await request.form()
+    repeated = sorted({name for name in form.keys() if len(form.getlist(name)) > 1})
+    if repeated:
+        raise ServeError(400, "repeated_field", f"{', '.join(repeated)}: given more than once; send one per request")
 
 
 class _SameOrigin:
@@ -431,7 +440,8 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
                            "max_frame_pixels": max_frame_pixels, "max_text_chars": max_text_chars,
                            "max_translate_steps": max_translate_steps, "max_request_seconds": max_request_seconds}}
 
-    @app.post("/v1/classify", summary="image classification: top-k labels")
+    @app.post("/v1/classify", dependencies=[Depends(_one_part_per_field)],
+              summary="image classification: top-k labels")
     async def classify(file: UploadFile = File(..., description="an image file"),
                        topk: int = Form(5, ge=1, le=100)) -> Dict[str, Any]:
         slot = slot_of("image")
@@ -439,7 +449,8 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
         return await slot.run(lambda: _timed(_classify, slot.model, _decode_image(data, filename, max_image_pixels),
                                              topk))
 
-    @app.post("/v1/detect", summary="object detection + instance masks (COCO RLE), optionally drawn")
+    @app.post("/v1/detect", dependencies=[Depends(_one_part_per_field)],
+              summary="object detection + instance masks (COCO RLE), optionally drawn")
     async def detect(file: UploadFile = File(..., description="an image file"),
                      threshold: float = Form(0.5, ge=0.0, le=1.0), masks: bool = Form(True),
                      draw: bool = Form(True)) -> Dict[str, Any]:
@@ -448,7 +459,8 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
         return await slot.run(lambda: _timed(_detect, slot.model, _decode_image(data, filename, max_image_pixels),
                                              threshold, masks, draw))
 
-    @app.post("/v1/segment", summary="semantic segmentation: class histogram and overlay")
+    @app.post("/v1/segment", dependencies=[Depends(_one_part_per_field)],
+              summary="semantic segmentation: class histogram and overlay")
     async def segment(file: UploadFile = File(..., description="an image file"),
                       include_mask: bool = Form(False)) -> Dict[str, Any]:
         slot = slot_of("segment")
@@ -456,14 +468,16 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
         return await slot.run(lambda: _timed(_segment, slot.model, _decode_image(data, filename, max_image_pixels),
                                              include_mask))
 
-    @app.post("/v1/video/classify", summary="action recognition on a video file: top-k labels")
+    @app.post("/v1/video/classify", dependencies=[Depends(_one_part_per_field)],
+              summary="action recognition on a video file: top-k labels")
     async def video_classify(file: UploadFile = File(..., description="a video file (mp4, webm, avi, ...)"),
                              topk: int = Form(5, ge=1, le=100)) -> Dict[str, Any]:
         slot = slot_of("video")
         return await slot.run(lambda: _timed(_video_upload, file,
                                              lambda path: _classify_video(slot.model, path, topk), max_frame_pixels))
 
-    @app.post("/v1/video/retrieve", summary="video-to-text retrieval: rank candidate captions for a video")
+    @app.post("/v1/video/retrieve", dependencies=[Depends(_one_part_per_field)],
+              summary="video-to-text retrieval: rank candidate captions for a video")
     async def video_retrieve(file: UploadFile = File(..., description="a video file (mp4, webm, avi, ...)"),
                              texts: str = Form(..., description="candidate captions, one per line"),
                              topk: int = Form(10, ge=1, le=MAX_CAPTIONS)) -> Dict[str, Any]:
@@ -478,7 +492,8 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
                                              lambda path: _retrieve(slot.model, path, captions, topk),
                                              max_frame_pixels))
 
-    @app.post("/v1/video/localize", summary="temporal action localization: segments (seconds) of an untrimmed video")
+    @app.post("/v1/video/localize", dependencies=[Depends(_one_part_per_field)],
+              summary="temporal action localization: segments (seconds) of an untrimmed video")
     async def video_localize(file: UploadFile = File(..., description="snippet features (.npy, (T, C) float), or a "
                                                      "video file when the server has the localizer's encoder"),
                              fps: Optional[float] = Form(None, gt=0, description="frames per second of the "
