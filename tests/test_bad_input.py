@@ -49,6 +49,10 @@ def files(tmp_path_factory):
     torch.save(model.state_dict(), root / "weights.pth")  # weights, not a training checkpoint
     (root / "only_bad" / "0").mkdir(parents=True)
     (root / "only_bad" / "0" / "broken.png").write_bytes(b"not a png")
+    for label in ("a", "b"):  # enough images for a batch, none readable
+        (root / "all_bad" / label).mkdir(parents=True)
+        for i in range(4):
+            (root / "all_bad" / label / f"{i}.png").write_bytes(b"not a png")
     (root / "one_image" / "cat").mkdir(parents=True)
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(root / "one_image" / "cat" / "a.png")
     wide = intern2.create_model("internimage_t", num_classes=3, **{**TINY, "channels": 32})
@@ -113,6 +117,8 @@ CASES = [
     ("clip-grad", TRAIN + ["--set", "train.clip_grad=-1"], "train.clip_grad: expected a positive number"),
     ("out-unwritable", TRAIN + ["--out", "/proc/intern2_run"], "/proc/intern2_run"),
     ("too-few-samples", TRAIN + ["--data", "{root}/one_image"], "larger than the 1 training samples"),
+    ("train-nothing-readable", TRAIN + ["--data", "{root}/all_bad", "--out", "{root}/all_bad_run"],
+     "training data: all 4 samples drawn were unreadable and skipped, so nothing was learned"),
     ("config-not-yaml", ["train", "image-cls", "--config", "{image}"], "a.png: not a readable YAML file"),
     ("topk-negative", ["predict", "{image}", "--checkpoint", "{good}", "--topk", "-3"],
      "--topk -3: expected a positive"),

@@ -399,7 +399,8 @@ class Trainer:
         eval_metrics: Dict[str, float] = {}
         window: Dict[str, List[float]] = {}
         bad_steps = 0
-        skipped_before = getattr(self.task, "skipped", 0)
+        skipped_before = skipped_at_start = getattr(self.task, "skipped", 0)
+        drawn = 0  # samples the loader gave this run (batches are full: drop_last)
         started = time.perf_counter()
         try:
             while progress.step < total_steps:
@@ -416,6 +417,7 @@ class Trainer:
                     with no_sync():
                         (loss / cfg.grad_accum).backward()
                     progress.batches_done += 1
+                    drawn += cfg.batch_size
                     for key, value in {"loss": loss.item(), **scalars}.items():
                         window.setdefault(key, []).append(float(value))
                     if not boundary:
@@ -464,6 +466,7 @@ class Trainer:
                     log.warning("epoch %d: %d samples skipped (%d in all so far)", progress.epoch,
                                 skipped - skipped_before, skipped)
                 skipped_before = skipped
+                self._check_samples_used(drawn, skipped - skipped_at_start)
                 progress.epoch += 1
                 progress.batches_done = 0
                 optimizer.zero_grad(set_to_none=True)  # micro-batches past the last full accumulation
@@ -471,6 +474,7 @@ class Trainer:
                     eval_metrics = self._eval_and_log(model, ema, eval_set, metrics_file, progress)
                 if cfg.checkpoint_every is None:
                     self._save(wrapped, optimizer, scheduler, ema, progress)
+            self._check_samples_used(drawn, getattr(self.task, "skipped", 0) - skipped_at_start)
             if eval_set is not None and self._evaluated_at != progress.step:  # the final model, not an earlier one
                 eval_metrics = self._eval_and_log(model, ema, eval_set, metrics_file, progress)
             if cfg.checkpoint_every:
@@ -488,6 +492,20 @@ class Trainer:
         return eval_metrics
 
     # --------------------------------------------------------------------------------------------------- helpers
+    def _check_samples_used(self, drawn: int, skipped: int) -> None:
+        """A ValueError when the task skipped every sample drawn so far (all unreadable): the run would save a
+        model that learned nothing and exit as if it had trained. Counted over all ranks, since one rank's share
+        alone may be unreadable; every rank calls this at the same points (it is a collective)."""
+        if not hasattr(self.task, "skipped"):  # a task that never skips samples
+            return
+        counts = torch.tensor([float(drawn), float(skipped)], device=self.dist.device)
+        if self.dist.distributed:
+            dist.all_reduce(counts)  # SUM
+        drawn_all, skipped_all = (int(count) for count in counts.tolist())
+        if drawn_all and skipped_all >= drawn_all:
+            raise ValueError(f"training data: all {drawn_all} samples drawn were unreadable and skipped, so nothing "
+                             f"was learned (the warnings above name the files)")
+
     @staticmethod
     def _freeze_bn(model: nn.Module) -> None:
         """BatchNorm layers keep their running statistics and affine parameters, whatever train() says."""
