@@ -45,6 +45,7 @@ def files(tmp_path_factory):
     with open(root / "evil.pth", "wb") as handle:
         pickle.dump({"model": _Evil()}, handle, protocol=2)  # torch.save's protocol
     (root / "not_a_dir").write_text("x")
+    (root / "clip.mp4").write_bytes(b"never decoded: the options are refused first")
     torch.save([1, 2, 3], root / "list.pth")
     torch.save(model.state_dict(), root / "weights.pth")  # weights, not a training checkpoint
     (root / "only_bad" / "0").mkdir(parents=True)
@@ -147,10 +148,15 @@ CASES = [
      "--out: empty path"),
     ("zero-shot-two-fields", ["zero-shot", "{image}", "--prompt", "{} and {}", "--labels", "a,b"],
      "--prompt '{} and {}': expected one '{}' where the label goes, found 2 fields"),
+    # a protocol option's error names the flag the user typed, not the protocol field behind it
+    ("seg-slide-stride-flag", ["predict", "{image}", "--checkpoint", "{seg}", "--slide-stride", "4,4"],
+     "predict: error: --slide-stride: needs --slide"),
+    ("video-clips-flag", ["predict", "{root}/clip.mp4", "--model", "videomae_vit_s", "--sampling", "uniform",
+                          "--clips", "4"], "--clips: expected 1 with --sampling 'uniform' (one view per video), got 4"),
     ("export-img-size-0", ["export", "onnx", "--checkpoint", "{good}", "--out", "{root}/m.onnx", "--img-size", "0"],
      "--img-size 0: expected a positive number of pixels, at most 8192"),
     ("size-divisor-huge", ["predict", "{image}", "--checkpoint", "{seg}", "--size-divisor", "100000"],
-     "size_divisor: expected at most 8192 pixels, got 100000"),
+     "predict: error: --size-divisor: expected at most 8192 pixels, got 100000"),
     ("set-yaml-one-line", TRAIN + ["--set", "img_size=[1"], "--set 'img_size=[1': value is not valid YAML (expected "
      "',' or ']', but got '<stream end>' at line 1, column 3)"),
     ("eval-csv-not-text", ["eval", "--data", "{image}", "--checkpoint", "{good}"], "not a UTF-8 CSV of 'path,label'"),

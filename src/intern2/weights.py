@@ -217,9 +217,9 @@ class VideoProtocol(_Protocol):
             self._check(getattr(self, name) >= 1, f"{name}: expected a positive integer, got {getattr(self, name)}")
         self._check(self.test_crops in (1, 3), f"test_crops: expected 1 or 3, got {self.test_crops}")
         self._check(self.short_side is None or self.short_side >= self.img_size,
-                    f"short_side: expected null or >= img_size {self.img_size}, got {self.short_side}")
+                    f"short_side: expected at least the crop, img_size {self.img_size}, got {self.short_side}")
         self._check(self.sampling != "uniform" or self.test_clips == 1,
-                    f"test_clips: uniform sampling has one test view, got {self.test_clips}")
+                    f"test_clips: expected 1 with sampling 'uniform' (one view per video), got {self.test_clips}")
         self._check_pixels("img_size", "short_side")
 
     def to_cfg(self) -> Dict[str, Any]:

@@ -8,6 +8,7 @@ import collections.abc
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
@@ -21,7 +22,7 @@ from ..weights import labels_from_cfg, protocol_from_cfg, task_of
 
 __all__ = ["Pipeline", "DTYPES", "cpu_has_bf16", "requested_dtype", "inference_dtype", "model_dtype", "load_model",
            "load_model_spec", "model_task", "top_k", "setup_logging",
-           "add_model_arguments", "model_from_args", "pipeline_from_args", "print_topk", "open_pipeline", "pair",
+           "add_model_arguments", "model_from_args", "pipeline_from_args", "option_error", "print_topk", "open_pipeline", "pair",
            "task_of_arguments", "run_on_images", "check_aspect", "progress"]
 
 log = logging.getLogger(__name__)
@@ -270,16 +271,35 @@ def output_or_exit(parser: argparse.ArgumentParser, path: str, flag: str, folder
         parser.error(str(exc))
 
 
+# The CLI flag of each protocol field the inference commands let a user override (the families'
+# ``add_protocol_arguments``, detection's and TAL's options): a bad value is named as the user typed it.
+OPTION_FLAGS = {"test_size": "--test-size", "size_divisor": "--size-divisor", "slide_crop": "--slide",
+                "slide_stride": "--slide-stride", "tta": "--tta", "reduce_zero_label": "--reduce-zero-label",
+                "test_clips": "--clips", "test_crops": "--crops", "sampling": "--sampling", "stride": "--stride",
+                "short_side": "--short-side", "tiou": "--tiou", "default_fps": "--fps"}
+_OPTION_FIELD = re.compile(r"\b(" + "|".join(OPTION_FLAGS) + r")\b")
+
+
+def option_error(exc: BaseException) -> str:
+    """The one-line message of a pipeline's refusal, in the CLI's words: in an error of the options given
+    (:meth:`~intern2.weights._Protocol.replace`'s ``options: test_clips: ...``) each protocol field is named by
+    its flag (``--clips: ...``); an error in the weights' own metadata keeps the field it is stored under."""
+    message = error_message(exc)
+    if not message.startswith("options: "):
+        return message
+    return _OPTION_FIELD.sub(lambda match: OPTION_FLAGS[match.group(1)], message[len("options: "):])
+
+
 def pipeline_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, pipeline_cls: type,
                        **options: Any) -> Pipeline:
     """The family's pipeline for parsed CLI arguments; a wrong model, bad metadata or bad option is a usage
-    error naming it."""
+    error naming it (an option by its flag: :func:`option_error`)."""
     model = model_from_args(parser, args)
     try:
         return pipeline_cls(model, source=args.checkpoint or args.model, dtype=getattr(args, "dtype", None),
                             **options)
     except (ValueError, TypeError, KeyError, ImportError) as exc:
-        parser.error(error_message(exc))
+        parser.error(option_error(exc))
 
 
 def print_topk(results: List[dict], as_json: bool) -> int:

@@ -18,12 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import error_message
 from ..data.video import FrameSampler, VideoDecodeError, VideoEvalTransform, read_video
 from ..text import check_text
 from ..weights import VideoProtocol
-from .common import (Pipeline, add_model_arguments, check_aspect, items, load_model, model_dtype, output_or_exit,
-                     positive_count, print_topk, progress, setup_logging)
+from .common import (Pipeline, add_model_arguments, check_aspect, items, load_model, model_dtype, option_error,
+                     output_or_exit, positive_count, print_topk, progress, setup_logging)
 from .video_cls import add_protocol_arguments, protocol_options, video_files_or_exit, write_arrays
 
 __all__ = ["VideoTextPipeline", "DEFAULT_PROMPT", "check_prompt", "encode_texts", "encode_views", "retrieve_main",
@@ -207,7 +206,7 @@ def pipeline_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace
     try:
         return VideoTextPipeline.from_pretrained(args.checkpoint, args.model, args.tokenizer, **protocol_options(args))
     except (ValueError, TypeError, FileNotFoundError, KeyError, ImportError) as exc:
-        parser.error(error_message(exc))
+        parser.error(option_error(exc))
 
 
 def _checked_text(parser: argparse.ArgumentParser, text: str, flag: str) -> str:
