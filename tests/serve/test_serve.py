@@ -245,7 +245,8 @@ def test_bad_requests_are_4xx_naming_the_field(client):
         ("/v1/classify", dict(files=_upload("x" * 10_000 + ".png", _png())), 400, "the file name too"),
         ("/v1/classify", dict(files=_upload("notes.png", b"plain text")), 400, "notes.png"),
         # one field twice: FastAPI alone would keep one of the two silently
-        ("/v1/classify", dict(files=[("file", ("a.png", _png(), "image/png")), ("file", ("b.png", _png(seed=1), "image/png"))]),
+        ("/v1/classify", dict(files=[("file", ("a.png", _png(), "image/png")),
+                                     ("file", ("b.png", _png(seed=1), "image/png"))]),
          400, "file: given more than once"),
         ("/v1/segment", dict(files=[("file", ("a.png", _png(), "image/png")), ("include_mask", (None, "true")),
                                     ("include_mask", (None, "false"))]), 400, "include_mask"),

@@ -21,8 +21,8 @@ from ..config import error_message
 from ..weights import labels_from_cfg, protocol_from_cfg, task_of
 
 __all__ = ["Pipeline", "DTYPES", "cpu_has_bf16", "requested_dtype", "inference_dtype", "model_dtype", "load_model",
-           "load_model_spec", "model_task", "top_k", "setup_logging",
-           "add_model_arguments", "model_from_args", "pipeline_from_args", "option_error", "print_topk", "open_pipeline", "pair",
+           "load_model_spec", "model_task", "top_k", "setup_logging", "add_model_arguments", "model_from_args",
+           "pipeline_from_args", "option_error", "print_topk", "open_pipeline", "pair",
            "task_of_arguments", "run_on_images", "check_aspect", "progress"]
 
 log = logging.getLogger(__name__)
