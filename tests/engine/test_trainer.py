@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from intern2.config import apply_overrides, load_config
+from intern2.config import apply_overrides, load_config, to_dict
 from intern2.engine import TrainConfig, Trainer
 from intern2.engine.optim import param_groups, stretch_to_time, warmup_cosine
 from intern2.engine.trainer import ShardedSampler
@@ -62,6 +62,99 @@ def test_resume_is_exact(tmp_path, grad_accum):
     want, got = _weights(tmp_path / "full"), _weights(tmp_path / "broken")
     for key in want:
         assert torch.equal(got[key], want[key]), key
+    # The records after the checkpoint's step are written again, not repeated.
+    assert _train_steps(tmp_path / "broken") == _train_steps(tmp_path / "full") == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_at_the_last_step_of_an_epoch_is_exact(tmp_path):
+    """With grad_accum the epoch ends on leftover micro-batches too few for a step; a run resumed from the
+    checkpoint of the epoch's last step must not run them (the uninterrupted run never did)."""
+    def cfg(out, **train):  # 180 training images: 5 steps of 2 x 16 per epoch, 20 images left over
+        base = _cfg(out, max_steps=7, grad_accum=2, checkpoint_every=5, **train)
+        return replace(base, val_fraction=0.9)
+    Trainer(ImageClassificationTask(cfg(tmp_path / "full")), cfg(tmp_path / "full").train).fit()
+    with pytest.raises(Interrupted):
+        Trainer(InterruptingTask(cfg(tmp_path / "broken"), die_after=10), cfg(tmp_path / "broken").train).fit()
+    assert torch.load(tmp_path / "broken" / "checkpoints" / "last.pt", weights_only=True)["progress"]["step"] == 5
+    resumed = cfg(tmp_path / "broken", resume="auto")
+    Trainer(ImageClassificationTask(resumed), resumed.train).fit()
+    want, got = _weights(tmp_path / "full"), _weights(tmp_path / "broken")
+    assert all(torch.equal(got[key], want[key]) for key in want)
+
+
+def _train_steps(out):
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in records if r["split"] == "train"]
+
+
+def test_resume_refuses_other_settings_but_may_run_longer(tmp_path):
+    """A new lr would be silently overridden by the optimizer state, a new batch size would break the data
+    order: resuming with them is refused, naming the field; more steps (and bookkeeping changes) are fine."""
+    cfg = _cfg(tmp_path, max_steps=2)
+    Trainer(ImageClassificationTask(cfg), cfg.train).fit()
+    for change, field in ((dict(lr=5e-3), "train.lr: 0.001 -> 0.005"), (dict(batch_size=8), "train.batch_size")):
+        other = replace(cfg, train=replace(cfg.train, resume="auto", **change))
+        with pytest.raises(ValueError, match=f"other settings .*{field}"):
+            Trainer(ImageClassificationTask(other), other.train).fit()
+    with pytest.raises(ValueError, match="hflip"):
+        other = replace(cfg, hflip=0.0, train=replace(cfg.train, resume="auto"))
+        Trainer(ImageClassificationTask(other), other.train, config_to_save=to_dict(other)).fit()
+    longer = replace(cfg, train=replace(cfg.train, resume="auto", max_steps=3, log_every=2, eval_every=3))
+    Trainer(ImageClassificationTask(longer), longer.train).fit()
+    assert _train_steps(tmp_path) == [1, 2, 3]
+
+
+def test_a_new_run_in_an_old_folder_leaves_nothing_to_resume(tmp_path):
+    """A new run that dies before its first checkpoint must not leave the previous run's last.pt for
+    resume=auto to continue, nor the previous run's records in metrics.jsonl."""
+    old = _cfg(tmp_path, max_steps=2)
+    Trainer(ImageClassificationTask(old), old.train).fit()
+    with pytest.raises(Interrupted):
+        Trainer(InterruptingTask(old, die_after=1), old.train).fit()
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()
+    assert _train_steps(tmp_path) == [1]
+
+
+def test_a_stop_mid_epoch_is_resumable_and_the_time_spent_counts(tmp_path):
+    """max_steps without checkpoint_every still writes last.pt, with the training time spent: a resumed run with
+    a time limit already used up takes one step and stops."""
+    cfg = _cfg(tmp_path, max_steps=2, checkpoint_every=None)
+    Trainer(ImageClassificationTask(cfg), cfg.train).fit()
+    progress = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["progress"]
+    assert progress["step"] == 2 and progress["batches_done"] == 2 and progress["elapsed_s"] > 0
+    again = replace(cfg, train=replace(cfg.train, resume="auto", max_steps=50,
+                                       time_limit_s=progress["elapsed_s"] / 2))
+    Trainer(ImageClassificationTask(again), again.train).fit()
+    assert _train_steps(tmp_path) == [1, 2, 3]
+
+
+class OneBadMicroBatch(ImageClassificationTask):
+    """The first micro-batch's loss is NaN, the second's finite."""
+
+    calls = 0
+
+    def training_step(self, model, batch):
+        loss, scalars = super().training_step(model, batch)
+        self.calls += 1
+        return (loss * float("nan") if self.calls == 1 else loss), scalars
+
+
+def test_a_non_finite_micro_batch_skips_its_step(tmp_path):
+    """With grad_accum, one NaN micro-batch poisons the accumulated gradient even if the last loss is finite."""
+    cfg = _cfg(tmp_path, max_steps=2, grad_accum=2)
+    trainer = Trainer(OneBadMicroBatch(cfg), cfg.train)
+    trainer.fit()
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert _train_steps(tmp_path) == [1, 2]
+
+
+def test_fine_tuning_on_the_same_classes_keeps_the_trained_head(tmp_path):
+    cfg = _cfg(tmp_path / "first", max_steps=1)
+    Trainer(ImageClassificationTask(cfg), cfg.train).fit()
+    again = replace(cfg, checkpoint=str(tmp_path / "first" / "model"))
+    model = ImageClassificationTask(again).build_model()
+    trained = _weights(tmp_path / "first")
+    assert torch.equal(model.state_dict()["head.weight"], trained["head.weight"])
 
 
 def test_bookkeeping_files_and_metrics(tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Protocol, Tuple
 
@@ -126,10 +127,13 @@ class Task(Protocol):
 
 class ShardedSampler(Sampler[int]):
     """The epoch's order is a permutation seeded by (seed, epoch), split into equal per-rank shards (the remainder
-    is dropped so every rank runs the same number of steps); iteration can start ``start`` samples into the shard."""
+    is dropped so every rank runs the same number of steps) of at most ``used`` samples (the Trainer's whole
+    steps: no partial accumulation is drawn); iteration can start ``start`` samples into the shard."""
 
-    def __init__(self, size: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True):
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
+                 used: Optional[int] = None):
         self.size, self.rank, self.world_size, self.seed, self.shuffle = size, rank, world_size, seed, shuffle
+        self.used = size // world_size if used is None else min(used, size // world_size)
         self.epoch = 0
         self.start = 0
 
@@ -139,13 +143,13 @@ class ShardedSampler(Sampler[int]):
     def _shard(self) -> torch.Tensor:
         order = (torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
                  if self.shuffle else torch.arange(self.size))
-        return order[self.rank::self.world_size][:self.size // self.world_size]
+        return order[self.rank::self.world_size][:self.used]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._shard()[self.start:].tolist())
 
     def __len__(self) -> int:
-        return max(0, self.size // self.world_size - self.start)
+        return max(0, self.used - self.start)
 
 
 class ModelEma:
@@ -169,7 +173,7 @@ class _Progress:
     step: int = 0  # optimizer steps done
     epoch: int = 0
     batches_done: int = 0  # micro-batches consumed in this epoch (per rank)
-    history: Dict[str, Any] = field(default_factory=dict)
+    elapsed_s: float = 0.0  # training seconds before this process started (a resumed run's time limit counts them)
 
 
 _RESUME_KEYS = frozenset({"model", "optimizer", "scheduler", "ema", "rng", "progress"})  # what _save writes
@@ -215,6 +219,35 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _record_step(line: str) -> float:
+    """The step of a metrics.jsonl line (infinity for a line that is not a record: a torn last write)."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def _flatten(config: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``{"train.lr": 1e-3, ...}`` from a nested config dict (lists stay values)."""
+    flat: Dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and key != "model_args":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+# Fields a resumed run may change: its length and bookkeeping, and evaluation (which does not touch training).
+_RESUMABLE_CHANGES = frozenset({"train.epochs", "train.max_steps", "train.time_limit_s", "train.resume",
+                                "train.out_dir", "train.device", "train.num_workers", "train.log_every",
+                                "train.eval_every", "train.checkpoint_every"})
+
+
+def _may_change_on_resume(key: str) -> bool:
+    return key in _RESUMABLE_CHANGES or key.rpartition(".")[2].startswith(("eval_", "test_"))
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -233,6 +266,8 @@ class Trainer:
         self.model: Optional[nn.Module] = None  # the trained (unwrapped) model, after fit()
         self._evaluated_at: Optional[int] = None  # the step of the last evaluation
         self._replicated: List[nn.Parameter] = []  # parameters FSDP2 leaves unsharded
+        self._started = 0.0  # perf_counter() at which this run's training time would have begun
+        self._saved_at: Optional[int] = None  # the step of the last checkpoint
 
     # --------------------------------------------------------------------------------------------------- setup
     def _wrap(self, model: nn.Module) -> nn.Module:
@@ -269,6 +304,7 @@ class Trainer:
         return self.out_dir / "checkpoints" / "last.pt"
 
     def _save(self, model, optimizer, scheduler, ema, progress: _Progress) -> None:
+        progress.elapsed_s = self._elapsed(self._started)
         model_state, optim_state = get_state_dict(
             model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         rng = [_rng_state()]
@@ -278,11 +314,11 @@ class Trainer:
         if self.dist.is_main:
             payload = {"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
                        "ema": ema.module.state_dict() if ema else None, "rng": rng,
-                       "progress": {"step": progress.step, "epoch": progress.epoch,
-                                    "batches_done": progress.batches_done},
+                       "progress": dataclasses.asdict(progress),
                        "world_size": self.dist.world_size, "config": self.config_to_save}
             atomic_write(self.checkpoint_path(), lambda tmp: torch.save(payload, tmp))
             log.info("checkpoint step %d -> %s", progress.step, self.checkpoint_path())
+        self._saved_at = progress.step
         if self.dist.distributed:
             dist.barrier()
 
@@ -306,6 +342,7 @@ class Trainer:
             found = f"a {type(payload).__name__}" if missing is None else f"no {missing}"
             raise ValueError(f"train.resume: {path} is not a training checkpoint (expected the {sorted(_RESUME_KEYS)} "
                              f"the Trainer writes, found {found}); to start from model weights set checkpoint=")
+        self._check_same_run(path, payload.get("config"))
         if payload.get("world_size", 1) != self.dist.world_size:
             raise ValueError(f"train.resume: {path} was written by {payload['world_size']} processes, this run has "
                              f"{self.dist.world_size}; the data order would not continue exactly")
@@ -323,6 +360,21 @@ class Trainer:
         _set_rng_state(payload["rng"][self.dist.rank])
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, progress.step, progress.epoch,
                  progress.batches_done)
+
+    def _check_same_run(self, path: Path, saved: Optional[Dict[str, Any]]) -> None:
+        """A ValueError when this run's config differs from the checkpoint's in a field that shapes training: the
+        optimizer and schedule states would silently keep the old values (a new lr would not apply) and the data
+        order would not continue. How long to train, how often to log, evaluate and save, and where, may change."""
+        if saved is None:  # a checkpoint of a version that did not store its config
+            return
+        old, new = _flatten(saved), _flatten(self.config_to_save)
+        changed = [key for key in sorted(set(old) | set(new))
+                   if old.get(key) != new.get(key) and not _may_change_on_resume(key)]
+        if changed:
+            shown = "; ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in changed[:5])
+            raise ValueError(f"train.resume: {path} continues a run with other settings ({shown}); resume with the "
+                             f"run's own settings, or start a new run from its weights with "
+                             f"checkpoint={self.out_dir / 'model'} (or another out_dir)")
 
     # ------------------------------------------------------------------------------------------------------ eval
     @torch.no_grad()
@@ -364,8 +416,9 @@ class Trainer:
         model.to(self.dist.device)
         _seed_everything(cfg.seed + self.dist.rank)  # per-rank dropout / drop-path streams
         train_set, eval_set = self.task.train_dataset(), self.task.eval_dataset()
-        sampler = ShardedSampler(len(train_set), self.dist.rank, self.dist.world_size, cfg.seed)
-        steps_per_epoch = len(sampler) // cfg.batch_size // cfg.grad_accum
+        steps_per_epoch = len(train_set) // self.dist.world_size // cfg.batch_size // cfg.grad_accum
+        sampler = ShardedSampler(len(train_set), self.dist.rank, self.dist.world_size, cfg.seed,
+                                 used=steps_per_epoch * cfg.grad_accum * cfg.batch_size)
         if steps_per_epoch < 1:
             raise ValueError(f"train.batch_size={cfg.batch_size} x grad_accum={cfg.grad_accum} x "
                              f"{self.dist.world_size} "
@@ -388,10 +441,15 @@ class Trainer:
             if remove_stale_temps(self.checkpoint_path()):  # left by a run killed while it saved
                 log.info("removed the temp files of an interrupted checkpoint write in %s",
                          self.checkpoint_path().parent)
+            if source is None and self.checkpoint_path().exists():
+                # A new run: `resume=auto` must never continue the previous run's state after this one began.
+                log.warning("starting a new run in %s: replacing the previous run's %s and metrics.jsonl (set "
+                            "train.resume=auto to continue a run instead)", self.out_dir, self.checkpoint_path())
+                self.checkpoint_path().unlink()
             config_text = json.dumps(self.config_to_save, indent=2)
             atomic_write(self.out_dir / "config.json", lambda tmp: Path(tmp).write_text(config_text))
         loader = self._loader(train_set, sampler, drop_last=True)
-        metrics_file = (self.out_dir / "metrics.jsonl").open("a") if self.dist.is_main else None
+        metrics_file = self._open_metrics(progress.step if source is not None else None)
         bar = self._progress_bar(total_steps, progress.step)
         log.info("training %d steps (%d per epoch), %d process(es), device %s", total_steps, steps_per_epoch,
                  self.dist.world_size, self.dist.device)
@@ -401,7 +459,9 @@ class Trainer:
         bad_steps = 0
         skipped_before = skipped_at_start = getattr(self.task, "skipped", 0)
         drawn = 0  # samples the loader gave this run (batches are full: drop_last)
-        started = time.perf_counter()
+        finite = True  # every micro-batch loss of the step being accumulated was finite
+        started = self._started = time.perf_counter() - progress.elapsed_s
+        elapsed[0] = progress.elapsed_s
         try:
             while progress.step < total_steps:
                 sampler.set_epoch(progress.epoch, start=progress.batches_done * cfg.batch_size)
@@ -418,11 +478,14 @@ class Trainer:
                         (loss / cfg.grad_accum).backward()
                     progress.batches_done += 1
                     drawn += cfg.batch_size
-                    for key, value in {"loss": loss.item(), **scalars}.items():
+                    loss_value = loss.item()
+                    finite = finite and math.isfinite(loss_value)
+                    for key, value in {"loss": loss_value, **scalars}.items():
                         window.setdefault(key, []).append(float(value))
                     if not boundary:
                         continue
-                    if not math.isfinite(loss.item()):
+                    finite, step_finite = True, self._all_finite(finite)
+                    if not step_finite:
                         bad_steps += 1
                         optimizer.zero_grad(set_to_none=True)
                         log.warning("non-finite loss at step %d: step skipped (%d in a row)", progress.step, bad_steps)
@@ -449,15 +512,15 @@ class Trainer:
                         total_steps = progress.step  # ends the run like max_steps would
                     if bar is not None:
                         bar.update(1)
-                    last_of_epoch = progress.batches_done // cfg.grad_accum >= steps_per_epoch
                     if progress.step % cfg.log_every == 0 or progress.step == total_steps:
                         self._log(metrics_file, progress, scheduler, window, started)
                         window = {}
-                    if cfg.eval_every and progress.step % cfg.eval_every == 0 and eval_set is not None:
-                        eval_metrics = self._eval_and_log(model, ema, eval_set, metrics_file, progress)
+                    # Save before evaluating: an evaluation that fails must not cost the step's checkpoint.
                     if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0:
                         self._save(wrapped, optimizer, scheduler, ema, progress)
-                    if progress.step >= total_steps or last_of_epoch:
+                    if cfg.eval_every and progress.step % cfg.eval_every == 0 and eval_set is not None:
+                        eval_metrics = self._eval_and_log(model, ema, eval_set, metrics_file, progress)
+                    if progress.step >= total_steps:
                         break
                 if progress.step >= total_steps and progress.batches_done // cfg.grad_accum < steps_per_epoch:
                     break  # max_steps reached mid-epoch
@@ -469,16 +532,15 @@ class Trainer:
                 self._check_samples_used(drawn, skipped - skipped_at_start)
                 progress.epoch += 1
                 progress.batches_done = 0
-                optimizer.zero_grad(set_to_none=True)  # micro-batches past the last full accumulation
-                if cfg.eval_every is None and eval_set is not None:
-                    eval_metrics = self._eval_and_log(model, ema, eval_set, metrics_file, progress)
                 if cfg.checkpoint_every is None:
                     self._save(wrapped, optimizer, scheduler, ema, progress)
+                if cfg.eval_every is None and eval_set is not None:
+                    eval_metrics = self._eval_and_log(model, ema, eval_set, metrics_file, progress)
             self._check_samples_used(drawn, getattr(self.task, "skipped", 0) - skipped_at_start)
+            if self._saved_at != progress.step:  # a stop mid-epoch (max_steps, time limit) is resumable too
+                self._save(wrapped, optimizer, scheduler, ema, progress)
             if eval_set is not None and self._evaluated_at != progress.step:  # the final model, not an earlier one
                 eval_metrics = self._eval_and_log(model, ema, eval_set, metrics_file, progress)
-            if cfg.checkpoint_every:
-                self._save(wrapped, optimizer, scheduler, ema, progress)
             final = self._final_model(wrapped, model, ema)
             self.model = model
             if self.dist.is_main:
@@ -505,6 +567,28 @@ class Trainer:
         if drawn_all and skipped_all >= drawn_all:
             raise ValueError(f"training data: all {drawn_all} samples drawn were unreadable and skipped, so nothing "
                              f"was learned (the warnings above name the files)")
+
+    def _all_finite(self, finite: bool) -> bool:
+        """Whether every rank's losses of this step were finite: all ranks must agree to skip a step (a rank that
+        stepped while another skipped would leave the replicas apart)."""
+        if not self.dist.distributed:
+            return finite
+        flag = torch.tensor(float(finite), device=self.dist.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _open_metrics(self, resumed_step: Optional[int]):
+        """``metrics.jsonl`` for appending on rank 0 (None elsewhere): a new run starts it anew, a resumed one
+        keeps the records up to its checkpoint's step (those after it are about to be written again)."""
+        if not self.dist.is_main:
+            return None
+        path = self.out_dir / "metrics.jsonl"
+        kept = ""
+        if resumed_step is not None and path.exists():
+            lines = path.read_text().splitlines()
+            kept = "".join(line + "\n" for line in lines if _record_step(line) <= resumed_step)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(kept))
+        return path.open("a")
 
     @staticmethod
     def _freeze_bn(model: nn.Module) -> None:

@@ -125,11 +125,11 @@ class ImageClassificationTask:
     def build_model(self) -> nn.Module:
         model = create_model(self.cfg.model, pretrained=self.cfg.pretrained and not self.cfg.checkpoint,
                              **(self.cfg.model_args or {}))
+        if model.num_classes != len(self.classes):  # before loading: a checkpoint with these classes keeps its head
+            model.reset_classifier(len(self.classes))
         if self.cfg.checkpoint:
             from ..checkpoint import load_checkpoint
             load_checkpoint(model, self.cfg.checkpoint)
-        if model.num_classes != len(self.classes):
-            model.reset_classifier(len(self.classes))
         return model
 
     def _dataset(self, source: ImageSource, train: bool) -> Dataset:
