@@ -54,6 +54,9 @@ def files(tmp_path_factory):
         (root / "all_bad" / label).mkdir(parents=True)
         for i in range(4):
             (root / "all_bad" / label / f"{i}.png").write_bytes(b"not a png")
+    (root / "val_bad" / "0").mkdir(parents=True)  # a validation folder of the digits' class "0", unreadable
+    for i in range(2):
+        (root / "val_bad" / "0" / f"{i}.png").write_bytes(b"not a png")
     (root / "one_image" / "cat").mkdir(parents=True)
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(root / "one_image" / "cat" / "a.png")
     wide = intern2.create_model("internimage_t", num_classes=3, **{**TINY, "channels": 32})
@@ -162,6 +165,38 @@ CASES = [
     ("eval-csv-not-text", ["eval", "--data", "{image}", "--checkpoint", "{good}"], "not a UTF-8 CSV of 'path,label'"),
     ("detector-threshold", ["predict", "{image}", "--model", "mask_rcnn_internimage_t", "--threshold", "2"],
      "--threshold 2.0: expected a score in [0, 1]"),
+    # training values checked before the run (not after it, at the evaluation or the save)
+    ("crop-pct", TRAIN + ["--set", "crop_pct=5"], "crop_pct: expected a number in (0, 1], got 5"),
+    ("crop-scale-inverted", TRAIN + ["--set", "train_crop_scale=[1, 0.5]"],
+     "train_crop_scale: expected a (low, high) pair with low <= high, both in (0, 1], got [1.0, 0.5]"),
+    ("hflip", TRAIN + ["--set", "hflip=2"], "hflip: expected a number in [0, 1], got 2"),
+    ("ema-decay-1", TRAIN + ["--set", "train.ema_decay=1.0"], "train.ema_decay: expected a number in [0, 1), got 1.0"),
+    ("model-args-num-classes", TRAIN + ["--set", "model_args.num_classes=3"],
+     "model_args.num_classes: 3, but data builtin:digits has 10 classes"),
+    ("video-label-smoothing", ["train", "video-cls", "--set", "label_smoothing=5"],
+     "label_smoothing: expected a number in [0, 1), got 5"),
+    ("video-std-zero", ["train", "video-cls", "--set", "std=[0, 0, 0]"], "std: expected values in (0, inf), got [0"),
+    ("video-train-scale", ["train", "video-cls", "--set", "train_scale=[1, 0.2]"], "train_scale: expected a (low"),
+    ("translation-eval-beams", ["train", "translation", "--set", "eval_beams=0"], "eval_beams: expected positive"),
+    ("translation-eval-batch", ["train", "translation", "--set", "eval_batch_size=0"], "eval_batch_size: expected"),
+    ("translation-label-smoothing", ["train", "translation", "--set", "label_smoothing=5"],
+     "label_smoothing: expected a number in [0, 1), got 5"),
+    ("detect-min-over-max", ["train", "detect", "--set", "min_size=900", "--set", "max_size=800"],
+     "min_size: expected at most max_size (800), got 900"),
+    ("detect-hflip", ["train", "detect", "--set", "hflip=-1"], "hflip: expected a number in [0, 1], got -1"),
+    ("segment-ratio-range", ["train", "segment", "--set", "ratio_range=[2, 0.5]"], "ratio_range: expected a (low"),
+    ("segment-aux-weight", ["train", "segment", "--set", "aux_weight=-1"], "aux_weight: expected a number in [0, inf)"),
+    ("tal-trunc-thresh", ["train", "tal", "--set", "trunc_thresh=2"],
+     "trunc_thresh: expected a number in [0, 1], got 2"),
+    ("layer-decay-without-layers", ["train", "detect", "--set", "train.layer_decay=0.9", "--set", "train.max_steps=1",
+                                    "--set", "model_args={backbone: {channels: 16, depths: [1, 1, 1, 1], "
+                                    "groups: [1, 2, 4, 8]}}", "--set", "min_size=64", "--set", "max_size=64"],
+     "train.layer_decay: InternImageMaskRCNN has no layer depths to decay over"),
+    ("data-empty", TRAIN + ["--data", ""], "--data: empty"),
+    ("train-without-task", ["train"], "intern2 train: error: expected a task"),
+    ("demo-budget-inf", ["demo", "--budget", "inf"], "--budget: expected a number in (0, 1000], got inf"),
+    ("validation-unreadable", TRAIN + ["--set", "val_data={root}/val_bad"],
+     "validation data: all 2 samples were unreadable, so the model saved in"),
 ]
 
 
@@ -180,6 +215,17 @@ def test_bad_input_is_one_line_naming_the_culprit(name, argv, message, files, ca
     assert code == 2, err
     lines = [line for line in err.splitlines() if line.strip() and " WARNING " not in line and " INFO " not in line]
     assert "Traceback" not in err and message in lines[-1], err
+
+
+def test_a_diverging_run_ends_in_one_line_with_the_advice(tmp_path, capsys):
+    """Valid input, a failed run: exit 1 (not a usage error), one line saying what to change."""
+    argv = TRAIN + ["--set", "train.lr=1e30", "--set", "train.clip_grad=null", "--set", "train.max_steps=40",
+                    "--out", str(tmp_path / "run")]
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    last = [line for line in err.splitlines() if " WARNING " not in line and " INFO " not in line][-1]
+    assert code == 1 and "Traceback" not in err
+    assert last.startswith("intern2 train: error: training diverged: 10 steps in a row") and "train.lr" in last
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")

@@ -147,6 +147,11 @@ def _main(argv: List[str]) -> int:
             raise
         print(f"intern2 {command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:  # a diverged training run: the input was valid, the run failed
+        if debug:
+            raise
+        print(f"intern2 {command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import yaml
 from .fields import coerce, describe
 
 __all__ = ["from_dict", "to_dict", "load_config", "apply_overrides", "parse_assignments", "describe_fields",
-           "check_positive", "error_message"]
+           "check_positive", "check_range", "error_message"]
 
 T = TypeVar("T")
 
@@ -69,7 +69,8 @@ def to_dict(cfg: Any) -> Dict[str, Any]:
 
 
 def apply_overrides(cfg: T, assignments: Sequence[str]) -> T:
-    """Apply ``a.b=value`` strings; the value is parsed as YAML (``3``, ``1e-4``, ``[1, 1, 2, 1]``, ``null``)."""
+    """Apply ``a.b=value`` strings; the value is parsed as YAML (``3``, ``1e-4``, ``[1, 1, 2, 1]``, ``null``); a
+    mapping is merged into the mapping it sets, as a ``--config`` file's is (``null`` first to replace it)."""
     data = to_dict(cfg)
     for assignment in assignments:
         key, sep, text = assignment.partition("=")
@@ -85,7 +86,10 @@ def apply_overrides(cfg: T, assignments: Sequence[str]) -> T:
                 else:
                     raise ValueError(f"--set {assignment!r}: {'.'.join(parts[:depth + 1])} is not a config section")
             node = node[part]
-        node[parts[-1]] = value
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):  # merged, as a --config mapping is
+            _deep_update(node[parts[-1]], value, f"--set {key}")
+        else:
+            node[parts[-1]] = value
     return from_dict(type(cfg), data)
 
 
@@ -185,6 +189,29 @@ def to_dict_value(value: Any) -> str:
     if isinstance(value, (tuple, list)):
         return "[" + ", ".join(to_dict_value(v) for v in value) + "]"
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def check_range(cfg: Any, name: str, interval: str, pair: bool = False, prefix: str = "") -> None:
+    """Range check for a config's ``__post_init__``: the field (a number, a tuple of numbers, or None) lies in
+    ``interval``, written as in mathematics (``"[0, 1)"``, ``"(0, inf)"``); with ``pair``, it is a (low, high)
+    pair with low <= high. The error names the field (after ``prefix``, e.g. ``train.``) and the interval."""
+    value = getattr(cfg, name)
+    if value is None:
+        return
+    low_bracket, bounds, high_bracket = interval[0], interval[1:-1], interval[-1]
+    low, high = (float(bound) for bound in bounds.split(","))
+    values = value if isinstance(value, (tuple, list)) else (value,)
+
+    def inside(v: float) -> bool:
+        return ((low < v if low_bracket == "(" else low <= v) and
+                (v < high if high_bracket == ")" else v <= high))
+    if pair and not (len(values) == 2 and all(map(inside, values)) and values[0] <= values[1]):
+        raise ValueError(f"{prefix}{name}: expected a (low, high) pair with low <= high, both in {interval}, got "
+                         f"{list(values)}")
+    if not all(isinstance(v, (int, float)) and inside(v) for v in values):
+        shown = list(value) if isinstance(value, (tuple, list)) else value
+        what = "values" if len(values) > 1 else "a number"
+        raise ValueError(f"{prefix}{name}: expected {what} in {interval}, got {shown}")
 
 
 def check_positive(cfg: Any, *names: str) -> None:

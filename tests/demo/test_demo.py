@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from intern2 import cli
 from intern2.config import load_config
-from intern2.recipes import get_recipe, list_recipes
+from intern2.recipes import list_recipes
 
 TASK_CONFIGS = {"image-cls": ("intern2.tasks.image_cls", "ImageClsConfig"),
                 "segment": ("intern2.tasks.segment", "SegmentConfig"),
@@ -52,12 +53,18 @@ def test_every_task_has_a_recipe_that_is_a_valid_config():
         assert recipe.summary and recipe.reaches and 0 < recipe.minutes <= 5
 
 
-def test_recipes_command_lists_and_prints(capsys):
+def test_recipes_command_lists_and_prints_a_config_file(capsys, tmp_path):
     assert cli.main(["recipes"]) == 0
     out = capsys.readouterr().out
     assert all(r.name in out and r.task in out for r in list_recipes())
-    assert cli.main(["recipes", "shapes-segment"]) == 0
-    assert capsys.readouterr().out == get_recipe("shapes-segment").path.read_text()
+    for recipe in list_recipes():  # each printed recipe is a config file of its task, comments kept
+        assert cli.main(["recipes", recipe.name]) == 0
+        printed = capsys.readouterr().out
+        assert yaml.safe_load(printed) == recipe.config and recipe.summary in printed
+        (tmp_path / f"{recipe.name}.yaml").write_text(printed)  # `intern2 recipes NAME > NAME.yaml`
+    assert cli.main(["train", "image-cls", "--config", str(tmp_path / "digits.yaml"), "--set", "train.max_steps=1",
+                     "--set", "train.eval_every=1", "--out", str(tmp_path / "run")]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["count"] > 0
 
 
 @pytest.mark.parametrize("argv, message", [

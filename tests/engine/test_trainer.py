@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from intern2 import cli
 from intern2.config import apply_overrides, load_config, to_dict
 from intern2.engine import TrainConfig, Trainer
 from intern2.engine.optim import param_groups, stretch_to_time, warmup_cosine
@@ -244,6 +245,9 @@ def test_config_files_and_overrides(tmp_path):
                       ["train.lr=1e-3", "model_args.depths=[1, 1, 2, 1]", "train_crop_scale=[0.5, 1]"])
     assert cfg.model == "internimage_s" and cfg.train.epochs == 2 and cfg.train.lr == 1e-3
     assert cfg.model_args == {"depths": [1, 1, 2, 1]} and cfg.train_crop_scale == (0.5, 1)
+    merged = apply_overrides(cfg, ["model_args={channels: 16}"])  # a mapping merges, as a --config file's does
+    assert merged.model_args == {"depths": [1, 1, 2, 1], "channels": 16}
+    assert apply_overrides(cfg, ["model_args=null", "model_args={channels: 16}"]).model_args == {"channels": 16}
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['lrr'\]"):
         apply_overrides(cfg, ["train.lrr=1"])
     with pytest.raises(ValueError, match="expected key=value"):
@@ -252,3 +256,22 @@ def test_config_files_and_overrides(tmp_path):
         apply_overrides(cfg, ["train.lr=fast"])
     with pytest.raises(ValueError, match="train.amp: expected 'none' or 'bf16'"):
         apply_overrides(cfg, ["train.amp=fp8"])
+
+
+def test_set_epochs_wins_over_a_config_step_count(tmp_path, monkeypatch):
+    """`--set train.epochs=N` on a recipe or config that counts steps trains N epochs (the config's max_steps
+    would otherwise end the run first, silently)."""
+    seen = {}
+
+    class Recorder:
+        def __init__(self, task, cfg, config_to_save=None):
+            seen["train"] = cfg
+
+        def fit(self):
+            return {}
+    monkeypatch.setattr("intern2.engine.Trainer", Recorder)
+    (tmp_path / "cfg.yaml").write_text("train: {max_steps: 5}\n")
+    base = ["train", "image-cls", "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")]
+    assert cli.main(base + ["--set", "train.epochs=2"]) == 0
+    assert seen["train"].epochs == 2 and seen["train"].max_steps is None
+    assert cli.main(base) == 0 and seen["train"].max_steps == 5

@@ -79,8 +79,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     unknown = [s for s in names if s not in STAGES]
     if unknown:
         parser.error(f"--only: unknown stages {unknown}; known: {', '.join(STAGES)}")
-    if not args.budget > 0:
-        parser.error(f"--budget: expected a positive number, got {args.budget}")
+    if not 0 < args.budget <= 1000:  # a finite scale: --budget inf would ask for infinitely many steps
+        parser.error(f"--budget: expected a number in (0, 1000], got {args.budget}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("intern2.engine", "intern2.data", "intern2.checkpoint", "intern2.tasks"):
         logging.getLogger(noisy).setLevel(logging.WARNING)  # the stages log their own summaries

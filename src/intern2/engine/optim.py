@@ -22,7 +22,10 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: Optional[fl
     ``layer_id(name) -> int`` and ``num_layer_ids`` gets lr scale ``layer_decay ** (num_layer_ids - 1 - id)``.
     """
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    use_layer_decay = layer_decay is not None and layer_decay != 1.0 and hasattr(model, "layer_id")
+    use_layer_decay = layer_decay is not None and layer_decay != 1.0
+    if use_layer_decay and not hasattr(model, "layer_id"):  # silently training without it would mislead
+        raise ValueError(f"train.layer_decay: {type(model).__name__} has no layer depths to decay over (InternImage "
+                         f"classifiers, UperNet and the video ViTs have); leave it unset")
     groups: Dict[tuple, Dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:

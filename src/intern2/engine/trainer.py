@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..checkpoint import atomic_write, remove_stale_temps
-from ..config import to_dict
+from ..config import check_range, to_dict
 from .distributed import DistInfo, cleanup, fully_shard_model, init_distributed
 from .optim import SCHEDULES, build_optimizer, lr_schedule, stretch_to_time
 
@@ -91,10 +91,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name}: expected a number >= 0, got {getattr(self, name)}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"train.lr: expected a positive number, got {self.lr}")
-        for name, low, high in (("min_lr_ratio", 0, 1), ("layer_decay", 0, 1), ("ema_decay", 0, 1)):
-            value = getattr(self, name)
-            if value is not None and not low <= value <= high:
-                raise ValueError(f"train.{name}: expected a number in [{low}, {high}], got {value}")
+        for name, interval in (("min_lr_ratio", "[0, 1]"), ("layer_decay", "(0, 1]"), ("ema_decay", "[0, 1)")):
+            check_range(self, name, interval, prefix="train.")
         if self.time_limit_s is not None and not (math.isfinite(self.time_limit_s) and self.time_limit_s >= 0):
             raise ValueError(f"train.time_limit_s: expected a number >= 0 or null, got {self.time_limit_s}")
         if self.clip_grad is not None and not (math.isfinite(self.clip_grad) and self.clip_grad > 0):
@@ -410,6 +408,9 @@ class Trainer:
         _seed_everything(cfg.seed)  # same initial weights on every rank
         model = self.task.build_model()
         if cfg.grad_checkpointing:
+            if not hasattr(model, "set_grad_checkpointing"):
+                raise ValueError(f"train.grad_checkpointing: {type(model).__name__} does not support gradient "
+                                 f"checkpointing; leave it off")
             model.set_grad_checkpointing(True)
         if cfg.freeze_bn:  # before wrapping: DDP must not expect gradients for frozen parameters
             self._freeze_bn(model)
@@ -490,7 +491,9 @@ class Trainer:
                         optimizer.zero_grad(set_to_none=True)
                         log.warning("non-finite loss at step %d: step skipped (%d in a row)", progress.step, bad_steps)
                         if bad_steps >= 10:
-                            raise FloatingPointError("10 consecutive non-finite losses: lower train.lr or check data")
+                            raise FloatingPointError(f"training diverged: 10 steps in a row up to step {progress.step} "
+                                                     f"had a non-finite loss; lower train.lr, set train.clip_grad or "
+                                                     f"check the data")
                         continue
                     bad_steps = 0
                     if self._replicated and self.dist.distributed:

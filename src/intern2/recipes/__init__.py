@@ -8,13 +8,14 @@ Each recipe is a YAML file in this folder: ``task``, a one-line ``summary``, wha
 from __future__ import annotations
 
 import argparse
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import yaml
 
-__all__ = ["Recipe", "list_recipes", "get_recipe", "recipes_main"]
+__all__ = ["Recipe", "list_recipes", "get_recipe", "config_text", "recipes_main"]
 
 _FOLDER = Path(__file__).parent
 _KEYS = {"task", "summary", "reaches", "minutes", "config"}
@@ -61,11 +62,23 @@ def get_recipe(name: str, task: Optional[str] = None) -> Recipe:
     return recipe
 
 
+def config_text(recipe: Recipe) -> str:
+    """The recipe as a ``--config`` file for its task: its ``config`` section (comments kept) under its other
+    fields as comments."""
+    lines = recipe.path.read_text().splitlines()
+    start = lines.index("config:")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i][:1] not in ("", " ", "#")), len(lines))
+    about = [line if line.startswith("#") else f"# {line}" for line in lines[:start] + lines[end:] if line.strip()]
+    usage = f"# use: intern2 train {recipe.task} --config THIS_FILE (--set KEY=VALUE overrides it)"
+    body = textwrap.dedent("\n".join(lines[start + 1:end]))
+    return "\n".join([*about, usage, body]) + "\n"
+
+
 def recipes_main(argv: Optional[List[str]] = None) -> int:
     """`intern2 recipes [--task TASK] [NAME]`: list the recipes, or print one's YAML."""
     parser = argparse.ArgumentParser(prog="intern2 recipes", description="List the shipped training recipes "
                                      "(small CPU configurations), or print one: intern2 recipes NAME.")
-    parser.add_argument("name", nargs="?", help="a recipe to print as YAML (a starting point for --config)")
+    parser.add_argument("name", nargs="?", help="a recipe to print as a --config YAML file (a starting point)")
     parser.add_argument("--task", help="only the recipes of this task")
     args = parser.parse_args(argv)
     if args.name:
@@ -73,7 +86,7 @@ def recipes_main(argv: Optional[List[str]] = None) -> int:
             recipe = get_recipe(args.name, args.task)
         except ValueError as exc:
             parser.error(str(exc))
-        print(recipe.path.read_text(), end="")
+        print(config_text(recipe), end="")
         return 0
     recipes = list_recipes(args.task)
     if not recipes:

@@ -43,10 +43,18 @@ def train_main(argv: Optional[List[str]] = None) -> int:
         return _run(task, "train_main", argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in TASKS:
         known = ", ".join(sorted(TASKS))
+        if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+            print(f"intern2 train: error: expected a task before the options, got {argv[0]!r}; tasks: {known}",
+                  file=sys.stderr)
+            return 2
         if argv and argv[0] not in ("-h", "--help"):
             print(f"intern2 train: unknown task {argv[0]!r}; tasks: {known}", file=sys.stderr)
             return 2
-        print(f"usage: intern2 train <task> [options]   (tasks: {known}; 'intern2 train <task> --help' for options)")
+        usage = f"usage: intern2 train <task> [options]   (tasks: {known}; 'intern2 train <task> --help' for options)"
+        if not argv:  # a task is required, as argparse's required arguments are: usage on stderr, exit 2
+            print(f"{usage}\nintern2 train: error: expected a task", file=sys.stderr)
+            return 2
+        print(usage)
         return 0
     return _run(argv[0], "train_main", argv[1:])
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from typing import Any, Callable, List, Optional, Type
+from typing import Any, Callable, Dict, List, Optional, Type
 
 from ..checkpoint import check_output
 from ..pipelines.common import setup_logging
 
-__all__ = ["train_cli"]
+__all__ = ["train_cli", "head_model_args"]
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,12 @@ def train_cli(argv: Optional[List[str]], task_name: str, description: str, confi
                         help="override a config field, e.g. --set train.lr=1e-3 --set train.epochs=30")
     args = parser.parse_args(argv)
     setup_logging()
+    if args.data is not None and not args.data.strip():  # Path("") would read the current folder
+        parser.error("--data: empty; expected a dataset path or a builtin: name")
     overrides = list(args.overrides)
+    keys = {assignment.partition("=")[0].strip() for assignment in overrides}
+    if "train.epochs" in keys and "train.max_steps" not in keys:
+        overrides.append("train.max_steps=null")  # the epochs asked for, not a recipe's or config's step count
     for flag, key in ((args.data, "data"), (args.model, "model"), (args.out, "train.out_dir")):
         if flag is not None:
             overrides.insert(0, f"{key}={flag}")
@@ -53,8 +58,22 @@ def train_cli(argv: Optional[List[str]], task_name: str, description: str, confi
     metrics = Trainer(task, cfg.train, config_to_save=to_dict(cfg)).fit()
     if getattr(task, "skipped", 0):
         log.warning("%d unreadable samples were skipped during training", task.skipped)
+    if metrics.get("count") == 0 and metrics.get("skipped", 0):  # the model is saved; its score is not known
+        raise ValueError(f"validation data: all {metrics['skipped']} samples were unreadable, so the model saved "
+                         f"in {cfg.train.out_dir}/model was not evaluated (the warnings above name the files)")
     print(json.dumps({k: v for k, v in metrics.items() if k not in hide}))
     return 0
+
+
+def head_model_args(model_args: Optional[Dict[str, Any]], num_classes: int, data: str) -> Dict[str, Any]:
+    """``model_args`` with the data's class count as ``num_classes``: the head follows the data, so a different
+    count given there is a ValueError rather than a head that disagrees with the labels."""
+    args = dict(model_args or {})
+    given = args.pop("num_classes", None)
+    if given is not None and given != num_classes:
+        raise ValueError(f"model_args.num_classes: {given}, but data {data} has {num_classes} classes; leave it "
+                         f"unset (the head is sized to the data's classes)")
+    return {**args, "num_classes": num_classes}
 
 
 def _check_model_kind(model: str, default: str, task_name: str) -> None:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import check_positive
+from ..config import check_positive, check_range
 from ..data.coco import (AUGMENTS, CocoDetection, CocoSource, autoaugment_short_sides, collate_detection,
                          open_coco_source)
 from ..engine import TrainConfig
@@ -24,7 +24,7 @@ from ..factory import create_model, save_pretrained
 from ..pipelines.common import add_model_arguments, pair, pipeline_from_args
 from ..pipelines.detect import DetectionPipeline
 from ..weights import DetectionProtocol
-from .common import train_cli
+from .common import head_model_args, train_cli
 
 __all__ = ["DetectConfig", "DetectionTask", "coco_evaluate", "evaluate_detector", "train_main", "eval_main"]
 
@@ -50,6 +50,9 @@ class DetectConfig:
 
     def __post_init__(self):
         check_positive(self, "min_size", "max_size")
+        check_range(self, "hflip", "[0, 1]")
+        if self.min_size > self.max_size:
+            raise ValueError(f"min_size: expected at most max_size ({self.max_size}), got {self.min_size}")
         if self.augment not in AUGMENTS:
             raise ValueError(f"augment: expected one of {list(AUGMENTS)}, got {self.augment!r}")
 
@@ -124,8 +127,8 @@ class DetectionTask:
         self.skipped = 0
 
     def build_model(self) -> nn.Module:
-        model = create_model(self.cfg.model, num_classes=len(self.classes), min_size=self.cfg.min_size,
-                             max_size=self.cfg.max_size, **(self.cfg.model_args or {}))
+        model = create_model(self.cfg.model, min_size=self.cfg.min_size, max_size=self.cfg.max_size,
+                             **head_model_args(self.cfg.model_args, len(self.classes), self.cfg.data))
         from ..checkpoint import load_checkpoint
         if self.cfg.backbone_checkpoint:
             load_checkpoint(model, self.cfg.backbone_checkpoint)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import check_positive
+from ..config import check_positive, check_range
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..data.images import (
     ClassificationDataset,
@@ -31,7 +31,7 @@ from ..factory import create_model, save_pretrained
 from ..pipelines.common import add_model_arguments, pipeline_from_args, progress
 from ..pipelines.image_cls import ImageClassificationPipeline
 from ..weights import ImageClassificationProtocol
-from .common import train_cli
+from .common import head_model_args, train_cli
 
 __all__ = ["ImageClsConfig", "ImageClassificationTask", "ClassificationMetrics", "train_main", "eval_main"]
 
@@ -57,10 +57,16 @@ class ImageClsConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        check_positive(self, "img_size", "crop_pct", "train_crop_scale")
-        if not 0 < self.val_fraction < 1 or not 0 <= self.label_smoothing < 1 or min(self.mixup, self.cutmix) < 0:
-            raise ValueError(f"val_fraction in (0, 1), label_smoothing in [0, 1), mixup and cutmix >= 0 expected, "
-                             f"got {self.val_fraction}, {self.label_smoothing}, {self.mixup}, {self.cutmix}")
+        check_positive(self, "img_size")
+        check_range(self, "train_crop_scale", "(0, 1]", pair=True)
+        for name, interval in (("val_fraction", "(0, 1)"), ("label_smoothing", "[0, 1)"), ("hflip", "[0, 1]"),
+                               ("mixup", "[0, inf)"), ("cutmix", "[0, inf)")):
+            check_range(self, name, interval)
+        self.protocol()  # crop_pct and img_size as the saved model's protocol will check them
+
+    def protocol(self) -> ImageClassificationProtocol:
+        """The evaluation protocol the trained model is saved with."""
+        return ImageClassificationProtocol(input_size=(3, self.img_size, self.img_size), crop_pct=self.crop_pct)
 
 
 class ClassificationMetrics:
@@ -123,10 +129,9 @@ class ImageClassificationTask:
         return v2.RandomChoice(mixers) if mixers else None
 
     def build_model(self) -> nn.Module:
+        # Sized to the data before loading: a checkpoint with these classes keeps its head, others get a new one.
         model = create_model(self.cfg.model, pretrained=self.cfg.pretrained and not self.cfg.checkpoint,
-                             **(self.cfg.model_args or {}))
-        if model.num_classes != len(self.classes):  # before loading: a checkpoint with these classes keeps its head
-            model.reset_classifier(len(self.classes))
+                             **head_model_args(self.cfg.model_args, len(self.classes), self.cfg.data))
         if self.cfg.checkpoint:
             from ..checkpoint import load_checkpoint
             load_checkpoint(model, self.cfg.checkpoint)
@@ -166,8 +171,7 @@ class ImageClassificationTask:
         return self.metrics.summarize(sums)
 
     def save_model(self, model: nn.Module, directory: Path) -> None:
-        cfg = self.cfg
-        protocol = ImageClassificationProtocol(input_size=(3, cfg.img_size, cfg.img_size), crop_pct=cfg.crop_pct)
+        protocol = self.cfg.protocol()
         model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "file": None, "num_classes": len(self.classes),
                                 "label_names": list(self.classes), **protocol.to_cfg()}
         save_pretrained(model, directory)

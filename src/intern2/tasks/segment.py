@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import check_positive
+from ..config import check_positive, check_range
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..data.segmentation import IGNORE_INDEX, SegmentationDataset, collate_segmentation, open_seg_source
 from ..engine import TrainConfig
@@ -23,7 +23,7 @@ from ..factory import create_model, save_pretrained
 from ..pipelines.common import add_model_arguments, pipeline_from_args, progress
 from ..pipelines.segment import SegmentationPipeline, add_protocol_arguments, protocol_options, segment_probabilities
 from ..weights import SegmentationProtocol
-from .common import train_cli
+from .common import head_model_args, train_cli
 
 __all__ = ["SegmentConfig", "SegmentationTask", "SegmentationMetrics", "train_main", "eval_main"]
 
@@ -51,7 +51,9 @@ class SegmentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        check_positive(self, "crop_size", "scale", "ratio_range", "test_size", "size_divisor", "num_classes")
+        check_positive(self, "crop_size", "scale", "test_size", "size_divisor", "num_classes")
+        check_range(self, "ratio_range", "(0, inf)", pair=True)
+        check_range(self, "aux_weight", "[0, inf)")
 
 
 class SegmentationMetrics:
@@ -97,9 +99,10 @@ class SegmentationTask:
         if cfg.num_classes is None and not classes:
             problem = "classes.txt lists no classes" if classes is not None else "no classes.txt"
             raise ValueError(f"data {cfg.data}: {problem}: list one class name per line, or set num_classes")
-        num_classes = cfg.num_classes or len(classes)
-        self.classes = list(classes) if classes and len(classes) == num_classes else [str(i) for i in
-                                                                                      range(num_classes)]
+        if classes and cfg.num_classes and cfg.num_classes != len(classes):
+            raise ValueError(f"num_classes: {cfg.num_classes}, but data {cfg.data}'s classes.txt lists {len(classes)} "
+                             f"classes; leave num_classes unset, or make classes.txt match")
+        self.classes = list(classes) if classes else [str(i) for i in range(cfg.num_classes)]
         self.protocol = SegmentationProtocol(
             test_size=tuple(cfg.test_size), size_divisor=cfg.size_divisor,
             slide_crop=(cfg.crop_size, cfg.crop_size) if cfg.slide else None, reduce_zero_label=cfg.reduce_zero_label)
@@ -107,7 +110,7 @@ class SegmentationTask:
         self.skipped = 0
 
     def build_model(self) -> nn.Module:
-        model = create_model(self.cfg.model, num_classes=len(self.classes), **(self.cfg.model_args or {}))
+        model = create_model(self.cfg.model, **head_model_args(self.cfg.model_args, len(self.classes), self.cfg.data))
         from ..checkpoint import load_checkpoint
         if self.cfg.backbone_checkpoint:
             load_checkpoint(model.backbone, self.cfg.backbone_checkpoint)

@@ -35,13 +35,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..config import check_positive
+from ..config import check_positive, check_range
 from ..data.temporal import TemporalDataset, TemporalSource, collate_temporal, open_temporal_source
 from ..engine import TrainConfig
 from ..factory import create_model, save_pretrained
 from ..pipelines.common import add_model_arguments, pipeline_from_args, progress
 from ..weights import TemporalLocalizationProtocol
-from .common import train_cli
+from .common import head_model_args, train_cli
 
 __all__ = ["TIOU_PRESETS", "Segment", "load_ground_truth", "load_predictions", "interpolated_ap",
            "average_precision", "detection_map", "eval_tal_main", "TALConfig", "TALTask", "evaluate_localizer",
@@ -313,6 +313,8 @@ class TALConfig:
 
     def __post_init__(self):
         check_positive(self, "feat_stride", "feat_num_frames", "default_fps", "builtin_videos", "builtin_classes")
+        check_range(self, "trunc_thresh", "[0, 1]")
+        check_range(self, "crop_ratio", "(0, 1]", pair=True)
         if self.tiou not in TIOU_PRESETS:
             raise ValueError(f"tiou: expected one of {sorted(TIOU_PRESETS)}, got {self.tiou!r}")
         if bool(self.annotations) != bool(self.features):
@@ -331,13 +333,16 @@ def _prediction_segments(video: str, result: Dict[str, Any], gt_ids: Dict[str, i
 
 
 def evaluate_localizer(model: nn.Module, source: TemporalSource, protocol: TemporalLocalizationProtocol,
-                       thresholds: Sequence[float], labels: Sequence[str]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+                       thresholds: Sequence[float], labels: Sequence[str],
+                       ground_truth: Optional[Tuple[List[Segment], Dict[int, str]]] = None
+                       ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """(metrics, predictions in ActionFormer's ``database`` layout) of ``model`` on every video of ``source``,
-    through the TAL pipeline (what `predict` returns) and the official metric."""
+    through the TAL pipeline (what `predict` returns) and the official metric; ``ground_truth`` is
+    :func:`source_ground_truth` read beforehand, if it was."""
     from ..pipelines.tal import TemporalLocalizationPipeline
     pipeline = TemporalLocalizationPipeline(model, **{k: v for k, v in protocol.to_cfg().items()})
     pipeline.labels = list(labels)
-    ground_truth, names = load_ground_truth(source.annotation_file, source.subset, skip_unusable=True)
+    ground_truth, names = ground_truth or source_ground_truth(source)
     gt_ids = {name: i for i, name in names.items()}
     predictions: List[Segment] = []
     database: Dict[str, List[Dict[str, Any]]] = {}
@@ -353,6 +358,11 @@ def evaluate_localizer(model: nn.Module, source: TemporalSource, protocol: Tempo
     return metrics, {"version": "intern2", "database": database}
 
 
+def source_ground_truth(source: TemporalSource) -> Tuple[List[Segment], Dict[int, str]]:
+    """The usable ground-truth instances of a source's subset and the class names (the metric's input)."""
+    return load_ground_truth(source.annotation_file, source.subset, skip_unusable=True)
+
+
 class TALTask:
     """ActionFormer training on snippet features; mAP over the validation subset at the protocol's thresholds."""
 
@@ -365,11 +375,13 @@ class TALTask:
         self.val_source = open_temporal_source(annotations, features, cfg.val_subset, self.classes,
                                                self.train_source.feature_dim, **options)
         self.protocol = TemporalLocalizationProtocol(cfg.feat_stride, cfg.feat_num_frames, cfg.default_fps, cfg.tiou)
+        self.val_ground_truth = source_ground_truth(self.val_source)  # read now: a problem shows before training
         self.skipped = len(self.train_source.problems)
 
     def build_model(self) -> nn.Module:
-        model = create_model(self.cfg.model, num_classes=len(self.classes), input_dim=self.train_source.feature_dim,
-                             **(self.cfg.model_args or {}))
+        model = create_model(self.cfg.model, input_dim=self.train_source.feature_dim,
+                             **head_model_args(self.cfg.model_args, len(self.classes),
+                                              self.cfg.annotations or self.cfg.data))
         if self.cfg.checkpoint:
             from ..checkpoint import load_checkpoint
             load_checkpoint(model, self.cfg.checkpoint)
@@ -406,7 +418,7 @@ class TALTask:
                  device: torch.device) -> Dict[str, Any]:
         was_training = model.training
         metrics, _ = evaluate_localizer(model.eval(), dataset.source, self.protocol, TIOU_PRESETS[self.cfg.tiou],
-                                        self.classes)
+                                        self.classes, self.val_ground_truth)
         model.train(was_training)
         return metrics
 

@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..checkpoint import atomic_write
-from ..config import error_message
+from ..config import check_positive, check_range, error_message
 from ..engine import TrainConfig
 from ..models.translator import TranslationModel, resize_embeddings_for_languages
 from ..pipelines.common import setup_logging
@@ -82,8 +82,8 @@ class TranslationConfig:
         clip_grad=1.0))
 
     def __post_init__(self):
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        check_positive(self, "temperature", "eval_beams", "eval_batch_size", "max_eval_examples", "vocab_size")
+        check_range(self, "label_smoothing", "[0, 1)")
         if self.max_length < 3 or self.max_tokens < self.max_length:
             raise ValueError(f"need 3 <= max_length <= max_tokens, got max_length={self.max_length}, "
                              f"max_tokens={self.max_tokens}")

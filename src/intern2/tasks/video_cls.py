@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import check_positive
+from ..config import check_positive, check_range
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..data.video import (
     FrameSampler,
@@ -37,7 +37,7 @@ from ..pipelines.video_cls import (
     view_probabilities,
 )
 from ..weights import SAMPLINGS, VideoProtocol
-from .common import train_cli
+from .common import head_model_args, train_cli
 from .image_cls import ClassificationMetrics
 
 __all__ = ["VideoDataConfig", "VideoClsConfig", "VideoTask", "VideoClassificationTask", "open_video_sources",
@@ -67,7 +67,10 @@ class VideoDataConfig:
     std: Tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self):
-        check_positive(self, "num_frames", "stride", "img_size", "test_clips", "short_side", "train_scale")
+        check_positive(self, "num_frames", "stride", "img_size", "test_clips", "short_side")
+        check_range(self, "train_scale", "(0, 1]", pair=True)
+        check_range(self, "std", "(0, inf)")
+        check_range(self, "mean", "(-inf, inf)")
         if self.test_crops not in (1, 3) or self.sampling not in SAMPLINGS:
             raise ValueError(f"test_crops in (1, 3) and sampling in {list(SAMPLINGS)} expected, got "
                              f"{self.test_crops}, {self.sampling!r}")
@@ -80,6 +83,10 @@ class VideoClsConfig(VideoDataConfig):
     checkpoint: Optional[str] = None  # initial weights: a fine-tuned, pre-training (VideoMAE) or HF file/folder
     label_smoothing: float = 0.1
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range(self, "label_smoothing", "[0, 1)")
 
 
 def open_video_sources(cfg: VideoDataConfig) -> Tuple[VideoSource, Optional[VideoSource]]:
@@ -130,10 +137,10 @@ class VideoTask:
         self.train_source, self._train_set, self._eval_set = video_datasets(cfg, cfg.train.seed)
         self.skipped = 0
 
-    def _create_model(self) -> nn.Module:
+    def _create_model(self, **model_args: Any) -> nn.Module:
         cfg = self.cfg
         return create_model(cfg.model, **{"all_frames": cfg.num_frames, "img_size": cfg.img_size,
-                                          **(cfg.model_args or {})})
+                                          **(cfg.model_args or {}), **model_args})
 
     def _load_initial_weights(self, model: nn.Module) -> nn.Module:
         if self.cfg.checkpoint:
@@ -171,9 +178,7 @@ class VideoClassificationTask(VideoTask):
         self.metrics = ClassificationMetrics(self.classes)
 
     def build_model(self) -> nn.Module:
-        model = self._create_model()
-        if model.num_classes != len(self.classes):
-            model.reset_classifier(len(self.classes))
+        model = self._create_model(**head_model_args(self.cfg.model_args, len(self.classes), self.cfg.data))
         return self._load_initial_weights(model)
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
