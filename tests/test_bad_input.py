@@ -72,6 +72,8 @@ def files(tmp_path_factory):
             "string_cfg": folder("string_cfg", lambda c: {**c, "pretrained_cfg": "x"}),
             "bad_channels": folder("bad_channels", lambda c: {**c, "channels": "sixteen"}),
             "negative": folder("negative", lambda c: {**c, "channels": -16}),
+            "zero_std": folder("zero_std", lambda c: {**c, "pretrained_cfg": {**c["pretrained_cfg"],
+                                                                             "std": [0, 0, 0]}}),
             "unknown_labels": folder("unknown_labels", lambda c: {**c, "pretrained_cfg": {
                 **c["pretrained_cfg"], "label_names": "imagenet-5k"}})}
 
@@ -104,6 +106,8 @@ CASES = [
     ("config-negative", ["predict", "{image}", "--checkpoint", "{negative}"], "expected positive integers"),
     ("config-labels", ["predict", "{image}", "--checkpoint", "{unknown_labels}"],
      "label_names: unknown label set 'imagenet-5k'"),
+    ("config-zero-std", ["predict", "{image}", "--checkpoint", "{zero_std}"],
+     "pretrained_cfg: std: expected positive numbers, got [0.0, 0.0, 0.0]"),
     ("eval-data", ["eval", "--data", "{root}/nowhere", "--checkpoint", "{good}"], "nowhere: no such file"),
     ("unknown-tag", ["predict", "{image}", "--model", "internimage_t.in21k"], "unknown pretrained tag 'in21k'"),
     ("translate-batch", ["translate", "--src", "en", "--tgt", "fr", "--batch-size", "0", "hi"], "--batch-size 0"),
@@ -195,6 +199,9 @@ CASES = [
     ("data-empty", TRAIN + ["--data", ""], "--data: empty"),
     ("train-without-task", ["train"], "intern2 train: error: expected a task"),
     ("demo-budget-inf", ["demo", "--budget", "inf"], "--budget: expected a number in (0, 1000], got inf"),
+    ("eval-batch-size-0", ["eval", "--data", "builtin:digits", "--checkpoint", "{good}", "--batch-size", "0"],
+     "argument --batch-size: expected a positive int, got '0'"),
+    ("demo-steps-0", ["demo", "--steps", "0"], "argument --steps: expected a positive int, got '0'"),
     ("validation-unreadable", TRAIN + ["--set", "val_data={root}/val_bad"],
      "validation data: all 2 samples were unreadable, so the model saved in"),
 ]

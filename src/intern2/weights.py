@@ -18,6 +18,7 @@ import dataclasses
 import fnmatch
 import functools
 import logging
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,14 @@ class _Protocol:
         if not condition:
             raise ValueError(message)
 
+    def _check_normalisation(self) -> None:
+        """``mean`` and ``std`` are three finite numbers per channel, ``std`` positive (a zero divides by zero)."""
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            self._check(len(values) == 3 and all(math.isfinite(v) for v in values),
+                        f"{name}: expected 3 finite numbers (R, G, B), got {list(values)}")
+        self._check(min(self.std) > 0, f"std: expected positive numbers, got {list(self.std)}")
+
     def _check_pixels(self, *names: str) -> None:
         """The named sizes (ints, pairs or None) are at most :data:`MAX_SIDE` pixels: beyond it a typo asks the
         allocator for hundreds of gigabytes."""
@@ -109,6 +118,7 @@ class ImageClassificationProtocol(_Protocol):
         self._check(self.interpolation in ("bicubic", "bilinear", "nearest"),
                     f"interpolation: expected bicubic, bilinear or nearest, got {self.interpolation!r}")
         self._check_pixels("input_size")
+        self._check_normalisation()
 
     @property
     def img_size(self) -> int:
@@ -145,6 +155,7 @@ class SegmentationProtocol(_Protocol):
         self._check(len(self.tta_ratios) >= 1 and min(self.tta_ratios) > 0,
                     f"tta_ratios: expected positive ratios, got {self.tta_ratios}")
         self._check_pixels("test_size", "size_divisor", "slide_crop", "slide_stride")
+        self._check_normalisation()
         largest = max(self.test_size) * max(self.tta_ratios)  # the largest scale test-time augmentation resizes to
         self._check(largest <= MAX_SIDE, f"tta_ratios: {max(self.tta_ratios)} x test_size {self.test_size} is "
                     f"{largest:.0f} pixels, more than {MAX_SIDE}")
@@ -171,6 +182,7 @@ class DetectionProtocol(_Protocol):
         self._check(min(self.test_size) >= 1, f"test_size: expected positive sizes, got {self.test_size}")
         self._check(self.size_divisor >= 1, f"size_divisor: expected a positive integer, got {self.size_divisor}")
         self._check_pixels("test_size", "size_divisor")
+        self._check_normalisation()
 
 
 SAMPLINGS = ("dense", "segment", "uniform")
@@ -221,6 +233,7 @@ class VideoProtocol(_Protocol):
         self._check(self.sampling != "uniform" or self.test_clips == 1,
                     f"test_clips: expected 1 with sampling 'uniform' (one view per video), got {self.test_clips}")
         self._check_pixels("img_size", "short_side")
+        self._check_normalisation()
 
     def to_cfg(self) -> Dict[str, Any]:
         return {**super().to_cfg(), "input_size": [3, self.num_frames, self.img_size, self.img_size]}

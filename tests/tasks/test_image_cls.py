@@ -63,6 +63,11 @@ def test_train_eval_predict_export(tmp_path, capsys, caplog):
     assert cli.main(["eval", "--data", str(data), "--checkpoint", str(out / "model"), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["count"] == 20 and metrics["skipped"] == 1 and set(metrics["per_class_top1"]) == {"3", "7"}
+    # The training run's own held-out split, scored by `eval`, is what the run reported.
+    assert cli.main(["eval", "--data", str(data), "--checkpoint", str(out / "model"), "--val-fraction", "0.3",
+                     "--seed", "0", "--json"]) == 0
+    held_out = json.loads(capsys.readouterr().out)
+    assert held_out["count"] == final["count"] and held_out["top1"] == pytest.approx(final["top1"], abs=1e-9)
 
     good = data / "7" / "0.png"
     assert cli.main(["predict", str(good), "--checkpoint", str(out / "model"), "--topk", "2", "--json"]) == 0

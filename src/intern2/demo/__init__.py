@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ..pipelines.common import positive
 from .stages import STAGES, Stage
 
 __all__ = ["main", "SCHEMA_VERSION"]
@@ -38,12 +39,6 @@ __all__ = ["main", "SCHEMA_VERSION"]
 log = logging.getLogger("intern2.demo")
 SCHEMA_VERSION = 1
 
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def cpu_name() -> str:
@@ -72,8 +67,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--only", help=f"comma-separated stages to run (default: all of {','.join(STAGES)})")
     parser.add_argument("--budget", type=float, default=1.0,
                         help="multiplier of every recipe's training steps (1.0: about 12 minutes on 2 CPU cores)")
-    parser.add_argument("--steps", type=_positive, default=300, help="optimisation steps of the displacement fit")
-    parser.add_argument("--rounds", type=_positive, default=5, help="timing rounds of the DCNv3 paths")
+    parser.add_argument("--steps", type=positive(int), default=300, help="optimisation steps of the displacement fit")
+    parser.add_argument("--rounds", type=positive(int), default=5, help="timing rounds of the DCNv3 paths")
     args = parser.parse_args(argv)
     names = list(STAGES) if not args.only else [s.strip() for s in args.only.split(",")]
     unknown = [s for s in names if s not in STAGES]

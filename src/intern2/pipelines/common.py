@@ -7,6 +7,7 @@ import argparse
 import collections.abc
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -254,6 +255,20 @@ def items(values: Any, what: str) -> List[Any]:
     if isinstance(values, (str, bytes, os.PathLike)) or not isinstance(values, collections.abc.Iterable):
         raise TypeError(f"{what}: expected a list, got {type(values).__name__}; pass [value] for one")
     return list(values)
+
+
+def positive(kind: type) -> Callable[[str], Any]:
+    """An argparse ``type`` reading a positive, finite ``kind`` (int or float): ``--batch-size 0`` or
+    ``--max-upload-mb inf`` is a usage error naming the flag (argparse adds it), not a failure later."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+    return parse
 
 
 def positive_count(value: Any, what: str) -> int:

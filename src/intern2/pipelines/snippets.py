@@ -40,7 +40,7 @@ from ..checkpoint import atomic_write
 from ..config import error_message
 from ..data.video import VideoDecodeError, VideoEvalTransform, iter_frames, probe_video, uniform_indices
 from ..weights import protocol_from_cfg
-from .common import check_aspect, model_from_args, model_task, progress
+from .common import check_aspect, model_from_args, model_task, positive, progress
 from .video_cls import VideoClassificationPipeline, pooled_features, video_files_or_exit, write_npy
 from .video_text import VideoTextPipeline, encode_views
 
@@ -244,31 +244,20 @@ _SNIPPET_OPTIONS = ("snippet_frames", "snippet_stride", "frames_per_snippet", "c
 _POOLED_OPTIONS = ("clips", "crops", "sampling", "stride")
 
 
-def _positive(kind: type) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            value = 0
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
-        return value
-    return parse
-
 
 def add_snippet_arguments(parser: argparse.ArgumentParser) -> None:
     """The snippet options of `intern2 extract-features` (``--short-side`` is the protocol override's)."""
     parser.add_argument("--snippets", choices=(*SNIPPET_PRESETS, "custom"),
                         help="a (T, C) feature sequence per video for temporal action localization: thumos14 (16 "
                         "frames every 4), activitynet (16 every 16), or custom (--snippet-frames, --snippet-stride)")
-    parser.add_argument("--snippet-frames", type=_positive(int), help="frames per snippet (default: the preset's)")
-    parser.add_argument("--snippet-stride", type=_positive(int), help="frames between snippet starts (default: "
+    parser.add_argument("--snippet-frames", type=positive(int), help="frames per snippet (default: the preset's)")
+    parser.add_argument("--snippet-stride", type=positive(int), help="frames between snippet starts (default: "
                         "the preset's)")
-    parser.add_argument("--frames-per-snippet", type=_positive(int), help="frames of a snippet the encoder sees, "
+    parser.add_argument("--frames-per-snippet", type=positive(int), help="frames of a snippet the encoder sees, "
                         "evenly spaced (default: the model's clip length)")
-    parser.add_argument("--crop", type=_positive(int), help="centre crop size (default: the model's image size)")
-    parser.add_argument("--batch-size", type=_positive(int), help="snippets per forward pass (default: 8)")
-    parser.add_argument("--fps", type=_positive(float), help="frame rate for the timestamps (default: the "
+    parser.add_argument("--crop", type=positive(int), help="centre crop size (default: the model's image size)")
+    parser.add_argument("--batch-size", type=positive(int), help="snippets per forward pass (default: 8)")
+    parser.add_argument("--fps", type=positive(float), help="frame rate for the timestamps (default: the "
                         "container's)")
 
 

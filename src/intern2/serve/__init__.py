@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -60,6 +59,7 @@ def _port(text: str) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """`intern2 serve [--host H] [--port P] [--image-model SPEC] ... [--translator FOLDER]`."""
+    from ..pipelines.common import positive
     parser = argparse.ArgumentParser(
         prog="intern2 serve", description="Serve the models over HTTP (JSON API, OpenAPI schema at /openapi.json, "
         "web page at /). Models are loaded once, at start; endpoints of models not given answer 503.")
@@ -81,15 +81,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), help="run the image, segmentation, video, retrieval "
                         "and translation models in bfloat16 (detection and localization stay fp32; a CPU without "
                         "bfloat16 instructions falls back to fp32 and says so)")
-    parser.add_argument("--max-upload-mb", type=_positive(float), default=DEFAULT_MAX_UPLOAD_MB,
+    parser.add_argument("--max-upload-mb", type=positive(float), default=DEFAULT_MAX_UPLOAD_MB,
                         help="largest request body, in MB (default %(default)s)")
-    parser.add_argument("--max-image-pixels", type=_positive(int), default=DEFAULT_MAX_IMAGE_PIXELS,
+    parser.add_argument("--max-image-pixels", type=positive(int), default=DEFAULT_MAX_IMAGE_PIXELS,
                         help="largest image, in pixels (default %(default)s)")
-    parser.add_argument("--max-frame-pixels", type=_positive(int), default=DEFAULT_MAX_FRAME_PIXELS,
+    parser.add_argument("--max-frame-pixels", type=positive(int), default=DEFAULT_MAX_FRAME_PIXELS,
                         help="largest video frame, in pixels (default %(default)s: 4K UHD)")
-    parser.add_argument("--max-translate-steps", type=_positive(int), default=DEFAULT_MAX_TRANSLATE_STEPS,
+    parser.add_argument("--max-translate-steps", type=positive(int), default=DEFAULT_MAX_TRANSLATE_STEPS,
                         help="most decoding steps x beams one translate request may need (default %(default)s)")
-    parser.add_argument("--max-request-seconds", type=_positive(float), default=DEFAULT_MAX_REQUEST_SECONDS,
+    parser.add_argument("--max-request-seconds", type=positive(float), default=DEFAULT_MAX_REQUEST_SECONDS,
                         help="a translate request still decoding after this is stopped (default %(default)s)")
     parser.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                         help="a site whose pages may post to this server, e.g. https://example.org (repeatable; "
@@ -149,14 +149,3 @@ def _graceful(server_class: type) -> type:
             super().handle_exit(sig, frame)
     return GracefulServer
 
-
-def _positive(kind: type):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = 0
-        if not (value > 0 and math.isfinite(value)):  # inf would reach int() in the limits
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
-        return value
-    return parse

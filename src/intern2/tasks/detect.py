@@ -21,7 +21,7 @@ from ..data.coco import (AUGMENTS, CocoDetection, CocoSource, autoaugment_short_
                          open_coco_source)
 from ..engine import TrainConfig
 from ..factory import create_model, save_pretrained
-from ..pipelines.common import add_model_arguments, pair, pipeline_from_args
+from ..pipelines.common import add_model_arguments, pair, pipeline_from_args, positive
 from ..pipelines.detect import DetectionPipeline
 from ..weights import DetectionProtocol
 from .common import head_model_args, train_cli
@@ -179,7 +179,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     add_model_arguments(parser)
     parser.add_argument("--test-size", type=pair, metavar="LONG,SHORT",
                         help="keep-ratio resize bound (default: the weights' protocol, 1333,800)")
-    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--batch-size", type=positive(int), default=2)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     pipeline = pipeline_from_args(parser, args, DetectionPipeline, test_size=args.test_size)

@@ -28,7 +28,7 @@ from ..data.images import (
 from ..engine import TrainConfig
 from ..engine.trainer import accumulate_eval
 from ..factory import create_model, save_pretrained
-from ..pipelines.common import add_model_arguments, pipeline_from_args, progress
+from ..pipelines.common import add_model_arguments, pipeline_from_args, positive, progress
 from ..pipelines.image_cls import ImageClassificationPipeline
 from ..weights import ImageClassificationProtocol
 from .common import head_model_args, train_cli
@@ -188,14 +188,21 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="intern2 eval", description="Evaluate an image classifier on a dataset.")
     parser.add_argument("--data", required=True, help="ImageFolder directory, CSV of path,label, or builtin:digits")
     add_model_arguments(parser)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=positive(int), default=32)
+    parser.add_argument("--val-fraction", type=float,
+                        help="score only the held-out part of --data that 'intern2 train image-cls' splits off with "
+                             "this val_fraction (and --seed, its train.seed); default: all of --data")
+    parser.add_argument("--seed", type=int, default=0, help="with --val-fraction: the training run's train.seed")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     args = parser.parse_args(argv)
     pipeline = pipeline_from_args(parser, args, ImageClassificationPipeline)
     try:
         source = open_image_source(args.data, pipeline.labels)
+        if args.val_fraction is not None:
+            source = split_source(source, args.val_fraction, args.seed)[1]
     except ValueError as exc:
-        parser.error(str(exc))
+        parser.error(f"--val-fraction {args.val_fraction}: expected a number in (0, 1)"
+                     if "val_fraction" in str(exc) else str(exc))
     loader = DataLoader(ClassificationDataset(source, pipeline.transform), batch_size=args.batch_size,
                         collate_fn=collate_images)
     metrics_of = ClassificationMetrics(source.classes)

@@ -40,7 +40,7 @@ from ..checkpoint import atomic_write
 from ..config import check_positive, check_range, error_message
 from ..engine import TrainConfig
 from ..models.translator import TranslationModel, resize_embeddings_for_languages
-from ..pipelines.common import setup_logging
+from ..pipelines.common import positive, setup_logging
 from ..pipelines.translation import Translator
 from ..text.corpus import read_lines
 from ..text.languages import get_language
@@ -394,7 +394,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--src-file", help="source sentences, one per line (with --ref-file, --src, --tgt)")
     parser.add_argument("--ref-file", help="reference translations of --src-file, line by line")
     parser.add_argument("--beams", type=int, help="beam size (default: the model's, 4; 1: greedy)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive(int), default=64)
     parser.add_argument("--max-examples", type=int, default=None, help="score a fixed sample of this size")
     parser.add_argument("--int8", action="store_true", help="dynamic int8 quantisation (CPU)")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")

@@ -29,7 +29,7 @@ from ..data.video import (
 from ..engine import TrainConfig
 from ..engine.trainer import accumulate_eval
 from ..factory import create_model, save_pretrained
-from ..pipelines.common import add_model_arguments, pipeline_from_args, progress
+from ..pipelines.common import add_model_arguments, pipeline_from_args, positive, progress
 from ..pipelines.video_cls import (
     VideoClassificationPipeline,
     add_protocol_arguments,
@@ -219,7 +219,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--root", help="folder the list's paths are relative to (default: the list's folder)")
     add_model_arguments(parser)
     add_protocol_arguments(parser)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=positive(int), default=8)
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     args = parser.parse_args(argv)
     pipeline = pipeline_from_args(parser, args, VideoClassificationPipeline, **protocol_options(args))

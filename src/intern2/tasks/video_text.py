@@ -32,6 +32,7 @@ from ..data.video import (
 from ..engine import TrainConfig
 from ..factory import create_model, save_pretrained
 from ..models.videotext import VideoTextModel, clip_contrastive_loss
+from ..pipelines.common import positive
 from ..pipelines.video_text import (
     DEFAULT_PROMPT,
     VideoTextPipeline,
@@ -364,7 +365,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--root", help="folder the list's paths are relative to (default: the list's folder)")
     add_inference_arguments(parser)
     parser.add_argument("--prompt", help="zero-shot prompt (default: as trained, else 'a video of {}')")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=positive(int), default=8)
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     args = parser.parse_args(argv)
     try:
