@@ -285,6 +285,11 @@ def test_segmentation_labels_beyond_the_classes_are_named(tmp_path):
     dataset = SegmentationDataset(open_seg_source(str(root), "val"), (0, 0, 0), (1, 1, 1), False, num_classes=4)
     with pytest.raises(ValueError, match=f"{label}: class 200 in the label map, but the model has 4 classes"):
         dataset[0]
+    # `intern2 train segment` reads the validation labels before it trains: exit 2 with no run folder written.
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:  # argparse's usage error
+        cli.main(["train", "segment", "--data", str(root), "--out", str(out)])
+    assert stop.value.code == 2 and not out.exists()
 
 
 def test_a_closed_pipe_ends_quietly(tmp_path):

@@ -172,6 +172,13 @@ def test_bookkeeping_files_and_metrics(tmp_path):
     assert saved["num_classes"] == 10 and saved["pretrained_cfg"]["label_names"] == [str(i) for i in range(10)]
 
 
+def test_an_unwritable_out_dir_is_refused_before_the_work(tmp_path):
+    (tmp_path / "file").write_text("x")
+    cfg = _cfg(tmp_path / "file", max_steps=1)
+    with pytest.raises(ValueError, match="train.out_dir .*file: is a file; expected a folder"):
+        Trainer(ImageClassificationTask(cfg), cfg.train).fit()
+
+
 def test_resume_from_a_different_world_size_is_refused(tmp_path):
     cfg = _cfg(tmp_path, max_steps=2)
     Trainer(ImageClassificationTask(cfg), cfg.train).fit()

@@ -122,6 +122,16 @@ class SegmentationDataset(Dataset):
                              f"classes (0..{self.num_classes - 1}; {IGNORE_INDEX} = ignore"
                              f"{'; after reduce_zero_label' if self.reduce_zero_label else ''})")
 
+    def check_labels(self) -> None:
+        """Read every label map now and raise for one beyond the classes (unreadable ones are skipped later,
+        when read with their image): a training run checks its validation set before it trains, not after."""
+        for _, label_path in self.source.pairs:
+            try:
+                label = self._label(label_path)
+            except ValueError:
+                continue
+            self._check_classes(label, label_path)
+
     def __getitem__(self, index: int) -> Optional[Dict[str, Any]]:
         image_path, label_path = self.source.pairs[index]
         try:

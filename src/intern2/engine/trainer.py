@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..checkpoint import atomic_write, remove_stale_temps
+from ..checkpoint import atomic_write, check_output, remove_stale_temps
 from ..config import check_range, to_dict
 from .distributed import DistInfo, cleanup, fully_shard_model, init_distributed
 from .optim import SCHEDULES, build_optimizer, lr_schedule, stretch_to_time
@@ -402,6 +402,7 @@ class Trainer:
 
     def _fit(self) -> Dict[str, float]:
         cfg = self.cfg
+        check_output(cfg.out_dir, "train.out_dir", folder=True)  # before the work (the CLI checks its --out too)
         self.dist = init_distributed(cfg.device)
         if cfg.fsdp and cfg.ema_decay:
             raise ValueError("train.ema_decay is not supported with train.fsdp (EMA of sharded parameters)")

@@ -108,6 +108,8 @@ class SegmentationTask:
             slide_crop=(cfg.crop_size, cfg.crop_size) if cfg.slide else None, reduce_zero_label=cfg.reduce_zero_label)
         self.metrics = SegmentationMetrics(self.classes, self.protocol)
         self.skipped = 0
+        self._eval_set = self._dataset(self.val_source, False)
+        self._eval_set.check_labels()
 
     def build_model(self) -> nn.Module:
         model = create_model(self.cfg.model, **head_model_args(self.cfg.model_args, len(self.classes), self.cfg.data))
@@ -127,7 +129,7 @@ class SegmentationTask:
         return self._dataset(self.train_source, True)
 
     def eval_dataset(self) -> Dataset:
-        return self._dataset(self.val_source, False)
+        return self._eval_set
 
     def collate(self, samples):
         return collate_segmentation(samples)
