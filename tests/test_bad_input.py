@@ -202,6 +202,10 @@ CASES = [
     ("eval-batch-size-0", ["eval", "--data", "builtin:digits", "--checkpoint", "{good}", "--batch-size", "0"],
      "argument --batch-size: expected a positive int, got '0'"),
     ("demo-steps-0", ["demo", "--steps", "0"], "argument --steps: expected a positive int, got '0'"),
+    ("convert-other-class-count", ["convert", "--model", "internimage_t", "--checkpoint", "{root}/weights.pth",
+                                   "--out", "{root}/converted", "--set", "channels=16", "--set", "depths=[1, 1, 1, 1]",
+                                   "--set", "groups=[1, 2, 4, 8]"],
+     "the checkpoint's classifier has 3 classes, the model's 1000: build the model with num_classes=3"),
     ("validation-unreadable", TRAIN + ["--set", "val_data={root}/val_bad"],
      "validation data: all 2 samples were unreadable, so the model saved in"),
 ]

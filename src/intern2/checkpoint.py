@@ -153,8 +153,14 @@ def load_checkpoint(model: nn.Module, source: Source, strict: bool = True, allow
         state = model.checkpoint_filter(state)
     own = model.state_dict()
     state = _fit_ends(model, state, own, where)
-    head = _classifier_keys(model) if allow_new_head else set()
-    replaced = [k for k in head if k in state and state[k].shape != own[k].shape]
+    replaced = sorted(k for k in _classifier_keys(model) if k in state and state[k].shape != own[k].shape)
+    if replaced and not allow_new_head:
+        ours, theirs = own[replaced[0]].shape[0], state[replaced[0]].shape[0]
+        if ours != theirs:  # a random head under the model's label names would answer wrongly
+            raise ValueError(f"{where}: the checkpoint's classifier has {theirs} classes, the model's {ours}: build "
+                             f"the model with num_classes={theirs} (intern2 convert --set num_classes={theirs} makes "
+                             f"a model folder of the file)")
+        replaced = []  # another width: the shape error below names the tensors
     if replaced:
         log.info("%s: classifier shape differs (checkpoint %s, model %s): keeping a freshly initialised head (%s)",
                  where, tuple(state[replaced[0]].shape), tuple(own[replaced[0]].shape), ", ".join(sorted(replaced)))

@@ -29,7 +29,8 @@ def create_model(
         name: 'arch' or 'arch.tag' (e.g. 'internimage_l.in22k_ft_in1k'); see ``intern2.list_models()``.
         pretrained: load the tag's official weights: its file given as a path, else found in $INTERN2_HOME, else
             in (or, online, downloaded into) the Hugging Face Hub cache (see :mod:`intern2.hub`).
-        checkpoint_path: load these weights instead (any supported layout).
+        checkpoint_path: load these weights instead (any supported layout); a classifier of another class count is
+            an error unless ``num_classes`` is given (then it is a new head, as with ``pretrained=True``).
         features_only: build the dense-prediction backbone returning per-level NCHW maps.
         out_indices: levels returned when features_only (a sequence, negatives from the end; an int n: the last n).
         pretrained_cfg_overlay: entries overriding the pretrained config (e.g. dict(file=PATH)).
@@ -53,7 +54,8 @@ def create_model(
     if pretrained_cfg_overlay:
         model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **pretrained_cfg_overlay}
     if checkpoint_path is not None:
-        load_checkpoint(model, checkpoint_path)
+        # A new head only where one was asked for: otherwise a random head would answer under the tag's labels.
+        load_checkpoint(model, checkpoint_path, allow_new_head="num_classes" in kwargs)
     elif pretrained:
         from .hub import resolve_weights
         given = (pretrained_cfg_overlay or {}).get("file")

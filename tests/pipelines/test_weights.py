@@ -184,6 +184,11 @@ def test_num_classes_zero_with_weights_gives_the_full_models_pooled_features(tmp
     # A new head size keeps a fresh head (and says so); the rest is the checkpoint's.
     replaced = intern2.create_model("internimage_t", num_classes=3, checkpoint_path=tmp_path / "full", **TINY)
     assert replaced.num_classes == 3 and torch.equal(replaced.patch_embed.conv1.weight, full.patch_embed.conv1.weight)
+    # Without num_classes asked for, another class count is an error, not a random head under the tag's labels.
+    intern2.save_pretrained(replaced, tmp_path / "three")
+    with pytest.raises(ValueError, match="the checkpoint's classifier has 3 classes, the model's 1000: build the "
+                                         "model with num_classes=3"):
+        intern2.create_model("internimage_t.in1k", checkpoint_path=tmp_path / "three", **TINY)
 
 
 def test_in_chans_adapts_the_rgb_stem_as_timm_does():
