@@ -119,6 +119,23 @@ def test_hf_hub_names_load_timm_format_repos(tmp_path, reference, monkeypatch):
     assert json.loads((folder / "config.json").read_text())["architecture"] == "internimage_t"
 
 
+def test_folders_written_by_timm_load_through_every_door(tmp_path, reference, capsys):
+    """timm's own save_for_hf layout (model_args apart, num_features / label_names at the top) for an intern2 model:
+    intern2.from_pretrained, timm's local-dir: name and the CLI read it as the model it saved."""
+    timm = pytest.importorskip("timm")
+    folder = tmp_path / "timm_folder"
+    timm.models.save_for_hf(reference, folder, model_args=TINY, safe_serialization=True,
+                            model_config={"label_names": [f"class {i}" for i in range(1000)]})
+    assert "model_args" in json.loads((folder / "config.json").read_text())
+    assert _outputs_equal(intern2.from_pretrained(folder), reference)
+    assert _outputs_equal(timm.create_model(f"local-dir:{folder}", pretrained=True), reference)
+    assert intern2.from_pretrained(folder).pretrained_cfg["label_names"][3] == "class 3"
+    image = tmp_path / "a.png"
+    __import__("PIL.Image").Image.new("RGB", (48, 40), (120, 30, 200)).save(image)
+    assert cli.main(["predict", str(image), "--checkpoint", str(folder), "--json", "--topk", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["top"][0]["label"].startswith("class ")
+
+
 @pytest.mark.parametrize("error, message", [("EntryNotFoundError", "the Hub repo OpenGVLab/InternImage has no file "
                                              "internimage_t_1k_224.pth"),
                                             ("RepositoryNotFoundError", "the Hub has no repo OpenGVLab/InternImage")])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
@@ -105,6 +105,23 @@ def _hf_videomae(directory: Path, config: Dict[str, Any], kwargs: Dict[str, Any]
     return model
 
 
+# timm's save_for_hf layout: reconstruction arguments under model_args, the rest informational or label metadata.
+_TIMM_CONFIG_KEYS = ("model_args", "num_features", "global_pool", "label_names", "label_descriptions")
+
+
+def _model_fields(config: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(architecture fields, label entries for pretrained_cfg) of a folder's config.json: ours lists the fields at
+    the top level; timm's (``timm.models.save_for_hf``, ``push_to_hub``) keeps them under ``model_args``."""
+    if not any(key in config for key in ("model_args", "num_features")):
+        return {k: v for k, v in config.items() if k not in ("architecture", "pretrained_cfg")}, {}
+    model_args = config.get("model_args") or {}
+    if not isinstance(model_args, dict):
+        raise ValueError(f"config.json: model_args: expected a JSON object, got {model_args!r:.60}")
+    rest = {k: v for k, v in config.items() if k not in ("architecture", "pretrained_cfg", *_TIMM_CONFIG_KEYS)}
+    labels = {k: config[k] for k in ("label_names", "label_descriptions") if config.get(k)}
+    return {**rest, **model_args}, labels
+
+
 def from_pretrained(directory: Union[str, os.PathLike], weights: bool = True, **kwargs) -> nn.Module:
     """Rebuild a model from a folder written by :func:`save_pretrained` or from an HF folder of a model type in
     :data:`HF_MODEL_TYPES` (no remote code is executed): OpenGVLab's HF-hub InternImage ('intern_image'), HF
@@ -137,10 +154,10 @@ def from_pretrained(directory: Union[str, os.PathLike], weights: bool = True, **
     elif model_type == "videomae":
         model = _hf_videomae(directory, config, kwargs)
     else:
-        fields = {k: v for k, v in config.items() if k not in ("architecture", "pretrained_cfg")}
+        fields, labels = _model_fields(config)
         tag = config.get("pretrained_cfg", {}).get("tag")
         model = create_model(f"{arch}.{tag}" if tag else arch, **{**fields, **kwargs})
-        model.pretrained_cfg = {**model.pretrained_cfg, **config.get("pretrained_cfg", {})}
+        model.pretrained_cfg = {**model.pretrained_cfg, **config.get("pretrained_cfg", {}), **labels}
     if weights:
         load_checkpoint(model, directory, allow_new_head=False)
     return model
