@@ -61,6 +61,7 @@ def files(tmp_path_factory):
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(root / "one_image" / "cat" / "a.png")
     wide = intern2.create_model("internimage_t", num_classes=3, **{**TINY, "channels": 32})
     intern2.save_pretrained(wide, root / "wide")
+    intern2.save_pretrained(intern2.create_model("internimage_t", features_only=True, **TINY), root / "backbone")
     intern2.save_pretrained(intern2.create_model("upernet_internimage_t", num_classes=4, backbone=TINY, channels=16,
                                                  aux_channels=16), root / "seg")
     (Path(folder("deep_config", lambda c: c)) / "config.json").write_text("[" * 100_000 + "]" * 100_000)
@@ -206,6 +207,14 @@ CASES = [
                                    "--out", "{root}/converted", "--set", "channels=16", "--set", "depths=[1, 1, 1, 1]",
                                    "--set", "groups=[1, 2, 4, 8]"],
      "the checkpoint's classifier has 3 classes, the model's 1000: build the model with num_classes=3"),
+    ("export-features-only", ["export", "onnx", "--checkpoint", "{root}/backbone", "--out", "{root}/fo.onnx"],
+     "a features_only backbone cannot be exported to ONNX yet"),
+    ("export-detector-img-size", ["export", "onnx", "--model", "mask_rcnn_internimage_t", "--out", "{root}/d.onnx",
+                                  "--img-size", "64"], "--img-size is an image model's option; a detector takes"),
+    ("export-detector-huge", ["export", "onnx", "--model", "mask_rcnn_internimage_t", "--out", "{root}/d.onnx",
+                              "--image-size", "9000,9000"], "--image-size 9000,9000: expected at most 8192 pixels"),
+    ("export-dtype", ["export", "onnx", "--checkpoint", "{good}", "--out", "{root}/m.onnx", "--dtype", "bf16"],
+     "unrecognized arguments: --dtype bf16"),
     ("validation-unreadable", TRAIN + ["--set", "val_data={root}/val_bad"],
      "validation data: all 2 samples were unreadable, so the model saved in"),
 ]

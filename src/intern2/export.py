@@ -3,18 +3,23 @@ a Mask R-CNN detector, checked with onnx and onnxruntime."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import logging
+import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["export_onnx", "export_detector_onnx", "main", "EXPORTABLE"]
+__all__ = ["export_onnx", "export_detector_onnx", "needs_external_data", "main", "EXPORTABLE", "ExportCheckError"]
 
 # What `intern2 export onnx` takes (task -> what it is called in messages).
-EXPORTABLE = {"image-cls": "image classifiers", "segment": "UperNet segmentors (--static)",
+EXPORTABLE = {"image-cls": "image classifiers", "segment": "UperNet segmentors (a fixed image size)",
               "video-cls": "video classifiers", "detect": "Mask R-CNN, Cascade Mask R-CNN and DINO "
               "detectors (a fixed image size)"}
 DETECTION_OUTPUTS = ("boxes", "labels", "scores", "masks")
@@ -22,46 +27,82 @@ DETECTION_OUTPUTS = ("boxes", "labels", "scores", "masks")
 log = logging.getLogger(__name__)
 
 
+class ExportCheckError(RuntimeError):
+    """The exported graph does not compute what the PyTorch model computes (nothing was written)."""
+
+
+def needs_external_data(model: nn.Module) -> bool:
+    """Whether the weights pass protobuf's 2 GB limit, so ONNX keeps them in a ``<file>.data`` file next to the graph
+    (which then needs it); smaller models export as one self-contained file."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values()) > 1.8e9
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the export, back in its own mode after."""
+    was_training = model.training
+    try:
+        yield model.eval()
+    finally:
+        model.train(was_training)
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(temp_path)`` into a temp folder next to ``path``, then the files moved into place (an ONNX graph
+    over 2 GB keeps its weights in a ``<name>.data`` file the graph names, so the graph is moved last): a failed
+    export or check leaves no file and an existing ``path`` whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write(folder / path.name)
+        for item in sorted(folder.iterdir(), key=lambda p: p.name == path.name):
+            os.replace(item, path.parent / item.name)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def export_onnx(model: nn.Module, path: Path, img_size: int, opset: int = 18, check: bool = True,
                 atol: float = 1e-4, dynamic: bool = True, num_frames: Optional[int] = None) -> float:
-    """Export (dynamic batch, height and width unless ``dynamic=False``: then fixed at img_size); returns
-    max |onnxruntime - torch| on a test input (or -1 without the check).
+    """Export with a dynamic batch, and dynamic height and width unless ``dynamic=False`` (then fixed at
+    ``img_size``); returns max |onnxruntime - torch| on a test input of another batch (and size) (or -1 without the
+    check), an :class:`ExportCheckError` beyond ``atol``. The file is written only once checked.
 
     ``num_frames``: a video classifier, input "video" (B, 3, num_frames, img_size, img_size); only its batch is
     dynamic (the graph holds the position table of that clip size)."""
-    model = model.eval()
     clip = () if num_frames is None else (num_frames,)
+    spatial = dynamic and not clip
     # torch.export specialises size-1 dimensions: trace at a size whose last level is still >= 2x2.
-    trace_size = max(img_size, 64) if dynamic and not clip else img_size
-    example = torch.randn(2 if dynamic else 1, 3, *clip, trace_size, trace_size,
-                          generator=torch.Generator().manual_seed(0))
-    shapes = None
-    if dynamic:
-        name = next(iter(inspect.signature(model.forward).parameters))
-        dims = {0: torch.export.Dim("batch", min=1, max=1024)}
-        if not clip:
-            dims.update({2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO})
-        shapes = {name: dims}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=opset,
-                      input_names=["video" if clip else "image"], output_names=["output"], dynamic_shapes=shapes)
-    if not check:
-        return -1.0
-    import onnx
-    import onnxruntime as ort
-    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    probe_shape = example.shape
-    if dynamic:
-        probe_shape = (3, 3, *clip, img_size, img_size) if clip else (3, 3, img_size, img_size + 32)
-    probe = torch.randn(*probe_shape, generator=torch.Generator().manual_seed(1))
-    (got,) = session.run(None, {session.get_inputs()[0].name: probe.numpy()})[:1]
-    with torch.no_grad():
-        want = model(probe)
-    diff = float((torch.from_numpy(got) - want).abs().max())
-    if diff > atol:
-        raise RuntimeError(f"{path}: onnxruntime output differs from PyTorch by {diff:.2e} (> {atol})")
-    return diff
+    trace_size = max(img_size, 64) if spatial else img_size
+    example = torch.randn(2, 3, *clip, trace_size, trace_size, generator=torch.Generator().manual_seed(0))
+    name = next(iter(inspect.signature(model.forward).parameters))
+    dims = {0: torch.export.Dim("batch", min=1, max=1024)}
+    if spatial:
+        dims.update({2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO})
+
+    def write(target: Path) -> float:
+        torch.onnx.export(model, (example,), str(target), dynamo=True, opset_version=opset,
+                          input_names=["video" if clip else "image"], output_names=["output"],
+                          dynamic_shapes={name: dims}, external_data=needs_external_data(model))
+        if not check:
+            return -1.0
+        import onnx
+        import onnxruntime as ort
+        onnx.checker.check_model(str(target), full_check=True)
+        session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+        probe_shape = (3, 3, img_size, img_size + 32) if spatial else (3, 3, *clip, img_size, img_size)
+        probe = torch.randn(*probe_shape, generator=torch.Generator().manual_seed(1))
+        (got,) = session.run(None, {session.get_inputs()[0].name: probe.numpy()})[:1]
+        with torch.no_grad():
+            want = model(probe)
+        diff = float((torch.from_numpy(got) - want).abs().max())
+        if diff > atol:
+            raise ExportCheckError(f"{path}: onnxruntime output differs from PyTorch by {diff:.2e} (> {atol}); "
+                                   f"nothing written")
+        return diff
+    result = []
+    with _eval_mode(model):
+        _write_atomically(path, lambda target: result.append(write(target)))
+    return result[0]
 
 
 def _matched_order(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor], atol: float) -> Optional[torch.Tensor]:
@@ -94,41 +135,50 @@ def export_detector_onnx(model: nn.Module, path: Path, size: Tuple[int, int], op
     torchvision's detection code is traceable (its ``_is_tracing`` paths keep box counts dynamic), not
     torch.export-able, so this uses the TorchScript-based exporter; the image size is fixed because the resize
     computes its output size in Python."""
-    import warnings
-    model = model.eval()
     height, width = size
     example = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():  # box-only detectors (DINO) have no masks output
-        outputs = [name for name in DETECTION_OUTPUTS if name in model([example])[0]]
+    result = []
+    with _eval_mode(model):
+        with torch.no_grad():  # box-only detectors (DINO) have no masks output
+            outputs = [name for name in DETECTION_OUTPUTS if name in model([example])[0]]
+        _write_atomically(path, lambda target: result.append(
+            _write_detector(model, target, path, example, outputs, opset, check, atol, box_atol)))
+    return result[0], outputs
+
+
+def _write_detector(model: nn.Module, target: Path, path: Path, example: torch.Tensor, outputs: List[str],
+                    opset: int, check: bool, atol: float, box_atol: float) -> float:
+    """Trace ``model`` into ``target`` and check it there (``path`` is where it will be, for the messages)."""
+    import warnings
     with warnings.catch_warnings():  # the tracer warns about every Python-level size it records
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, ([example],), str(path), dynamo=False, opset_version=opset,
+        torch.onnx.export(model, ([example],), str(target), dynamo=False, opset_version=opset,
                           input_names=["image"], output_names=outputs,
                           dynamic_axes={name: {0: "objects"} for name in outputs})
     if not check:
-        return -1.0, outputs
+        return -1.0
     import onnx
     import onnxruntime as ort
-    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    onnx.checker.check_model(str(target), full_check=True)
     options = ort.SessionOptions()
     # torchvision's traced mask paste loop declares one object; onnxruntime warns once per object it sees.
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    probe = torch.rand(3, height, width, generator=torch.Generator().manual_seed(1))
+    session = ort.InferenceSession(str(target), options, providers=["CPUExecutionProvider"])
+    probe = torch.rand(*example.shape, generator=torch.Generator().manual_seed(1))
     got = dict(zip(outputs, session.run(None, {"image": probe.numpy()})))
     with torch.no_grad():
         want = model([probe])[0]
     order = _matched_order({k: torch.from_numpy(got[k]) for k in ("boxes", "scores", "labels")}, want, atol)
     if got["boxes"].shape != tuple(want["boxes"].shape) or order is None:
-        raise RuntimeError(f"{path}: onnxruntime finds {len(got['boxes'])} objects, PyTorch {len(want['boxes'])} "
-                           f"(or other labels)")
+        raise ExportCheckError(f"{path}: onnxruntime finds {len(got['boxes'])} objects, PyTorch "
+                               f"{len(want['boxes'])} (or other labels); nothing written")
     diffs = {k: float((torch.from_numpy(got[k])[order] - want[k]).abs().max()) if want[k].numel() else 0.0
              for k in ("boxes", "scores")}
     if diffs["scores"] > atol or diffs["boxes"] > box_atol:
-        raise RuntimeError(f"{path}: onnxruntime differs from PyTorch by {diffs['scores']:.2e} in scores (at most "
-                           f"{atol}) and {diffs['boxes']:.2e} px in boxes (at most {box_atol})")
-    return diffs["scores"], outputs
+        raise ExportCheckError(f"{path}: onnxruntime differs from PyTorch by {diffs['scores']:.2e} in scores (at "
+                               f"most {atol}) and {diffs['boxes']:.2e} px in boxes (at most {box_atol}); nothing "
+                               f"written")
+    return diffs["scores"]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -138,7 +188,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                      "classifier (a video ViT: fixed clip size, dynamic batch) or a Mask R-CNN "
                                      "detector (one image of a fixed size, post-processing in the graph).")
     parser.add_argument("format", choices=["onnx"])
-    add_model_arguments(parser)
+    add_model_arguments(parser, run_options=False)  # the graph is float32 and its task is the model's
     parser.add_argument("--out", required=True, help="output .onnx file")
     parser.add_argument("--img-size", type=int, help="example input size (default: the model's input size)")
     parser.add_argument("--image-size", type=pair, metavar="H,W", help="a detector's input height and width "
@@ -146,7 +196,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17; GridSample needs >= 16)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="model config override, e.g. --set depths=[1,1,2,1] (with --model)")
-    parser.add_argument("--static", action="store_true", help="fixed input size (--img-size) instead of dynamic")
+    parser.add_argument("--static", action="store_true", help="fixed height and width (--img-size) instead of "
+                        "dynamic ones; the batch stays dynamic (segmentors always export at a fixed size)")
     parser.add_argument("--no-check", action="store_true", help="skip onnx.checker and the onnxruntime parity check")
     args = parser.parse_args(argv)
     setup_logging()  # onnx / onnxscript log at INFO by the thousand: libraries stay at WARNING unless -v
@@ -154,7 +205,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"--opset {args.opset}: expected >= 17")
     from .checkpoint import check_output
     from .config import error_message, parse_assignments
-    from .weights import MAX_SIDE
     try:
         check_output(args.out, "--out")
         overrides = parse_assignments(args.overrides)
@@ -168,12 +218,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, FileNotFoundError, KeyError) as exc:
         parser.error(error_message(exc))
     task = model_task(model)
-    if task not in EXPORTABLE:
-        parser.error(f"{args.checkpoint or args.model}: a {task or type(model).__name__} model cannot be exported to "
-                     f"ONNX yet; intern2 exports {', '.join(EXPORTABLE.values())}")
+    source = args.checkpoint or args.model
+    if task not in EXPORTABLE or getattr(model, "features_only", False):
+        what = "features_only backbone" if task in EXPORTABLE else f"{task or type(model).__name__} model"
+        parser.error(f"{source}: a {what} cannot be exported to ONNX yet; intern2 exports "
+                     f"{', '.join(EXPORTABLE.values())}")
+    try:
+        return _export(parser, args, model, task)
+    except ExportCheckError as exc:  # valid input, a graph that does not compute what the model does
+        print(f"intern2 export: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _export(parser: argparse.ArgumentParser, args: argparse.Namespace, model: nn.Module, task: str) -> int:
+    from .weights import MAX_SIDE
     if task == "detect":
+        if args.img_size is not None:
+            parser.error("--img-size is an image model's option; a detector takes --image-size H,W")
         test_size = getattr(model, "pretrained_cfg", {}).get("test_size", (1333, 800))
         size = args.image_size or (min(test_size), max(test_size))
+        if max(size) > MAX_SIDE:
+            parser.error(f"--image-size {size[0]},{size[1]}: expected at most {MAX_SIDE} pixels a side")
         diff, outputs = export_detector_onnx(model, Path(args.out), size, args.opset, check=not args.no_check)
         check = f" (onnxruntime vs torch max |diff| {diff:.2e})" if diff >= 0 else ""
         print(f"wrote {args.out}: input image (3, {size[0]}, {size[1]}) in [0, 1]; outputs "
@@ -193,7 +258,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, RuntimeError, AssertionError) as exc:
         reason = " ".join(str(exc).split())[:200]
         parser.error(f"--img-size {size}: the model cannot take a {size}x{size} input ({reason})")
-    diff = export_onnx(model, Path(args.out), size, args.opset, check=not args.no_check, dynamic=not args.static,
+    # UperNet's resize of its logits to the input is traced at one size: a dynamic graph would be wrong elsewhere.
+    static = args.static or task == "segment"
+    diff = export_onnx(model, Path(args.out), size, args.opset, check=not args.no_check, dynamic=not static,
                        num_frames=num_frames)
-    print(f"wrote {args.out}" + (f" (onnxruntime vs torch max |diff| {diff:.2e})" if diff >= 0 else ""))
+    shape = (f"video (B, 3, {num_frames}, {size}, {size})" if num_frames else
+             f"image (B, 3, {size}, {size})" if static else "image (B, 3, H, W)")
+    data = f" and its weights {args.out}.data (keep them together)" if needs_external_data(model) else ""
+    print(f"wrote {args.out}{data}: input {shape}"
+          + (f" (onnxruntime vs torch max |diff| {diff:.2e})" if diff >= 0 else ""))
     return 0

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import intern2
+from intern2 import cli
 from conftest import fixture_path
 from intern2.pipelines.segment import slide_inference
 
@@ -85,10 +86,27 @@ def test_save_pretrained_round_trip(tmp_path):
 
 def test_onnx_export_matches_onnxruntime(tmp_path):
     pytest.importorskip("onnxruntime")
-    from intern2.export import export_onnx
+    from intern2.export import ExportCheckError, export_onnx
     model = intern2.create_model("upernet_internimage_t", **TINY).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    diff = export_onnx(model, tmp_path / "upernet.onnx", img_size=64, dynamic=False)
+    diff = export_onnx(model, tmp_path / "upernet.onnx", img_size=64, dynamic=False)  # checked at batch 3
     assert 0 <= diff <= 1e-4
+    # A failed check writes nothing: the previous file stays whole, no temp folder is left, the mode is restored.
+    before = (tmp_path / "upernet.onnx").read_bytes()
+    model.train()
+    with pytest.raises(ExportCheckError, match="differs from PyTorch .* nothing written"):
+        export_onnx(model, tmp_path / "upernet.onnx", img_size=64, dynamic=False, atol=-1.0)
+    assert model.training and (tmp_path / "upernet.onnx").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["upernet.onnx"]
+
+
+def test_cli_exports_a_segmentor_at_its_fixed_size(tmp_path, capsys):
+    """A dynamic UperNet graph would be wrong at other sizes (its logits resize is traced at one): the CLI
+    exports it fixed, batch dynamic, whatever --static says."""
+    pytest.importorskip("onnxruntime")
+    intern2.save_pretrained(intern2.create_model("upernet_internimage_t", **TINY), tmp_path / "seg")
+    assert cli.main(["export", "onnx", "--checkpoint", str(tmp_path / "seg"), "--out", str(tmp_path / "s.onnx"),
+                     "--img-size", "64"]) == 0
+    assert "input image (B, 3, 64, 64) (onnxruntime vs torch max |diff|" in capsys.readouterr().out

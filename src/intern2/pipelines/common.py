@@ -228,12 +228,14 @@ def top_k(probs: torch.Tensor, labels: Sequence[str], k: int) -> List[Dict[str, 
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--checkpoint / --model (and the --task chosen by the dispatcher), shared by the commands that run a
-    trained or official model."""
+def add_model_arguments(parser: argparse.ArgumentParser, run_options: bool = True) -> None:
+    """--checkpoint / --model, shared by the commands that load a trained or official model; with ``run_options``
+    (the commands that run it) also --task (chosen by the dispatcher) and --dtype."""
     parser.add_argument("--checkpoint", help="model folder, or a weight file used with --model")
     parser.add_argument("--model", help="registered model name, optionally with a pretrained tag "
                         "(internimage_t.in1k); needed unless --checkpoint is a model folder")
+    if not run_options:
+        return
     parser.add_argument("--task", help="image-cls, segment, detect, video-cls or video-text (default: from the "
                         "model's weights metadata or architecture)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), help="run the model in bfloat16 (fast where the CPU "
