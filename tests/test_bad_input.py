@@ -62,6 +62,7 @@ def files(tmp_path_factory):
     wide = intern2.create_model("internimage_t", num_classes=3, **{**TINY, "channels": 32})
     intern2.save_pretrained(wide, root / "wide")
     intern2.save_pretrained(intern2.create_model("internimage_t", features_only=True, **TINY), root / "backbone")
+    intern2.save_pretrained(intern2.create_model("internimage_t", num_classes=0, **TINY), root / "headless")
     intern2.save_pretrained(intern2.create_model("upernet_internimage_t", num_classes=4, backbone=TINY, channels=16,
                                                  aux_channels=16), root / "seg")
     (Path(folder("deep_config", lambda c: c)) / "config.json").write_text("[" * 100_000 + "]" * 100_000)
@@ -207,6 +208,8 @@ CASES = [
                                    "--out", "{root}/converted", "--set", "channels=16", "--set", "depths=[1, 1, 1, 1]",
                                    "--set", "groups=[1, 2, 4, 8]"],
      "the checkpoint's classifier has 3 classes, the model's 1000: build the model with num_classes=3"),
+    ("predict-headless", ["predict", "{image}", "--checkpoint", "{root}/headless"],
+     "got a model without a classifier (num_classes=0"),
     ("export-features-only", ["export", "onnx", "--checkpoint", "{root}/backbone", "--out", "{root}/fo.onnx"],
      "a features_only backbone cannot be exported to ONNX yet"),
     ("export-detector-img-size", ["export", "onnx", "--model", "mask_rcnn_internimage_t", "--out", "{root}/d.onnx",

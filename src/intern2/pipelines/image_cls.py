@@ -33,6 +33,9 @@ class ImageClassificationPipeline(Pipeline):
         super().check_model(model)
         if getattr(model, "features_only", False):
             raise TypeError(f"{cls.__name__}: expected {cls.expects}, got a features_only backbone (no classifier)")
+        if getattr(model, "num_classes", None) == 0:  # timm's num_classes=0: forward returns pooled features
+            raise TypeError(f"{cls.__name__}: expected {cls.expects}, got a model without a classifier "
+                            f"(num_classes=0; its forward gives pooled features)")
 
     @property
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:
