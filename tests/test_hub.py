@@ -54,7 +54,9 @@ def test_missing_weights_say_which_repo_and_file_to_fetch(tmp_path, monkeypatch)
     message = str(error.value)
     assert "internimage_s.in1k: internimage_s_1k_224.pth of OpenGVLab/InternImage is not in the Hugging Face " \
            "cache" in message and "HF_HUB_OFFLINE=1" in message
-    assert "`hf download OpenGVLab/InternImage internimage_s_1k_224.pth`" in message and "\n" not in message
+    # The command given fetches into the cache that was searched.
+    assert f"`hf download OpenGVLab/InternImage internimage_s_1k_224.pth --cache-dir {tmp_path}`" in message
+    assert f"cache ({tmp_path})" in message and "\n" not in message
     with pytest.raises(FileNotFoundError, match="vit_b_hybrid_pt_800e_k400_ft.pth are not at .*published at "
                                                 "https://pjlab-gvm-data"):
         resolve_weights(intern2.weights.get_weights("videomae_vit_b", "internvideo_k400").pretrained_cfg())
@@ -138,7 +140,10 @@ def test_folders_written_by_timm_load_through_every_door(tmp_path, reference, ca
 
 @pytest.mark.parametrize("error, message", [("EntryNotFoundError", "the Hub repo OpenGVLab/InternImage has no file "
                                              "internimage_t_1k_224.pth"),
-                                            ("RepositoryNotFoundError", "the Hub has no repo OpenGVLab/InternImage")])
+                                            ("RepositoryNotFoundError", "the Hub has no repo OpenGVLab/InternImage"),
+                                            ("LocalEntryNotFoundError", "and the Hub could not be reached: fetch it "
+                                             "with `hf download OpenGVLab/InternImage internimage_t_1k_224.pth "
+                                             "--cache-dir ")])
 def test_online_hub_errors_name_the_repo_and_file(error, message, tmp_path, monkeypatch):
     """What the Hub answers when online (simulated: tests never reach the network)."""
     import huggingface_hub

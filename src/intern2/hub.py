@@ -66,18 +66,22 @@ def _from_hub(repo: str, name: Optional[str], tag: str, cache_dir: Optional[Unio
     except ImportError:
         raise ImportError(f"{tag}: fetching weights from the Hub needs huggingface_hub: pip install huggingface_hub "
                           f"(or put {name or repo} in {intern2_home()})") from None
+    from huggingface_hub import constants
+    cache = cache_dir or constants.HF_HUB_CACHE
     what = f"{repo}" if not name or _is_folder(name) else f"{name} of {repo}"
-    fetch = f"hf download {repo}" + (f" {name}" if name and not _is_folder(name) else "")
+    fetch = (f"hf download {repo}" + (f" {name}" if name and not _is_folder(name) else "")
+             + (f" --cache-dir {cache_dir}" if cache_dir else ""))
     try:
         if not name or _is_folder(name):
             return Path(snapshot_download(repo, cache_dir=cache_dir, local_files_only=not download,
                                           allow_patterns=_FOLDER_PATTERNS))
         return Path(hf_hub_download(repo, name, cache_dir=cache_dir, local_files_only=not download))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
-        reason = "HF_HUB_OFFLINE=1" if hub_offline() else "downloading is off"
-        raise FileNotFoundError(f"{tag}: {what} is not in the Hugging Face cache ({cache_dir or 'the default'}) and "
-                                f"{reason}: fetch it with `{fetch}` (or put {Path(name or repo).name} in "
-                                f"{intern2_home()})") from None
+        # huggingface_hub answers LocalEntryNotFoundError also when it tried to download and could not connect.
+        reason = ("HF_HUB_OFFLINE=1" if hub_offline() else "downloading is off (download=False)" if not download
+                  else "the Hub could not be reached")
+        raise FileNotFoundError(f"{tag}: {what} is not in the Hugging Face cache ({cache}) and {reason}: fetch it "
+                                f"with `{fetch}` (or put {Path(name or repo).name} in {intern2_home()})") from None
     except RepositoryNotFoundError:
         raise FileNotFoundError(f"{tag}: the Hub has no repo {repo} (or it is private)") from None
     except EntryNotFoundError:
