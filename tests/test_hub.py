@@ -83,8 +83,21 @@ def test_a_damaged_cached_file_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("INTERN2_HOME", str(tmp_path / "home"))
     path = hub_path(tmp_path, "OpenGVLab/InternImage", "internimage_t_1k_224.pth")
     path.write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(ValueError, match=f"cannot read checkpoint {path}.*damaged download.*delete it"):
+    with pytest.raises(ValueError, match=f"cannot read checkpoint {path}.*damaged download.*delete {path}"):
         intern2.create_model("internimage_t", pretrained=True, cache_dir=tmp_path, **TINY)
+
+
+def test_a_damaged_file_of_an_hf_hub_repo_is_named(tmp_path, reference, monkeypatch):
+    """timm's hf-hub: names read a whole repo folder from the cache: a truncated file there gets the same advice."""
+    timm = pytest.importorskip("timm")
+    folder = hub_path(tmp_path, "someone/internimage-tiny")
+    intern2.save_pretrained(reference, folder)
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:1000])
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ValueError, match="cannot read checkpoint .*model.safetensors.*damaged download"):
+        timm.create_model("hf-hub:someone/internimage-tiny", pretrained=True)
 
 
 def test_a_folder_tag_is_the_repos_snapshot(tmp_path, monkeypatch, capsys):

@@ -40,11 +40,13 @@ def _entrypoint(name: str):
         cfg = pretrained_cfg if isinstance(pretrained_cfg, (str, type(None))) else \
             (pretrained_cfg if isinstance(pretrained_cfg, dict) else pretrained_cfg.to_dict())
         if isinstance(cfg, dict) and cfg.get("source") in ("local-dir", "hf-hub"):
-            from .hub import resolve_weights
-            folder = cfg["file"] if cfg["source"] == "local-dir" else resolve_weights(
-                {"hf_hub_id": cfg["hf_hub_id"]}, cache_dir)
-            return from_pretrained(folder, weights=pretrained, **{k: v for k, v in kwargs.items()
-                                                                 if k not in (pretrained_model_args or {})})
+            from .hub import reading_download, resolve_weights
+            kept = {k: v for k, v in kwargs.items() if k not in (pretrained_model_args or {})}
+            if cfg["source"] == "local-dir":
+                return from_pretrained(cfg["file"], weights=pretrained, **kept)
+            folder = resolve_weights({"hf_hub_id": cfg["hf_hub_id"]}, cache_dir)
+            with reading_download(folder):
+                return from_pretrained(folder, weights=pretrained, **kept)
         tag = cfg if isinstance(cfg, str) else (cfg or {}).get("tag")
         return create_model(f"{name}.{tag}" if tag else name, pretrained=pretrained,
                             pretrained_cfg_overlay=pretrained_cfg_overlay, cache_dir=cache_dir, **kwargs)

@@ -57,17 +57,13 @@ def create_model(
         # A new head only where one was asked for: otherwise a random head would answer under the tag's labels.
         load_checkpoint(model, checkpoint_path, allow_new_head="num_classes" in kwargs)
     elif pretrained:
-        from .hub import resolve_weights
+        from .hub import reading_download, resolve_weights
         given = (pretrained_cfg_overlay or {}).get("file")
         if given is not None and not Path(given).exists():  # as in timm, an overlay's file is a local path
             raise FileNotFoundError(f"pretrained_cfg_overlay file {given}: no such file")
         path = resolve_weights(model.pretrained_cfg, cache_dir)
-        try:
+        with reading_download(path):
             load_checkpoint(model, path)
-        except ValueError as exc:
-            if not str(exc).startswith("cannot read checkpoint"):
-                raise
-            raise ValueError(f"{exc} (a damaged download? delete it and fetch it again)") from None
     return model
 
 

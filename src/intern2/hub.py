@@ -10,11 +10,12 @@ atomically (an interrupted download leaves no partial file under the name it wil
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
-__all__ = ["resolve_weights", "intern2_home", "hub_offline", "ENV_HOME"]
+__all__ = ["resolve_weights", "reading_download", "intern2_home", "hub_offline", "ENV_HOME"]
 
 ENV_HOME = "INTERN2_HOME"
 # What a folder tag needs from its repo (weights, configs, tokenizer files); not the repo's other formats.
@@ -55,6 +56,18 @@ def resolve_weights(cfg: Mapping[str, Any], cache_dir: Optional[Union[str, os.Pa
                                 f"{url or 'no known address'}: download them there (or set ${ENV_HOME}), or pass "
                                 f"checkpoint_path=...")
     return _from_hub(hub, name, tag, cache_dir or os.environ.get("HF_HUB_CACHE"), download and not hub_offline())
+
+
+@contextlib.contextmanager
+def reading_download(path: Path) -> Iterator[None]:
+    """Around loading weights :func:`resolve_weights` found: a file that cannot be read there is most likely a
+    damaged download, and the error says what to do about it."""
+    try:
+        yield
+    except ValueError as exc:
+        if not str(exc).startswith("cannot read checkpoint"):
+            raise
+        raise ValueError(f"{exc} (a damaged download? delete {path} and fetch it again)") from None
 
 
 def _from_hub(repo: str, name: Optional[str], tag: str, cache_dir: Optional[Union[str, os.PathLike]],
