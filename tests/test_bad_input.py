@@ -210,6 +210,8 @@ CASES = [
      "the checkpoint's classifier has 3 classes, the model's 1000: build the model with num_classes=3"),
     ("predict-headless", ["predict", "{image}", "--checkpoint", "{root}/headless"],
      "got a model without a classifier (num_classes=0"),
+    ("model-is-a-folder", ["predict", "{image}", "--model", "{good}"],
+     "is a path, not a model name: load a model folder with intern2.from_pretrained"),
     ("export-features-only", ["export", "onnx", "--checkpoint", "{root}/backbone", "--out", "{root}/fo.onnx"],
      "a features_only backbone cannot be exported to ONNX yet"),
     ("export-detector-img-size", ["export", "onnx", "--model", "mask_rcnn_internimage_t", "--out", "{root}/d.onnx",

@@ -43,6 +43,10 @@ def create_model(
         value = kwargs.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
             raise ValueError(f"{key}: expected an integer >= {least}, got {value!r}")
+    if "/" in name or os.sep in name or Path(name).exists():  # no registered name is a path
+        raise ValueError(f"create_model: {name!r} is a path, not a model name: load a model folder with "
+                         f"intern2.from_pretrained({name!r}) (on the command line: --checkpoint {name}), a weight "
+                         f"file with create_model(NAME, checkpoint_path=...)")
     arch, _, tag = name.partition(".")
     builder = get_model_builder(arch)
     if tag:

@@ -21,11 +21,14 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 
 def register_variant(name: str, build: Callable[[Dict[str, Any]], nn.Module], doc: str,
-                     cfg_of_model: Optional[Callable[[nn.Module], Dict[str, Any]]] = None) -> Callable[..., nn.Module]:
+                     cfg_of_model: Optional[Callable[[nn.Module, Any], Dict[str, Any]]] = None
+                     ) -> Callable[..., nn.Module]:
     """Register the builder ``name(pretrained_tag=None, **kwargs)``: it looks up the tag's weights record, calls
     ``build(kwargs)`` with the record's architecture fields (``num_classes``, ``arch_overrides``) under the
     caller's ``kwargs``, and gives the model the record as ``model.pretrained_cfg`` (updated by
-    ``cfg_of_model(model)``: entries that follow the built architecture, such as a video model's clip size)."""
+    ``cfg_of_model(model, record)``: entries that follow the built architecture, such as a video model's clip
+    size). A model built with another class count than the record's gets no label names or published metrics:
+    they are not its own."""
     from .weights import get_weights
 
     def builder(pretrained_tag: Optional[str] = None, **kwargs: Any) -> nn.Module:
@@ -34,8 +37,11 @@ def register_variant(name: str, build: Callable[[Dict[str, Any]], nn.Module], do
         if weights.num_classes is not None:
             defaults["num_classes"] = weights.num_classes
         model = build({**defaults, **kwargs})
-        model.pretrained_cfg = weights.pretrained_cfg(num_classes=getattr(model, "num_classes", weights.num_classes),
-                                                      **(cfg_of_model(model) if cfg_of_model else {}))
+        cfg = weights.pretrained_cfg(num_classes=getattr(model, "num_classes", weights.num_classes),
+                                     **(cfg_of_model(model, weights) if cfg_of_model else {}))
+        if weights.num_classes is not None and cfg["num_classes"] != weights.num_classes:
+            cfg = {k: v for k, v in cfg.items() if k not in ("label_names", "metrics")}
+        model.pretrained_cfg = cfg
         return model
     builder.__name__ = name
     builder.__doc__ = doc

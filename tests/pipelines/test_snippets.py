@@ -144,7 +144,7 @@ def test_cli_equals_api_and_resumes(videos, folder, tmp_path, capsys):
         assert (sidecar["fps"], sidecar["num_video_frames"]) == (FPS, LENGTHS[name])
         assert sidecar["duration"] == LENGTHS[name] / FPS and sidecar["fps_override"] is None
         assert (sidecar["snippet_frames"], sidecar["stride"], sidecar["frames_per_snippet"]) == (8, 4, 4)
-        assert sidecar["feature_dim"] == 32 and sidecar["crop"] == 32 and sidecar["short_side"] == 224
+        assert sidecar["feature_dim"] == 32 and sidecar["crop"] == 32 and sidecar["short_side"] == 32  # scaled
         assert sidecar["timestamps"] == pytest.approx([(4 * i + 4) / FPS for i in range(len(features))])
 
     # a rerun skips what is done (the API sees the CLI's files as its own), a changed setting re-extracts

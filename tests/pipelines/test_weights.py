@@ -224,3 +224,17 @@ def test_label_names_of_another_size_fall_back_to_indices_with_a_warning(caplog)
     with caplog.at_level("WARNING", logger="intern2.weights"):
         assert labels_from_cfg({}, 2) == ["0", "1"] and labels_from_cfg({"label_names": ["a", "b"]}, 2) == ["a", "b"]
     assert not caplog.records
+
+
+def test_a_model_built_unlike_its_tag_carries_only_what_is_its_own():
+    """Another class count drops the tag's label names and published scores (timm drops its labels too); another
+    resolution scales the tag's test resize with the crop (a 32 px model is not shown frames resized to 224)."""
+    tagged = intern2.create_model("internimage_t", **TINY).pretrained_cfg
+    assert tagged["label_names"] and tagged["metrics"]
+    other = intern2.create_model("internimage_t", num_classes=3, **TINY).pretrained_cfg
+    assert "label_names" not in other and "metrics" not in other and other["num_classes"] == 3
+    video = intern2.create_model("videomae_vit_s.k400", img_size=32, depth=1, embed_dim=32, num_heads=2,
+                                 all_frames=4).pretrained_cfg
+    assert video["img_size"] == 32 and video["short_side"] == 32  # k400's test: shorter side to the crop
+    clip = intern2.create_model("internvideo_mm_tiny").pretrained_cfg  # the demo's 256 -> 224 ratio at 32 px
+    assert clip["img_size"] == 32 and clip["short_side"] == round(256 * 32 / 224)

@@ -27,7 +27,7 @@ from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setu
 from ..data.segmentation import keep_ratio_size
 
 __all__ = ["InternImageFPN", "UnroundedAnchorGenerator", "AlignedMultiScaleRoIAlign", "KeepRatioTransform",
-           "paste_masks", "mmdet_to_torchvision", "torchvision_to_mmdet", "mask_rcnn_components"]
+           "test_size_cfg", "paste_masks", "mmdet_to_torchvision", "torchvision_to_mmdet", "mask_rcnn_components"]
 
 
 class InternImageFPN(nn.Module):
@@ -102,6 +102,12 @@ class KeepRatioTransform(GeneralizedRCNNTransform):
             if "masks" in prediction:
                 prediction["masks"] = paste_masks(prediction["masks"], prediction["boxes"], *original)
         return result
+
+
+def test_size_cfg(model: nn.Module, record: object = None) -> Dict:
+    """A detector's pretrained-config entry that follows its built resize bounds: the protocol's test size (long,
+    short) (a ``register_variant`` ``cfg_of_model``; the weights ``record`` is not needed)."""
+    return dict(test_size=[model.transform.max_size, model.transform.min_size[-1]])
 
 
 def _paste_weights(low: Tensor, high: Tensor, size: int, length: int) -> Tensor:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
-from ..heads.detection import KeepRatioTransform
+from ..heads.detection import KeepRatioTransform, test_size_cfg
 from ..heads.transformer import ConvGN, DeformableEncoder, FFN, MultiheadAttention, sine_position_encoding
 from ..heads.detr_losses import DenoisingQueries, DinoCriterion, box_cxcywh_to_xyxy, cdn_queries, inverse_sigmoid
 from ..ops.msda_module import MultiScaleDeformableAttention
@@ -418,10 +418,6 @@ def _builder(variant: str, overrides: Dict):
     return build
 
 
-def _test_size(model: InternImageDINO) -> Dict:
-    return dict(test_size=[model.transform.max_size, model.transform.min_size[-1]])
-
-
 for _name, (_variant, _overrides) in DINO_VARIANTS.items():
     register_variant(_name, _builder(_variant, _overrides),
-                     f"DINO-4scale + {_variant} (official mmdet COCO configuration).", _test_size)
+                     f"DINO-4scale + {_variant} (official mmdet COCO configuration).", test_size_cfg)

@@ -16,7 +16,8 @@ from torchvision.models.detection import MaskRCNN
 
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..heads.cascade import CASCADE_STDS, CascadeRoIHeads, cascade_stage
-from ..heads.detection import InternImageFPN, KeepRatioTransform, mask_rcnn_components, mmdet_to_torchvision
+from ..heads.detection import (InternImageFPN, KeepRatioTransform, mask_rcnn_components, mmdet_to_torchvision,
+                               test_size_cfg)
 from ..registry import register_variant
 from .internimage import InternImage, checkpoint_filter_fn
 from .upernet import _seg_backbone
@@ -130,15 +131,11 @@ def _builder(cls: type, variant: str, overrides: Dict):
     return build
 
 
-def _test_size(model: InternImageMaskRCNN) -> Dict:
-    """The detection protocol's test size follows the model's resize bounds (long, short)."""
-    return dict(test_size=[model.transform.max_size, model.transform.min_size[-1]])
-
-
 for _name, (_variant, _overrides) in MASK_RCNN_VARIANTS.items():
     register_variant(_name, _builder(InternImageMaskRCNN, _variant, _overrides),
-                     f"Mask R-CNN + FPN + {_variant} (official mmdet COCO configuration) on torchvision.", _test_size)
+                     f"Mask R-CNN + FPN + {_variant} (official mmdet COCO configuration) on torchvision.",
+                     test_size_cfg)
 for _name, (_variant, _overrides) in CASCADE_VARIANTS.items():
     register_variant(_name, _builder(InternImageCascadeMaskRCNN, _variant, _overrides),
                      f"Cascade Mask R-CNN + FPN + {_variant} (official mmdet COCO configuration) on torchvision.",
-                     _test_size)
+                     test_size_cfg)

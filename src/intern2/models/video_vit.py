@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +23,9 @@ from ..registry import register_variant
 
 torch.fx.wrap("linear")  # symbolic tracing records calls to it (fx.wrap applies per module namespace)
 
-__all__ = ["VideoViT", "VideoMAEPretrain", "keep_visible", "sinusoid_table", "resize_pos_embed", "tube_mask",
-           "running_cell_mask", "pixel_targets", "videomae_loss", "official_to_hf", "hf_to_official", "config_from_hf",
-           "VIDEO_VIT_VARIANTS", "HF_VIDEOMAE_ARCHITECTURES"]
+__all__ = ["VideoViT", "VideoMAEPretrain", "clip_cfg", "keep_visible", "sinusoid_table", "resize_pos_embed",
+           "tube_mask", "running_cell_mask", "pixel_targets", "videomae_loss", "official_to_hf", "hf_to_official",
+           "config_from_hf", "VIDEO_VIT_VARIANTS", "HF_VIDEOMAE_ARCHITECTURES"]
 
 log = logging.getLogger(__name__)
 
@@ -689,10 +689,14 @@ VIDEO_VIT_VARIANTS: Dict[str, Tuple[Dict, Dict]] = {
 }
 
 
-def _clip_cfg(config: Dict) -> Dict:
-    """The pretrained-config entries that follow the built clip size (frames, resolution)."""
-    frames, size = config["all_frames"], config["img_size"]
-    return dict(num_frames=frames, img_size=size, input_size=[3, frames, size, size])
+def clip_cfg(frames: int, size: int, record: Any) -> Dict:
+    """The pretrained-config entries of a video model that follow its built clip size (frames, resolution); the
+    weights ``record``'s test resize (``short_side``) keeps its ratio to the crop at another resolution."""
+    cfg = dict(num_frames=frames, img_size=size, input_size=[3, frames, size, size])
+    protocol = record.protocol
+    if getattr(protocol, "short_side", None) is not None and size != protocol.img_size:
+        cfg["short_side"] = max(size, round(protocol.short_side * size / protocol.img_size))
+    return cfg
 
 
 def _pretrain_config(size: str) -> Dict:
@@ -704,8 +708,9 @@ def _pretrain_config(size: str) -> Dict:
 for _size, (_encoder, _) in VIDEO_VIT_VARIANTS.items():
     register_variant(f"videomae_vit_{_size}", lambda kwargs, _encoder=_encoder: VideoViT(**{**_encoder, **kwargs}),
                      f"Video ViT-{_size.upper()} classifier (official VideoMAE/VideoMAEv2 configuration).",
-                     lambda model: _clip_cfg(model.config))
+                     lambda model, record: clip_cfg(model.config["all_frames"], model.config["img_size"], record))
     register_variant(f"videomae_pretrain_vit_{_size}",
                      lambda kwargs, _size=_size: VideoMAEPretrain(**{**_pretrain_config(_size), **kwargs}),
                      f"VideoMAE ViT-{_size.upper()} masked autoencoder; VideoMAEv2 dual masking is the same model "
-                     f"called with a decode mask.", lambda model: _clip_cfg(model.config))
+                     f"called with a decode mask.",
+                     lambda model, record: clip_cfg(model.config["all_frames"], model.config["img_size"], record))

@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from ..constants import CLIP_MEAN, CLIP_STD  # noqa: F401 (re-exported)
 from ..layers import DropPath, Linear
 from ..registry import register_variant
-from .video_vit import VideoViT
+from .video_vit import VideoViT, clip_cfg
 
 __all__ = ["VideoTextModel", "VisionTransformer", "Transformer", "TemporalTransformer", "Extractor",
            "ResidualAttentionBlock", "clip_contrastive_loss", "gather_features", "checkpoint_filter_fn",
@@ -439,12 +439,8 @@ VIDEOTEXT_VARIANTS: Dict[str, Dict] = {
 }
 
 
-def _clip_cfg(model: "VideoTextModel") -> Dict:
-    """The pretrained-config entries that follow the built clip size (frames, resolution)."""
-    frames, size = model.config["num_frames"], model.config["image_resolution"]
-    return dict(num_frames=frames, img_size=size, input_size=[3, frames, size, size])
-
-
 for _size, _config in VIDEOTEXT_VARIANTS.items():
     register_variant(f"internvideo_mm_{_size}", lambda kwargs, _config=_config: VideoTextModel(**{**_config, **kwargs}),
-                     f"InternVideo-MM video-text dual encoder, {_size} configuration.", _clip_cfg)
+                     f"InternVideo-MM video-text dual encoder, {_size} configuration.",
+                     lambda model, record: clip_cfg(model.config["num_frames"], model.config["image_resolution"],
+                                                    record))
