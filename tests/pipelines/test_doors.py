@@ -103,6 +103,13 @@ def test_detection(tmp_path, inputs, capsys, architecture):
     masks = [[o.get("mask") for o in objects] for objects in (python, cli_result["objects"], http)]
     assert masks[0] == masks[1] == masks[2] and (None in masks[0]) == architecture.startswith("dino_")
     assert all(["circle", "square"][o["index"]] == o["label"] for o in python)
+    # The doors' defaults agree too: no masks unless asked for.
+    plain = DetectionPipeline.from_pretrained(folder)(inputs["image"], threshold=0.0)["objects"]
+    (plain_cli,) = _predict_json(capsys, ["predict", inputs["image"], "--checkpoint", folder, "--threshold", "0",
+                                          "--json"])
+    plain_http = _post(dict(detect_model=load_model_spec(folder)), "/v1/detect", data={"threshold": 0.0},
+                       files={"file": ("image.png", open(inputs["image"], "rb").read(), "image/png")})["objects"]
+    assert not any("mask" in o for objects in (plain, plain_cli["objects"], plain_http) for o in objects)
 
 
 SEGMENTORS = {"upernet_internimage_t": dict(backbone=BACKBONE, channels=16, aux_channels=16),

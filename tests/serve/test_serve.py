@@ -150,7 +150,7 @@ def test_classify_top_k(client):
 
 
 def test_detect_boxes_masks_and_drawing(client):
-    response = client.post("/v1/detect", files=_upload("a.png", _png()), data={"threshold": 0.0})
+    response = client.post("/v1/detect", files=_upload("a.png", _png()), data={"threshold": 0.0, "masks": "true"})
     assert response.status_code == 200, response.text
     result = response.json()
     assert (result["width"], result["height"]) == (64, 48) and 0 < len(result["objects"]) <= 5
@@ -163,6 +163,8 @@ def test_detect_boxes_masks_and_drawing(client):
     bare = client.post("/v1/detect", files=_upload("a.png", _png()),
                        data={"threshold": 1.0, "draw": "false"}).json()
     assert bare["objects"] == [] and "overlay_png" not in bare
+    default = client.post("/v1/detect", files=_upload("a.png", _png()), data={"threshold": 0.0}).json()
+    assert default["objects"] and all("mask" not in obj for obj in default["objects"])  # as pipeline() and predict
 
 
 @pytest.mark.parametrize("seed", range(3))

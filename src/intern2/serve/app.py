@@ -452,7 +452,7 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
     @app.post("/v1/detect", dependencies=[Depends(_one_part_per_field)],
               summary="object detection + instance masks (COCO RLE), optionally drawn")
     async def detect(file: UploadFile = File(..., description="an image file"),
-                     threshold: float = Form(0.5, ge=0.0, le=1.0), masks: bool = Form(True),
+                     threshold: float = Form(0.5, ge=0.0, le=1.0), masks: bool = Form(False),
                      draw: bool = Form(True)) -> Dict[str, Any]:
         slot = slot_of("detect")
         data, filename = await read_upload(file)
