@@ -118,7 +118,7 @@ def test_a_folder_tag_is_the_repos_snapshot(tmp_path, monkeypatch, capsys):
     cfg = intern2.weights.get_weights("intern2_mt_600m", "nllb200_distilled").pretrained_cfg()
     assert resolve_weights(cfg) == folder
     assert cli.main(["translate", "--src", "en", "--tgt", "fr", "--max-new-tokens", "4", "Hello."]) == 0
-    assert capsys.readouterr().out.strip()
+    assert capsys.readouterr().out.count("\n") == 1  # one line per input (a random model may decode </s> first)
 
 
 def test_hf_hub_names_load_timm_format_repos(tmp_path, reference, monkeypatch):

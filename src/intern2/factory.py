@@ -9,6 +9,7 @@ from torch import nn
 
 from .checkpoint import CONFIG_NAME, load_checkpoint, read_config, save_pretrained as _save
 from .registry import get_model_builder, is_model
+from .weights import cfg_for_head
 
 __all__ = ["create_model", "from_pretrained", "save_pretrained", "HF_MODEL_TYPES"]
 
@@ -73,7 +74,8 @@ def create_model(
 
 def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike]) -> Path:
     """Write ``config.json`` + ``model.safetensors``; :func:`from_pretrained` rebuilds the model exactly."""
-    pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}))
+    # After reset_classifier the old head's class count and labels are stale: the saved ones are the model's.
+    pretrained_cfg = cfg_for_head(getattr(model, "pretrained_cfg", {}), getattr(model, "num_classes", None))
     arch = pretrained_cfg.get("architecture")
     if not arch or not hasattr(model, "export_config"):
         raise ValueError("save_pretrained: model was not built by intern2.create_model (no architecture recorded)")

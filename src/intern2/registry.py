@@ -29,7 +29,7 @@ def register_variant(name: str, build: Callable[[Dict[str, Any]], nn.Module], do
     ``cfg_of_model(model, record)``: entries that follow the built architecture, such as a video model's clip
     size). A model built with another class count than the record's gets no label names or published metrics:
     they are not its own."""
-    from .weights import get_weights
+    from .weights import cfg_for_head, get_weights
 
     def builder(pretrained_tag: Optional[str] = None, **kwargs: Any) -> nn.Module:
         weights = get_weights(name, pretrained_tag)
@@ -37,11 +37,8 @@ def register_variant(name: str, build: Callable[[Dict[str, Any]], nn.Module], do
         if weights.num_classes is not None:
             defaults["num_classes"] = weights.num_classes
         model = build({**defaults, **kwargs})
-        cfg = weights.pretrained_cfg(num_classes=getattr(model, "num_classes", weights.num_classes),
-                                     **(cfg_of_model(model, weights) if cfg_of_model else {}))
-        if weights.num_classes is not None and cfg["num_classes"] != weights.num_classes:
-            cfg = {k: v for k, v in cfg.items() if k not in ("label_names", "metrics")}
-        model.pretrained_cfg = cfg
+        cfg = weights.pretrained_cfg(**(cfg_of_model(model, weights) if cfg_of_model else {}))
+        model.pretrained_cfg = cfg_for_head(cfg, getattr(model, "num_classes", weights.num_classes))
         return model
     builder.__name__ = name
     builder.__doc__ = doc

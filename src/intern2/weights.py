@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Metric", "ImageClassificationProtocol", "SegmentationProtocol", "DetectionProtocol", "VideoProtocol",
            "TranslationProtocol", "TemporalLocalizationProtocol", "Weights", "get_weights", "list_pretrained",
-           "pretrained_tags", "task_of", "label_set", "LABEL_SETS", "protocol_from_cfg", "labels_from_cfg", "TASKS",
-           "PROTOCOLS"]
+           "pretrained_tags", "task_of", "label_set", "LABEL_SETS", "protocol_from_cfg", "labels_from_cfg",
+           "cfg_for_head", "TASKS", "PROTOCOLS"]
 
 # The largest image or frame side a protocol may ask for (the official protocols stay under 4096, TTA included).
 MAX_SIDE = 8192
@@ -364,6 +364,14 @@ def label_set(name: str) -> Tuple[str, ...]:
     if len(names) != LABEL_SETS[name].size:
         raise RuntimeError(f"label set {name}: expected {LABEL_SETS[name].size} names, read {len(names)}")
     return names
+
+
+def cfg_for_head(cfg: Mapping[str, Any], num_classes: Optional[int]) -> Dict[str, Any]:
+    """``cfg`` for a model with ``num_classes`` outputs: the label names and published metrics of another class
+    count are not its own, so they are left out (as timm drops a source's labels on export)."""
+    if num_classes is None or cfg.get("num_classes") in (None, num_classes):
+        return {**cfg, **({"num_classes": num_classes} if num_classes is not None else {})}
+    return {**{k: v for k, v in cfg.items() if k not in ("label_names", "metrics")}, "num_classes": num_classes}
 
 
 def labels_from_cfg(cfg: Mapping[str, Any], num_classes: int, where: str = "pretrained_cfg") -> List[str]:

@@ -238,3 +238,14 @@ def test_a_model_built_unlike_its_tag_carries_only_what_is_its_own():
     assert video["img_size"] == 32 and video["short_side"] == 32  # k400's test: shorter side to the crop
     clip = intern2.create_model("internvideo_mm_tiny").pretrained_cfg  # the demo's 256 -> 224 ratio at 32 px
     assert clip["img_size"] == 32 and clip["short_side"] == round(256 * 32 / 224)
+
+
+def test_a_replaced_head_is_saved_as_the_models_own(tmp_path):
+    """reset_classifier then save_pretrained: the folder's class count is the new head's, without the old labels."""
+    model = intern2.create_model("internimage_t", **TINY)
+    model.reset_classifier(5)
+    intern2.save_pretrained(model, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["num_classes"] == saved["pretrained_cfg"]["num_classes"] == 5
+    assert "label_names" not in saved["pretrained_cfg"] and "metrics" not in saved["pretrained_cfg"]
+    assert intern2.from_pretrained(tmp_path).num_classes == 5
