@@ -250,7 +250,8 @@ def test_a_diverging_run_ends_in_one_line_with_the_advice(tmp_path, capsys):
     err = capsys.readouterr().err
     last = [line for line in err.splitlines() if " WARNING " not in line and " INFO " not in line][-1]
     assert code == 1 and "Traceback" not in err
-    assert last.startswith("intern2 train: error: training diverged: 10 steps in a row") and "train.lr" in last
+    assert last.startswith("intern2 train: error: training diverged: 10 attempts in a row at step ")
+    assert "lower train.lr" in last
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")

@@ -79,12 +79,14 @@ def apply_overrides(cfg: T, assignments: Sequence[str]) -> T:
         value = _yaml_value(assignment, text) if text.strip() else ""  # `key=` means empty, not YAML's null
         node = data
         parts = key.split(".")
+        free = False  # inside a free-form mapping (model_args): its keys are the model's, created as needed
         for depth, part in enumerate(parts[:-1]):
             if not isinstance(node.get(part), dict):
-                if part in node and node[part] is None:  # an unset optional mapping (e.g. model_args)
+                if (part in node and node[part] is None) or (free and part not in node):  # e.g. model_args unset
                     node[part] = {}
                 else:
                     raise ValueError(f"--set {assignment!r}: {'.'.join(parts[:depth + 1])} is not a config section")
+            free = free or part == "model_args"
             node = node[part]
         if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):  # merged, as a --config mapping is
             _deep_update(node[parts[-1]], value, f"--set {key}")

@@ -50,10 +50,11 @@ def _weights(out):
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_resume_is_exact(tmp_path, grad_accum):
-    """Drop path, mixup and augmentation are random: an interrupted + resumed run still ends bit-identical."""
-    full = _cfg(tmp_path / "full", grad_accum=grad_accum)
+    """Drop path, mixup and augmentation are random: an interrupted + resumed run still ends bit-identical, also
+    with evaluations on the checkpoints' steps (they must not draw from the training's random streams)."""
+    full = _cfg(tmp_path / "full", grad_accum=grad_accum, eval_every=2)
     Trainer(ImageClassificationTask(full), full.train).fit()
-    broken = _cfg(tmp_path / "broken", grad_accum=grad_accum)
+    broken = _cfg(tmp_path / "broken", grad_accum=grad_accum, eval_every=2)
     with pytest.raises(Interrupted):
         Trainer(InterruptingTask(broken, die_after=5 * grad_accum), broken.train).fit()
     checkpoint = torch.load(tmp_path / "broken" / "checkpoints" / "last.pt", weights_only=True)
@@ -65,6 +66,29 @@ def test_resume_is_exact(tmp_path, grad_accum):
         assert torch.equal(got[key], want[key]), key
     # The records after the checkpoint's step are written again, not repeated.
     assert _train_steps(tmp_path / "broken") == _train_steps(tmp_path / "full") == [1, 2, 3, 4, 5, 6]
+    assert _eval_steps(tmp_path / "broken") == _eval_steps(tmp_path / "full") == [2, 4, 6]
+
+
+class DyingEvaluation(ImageClassificationTask):
+    """The first evaluation fails (after its step's checkpoint was saved)."""
+
+    evaluations = 0
+
+    def eval_step(self, model, batch):
+        DyingEvaluation.evaluations += 1
+        if DyingEvaluation.evaluations == 1:
+            raise Interrupted()
+        return super().eval_step(model, batch)
+
+
+def test_an_evaluation_that_died_runs_again_on_resume(tmp_path):
+    cfg = _cfg(tmp_path, max_steps=6, checkpoint_every=2, eval_every=4)
+    with pytest.raises(Interrupted):
+        Trainer(DyingEvaluation(cfg), cfg.train).fit()
+    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["progress"]["eval_pending"]
+    resumed = replace(cfg, train=replace(cfg.train, resume="auto"))
+    Trainer(ImageClassificationTask(resumed), resumed.train).fit()
+    assert _train_steps(tmp_path) == [1, 2, 3, 4, 5, 6] and _eval_steps(tmp_path) == [4, 6]
 
 
 def test_resume_at_the_last_step_of_an_epoch_is_exact(tmp_path):
@@ -83,9 +107,13 @@ def test_resume_at_the_last_step_of_an_epoch_is_exact(tmp_path):
     assert all(torch.equal(got[key], want[key]) for key in want)
 
 
-def _train_steps(out):
+def _train_steps(out, split="train"):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["step"] for r in records if r["split"] == "train"]
+    return [r["step"] for r in records if r["split"] == split]
+
+
+def _eval_steps(out):
+    return _train_steps(out, "eval")
 
 
 def test_resume_refuses_other_settings_but_may_run_longer(tmp_path):
@@ -97,11 +125,14 @@ def test_resume_refuses_other_settings_but_may_run_longer(tmp_path):
         other = replace(cfg, train=replace(cfg.train, resume="auto", **change))
         with pytest.raises(ValueError, match=f"other settings .*{field}"):
             Trainer(ImageClassificationTask(other), other.train).fit()
-    with pytest.raises(ValueError, match="hflip"):
+    with pytest.raises(ValueError, match="hflip"):  # the Python Trainer compares the task's whole config too
         other = replace(cfg, hflip=0.0, train=replace(cfg.train, resume="auto"))
-        Trainer(ImageClassificationTask(other), other.train, config_to_save=to_dict(other)).fit()
-    longer = replace(cfg, train=replace(cfg.train, resume="auto", max_steps=3, log_every=2, eval_every=3))
-    Trainer(ImageClassificationTask(longer), longer.train).fit()
+        Trainer(ImageClassificationTask(other), other.train).fit()
+    # Evaluation-only fields and the initial weights (which the resume replaces) may change.
+    longer = replace(cfg, crop_pct=0.875, checkpoint=str(tmp_path / "model"),
+                     train=replace(cfg.train, resume="auto", max_steps=3, log_every=2, eval_every=3,
+                                   grad_checkpointing=True))
+    Trainer(ImageClassificationTask(longer), longer.train, config_to_save=to_dict(longer)).fit()
     assert _train_steps(tmp_path) == [1, 2, 3]
 
 
@@ -118,14 +149,18 @@ def test_a_new_run_in_an_old_folder_leaves_nothing_to_resume(tmp_path):
 
 def test_a_stop_mid_epoch_is_resumable_and_the_time_spent_counts(tmp_path):
     """max_steps without checkpoint_every still writes last.pt, with the training time spent: a resumed run with
-    a time limit already used up takes one step and stops."""
-    cfg = _cfg(tmp_path, max_steps=2, checkpoint_every=None)
+    a time limit already used up takes no step (resuming a finished run changes nothing); a longer one goes on."""
+    cfg = _cfg(tmp_path, max_steps=2, checkpoint_every=None, eval_every=2)
     Trainer(ImageClassificationTask(cfg), cfg.train).fit()
     progress = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["progress"]
     assert progress["step"] == 2 and progress["batches_done"] == 2 and progress["elapsed_s"] > 0
-    again = replace(cfg, train=replace(cfg.train, resume="auto", max_steps=50,
-                                       time_limit_s=progress["elapsed_s"] / 2))
-    Trainer(ImageClassificationTask(again), again.train).fit()
+    records = (tmp_path / "metrics.jsonl").read_text()
+    spent = replace(cfg, train=replace(cfg.train, resume="auto", max_steps=50, time_limit_s=progress["elapsed_s"] / 2))
+    for _ in range(2):
+        Trainer(ImageClassificationTask(spent), spent.train).fit()
+        assert (tmp_path / "metrics.jsonl").read_text() == records  # nothing trained, nothing repeated
+    longer = replace(cfg, train=replace(cfg.train, resume="auto", max_steps=3))
+    Trainer(ImageClassificationTask(longer), longer.train).fit()
     assert _train_steps(tmp_path) == [1, 2, 3]
 
 
@@ -252,6 +287,8 @@ def test_config_files_and_overrides(tmp_path):
                       ["train.lr=1e-3", "model_args.depths=[1, 1, 2, 1]", "train_crop_scale=[0.5, 1]"])
     assert cfg.model == "internimage_s" and cfg.train.epochs == 2 and cfg.train.lr == 1e-3
     assert cfg.model_args == {"depths": [1, 1, 2, 1]} and cfg.train_crop_scale == (0.5, 1)
+    nested = apply_overrides(cfg, ["model_args.backbone.channels=16"])  # a model_args key path is created
+    assert nested.model_args == {"depths": [1, 1, 2, 1], "backbone": {"channels": 16}}
     merged = apply_overrides(cfg, ["model_args={channels: 16}"])  # a mapping merges, as a --config file's does
     assert merged.model_args == {"depths": [1, 1, 2, 1], "channels": 16}
     assert apply_overrides(cfg, ["model_args=null", "model_args={channels: 16}"]).model_args == {"channels": 16}
@@ -282,3 +319,14 @@ def test_set_epochs_wins_over_a_config_step_count(tmp_path, monkeypatch):
     assert cli.main(base + ["--set", "train.epochs=2"]) == 0
     assert seen["train"].epochs == 2 and seen["train"].max_steps is None
     assert cli.main(base) == 0 and seen["train"].max_steps == 5
+
+
+def test_evaluating_more_often_trains_the_same_weights(tmp_path):
+    """Evaluation never draws from the training's random streams, so eval_every (which a resume may change) does
+    not change what is trained."""
+    often = _cfg(tmp_path / "often", max_steps=3, eval_every=1)
+    Trainer(ImageClassificationTask(often), often.train).fit()
+    once = _cfg(tmp_path / "once", max_steps=3)
+    Trainer(ImageClassificationTask(once), once.train).fit()
+    want, got = _weights(tmp_path / "once"), _weights(tmp_path / "often")
+    assert all(torch.equal(got[key], want[key]) for key in want)

@@ -172,6 +172,8 @@ class _Progress:
     epoch: int = 0
     batches_done: int = 0  # micro-batches consumed in this epoch (per rank)
     elapsed_s: float = 0.0  # training seconds before this process started (a resumed run's time limit counts them)
+    eval_pending: bool = False  # saved just before this step's evaluation, which a resume runs first
+    evaluated: bool = False  # this step's evaluation was logged before the save
 
 
 _RESUME_KEYS = frozenset({"model", "optimizer", "scheduler", "ema", "rng", "progress"})  # what _save writes
@@ -217,12 +219,13 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _record_step(line: str) -> float:
-    """The step of a metrics.jsonl line (infinity for a line that is not a record: a torn last write)."""
+def _record_key(line: str) -> Tuple[str, float]:
+    """(split, step) of a metrics.jsonl line (step infinity for a line that is not a record: a torn last write)."""
     try:
-        return float(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return math.inf
+        record = json.loads(line)
+        return str(record.get("split")), float(record["step"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return "", math.inf
 
 
 def _flatten(config: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -236,10 +239,11 @@ def _flatten(config: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return flat
 
 
-# Fields a resumed run may change: its length and bookkeeping, and evaluation (which does not touch training).
+# Fields a resumed run may change: its length and bookkeeping, memory (recomputation), and evaluation (which does
+# not touch training); a task adds its own as ``resume_may_change`` (its initial weights, which the resume replaces).
 _RESUMABLE_CHANGES = frozenset({"train.epochs", "train.max_steps", "train.time_limit_s", "train.resume",
                                 "train.out_dir", "train.device", "train.num_workers", "train.log_every",
-                                "train.eval_every", "train.checkpoint_every"})
+                                "train.eval_every", "train.checkpoint_every", "train.grad_checkpointing"})
 
 
 def _may_change_on_resume(key: str) -> bool:
@@ -258,7 +262,10 @@ class Trainer:
     def __init__(self, task: Task, cfg: TrainConfig, config_to_save: Optional[Dict[str, Any]] = None):
         self.task = task
         self.cfg = cfg
-        self.config_to_save = config_to_save or {"train": to_dict(cfg)}
+        # The task's whole config (what a resume compares), with this TrainConfig.
+        task_cfg = getattr(task, "cfg", None)
+        whole = to_dict(task_cfg) if dataclasses.is_dataclass(task_cfg) else {}
+        self.config_to_save = config_to_save or {**whole, "train": to_dict(cfg)}
         self.out_dir = Path(cfg.out_dir)
         self.dist: DistInfo = DistInfo()
         self.model: Optional[nn.Module] = None  # the trained (unwrapped) model, after fit()
@@ -301,8 +308,11 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.out_dir / "checkpoints" / "last.pt"
 
-    def _save(self, model, optimizer, scheduler, ema, progress: _Progress) -> None:
+    def _save(self, model, optimizer, scheduler, ema, progress: _Progress, eval_next: bool) -> None:
+        """Checkpoint the run (every rank calls this: it gathers); ``eval_next``: an evaluation of this step
+        follows, which a run resumed from this checkpoint runs first (it may not have happened)."""
         progress.elapsed_s = self._elapsed(self._started)
+        progress.eval_pending, progress.evaluated = eval_next, self._evaluated_at == progress.step
         model_state, optim_state = get_state_dict(
             model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         rng = [_rng_state()]
@@ -366,13 +376,15 @@ class Trainer:
         if saved is None:  # a checkpoint of a version that did not store its config
             return
         old, new = _flatten(saved), _flatten(self.config_to_save)
+        own = getattr(self.task, "resume_may_change", frozenset())  # the task's evaluation-only fields, ...
         changed = [key for key in sorted(set(old) | set(new))
-                   if old.get(key) != new.get(key) and not _may_change_on_resume(key)]
+                   if old.get(key) != new.get(key) and not _may_change_on_resume(key) and key not in own]
         if changed:
             shown = "; ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in changed[:5])
+            weights = self.out_dir / "model" if (self.out_dir / "model").is_dir() else path
             raise ValueError(f"train.resume: {path} continues a run with other settings ({shown}); resume with the "
-                             f"run's own settings, or start a new run from its weights with "
-                             f"checkpoint={self.out_dir / 'model'} (or another out_dir)")
+                             f"run's own settings, or start a new run from its weights with checkpoint={weights} "
+                             f"(and another out_dir)")
 
     # ------------------------------------------------------------------------------------------------------ eval
     @torch.no_grad()
@@ -438,6 +450,8 @@ class Trainer:
         source = self._resume_source()
         if source is not None:
             self._load(source, wrapped, optimizer, scheduler, ema, progress)
+            self._saved_at = progress.step  # that checkpoint is this step's
+            self._evaluated_at = progress.step if progress.evaluated else None
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if remove_stale_temps(self.checkpoint_path()):  # left by a run killed while it saved
@@ -451,7 +465,7 @@ class Trainer:
             config_text = json.dumps(self.config_to_save, indent=2)
             atomic_write(self.out_dir / "config.json", lambda tmp: Path(tmp).write_text(config_text))
         loader = self._loader(train_set, sampler, drop_last=True)
-        metrics_file = self._open_metrics(progress.step if source is not None else None)
+        metrics_file = self._open_metrics(progress if source is not None else None)
         bar = self._progress_bar(total_steps, progress.step)
         log.info("training %d steps (%d per epoch), %d process(es), device %s", total_steps, steps_per_epoch,
                  self.dist.world_size, self.dist.device)
@@ -464,7 +478,11 @@ class Trainer:
         finite = True  # every micro-batch loss of the step being accumulated was finite
         started = self._started = time.perf_counter() - progress.elapsed_s
         elapsed[0] = progress.elapsed_s
+        if source is not None and cfg.time_limit_s is not None and elapsed[0] >= cfg.time_limit_s:
+            total_steps = min(total_steps, progress.step)  # a resumed run whose time was already spent
         try:
+            if source is not None and progress.eval_pending and eval_set is not None:
+                eval_metrics = self._eval_and_log(model, ema, eval_set, metrics_file, progress)
             while progress.step < total_steps:
                 sampler.set_epoch(progress.epoch, start=progress.batches_done * cfg.batch_size)
                 if hasattr(train_set, "set_epoch"):
@@ -492,9 +510,10 @@ class Trainer:
                         optimizer.zero_grad(set_to_none=True)
                         log.warning("non-finite loss at step %d: step skipped (%d in a row)", progress.step, bad_steps)
                         if bad_steps >= 10:
-                            raise FloatingPointError(f"training diverged: 10 steps in a row up to step {progress.step} "
-                                                     f"had a non-finite loss; lower train.lr, set train.clip_grad or "
-                                                     f"check the data")
+                            clip = "" if cfg.clip_grad else ", set train.clip_grad"
+                            raise FloatingPointError(f"training diverged: 10 attempts in a row at step "
+                                                     f"{progress.step + 1} had a non-finite loss; lower train.lr"
+                                                     f"{clip} or check the data")
                         continue
                     bad_steps = 0
                     if self._replicated and self.dist.distributed:
@@ -520,9 +539,10 @@ class Trainer:
                         self._log(metrics_file, progress, scheduler, window, started)
                         window = {}
                     # Save before evaluating: an evaluation that fails must not cost the step's checkpoint.
+                    evaluate = bool(cfg.eval_every and progress.step % cfg.eval_every == 0 and eval_set is not None)
                     if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0:
-                        self._save(wrapped, optimizer, scheduler, ema, progress)
-                    if cfg.eval_every and progress.step % cfg.eval_every == 0 and eval_set is not None:
+                        self._save(wrapped, optimizer, scheduler, ema, progress, eval_next=evaluate)
+                    if evaluate:
                         eval_metrics = self._eval_and_log(model, ema, eval_set, metrics_file, progress)
                     if progress.step >= total_steps:
                         break
@@ -536,14 +556,16 @@ class Trainer:
                 self._check_samples_used(drawn, skipped - skipped_at_start)
                 progress.epoch += 1
                 progress.batches_done = 0
+                evaluate = cfg.eval_every is None and eval_set is not None
                 if cfg.checkpoint_every is None:
-                    self._save(wrapped, optimizer, scheduler, ema, progress)
-                if cfg.eval_every is None and eval_set is not None:
+                    self._save(wrapped, optimizer, scheduler, ema, progress, eval_next=evaluate)
+                if evaluate:
                     eval_metrics = self._eval_and_log(model, ema, eval_set, metrics_file, progress)
             self._check_samples_used(drawn, getattr(self.task, "skipped", 0) - skipped_at_start)
+            evaluate = eval_set is not None and self._evaluated_at != progress.step  # the final model's metrics
             if self._saved_at != progress.step:  # a stop mid-epoch (max_steps, time limit) is resumable too
-                self._save(wrapped, optimizer, scheduler, ema, progress)
-            if eval_set is not None and self._evaluated_at != progress.step:  # the final model, not an earlier one
+                self._save(wrapped, optimizer, scheduler, ema, progress, eval_next=evaluate)
+            if evaluate:
                 eval_metrics = self._eval_and_log(model, ema, eval_set, metrics_file, progress)
             final = self._final_model(wrapped, model, ema)
             self.model = model
@@ -581,16 +603,19 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
-    def _open_metrics(self, resumed_step: Optional[int]):
+    def _open_metrics(self, resumed: Optional[_Progress]):
         """``metrics.jsonl`` for appending on rank 0 (None elsewhere): a new run starts it anew, a resumed one
-        keeps the records up to its checkpoint's step (those after it are about to be written again)."""
+        keeps the records up to its checkpoint's step (those after it are about to be written again), that step's
+        evaluation only if it was logged before the save (else it runs again)."""
         if not self.dist.is_main:
             return None
         path = self.out_dir / "metrics.jsonl"
         kept = ""
-        if resumed_step is not None and path.exists():
-            lines = path.read_text().splitlines()
-            kept = "".join(line + "\n" for line in lines if _record_step(line) <= resumed_step)
+        if resumed is not None and path.exists():
+            def keep(line: str) -> bool:
+                split, step = _record_key(line)
+                return step < resumed.step or (step == resumed.step and (split != "eval" or resumed.evaluated))
+            kept = "".join(line + "\n" for line in path.read_text().splitlines() if keep(line))
         atomic_write(path, lambda tmp: Path(tmp).write_text(kept))
         return path.open("a")
 
@@ -656,7 +681,13 @@ class Trainer:
         return plain
 
     def _eval_and_log(self, model, ema, eval_set, metrics_file, progress: _Progress) -> Dict[str, float]:
-        metrics = self.evaluate(ema.module if ema is not None else model, eval_set)
+        # Evaluation must not draw from the training's random streams (a DataLoader iterator, a task's sampling
+        # do): the checkpoint before it holds them, and a resumed run may not evaluate at that step.
+        state = _rng_state()
+        try:
+            metrics = self.evaluate(ema.module if ema is not None else model, eval_set)
+        finally:
+            _set_rng_state(state)
         self._evaluated_at = progress.step
         if metrics_file is not None:
             metrics_file.write(json.dumps({"split": "eval", "step": progress.step, "epoch": progress.epoch,

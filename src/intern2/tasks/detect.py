@@ -119,6 +119,9 @@ class DetectionTask:
     """Mask R-CNN / Cascade Mask R-CNN training (torchvision's losses; the cascade's are mmdet's) and COCO
     evaluation."""
 
+    # Fields a resumed run may change: the evaluation's split; initial weights (the resume replaces them).
+    resume_may_change = frozenset({"val_split", "checkpoint", "backbone_checkpoint"})
+
     def __init__(self, cfg: DetectConfig):
         self.cfg = cfg
         self.train_source = open_coco_source(cfg.data, cfg.train_split)

@@ -107,6 +107,9 @@ class ClassificationMetrics:
 class ImageClassificationTask:
     """Cross-entropy classification of an ImageFolder / CSV / built-in dataset with any intern2 image model."""
 
+    # Fields a resumed run may change: the evaluation's crop; initial weights (the resume replaces them).
+    resume_may_change = frozenset({"crop_pct", "checkpoint", "pretrained"})
+
     def __init__(self, cfg: ImageClsConfig):
         self.cfg = cfg
         source = open_image_source(cfg.data)

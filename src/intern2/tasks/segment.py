@@ -91,6 +91,11 @@ class SegmentationMetrics:
 class SegmentationTask:
     """UperNet training: cross-entropy (ignore 255) on the decode head + ``aux_weight`` x the auxiliary head."""
 
+    # Fields a resumed run may change: the evaluation's split and protocol; initial weights (the resume
+    # replaces them).
+    resume_may_change = frozenset({"val_split", "test_size", "size_divisor", "slide", "checkpoint",
+                                   "backbone_checkpoint"})
+
     def __init__(self, cfg: SegmentConfig):
         self.cfg = cfg
         self.train_source = open_seg_source(cfg.data, cfg.train_split)

@@ -366,6 +366,10 @@ def source_ground_truth(source: TemporalSource) -> Tuple[List[Segment], Dict[int
 class TALTask:
     """ActionFormer training on snippet features; mAP over the validation subset at the protocol's thresholds."""
 
+    # Fields a resumed run may change: the evaluation's subset and thresholds; initial weights (the resume
+    # replaces them).
+    resume_may_change = frozenset({"val_subset", "tiou", "checkpoint"})
+
     def __init__(self, cfg: TALConfig):
         self.cfg = cfg
         annotations, features = (cfg.annotations, cfg.features) if cfg.annotations else builtin_tal_data(cfg)

@@ -284,6 +284,10 @@ def _sample(examples: List[Pair], limit: Optional[int]) -> List[Pair]:
 class TranslationTask:
     """Multilingual NLLB-architecture training on the shared engine (see the module docstring)."""
 
+    # Fields a resumed run may change: the evaluation's sample (the checkpoint folder also gives the tokenizer:
+    # not resumable).
+    resume_may_change = frozenset({"max_eval_examples"})
+
     def __init__(self, cfg: TranslationConfig):
         self.cfg = cfg
         self.directions = directions(cfg.src_langs, cfg.tgt_langs, cfg.both_directions)

@@ -172,6 +172,9 @@ class VideoTask:
 class VideoClassificationTask(VideoTask):
     """Cross-entropy fine-tuning of a video ViT on annotation lists or the built-in actions."""
 
+    # Fields a resumed run may change: the evaluation's data and resize; initial weights (the resume replaces them).
+    resume_may_change = frozenset({"val_data", "short_side", "checkpoint"})
+
     def __init__(self, cfg: VideoClsConfig):
         super().__init__(cfg)
         self.classes = self.train_source.classes

@@ -40,6 +40,9 @@ def _unwrap(model: nn.Module) -> VideoMAEPretrain:
 class VideoPretrainTask(VideoTask):
     """Masked video modelling on unlabelled clips (labels in the list are ignored)."""
 
+    # Fields a resumed run may change: the evaluation's data and resize; initial weights (the resume replaces them).
+    resume_may_change = frozenset({"val_data", "short_side", "checkpoint"})
+
     def __init__(self, cfg: VideoPretrainConfig):
         if not 0 < cfg.mask_ratio < 1:
             raise ValueError(f"mask_ratio: expected a value in (0, 1), got {cfg.mask_ratio}")

@@ -276,6 +276,10 @@ def _model_config(cfg: VideoTextConfig) -> Dict[str, Any]:
 class VideoTextTask:
     """Symmetric InfoNCE between clips and their captions (features gathered over DDP ranks)."""
 
+    # Fields a resumed run may change: the evaluation's data, resize and zero-shot prompt (the checkpoint folder
+    # also gives the tokenizer: not resumable).
+    resume_may_change = frozenset({"val_data", "short_side", "prompt"})
+
     def __init__(self, cfg: VideoTextConfig):
         from ..text.bpe import BPETokenizer
         check_prompt(cfg.prompt)
