@@ -220,6 +220,11 @@ CASES = [
                               "--image-size", "9000,9000"], "--image-size 9000,9000: expected at most 8192 pixels"),
     ("export-dtype", ["export", "onnx", "--checkpoint", "{good}", "--out", "{root}/m.onnx", "--dtype", "bf16"],
      "unrecognized arguments: --dtype bf16"),
+    ("snippets-short-side-huge", ["extract-features", "{root}/clip.mp4", "--snippets", "thumos14", "--short-side",
+                                  "100000", "--model", "videomae_vit_s", "--out", "{root}/snippets"],
+     "--short-side: expected at most 8192 pixels, got 100000"),
+    ("seg-slide-stride-over-window", ["predict", "{image}", "--checkpoint", "{seg}", "--slide", "16",
+                                      "--slide-stride", "100"], "--slide-stride: expected at most the window"),
     ("validation-unreadable", TRAIN + ["--set", "val_data={root}/val_bad"],
      "validation data: all 2 samples were unreadable, so the model saved in"),
 ]

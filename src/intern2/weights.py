@@ -152,6 +152,9 @@ class SegmentationProtocol(_Protocol):
             value = getattr(self, name)
             self._check(value is None or min(value) >= 1, f"{name}: expected positive sizes, got {value}")
         self._check(self.slide_stride is None or self.slide_crop is not None, "slide_stride: needs slide_crop")
+        self._check(self.slide_stride is None or all(s <= c for s, c in zip(self.slide_stride, self.slide_crop)),
+                    f"slide_stride: expected at most the window {self.slide_crop} (pixels between windows would get "
+                    f"no prediction), got {self.slide_stride}")
         self._check(len(self.tta_ratios) >= 1 and min(self.tta_ratios) > 0,
                     f"tta_ratios: expected positive ratios, got {self.tta_ratios}")
         self._check_pixels("test_size", "size_divisor", "slide_crop", "slide_stride")

@@ -74,7 +74,7 @@ def test_every_door_gives_the_same_segments(trained, capsys):
     file = root / "feats" / "v12.npy"
     pipeline = open_pipeline(str(model))
     assert pipeline.task == "tal" and pipeline.labels == CLASSES
-    python = pipeline(str(file), fps=FPS, min_score=0.05, topk=10)
+    python = pipeline(str(file), fps=FPS)  # the doors' defaults agree (min_score 0.05, top 10)
     assert python["segments"] and all(0 <= s["segment"][0] < s["segment"][1] <= python["duration"]
                                       for s in python["segments"])
     capsys.readouterr()
@@ -114,7 +114,15 @@ def test_every_door_gives_the_same_segments(trained, capsys):
         features = np.load(file)
         nan = root / "nan.npy"
         np.save(nan, np.where(np.arange(len(features))[:, None] == 3, np.nan, features).astype(np.float32))
-        for options, culprit in (({"file": nan}, "NaN"), ({"fps": "inf"}, "inf"), ({"min_score": "2"}, "min.score")):
+        integers = root / "integers.npy"  # numbers, as every door reads them
+        np.save(integers, np.round(features * 100).astype(np.int64))
+        as_int = pipeline(str(integers), fps=FPS)["segments"]
+        assert as_int == pipeline(np.load(integers), fps=FPS)["segments"]
+        answer = client.post("/v1/video/localize", files={"file": ("i.npy", integers.read_bytes())},
+                             data={"fps": str(FPS)})
+        assert answer.status_code == 200 and answer.json()["segments"] == as_int
+        for options, culprit in (({"file": nan}, "NaN"), ({"fps": "inf"}, "inf"), ({"min_score": "2"}, "min.score"),
+                                 ({"fps": "1e-40"}, "expected a frame rate between 0.001 and 100000")):
             source = options.get("file", file)
             values = {"fps": FPS, "min_score": 0.05, **{k: float(v) for k, v in options.items() if k != "file"}}
             with pytest.raises(ValueError, match=culprit):
@@ -245,3 +253,13 @@ def _train_from_task(task, out: Path) -> Path:
     torch.manual_seed(0)
     Trainer(task, task.cfg.train).fit()
     return out / "model"
+
+
+def test_a_broken_sidecar_is_named(trained):
+    from intern2.pipelines import open_pipeline
+    root, model = trained
+    copy = root / "broken_side.npy"
+    copy.write_bytes((root / "feats" / "v12.npy").read_bytes())
+    copy.with_suffix(".json").write_text("{not json")
+    with pytest.raises(ValueError, match="broken_side.json: not a readable JSON sidecar of broken_side.npy"):
+        open_pipeline(str(model))(str(copy), fps=FPS)

@@ -106,10 +106,12 @@ def load_npy(source: Union[Path, BinaryIO], where: Any) -> np.ndarray:
 
 
 def read_features(path: Path, feature_dim: Optional[int] = None) -> np.ndarray:
-    """A (T, C) float32 feature array; a ValueError names the file when it is unreadable or of the wrong shape."""
+    """A (T, C) float32 feature array (integers are converted, as an in-memory array's are); a ValueError names
+    the file when it is unreadable or of the wrong shape."""
     array = load_npy(path, path)
-    if array.ndim != 2 or array.shape[0] < 1 or not np.issubdtype(array.dtype, np.floating):
-        raise ValueError(f"{path}: expected a (T, C) float array of snippet features, got {array.dtype} "
+    numbers = np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
+    if array.ndim != 2 or array.shape[0] < 1 or not numbers:
+        raise ValueError(f"{path}: expected a (T, C) array of snippet features (numbers), got {array.dtype} "
                          f"{tuple(array.shape)}")
     if feature_dim is not None and array.shape[1] != feature_dim:
         raise ValueError(f"{path}: features of dimension {array.shape[1]}, expected {feature_dim} (features from "

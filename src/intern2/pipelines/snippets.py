@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import sys
 from collections import deque
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from torch import nn
 from ..checkpoint import atomic_write
 from ..config import error_message
 from ..data.video import VideoDecodeError, VideoEvalTransform, iter_frames, probe_video, uniform_indices
-from ..weights import protocol_from_cfg
+from ..weights import MAX_SIDE, protocol_from_cfg
 from .common import check_aspect, model_from_args, model_task, positive, progress
 from .video_cls import VideoClassificationPipeline, pooled_features, video_files_or_exit, write_npy
 from .video_text import VideoTextPipeline, encode_views
@@ -69,6 +70,10 @@ class SnippetProtocol:
             if (value is None and not optional) or (value is not None and (type(value) is not int or value < 1)):
                 raise ValueError(f"SnippetProtocol.{field.name}: expected a positive integer"
                                  f"{' or None' if optional else ''}, got {value!r}")
+        for name in ("short_side", "crop"):  # beyond it a typo asks for hundreds of gigabytes of frames
+            value = getattr(self, name)
+            if value is not None and value > MAX_SIDE:
+                raise ValueError(f"SnippetProtocol.{name}: expected at most {MAX_SIDE} pixels, got {value}")
 
 
 SNIPPET_PRESETS: Dict[str, SnippetProtocol] = {
@@ -162,10 +167,10 @@ class SnippetFeatureExtractor:
         return self._encode(torch.stack(clips).to(self.device)).float().cpu()
 
     @torch.inference_mode()
-    def __call__(self, file: str) -> SnippetFeatures:
+    def __call__(self, file: str, fps: Optional[float] = None) -> SnippetFeatures:
         """The snippet features of a video file; a VideoDecodeError names an unreadable file, one without a frame
         rate (unless ``fps`` was given) or one shorter than a snippet."""
-        fps = self.fps or probe_video(file).fps
+        fps = fps or self.fps or probe_video(file).fps
         if not fps:
             raise VideoDecodeError(f"{file}: the container states no frame rate; give one (fps, --fps)")
         length, stride = self.snippets.snippet_frames, self.snippets.stride
@@ -282,7 +287,12 @@ def snippets_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
                    frames_per_snippet=args.frames_per_snippet, short_side=args.short_side, crop=args.crop,
                    batch_size=args.batch_size)
     base = SNIPPET_PRESETS.get(args.snippets) or SnippetProtocol(args.snippet_frames, args.snippet_stride)
-    snippets = dataclasses.replace(base, **{k: v for k, v in options.items() if v is not None})
+    try:
+        snippets = dataclasses.replace(base, **{k: v for k, v in options.items() if v is not None})
+    except ValueError as exc:  # named by the flag the user typed
+        flags = {"stride": "--snippet-stride"}
+        parser.error(re.sub(r"SnippetProtocol\.(\w+)", lambda m: flags.get(m[1], "--" + m[1].replace("_", "-")),
+                            str(exc)))
     out = Path(args.out)
     if out.suffix in (".npy", ".safetensors") or (out.exists() and not out.is_dir()):
         parser.error(f"--out {out}: with --snippets, --out is a folder (one <video>.npy + <video>.json each)")

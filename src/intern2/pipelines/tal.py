@@ -28,6 +28,13 @@ __all__ = ["TemporalLocalizationPipeline", "predict_main"]
 Features = Union[str, Path, np.ndarray, torch.Tensor]
 
 
+# What `predict` and POST /v1/video/localize show by default (the metric reads every segment: 0 and None).
+DEFAULT_MIN_SCORE = 0.05
+DEFAULT_TOPK = 10
+# Frame rates beyond these make no video, and seconds computed in float32 from them would overflow.
+FPS_RANGE = (1e-3, 1e5)
+
+
 def _check_rate(value: Any, name: str, where: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
         raise ValueError(f"{where}: {name} {value!r}: expected a positive finite number")
@@ -62,7 +69,10 @@ class TemporalLocalizationPipeline(Pipeline):
         if isinstance(features, (str, Path)):
             path = Path(features)
             sidecar = path.with_suffix(".json")
-            meta = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else {}
+            try:
+                meta = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else {}
+            except (ValueError, OSError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                raise ValueError(f"{sidecar}: not a readable JSON sidecar of {path.name} ({exc})") from None
             return read_features(path, dim), meta if isinstance(meta, dict) else {}
         array = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
         if array.ndim != 2 or array.shape[1] != dim or array.shape[0] < 1:
@@ -76,7 +86,8 @@ class TemporalLocalizationPipeline(Pipeline):
 
     @torch.inference_mode()
     def __call__(self, features: Features, fps: Optional[float] = None, duration: Optional[float] = None,
-                 min_score: float = 0.0, topk: Optional[int] = None) -> Dict[str, Any]:
+                 min_score: float = DEFAULT_MIN_SCORE, topk: Optional[int] = DEFAULT_TOPK) -> Dict[str, Any]:
+        """Segments above ``min_score``, at most ``topk`` (None: all; the metric reads all with 0 and None)."""
         if not 0.0 <= min_score <= 1.0:
             raise ValueError(f"min_score {min_score}: expected a score between 0 and 1")
         if topk is not None and topk < 1:
@@ -89,6 +100,9 @@ class TemporalLocalizationPipeline(Pipeline):
             raise ValueError(f"{where}: no frame rate: give fps (the video's frames per second), or extract with "
                              f"`intern2 extract-features --snippets`, whose sidecar JSON records it")
         _check_rate(fps, "fps", where)  # as given, or from the sidecar JSON
+        if not FPS_RANGE[0] <= fps <= FPS_RANGE[1]:
+            raise ValueError(f"{where}: fps {fps}: expected a frame rate between {FPS_RANGE[0]:g} and "
+                             f"{FPS_RANGE[1]:g}")
         # Without a stated duration: the end of the last snippet.
         duration = duration or meta.get("duration") or ((len(array) - 1) * p.feat_stride + p.feat_num_frames) / fps
         _check_rate(duration, "duration", where)
@@ -111,16 +125,19 @@ class TemporalLocalizationPipeline(Pipeline):
                              f"{self.model.input_dim}")
         return extractor
 
-    def video(self, file: str, **options: Any) -> Dict[str, Any]:
-        """Localize in a video file: snippet features by ``encoder``, then :meth:`__call__`."""
+    def video(self, file: str, fps: Optional[float] = None, **options: Any) -> Dict[str, Any]:
+        """Localize in a video file: snippet features by ``encoder`` (at ``fps`` if given, else the container's
+        frame rate), then :meth:`__call__`."""
         if self.encoder is None:
             raise ValueError("localizing in a video needs the feature encoder the localizer was trained on "
                              "(--encoder MODEL_FOLDER)")
-        snippets = self.encoder(file)
+        if fps is not None:
+            _check_rate(fps, "fps", file)
+        snippets = self.encoder(file, fps=fps)
         return self(snippets.features, fps=snippets.fps, duration=snippets.duration, **options)
 
-    def predict_files(self, files: Sequence[str], fps: Optional[float] = None, min_score: float = 0.0,
-                      topk: Optional[int] = None) -> List[Dict[str, Any]]:
+    def predict_files(self, files: Sequence[str], fps: Optional[float] = None, min_score: float = DEFAULT_MIN_SCORE,
+                      topk: Optional[int] = DEFAULT_TOPK) -> List[Dict[str, Any]]:
         """``{"file", "segments", ...}`` per .npy feature file or video; a bad file gets ``{"file", "error"}``."""
         from ..data.video import VideoDecodeError
         results = []
@@ -130,7 +147,7 @@ class TemporalLocalizationPipeline(Pipeline):
                 if file.endswith(".npy"):
                     result = self(file, fps=fps, min_score=min_score, topk=topk)
                 else:
-                    result = self.video(file, min_score=min_score, topk=topk)
+                    result = self.video(file, fps=fps, min_score=min_score, topk=topk)
                 results.append({"file": file, **result})
             except (ValueError, OSError, VideoDecodeError) as exc:
                 results.append({"file": file, "error": str(exc)})
@@ -146,8 +163,10 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--encoder", help="the video model folder whose snippet features the localizer was trained "
                         "on (needed for video files)")
     parser.add_argument("--fps", type=float, help="frame rate of the features' video (default: the sidecar JSON's)")
-    parser.add_argument("--min-score", type=float, default=0.05, help="drop segments below this score (0.05)")
-    parser.add_argument("--topk", type=int, default=10, help="segments per video, best first (10)")
+    parser.add_argument("--min-score", type=float, default=DEFAULT_MIN_SCORE,
+                        help=f"drop segments below this score ({DEFAULT_MIN_SCORE})")
+    parser.add_argument("--topk", type=int, default=DEFAULT_TOPK,
+                        help=f"segments per video, best first ({DEFAULT_TOPK})")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     args = parser.parse_args(argv)
     for name in ("fps", "topk"):

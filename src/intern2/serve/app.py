@@ -236,14 +236,15 @@ def _classify_video(pipeline: Pipeline, path: str, topk: int) -> Dict[str, Any]:
     return pipeline(path, topk)
 
 
-def _localize(pipeline: Pipeline, data: bytes, filename: str, fps: Optional[float], min_score: float,
-              topk: int) -> Dict[str, Any]:
+def _localize(pipeline: Pipeline, data: bytes, filename: str, fps: Optional[float], duration: Optional[float],
+              min_score: float, topk: int) -> Dict[str, Any]:
     """Snippet features uploaded as a .npy (T, C) array: the localizer's segments."""
     import io
 
     from ..data.temporal import load_npy
     try:
-        return pipeline(load_npy(io.BytesIO(data), filename), fps=fps, min_score=min_score, topk=topk)
+        return pipeline(load_npy(io.BytesIO(data), filename), fps=fps, duration=duration, min_score=min_score,
+                        topk=topk)
     except ValueError as exc:  # not an .npy array, wrong shape, no frame rate
         message = str(exc)
         raise ServeError(400, "invalid_features", message if message.startswith(filename) else
@@ -369,6 +370,7 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
             requests at their next step, for a prompt shutdown.
         allow_origins: other sites whose pages may post to this server (all others get a 403).
     """
+    from ..pipelines.tal import DEFAULT_MIN_SCORE, DEFAULT_TOPK  # the Python and CLI defaults too
     given = {"image": image_model, "detect": detect_model, "segment": segment_model, "video": video_model,
              "translator": translator, "retrieval": retrieval, "localizer": localizer}
     pipelines = {slot: _pipeline(slot, model) for slot, model in given.items() if model is not None}
@@ -497,19 +499,23 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
     async def video_localize(file: UploadFile = File(..., description="snippet features (.npy, (T, C) float), or a "
                                                      "video file when the server has the localizer's encoder"),
                              fps: Optional[float] = Form(None, gt=0, description="frames per second of the "
-                                                         "features' video (features only)"),
-                             min_score: float = Form(0.05, ge=0.0, le=1.0),
-                             topk: int = Form(10, ge=1, le=1000)) -> Dict[str, Any]:
+                                                         "video (default: the container's, for a video)"),
+                             duration: Optional[float] = Form(None, gt=0, description="the video's length in "
+                                                              "seconds (features only; default: the end of the "
+                                                              "last snippet)"),
+                             min_score: float = Form(DEFAULT_MIN_SCORE, ge=0.0, le=1.0),
+                             topk: int = Form(DEFAULT_TOPK, ge=1, le=1000)) -> Dict[str, Any]:
         slot = slot_of("localizer")
         filename = file.filename or "upload"
         if filename.lower().endswith(".npy"):
             data, _ = await read_upload(file)
-            return await slot.run(lambda: _timed(_localize, slot.model, data, filename, fps, min_score, topk))
+            return await slot.run(lambda: _timed(_localize, slot.model, data, filename, fps, duration, min_score,
+                                                 topk))
         if slot.model.encoder is None:
             raise ServeError(400, "features_expected", f"{filename}: this server localizes in snippet features "
                              f"(.npy); start it with --tal-encoder to upload videos")
         return await slot.run(lambda: _timed(_video_upload, file, lambda path: slot.model.video(
-            path, min_score=min_score, topk=topk), max_frame_pixels))
+            path, fps=fps, min_score=min_score, topk=topk), max_frame_pixels))
 
     @app.post("/v1/translate", summary="translate text between any two languages the translator has")
     async def translate(request: TranslateRequest, http_request: Request) -> Dict[str, Any]:

@@ -347,7 +347,7 @@ def evaluate_localizer(model: nn.Module, source: TemporalSource, protocol: Tempo
     predictions: List[Segment] = []
     database: Dict[str, List[Dict[str, Any]]] = {}
     for video in progress(source.videos, "eval", len(source.videos)):
-        result = pipeline(video.feature_file, fps=video.fps,
+        result = pipeline(video.feature_file, fps=video.fps, min_score=0.0, topk=None,  # the metric reads all
                           duration=video.duration if math.isfinite(video.duration) else None)
         found = _prediction_segments(video.video_id, result, gt_ids)
         predictions += found
