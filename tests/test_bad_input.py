@@ -46,6 +46,9 @@ def files(tmp_path_factory):
         pickle.dump({"model": _Evil()}, handle, protocol=2)  # torch.save's protocol
     (root / "not_a_dir").write_text("x")
     (root / "clip.mp4").write_bytes(b"never decoded: the options are refused first")
+    (root / "dup").mkdir()  # files whose names clash with a.png / clip.mp4 in an output folder
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(root / "dup" / "a.png")
+    (root / "dup" / "clip.mp4").write_bytes(b"never decoded either")
     torch.save([1, 2, 3], root / "list.pth")
     torch.save(model.state_dict(), root / "weights.pth")  # weights, not a training checkpoint
     (root / "only_bad" / "0").mkdir(parents=True)
@@ -225,6 +228,11 @@ CASES = [
      "--short-side: expected at most 8192 pixels, got 100000"),
     ("seg-slide-stride-over-window", ["predict", "{image}", "--checkpoint", "{seg}", "--slide", "16",
                                       "--slide-stride", "100"], "--slide-stride: expected at most the window"),
+    ("predict-same-stem", ["predict", "{image}", "{root}/dup/a.png", "--checkpoint", "{seg}", "--out",
+                           "{root}/seg_out"], "a.png would both be written as a_seg.png: rename one"),
+    ("snippets-same-stem", ["extract-features", "{root}/clip.mp4", "{root}/dup/clip.mp4", "--snippets", "thumos14",
+                            "--model", "videomae_vit_s", "--out", "{root}/snippets2"],
+     "would both be written as clip.npy"),
     ("validation-unreadable", TRAIN + ["--set", "val_data={root}/val_bad"],
      "validation data: all 2 samples were unreadable, so the model saved in"),
 ]

@@ -332,11 +332,26 @@ def print_topk(results: List[dict], as_json: bool) -> int:
     return 1 if any("error" in r for r in results) or not results else 0
 
 
-def run_on_images(files: Sequence[str], out: Path,
-                  run: Callable[[str, Any], Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], bool]:
-    """``run(file, image)`` for every readable image file (``out``, the folder for its drawings, is created);
-    an unreadable file is reported on stderr. Returns (results, whether any file failed)."""
+def unique_stems(files: Sequence[str], written_as: str = "{stem}") -> List[str]:
+    """The output name (file stem) of each input; two inputs with one stem are a ValueError naming both, before
+    any work (one's output would silently replace the other's)."""
+    seen: Dict[str, str] = {}
+    for file in files:
+        stem = Path(file).stem
+        if stem in seen:
+            raise ValueError(f"{seen[stem]} and {file} would both be written as {written_as.format(stem=stem)}: "
+                             f"rename one, or run them into separate folders")
+        seen[stem] = file
+    return list(seen)
+
+
+def run_on_images(files: Sequence[str], out: Path, run: Callable[[str, Any], Dict[str, Any]],
+                  written_as: str) -> Tuple[List[Dict[str, Any]], bool]:
+    """``run(file, image)`` for every readable image file (``out``, the folder for its outputs named
+    ``written_as``, is created); an unreadable file is reported on stderr. Returns (results, whether any file
+    failed)."""
     from ..data.images import load_image
+    unique_stems(files, written_as)
     out.mkdir(parents=True, exist_ok=True)
     results, failed = [], False
     for file in progress(files, "images"):

@@ -131,7 +131,7 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
         drawing = out / f"{Path(file).stem}_det.png"
         pipeline.draw(image, result.pop("output"), args.threshold).save(drawing)
         return {"drawing": str(drawing), **result}
-    results, failed = run_on_images(args.images, out, run)
+    results, failed = run_on_images(args.images, out, run, "{stem}_det.png")
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -201,7 +201,7 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
         colourise(image, prediction).save(overlay)
         pipeline.mask_image(prediction).save(mask)
         return {"overlay": str(overlay), "mask": str(mask), **result}
-    results, failed = run_on_images(args.images, out, run)
+    results, failed = run_on_images(args.images, out, run, "{stem}_seg.png")
     if args.json:
         print(json.dumps(results, indent=2))
     else:

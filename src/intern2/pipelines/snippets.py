@@ -41,11 +41,11 @@ from ..checkpoint import atomic_write
 from ..config import error_message
 from ..data.video import VideoDecodeError, VideoEvalTransform, iter_frames, probe_video, uniform_indices
 from ..weights import MAX_SIDE, protocol_from_cfg
-from .common import check_aspect, model_from_args, model_task, positive, progress
+from .common import check_aspect, model_from_args, model_task, positive, progress, unique_stems
 from .video_cls import VideoClassificationPipeline, pooled_features, video_files_or_exit, write_npy
 from .video_text import VideoTextPipeline, encode_views
 
-__all__ = ["SnippetProtocol", "SNIPPET_PRESETS", "SnippetFeatures", "SnippetFeatureExtractor", "feature_names",
+__all__ = ["SnippetProtocol", "SNIPPET_PRESETS", "SnippetFeatures", "SnippetFeatureExtractor",
            "add_snippet_arguments", "check_no_snippet_options", "snippets_main"]
 
 log = logging.getLogger(__name__)
@@ -94,18 +94,6 @@ class SnippetFeatures:
     fps: float
     num_video_frames: int
     duration: float
-
-
-def feature_names(files: Sequence[str]) -> List[str]:
-    """The output name (file stem) of each video; two videos with one stem are a ValueError naming both."""
-    seen: Dict[str, str] = {}
-    for file in files:
-        stem = Path(file).stem
-        if stem in seen:
-            raise ValueError(f"{seen[stem]} and {file} would both be written as {stem}.npy: rename one, or extract "
-                             f"them into separate folders")
-        seen[stem] = file
-    return list(seen)
 
 
 class SnippetFeatureExtractor:
@@ -220,7 +208,7 @@ class SnippetFeatureExtractor:
         videos whose sidecar has the current settings are skipped, so an interrupted run resumes. Returns
         ``{"done": [files], "skipped_existing": [files], "failed": [messages]}``; duplicate stems are a
         ValueError before any work."""
-        names = feature_names(files)
+        names = unique_stems(files, "{stem}.npy")
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         summary: Dict[str, List[str]] = {"done": [], "skipped_existing": [], "failed": []}
@@ -298,7 +286,7 @@ def snippets_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"--out {out}: with --snippets, --out is a folder (one <video>.npy + <video>.json each)")
     files = video_files_or_exit(parser, args.videos)
     try:
-        feature_names(files)
+        unique_stems(files, "{stem}.npy")
     except ValueError as exc:
         parser.error(str(exc))
     model = model_from_args(parser, args)
