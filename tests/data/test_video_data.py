@@ -397,3 +397,23 @@ def test_builtin_root_is_cached_and_loads_in_workers(tmp_path):
     batches = list(loader)
     assert [b["video"].shape for b in batches] == [(5, 3, 8, 32, 32)] * 2
     assert sorted(torch.cat([b["label"] for b in batches]).tolist()) == list(range(10))
+
+
+def test_a_frame_size_change_within_a_video_is_named(tmp_path):
+    """Two MPEG-TS files of other sizes, concatenated (a common result of joining recordings)."""
+    from intern2.data.video import iter_frames
+    parts = [write_video(tmp_path / f"{size}.ts", _clip(6, size, size), fps=10) for size in (32, 48)]
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(b"".join(part.read_bytes() for part in parts))
+    with pytest.raises(VideoDecodeError, match=r"joined.ts: the frame size changes within the video \(32x32 then "
+                                               r"48x48\)"):
+        read_video(joined)
+    with pytest.raises(VideoDecodeError, match="frame size changes"):
+        list(iter_frames(joined))
+
+
+def test_a_list_that_is_not_utf8_is_named(tmp_path):
+    listed = tmp_path / "val_latin.txt"
+    listed.write_bytes("clip_é.mp4 0\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"val_latin.txt: not a UTF-8 text file \(byte 0xe9"):
+        read_annotations(listed)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from . import read_text
 from .images import IMAGE_EXTENSIONS, load_image
 
 __all__ = ["SegSource", "open_seg_source", "SegmentationDataset", "collate_segmentation", "IGNORE_INDEX",
@@ -62,7 +63,7 @@ def open_seg_source(spec: str, split: str) -> SegSource:
     if not images:
         raise ValueError(f"data {spec}: no images in {image_dir}")
     classes_file = root / "classes.txt"
-    classes = tuple(line.strip() for line in classes_file.read_text().splitlines() if line.strip()) \
+    classes = tuple(line.strip() for line in read_text(classes_file).splitlines() if line.strip()) \
         if classes_file.exists() else None
     return SegSource(tuple((str(p), str(labels[p.stem])) for p in images), classes, f"{root}[{split}]")
 

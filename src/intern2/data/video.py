@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from . import read_text
 from .images import collate_skipping
 
 __all__ = ["VideoDecodeError", "VideoInfo", "probe_video", "read_video", "iter_frames", "write_video", "dense_indices",
@@ -183,7 +184,17 @@ def read_video(path: Union[str, Path], frames: Optional[FrameSpec] = None, seek:
             _check_complete(path, position + 1, total)
             final = frame.to_ndarray(format="rgb24")
             decoded.update({i: final for i in wanted if i > position})
-    return torch.from_numpy(np.stack([decoded[i] for i in indices]))
+    frames = [decoded[i] for i in indices]
+    for frame in frames:
+        _check_frame_size(path, frames[0], frame)
+    return torch.from_numpy(np.stack(frames))
+
+
+def _check_frame_size(path: Union[str, Path], first: np.ndarray, frame: np.ndarray) -> None:
+    """One size for every frame (concatenated streams can change it): else a VideoDecodeError naming the file."""
+    if frame.shape != first.shape:
+        raise VideoDecodeError(f"{path}: the frame size changes within the video ({first.shape[1]}x{first.shape[0]}"
+                               f" then {frame.shape[1]}x{frame.shape[0]}); re-encode it at one size")
 
 
 def iter_frames(path: Union[str, Path]) -> Iterator[np.ndarray]:
@@ -192,10 +203,13 @@ def iter_frames(path: Union[str, Path]) -> Iterator[np.ndarray]:
     container's stated frame count is a VideoDecodeError naming the file."""
     container, stream = _open(path)
     with container:
-        decoded = 0
+        decoded, first = 0, None
         try:
             for frame in container.decode(stream):
-                yield frame.to_ndarray(format="rgb24")
+                array = frame.to_ndarray(format="rgb24")
+                first = array if first is None else first
+                _check_frame_size(path, first, array)
+                yield array
                 decoded += 1
         except _av().FFmpegError as exc:
             raise VideoDecodeError(f"{path}: decoding failed at frame {decoded + 1} (damaged or truncated "
@@ -440,7 +454,7 @@ class VideoSource:
 
 def _list_rows(path: Path) -> List[Tuple[int, str, str]]:
     """(line number, file, label) rows of a ``path label`` list or a ``path,label`` CSV."""
-    text = path.read_text()
+    text = read_text(path)
     lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)]
     lines = [(n, line) for n, line in lines if line and not line.startswith("#")]
     header = lines[0][1].replace(" ", "").lower() if lines else ""
@@ -477,7 +491,7 @@ def read_annotations(path: Union[str, Path], root: Optional[Union[str, Path]] = 
     root = Path(root) if root is not None else path.parent
     rows = _list_rows(path)
     if classes is None and (path.parent / "classes.txt").is_file():
-        classes = [c.strip() for c in (path.parent / "classes.txt").read_text().splitlines() if c.strip()]
+        classes = [c.strip() for c in read_text(path.parent / "classes.txt").splitlines() if c.strip()]
     if classes is None:
         numeric = all(label.isdigit() for _, _, label in rows)
         classes = ([str(i) for i in range(max(int(label) for _, _, label in rows) + 1)] if numeric

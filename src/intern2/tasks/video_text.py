@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..constants import CLIP_MEAN, CLIP_STD
+from ..data import read_text
 from ..data.video import (
     FrameSampler,
     VideoDataset,
@@ -101,9 +102,9 @@ def read_captions(path, root=None, classes: Optional[Sequence[str]] = None) -> C
         raise ValueError(f"captions {path}: no such file")
     root = Path(root) if root is not None else path.parent
     if classes is None and (path.parent / "classes.txt").is_file():
-        classes = [c.strip() for c in (path.parent / "classes.txt").read_text().splitlines() if c.strip()]
+        classes = [c.strip() for c in read_text(path.parent / "classes.txt").splitlines() if c.strip()]
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
