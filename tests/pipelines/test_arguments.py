@@ -59,3 +59,20 @@ def test_a_model_name_and_protocol_options_of_the_wrong_type_are_named():
         ImageClassificationPipeline(model, mean=(1, 2))  # at construction, not at the first image
     with pytest.raises(TypeError, match="unknown image-cls protocol options"):
         ImageClassificationPipeline(model, test_size=(2, 2))
+
+
+def test_video_text_pipeline_refuses_what_ranks_nothing():
+    """Zero-shot among fewer than two labels is always 'certain'; an empty caption is ranked as if it said
+    something: both are errors naming the argument (the checks come before any video is read)."""
+    from intern2.pipelines.video_text import VideoTextPipeline
+    from intern2.text.bpe import BPETokenizer
+    tokenizer = BPETokenizer.train(["a cat moves left", "a dog moves right"], vocab_size=300)
+    model = intern2.create_model("internvideo_mm_tiny", vocab_size=tokenizer.vocab_size)
+    pipeline = VideoTextPipeline(model, tokenizer)
+    for labels in ([], ["cat"]):
+        with pytest.raises(ValueError, match=f"labels: expected at least two to choose between, got {len(labels)}"):
+            pipeline.zero_shot(["clip.mp4"], labels)
+    with pytest.raises(ValueError, match=r"captions\[1\]: empty"):
+        pipeline.rank_captions("clip.mp4", ["a cat", "  "])
+    with pytest.raises(ValueError, match="captions: nothing to rank"):
+        pipeline.rank_captions("clip.mp4", [])

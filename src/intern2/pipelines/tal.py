@@ -21,7 +21,7 @@ from torch import nn
 from ..config import error_message
 from ..data.temporal import read_features
 from ..weights import TemporalLocalizationProtocol
-from .common import Pipeline, add_model_arguments, items, load_model_spec, pipeline_from_args, progress
+from .common import Pipeline, add_model_arguments, items, load_model_spec, pipeline_from_args, positive, progress
 
 __all__ = ["TemporalLocalizationPipeline", "predict_main"]
 
@@ -165,14 +165,12 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--fps", type=float, help="frame rate of the features' video (default: the sidecar JSON's)")
     parser.add_argument("--min-score", type=float, default=DEFAULT_MIN_SCORE,
                         help=f"drop segments below this score ({DEFAULT_MIN_SCORE})")
-    parser.add_argument("--topk", type=int, default=DEFAULT_TOPK,
+    parser.add_argument("--topk", type=positive(int), default=DEFAULT_TOPK,
                         help=f"segments per video, best first ({DEFAULT_TOPK})")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     args = parser.parse_args(argv)
-    for name in ("fps", "topk"):
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and value > 0):
-            parser.error(f"--{name} {value}: expected a positive number")
+    if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
+        parser.error(f"--fps {args.fps}: expected a positive number")
     if not 0.0 <= args.min_score <= 1.0:
         parser.error(f"--min-score {args.min_score}: expected a score between 0 and 1")
     pipeline = pipeline_from_args(parser, args, TemporalLocalizationPipeline)

@@ -19,7 +19,7 @@ from torch import nn
 from ..data.video import FrameSampler, VideoEvalTransform, read_video
 from ..weights import SAMPLINGS, VideoProtocol
 from .common import (Pipeline, add_model_arguments, check_aspect, items, model_dtype, output_or_exit,
-                     pipeline_from_args, print_topk, progress, setup_logging, top_k)
+                     pipeline_from_args, positive, print_topk, progress, setup_logging, top_k)
 
 __all__ = ["VideoClassificationPipeline", "VIDEO_SUFFIXES", "video_files", "video_files_or_exit", "view_probabilities",
            "pooled_features", "add_protocol_arguments", "protocol_options", "predict_main",
@@ -168,11 +168,9 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("videos", nargs="+", help="video files or folders")
     add_model_arguments(parser)
     add_protocol_arguments(parser)
-    parser.add_argument("--topk", type=int, default=5)
+    parser.add_argument("--topk", type=positive(int), default=5)
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     args = parser.parse_args(argv)
-    if args.topk < 1:
-        parser.error(f"--topk {args.topk}: expected a positive integer")
     files = video_files_or_exit(parser, args.videos)
     pipeline = pipeline_from_args(parser, args, VideoClassificationPipeline, **protocol_options(args))
     return print_topk(pipeline.predict_files(files, args.topk), args.json)

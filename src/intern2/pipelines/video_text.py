@@ -22,7 +22,7 @@ from ..data.video import FrameSampler, VideoDecodeError, VideoEvalTransform, rea
 from ..text import check_text
 from ..weights import VideoProtocol
 from .common import (Pipeline, add_model_arguments, check_aspect, items, load_model, model_dtype, option_error,
-                     output_or_exit, positive_count, print_topk, progress, setup_logging)
+                     output_or_exit, positive, positive_count, print_topk, progress, setup_logging)
 from .video_cls import add_protocol_arguments, protocol_options, video_files_or_exit, write_arrays
 
 __all__ = ["VideoTextPipeline", "DEFAULT_PROMPT", "check_prompt", "encode_texts", "encode_views", "retrieve_main",
@@ -153,6 +153,8 @@ class VideoTextPipeline(Pipeline):
         model's logit scale): ``{"file", "top": [{"label", "index", "prob"}]}``, or ``{"file", "error"}``."""
         prompt = check_prompt(prompt or self.prompt)
         labels = [check_text(label, "label") for label in items(labels, "labels")]
+        if len(labels) < 2:  # the softmax ranks labels against each other: one is always "certain"
+            raise ValueError(f"labels: expected at least two to choose between, got {len(labels)}")
         files, topk = items(files, "files"), positive_count(topk, "topk")
         features, done, errors = self.encode_videos(files)
         texts = self.encode_texts([prompt.format(label) for label in labels])
@@ -183,6 +185,11 @@ class VideoTextPipeline(Pipeline):
         """``captions`` ranked by cosine similarity to the video, with softmax probabilities at the model's
         temperature: ``{"ranking": [{"text", "index", "similarity", "prob"}]}``."""
         captions, topk = items(captions, "captions"), positive_count(topk, "topk")
+        if not captions:
+            raise ValueError("captions: nothing to rank")
+        for index, caption in enumerate(captions):
+            if not check_text(caption, f"captions[{index}]").strip():
+                raise ValueError(f"captions[{index}]: empty (or only whitespace)")
         features, _, errors = self.encode_videos([file])
         if errors:
             raise VideoDecodeError(errors[0])
@@ -222,7 +229,7 @@ def retrieve_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--videos", nargs="+", required=True, help="video files or folders")
     parser.add_argument("--query", required=True, help="what to look for, e.g. 'a red circle moves left'")
     add_inference_arguments(parser)
-    parser.add_argument("--topk", type=int, default=5)
+    parser.add_argument("--topk", type=positive(int), default=5)
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     args = parser.parse_args(argv)
     if not _checked_text(parser, args.query, "--query").strip():
@@ -249,7 +256,7 @@ def zero_shot_main(argv: Optional[List[str]] = None, prog: str = "intern2 zero-s
                         "the class names of the model's training list)")
     parser.add_argument("--prompt", help="prompt template (default: as trained, else 'a video of {}')")
     add_inference_arguments(parser)
-    parser.add_argument("--topk", type=int, default=5)
+    parser.add_argument("--topk", type=positive(int), default=5)
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     args = parser.parse_args(argv)
     if args.prompt is not None:
@@ -257,8 +264,6 @@ def zero_shot_main(argv: Optional[List[str]] = None, prog: str = "intern2 zero-s
             check_prompt(args.prompt, "--prompt")
         except ValueError as exc:
             parser.error(str(exc))
-    if args.topk < 1:
-        parser.error(f"--topk {args.topk}: expected a positive integer")
     files = video_files_or_exit(parser, args.videos)
     pipeline = pipeline_from_args(parser, args)
     if args.labels is None:
