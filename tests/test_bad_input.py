@@ -117,7 +117,8 @@ CASES = [
     ("eval-data", ["eval", "--data", "{root}/nowhere", "--checkpoint", "{good}"], "nowhere: no such file"),
     ("unknown-tag", ["predict", "{image}", "--model", "internimage_t.in21k"], "unknown pretrained tag 'in21k'"),
     ("translate-batch", ["translate", "--src", "en", "--tgt", "fr", "--batch-size", "0", "hi"], "--batch-size 0"),
-    ("translate-language", ["translate", "--src", "klingonx", "--tgt", "fr", "hi"], "unknown language 'klingonx'"),
+    ("translate-language", ["translate", "--src", "klingonx", "--tgt", "fr", "hi"],
+     "--src: unknown language 'klingonx'"),
     ("serve-port", ["serve", "--port", "-1"], "expected a port number 0-65535"),
     ("resume-list", TRAIN + ["--set", "train.resume={root}/list.pth"], "list.pth is not a training checkpoint"),
     ("resume-weights", TRAIN + ["--set", "train.resume={root}/weights.pth"],
@@ -236,6 +237,8 @@ CASES = [
      "would both be written as clip.npy"),
     ("retrieve-topk-0", ["retrieve", "{root}/clip.mp4", "--query", "a cat", "--model", "internvideo_mm_tiny",
                          "--topk", "0"], "argument --topk: expected a positive int, got '0'"),
+    ("translate-target-language", ["translate", "--src", "en", "--tgt", "klingonx", "hi"],
+     "--tgt: unknown language 'klingonx'"),
     ("validation-unreadable", TRAIN + ["--set", "val_data={root}/val_bad"],
      "validation data: all 2 samples were unreadable, so the model saved in"),
 ]

@@ -228,7 +228,7 @@ def translate_main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.output:
             check_output(args.output, "--output")
-        src, tgt = get_language(args.src).key, get_language(args.tgt).key
+        src, tgt = (_language_of(flag, value) for flag, value in (("--src", args.src), ("--tgt", args.tgt)))
         if args.input and args.text:
             parser.error("give the text as arguments or with --input, not both")
         if args.input:
@@ -265,6 +265,14 @@ def translate_main(argv: Optional[List[str]] = None) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _language_of(flag: str, value: str) -> str:
+    """The registry key of a --src / --tgt value; an unknown one is a ValueError naming the flag."""
+    try:
+        return get_language(value).key
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{flag}: {error_message(exc)}") from None
 
 
 def predict_main(argv: Optional[List[str]] = None) -> int:
