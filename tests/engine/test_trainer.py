@@ -318,6 +318,8 @@ def test_set_epochs_wins_over_a_config_step_count(tmp_path, monkeypatch):
     base = ["train", "image-cls", "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")]
     assert cli.main(base + ["--set", "train.epochs=2"]) == 0
     assert seen["train"].epochs == 2 and seen["train"].max_steps is None
+    assert cli.main(base + ["--set", "train={epochs: 3}"]) == 0  # also inside a mapping
+    assert seen["train"].epochs == 3 and seen["train"].max_steps is None
     assert cli.main(base) == 0 and seen["train"].max_steps == 5
 
 

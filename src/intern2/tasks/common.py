@@ -40,8 +40,7 @@ def train_cli(argv: Optional[List[str]], task_name: str, description: str, confi
     if args.data is not None and not args.data.strip():  # Path("") would read the current folder
         parser.error("--data: empty; expected a dataset path or a builtin: name")
     overrides = list(args.overrides)
-    keys = {assignment.partition("=")[0].strip() for assignment in overrides}
-    if "train.epochs" in keys and "train.max_steps" not in keys:
+    if _sets(overrides, "epochs") and not _sets(overrides, "max_steps"):
         overrides.append("train.max_steps=null")  # the epochs asked for, not a recipe's or config's step count
     for flag, key in ((args.data, "data"), (args.model, "model"), (args.out, "train.out_dir")):
         if flag is not None:
@@ -63,6 +62,23 @@ def train_cli(argv: Optional[List[str]], task_name: str, description: str, confi
                          f"in {cfg.train.out_dir}/model was not evaluated (the warnings above name the files)")
     print(json.dumps({k: v for k, v in metrics.items() if k not in hide}))
     return 0
+
+
+def _sets(overrides: List[str], field: str) -> bool:
+    """Whether the --set overrides give ``train.<field>``, as a key or inside a ``train={...}`` mapping."""
+    import yaml
+    for assignment in overrides:
+        key, _, text = assignment.partition("=")
+        if key.strip() == f"train.{field}":
+            return True
+        if key.strip() == "train":
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError:
+                continue  # load_config names the bad value
+            if isinstance(value, dict) and field in value:
+                return True
+    return False
 
 
 def head_model_args(model_args: Optional[Dict[str, Any]], num_classes: int, data: str) -> Dict[str, Any]:
