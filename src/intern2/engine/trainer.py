@@ -459,8 +459,9 @@ class Trainer:
                          self.checkpoint_path().parent)
             if source is None and self.checkpoint_path().exists():
                 # A new run: `resume=auto` must never continue the previous run's state after this one began.
-                log.warning("starting a new run in %s: replacing the previous run's %s and metrics.jsonl (set "
-                            "train.resume=auto to continue a run instead)", self.out_dir, self.checkpoint_path())
+                log.warning("starting a new run in %s: replacing the previous run's %s and metrics.jsonl now, its "
+                            "model/ when this run ends (set train.resume=auto to continue a run instead)",
+                            self.out_dir, self.checkpoint_path())
                 self.checkpoint_path().unlink()
             config_text = json.dumps(self.config_to_save, indent=2)
             atomic_write(self.out_dir / "config.json", lambda tmp: Path(tmp).write_text(config_text))
