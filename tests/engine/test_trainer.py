@@ -128,6 +128,11 @@ def test_resume_refuses_other_settings_but_may_run_longer(tmp_path):
     with pytest.raises(ValueError, match="hflip"):  # the Python Trainer compares the task's whole config too
         other = replace(cfg, hflip=0.0, train=replace(cfg.train, resume="auto"))
         Trainer(ImageClassificationTask(other), other.train).fit()
+    # A checkpoint that stored fewer fields (a Python run's `train` only, an older intern2) compares those.
+    path = tmp_path / "checkpoints" / "last.pt"
+    payload = torch.load(path, weights_only=True)
+    payload["config"] = {"train": payload["config"]["train"]}
+    torch.save(payload, path)
     # Evaluation-only fields and the initial weights (which the resume replaces) may change.
     longer = replace(cfg, crop_pct=0.875, checkpoint=str(tmp_path / "model"),
                      train=replace(cfg.train, resume="auto", max_steps=3, log_every=2, eval_every=3,

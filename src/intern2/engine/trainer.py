@@ -377,8 +377,10 @@ class Trainer:
             return
         old, new = _flatten(saved), _flatten(self.config_to_save)
         own = getattr(self.task, "resume_may_change", frozenset())  # the task's evaluation-only fields, ...
-        changed = [key for key in sorted(set(old) | set(new))
-                   if old.get(key) != new.get(key) and not _may_change_on_resume(key) and key not in own]
+        # Fields on one side only are not compared: a field added by a later intern2 keeps the old behaviour at
+        # its default, and a checkpoint of a Python run that stored only `train` still resumes.
+        changed = [key for key in sorted(set(old) & set(new))
+                   if old[key] != new[key] and not _may_change_on_resume(key) and key not in own]
         if changed:
             shown = "; ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in changed[:5])
             weights = self.out_dir / "model" if (self.out_dir / "model").is_dir() else path
