@@ -256,6 +256,20 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
+def _explain_batchnorm_error(batch_size: int):
+    """Turn BatchNorm's "Expected more than 1 value per channel" into what the user can change."""
+    try:
+        yield
+    except ValueError as exc:
+        if "more than 1 value per channel" not in str(exc):
+            raise
+        cause = ("train.batch_size is 1" if batch_size == 1
+                 else f"all but one image of a batch of {batch_size} were unreadable")
+        raise ValueError(f"train.batch_size: a BatchNorm layer was given one image's 1x1 feature map, one value "
+                         f"per channel ({cause}); train with batch_size >= 2 (or larger images)") from exc
+
+
 class Trainer:
     """Runs a :class:`Task` under a :class:`TrainConfig`; ``fit()`` returns the final eval metrics."""
 
@@ -495,7 +509,7 @@ class Trainer:
                     boundary = micro == cfg.grad_accum - 1
                     ddp = isinstance(wrapped, nn.parallel.DistributedDataParallel)
                     no_sync = wrapped.no_sync if (ddp and not boundary) else contextlib.nullcontext
-                    with no_sync(), self._autocast():
+                    with no_sync(), self._autocast(), _explain_batchnorm_error(cfg.batch_size):
                         loss, scalars = self.task.training_step(wrapped, _to_device(batch, self.dist.device))
                     with no_sync():
                         (loss / cfg.grad_accum).backward()
