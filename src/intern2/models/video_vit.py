@@ -209,11 +209,14 @@ class VideoViT(nn.Module):
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.grad_checkpointing = False
         self.apply(_init_classifier_weights)
-        if num_classes > 0:
+        self._scale_head()
+
+    def _scale_head(self) -> None:
+        """Near-zero initial logits: the head scaled by ``init_scale`` (the official fine-tuning default 0.001)."""
+        if self.num_classes > 0:
             with torch.no_grad():
-                # Near-zero initial logits (the official fine-tuning default init_scale is 0.001).
-                self.head.weight.mul_(init_scale)
-                self.head.bias.mul_(init_scale)
+                self.head.weight.mul_(self.config["init_scale"])
+                self.head.bias.mul_(self.config["init_scale"])
 
     # ------------------------------------------------------------------------------------------ timm surface
     def export_config(self) -> Dict:
@@ -249,12 +252,11 @@ class VideoViT(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head by a fresh Linear with ``num_classes`` outputs (0: identity)."""
+        """Replace the head by a fresh Linear with ``num_classes`` outputs (0: identity), initialised as when built."""
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            nn.init.trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
+        self.head.apply(_init_classifier_weights)
+        self._scale_head()
 
     # ------------------------------------------------------------------------------------------ forward
     def _check_input(self, video: torch.Tensor) -> None:
