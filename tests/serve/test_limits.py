@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 import intern2  # noqa: E402
 from intern2.pipelines.translation import Translator  # noqa: E402
-from intern2.serve.app import create_app  # noqa: E402
+from intern2.serve.app import LOOPBACK_HOSTS, create_app  # noqa: E402
 from intern2.text.corpus import builtin_sentences  # noqa: E402
 from intern2.text.tokenizer import NllbTokenizer  # noqa: E402
 
@@ -153,6 +153,33 @@ def test_cross_site_posts_are_refused_unless_allowed(translator):
         allowed = client.post("/v1/translate", json=SMALL, headers={"Origin": "https://ok.example"})
         assert same.status_code == allowed.status_code == 200
         assert client.get("/healthz", headers={"Origin": "https://evil.example"}).status_code == 200
+
+
+def test_allowed_origins_get_cors_headers_and_loopback_hosts_are_checked(translator):
+    preflight = {"Origin": "https://ok.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type"}
+    with TestClient(create_app(translator=translator, allow_origins=("https://ok.example/",))) as client:
+        # The allowed site's page can send JSON (its preflight is answered) and read the answer (its header).
+        answer = client.options("/v1/translate", headers=preflight)
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "https://ok.example"
+        answer = client.post("/v1/translate", json=SMALL, headers={"Origin": "https://ok.example"})
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "https://ok.example"
+        other = client.options("/v1/translate", headers={**preflight, "Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+    with TestClient(create_app(translator=translator, allow_origins=("*",))) as client:
+        anyone = client.post("/v1/translate", json=SMALL, headers={"Origin": "https://any.example"})
+        assert anyone.status_code == 200 and anyone.headers["access-control-allow-origin"] == "*"
+    for bad in ("example.org", "https://example.org/app", "ftp://example.org"):
+        with pytest.raises(ValueError, match="allow_origins .*expected an origin, scheme://host"):
+            create_app(allow_origins=(bad,))
+    # On a loopback address only its own names are answered: a rebinding site's Host is not one of them.
+    app = create_app(translator=translator, allowed_hosts=LOOPBACK_HOSTS)
+    with TestClient(app) as client:  # Host: testserver
+        refused = client.get("/v1/models")
+        assert refused.status_code == 403 and refused.json()["error"] == "unknown_host"
+    for base in ("http://127.0.0.1:8000", "http://localhost", "http://[::1]:8000"):
+        with TestClient(app, base_url=base) as client:
+            assert client.post("/v1/translate", json=SMALL).status_code == 200, base
 
 
 def test_an_extreme_aspect_ratio_is_a_4xx_or_handled(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import io
 import json
 import os
@@ -256,6 +257,18 @@ def test_bad_requests_are_4xx_naming_the_field(client):
          "num_beams"),
         ("/v1/translate", dict(json={"text": "Hi", "src_lang": "en"}), 422, "tgt_lang"),
         ("/v1/translate", dict(json={"text": 5, "src_lang": "en", "tgt_lang": "fr"}), 422, "text"),
+        # a field the endpoint does not take is named, not silently ignored (the answer had the default topk)
+        ("/v1/classify", dict(files=_upload("a.png", _png()), data={"top_k": 1}), 400,
+         "top_k: not a field of this endpoint; it takes file, topk"),
+        ("/v1/classify?topk=1", dict(files=_upload("a.png", _png())), 400, "topk: sent in the URL's query"),
+        ("/v1/translate?num_beams=2", dict(json={"text": "Hi", "src_lang": "en", "tgt_lang": "fr"}), 400,
+         "num_beams: sent in the URL's query"),
+        ("/v1/translate", dict(json={"text": "Hi", "src_lang": "en", "tgt_lang": "fr", "beams": 3}), 422, "beams"),
+        ("/v1/translate", dict(json={"text": "Hi", "src_lang": "en", "tgt_lang": "fr", "num_beams": True}), 422,
+         "num_beams"),
+        ("/v1/translate", dict(json={"text": "Hi", "src_lang": "en", "tgt_lang": "fr", "num_beams": "2"}), 422,
+         "num_beams"),
+        ("/v1/classify", dict(files={"file": ("", _png(), "image/png")}), 422, "file: expected a file upload"),
     ]
     for path, request, status, culprit in cases:
         response = client.post(path, **request)
@@ -286,6 +299,31 @@ def test_wrong_model_for_a_slot_fails_at_start(models):
         create_app(image_model=models["detect_model"])
     with pytest.raises(TypeError, match="translator"):
         create_app(translator=models["image_model"])
+    # A video model without a classifier (a pre-training run, num_classes=0) used to answer every request with a 500.
+    for encoder in (intern2.create_model("videomae_pretrain_vit_s", img_size=32, patch_size=16, encoder_depth=1,
+                                         decoder_depth=1, all_frames=4),
+                    intern2.create_model("videomae_vit_s", embed_dim=32, depth=1, num_heads=2, patch_size=16,
+                                         img_size=32, all_frames=4, num_classes=0)):
+        with pytest.raises(TypeError, match="video_model: .*has no classifier"):
+            create_app(video_model=encoder)
+    detector = copy.deepcopy(models["detect_model"]).to(torch.bfloat16)  # detection runs in float32 only
+    with pytest.raises(ValueError, match="detect_model: .*float32 only, the model is in bfloat16"):
+        create_app(detect_model=detector)
+
+
+def test_models_list_the_dtype_source_and_int8_parameters(models):
+    translator = models["translator"]
+    int8 = Translator(translator.model.quantize_dynamic(), translator.tokenizer, source="mt-folder")
+    with TestClient(create_app(translator=translator, image_model=models["image_model"])) as client:
+        fp32 = client.get("/v1/models").json()["models"]
+    with TestClient(create_app(translator=int8)) as client:
+        quantised = client.get("/v1/models").json()["models"]["translator"]
+    assert fp32["translator"]["dtype"] == fp32["image"]["dtype"] == "float32" and quantised["dtype"] == "int8"
+    # The packed int8 weights count (they were left out: 502,400 -> 40,832); the output projection is its own int8
+    # copy of the tied embedding, so it counts once more.
+    assert fp32["translator"]["parameters"] == sum(p.numel() for p in translator.model.parameters())
+    assert quantised["parameters"] == fp32["translator"]["parameters"] + int8.model.lm_head.weight().numel()
+    assert quantised["source"] == "mt-folder"
 
 
 def test_queue_is_bounded():
@@ -533,6 +571,19 @@ def test_serve_cli_arguments(models, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["serve", "--translator", str(tmp_path / "missing")])
     assert "missing" in capsys.readouterr().err
+    with socket.socket() as taken:  # an address in use is refused before minutes of model loading
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for argv, message in ((["--port", port, "--image-model", "no_such_model"], f"--port {port}: cannot listen"),
+                              (["--allow-origin", "example.org"], "--allow-origin 'example.org': expected an origin"),
+                              (["--int8"], "--int8 quantises the translator: give --translator"),
+                              (["--image-model", ""], "--image-model: empty"),
+                              (["--port", "\u0663"], "expected a port number")):
+            with pytest.raises(SystemExit) as exit_info:
+                cli.main(["serve", *argv])
+            err = capsys.readouterr().err.strip().splitlines()[-1]
+            assert exit_info.value.code == 2 and message in err, (argv, err)
     intern2.save_pretrained(models["image_model"], tmp_path / "image")
     loaded = load_model_spec(str(tmp_path / "image"))
     assert loaded.pretrained_cfg["label_names"] == IMAGE_CLASSES and not loaded.training

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,18 @@ def test_every_door_gives_the_same_segments(trained, capsys):
         assert bad.status_code == 400 and f"(T, {DIM})" in bad.json()["detail"]
         video = client.post("/v1/video/localize", files={"file": ("clip.mp4", b"\0" * 10)})
         assert video.status_code == 400 and "--tal-encoder" in video.json()["detail"]
+        video = client.post("/v1/video/localize", files={"file": ("clip.mp4", b"\0" * 10)}, data={"duration": "9"})
+        assert video.status_code == 400 and video.json()["detail"].startswith("duration: only for snippet features")
+        # A duration the features run past contradicts them; one past float32's range clips nothing, no overflow.
+        short = client.post("/v1/video/localize", files={"file": ("v12.npy", file.read_bytes())},
+                            data={"fps": str(FPS), "duration": "1e-300"})
+        assert short.status_code == 400 and "expected the video's length" in short.json()["detail"], short.text
+        with pytest.raises(ValueError, match=r"duration 1e-300 s: the \d+ features at"):
+            pipeline(str(file), fps=FPS, duration=1e-300)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            endless = pipeline(str(file), fps=FPS, duration=1e300)
+        assert [s["score"] for s in endless["segments"]] == [s["score"] for s in python["segments"]]
         empty = client.post("/v1/video/localize", files={"file": ("e.npy", b"")}, data={"fps": "8"})
         assert empty.status_code == 400 and empty.json()["detail"].startswith("e.npy:")
         header = io.BytesIO()  # a 74-byte upload whose header declares 29 TiB

@@ -368,7 +368,8 @@ def grid_to_seconds(segments: np.ndarray, fps: float, duration: float, feat_stri
     from ``t * feat_stride``, so its centre is (t * stride + frames / 2) / fps; clipped to [0, duration]."""
     seconds = (np.asarray(segments, dtype=np.float32) * np.float32(feat_stride) + np.float32(0.5 * feat_num_frames)
                ) / np.float32(fps)
-    return np.clip(seconds, np.float32(0), np.float32(duration))
+    # A duration past float32's range clips nothing (and must not overflow to inf with a warning).
+    return np.clip(seconds, np.float32(0), np.float32(min(duration, float(np.finfo(np.float32).max))))
 
 
 def seconds_to_grid(segments: np.ndarray, fps: float, feat_stride: int, feat_num_frames: int) -> np.ndarray:

@@ -40,6 +40,13 @@ def _check_rate(value: Any, name: str, where: Any) -> None:
         raise ValueError(f"{where}: {name} {value!r}: expected a positive finite number")
 
 
+def check_fps(fps: Any, where: Any) -> None:
+    """A ValueError naming ``where`` unless ``fps`` is a frame rate in :data:`FPS_RANGE`."""
+    _check_rate(fps, "fps", where)
+    if not FPS_RANGE[0] <= fps <= FPS_RANGE[1]:
+        raise ValueError(f"{where}: fps {fps}: expected a frame rate between {FPS_RANGE[0]:g} and {FPS_RANGE[1]:g}")
+
+
 class TemporalLocalizationPipeline(Pipeline):
     """``pipeline(features, fps=None, duration=None) -> {"segments": [{"label", "index", "score", "segment"}],
     ...}``: ``features`` a (T, C) array or a .npy file; segments in seconds, best first.
@@ -99,13 +106,15 @@ class TemporalLocalizationPipeline(Pipeline):
         if not fps:
             raise ValueError(f"{where}: no frame rate: give fps (the video's frames per second), or extract with "
                              f"`intern2 extract-features --snippets`, whose sidecar JSON records it")
-        _check_rate(fps, "fps", where)  # as given, or from the sidecar JSON
-        if not FPS_RANGE[0] <= fps <= FPS_RANGE[1]:
-            raise ValueError(f"{where}: fps {fps}: expected a frame rate between {FPS_RANGE[0]:g} and "
-                             f"{FPS_RANGE[1]:g}")
+        check_fps(fps, where)  # as given, or from the sidecar JSON
         # Without a stated duration: the end of the last snippet.
         duration = duration or meta.get("duration") or ((len(array) - 1) * p.feat_stride + p.feat_num_frames) / fps
         _check_rate(duration, "duration", where)
+        last_start = (len(array) - 1) * p.feat_stride / fps
+        if duration < last_start:
+            raise ValueError(f"{where}: duration {duration:g} s: the {len(array)} features at {fps:g} fps run to "
+                             f"{last_start:g} s (their last snippet's start); expected the video's length, at least "
+                             f"that")
         seconds, scores, labels = self.model.detect(torch.from_numpy(array).T, fps, duration, p.feat_stride,
                                                     p.feat_num_frames)
         keep = scores >= min_score
@@ -131,8 +140,8 @@ class TemporalLocalizationPipeline(Pipeline):
         if self.encoder is None:
             raise ValueError("localizing in a video needs the feature encoder the localizer was trained on "
                              "(--encoder MODEL_FOLDER)")
-        if fps is not None:
-            _check_rate(fps, "fps", file)
+        if fps is not None:  # before the video is decoded
+            check_fps(fps, file)
         snippets = self.encoder(file, fps=fps)
         return self(snippets.features, fps=snippets.fps, duration=snippets.duration, **options)
 

@@ -7,7 +7,9 @@ python-multipart); this module holds the command line and the model loading and 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
+import socket
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -52,7 +54,7 @@ def load_retrieval(folder: str, dtype: Optional[str] = None) -> Any:
 
 
 def _port(text: str) -> int:
-    if not text.isdigit() or not 0 <= int(text) <= 65535:
+    if not (text.isascii() and text.isdigit()) or not 0 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
     return int(text)
 
@@ -67,7 +69,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--port", type=_port, default=8000, help="TCP port, 0-65535 (0: any free port)")
     parser.add_argument("--image-model", metavar="SPEC", help=f"image classifier: {SPEC_HELP}")
     parser.add_argument("--detect-model", metavar="SPEC",
-                        help=f"Mask R-CNN or Cascade Mask R-CNN detector: {SPEC_HELP}")
+                        help=f"Mask R-CNN, Cascade Mask R-CNN or DINO detector: {SPEC_HELP}")
     parser.add_argument("--segment-model", metavar="SPEC", help=f"UperNet segmentor: {SPEC_HELP}")
     parser.add_argument("--video-model", metavar="SPEC", help=f"video classifier: {SPEC_HELP}")
     parser.add_argument("--retrieval-model", metavar="FOLDER",
@@ -102,6 +104,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .app import create_app
     except ImportError as exc:
         parser.error(f"serving needs FastAPI, uvicorn and python-multipart: pip install 'intern2[serve]' ({exc})")
+    from .app import LOOPBACK_HOSTS, check_origins
+    for flag in ("image_model", "detect_model", "segment_model", "video_model", "retrieval_model", "translator",
+                 "tal_model", "tal_encoder"):
+        if getattr(args, flag) == "":
+            parser.error(f"--{flag.replace('_', '-')}: empty; expected {SPEC_HELP}")
+    if args.int8 and not args.translator:
+        parser.error("--int8 quantises the translator: give --translator FOLDER too")
+    try:
+        origins = check_origins(tuple(args.allow_origin), "--allow-origin")
+        _check_address(args.host, args.port)  # before minutes of model loading
+    except ValueError as exc:
+        parser.error(str(exc))
     from ..config import error_message
     from ..pipelines.common import setup_logging
     setup_logging()
@@ -130,13 +144,37 @@ def main(argv: Optional[List[str]] = None) -> int:
             models["localizer"] = localizer
         app = create_app(**models, max_upload_mb=args.max_upload_mb, max_image_pixels=args.max_image_pixels,
                          max_frame_pixels=args.max_frame_pixels, max_translate_steps=args.max_translate_steps,
-                         max_request_seconds=args.max_request_seconds, allow_origins=tuple(args.allow_origin))
+                         max_request_seconds=args.max_request_seconds, allow_origins=origins,
+                         allowed_hosts=tuple(dict.fromkeys((*LOOPBACK_HOSTS, args.host)))
+                         if _is_loopback(args.host) else None)
     except (ValueError, TypeError, FileNotFoundError, KeyError, ImportError) as exc:
         parser.error(error_message(exc))
     if not models:
         log.warning("no model given: every endpoint but /healthz and /v1/models answers 503 (see --help)")
     _graceful(uvicorn.Server)(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)).run()
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False
+
+
+def _check_address(host: str, port: int) -> None:
+    """A ValueError naming --host / --port when the server could not listen there (in use, not this machine's)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ValueError(f"--host {host}: not an address or a name this machine resolves ({exc.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ValueError(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from None
 
 
 def _graceful(server_class: type) -> type:

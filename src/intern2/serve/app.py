@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import io
+import re
 import shutil
 import tempfile
 import threading
@@ -30,8 +32,9 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import (DEFAULT_MAX_FRAME_PIXELS, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_REQUEST_SECONDS,
@@ -41,7 +44,7 @@ from ..text import check_text
 if TYPE_CHECKING:
     from ..pipelines import Pipeline
 
-__all__ = ["create_app", "ServeError"]
+__all__ = ["create_app", "ServeError", "check_origins", "LOOPBACK_HOSTS"]
 
 DEFAULT_MAX_TEXT_CHARS = 5000
 # One translate request's work is bounded by decoding steps x beams over its sentences (Translator.decoding_steps)
@@ -66,25 +69,85 @@ def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": code, "detail": message, **extra}, status_code=status)
 
 
-async def _one_part_per_field(request: Request) -> None:
-    """400 for a form that gives one field twice (two files, two topk): FastAPI would silently keep one of them.
-    Starlette keeps the parsed form on the request, so this reads nothing the endpoint does not."""
+def _fields_of(request: Request) -> List[str]:
+    """The endpoint's own parameter names (its form fields, or its JSON body's fields)."""
+    endpoint = request.scope["endpoint"]
+    names = []
+    for name, parameter in inspect.signature(endpoint).parameters.items():
+        annotation = parameter.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            names.extend(annotation.model_fields)
+        elif annotation not in (Request, "Request"):
+            names.append(name)
+    return names
+
+
+async def _query_free(request: Request) -> None:
+    """400 for URL query parameters: every endpoint takes its fields in the body, and FastAPI would silently
+    ignore ``?topk=1``."""
+    if request.query_params:
+        given = ", ".join(sorted(set(request.query_params.keys())))
+        raise ServeError(400, "unknown_field", f"{given}: sent in the URL's query; send "
+                         f"{'it' if ',' not in given else 'them'} in the request body "
+                         f"({', '.join(_fields_of(request))})")
+
+
+async def _checked_form(request: Request) -> None:
+    """400 for a form that gives one field twice (two files, two topk), or a field the endpoint does not take
+    (``top_k``): FastAPI would silently keep one of them, or ignore it. Starlette keeps the parsed form on the
+    request, so this reads nothing the endpoint does not."""
+    await _query_free(request)
     form = await request.form()
     repeated = sorted({name for name in form.keys() if len(form.getlist(name)) > 1})
     if repeated:
         raise ServeError(400, "repeated_field", f"{', '.join(repeated)}: given more than once; send one per request")
+    known = _fields_of(request)
+    unknown = sorted(set(form.keys()) - set(known))
+    if unknown:
+        raise ServeError(400, "unknown_field", f"{', '.join(unknown)}: not a field of this endpoint; it takes "
+                         f"{', '.join(known)}")
+
+
+_ORIGIN = re.compile(r"https?://[^/\s?#]+")
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def check_origins(origins: Tuple[str, ...], name: str = "allow_origins") -> Tuple[str, ...]:
+    """``origins`` without trailing slashes, each ``scheme://host[:port]`` or ``*`` (any site); else a
+    ValueError naming it."""
+    checked = tuple(origin.rstrip("/") for origin in origins)
+    for origin in checked:
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            raise ValueError(f"{name} {origin!r}: expected an origin, scheme://host[:port] such as "
+                             f"https://example.org (no path), or '*' for any site")
+    return checked
+
+
+def _hostname(host: str) -> str:
+    """The name in a Host header, without its port (``[::1]:8000`` -> ``::1``)."""
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 class _SameOrigin:
     """403 for state-changing requests from another site: a page elsewhere must not make a browser post to this
     server (a form POST needs no CORS preflight). The server's own page (same host) and non-browser clients (no
-    Origin header) pass; ``allowed`` origins (``--allow-origin``) too."""
+    Origin header) pass; ``allowed`` origins (``--allow-origin``; ``*``: all) too. With ``hosts`` (a server on a
+    loopback address), a request whose Host header is another name is refused: a site that rebinds its own name
+    to 127.0.0.1 would otherwise be "same origin"."""
 
-    def __init__(self, app: ASGIApp, allowed: Tuple[str, ...] = ()):
-        self.app, self.allowed = app, tuple(origin.rstrip("/") for origin in allowed)
+    def __init__(self, app: ASGIApp, allowed: Tuple[str, ...] = (), hosts: Optional[Tuple[str, ...]] = None):
+        self.app, self.allowed, self.hosts = app, allowed, hosts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] not in ("GET", "HEAD", "OPTIONS"):
+        if scope["type"] == "http" and self.hosts is not None:
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if _hostname(host) not in self.hosts:
+                await _error(403, "unknown_host", f"Host {host!r}: this server listens on a loopback address and "
+                             f"answers only as {' / '.join(self.hosts)}")(scope, receive, send)
+                return
+        if scope["type"] == "http" and scope["method"] not in ("GET", "HEAD", "OPTIONS") and "*" not in self.allowed:
             headers = dict(scope["headers"])
             origin = headers.get(b"origin", b"").decode("latin-1").rstrip("/")
             host = headers.get(b"host", b"").decode("latin-1")
@@ -296,11 +359,30 @@ async def _while_connected(request: Request, cancelled: threading.Event, work: C
 
 
 class TranslateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field ("beams") is an error, not a silent default
+
     text: str = Field(description="text to translate; long text is split into sentences")
     src_lang: str = Field(description="source language: any registered code or name ('en', 'eng_Latn', 'English')")
     tgt_lang: str = Field(description="target language, as src_lang")
-    num_beams: Optional[int] = Field(None, ge=1, le=8, description="beam size (1: greedy; default: the model's)")
-    max_new_tokens: Optional[int] = Field(None, ge=1, le=1024, description="per sentence; default from its length")
+    num_beams: Optional[int] = Field(None, ge=1, le=8, strict=True,
+                                     description="beam size (1: greedy; default: the model's)")
+    max_new_tokens: Optional[int] = Field(None, ge=1, le=1024, strict=True,
+                                          description="per sentence; default from its length")
+
+
+class ErrorBody(BaseModel):
+    """What every 4xx / 5xx answer holds."""
+    error: str = Field(description="a short code: invalid_image, payload_too_large, model_not_loaded, ...")
+    detail: str = Field(description="one line naming the field or file and what was expected")
+
+
+ERRORS: Dict[Any, Dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "bad input: an unreadable upload, an unknown or repeated field"},
+    403: {"model": ErrorBody, "description": "a cross-site request, or a request under another host name"},
+    413: {"model": ErrorBody, "description": "more than the server's limits (body, pixels, text, work)"},
+    422: {"model": ErrorBody, "description": "a field of the wrong type or range, or input the model cannot take"},
+    503: {"model": ErrorBody, "description": "the model is not loaded, busy, or the request ran past its time"},
+}
 
 
 # ------------------------------------------------------------------------------------------------------- app
@@ -317,21 +399,36 @@ def _pipeline(slot: str, model: Any) -> Pipeline:
     if isinstance(model, Pipeline):
         if not isinstance(model, cls):
             raise TypeError(f"{name}: expected a {cls.__name__}, got a {type(model).__name__}")
-        return model
+        return _with_classifier(slot, name, model)
     try:
         if slot in ("retrieval", "translator"):
             if not (isinstance(model, tuple) and len(model) == 2):
                 raise TypeError(f"expected a {cls.__name__} or a (model, tokenizer) pair, got {type(model).__name__}")
             return cls(model[0], model[1])
-        return cls(model)
+        pipeline = cls(model)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{name}: {exc}") from None
+    return _with_classifier(slot, name, pipeline)
+
+
+def _with_classifier(slot: str, name: str, pipeline: Pipeline) -> Pipeline:
+    """A classification slot's pipeline must have labels: a pre-training or ``num_classes=0`` model would
+    answer every request with a 500."""
+    if slot in ("image", "video") and not pipeline.labels:
+        raise TypeError(f"{name}: {pipeline.source or type(pipeline.model).__name__} has no classifier (a "
+                        f"pre-training or num_classes=0 model); serve a {slot} classifier")
+    return pipeline
 
 
 def _describe(pipeline: Pipeline) -> Dict[str, Any]:
     module = pipeline.model
+    int8 = [m for m in module.modules() if _is_int8(m)]
     info = {"architecture": getattr(module, "pretrained_cfg", {}).get("architecture", type(module).__name__),
-            "parameters": sum(p.numel() for p in module.parameters())}
+            "source": pipeline.source,
+            # int8 dynamic Linears keep their packed weights outside parameters()
+            "parameters": sum(p.numel() for p in module.parameters())
+            + sum(m.weight().numel() + (m.bias().numel() if m.bias() is not None else 0) for m in int8),
+            "dtype": "int8" if int8 else str(next(module.parameters()).dtype).removeprefix("torch.")}
     if pipeline.task == "translation":
         return {**info, "languages": pipeline.tokenizer.languages}
     if pipeline.task == "video-text":
@@ -343,6 +440,11 @@ def _describe(pipeline: Pipeline) -> Dict[str, Any]:
             "labels": labels if len(labels) <= 100 else labels[:100] + [f"... {len(labels) - 100} more"]}
 
 
+def _is_int8(module: Any) -> bool:
+    from torch.ao.nn.quantized.dynamic import Linear
+    return isinstance(module, Linear)
+
+
 def create_app(image_model: Any = None, detect_model: Any = None, segment_model: Any = None, video_model: Any = None,
                translator: Any = None, retrieval: Any = None, localizer: Any = None,
                max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
@@ -350,7 +452,7 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
                max_text_chars: int = DEFAULT_MAX_TEXT_CHARS, max_waiting: int = 16,
                max_translate_steps: int = DEFAULT_MAX_TRANSLATE_STEPS,
                max_request_seconds: float = DEFAULT_MAX_REQUEST_SECONDS,
-               allow_origins: Tuple[str, ...] = ()) -> FastAPI:
+               allow_origins: Tuple[str, ...] = (), allowed_hosts: Optional[Tuple[str, ...]] = None) -> FastAPI:
     """The intern2 HTTP API and web page for the given models (any may be None: its endpoints answer 503).
 
     Args:
@@ -368,9 +470,12 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
             max_request_seconds: a translate request still decoding after this is stopped (503); both bound the
             time one request holds the translator. ``app.state.shutdown`` (a threading.Event) stops running
             requests at their next step, for a prompt shutdown.
-        allow_origins: other sites whose pages may post to this server (all others get a 403).
+        allow_origins: other sites whose pages may use this server (``scheme://host[:port]``, or ``*``: any);
+            their requests get CORS headers and preflights, all other sites' posts a 403.
+        allowed_hosts: the only Host names answered (`intern2 serve` on a loopback address passes
+            :data:`LOOPBACK_HOSTS`, against DNS rebinding); None: any.
     """
-    from ..pipelines.tal import DEFAULT_MIN_SCORE, DEFAULT_TOPK  # the Python and CLI defaults too
+    from ..pipelines.tal import DEFAULT_MIN_SCORE, DEFAULT_TOPK, check_fps  # the Python and CLI defaults too
     given = {"image": image_model, "detect": detect_model, "segment": segment_model, "video": video_model,
              "translator": translator, "retrieval": retrieval, "localizer": localizer}
     pipelines = {slot: _pipeline(slot, model) for slot, model in given.items() if model is not None}
@@ -387,7 +492,11 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
     app = FastAPIOffline(title="intern2", version=_version(), lifespan=lifespan,
                          description="InternImage, InternVideo and multilingual translation models over HTTP.")
     app.add_middleware(_BodyLimit, max_bytes=int(max_upload_mb * 2 ** 20))
-    app.add_middleware(_SameOrigin, allowed=tuple(allow_origins))
+    origins = check_origins(tuple(allow_origins))
+    app.add_middleware(_SameOrigin, allowed=origins, hosts=allowed_hosts)
+    if origins:  # outermost: preflights are answered, and every answer to an allowed site carries its headers
+        app.add_middleware(CORSMiddleware, allow_origins=list(origins), allow_methods=["GET", "HEAD", "POST"],
+                           allow_headers=["content-type"], max_age=600)
     app.state.shutdown = threading.Event()
 
     @app.exception_handler(ServeError)
@@ -398,7 +507,10 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
         detail = str(exc.detail)
-        if exc.status_code == 400:  # FastAPI's own message does not say what a body should be
+        if exc.status_code == 400 and detail.startswith("Part exceeded maximum size"):  # a form's text field
+            detail = (f"a form field other than the file is longer than the multipart parser's limit ({detail}); "
+                      f"for /v1/video/retrieve: send at most {MAX_CAPTIONS} captions in texts")
+        elif exc.status_code == 400:  # FastAPI's own message does not say what a body should be
             detail += (" (expected UTF-8 JSON for /v1/translate, multipart form data for uploads, whose part headers,"
                        " the file name too, must stay short)")
         response = _error(exc.status_code, codes.get(exc.status_code, f"http_{exc.status_code}"), detail)
@@ -410,6 +522,9 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
         problems = []
         for e in exc.errors():
             where = ".".join(str(p) for p in e.get("loc", ()))
+            if "Expected UploadFile" in str(e.get("msg")):  # a part without a filename is a text field
+                problems.append(f"{where}: expected a file upload (a form part with a filename)")
+                continue
             cause = (e.get("ctx") or {}).get("error")  # JSON syntax errors keep the reason here
             problems.append(f"{where}: {e.get('msg', 'invalid')}" + (f" ({cause})" if isinstance(cause, str) else ""))
         return _error(422, "invalid_request", "; ".join(problems))
@@ -442,7 +557,7 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
                            "max_frame_pixels": max_frame_pixels, "max_text_chars": max_text_chars,
                            "max_translate_steps": max_translate_steps, "max_request_seconds": max_request_seconds}}
 
-    @app.post("/v1/classify", dependencies=[Depends(_one_part_per_field)],
+    @app.post("/v1/classify", dependencies=[Depends(_checked_form)], responses=ERRORS,
               summary="image classification: top-k labels")
     async def classify(file: UploadFile = File(..., description="an image file"),
                        topk: int = Form(5, ge=1, le=100)) -> Dict[str, Any]:
@@ -451,7 +566,7 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
         return await slot.run(lambda: _timed(_classify, slot.model, _decode_image(data, filename, max_image_pixels),
                                              topk))
 
-    @app.post("/v1/detect", dependencies=[Depends(_one_part_per_field)],
+    @app.post("/v1/detect", dependencies=[Depends(_checked_form)], responses=ERRORS,
               summary="object detection + instance masks (COCO RLE), optionally drawn")
     async def detect(file: UploadFile = File(..., description="an image file"),
                      threshold: float = Form(0.5, ge=0.0, le=1.0), masks: bool = Form(False),
@@ -461,7 +576,7 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
         return await slot.run(lambda: _timed(_detect, slot.model, _decode_image(data, filename, max_image_pixels),
                                              threshold, masks, draw))
 
-    @app.post("/v1/segment", dependencies=[Depends(_one_part_per_field)],
+    @app.post("/v1/segment", dependencies=[Depends(_checked_form)], responses=ERRORS,
               summary="semantic segmentation: class histogram and overlay")
     async def segment(file: UploadFile = File(..., description="an image file"),
                       include_mask: bool = Form(False)) -> Dict[str, Any]:
@@ -470,7 +585,7 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
         return await slot.run(lambda: _timed(_segment, slot.model, _decode_image(data, filename, max_image_pixels),
                                              include_mask))
 
-    @app.post("/v1/video/classify", dependencies=[Depends(_one_part_per_field)],
+    @app.post("/v1/video/classify", dependencies=[Depends(_checked_form)], responses=ERRORS,
               summary="action recognition on a video file: top-k labels")
     async def video_classify(file: UploadFile = File(..., description="a video file (mp4, webm, avi, ...)"),
                              topk: int = Form(5, ge=1, le=100)) -> Dict[str, Any]:
@@ -478,7 +593,7 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
         return await slot.run(lambda: _timed(_video_upload, file,
                                              lambda path: _classify_video(slot.model, path, topk), max_frame_pixels))
 
-    @app.post("/v1/video/retrieve", dependencies=[Depends(_one_part_per_field)],
+    @app.post("/v1/video/retrieve", dependencies=[Depends(_checked_form)], responses=ERRORS,
               summary="video-to-text retrieval: rank candidate captions for a video")
     async def video_retrieve(file: UploadFile = File(..., description="a video file (mp4, webm, avi, ...)"),
                              texts: str = Form(..., description="candidate captions, one per line"),
@@ -494,7 +609,7 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
                                              lambda path: _retrieve(slot.model, path, captions, topk),
                                              max_frame_pixels))
 
-    @app.post("/v1/video/localize", dependencies=[Depends(_one_part_per_field)],
+    @app.post("/v1/video/localize", dependencies=[Depends(_checked_form)], responses=ERRORS,
               summary="temporal action localization: segments (seconds) of an untrimmed video")
     async def video_localize(file: UploadFile = File(..., description="snippet features (.npy, (T, C) float), or a "
                                                      "video file when the server has the localizer's encoder"),
@@ -511,13 +626,22 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
             data, _ = await read_upload(file)
             return await slot.run(lambda: _timed(_localize, slot.model, data, filename, fps, duration, min_score,
                                                  topk))
+        if duration is not None:
+            raise ServeError(400, "invalid_field", "duration: only for snippet features (.npy); a video's length is "
+                             "its container's")
+        if fps is not None:  # before the upload is decoded
+            try:
+                check_fps(fps, filename)
+            except ValueError as exc:
+                raise ServeError(422, "invalid_field", str(exc)) from None
         if slot.model.encoder is None:
             raise ServeError(400, "features_expected", f"{filename}: this server localizes in snippet features "
                              f"(.npy); start it with --tal-encoder to upload videos")
         return await slot.run(lambda: _timed(_video_upload, file, lambda path: slot.model.video(
             path, fps=fps, min_score=min_score, topk=topk), max_frame_pixels))
 
-    @app.post("/v1/translate", summary="translate text between any two languages the translator has")
+    @app.post("/v1/translate", dependencies=[Depends(_query_free)], responses=ERRORS,
+              summary="translate text between any two languages the translator has")
     async def translate(request: TranslateRequest, http_request: Request) -> Dict[str, Any]:
         slot = slot_of("translator")
         text = request.text

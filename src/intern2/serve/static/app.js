@@ -52,6 +52,17 @@ const renderers = {
       el("span", {class: "caption"}, r.text),
       el("span", {class: "bar-value"}, `${percent(r.prob)} · cos ${r.similarity.toFixed(3)}`)))), timing(data)];
   },
+  localize(data) {
+    const rows = data.segments.map((s) => el("tr", {},
+      el("td", {}, s.label), el("td", {}, s.score.toFixed(3)),
+      el("td", {}, `${s.segment[0].toFixed(2)} – ${s.segment[1].toFixed(2)} s`)));
+    return [data.segments.length
+      ? el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "action"), el("th", {}, "score"),
+        el("th", {}, "segment"))), el("tbody", {}, ...rows))
+      : el("p", {}, "No segment above the score threshold."),
+      el("p", {class: "timing"}, `${data.num_features} snippets, ${data.duration.toFixed(1)} s of video, ` +
+        `${data.seconds.toFixed(2)} s on the server`)];
+  },
   translate(data) {
     return [el("blockquote", {class: "translation", lang: data.tgt_lang}, data.translation),
       el("p", {class: "timing"}, `${data.src_lang} → ${data.tgt_lang}, ${data.seconds.toFixed(2)} s on the server`)];
@@ -59,9 +70,14 @@ const renderers = {
 };
 
 function request(form) {
-  if (!form.dataset.json) return {method: "POST", body: new FormData(form)};
-  const fields = Object.fromEntries(new FormData(form));
-  for (const input of form.querySelectorAll("input[type=number]")) fields[input.name] = Number(input.value);
+  // An empty field is left out, so the server's default applies (a blank beams box: the model's).
+  const body = new FormData(form);
+  for (const [name, value] of [...body.entries()]) if (value === "") body.delete(name);
+  if (!form.dataset.json) return {method: "POST", body};
+  const fields = Object.fromEntries(body);
+  for (const input of form.querySelectorAll("input[type=number]")) {
+    if (input.name in fields) fields[input.name] = Number(input.value);
+  }
   return {method: "POST", body: JSON.stringify(fields), headers: {"Content-Type": "application/json"}};
 }
 
@@ -107,7 +123,8 @@ async function init() {
   try {
     const info = await (await fetch("/v1/models")).json();
     let loaded = 0;
-    for (const card of document.querySelectorAll(".card")) {
+    const cards = document.querySelectorAll(".card");
+    for (const card of cards) {
       const model = info.models[card.dataset.slot];
       card.classList.toggle("unloaded", !model.loaded);
       loaded += model.loaded ? 1 : 0;
@@ -117,7 +134,7 @@ async function init() {
     }
     const languages = info.models.translator.languages || [];
     document.getElementById("languages").replaceChildren(...languages.map((code) => el("option", {value: code})));
-    status.textContent = `${loaded} of ${Object.keys(info.models).length} models loaded. ` +
+    status.textContent = `${loaded} of ${cards.length} models loaded. ` +
       `Uploads up to ${info.limits.max_upload_mb} MB.`;
   } catch (error) {
     status.textContent = `Cannot read the model list: ${error.message}`;
