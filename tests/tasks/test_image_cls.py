@@ -101,8 +101,8 @@ def test_batch_of_one_names_the_batch_size(tmp_path, capsys):
     # At 32 px the classifier head's BatchNorm sees a 1x1 map: one image per batch gives it one value per channel.
     data = _write_folder(tmp_path / "data", per_class=3)
     code = cli.main(["train", "image-cls", "--data", str(data), "--model", "internimage_t",
-                     "--out", str(tmp_path / "run"), "--set", TINY, "--set", "img_size=32", "--set", "train.max_steps=1",
-                     "--set", "train.batch_size=1", "--set", "train.device=cpu"])
+                     "--out", str(tmp_path / "run"), "--set", TINY, "--set", "img_size=32",
+                     "--set", "train.max_steps=1", "--set", "train.batch_size=1", "--set", "train.device=cpu"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "train.batch_size: a BatchNorm layer" in err[0] and "train.batch_size is 1" in err[0] and ">= 2" in err[0]
