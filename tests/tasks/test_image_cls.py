@@ -106,3 +106,25 @@ def test_batch_of_one_names_the_batch_size(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "train.batch_size: a BatchNorm layer" in err[0] and "train.batch_size is 1" in err[0] and ">= 2" in err[0]
+
+
+def test_eval_in_bfloat16_skips_strips_and_names_an_empty_split(tmp_path, capsys, caplog):
+    """`eval --dtype bf16` runs (it fed float32 images to a bfloat16 model); an image too elongated for the
+    shorter-side resize is skipped as `predict` refuses it (eval used to resize it to gigabytes)."""
+    import intern2
+    data = _write_folder(tmp_path / "data", per_class=2)
+    Image.fromarray(np.zeros((2, 200, 3), np.uint8)).save(data / "7" / "strip.png")
+    model = intern2.create_model("internimage_t", num_classes=2, channels=16, depths=[1, 1, 1, 1],
+                                 groups=[1, 2, 4, 8])
+    model.pretrained_cfg.update(label_names=["3", "7"], input_size=(3, 32, 32), crop_pct=1.0)
+    intern2.save_pretrained(model, tmp_path / "model")
+    results = {}
+    for dtype in ("fp32", "bf16"):
+        assert cli.main(["eval", "--data", str(data), "--checkpoint", str(tmp_path / "model"), "--dtype", dtype,
+                         "--json"]) == 0
+        results[dtype] = json.loads(capsys.readouterr().out)
+        assert results[dtype]["count"] == 4 and results[dtype]["skipped"] == 1
+    assert "strip.png of 200 x 2 pixels: an aspect ratio of 100:1" in caplog.text
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["eval", "--data", str(data), "--checkpoint", str(tmp_path / "model"), "--val-fraction", "0.1"])
+    assert exc.value.code == 2 and "the held-out split of --data" in capsys.readouterr().err

@@ -183,12 +183,17 @@ def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float], c
 
 
 class ClassificationDataset(Dataset):
-    """(image, label) samples through a transform whose randomness is seeded by (seed, epoch, index)."""
+    """(image, label) samples through a transform whose randomness is seeded by (seed, epoch, index).
 
-    def __init__(self, source: ImageSource, transform: Callable, seed: int = 0):
+    ``check(width, height, name)`` raises a ValueError for an image the transform must not get (evaluation's
+    aspect-ratio limit, as at prediction): such an image is skipped and counted as an unreadable one."""
+
+    def __init__(self, source: ImageSource, transform: Callable, seed: int = 0,
+                 check: Optional[Callable[[int, int, str], None]] = None):
         self.source = source
         self.transform = transform
         self.seed = seed
+        self.check = check
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -201,6 +206,8 @@ class ClassificationDataset(Dataset):
         sample, label = self.source.samples[index]
         try:
             image = load_image(sample)
+            if self.check is not None:
+                self.check(*image.size, str(sample))
         except ValueError as exc:
             log.warning("skipping unreadable image: %s", exc)
             return None

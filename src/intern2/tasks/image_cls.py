@@ -28,7 +28,7 @@ from ..data.images import (
 from ..engine import TrainConfig
 from ..engine.trainer import accumulate_eval
 from ..factory import create_model, save_pretrained
-from ..pipelines.common import add_model_arguments, pipeline_from_args, positive, progress
+from ..pipelines.common import add_model_arguments, check_aspect, pipeline_from_args, positive, progress
 from ..pipelines.image_cls import ImageClassificationPipeline
 from ..weights import ImageClassificationProtocol
 from .common import head_model_args, train_cli
@@ -76,7 +76,8 @@ class ClassificationMetrics:
         self.classes = list(classes)
 
     def eval_step(self, model: nn.Module, batch) -> Dict[str, torch.Tensor]:
-        logits = model(batch["image"]) if batch["label"].numel() else None
+        # The model's dtype: a bfloat16 model (eval --dtype bf16) takes bfloat16 images; autocast's model is float32.
+        logits = model(batch["image"].to(next(model.parameters()).dtype)) if batch["label"].numel() else None
         return self.sums(logits, batch["label"], batch["skipped"])
 
     def sums(self, logits: Optional[torch.Tensor], labels: torch.Tensor, skipped: int) -> Dict[str, torch.Tensor]:
@@ -144,7 +145,7 @@ class ImageClassificationTask:
         cfg = self.cfg
         transform = (train_transform(cfg.img_size, IMAGENET_MEAN, IMAGENET_STD, cfg.train_crop_scale, cfg.hflip)
                      if train else eval_transform(cfg.img_size, IMAGENET_MEAN, IMAGENET_STD, cfg.crop_pct))
-        return ClassificationDataset(source, transform, seed=cfg.train.seed)
+        return ClassificationDataset(source, transform, seed=cfg.train.seed, check=None if train else check_aspect)
 
     def train_dataset(self) -> Dataset:
         return self._dataset(self.train_source, train=True)
@@ -206,8 +207,11 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     except ValueError as exc:
         parser.error(f"--val-fraction {args.val_fraction}: expected a number in (0, 1)"
                      if "val_fraction" in str(exc) else str(exc))
-    loader = DataLoader(ClassificationDataset(source, pipeline.transform), batch_size=args.batch_size,
-                        collate_fn=collate_images)
+    if not source.samples:
+        parser.error(f"--val-fraction {args.val_fraction}: the held-out split of --data {args.data} is empty (too "
+                     f"few images per class); give a larger fraction, or leave it out to score all of --data")
+    loader = DataLoader(ClassificationDataset(source, pipeline.transform, check=check_aspect),
+                        batch_size=args.batch_size, collate_fn=collate_images)
     metrics_of = ClassificationMetrics(source.classes)
     batches = progress(loader, "eval", len(loader))
     metrics = metrics_of.summarize(accumulate_eval(pipeline.model, batches, metrics_of.eval_step, torch.device("cpu")))
