@@ -182,6 +182,28 @@ def test_demo_rejects_unknown_stage(tmp_path, capsys):
     assert "unknown stages ['nope']" in capsys.readouterr().err
 
 
+def test_demo_stage_choice_and_a_folder_it_does_not_own(tmp_path, monkeypatch, capsys):
+    import intern2.demo as demo
+    ran = []
+    for name in demo.STAGES:
+        monkeypatch.setitem(demo.STAGES, name, lambda stage, name=name: ran.append(name) or {"ok": True})
+    # Stages run once each, in the demo's order (detection after the segmentation whose backbone it reuses).
+    assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--only", "detection,segmentation,detection"]) == 0
+    assert ran == ["segmentation", "detection"]
+    assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--only", "detection"]) == 0  # its own folder again
+    mine = tmp_path / "home"
+    (mine / "video").mkdir(parents=True)
+    (mine / "video" / "keep.txt").write_text("a user's file")
+    (tmp_path / "file").write_text("x")
+    for argv, message in ((["--only", ""], "--only: no stage given"), (["--out", ""], "--out: empty"),
+                          (["--out", str(tmp_path / "file")], "is a file"),
+                          (["--out", str(mine), "--only", "video"], "it holds video/, which the demo would replace")):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["demo", *argv])
+        assert exc.value.code == 2 and message in capsys.readouterr().err, argv
+    assert (mine / "video" / "keep.txt").read_text() == "a user's file"
+
+
 def recipes_table() -> str:
     """The README's recipe rows, as the recipes' own YAML describes them."""
     return "".join(f"| `{r.name}` | `{r.task}` | {r.summary} | {r.reaches} | {r.minutes:g} |\n" for r in list_recipes())

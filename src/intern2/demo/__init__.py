@@ -66,21 +66,33 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", default="runs/demo", help="folder for summary.json, report.html and the runs")
     parser.add_argument("--only", help=f"comma-separated stages to run (default: all of {','.join(STAGES)})")
     parser.add_argument("--budget", type=float, default=1.0,
-                        help="multiplier of every recipe's training steps (1.0: about 12 minutes on 2 CPU cores)")
+                        help="multiplier of every recipe's training steps (1.0: about 16 minutes on 2 CPU cores)")
     parser.add_argument("--steps", type=positive(int), default=300, help="optimisation steps of the displacement fit")
     parser.add_argument("--rounds", type=positive(int), default=5, help="timing rounds of the DCNv3 paths")
     args = parser.parse_args(argv)
-    names = list(STAGES) if not args.only else [s.strip() for s in args.only.split(",")]
-    unknown = [s for s in names if s not in STAGES]
-    if unknown:
-        parser.error(f"--only: unknown stages {unknown}; known: {', '.join(STAGES)}")
+    asked = list(STAGES) if args.only is None else [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in asked if s not in STAGES]
+    if unknown or not asked:
+        parser.error(f"--only: {f'unknown stages {unknown}' if unknown else 'no stage given'}; known: "
+                     f"{', '.join(STAGES)}")
+    names = [s for s in STAGES if s in asked]  # once each, in the demo's order (detection reuses segmentation)
+    if not args.out.strip():
+        parser.error("--out: empty; expected a folder for summary.json, report.html and the runs")
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        parser.error(f"--out {args.out}: is a file; expected a folder")
+    # Each stage replaces its folder: only in a folder the demo owns (new, empty, or with its summary.json).
+    owned = not out_dir.exists() or (out_dir / "summary.json").is_file() or not any(out_dir.iterdir())
+    if not owned and any((out_dir / name).exists() for name in names):
+        clash = next(name for name in names if (out_dir / name).exists())
+        parser.error(f"--out {args.out}: it holds {clash}/, which the demo would replace, and no demo summary.json; "
+                     f"choose a new folder")
     if not 0 < args.budget <= 1000:  # a finite scale: --budget inf would ask for infinitely many steps
         parser.error(f"--budget: expected a number in (0, 1000], got {args.budget}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("intern2.engine", "intern2.data", "intern2.checkpoint", "intern2.tasks"):
         logging.getLogger(noisy).setLevel(logging.WARNING)  # the stages log their own summaries
     from .. import __version__
-    out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary: Dict[str, Any] = {"schema_version": SCHEMA_VERSION, "intern2": __version__, "torch": torch.__version__,
                                "threads": torch.get_num_threads(), "cpu": cpu_name(), "budget": args.budget,
