@@ -1,6 +1,7 @@
 """The `intern2` command line, run in-process."""
 from __future__ import annotations
 
+import json
 
 import pytest
 
@@ -46,7 +47,17 @@ def test_train_only_tasks_have_no_eval_or_predict(argv, capsys):
 
 def test_list_filters_by_pattern(capsys):
     assert cli.main(["list", "no_such_model_*"]) == 1
-    assert "no registered model matches" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "no registered model matches" in captured.err and not captured.out
+    # --json is JSON on stdout, also when nothing matches (the message goes to stderr).
+    assert cli.main(["list", "--json", "internimage_*"]) == 0
+    assert "internimage_t" in json.loads(capsys.readouterr().out)
+    assert cli.main(["list", "--pretrained", "--json", "nosuch"]) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == {} and "no pretrained tag matches 'nosuch'" in captured.err
+    # An architecture's exact name lists its tags.
+    assert cli.main(["list", "--pretrained", "internimage_t"]) == 0
+    assert all(line.startswith("internimage_t.") for line in capsys.readouterr().out.splitlines())
 
 
 @pytest.mark.parametrize("command", ["predict", "eval"])

@@ -47,11 +47,14 @@ def list_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("pattern", nargs="?", help="shell-style filter, e.g. 'internimage_*'")
     parser.add_argument("--pretrained", action="store_true",
                         help="list pretrained tags (arch.tag), their task and published metrics")
-    parser.add_argument("--json", action="store_true", help="with --pretrained: each tag's full weights metadata")
+    parser.add_argument("--json", action="store_true", help="print JSON: the names (with --pretrained: each tag's "
+                        "full weights metadata)")
     args = parser.parse_args(argv)
     if args.pretrained:
         from .weights import get_weights, list_pretrained
         names = list_pretrained(args.pattern)
+        if not names and args.pattern and "." not in args.pattern:  # an architecture's name: its tags
+            names = list_pretrained(args.pattern + ".*")
         records = [get_weights(*name.split(".", 1)) for name in names]
         if args.json:
             print(json.dumps({r.name: r.pretrained_cfg() for r in records}, indent=2))
@@ -61,10 +64,13 @@ def list_main(argv: Optional[List[str]] = None) -> int:
     else:
         from .registry import list_models
         names = list_models(args.pattern)
-        print("\n".join(names)) if names else None
-    if not names:
+        if args.json:
+            print(json.dumps(names))
+        elif names:
+            print("\n".join(names))
+    if not names:  # on stderr: stdout stays the (empty) listing, valid JSON with --json
         kind = "pretrained tag" if args.pretrained else "registered model"
-        print(f"no {kind} matches {args.pattern!r}" if args.pattern else f"no {kind}s")
+        print(f"no {kind} matches {args.pattern!r}" if args.pattern else f"no {kind}s", file=sys.stderr)
         return 1 if args.pattern else 0
     return 0
 
