@@ -96,6 +96,33 @@ def test_save_pretrained_round_trip(reference, tmp_path):
     _same_outputs(loaded, reference)
 
 
+def test_a_failed_save_keeps_the_old_pair(reference, tmp_path, monkeypatch):
+    """Both files are written before either replaces the old one: a save that fails midway (disk full, Ctrl-C)
+    leaves the old config with the old weights."""
+    import safetensors.torch
+    reference.pretrained_cfg = _fresh().pretrained_cfg
+    intern2.save_pretrained(reference, tmp_path / "saved")
+    before = {name: (tmp_path / "saved" / name).read_bytes() for name in ("config.json", "model.safetensors")}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    class Interrupted:  # the config's write fails: the weights must not have replaced the old ones yet
+        @staticmethod
+        def dumps(*args, **kwargs):
+            raise KeyboardInterrupt
+    other = intern2.create_model("internimage_t", num_classes=5, channels=16, depths=[1, 1, 1, 1],
+                                 groups=[1, 2, 4, 8])
+    for target, replacement, error in ((safetensors.torch, ("save_file", disk_full), OSError),
+                                       (intern2.checkpoint, ("json", Interrupted), KeyboardInterrupt)):
+        with monkeypatch.context() as patch:
+            patch.setattr(target, *replacement)
+            with pytest.raises(error):
+                intern2.save_pretrained(other, tmp_path / "saved")
+        assert sorted(os.listdir(tmp_path / "saved")) == ["config.json", "model.safetensors"]  # no temp file left
+        assert {name: (tmp_path / "saved" / name).read_bytes() for name in before} == before
+
+
 def test_malicious_pickle_does_not_run(tmp_path):
     marker = tmp_path / "pwned"
 

@@ -156,7 +156,9 @@ def load_checkpoint(model: nn.Module, source: Source, strict: bool = True, allow
     replaced = sorted(k for k in _classifier_keys(model) if k in state and state[k].shape != own[k].shape)
     if replaced and not allow_new_head:
         ours, theirs = own[replaced[0]].shape[0], state[replaced[0]].shape[0]
-        if ours != theirs:  # a random head under the model's label names would answer wrongly
+        # Only where the rest fits is num_classes the fix (another architecture: the errors below name it).
+        body_fits = all(k in own and v.shape == own[k].shape for k, v in state.items() if k not in replaced)
+        if ours != theirs and body_fits:  # a random head under the model's label names would answer wrongly
             raise ValueError(f"{where}: the checkpoint's classifier has {theirs} classes, the model's {ours}: build "
                              f"the model with num_classes={theirs} (intern2 convert --set num_classes={theirs} makes "
                              f"a model folder of the file)")
@@ -316,6 +318,11 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], config
     from safetensors.torch import save_file
     directory = Path(directory)
     state = _unique_storage({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+
+    def write_both(config_tmp: str) -> None:
+        # Both files are complete before either is renamed into place (the weights, then at once the config): a
+        # failed or interrupted save keeps the old pair, never new weights under an old model's config.
+        Path(config_tmp).write_text(json.dumps(config, indent=2))
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_NAME, write_both)
     return directory

@@ -16,11 +16,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="model config override (e.g. num_classes=3) when the file is not the default config")
     args = parser.parse_args(argv)
-    from .checkpoint import check_output
+    from pathlib import Path
+
+    from .checkpoint import WEIGHTS_NAME, check_output
     from .config import error_message, parse_assignments
     from .factory import create_model, save_pretrained
     try:
         check_output(args.out, "--out", folder=True)
+        out = Path(args.out)
+        if out.is_dir() and any(out.iterdir()) and not (out / WEIGHTS_NAME).is_file():  # e.g. a training run
+            raise ValueError(f"--out {args.out}: holds other files and no {WEIGHTS_NAME}; convert writes config.json "
+                             f"and {WEIGHTS_NAME} there: choose a new or empty folder, or a model folder to replace")
         model = create_model(args.model, checkpoint_path=args.checkpoint, **parse_assignments(args.overrides))
     except (ValueError, FileNotFoundError, KeyError) as exc:
         parser.error(error_message(exc))
