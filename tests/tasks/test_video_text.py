@@ -145,6 +145,11 @@ def test_clip_merges_file_is_a_tokenizer(tmp_path, capsys):
     np.testing.assert_allclose(texts[0], texts[1], atol=1e-6)  # CLIP's tokenizer lower-cases, ignores spacing
     assert not np.allclose(texts[0], texts[2])
     capsys.readouterr()
+    # A text with a line break cannot be one line of t.texts.txt: refused, and the earlier output stays whole.
+    assert cli.main(["embed", "--texts", "line one\nline two", "x", "--model", "internvideo_mm_tiny",
+                     "--tokenizer", str(merges), "--out", str(out)]) == 2
+    assert "text 1 has a line break" in capsys.readouterr().err
+    assert np.load(out).shape == (3, 64) and len(out.with_suffix(".texts.txt").read_text().splitlines()) == 3
 
 
 def test_read_captions_groups_videos_and_resolves_labels(actions, tmp_path):
