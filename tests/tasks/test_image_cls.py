@@ -75,6 +75,9 @@ def test_train_eval_predict_export(tmp_path, capsys, caplog):
     assert result["file"] == str(good) and len(result["top"]) == 2
     assert {t["label"] for t in result["top"]} <= {"3", "7"} and abs(sum(t["prob"] for t in result["top"]) - 1) < 1e-4
 
+    assert cli.main(["predict", str(data / "7"), "--checkpoint", str(out / "model"), "--json"]) == 0  # a folder
+    assert sorted(r["file"] for r in json.loads(capsys.readouterr().out)) == sorted(
+        str(p) for p in (data / "7").glob("*.png"))
     assert cli.main(["predict", str(good), str(data / "3" / "broken.png"), "--checkpoint", str(out / "model")]) == 1
     captured = capsys.readouterr()
     assert "broken.png: not a readable image" in captured.err and str(good) in captured.out
@@ -89,7 +92,11 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
         cli.main(["train", "image-cls", "--data", str(tmp_path / "nowhere")])
     assert exc.value.code == 2 and "nowhere: no such file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli.main(["predict", "x.png"])
+        cli.main(["predict", "x.png"])  # before the model: files are checked first
+    assert "no such file or folder: x.png" in capsys.readouterr().err
+    _write_folder(tmp_path / "images", per_class=1)
+    with pytest.raises(SystemExit):
+        cli.main(["predict", str(tmp_path / "images")])
     assert "--model is required" in capsys.readouterr().err
     assert cli.main(["train", "no-such-task"]) == 2
     with pytest.raises(SystemExit):

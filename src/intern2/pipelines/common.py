@@ -24,7 +24,8 @@ from ..weights import labels_from_cfg, protocol_from_cfg, task_of
 __all__ = ["Pipeline", "DTYPES", "cpu_has_bf16", "requested_dtype", "inference_dtype", "model_dtype", "load_model",
            "load_model_spec", "model_task", "top_k", "setup_logging", "add_model_arguments", "model_from_args",
            "pipeline_from_args", "option_error", "print_topk", "open_pipeline", "pair",
-           "task_of_arguments", "run_on_images", "check_aspect", "progress"]
+           "task_of_arguments", "run_on_images", "check_aspect", "progress", "expand_files",
+           "files_or_exit", "image_files_or_exit"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -253,6 +254,36 @@ def model_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         return load_model(args.checkpoint, args.model)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         parser.error(error_message(exc))
+
+
+def expand_files(paths: Sequence[str], suffixes: Sequence[str]) -> List[str]:
+    """Files as given; folders expanded to the files inside them with one of ``suffixes`` (sorted, recursive)."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+        else:
+            files.append(str(path))
+    return files
+
+
+def files_or_exit(parser: argparse.ArgumentParser, paths: Sequence[str], suffixes: Sequence[str],
+                  kind: str) -> List[str]:
+    """:func:`expand_files` of a command's arguments; missing paths, or no ``kind`` file at all, are a usage error
+    (exit 2, before the model loads)."""
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        parser.error(f"no such file or folder: {', '.join(missing)}")
+    files = expand_files(paths, suffixes)
+    if not files:
+        parser.error(f"no {kind} files found in {', '.join(paths)} (extensions: {', '.join(suffixes)})")
+    return files
+
+
+def image_files_or_exit(parser: argparse.ArgumentParser, paths: Sequence[str]) -> List[str]:
+    """:func:`files_or_exit` for image files (folders give their images)."""
+    from ..data.images import IMAGE_EXTENSIONS
+    return files_or_exit(parser, paths, IMAGE_EXTENSIONS, "image")
 
 
 def items(values: Any, what: str) -> List[Any]:

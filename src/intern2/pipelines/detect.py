@@ -18,7 +18,8 @@ from torch import nn
 
 from ..data.images import load_image
 from ..weights import DetectionProtocol
-from .common import Pipeline, add_model_arguments, output_or_exit, pair, pipeline_from_args, run_on_images
+from .common import (Pipeline, add_model_arguments, image_files_or_exit, output_or_exit, pair, pipeline_from_args,
+                     run_on_images)
 from .segment import image_tensor
 
 __all__ = ["DetectionPipeline", "draw_detections", "mask_to_rle", "predict_main"]
@@ -112,7 +113,7 @@ class DetectionPipeline(Pipeline):
 
 def predict_main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="intern2 predict", description="Detect and segment objects in images.")
-    parser.add_argument("images", nargs="+")
+    parser.add_argument("images", nargs="+", help="image files or folders of them")
     add_model_arguments(parser)
     parser.add_argument("--threshold", type=float, default=0.5, help="score threshold for drawing and JSON")
     parser.add_argument("--test-size", type=pair, metavar="LONG,SHORT",
@@ -123,6 +124,7 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if not 0 <= args.threshold <= 1:
         parser.error(f"--threshold {args.threshold}: expected a score in [0, 1]")
+    files = image_files_or_exit(parser, args.images)
     out = output_or_exit(parser, args.out, "--out", folder=True)
     pipeline = pipeline_from_args(parser, args, DetectionPipeline, test_size=args.test_size)
 
@@ -131,7 +133,7 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
         drawing = out / f"{Path(file).stem}_det.png"
         pipeline.draw(image, result.pop("output"), args.threshold).save(drawing)
         return {"drawing": str(drawing), **result}
-    results, failed = run_on_images(args.images, out, run, "{stem}_det.png")
+    results, failed = run_on_images(files, out, run, "{stem}_det.png")
     if args.json:
         print(json.dumps(results, indent=2))
     else:

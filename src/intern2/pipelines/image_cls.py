@@ -9,8 +9,8 @@ from PIL import Image
 
 from ..data.images import eval_transform, load_image
 from ..weights import ImageClassificationProtocol
-from .common import (Pipeline, add_model_arguments, check_aspect, items, pipeline_from_args, positive, print_topk,
-                     progress, top_k)
+from .common import (Pipeline, add_model_arguments, check_aspect, image_files_or_exit, items, pipeline_from_args,
+                     positive, print_topk, progress, top_k)
 
 __all__ = ["ImageClassificationPipeline", "predict_main"]
 
@@ -65,10 +65,11 @@ class ImageClassificationPipeline(Pipeline):
 
 def predict_main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="intern2 predict", description="Classify images.")
-    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("images", nargs="+", help="image files or folders of them")
     add_model_arguments(parser)
-    parser.add_argument("--topk", type=positive(int), default=5)
+    parser.add_argument("--topk", type=positive(int), default=5, help="labels per image, best first (5)")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     args = parser.parse_args(argv)
+    files = image_files_or_exit(parser, args.images)
     pipeline = pipeline_from_args(parser, args, ImageClassificationPipeline)
-    return print_topk(pipeline.predict_files(args.images, args.topk), args.json)
+    return print_topk(pipeline.predict_files(files, args.topk), args.json)

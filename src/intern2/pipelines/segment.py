@@ -18,8 +18,8 @@ from torch import nn
 from ..data.images import load_image
 from ..data.segmentation import keep_ratio_size
 from ..weights import SegmentationProtocol
-from .common import (Pipeline, add_model_arguments, model_dtype, output_or_exit, pair, pipeline_from_args,
-                     run_on_images)
+from .common import (Pipeline, add_model_arguments, image_files_or_exit, model_dtype, output_or_exit, pair,
+                     pipeline_from_args, run_on_images)
 
 __all__ = ["SegmentationPipeline", "eval_input_size", "segment_probabilities", "slide_inference", "palette",
            "colourise", "image_tensor", "predict_main"]
@@ -185,12 +185,13 @@ def protocol_options(args: argparse.Namespace) -> Dict[str, Any]:
 
 def predict_main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="intern2 predict", description="Segment images.")
-    parser.add_argument("images", nargs="+")
+    parser.add_argument("images", nargs="+", help="image files or folders of them")
     add_model_arguments(parser)
     add_protocol_arguments(parser)
     parser.add_argument("--out", default="predictions", help="folder for overlays (<name>_seg.png) and masks")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    files = image_files_or_exit(parser, args.images)
     out = output_or_exit(parser, args.out, "--out", folder=True)
     pipeline = pipeline_from_args(parser, args, SegmentationPipeline, **protocol_options(args))
 
@@ -201,7 +202,7 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
         colourise(image, prediction).save(overlay)
         pipeline.mask_image(prediction).save(mask)
         return {"overlay": str(overlay), "mask": str(mask), **result}
-    results, failed = run_on_images(args.images, out, run, "{stem}_seg.png")
+    results, failed = run_on_images(files, out, run, "{stem}_seg.png")
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -18,8 +18,8 @@ from torch import nn
 
 from ..data.video import FrameSampler, VideoEvalTransform, read_video
 from ..weights import SAMPLINGS, VideoProtocol
-from .common import (Pipeline, add_model_arguments, check_aspect, items, model_dtype, output_or_exit,
-                     pipeline_from_args, positive, print_topk, progress, setup_logging, top_k)
+from .common import (Pipeline, add_model_arguments, check_aspect, expand_files, files_or_exit, items, model_dtype,
+                     output_or_exit, pipeline_from_args, positive, print_topk, progress, setup_logging, top_k)
 
 __all__ = ["VideoClassificationPipeline", "VIDEO_SUFFIXES", "video_files", "video_files_or_exit", "view_probabilities",
            "pooled_features", "add_protocol_arguments", "protocol_options", "predict_main",
@@ -31,24 +31,12 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpe
 
 def video_files(paths: Sequence[str]) -> List[str]:
     """Files as given; folders expanded to the video files inside them (sorted, recursive)."""
-    files = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            files += sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
-        else:
-            files.append(str(path))
-    return files
+    return expand_files(paths, VIDEO_SUFFIXES)
 
 
 def video_files_or_exit(parser: argparse.ArgumentParser, paths: Sequence[str]) -> List[str]:
     """:func:`video_files` of a command's arguments; missing paths or no video at all are a usage error."""
-    missing = [p for p in paths if not Path(p).exists()]
-    if missing:
-        parser.error(f"no such file or folder: {', '.join(missing)}")
-    files = video_files(paths)
-    if not files:
-        parser.error(f"no video files found in {', '.join(paths)} (extensions: {', '.join(VIDEO_SUFFIXES)})")
-    return files
+    return files_or_exit(parser, paths, VIDEO_SUFFIXES, "video")
 
 
 def view_probabilities(model: nn.Module, views: torch.Tensor) -> torch.Tensor:

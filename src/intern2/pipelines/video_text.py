@@ -291,8 +291,8 @@ def embed_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--texts", nargs="+", default=[], help="texts (one argument each)")
     add_inference_arguments(parser)
     parser.add_argument("--out", required=True, help=".safetensors ('video', 'text' tensors; file order and texts "
-                        "in the metadata) or .npy (one kind of input only; their order one per line in OUT.files.txt or "
-                        "OUT.texts.txt, OUT without .npy)")
+                        "in the metadata) or .npy (one kind of input only; their order one per line in "
+                        "OUT.files.txt or OUT.texts.txt, OUT without .npy)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if out.suffix not in (".safetensors", ".npy"):
