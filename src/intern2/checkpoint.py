@@ -48,12 +48,17 @@ def _torch_load(path: Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle.UnpicklingError, RuntimeError for truncated zips, ...
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
-        # torch ends a refusal with a generic pointer to its docs; the line naming what it refused says more
-        # ("Unsupported global: GLOBAL posix.system", "Unsupported operand 149")
-        refused = [line[line.index("Unsupported"):].split(". ")[0] for line in lines if "Unsupported" in line]
-        reason = refused[0] if refused else lines[-1]
-        raise ValueError(f"cannot read checkpoint {path}: {reason.rstrip('.')}. intern2 loads pickles with "
-                         f"weights_only=True and refuses objects other than tensors and plain data") from exc
+        if lines[0].startswith("Weights only load failed"):
+            # torch ends a refusal with a generic pointer to its docs; the line naming what it refused says more
+            # ("Unsupported global: GLOBAL builtins.print", "Trying to load unsupported GLOBAL posix.system ...")
+            named = [line[line.lower().index("unsupported"):].split(". ")[0] for line in lines
+                     if "unsupported" in line.lower()]
+            reason = named[0] if named else lines[-1]
+            raise ValueError(f"cannot read checkpoint {path}: {reason.rstrip('.')}. intern2 loads pickles with "
+                             f"weights_only=True and refuses objects other than tensors and plain data") from exc
+        # Not a refusal: a damaged file (torch's first sentence says what broke; the rest is advice)
+        raise ValueError(f"cannot read checkpoint {path}: {lines[0].split('. ')[0].rstrip('.')} (a damaged or "
+                         f"truncated file?)") from exc
 
 
 def read_config(folder: Union[str, os.PathLike]) -> Dict[str, Any]:

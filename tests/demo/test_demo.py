@@ -128,6 +128,7 @@ def test_demo_is_deterministic_and_writes_a_relative_summary(tmp_path, capsys):
     stale = tmp_path / "a" / "digits" / "stale.txt"
     stale.parent.mkdir(parents=True)
     stale.write_text("from an earlier run")
+    (tmp_path / "a" / "summary.json").write_text("{}")  # the earlier run's: the folder is the demo's
     runs = []
     for name in ("a", "b"):
         code = cli.main(["demo", "--out", str(tmp_path / name), "--only", "dcnv3,digits,segmentation",

@@ -172,7 +172,7 @@ class Pipeline:
         if not isinstance(model, cls.model_types()):
             arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
             raise TypeError(f"{cls.__name__}: expected {cls.expects}, got {type(model).__name__}"
-                            + (f" ({arch}, a {task_of(arch) or 'unknown'} model)" if arch else ""))
+                            + (f" ({arch}, {_a(task_of(arch) or 'unknown')} model)" if arch else ""))
 
     @classmethod
     def from_pretrained(cls, checkpoint: Optional[str] = None, model: Optional[str] = None,
@@ -241,8 +241,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, run_options: bool = Tru
                         "(internimage_t.in1k); needed unless --checkpoint is a model folder")
     if not run_options:
         return
-    parser.add_argument("--task", help="image-cls, segment, detect, video-cls or video-text (default: from the "
-                        "model's weights metadata or architecture)")
+    parser.add_argument("--task", help="image-cls, segment, detect, video-cls, video-text, tal or translation "
+                        "(default: from the model's weights metadata or architecture)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), help="run the model in bfloat16 (fast where the CPU "
                         "has AVX-512-BF16 or AMX; elsewhere it falls back to fp32 and says so)")
 
@@ -284,6 +284,11 @@ def image_files_or_exit(parser: argparse.ArgumentParser, paths: Sequence[str]) -
     """:func:`files_or_exit` for image files (folders give their images)."""
     from ..data.images import IMAGE_EXTENSIONS
     return files_or_exit(parser, paths, IMAGE_EXTENSIONS, "image")
+
+
+def _a(word: str) -> str:
+    """``word`` with its indefinite article ("an image-cls", "a segment")."""
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
 
 
 def items(values: Any, what: str) -> List[Any]:

@@ -49,15 +49,16 @@ def list_recipes(task: Optional[str] = None) -> List[Recipe]:
     return sorted((r for r in recipes if task in (None, r.task)), key=lambda r: (r.task, r.name))
 
 
-def get_recipe(name: str, task: Optional[str] = None) -> Recipe:
-    """The recipe called ``name``; a ValueError naming the known ones when there is none (of ``task``)."""
+def get_recipe(name: str, task: Optional[str] = None, what: str = "--recipe") -> Recipe:
+    """The recipe called ``name``; a ValueError (naming ``what`` and the known recipes) when there is none (of
+    ``task``)."""
     path = _FOLDER / f"{name}.yaml"
     if "/" in name or not path.is_file():
         known = ", ".join(r.name for r in list_recipes(task))
-        raise ValueError(f"--recipe {name!r}: no such recipe{f' for {task}' if task else ''}; known: {known}")
+        raise ValueError(f"{what} {name!r}: no such recipe{f' for {task}' if task else ''}; known: {known}")
     recipe = _read(path)
     if task is not None and recipe.task != task:
-        raise ValueError(f"--recipe {name!r} trains {recipe.task}, not {task}: run 'intern2 train {recipe.task} "
+        raise ValueError(f"{what} {name!r} trains {recipe.task}, not {task}: run 'intern2 train {recipe.task} "
                          f"--recipe {name}'")
     return recipe
 
@@ -83,7 +84,7 @@ def recipes_main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.name:
         try:
-            recipe = get_recipe(args.name, args.task)
+            recipe = get_recipe(args.name, args.task, what="recipe")
         except ValueError as exc:
             parser.error(str(exc))
         print(config_text(recipe), end="")
