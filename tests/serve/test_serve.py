@@ -129,7 +129,14 @@ def test_health_models_schema_and_page(client, models):
     assert listed["image"]["labels"] == IMAGE_CLASSES and listed["image"]["loaded"]
     assert listed["translator"]["languages"] == LANGS
     assert listed["retrieval"]["loaded"] == ("retrieval" in models)
-    paths = client.get("/openapi.json").json()["paths"]
+    schema = client.get("/openapi.json").json()
+    paths = schema["paths"]
+    # Errors are documented as what the server sends ({"error", "detail"}), not FastAPI's {"detail": [...]}.
+    assert "HTTPValidationError" not in json.dumps(schema)
+    for path in ("/v1/classify", "/v1/translate", "/v1/video/localize"):
+        for status in ("400", "413", "422", "503"):
+            assert paths[path]["post"]["responses"][status]["content"]["application/json"]["schema"]["$ref"] \
+                == "#/components/schemas/ErrorBody", (path, status)
     assert {"/healthz", "/v1/models", "/v1/classify", "/v1/detect", "/v1/segment", "/v1/video/classify",
             "/v1/video/retrieve", "/v1/translate"} <= set(paths)
     page = client.get("/")
