@@ -13,13 +13,14 @@ import os
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 __all__ = ["read_checkpoint", "read_state_dict", "read_config", "load_checkpoint", "save_pretrained",
-           "atomic_write", "remove_stale_temps", "check_output", "adapt_input_conv", "WEIGHTS_NAME", "CONFIG_NAME"]
+           "atomic_write", "atomic_write_all", "remove_stale_temps", "check_output", "adapt_input_conv", "WEIGHTS_NAME",
+           "CONFIG_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,8 @@ def _torch_load(path: Path) -> Any:
             raise ValueError(f"cannot read checkpoint {path}: {reason.rstrip('.')}. intern2 loads pickles with "
                              f"weights_only=True and refuses objects other than tensors and plain data") from exc
         # Not a refusal: a damaged file (torch's first sentence says what broke; the rest is advice)
-        raise ValueError(f"cannot read checkpoint {path}: {lines[0].split('. ')[0].rstrip('.')} (a damaged or "
-                         f"truncated file?)") from exc
+        raise ValueError(f"cannot read checkpoint {path}: {type(exc).__name__}: {lines[0].split('. ')[0].rstrip('.')}"
+                         f" (a damaged or truncated file, or not a PyTorch checkpoint?)") from exc
 
 
 def read_config(folder: Union[str, os.PathLike]) -> Dict[str, Any]:
@@ -161,8 +162,11 @@ def load_checkpoint(model: nn.Module, source: Source, strict: bool = True, allow
     replaced = sorted(k for k in _classifier_keys(model) if k in state and state[k].shape != own[k].shape)
     if replaced and not allow_new_head:
         ours, theirs = own[replaced[0]].shape[0], state[replaced[0]].shape[0]
-        # Only where the rest fits is num_classes the fix (another architecture: the errors below name it).
-        body_fits = all(k in own and v.shape == own[k].shape for k, v in state.items() if k not in replaced)
+        # Only where the rest fits is num_classes the fix; another architecture (it shares few tensor names, e.g.
+        # only "norm.weight") gets the errors below, which name it. An extra key or two (an aux head) still fits.
+        body = [k for k in state if k not in replaced]
+        shared = [k for k in body if k in own]
+        body_fits = 2 * len(shared) >= len(body) and all(state[k].shape == own[k].shape for k in shared)
         if ours != theirs and body_fits:  # a random head under the model's label names would answer wrongly
             raise ValueError(f"{where}: the checkpoint's classifier has {theirs} classes, the model's {ours}: build "
                              f"the model with num_classes={theirs} (intern2 convert --set num_classes={theirs} makes "
@@ -225,26 +229,39 @@ def atomic_write(path: Union[str, os.PathLike], write) -> None:
     crash (even kill -9 or a power cut: the data and the rename are fsync'ed) ``path`` holds the old or the new
     content. Temp files left by earlier killed writes of ``path`` are removed first; the file gets the
     permissions the umask gives new files (not mkstemp's 0600)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=path.parent)
-    os.close(fd)
+    atomic_write_all([(path, write)])
+
+
+def atomic_write_all(writes: Sequence[Tuple[Union[str, os.PathLike], Any]]) -> None:
+    """:func:`atomic_write` of several ``(path, write)`` files that belong together (a model's weights and
+    config): every file is written and fsync'ed before the first rename, so a failed or interrupted write keeps
+    all the old files; the renames follow one another (in the given order) within microseconds."""
+    temps: List[Tuple[str, Path]] = []
     try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        for path, write in writes:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(path)
+            fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=path.parent)
+            os.close(fd)
+            temps.append((tmp, path))
+            write(tmp)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())
+        for tmp, path in temps:
+            os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for tmp, _ in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    for folder in dict.fromkeys(path.parent for _, path in temps):
+        directory = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
 
 
 def _temp_prefix(path: Path) -> str:
@@ -323,11 +340,7 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], config
     from safetensors.torch import save_file
     directory = Path(directory)
     state = _unique_storage({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
-
-    def write_both(config_tmp: str) -> None:
-        # Both files are complete before either is renamed into place (the weights, then at once the config): a
-        # failed or interrupted save keeps the old pair, never new weights under an old model's config.
-        Path(config_tmp).write_text(json.dumps(config, indent=2))
-        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    atomic_write(directory / CONFIG_NAME, write_both)
+    # One step for the pair: a failed or interrupted save keeps the old weights with the old config.
+    atomic_write_all([(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2))),
+                      (directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))])
     return directory

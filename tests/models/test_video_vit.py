@@ -255,7 +255,6 @@ def test_head_replaced_when_class_count_differs():
     assert torch.equal(target.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
 
 
-
 def test_reset_classifier_initialises_the_head_as_construction():
     torch.manual_seed(0)
     built = VideoViT(**SMALL, all_frames=4, num_classes=400, init_scale=0.001)
@@ -264,6 +263,7 @@ def test_reset_classifier_initialises_the_head_as_construction():
     for model in (built, reset):  # trunc-normal(0.02) scaled by init_scale: near-zero initial logits
         assert model.head.weight.std().item() == pytest.approx(0.02 * 0.001, rel=0.1)
         assert not model.head.bias.any()
+
 
 @pytest.mark.parametrize("name,kwargs", [
     ("videomae_vit_s", dict(img_size=32, depth=2, all_frames=4, num_classes=3, patch_size=8)),

@@ -18,7 +18,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 import intern2  # noqa: E402
 from intern2.pipelines.translation import Translator  # noqa: E402
-from intern2.serve.app import LOOPBACK_HOSTS, create_app  # noqa: E402
+from intern2.serve import allowed_hosts  # noqa: E402
+from intern2.serve.app import LOOPBACK_HOSTS, check_origins, create_app  # noqa: E402
 from intern2.text.corpus import builtin_sentences  # noqa: E402
 from intern2.text.tokenizer import NllbTokenizer  # noqa: E402
 
@@ -169,17 +170,27 @@ def test_allowed_origins_get_cors_headers_and_loopback_hosts_are_checked(transla
     with TestClient(create_app(translator=translator, allow_origins=("*",))) as client:
         anyone = client.post("/v1/translate", json=SMALL, headers={"Origin": "https://any.example"})
         assert anyone.status_code == 200 and anyone.headers["access-control-allow-origin"] == "*"
-    for bad in ("example.org", "https://example.org/app", "ftp://example.org"):
+    for bad in ("example.org", "https://example.org/app", "ftp://example.org", "http://user@example.org",
+                "https://example.org:99999"):
         with pytest.raises(ValueError, match="allow_origins .*expected an origin, scheme://host"):
             create_app(allow_origins=(bad,))
+    # As browsers send them: lower case, no default port.
+    assert check_origins(("HTTPS://Example.ORG:443/", "http://[::1]:8080", "http://a.example:80")) == \
+        ("https://example.org", "http://[::1]:8080", "http://a.example")
     # On a loopback address only its own names are answered: a rebinding site's Host is not one of them.
     app = create_app(translator=translator, allowed_hosts=LOOPBACK_HOSTS)
     with TestClient(app) as client:  # Host: testserver
         refused = client.get("/v1/models")
         assert refused.status_code == 403 and refused.json()["error"] == "unknown_host"
-    for base in ("http://127.0.0.1:8000", "http://localhost", "http://[::1]:8000"):
+    for base in ("http://127.0.0.1:8000", "http://localhost", "http://[::1]:8000", "http://LocalHost.:8000"):
         with TestClient(app, base_url=base) as client:
             assert client.post("/v1/translate", json=SMALL).status_code == 200, base
+    # What `intern2 serve` passes: the check on a loopback address or with --allow-host names, else off.
+    assert allowed_hosts("127.0.0.1") == LOOPBACK_HOSTS and allowed_hosts("0.0.0.0") is None
+    assert allowed_hosts("0.0.0.0", ["api.example"]) == (*LOOPBACK_HOSTS, "api.example")
+    with TestClient(create_app(translator=translator, allowed_hosts=allowed_hosts("::", ["API.example"])),
+                    base_url="http://api.example") as client:
+        assert client.post("/v1/translate", json=SMALL).status_code == 200
 
 
 def test_an_extreme_aspect_ratio_is_a_4xx_or_handled(tmp_path):

@@ -269,7 +269,8 @@ def test_bad_requests_are_4xx_naming_the_field(client):
          "top_k: not a field of this endpoint; it takes file, topk"),
         ("/v1/classify?topk=1", dict(files=_upload("a.png", _png())), 400, "topk: sent in the URL's query"),
         ("/v1/translate?num_beams=2", dict(json={"text": "Hi", "src_lang": "en", "tgt_lang": "fr"}), 400,
-         "num_beams: sent in the URL's query"),
+         "num_beams: sent in the URL's query; send it in the request body (text, src_lang, tgt_lang, num_beams, "
+         "max_new_tokens)"),
         ("/v1/translate", dict(json={"text": "Hi", "src_lang": "en", "tgt_lang": "fr", "beams": 3}), 422, "beams"),
         ("/v1/translate", dict(json={"text": "Hi", "src_lang": "en", "tgt_lang": "fr", "num_beams": True}), 422,
          "num_beams"),

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from intern2 import cli
@@ -115,10 +116,15 @@ def test_batch_of_one_names_the_batch_size(tmp_path, capsys):
     assert "train.batch_size: a BatchNorm layer" in err[0] and "train.batch_size is 1" in err[0] and ">= 2" in err[0]
 
 
-def test_eval_in_bfloat16_skips_strips_and_names_an_empty_split(tmp_path, capsys, caplog):
+def test_eval_in_bfloat16_skips_strips_and_names_an_empty_split(tmp_path, capsys, caplog, monkeypatch):
     """`eval --dtype bf16` runs (it fed float32 images to a bfloat16 model); an image too elongated for the
     shorter-side resize is skipped as `predict` refuses it (eval used to resize it to gigabytes)."""
     import intern2
+    import intern2.pipelines.common as common
+    monkeypatch.setattr(common, "cpu_has_bf16", lambda: True)  # the bfloat16 path on every CPU (else: fp32)
+    converted = []
+    to = torch.nn.Module.to
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: converted.append(a) or to(self, *a, **k))
     data = _write_folder(tmp_path / "data", per_class=2)
     Image.fromarray(np.zeros((2, 200, 3), np.uint8)).save(data / "7" / "strip.png")
     model = intern2.create_model("internimage_t", num_classes=2, channels=16, depths=[1, 1, 1, 1],
@@ -131,6 +137,7 @@ def test_eval_in_bfloat16_skips_strips_and_names_an_empty_split(tmp_path, capsys
                          "--json"]) == 0
         results[dtype] = json.loads(capsys.readouterr().out)
         assert results[dtype]["count"] == 4 and results[dtype]["skipped"] == 1
+    assert (torch.bfloat16,) in converted  # the model ran in bfloat16
     assert "strip.png of 200 x 2 pixels: an aspect ratio of 100:1" in caplog.text
     with pytest.raises(SystemExit) as exc:
         cli.main(["eval", "--data", str(data), "--checkpoint", str(tmp_path / "model"), "--val-fraction", "0.1"])

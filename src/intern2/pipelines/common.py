@@ -153,10 +153,9 @@ class Pipeline:
             if requested_dtype(dtype) == torch.bfloat16 and not self.bfloat16:
                 raise ValueError(f"dtype: {type(self).__name__} runs in float32 only")
             model = model.to(inference_dtype(dtype, next(model.parameters()).device))
-        model_dtype = next(model.parameters()).dtype
-        if not self.bfloat16 and model_dtype != torch.float32:  # converted by the caller
+        if not self.bfloat16 and model_dtype(model) != torch.float32:  # converted by the caller
             raise ValueError(f"{type(self).__name__} runs in float32 only, the model is in "
-                             f"{str(model_dtype).removeprefix('torch.')}: give it model.float()")
+                             f"{str(model_dtype(model)).removeprefix('torch.')}: give it model.float()")
         self.model = model.eval()
         self.source = source
         self.protocol = protocol_from_cfg(cfg, self.task, where).replace(**protocol)

@@ -205,7 +205,7 @@ def write_arrays(out: Path, tensors: Dict[str, torch.Tensor], names: Dict[str, L
     if out.suffix == ".npy":
         ((_, array),) = tensors.items()
         ((key, values),) = names.items()
-        broken = next((i for i, value in enumerate(values) if "\n" in value or "\r" in value), None)
+        broken = next((i for i, value in enumerate(values) if value.splitlines() not in ([value], [])), None)
         if broken is not None:  # one name per line: the lines would no longer match the rows
             raise ValueError(f"{out}: {key[:-1]} {broken + 1} has a line break, which {out.with_suffix(f'.{key}.txt')}"
                              f" (one per line) cannot hold; write .safetensors instead")

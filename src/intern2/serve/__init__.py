@@ -7,13 +7,14 @@ python-multipart); this module holds the command line and the model loading and 
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import logging
 import socket
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence, Tuple
 
-__all__ = ["main", "load_model_spec", "load_translator", "load_retrieval", "DEFAULT_MAX_UPLOAD_MB",
+__all__ = ["main", "allowed_hosts", "load_model_spec", "load_translator", "load_retrieval", "DEFAULT_MAX_UPLOAD_MB",
            "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_FRAME_PIXELS", "DEFAULT_MAX_TRANSLATE_STEPS",
            "DEFAULT_MAX_REQUEST_SECONDS"]
 
@@ -96,6 +97,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                         help="a site whose pages may post to this server, e.g. https://example.org (repeatable; "
                         "by default cross-site posts are refused)")
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="a host name clients reach this server under (repeatable): only these and the loopback "
+                        "names are answered, against DNS rebinding; on a loopback --host the check is always on")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     args = parser.parse_args(argv)
     try:
@@ -104,7 +108,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .app import create_app
     except ImportError as exc:
         parser.error(f"serving needs FastAPI, uvicorn and python-multipart: pip install 'intern2[serve]' ({exc})")
-    from .app import LOOPBACK_HOSTS, check_origins
+    from .app import check_origins
     for flag in ("image_model", "detect_model", "segment_model", "video_model", "retrieval_model", "translator",
                  "tal_model", "tal_encoder"):
         if getattr(args, flag) == "":
@@ -145,8 +149,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         app = create_app(**models, max_upload_mb=args.max_upload_mb, max_image_pixels=args.max_image_pixels,
                          max_frame_pixels=args.max_frame_pixels, max_translate_steps=args.max_translate_steps,
                          max_request_seconds=args.max_request_seconds, allow_origins=origins,
-                         allowed_hosts=tuple(dict.fromkeys((*LOOPBACK_HOSTS, args.host)))
-                         if _is_loopback(args.host) else None)
+                         allowed_hosts=allowed_hosts(args.host, args.allow_host))
     except (ValueError, TypeError, FileNotFoundError, KeyError, ImportError) as exc:
         parser.error(error_message(exc))
     if not models:
@@ -155,26 +158,39 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-def _is_loopback(host: str) -> bool:
+def allowed_hosts(host: str, names: Sequence[str] = ()) -> Optional[Tuple[str, ...]]:
+    """The Host names a server listening on ``host`` answers as: on a loopback address, or with ``names``
+    (``--allow-host``), the loopback names, ``host`` and ``names``; else None (any: a server on every interface is
+    reached under names it cannot know)."""
     try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name
-        return False
+        loopback = False
+    if not (loopback or names):
+        return None
+    from .app import LOOPBACK_HOSTS
+    return tuple(dict.fromkeys((*LOOPBACK_HOSTS, *((host,) if loopback else ()), *names)))
 
 
 def _check_address(host: str, port: int) -> None:
-    """A ValueError naming --host / --port when the server could not listen there (in use, not this machine's)."""
+    """A ValueError naming --host / --port when the server could not listen there (in use, not this machine's):
+    every address the name resolves to is tried, as asyncio binds them all (an IPv6 address on a machine
+    without IPv6 is skipped, as asyncio skips it)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise ValueError(f"--host {host}: not an address or a name this machine resolves ({exc.strerror})") from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            raise ValueError(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from None
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no conflict
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if family == socket.AF_INET6 and exc.errno == errno.EADDRNOTAVAIL:
+                    continue
+                raise ValueError(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from None
 
 
 def _graceful(server_class: type) -> type:

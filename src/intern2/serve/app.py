@@ -14,11 +14,11 @@ import asyncio
 import base64
 import inspect
 import io
-import re
 import shutil
 import tempfile
 import threading
 import time
+import urllib.parse
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,11 +73,11 @@ def _fields_of(request: Request) -> List[str]:
     """The endpoint's own parameter names (its form fields, or its JSON body's fields)."""
     endpoint = request.scope["endpoint"]
     names = []
-    for name, parameter in inspect.signature(endpoint).parameters.items():
+    for name, parameter in inspect.signature(endpoint, eval_str=True).parameters.items():  # postponed annotations
         annotation = parameter.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             names.extend(annotation.model_fields)
-        elif annotation not in (Request, "Request"):
+        elif annotation is not Request:
             names.append(name)
     return names
 
@@ -108,26 +108,41 @@ async def _checked_form(request: Request) -> None:
                          f"{', '.join(known)}")
 
 
-_ORIGIN = re.compile(r"https?://[^/\s?#]+")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def check_origins(origins: Tuple[str, ...], name: str = "allow_origins") -> Tuple[str, ...]:
-    """``origins`` without trailing slashes, each ``scheme://host[:port]`` or ``*`` (any site); else a
-    ValueError naming it."""
-    checked = tuple(origin.rstrip("/") for origin in origins)
-    for origin in checked:
-        if origin != "*" and not _ORIGIN.fullmatch(origin):
+    """``origins`` as browsers send them in an Origin header (``scheme://host[:port]``, lower case, without a
+    default port or a trailing slash), or ``*`` (any site); a ValueError naming one that is no origin."""
+    checked = []
+    for origin in origins:
+        if origin == "*":
+            checked.append(origin)
+            continue
+        try:
+            parts = urllib.parse.urlsplit(origin.strip())
+            port = parts.port
+        except ValueError:
+            parts, port = None, None
+        if (parts is None or parts.scheme.lower() not in _DEFAULT_PORTS or not parts.hostname or "@" in parts.netloc
+                or parts.path not in ("", "/") or parts.query or parts.fragment):
             raise ValueError(f"{name} {origin!r}: expected an origin, scheme://host[:port] such as "
                              f"https://example.org (no path), or '*' for any site")
-    return checked
+        scheme, host = parts.scheme.lower(), parts.hostname.lower()
+        host = f"[{host}]" if ":" in host else host
+        checked.append(f"{scheme}://{host}" + (f":{port}" if port not in (None, _DEFAULT_PORTS[scheme]) else ""))
+    return tuple(checked)
 
 
 def _hostname(host: str) -> str:
-    """The name in a Host header, without its port (``[::1]:8000`` -> ``::1``)."""
+    """The name in a Host header, without its port, in lower case (``[::1]:8000`` -> ``::1``, ``Localhost.`` ->
+    ``localhost``)."""
     if host.startswith("["):
-        return host[1:].split("]", 1)[0]
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        name = host[1:].split("]", 1)[0]
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return name.lower().rstrip(".")
 
 
 class _SameOrigin:
@@ -144,8 +159,9 @@ class _SameOrigin:
         if scope["type"] == "http" and self.hosts is not None:
             host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
             if _hostname(host) not in self.hosts:
-                await _error(403, "unknown_host", f"Host {host!r}: this server listens on a loopback address and "
-                             f"answers only as {' / '.join(self.hosts)}")(scope, receive, send)
+                await _error(403, "unknown_host", f"Host {host!r}: this server answers only as "
+                             f"{' / '.join(self.hosts)} (start it with --allow-host NAME to add a name)")(
+                    scope, receive, send)
                 return
         if scope["type"] == "http" and scope["method"] not in ("GET", "HEAD", "OPTIONS") and "*" not in self.allowed:
             headers = dict(scope["headers"])
@@ -421,6 +437,7 @@ def _with_classifier(slot: str, name: str, pipeline: Pipeline) -> Pipeline:
 
 
 def _describe(pipeline: Pipeline) -> Dict[str, Any]:
+    from ..pipelines.common import model_dtype
     module = pipeline.model
     int8 = [m for m in module.modules() if _is_int8(m)]
     info = {"architecture": getattr(module, "pretrained_cfg", {}).get("architecture", type(module).__name__),
@@ -428,7 +445,7 @@ def _describe(pipeline: Pipeline) -> Dict[str, Any]:
             # int8 dynamic Linears keep their packed weights outside parameters()
             "parameters": sum(p.numel() for p in module.parameters())
             + sum(m.weight().numel() + (m.bias().numel() if m.bias() is not None else 0) for m in int8),
-            "dtype": "int8" if int8 else str(next(module.parameters()).dtype).removeprefix("torch.")}
+            "dtype": "int8" if int8 else str(model_dtype(module)).removeprefix("torch.")}
     if pipeline.task == "translation":
         return {**info, "languages": pipeline.tokenizer.languages}
     if pipeline.task == "video-text":
@@ -441,8 +458,8 @@ def _describe(pipeline: Pipeline) -> Dict[str, Any]:
 
 
 def _is_int8(module: Any) -> bool:
-    from torch.ao.nn.quantized.dynamic import Linear
-    return isinstance(module, Linear)
+    from ..models.translator import DynamicQuantizedLinear
+    return isinstance(module, DynamicQuantizedLinear)
 
 
 def create_app(image_model: Any = None, detect_model: Any = None, segment_model: Any = None, video_model: Any = None,
@@ -472,8 +489,9 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
             requests at their next step, for a prompt shutdown.
         allow_origins: other sites whose pages may use this server (``scheme://host[:port]``, or ``*``: any);
             their requests get CORS headers and preflights, all other sites' posts a 403.
-        allowed_hosts: the only Host names answered (`intern2 serve` on a loopback address passes
-            :data:`LOOPBACK_HOSTS`, against DNS rebinding); None: any.
+        allowed_hosts: the only Host names answered, against DNS rebinding (`intern2 serve` passes
+            :data:`LOOPBACK_HOSTS` and its ``--allow-host`` names on a loopback address or when names are given);
+            None: any.
     """
     from ..pipelines.tal import DEFAULT_MIN_SCORE, DEFAULT_TOPK, check_fps  # the Python and CLI defaults too
     given = {"image": image_model, "detect": detect_model, "segment": segment_model, "video": video_model,
@@ -493,7 +511,8 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
                          description="InternImage, InternVideo and multilingual translation models over HTTP.")
     app.add_middleware(_BodyLimit, max_bytes=int(max_upload_mb * 2 ** 20))
     origins = check_origins(tuple(allow_origins))
-    app.add_middleware(_SameOrigin, allowed=origins, hosts=allowed_hosts)
+    hosts = None if allowed_hosts is None else tuple(_hostname(host) for host in allowed_hosts)
+    app.add_middleware(_SameOrigin, allowed=origins, hosts=hosts)
     if origins:  # outermost: preflights are answered, and every answer to an allowed site carries its headers
         app.add_middleware(CORSMiddleware, allow_origins=list(origins), allow_methods=["GET", "HEAD", "POST"],
                            allow_headers=["content-type"], max_age=600)
@@ -507,9 +526,9 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
         detail = str(exc.detail)
-        if exc.status_code == 400 and detail.startswith("Part exceeded maximum size"):  # a form's text field
-            detail = (f"a form field other than the file is longer than the multipart parser's limit ({detail}); "
-                      f"for /v1/video/retrieve: send at most {MAX_CAPTIONS} captions in texts")
+        if exc.status_code == 400 and detail.startswith(("Part exceeded maximum size", "Field exceeded maximum size")):
+            detail = (f"a form field other than the file is over the form parser's limit of 1 MB ({detail}); on "
+                      f"/v1/video/retrieve, texts must stay under 1 MB (and at most {MAX_CAPTIONS} captions)")
         elif exc.status_code == 400:  # FastAPI's own message does not say what a body should be
             detail += (" (expected UTF-8 JSON for /v1/translate, multipart form data for uploads, whose part headers,"
                        " the file name too, must stay short)")
@@ -626,6 +645,9 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
             data, _ = await read_upload(file)
             return await slot.run(lambda: _timed(_localize, slot.model, data, filename, fps, duration, min_score,
                                                  topk))
+        if slot.model.encoder is None:
+            raise ServeError(400, "features_expected", f"{filename}: this server localizes in snippet features "
+                             f"(.npy); start it with --tal-encoder to upload videos")
         if duration is not None:
             raise ServeError(400, "invalid_field", "duration: only for snippet features (.npy); a video's length is "
                              "its container's")
@@ -634,9 +656,6 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
                 check_fps(fps, filename)
             except ValueError as exc:
                 raise ServeError(422, "invalid_field", str(exc)) from None
-        if slot.model.encoder is None:
-            raise ServeError(400, "features_expected", f"{filename}: this server localizes in snippet features "
-                             f"(.npy); start it with --tal-encoder to upload videos")
         return await slot.run(lambda: _timed(_video_upload, file, lambda path: slot.model.video(
             path, fps=fps, min_score=min_score, topk=topk), max_frame_pixels))
 

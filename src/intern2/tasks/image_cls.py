@@ -28,7 +28,7 @@ from ..data.images import (
 from ..engine import TrainConfig
 from ..engine.trainer import accumulate_eval
 from ..factory import create_model, save_pretrained
-from ..pipelines.common import add_model_arguments, check_aspect, pipeline_from_args, positive, progress
+from ..pipelines.common import add_model_arguments, check_aspect, model_dtype, pipeline_from_args, positive, progress
 from ..pipelines.image_cls import ImageClassificationPipeline
 from ..weights import ImageClassificationProtocol
 from .common import head_model_args, train_cli
@@ -77,7 +77,7 @@ class ClassificationMetrics:
 
     def eval_step(self, model: nn.Module, batch) -> Dict[str, torch.Tensor]:
         # The model's dtype: a bfloat16 model (eval --dtype bf16) takes bfloat16 images; autocast's model is float32.
-        logits = model(batch["image"].to(next(model.parameters()).dtype)) if batch["label"].numel() else None
+        logits = model(batch["image"].to(model_dtype(model))) if batch["label"].numel() else None
         return self.sums(logits, batch["label"], batch["skipped"])
 
     def sums(self, logits: Optional[torch.Tensor], labels: torch.Tensor, skipped: int) -> Dict[str, torch.Tensor]:
