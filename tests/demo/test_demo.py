@@ -196,7 +196,7 @@ def test_demo_stage_choice_and_a_folder_it_does_not_own(tmp_path, monkeypatch, c
     (mine / "video").mkdir(parents=True)
     (mine / "video" / "keep.txt").write_text("a user's file")
     (tmp_path / "file").write_text("x")
-    for argv, message in ((["--only", ""], "--only: no stage given"), (["--out", ""], "--out: empty"),
+    for argv, message in ((["--only", ""], "--only: no stage given"), (["--out", ""], "--out: empty path"),
                           (["--out", str(tmp_path / "file")], "is a file"),
                           (["--out", str(mine), "--only", "video"], "it holds video/, which the demo would replace")):
         with pytest.raises(SystemExit) as exc:

@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..pipelines.common import positive
+from ..pipelines.common import output_or_exit, positive
 from .stages import STAGES, Stage
 
 __all__ = ["main", "SCHEMA_VERSION"]
@@ -76,11 +76,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"--only: {f'unknown stages {unknown}' if unknown else 'no stage given'}; known: "
                      f"{', '.join(STAGES)}")
     names = [s for s in STAGES if s in asked]  # once each, in the demo's order (detection reuses segmentation)
-    if not args.out.strip():
-        parser.error("--out: empty; expected a folder for summary.json, report.html and the runs")
-    out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        parser.error(f"--out {args.out}: is a file; expected a folder")
+    out_dir = output_or_exit(parser, args.out, "--out", folder=True)
     # Each stage replaces its folder: only in a folder the demo owns (new, empty, or with its summary.json).
     owned = not out_dir.exists() or (out_dir / "summary.json").is_file() or not any(out_dir.iterdir())
     if not owned and any((out_dir / name).exists() for name in names):
