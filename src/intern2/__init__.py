@@ -12,6 +12,7 @@ _API = {
     "save_pretrained": "intern2.factory",
     "list_models": "intern2.registry",
     "load_checkpoint": "intern2.checkpoint",
+    "open_pipeline": "intern2.pipelines",
 }
 __all__ = ["__version__", *_API]
 

@@ -11,7 +11,7 @@ from .checkpoint import CONFIG_NAME, load_checkpoint, read_config, save_pretrain
 from .registry import get_model_builder, is_model
 from .weights import cfg_for_head
 
-__all__ = ["create_model", "from_pretrained", "save_pretrained", "HF_MODEL_TYPES"]
+__all__ = ["create_model", "from_pretrained", "save_pretrained", "unwrap_model", "HF_MODEL_TYPES"]
 
 
 def create_model(
@@ -72,8 +72,22 @@ def create_model(
     return model
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile`` / DataParallel / DistributedDataParallel wrappers (whose state-dict
+    keys carry ``_orig_mod.`` / ``module.``)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
 def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike]) -> Path:
-    """Write ``config.json`` + ``model.safetensors``; :func:`from_pretrained` rebuilds the model exactly."""
+    """Write ``config.json`` + ``model.safetensors``; :func:`from_pretrained` rebuilds the model exactly (a
+    compiled or DataParallel model is saved as the model it wraps)."""
+    model = unwrap_model(model)
     # After reset_classifier the old head's class count and labels are stale: the saved ones are the model's.
     pretrained_cfg = cfg_for_head(getattr(model, "pretrained_cfg", {}), getattr(model, "num_classes", None))
     arch = pretrained_cfg.get("architecture")
@@ -129,7 +143,8 @@ def from_pretrained(directory: Union[str, os.PathLike], weights: bool = True, **
     :data:`HF_MODEL_TYPES` (no remote code is executed): OpenGVLab's HF-hub InternImage ('intern_image'), HF
     transformers VideoMAE classifiers and pre-training models ('videomae'), NLLB/M2M-100 ('m2m_100', e.g. one
     written by ``TranslationModel.save_pretrained``; ``kwargs`` are then its ``dtype`` / ``device``).
-    ``weights=False`` builds the folder's architecture without loading its weights."""
+    ``weights=False`` builds the folder's architecture without loading its weights; ``num_classes`` of another
+    count gives a new head (fine-tuning, as timm's ``pretrained=True, num_classes=``)."""
     directory = Path(directory)
     if directory.is_file():
         raise ValueError(f"{directory} is a file, not a model folder: load a weight file with "
@@ -159,7 +174,8 @@ def from_pretrained(directory: Union[str, os.PathLike], weights: bool = True, **
         fields, labels = _model_fields(config)
         tag = config.get("pretrained_cfg", {}).get("tag")
         model = create_model(f"{arch}.{tag}" if tag else arch, **{**fields, **kwargs})
-        model.pretrained_cfg = {**model.pretrained_cfg, **config.get("pretrained_cfg", {}), **labels}
+        model.pretrained_cfg = cfg_for_head({**model.pretrained_cfg, **config.get("pretrained_cfg", {}), **labels},
+                                            getattr(model, "num_classes", None))
     if weights:
-        load_checkpoint(model, directory, allow_new_head=False)
+        load_checkpoint(model, directory, allow_new_head="num_classes" in kwargs)
     return model

@@ -377,6 +377,13 @@ def cfg_for_head(cfg: Mapping[str, Any], num_classes: Optional[int]) -> Dict[str
     return {**{k: v for k, v in cfg.items() if k not in ("label_names", "metrics")}, "num_classes": num_classes}
 
 
+def fresh_head_cfg(cfg: Mapping[str, Any], num_classes: int) -> Dict[str, Any]:
+    """``cfg`` after ``reset_classifier(num_classes)``: a new random head has no class names or published
+    metrics, whatever its class count (the tag's 1000 ImageNet names would label a random head)."""
+    return {**{k: v for k, v in cfg.items() if k not in ("label_names", "label_descriptions", "metrics")},
+            "num_classes": num_classes}
+
+
 def labels_from_cfg(cfg: Mapping[str, Any], num_classes: int, where: str = "pretrained_cfg") -> List[str]:
     """Class names of a model with ``num_classes`` outputs: ``cfg['label_names']`` (a label set's name or a
     list), else (or when the head was replaced by one of another size) the class indices as strings."""

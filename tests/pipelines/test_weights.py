@@ -249,3 +249,53 @@ def test_a_replaced_head_is_saved_as_the_models_own(tmp_path):
     assert saved["num_classes"] == saved["pretrained_cfg"]["num_classes"] == 5
     assert "label_names" not in saved["pretrained_cfg"] and "metrics" not in saved["pretrained_cfg"]
     assert intern2.from_pretrained(tmp_path).num_classes == 5
+
+
+def test_reset_classifier_of_the_same_count_drops_the_tags_labels():
+    """A new random head has no class names: after reset_classifier(1000) the ImageNet names would label noise."""
+    model = intern2.create_model("internimage_t.in1k", **TINY)
+    assert ImageClassificationPipeline(model).labels[0] == "tench"
+    model.reset_classifier(1000)
+    assert ImageClassificationPipeline(model).labels[:2] == ["0", "1"]
+    assert "metrics" not in model.pretrained_cfg and model.pretrained_cfg["architecture"] == "internimage_t"
+
+
+def test_from_pretrained_with_num_classes_gives_a_new_head(tmp_path):
+    """As timm's pretrained=True, num_classes=: the body's weights, a fresh head, none of the old labels."""
+    source = intern2.create_model("internimage_t", num_classes=4, **TINY)
+    source.pretrained_cfg["label_names"] = ["a", "b", "c", "d"]
+    intern2.save_pretrained(source, tmp_path / "m")
+    tuned = intern2.from_pretrained(tmp_path / "m", num_classes=3)
+    assert tuned.num_classes == 3 and "label_names" not in tuned.pretrained_cfg
+    assert torch.equal(tuned.patch_embed.conv1.weight, source.patch_embed.conv1.weight)
+    with pytest.raises(ValueError, match="classifier has 4 classes"):  # unasked, a mismatch stays an error
+        intern2.load_checkpoint(intern2.create_model("internimage_t", num_classes=3, **TINY), tmp_path / "m",
+                                allow_new_head=False)
+
+
+@pytest.mark.parametrize("wrap", [torch.compile, torch.nn.DataParallel], ids=["compiled", "data-parallel"])
+def test_a_wrapped_model_is_saved_as_the_model_it_wraps(tmp_path, wrap):
+    model = intern2.create_model("internimage_t", num_classes=3, **TINY).eval()
+    intern2.save_pretrained(wrap(model), tmp_path / "m")  # its keys had _orig_mod. / module. prefixes
+    loaded = intern2.from_pretrained(tmp_path / "m").eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_open_pipeline_takes_a_built_model_and_pretrained(tmp_path, monkeypatch, caplog):
+    from intern2.pipelines import open_pipeline
+    model = intern2.create_model("internimage_t", num_classes=3, **TINY)
+    assert open_pipeline(model=model).model is model  # a model already built, as transformers' pipeline
+    with pytest.raises(ValueError, match="model= is a built model"):
+        open_pipeline(model=model, pretrained=True)
+    with pytest.raises(ValueError, match="model= is required unless checkpoint= is a model folder"):
+        open_pipeline()  # the Python arguments, not the CLI's flags
+    with pytest.raises(KeyError, match="no_such_model"):  # a typo is its own error, before any weights warning
+        open_pipeline(model="no_such_model")
+    assert "random weights" not in caplog.text
+    # pretrained=True resolves the tag's official file (here: missing from an empty cache, offline).
+    monkeypatch.setenv("INTERN2_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match="hf download OpenGVLab/InternImage internimage_t_1k_224.pth"):
+        open_pipeline(model="internimage_t.in1k", pretrained=True)

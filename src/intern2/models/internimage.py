@@ -23,6 +23,7 @@ from ..layers import (DropPath, FeatureInfo, Linear, Mlp, build_act_layer, build
                       take_indices, unobserved)
 from ..ops import DCNv3
 from ..registry import register_variant
+from ..weights import fresh_head_cfg
 
 # Symbolic tracing records calls to these (fx.wrap applies per module namespace).
 torch.fx.wrap("linear")
@@ -460,6 +461,7 @@ class InternImage(nn.Module):
         self.head = Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             self._init_weights(self.head)
+        self.pretrained_cfg = fresh_head_cfg(getattr(self, "pretrained_cfg", {}), num_classes)
 
     def _levels(self, x: torch.Tensor, stop: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Run the stem and levels 0..stop; returns (last output, per-level NHWC maps before downsampling)."""

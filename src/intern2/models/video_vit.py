@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..layers import DropPath, LayerNorm, Linear, Mlp, linear
 from ..registry import register_variant
+from ..weights import fresh_head_cfg
 
 torch.fx.wrap("linear")  # symbolic tracing records calls to it (fx.wrap applies per module namespace)
 
@@ -257,6 +258,7 @@ class VideoViT(nn.Module):
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.head.apply(_init_classifier_weights)
         self._scale_head()
+        self.pretrained_cfg = fresh_head_cfg(getattr(self, "pretrained_cfg", {}), num_classes)
 
     # ------------------------------------------------------------------------------------------ forward
     def _check_input(self, video: torch.Tensor) -> None:

@@ -53,20 +53,30 @@ def setup_logging(verbose: Optional[int] = None) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- loading
-def load_model(checkpoint: Optional[str], model_name: Optional[str]) -> nn.Module:
+CLI_NAMES = ("--checkpoint", "--model")  # how load_model's arguments are named in its errors
+PYTHON_NAMES = ("checkpoint=", "model=")
+
+
+def load_model(checkpoint: Optional[str], model_name: Optional[str], pretrained: bool = False,
+               names: Tuple[str, str] = CLI_NAMES) -> nn.Module:
     """``model_name`` ('arch' or 'arch.tag') with an optional checkpoint in any supported layout (a file, or a
-    folder holding one, e.g. an HF VideoMAE conversion), or without a name a folder written by training /
-    save_pretrained (or an HF folder intern2 rebuilds); in eval mode."""
+    folder holding one, e.g. an HF VideoMAE conversion) or ``pretrained`` (the tag's official weights, through the
+    Hub cache), or without a name a folder written by training / save_pretrained (or an HF folder intern2
+    rebuilds); in eval mode. Errors call the two arguments ``names`` (the CLI's flags by default)."""
     from ..factory import create_model, from_pretrained
     if checkpoint and Path(checkpoint).is_dir() and model_name is None:
         return from_pretrained(checkpoint).eval()
     if model_name is None:
         if checkpoint and not Path(checkpoint).exists():
-            raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file or folder")
-        raise ValueError("--model is required unless --checkpoint is a model folder (config.json + weights)")
-    if checkpoint is None:
-        log.warning("no --checkpoint: %s has random weights", model_name)
-    return create_model(model_name, checkpoint_path=checkpoint).eval()
+            raise FileNotFoundError(f"{names[0]} {checkpoint}: no such file or folder")
+        raise ValueError(f"{names[1]} is required unless {names[0]} is a model folder (config.json + weights)")
+    if not isinstance(model_name, str):
+        raise TypeError(f"{names[1]} expected a model name, got {type(model_name).__name__}")
+    model = create_model(model_name, pretrained=pretrained, checkpoint_path=checkpoint).eval()
+    if checkpoint is None and not pretrained:  # after the name was found: a typo is its own error
+        log.warning("no %s: %s has random weights (its answers mean nothing)%s", names[0].rstrip("="), model_name,
+                    "; pretrained=True loads the official ones" if names == PYTHON_NAMES else "")
+    return model
 
 
 def load_model_spec(spec: str) -> nn.Module:
@@ -178,7 +188,7 @@ class Pipeline:
                         **options: Any) -> "Pipeline":
         """Load ``checkpoint`` (a model folder, or a weight file with ``model``: a registered name) and wrap
         it; ``options`` go to the pipeline (protocol overrides)."""
-        return cls(load_model(checkpoint, model), source=checkpoint or model, **options)
+        return cls(load_model(checkpoint, model, names=PYTHON_NAMES), source=checkpoint or model, **options)
 
     @property
     def device(self) -> torch.device:
@@ -190,13 +200,20 @@ class Pipeline:
         return model_dtype(self.model)
 
 
-def open_pipeline(checkpoint: Optional[str] = None, model: Optional[str] = None, task: Optional[str] = None,
-                  **options: Any) -> Pipeline:
-    """The pipeline of a model's task (``task``, else the model's own): ``open_pipeline('runs/seg/model')``."""
+def open_pipeline(checkpoint: Optional[str] = None, model: Any = None, task: Optional[str] = None,
+                  pretrained: bool = False, **options: Any) -> Pipeline:
+    """The pipeline of a model's task (``task``, else the model's own): ``open_pipeline('runs/seg/model')``,
+    ``open_pipeline(model='internimage_t.in1k', pretrained=True)`` (the official weights, through the Hub cache),
+    ``open_pipeline(model=module)`` (a model already built); ``options`` go to the pipeline."""
     from . import pipeline_class
-    loaded = load_model(checkpoint, model)
+    if isinstance(model, nn.Module):
+        if checkpoint is not None or pretrained:
+            raise ValueError("open_pipeline: model= is a built model; checkpoint= and pretrained= are for a name")
+        loaded, source = model, None
+    else:
+        loaded, source = load_model(checkpoint, model, pretrained, PYTHON_NAMES), checkpoint or model
     task = task or model_task(loaded) or folder_task(checkpoint)
-    return pipeline_class(task)(loaded, source=checkpoint or model, **options)
+    return pipeline_class(task)(loaded, source=source, **options)
 
 
 def progress(items: Iterable[T], desc: str, total: Optional[int] = None) -> Iterator[T]:
