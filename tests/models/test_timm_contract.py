@@ -168,3 +168,19 @@ def test_num_classes_zero_and_in_chans_through_timm(tmp_path, monkeypatch):
         assert torch.allclose(features(x.repeat(1, 3, 1, 1)),
                               reference.forward_head(reference.forward_features(x.repeat(1, 3, 1, 1)), True))
         assert torch.allclose(grey(x), reference(x.repeat(1, 3, 1, 1)), atol=1e-5)
+
+
+@pytest.mark.parametrize("tag", ["internimage_t.in1k", "internimage_l.in22k_ft_in1k"])
+def test_timm_transform_is_the_pipelines_preprocessing(tag):
+    """timm's create_transform(resolve_data_config(model)) and the image pipeline prepare an image alike: both
+    resize with PIL, as the official evaluation does."""
+    import numpy as np
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    from intern2.pipelines.image_cls import ImageClassificationPipeline
+    model = intern2.create_model(tag, **TINY["internimage_t"])
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8))
+    ours = ImageClassificationPipeline(model).transform(image)
+    theirs = create_transform(**resolve_data_config({}, model=model))(image)
+    assert ours.shape == theirs.shape and (ours - theirs).abs().max() < 1e-5

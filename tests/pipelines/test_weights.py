@@ -299,3 +299,13 @@ def test_open_pipeline_takes_a_built_model_and_pretrained(tmp_path, monkeypatch,
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     with pytest.raises(FileNotFoundError, match="hf download OpenGVLab/InternImage internimage_t_1k_224.pth"):
         open_pipeline(model="internimage_t.in1k", pretrained=True)
+
+
+def test_a_grey_model_gets_grey_images():
+    """in_chans=1 (the stem's RGB filters summed): the pipeline gives it the grey image, not an RGB tensor."""
+    model = intern2.create_model("internimage_t.in1k", in_chans=1, **TINY)
+    pipeline = ImageClassificationPipeline(model)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    assert pipeline.transform(image).shape == (1, 224, 224)
+    top = pipeline(image, topk=2)["top"]
+    assert len(top) == 2 and top[0]["label"] in pipeline.labels

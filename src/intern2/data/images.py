@@ -175,11 +175,12 @@ def train_transform(img_size: int, mean: Sequence[float], std: Sequence[float], 
 
 def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float = 1.0,
                    interpolation: str = "bicubic") -> Callable:
-    """The official eval preprocessing: shorter side to img_size / crop_pct, centre crop img_size."""
-    return v2.Compose([v2.PILToTensor(),
-                       v2.Resize(int(round(img_size / crop_pct)), interpolation=v2.InterpolationMode(interpolation),
-                                 antialias=True),
-                       v2.CenterCrop(img_size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    """The official eval preprocessing: shorter side to img_size / crop_pct, centre crop img_size. The resize is
+    PIL's, on the PIL image, as the official code (and timm) resize: torch's bicubic on a tensor differs by up
+    to a grey level."""
+    return v2.Compose([v2.Resize(int(round(img_size / crop_pct)), interpolation=v2.InterpolationMode(interpolation)),
+                       v2.CenterCrop(img_size), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(mean, std)])
 
 
 class ClassificationDataset(Dataset):

@@ -36,10 +36,18 @@ class ImageClassificationPipeline(Pipeline):
         if getattr(model, "num_classes", None) == 0:  # timm's num_classes=0: forward returns pooled features
             raise TypeError(f"{cls.__name__}: expected {cls.expects}, got a model without a classifier "
                             f"(num_classes=0; its forward gives pooled features)")
+        if getattr(model, "in_chans", 3) not in (1, 3):
+            raise TypeError(f"{cls.__name__}: images are RGB or grey; this model takes {model.in_chans} channels")
 
     @property
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """The official eval preprocessing; for a model built with ``in_chans=1`` (its stem adapted from RGB), the
+        grey image normalised by the RGB statistics' means."""
         p = self.protocol
+        if getattr(self.model, "in_chans", 3) == 1:
+            grey = eval_transform(p.img_size, [sum(p.mean) / len(p.mean)], [sum(p.std) / len(p.std)], p.crop_pct,
+                                  p.interpolation)
+            return lambda image: grey(image.convert("L"))
         return eval_transform(p.img_size, p.mean, p.std, p.crop_pct, p.interpolation)
 
     @torch.inference_mode()
