@@ -24,12 +24,16 @@ def test_paths_and_arrays_read_as_rgb(tmp_path):
     assert load_image(tmp_path / "grey.png").mode == "RGB" and load_image(str(tmp_path / "grey.png")).size == (6, 3)
     assert load_image(np.zeros((3, 6), np.uint8)).size == (6, 3)
     assert load_image(np.zeros((3, 6, 3), np.uint8)).mode == "RGB"
+    for channels in (1, 4):  # a grey array with its channel axis (PIL alone refused it), RGBA
+        assert load_image(np.zeros((3, 6, channels), np.uint8)).size == (6, 3)
 
 
 @pytest.mark.parametrize("bad, error, message", [
     (None, TypeError, "expected a file path, a PIL image or a uint8 array, got NoneType"),
     (torch.zeros(3, 4, 4), TypeError, "got Tensor"),
-    (np.array(3, np.uint8), ValueError, r"expected an \(H, W\) or \(H, W, 3\) uint8 array, got uint8 \(\)"),
+    (np.array(3, np.uint8), ValueError, r"expected an \(H, W\), \(H, W, 1\), \(H, W, 3\) or \(H, W, 4\) uint8 array, "
+                                        r"got uint8 \(\)"),
+    (np.zeros((4, 4, 2), np.uint8), ValueError, r"uint8 array, got uint8 \(4, 4, 2\)"),
     (np.zeros((4, 4), np.float64), ValueError, "uint8 array, got float64"),
     (Image.new("RGB", (0, 5)), ValueError, r"has no pixels \(0 x 5\)"),
 ])

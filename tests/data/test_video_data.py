@@ -287,6 +287,9 @@ def test_missing_file(video_file, tmp_path, caplog):
         strict[1]
     with pytest.raises(ValueError, match="none of the 1 listed files exist"):
         read_annotations(_list(tmp_path, f"{missing} 0\n", "allgone.txt"))
+    for frames in (np.zeros((4, 8, 8, 3), np.uint8), [str(path)]):  # frames are read from a file, not memory
+        with pytest.raises(TypeError, match="video: expected a video file path, got"):
+            probe_video(frames)
 
 
 def test_bad_files_name_the_file(video_file, tmp_path):

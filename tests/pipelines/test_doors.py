@@ -91,7 +91,11 @@ def test_detection(tmp_path, inputs, capsys, architecture):
     model.pretrained_cfg["label_names"] = ["circle", "square"]
     folder = _folder(tmp_path, "detect", model)
     from intern2.pipelines.detect import DetectionPipeline
-    python = DetectionPipeline.from_pretrained(folder)(inputs["image"], threshold=0.0, masks=True)["objects"]
+    pipeline = DetectionPipeline.from_pretrained(folder)
+    python = pipeline(inputs["image"], threshold=0.0, masks=True)["objects"]
+    for bad in ("0.5", 2, float("nan"), True):  # NaN and 2 used to return nothing, "0.5" a torch TypeError
+        with pytest.raises(ValueError, match=r"threshold .*: expected a score in \[0, 1\]"):
+            pipeline(inputs["image"], threshold=bad)
     (cli_result,) = _predict_json(capsys, ["predict", inputs["image"], "--checkpoint", folder, "--threshold", "0",
                                            "--masks", "--out", str(tmp_path / "drawn"), "--json"])
     http = _post(dict(detect_model=load_model_spec(folder)), "/v1/detect",

@@ -144,10 +144,11 @@ def load_image(sample: Union[Sample, Image.Image]) -> Image.Image:
     if isinstance(sample, Image.Image):
         image = sample if sample.mode == "RGB" else sample.convert("RGB")
     elif isinstance(sample, np.ndarray):
-        if sample.ndim not in (2, 3) or sample.dtype != np.uint8:
-            raise ValueError(f"image: expected an (H, W) or (H, W, 3) uint8 array, got {sample.dtype} "
-                             f"{tuple(sample.shape)}")
-        image = Image.fromarray(sample).convert("RGB")
+        channels = sample.shape[2] if sample.ndim == 3 else 1
+        if sample.ndim not in (2, 3) or sample.dtype != np.uint8 or channels not in (1, 3, 4):
+            raise ValueError(f"image: expected an (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8 array, got "
+                             f"{sample.dtype} {tuple(sample.shape)}")
+        image = Image.fromarray(sample[..., 0] if sample.ndim == 3 and channels == 1 else sample).convert("RGB")
     elif isinstance(sample, (str, os.PathLike)):
         try:
             with Image.open(sample) as img:

@@ -66,6 +66,8 @@ class VideoInfo:
 def _open(path: Union[str, Path]):
     """(container, video stream), or VideoDecodeError saying why not."""
     av = _av()
+    if not isinstance(path, (str, os.PathLike)):  # frames are not decoded from memory: a file is read
+        raise TypeError(f"video: expected a video file path, got {type(path).__name__}")
     if not os.path.isfile(path):
         raise VideoDecodeError(f"{path}: no such video file")
     try:

@@ -102,6 +102,8 @@ class DetectionPipeline(Pipeline):
         return found
 
     def __call__(self, image: Union[Image.Image, str], threshold: float = 0.5, masks: bool = False) -> Dict[str, Any]:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+            raise ValueError(f"threshold {threshold!r}: expected a score in [0, 1]")  # NaN and 2 used to find nothing
         image = load_image(image)
         (output,) = self.raw([image_tensor(image)])
         return {"width": image.width, "height": image.height, "objects": self.objects(output, threshold, masks),
