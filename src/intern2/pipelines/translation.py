@@ -56,6 +56,9 @@ def translate_in_sentences(text: str, translate: Callable[[List[str]], List[str]
     return "".join(out)
 
 
+DEFAULT_BATCH_SIZE = 16  # sentences decoded together: the Python and CLI default (batching changes rounding)
+
+
 class Translator(Pipeline):
     """A translation model with its tokenizer: ``translator.translate(texts, src, tgt)`` -> translations.
 
@@ -135,7 +138,8 @@ class Translator(Pipeline):
         return cls(model.quantize_dynamic() if int8 else model, tokenizer, source=str(folder), **protocol)
 
     def translate(self, texts: Sequence[str], src_lang: Union[str, Sequence[str]], tgt_lang: str,
-                  num_beams: Optional[int] = None, max_new_tokens: Optional[int] = None, batch_size: int = 32,
+                  num_beams: Optional[int] = None, max_new_tokens: Optional[int] = None,
+                  batch_size: int = DEFAULT_BATCH_SIZE,
                   split_sentences: bool = True, **generate_kwargs) -> List[str]:
         """Translate ``texts`` (source language: one code, or one per text) into ``tgt_lang``.
 
@@ -214,7 +218,8 @@ def translate_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--beams", type=int, default=None, help="beam size (1: greedy; default: the model's, 4)")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="tokens per sentence (default: 2 x source length + 10)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help=f"sentences decoded together ({DEFAULT_BATCH_SIZE}, as the Python default)")
     parser.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of the Linear layers (CPU)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), help="run the model in bfloat16 (fast where the CPU "
                         "has AVX-512-BF16 or AMX; elsewhere it falls back to fp32 and says so)")
