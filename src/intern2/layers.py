@@ -166,7 +166,8 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     the cache (InternImage-T's stage 1: ~5 ms of a 14 ms fc1 + GELU at batch 8). Not in bfloat16: there oneDNN's
     epilogue GELU is slower than ATen's own pass (measured on an Intel Xeon with AMX); nor where oneDNN's epilogues
     are slow (:func:`_epilogues_preferred`). Kept out of symbolic tracing."""
-    if (x.dtype == torch.float32 and _epilogues_preferred() and _onednn_applies(x, weight, bias)
+    # _onednn_applies first: it is False under torch.compile, which must not trace the CPU-capability query.
+    if (x.dtype == torch.float32 and _onednn_applies(x, weight, bias) and _epilogues_preferred()
             and _onednn_pays(x, weight)):
         return _ONEDNN_LINEAR(x, weight, bias, "gelu", [], "none")
     return _gelu(linear(x, weight, bias), "none")

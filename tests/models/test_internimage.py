@@ -205,3 +205,20 @@ def test_drop_path_schedule_is_linear():
     model = intern2.create_model("internimage_t", **{**TINY, "drop_path_rate": 0.3})
     rates = [getattr(block.drop_path, "p", 0.0) for level in model.levels for block in level.blocks]
     torch.testing.assert_close(torch.tensor(rates), torch.linspace(0, 0.3, 5))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_the_whole_model_compiles_as_one_graph(training):
+    """torch.compile sees InternImage as one graph: a graph break (the CPU-capability query of the oneDNN linear
+    path) made dynamo recompile its frames with dynamic shapes, and inductor then failed on the backward."""
+    model = intern2.create_model("internimage_t", num_classes=3, channels=16, depths=[1, 1, 1, 1],
+                                 groups=[1, 2, 4, 8]).train(training)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64))
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out = compiled(torch.randn(2, 3, 64, 64))
+    if training:
+        out.sum().backward()
+        assert model.head.weight.grad is not None
+    assert out.shape == (2, 3)
