@@ -150,7 +150,13 @@ def from_pretrained(directory: Union[str, os.PathLike], weights: bool = True, **
         raise ValueError(f"{directory} is a file, not a model folder: load a weight file with "
                          f"create_model(NAME, checkpoint_path={str(directory)!r})")
     if not directory.exists():
-        raise FileNotFoundError(f"{directory}: no such model folder")
+        name = str(directory)
+        hint = ""
+        if is_model(name.split(".", 1)[0]):
+            hint = f"; {name} is a model name: intern2.create_model({name!r}, pretrained=True) loads official weights"
+        elif name.count("/") == 1 and not name.startswith((".", "/")):
+            hint = f"; for a Hub repo, download it first: hf download {name} --local-dir DIR, then from_pretrained(DIR)"
+        raise FileNotFoundError(f"{directory}: no such model folder{hint}")
     config = read_config(directory)
     if not isinstance(config.get("pretrained_cfg", {}), dict):
         raise ValueError(f"{directory / CONFIG_NAME}: pretrained_cfg: expected a JSON object, got "

@@ -309,3 +309,11 @@ def test_a_grey_model_gets_grey_images():
     assert pipeline.transform(image).shape == (1, 224, 224)
     top = pipeline(image, topk=2)["top"]
     assert len(top) == 2 and top[0]["label"] in pipeline.labels
+
+
+def test_from_pretrained_of_a_name_says_what_loads_it():
+    with pytest.raises(FileNotFoundError, match=r"is a model name: intern2.create_model\('internimage_t.in1k', "
+                                                r"pretrained=True\)"):
+        intern2.from_pretrained("internimage_t.in1k")
+    with pytest.raises(FileNotFoundError, match="hf download OpenGVLab/internimage_t_1k_224 --local-dir DIR"):
+        intern2.from_pretrained("OpenGVLab/internimage_t_1k_224")

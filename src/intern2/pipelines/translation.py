@@ -137,6 +137,11 @@ class Translator(Pipeline):
         model = TranslationModel.from_pretrained(folder, device=device)
         return cls(model.quantize_dynamic() if int8 else model, tokenizer, source=str(folder), **protocol)
 
+    def __call__(self, texts: Sequence[str], src_lang: Union[str, Sequence[str]], tgt_lang: str,
+                 **options: Any) -> List[str]:
+        """:meth:`translate`: a pipeline is called on its input, as the other families' are."""
+        return self.translate(texts, src_lang, tgt_lang, **options)
+
     def translate(self, texts: Sequence[str], src_lang: Union[str, Sequence[str]], tgt_lang: str,
                   num_beams: Optional[int] = None, max_new_tokens: Optional[int] = None,
                   batch_size: int = DEFAULT_BATCH_SIZE,
