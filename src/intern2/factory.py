@@ -5,9 +5,10 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
+import torch
 from torch import nn
 
-from .checkpoint import CONFIG_NAME, load_checkpoint, read_config, save_pretrained as _save
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_checkpoint, read_config, save_pretrained as _save
 from .registry import get_model_builder, is_model
 from .weights import cfg_for_head
 
@@ -138,13 +139,16 @@ def _model_fields(config: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any
     return {**rest, **model_args}, labels
 
 
-def from_pretrained(directory: Union[str, os.PathLike], weights: bool = True, **kwargs) -> nn.Module:
+def from_pretrained(directory: Union[str, os.PathLike], weights: bool = True, dtype: Optional[torch.dtype] = None,
+                    **kwargs) -> nn.Module:
     """Rebuild a model from a folder written by :func:`save_pretrained` or from an HF folder of a model type in
     :data:`HF_MODEL_TYPES` (no remote code is executed): OpenGVLab's HF-hub InternImage ('intern_image'), HF
     transformers VideoMAE classifiers and pre-training models ('videomae'), NLLB/M2M-100 ('m2m_100', e.g. one
     written by ``TranslationModel.save_pretrained``; ``kwargs`` are then its ``dtype`` / ``device``).
     ``weights=False`` builds the folder's architecture without loading its weights; ``num_classes`` of another
-    count gives a new head (fine-tuning, as timm's ``pretrained=True, num_classes=``)."""
+    count gives a new head (fine-tuning, as timm's ``pretrained=True, num_classes=``). ``dtype`` defaults to
+    float32, or bfloat16 for weights saved in bfloat16 (``model.to(torch.bfloat16)`` then ``save_pretrained``
+    round-trips, as the translator's HF layout does)."""
     directory = Path(directory)
     if directory.is_file():
         raise ValueError(f"{directory} is a file, not a model folder: load a weight file with "
@@ -165,7 +169,7 @@ def from_pretrained(directory: Union[str, os.PathLike], weights: bool = True, **
     model_type = None if arch else config.get("model_type")
     if model_type == "m2m_100":  # also sharded folders, which read_checkpoint does not read
         from .models.translator import TranslationModel
-        return TranslationModel.from_pretrained(directory, **kwargs)
+        return TranslationModel.from_pretrained(directory, dtype=dtype, **kwargs)
     if not (arch and is_model(arch)) and model_type not in HF_MODEL_TYPES:
         raise ValueError(f"{directory / CONFIG_NAME}: cannot tell the model: expected an 'architecture' known to "
                          f"intern2 or an HF model_type intern2 reads ({', '.join(HF_MODEL_TYPES)}), got "
@@ -184,4 +188,21 @@ def from_pretrained(directory: Union[str, os.PathLike], weights: bool = True, **
                                             getattr(model, "num_classes", None))
     if weights:
         load_checkpoint(model, directory, allow_new_head="num_classes" in kwargs)
-    return model
+    if dtype is None and weights and _saved_dtype(directory) == torch.bfloat16:  # float16 files load as float32
+        dtype = torch.bfloat16
+    return model if dtype in (None, torch.float32) else model.to(dtype)
+
+
+def _saved_dtype(directory: Path) -> Optional[torch.dtype]:
+    """The floating dtype of a folder's safetensors weights (None: another file, or no floating tensor)."""
+    from safetensors import safe_open
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as handle:
+        for key in handle.keys():
+            dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                     "F64": torch.float64}.get(handle.get_slice(key).get_dtype())
+            if dtype is not None:
+                return dtype
+    return None

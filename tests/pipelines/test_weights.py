@@ -317,3 +317,12 @@ def test_from_pretrained_of_a_name_says_what_loads_it():
         intern2.from_pretrained("internimage_t.in1k")
     with pytest.raises(FileNotFoundError, match="hf download OpenGVLab/internimage_t_1k_224 --local-dir DIR"):
         intern2.from_pretrained("OpenGVLab/internimage_t_1k_224")
+
+
+def test_a_bfloat16_folder_comes_back_in_bfloat16(tmp_path):
+    model = intern2.create_model("internimage_t", num_classes=3, **TINY).to(torch.bfloat16)
+    intern2.save_pretrained(model, tmp_path / "m")
+    loaded = intern2.from_pretrained(tmp_path / "m")
+    assert next(loaded.parameters()).dtype == torch.bfloat16
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert next(intern2.from_pretrained(tmp_path / "m", dtype=torch.float32).parameters()).dtype == torch.float32
