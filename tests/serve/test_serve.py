@@ -560,6 +560,14 @@ def test_page_in_headless_chromium(models, video_bytes, tmp_path):
             assert browser.submit("translate") == "done"
             assert "eng_Latn → fra_Latn" in browser.evaluate("document.querySelector('#translate .timing')"
                                                              ".textContent")
+            # The page leaves beams at the model's default: its answer is the API's (it sent num_beams=1).
+            api = httpx.post(base + "/v1/translate", json={"text": "Good morning.", "src_lang": "eng_Latn",
+                                                           "tgt_lang": "fra_Latn"}, timeout=60).json()
+            assert browser.evaluate("document.querySelector('#translate .translation').textContent") == \
+                api["translation"]
+            status = browser.evaluate("document.getElementById('status').textContent")
+            cards = browser.evaluate("document.querySelectorAll('.card').length")
+            assert cards == 7 and f"of {cards} models loaded" in status  # one card per endpoint, localize too
 
             browser.upload("#classify input[type=file]", junk)
             assert browser.submit("classify") == "error"
