@@ -323,6 +323,14 @@ class Mlp(nn.Module):
         return residual_add(residual, self.drop(self.fc2(hidden)))
 
 
+def check_rates(**rates: float) -> None:
+    """Refuse a dropout / drop-path rate outside [0, 1) at construction, naming the field (torch would say so only
+    at the first training step, or train on NaN)."""
+    for name, rate in rates.items():
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+            raise ValueError(f"{name}: expected a rate in [0, 1), got {rate!r}")
+
+
 class DropPath(nn.Module):
     """Stochastic depth per sample (row mode), rescaled by 1/keep_prob."""
 

@@ -125,6 +125,8 @@ def test_shapes_surface_and_errors():
         InternImage(chanels=16)
     with pytest.raises(ValueError, match="groups\\[0\\]=3 must divide"):
         InternImageConfig(channels=16, groups=(3, 2, 4, 8))
+    with pytest.raises(ValueError, match=r"drop_path_rate: expected a rate in \[0, 1\), got 2.0"):
+        intern2.create_model("internimage_t", **{**TINY, "drop_path_rate": 2.0})  # torch: only in training
     with pytest.raises(KeyError, match="unknown model 'internimage_q'"):
         intern2.create_model("internimage_q")
 

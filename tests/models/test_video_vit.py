@@ -219,6 +219,9 @@ def test_bad_inputs_are_named():
         model.forward_features(torch.randn(1, 3, 4, 32, 32), torch.zeros(1, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="decoder_num_classes"):
         VideoMAEPretrain(**SMALL_PRETRAIN, all_frames=4, decoder_num_classes=10)
+    for field, rate in (("drop_path_rate", 1.0), ("attn_drop_rate", -0.1), ("fc_drop_rate", "0.1")):
+        with pytest.raises(ValueError, match=rf"{field}: expected a rate in \[0, 1\), got {rate!r}"):
+            VideoViT(**SMALL, all_frames=4, **{field: rate})
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints

@@ -19,8 +19,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..fields import coerce, describe
-from ..layers import (DropPath, FeatureInfo, Linear, Mlp, build_act_layer, build_norm_layer, linear, residual_add,
-                      take_indices, unobserved)
+from ..layers import (DropPath, FeatureInfo, Linear, Mlp, build_act_layer, build_norm_layer, check_rates, linear,
+                      residual_add, take_indices, unobserved)
 from ..ops import DCNv3
 from ..registry import register_variant
 from ..weights import fresh_head_cfg
@@ -76,6 +76,7 @@ class InternImageConfig:
         for i, group in enumerate(self.groups):
             if (self.channels * 2 ** i) % group:
                 raise ValueError(f"groups[{i}]={group} must divide the level's channels {self.channels * 2 ** i}")
+        check_rates(drop_rate=self.drop_rate, drop_path_rate=self.drop_path_rate)
         if self.drop_path_type not in ("linear", "uniform"):
             raise ValueError(f"drop_path_type: expected 'linear' or 'uniform', got {self.drop_path_type!r}")
         if self.use_clip_projector and len(self.depths) != 4:

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
-from ..layers import DropPath, LayerNorm, Linear, Mlp, linear
+from ..layers import DropPath, LayerNorm, Linear, Mlp, check_rates, linear
 from ..registry import register_variant
 from ..weights import fresh_head_cfg
 
@@ -179,6 +179,8 @@ class VideoViT(nn.Module):
         if img_size % patch_size or all_frames % tubelet_size:
             raise ValueError(f"VideoViT: img_size {img_size} must be a multiple of patch_size {patch_size} and "
                              f"all_frames {all_frames} of tubelet_size {tubelet_size}")
+        check_rates(drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
+                    fc_drop_rate=fc_drop_rate)
         if embed_dim % num_heads:
             raise ValueError(f"VideoViT: embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
