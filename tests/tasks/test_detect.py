@@ -129,6 +129,7 @@ def test_train_eval_predict_convert(shapes, tmp_path, capsys, architecture, augm
                      "--set", "train.batch_size=2", "--set", "train.device=cpu", "--set", "train.lr=1e-4"]) == 0
     final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"bbox_AP", "bbox_AP50"} <= set(final) and final["images"] == 3
+    assert final["bbox_APm"] is None and final["bbox_APl"] is None  # 32x32 images: no object of those sizes
     assert ("segm_AP" in final) != dino  # box-only detectors get no (box-shaped) mask AP
     assert cli.main(["eval", "--data", str(shapes), "--checkpoint", str(out / "model"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 3
@@ -214,3 +215,26 @@ def test_export_check_matches_detections_whose_scores_tie():
     assert _matched_order(duplicated, want, atol=1e-4) is None  # two of PyTorch's rows would take the same one
     empty = {k: v[:0] for k, v in want.items()}
     assert _matched_order(empty, empty, atol=1e-4).tolist() == []
+
+
+def test_categories_must_match_and_training_needs_annotations(shapes, tmp_path, capsys):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    val = json.loads((data / "instances_val.json").read_text())
+    val["categories"] = val["categories"][:-1]  # a class fewer: label k would be scored as another category
+    val["annotations"] = [a for a in val["annotations"] if a["category_id"] != val["categories"][-1]["id"] + 1]
+    (data / "instances_val.json").write_text(json.dumps(val))
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "detect", "--data", str(data), "--out", str(tmp_path / "run"), "--set", TINY])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "instances_val.json: its 4 categories" in err and "instances_train.json" in err
+    with pytest.raises(SystemExit):  # an official COCO detector (80 classes, random here) on the shapes' 5
+        cli.main(["eval", "--data", str(shapes), "--model", "mask_rcnn_internimage_t"])
+    assert "differ from the 80 of the model mask_rcnn_internimage_t" in capsys.readouterr().err
+    train = json.loads((data / "instances_train.json").read_text())
+    (data / "instances_train.json").write_text(json.dumps({**train, "annotations": []}))
+    with pytest.raises(SystemExit):
+        cli.main(["train", "detect", "--data", str(data), "--out", str(tmp_path / "run"), "--set", TINY])
+    assert "instances_train.json: no usable annotation to train on" in capsys.readouterr().err

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from .images import load_image
 from .segmentation import keep_ratio_size
 
-__all__ = ["CocoSource", "open_coco_source", "CocoDetection", "collate_detection", "decode_segmentation",
+__all__ = ["CocoSource", "open_coco_source", "check_categories", "CocoDetection", "collate_detection", "decode_segmentation",
            "AUGMENTS", "autoaugment_short_sides", "autoaugment_crop"]
 
 AUGMENTS = ("none", "autoaugment")
@@ -138,6 +138,15 @@ def open_coco_source(spec: str, split: str) -> CocoSource:
                     malformed + skipped, malformed, skipped)
     return CocoSource(images_dir, annotation_file, list(images.values()), dict(per_image), category_ids,
                       [str(c.get("name", c["id"])) for c in categories], skipped + malformed)
+
+
+def check_categories(source: CocoSource, classes: List[str], of: str) -> None:
+    """Refuse to score ``source`` with a model of ``classes`` (those of ``of``: a training file or a checkpoint):
+    label k means the k-th category by id, so another count or other names would be scored as wrong classes."""
+    if [c.strip().lower() for c in source.classes] != [c.strip().lower() for c in classes]:
+        raise ValueError(f"{source.annotation_file}: its {len(source.classes)} categories {source.classes!r:.120} "
+                         f"differ from the {len(classes)} of {of} {list(classes)!r:.120}: evaluate with the same "
+                         f"categories (names, in id order)")
 
 
 def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:

@@ -17,8 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import check_positive, check_range
-from ..data.coco import (AUGMENTS, CocoDetection, CocoSource, autoaugment_short_sides, collate_detection,
-                         open_coco_source)
+from ..data.coco import (AUGMENTS, CocoDetection, CocoSource, autoaugment_short_sides, check_categories,
+                         collate_detection, open_coco_source)
 from ..engine import TrainConfig
 from ..factory import create_model, save_pretrained
 from ..pipelines.common import add_model_arguments, pair, pipeline_from_args, positive
@@ -59,7 +59,8 @@ class DetectConfig:
 
 def coco_evaluate(source: CocoSource, detections: List[Dict[str, Any]], masks: bool = True) -> Dict[str, float]:
     """COCO bbox (and, for a detector with masks, segm) AP / AP50 / AP75 of ``detections`` (COCO result dicts)
-    against ``source``. pycocotools would score box-only results as box-shaped masks: ``masks=False`` skips segm."""
+    against ``source``, in percent (None where no ground-truth object has that size). pycocotools would score box-only
+    results as box-shaped masks: ``masks=False`` skips segm."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
     keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -76,7 +77,9 @@ def coco_evaluate(source: CocoSource, detections: List[Dict[str, Any]], masks: b
             evaluator.evaluate()
             evaluator.accumulate()
             evaluator.summarize()
-            metrics.update({f"{kind}_{k}": round(float(v) * 100, 3) for k, v in zip(keys, evaluator.stats[:6])})
+            # pycocotools' -1 (no ground-truth object of that size) is null, not a -100 AP.
+            metrics.update({f"{kind}_{k}": None if v < 0 else round(float(v) * 100, 3)
+                            for k, v in zip(keys, evaluator.stats[:6])})
     return metrics
 
 
@@ -125,8 +128,11 @@ class DetectionTask:
     def __init__(self, cfg: DetectConfig):
         self.cfg = cfg
         self.train_source = open_coco_source(cfg.data, cfg.train_split)
+        if not self.train_source.annotations:
+            raise ValueError(f"{self.train_source.annotation_file}: no usable annotation to train on")
         self.val_source = open_coco_source(cfg.data, cfg.val_split)
         self.classes = self.train_source.classes
+        check_categories(self.val_source, self.classes, self.train_source.annotation_file)
         self.skipped = 0
 
     def build_model(self) -> nn.Module:
@@ -188,6 +194,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     pipeline = pipeline_from_args(parser, args, DetectionPipeline, test_size=args.test_size)
     try:
         source = open_coco_source(args.data, args.split)
+        check_categories(source, pipeline.labels, f"the model {pipeline.source}")
     except ValueError as exc:
         parser.error(str(exc))
     metrics = evaluate_detector(pipeline.model, CocoDetection(source, False), args.batch_size, pipeline.device)
