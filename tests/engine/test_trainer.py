@@ -91,6 +91,17 @@ def test_an_evaluation_that_died_runs_again_on_resume(tmp_path):
     assert _train_steps(tmp_path) == [1, 2, 3, 4, 5, 6] and _eval_steps(tmp_path) == [4, 6]
 
 
+def test_a_finished_run_resumed_returns_its_final_metrics(tmp_path):
+    """The last step evaluated, then saved (checkpoint_every does not divide it): resumed, with another
+    evaluation crop, the run has nothing to train and returns the final model's metrics measured now."""
+    cfg = _cfg(tmp_path, max_steps=6, checkpoint_every=4, eval_every=3)
+    Trainer(ImageClassificationTask(cfg), cfg.train).fit()
+    again = replace(cfg, crop_pct=0.875, train=replace(cfg.train, resume="auto"))
+    metrics = Trainer(ImageClassificationTask(again), again.train).fit()
+    assert metrics["count"] > 0 and _train_steps(tmp_path) == [1, 2, 3, 4, 5, 6]
+    assert _eval_steps(tmp_path) == [3, 6, 6]  # the first measure of step 6 stays: it was logged before the save
+
+
 def test_resume_at_the_last_step_of_an_epoch_is_exact(tmp_path):
     """With grad_accum the epoch ends on leftover micro-batches too few for a step; a run resumed from the
     checkpoint of the epoch's last step must not run them (the uninterrupted run never did)."""
@@ -326,6 +337,15 @@ def test_set_epochs_wins_over_a_config_step_count(tmp_path, monkeypatch):
     assert cli.main(base + ["--set", "train={epochs: 3}"]) == 0  # also inside a mapping
     assert seen["train"].epochs == 3 and seen["train"].max_steps is None
     assert cli.main(base) == 0 and seen["train"].max_steps == 5
+    # The --config file's epochs win over the recipe's step count too (unless the file also counts steps).
+    recipe = ["train", "--recipe", "shapes-segment", "--out", str(tmp_path / "run2"), "--config"]
+    (tmp_path / "epochs.yaml").write_text("train: {epochs: 1}\n")
+    assert cli.main(recipe + [str(tmp_path / "epochs.yaml")]) == 0
+    assert seen["train"].epochs == 1 and seen["train"].max_steps is None
+    (tmp_path / "both.yaml").write_text("train: {epochs: 1, max_steps: 7}\n")
+    assert cli.main(recipe + [str(tmp_path / "both.yaml")]) == 0 and seen["train"].max_steps == 7
+    assert cli.main(recipe + [str(tmp_path / "epochs.yaml"), "--set", "train.max_steps=9"]) == 0
+    assert seen["train"].max_steps == 9
 
 
 def test_evaluating_more_often_trains_the_same_weights(tmp_path):

@@ -579,7 +579,9 @@ class Trainer:
                 if evaluate:
                     eval_metrics = self._eval_and_log(model, ema, eval_set, metrics_file, progress)
             self._check_samples_used(drawn, getattr(self.task, "skipped", 0) - skipped_at_start)
-            evaluate = eval_set is not None and self._evaluated_at != progress.step  # the final model's metrics
+            # The final model's metrics, also when they were measured by the process a resume continues (a
+            # finished run resumed, perhaps with another evaluation setting, returns them measured now).
+            evaluate = eval_set is not None and (self._evaluated_at != progress.step or not eval_metrics)
             if self._saved_at != progress.step:  # a stop mid-epoch (max_steps, time limit) is resumable too
                 self._save(wrapped, optimizer, scheduler, ema, progress, eval_next=evaluate)
             if evaluate:

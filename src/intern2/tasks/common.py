@@ -40,8 +40,12 @@ def train_cli(argv: Optional[List[str]], task_name: str, description: str, confi
     if args.data is not None and not args.data.strip():  # Path("") would read the current folder
         parser.error("--data: empty; expected a dataset path or a builtin: name")
     overrides = list(args.overrides)
+    # The epochs asked for, not a step count from an earlier layer (a recipe's, or the --config file's).
     if _sets(overrides, "epochs") and not _sets(overrides, "max_steps"):
-        overrides.append("train.max_steps=null")  # the epochs asked for, not a recipe's or config's step count
+        overrides.append("train.max_steps=null")
+    elif _file_sets(args.config, "epochs") and not _file_sets(args.config, "max_steps") and \
+            not _sets(overrides, "max_steps"):
+        overrides.insert(0, "train.max_steps=null")
     for flag, key in ((args.data, "data"), (args.model, "model"), (args.out, "train.out_dir")):
         if flag is not None:
             overrides.insert(0, f"{key}={flag}")
@@ -79,6 +83,17 @@ def _sets(overrides: List[str], field: str) -> bool:
             if isinstance(value, dict) and field in value:
                 return True
     return False
+
+
+def _file_sets(path: Optional[str], field: str) -> bool:
+    """Whether the --config YAML file gives ``train.<field>`` (an unreadable file: no; load_config names it)."""
+    import yaml
+    try:
+        with open(path or "", encoding="utf-8") as file:
+            config = yaml.safe_load(file)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("train"), dict) and field in config["train"]
 
 
 def head_model_args(model_args: Optional[Dict[str, Any]], num_classes: int, data: str) -> Dict[str, Any]:
