@@ -86,3 +86,20 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
         monkeypatch.setattr(sys, "stderr", stream)
         assert list(progress(range(5), "eval", 5)) == list(range(5))
         assert ("eval" in stream.getvalue()) == shows_bar
+
+
+@pytest.mark.parametrize("task,config", [("image-cls", "image_cls.ImageClsConfig"),
+                                         ("translation", "translation.TranslationConfig"),
+                                         ("video-text", "video_text.VideoTextConfig"), ("umt", "umt.UMTConfig")])
+def test_train_help_shows_each_tasks_own_defaults(task, config, capsys):
+    """`intern2 train TASK --help` lists the defaults the task trains with (translation's train section is
+    not the generic one)."""
+    import importlib
+    module, name = config.split(".")
+    train = getattr(importlib.import_module(f"intern2.tasks.{module}"), name)().train
+    with pytest.raises(SystemExit):
+        cli.main(["train", task, "--help"])
+    out = capsys.readouterr().out
+    for field in ("epochs", "lr", "weight_decay", "warmup_steps", "schedule"):
+        line = out.split(f"  train.{field} ")[1].splitlines()[0]
+        assert f") = {str(getattr(train, field)).lower()}" in line, line

@@ -170,17 +170,20 @@ def _field_comments(cls: type) -> Dict[str, str]:
     return comments
 
 
-def describe_fields(cls: type, prefix: str = "") -> List[str]:
-    """One line per config field, nested configs flattened (``train.lr``): name, type, default and meaning."""
+def describe_fields(cls: type, prefix: str = "", defaults: Any = None) -> List[str]:
+    """One line per config field, nested configs flattened (``train.lr``): name, type, default and meaning. A
+    nested config's defaults are those its field gives (a task's own ``train`` defaults), from ``defaults``."""
     lines = []
     hints, comments = typing.get_type_hints(cls), _field_comments(cls)
     for f in dataclasses.fields(cls):
+        default = getattr(defaults, f.name) if defaults is not None else \
+            f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         inner = _dataclass_type(hints[f.name])
         if inner is not None:
-            lines += describe_fields(inner, f"{prefix}{f.name}.")
+            given = isinstance(default, inner)
+            lines += describe_fields(type(default) if given else inner, f"{prefix}{f.name}.", default if given else None)
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         meaning = f"  {comments[f.name]}" if f.name in comments else ""
         lines.append(f"  {prefix}{f.name} ({describe(hints[f.name])}) = {to_dict_value(default)}{meaning}")
     return lines
