@@ -59,12 +59,15 @@ def _write(path, data) -> str:
     ({"database": {"v1": {"subset": "Validation", "annotations": [{"label_id": 0, "segment": [1.0]}]}}},
      {"results": {}}, "v1 annotation 0: 'segment' must be [start, end] in seconds with start <= end, got [1.0]"),
     ({"database": {"v1": {"subset": "validation", "annotations": [{"label_id": "Diving", "segment": [1, 2]}]}}},
-     {"results": {}}, "v1 annotation 0: 'label_id' must be an integer class id, got 'Diving'"),
+     {"results": {}}, "v1 annotation 0: expected a known 'label' name or an integer 'label_id', got label=None, label_id='Diving'"),
     ({"database": {"v1": {"subset": "validation", "annotations": [{"label_id": 0, "segment": [1, 2]}]}}},
      {"preds": {}}, "expected a 'results' (ActivityNet) or 'database' (ActionFormer) object"),
     ({"database": {"v1": {"subset": "validation", "annotations": [{"label_id": 0, "segment": [1, 2]}]}}},
-     {"results": {"v1": [{"label_id": 0, "segment": [1, 2]}]}}, "v1 entry 0: expected an integer 'label_id' and a "
-                                                                 "finite number 'score'"),
+     {"results": {"v1": [{"label_id": 0, "segment": [1, 2]}]}}, "v1 entry 0: expected a finite number 'score', "
+                                                                 "got None"),
+    ({"database": {"v1": {"subset": "validation", "annotations": [{"label_id": 0, "segment": [1, 2]}]}}},
+     {"results": {"v1": [{"label": "Diving", "segment": [1, 2], "score": 1}]}}, "v1 entry 0: expected a known "
+                                                                                "'label' name or an integer"),
     ({"database": {"v1": "x"}}, {"results": {}}, "v1: expected a video object ('subset', 'annotations'), got \"x\""),
     ({"database": {"v1": {"subset": "validation", "annotations": "x"}}}, {"results": {}},
      "v1 annotations: expected a list of annotation objects, got \"x\""),
@@ -74,7 +77,7 @@ def _write(path, data) -> str:
      {"results": {}}, "v1 annotation 0: 'segment' must be [start, end] in seconds with start <= end, got [3, 1]"),
     ({"database": {"v1": {"subset": "validation", "annotations": [{"label_id": 0, "segment": [1, 2]}]}}},
      {"results": {"v1": [{"label_id": 0, "segment": [1, 2], "score": float("nan")}]}},
-     "v1 entry 0: expected an integer 'label_id' and a finite number 'score'"),
+     "v1 entry 0: expected a finite number 'score', got nan"),
     ({"database": {"v1": {"subset": "validation", "annotations": [{"label_id": 0, "segment": [1, 2]}]}}},
      {"results": {"v1": {"label_id": 0}}}, "v1: expected a list of prediction objects"),
 ])

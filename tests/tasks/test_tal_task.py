@@ -183,6 +183,19 @@ def test_eval_is_the_official_metric_of_the_predictions(trained, tmp_path, capsy
     python, _ = evaluate_localizer(pipeline.model, source, pipeline.protocol, TIOU_PRESETS["thumos14"],
                                    pipeline.labels)
     assert python["mAP"] == metrics["mAP"]
+    # Official ActivityNet files name the classes only (no label_id), predictions too: the same numbers.
+    names_only = json.loads((root / "ann.json").read_text())
+    for video in names_only["database"].values():
+        video["annotations"] = [{k: v for k, v in a.items() if k != "label_id"} for a in video["annotations"]]
+    (tmp_path / "names.json").write_text(json.dumps(names_only))
+    assert cli.main(["eval", "--checkpoint", str(model), "--annotations", str(tmp_path / "names.json"),
+                     "--features", str(root / "feats"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mAP"] == metrics["mAP"]
+    results = {video: [{"label": p["label"], "score": p["scores"], "segment": p["segment"]} for p in entries]
+               for video, entries in json.loads(out.read_text())["database"].items()}
+    (tmp_path / "anet.json").write_text(json.dumps({"results": results}))
+    assert cli.main(["eval-tal", str(tmp_path / "names.json"), str(tmp_path / "anet.json"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ap_per_class"] == metrics["ap_per_class"]
 
 
 def test_bad_entries_are_named_skipped_and_counted(tmp_path, caplog):

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 __all__ = ["TemporalVideo", "TemporalSource", "open_temporal_source", "read_features", "TemporalDataset",
-           "collate_temporal"]
+           "collate_temporal", "class_names"]
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,9 @@ def _load_json(path: Path) -> Dict[str, Any]:
     return data
 
 
-def _class_names(path: Path, database: Dict[str, Any]) -> List[str]:
-    """Class names by id: the annotations' label_id when all have one (a clash is an error), else sorted names."""
+def class_names(path: Path, database: Dict[str, Any]) -> List[str]:
+    """Class names by id, as training numbers them: the annotations' label_id when all have one (a clash is an
+    error), else the sorted names (official ActivityNet files name the labels only)."""
     entries = [a for v in database.values() if isinstance(v, dict) for a in v.get("annotations") or []
                if isinstance(a, dict) and isinstance(a.get("label"), str)]
     if entries and all(isinstance(a.get("label_id"), int) and a["label_id"] >= 0 for a in entries):
@@ -150,7 +151,7 @@ def open_temporal_source(annotation_file: str, feature_dir: str, subset: str, cl
     if not folder.is_dir():
         raise ValueError(f"features {folder}: no such folder")
     database = data["database"]
-    names = list(classes) if classes is not None else _class_names(path, database)
+    names = list(classes) if classes is not None else class_names(path, database)
     ids = {name: i for i, name in enumerate(names)}
     source = TemporalSource(path, folder, subset, names, feature_dim or 0, [])
     for video_id, info in database.items():

@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..config import check_positive, check_range
-from ..data.temporal import TemporalDataset, TemporalSource, collate_temporal, open_temporal_source
+from ..data.temporal import TemporalDataset, TemporalSource, class_names, collate_temporal, open_temporal_source
 from ..engine import TrainConfig
 from ..factory import create_model, save_pretrained
 from ..pipelines.common import add_model_arguments, pipeline_from_args, progress
@@ -88,16 +88,19 @@ def _entries(value: Any, where: str, what: str) -> List[Dict[str, Any]]:
     return value
 
 
-def load_ground_truth(path: Path, subset: str = "validation",
-                      skip_unusable: bool = False) -> Tuple[List[Segment], Dict[int, str]]:
+def load_ground_truth(path: Path, subset: str = "validation", skip_unusable: bool = False,
+                      classes: Optional[Sequence[str]] = None) -> Tuple[List[Segment], Dict[int, str]]:
     """The de-duplicated instances of ``subset`` in an ActivityNet-layout file and the class names by id (from
-    the taxonomy, else from the annotations' labels). An unusable video record or annotation is an error naming
-    it, or with ``skip_unusable`` (the evaluation of a training run, whose data source skips and counts them too)
-    left out."""
+    the taxonomy, else from the annotations' labels). A label is its name's index in ``classes`` (a training
+    run's), by default numbered as training numbers them (the ``label_id`` when every annotation has one, else
+    the sorted names); a name-less annotation gives its ``label_id``. An unusable video record or annotation is
+    an error naming it, or with ``skip_unusable`` (the evaluation of a training run, whose data source skips and
+    counts them too) left out."""
     data = _read_json(path, "ground truth")
     database = data.get("database")
     if not isinstance(database, dict):
         raise ValueError(f"ground truth {path}: expected a 'database' object of videos (ActivityNet layout)")
+    ids = {name: i for i, name in enumerate(classes if classes is not None else class_names(path, database))}
     names: Dict[int, str] = {}
     for node in _entries(data.get("taxonomy", []), f"ground truth {path}: taxonomy", "class"):
         if "nodeId" in node:
@@ -109,7 +112,7 @@ def load_ground_truth(path: Path, subset: str = "validation",
     instances: List[Segment] = []
     for video, record in database.items():
         try:
-            instances += _video_instances(path, video, record, subset, names, skip_unusable)
+            instances += _video_instances(path, video, record, subset, names, ids, skip_unusable)
         except ValueError:  # the record itself
             if not skip_unusable:
                 raise
@@ -118,7 +121,7 @@ def load_ground_truth(path: Path, subset: str = "validation",
     return instances, names
 
 
-def _video_instances(path: Path, video: str, record: Any, subset: str, names: Dict[int, str],
+def _video_instances(path: Path, video: str, record: Any, subset: str, names: Dict[int, str], ids: Dict[str, int],
                      skip_unusable: bool) -> List[Segment]:
     """One video's de-duplicated instances if it is in ``subset`` (unusable annotations left out with
     ``skip_unusable``); class names of its labels go into ``names``."""
@@ -132,24 +135,37 @@ def _video_instances(path: Path, video: str, record: Any, subset: str, names: Di
     for i, entry in enumerate(annotations):
         where = f"ground truth {path}: {video} annotation {i}"
         try:
-            if not isinstance(entry.get("label_id"), int):
-                raise ValueError(f"{where}: 'label_id' must be an integer class id, got {entry.get('label_id')!r}")
+            label = _label_id(entry, ids, where)
             start, end = _segment(entry, where)
         except ValueError:
             if skip_unusable:
                 continue
             raise
-        names.setdefault(entry["label_id"], str(entry.get("label", entry["label_id"])))
-        instance = Segment(video, entry["label_id"], start, end)
+        if isinstance(entry.get("label"), str):  # the annotation's own name over the taxonomy's
+            names[label] = entry["label"]
+        names.setdefault(label, str(label))
+        instance = Segment(video, label, start, end)
         if not any(k.label == instance.label and abs(k.start - start) <= DUPLICATE_TOLERANCE_S
                    and abs(k.end - end) <= DUPLICATE_TOLERANCE_S for k in kept):
             kept.append(instance)
     return kept
 
 
-def load_predictions(path: Path) -> List[Segment]:
-    """Predictions in the ActivityNet challenge layout (``results``: video -> [{label_id, score, segment}]) or
-    ActionFormer's (``database``: video -> [{label_id, scores, segment}]), in file order."""
+def _label_id(entry: Dict[str, Any], ids: Dict[str, int], where: str) -> int:
+    """An entry's class id: its ``label`` name's in ``ids``, else its integer ``label_id``."""
+    label = entry.get("label")
+    if isinstance(label, str) and label in ids:
+        return ids[label]
+    if isinstance(entry.get("label_id"), int) and not isinstance(entry["label_id"], bool):
+        return entry["label_id"]
+    raise ValueError(f"{where}: expected a known 'label' name or an integer 'label_id', got label={label!r}, "
+                     f"label_id={entry.get('label_id')!r}")
+
+
+def load_predictions(path: Path, ids: Optional[Dict[str, int]] = None) -> List[Segment]:
+    """Predictions in the ActivityNet challenge layout (``results``: video -> [{label, score, segment}]) or
+    ActionFormer's (``database``: video -> [{label_id, scores, segment}]), in file order; a ``label`` name is
+    numbered by ``ids`` (the ground truth's), else ``label_id`` gives the class."""
     data = _read_json(path, "predictions")
     layout = "results" if "results" in data else "database" if "database" in data else None
     if layout is None or not isinstance(data[layout], dict):
@@ -161,10 +177,9 @@ def load_predictions(path: Path) -> List[Segment]:
         for i, entry in enumerate(_entries(entries, f"predictions {path}: {video}", "prediction")):
             where = f"predictions {path}: {video} entry {i}"
             start, end = _segment(entry, where)
-            label, score = entry.get("label_id"), entry.get(score_key)
-            if (not isinstance(label, int) or not isinstance(score, (int, float)) or isinstance(score, bool)
-                    or not math.isfinite(score)):
-                raise ValueError(f"{where}: expected an integer 'label_id' and a finite number '{score_key}'")
+            label, score = _label_id(entry, ids or {}, where), entry.get(score_key)
+            if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
+                raise ValueError(f"{where}: expected a finite number '{score_key}', got {score!r}")
             predictions.append(Segment(video, label, start, end, float(score)))
     return predictions
 
@@ -273,7 +288,7 @@ def eval_tal_main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         ground_truth, names = load_ground_truth(args.ground_truth, args.subset)
-        predictions = load_predictions(args.predictions)
+        predictions = load_predictions(args.predictions, {name: i for i, name in names.items()})
     except ValueError as exc:
         parser.error(str(exc))
     metrics = detection_map(ground_truth, predictions, args.tiou, names)
@@ -360,7 +375,7 @@ def evaluate_localizer(model: nn.Module, source: TemporalSource, protocol: Tempo
 
 def source_ground_truth(source: TemporalSource) -> Tuple[List[Segment], Dict[int, str]]:
     """The usable ground-truth instances of a source's subset and the class names (the metric's input)."""
-    return load_ground_truth(source.annotation_file, source.subset, skip_unusable=True)
+    return load_ground_truth(source.annotation_file, source.subset, skip_unusable=True, classes=source.classes)
 
 
 class TALTask:
