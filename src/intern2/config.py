@@ -182,7 +182,8 @@ def describe_fields(cls: type, prefix: str = "", defaults: Any = None) -> List[s
         inner = _dataclass_type(hints[f.name])
         if inner is not None:
             given = isinstance(default, inner)
-            lines += describe_fields(type(default) if given else inner, f"{prefix}{f.name}.", default if given else None)
+            lines += describe_fields(type(default) if given else inner, f"{prefix}{f.name}.",
+                                     default if given else None)
             continue
         meaning = f"  {comments[f.name]}" if f.name in comments else ""
         lines.append(f"  {prefix}{f.name} ({describe(hints[f.name])}) = {to_dict_value(default)}{meaning}")

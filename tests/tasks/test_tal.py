@@ -59,7 +59,8 @@ def _write(path, data) -> str:
     ({"database": {"v1": {"subset": "Validation", "annotations": [{"label_id": 0, "segment": [1.0]}]}}},
      {"results": {}}, "v1 annotation 0: 'segment' must be [start, end] in seconds with start <= end, got [1.0]"),
     ({"database": {"v1": {"subset": "validation", "annotations": [{"label_id": "Diving", "segment": [1, 2]}]}}},
-     {"results": {}}, "v1 annotation 0: expected a known 'label' name or an integer 'label_id', got label=None, label_id='Diving'"),
+     {"results": {}}, "v1 annotation 0: expected a known 'label' name or an integer 'label_id', got label=None, "
+                      "label_id='Diving'"),
     ({"database": {"v1": {"subset": "validation", "annotations": [{"label_id": 0, "segment": [1, 2]}]}}},
      {"preds": {}}, "expected a 'results' (ActivityNet) or 'database' (ActionFormer) object"),
     ({"database": {"v1": {"subset": "validation", "annotations": [{"label_id": 0, "segment": [1, 2]}]}}},

@@ -24,8 +24,8 @@ from torch.utils.data import Dataset
 from .images import load_image
 from .segmentation import keep_ratio_size
 
-__all__ = ["CocoSource", "open_coco_source", "check_categories", "CocoDetection", "collate_detection", "decode_segmentation",
-           "AUGMENTS", "autoaugment_short_sides", "autoaugment_crop"]
+__all__ = ["CocoSource", "open_coco_source", "check_categories", "CocoDetection", "collate_detection",
+           "decode_segmentation", "AUGMENTS", "autoaugment_short_sides", "autoaugment_crop"]
 
 AUGMENTS = ("none", "autoaugment")
 # The official 3x configs' AutoAugment (DETR's policy), at test size 800 x 1333: one of two policies at random,
