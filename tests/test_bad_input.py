@@ -291,6 +291,14 @@ def test_debug_shows_the_traceback(tmp_path):
         cli.main(["--debug", *TRAIN, "--set", "checkpoint=/nope.pth", "--out", str(tmp_path)])
 
 
+def test_debug_shows_the_exception_behind_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--debug", *TRAIN, "--set", "train.seed=-1", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "error: train.seed: expected a number >= 0, got -1" in err
+    assert "Traceback (most recent call last)" in err and "ValueError: train.seed" in err
+
+
 def test_a_missing_extra_names_the_pip_command(files, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "pycocotools", None)  # as if it were not installed
     monkeypatch.setitem(sys.modules, "pycocotools.coco", None)

@@ -12,6 +12,7 @@ import importlib
 import json
 import os
 import sys
+import traceback
 from typing import Dict, List, Optional, Tuple
 
 # command -> (module:function, one-line help). Modules are imported only when their command runs.
@@ -147,6 +148,12 @@ def _main(argv: List[str]) -> int:
         print(f"intern2 {command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
+        raise
+    except SystemExit as stop:
+        # A usage error raised while handling an exception (argparse's parser.error in an except block):
+        # --debug shows the exception it reported.
+        if debug and stop.code == 2 and stop.__context__ is not None:
+            traceback.print_exception(stop.__context__)
         raise
     except USER_ERRORS as exc:
         if debug:

@@ -52,6 +52,16 @@ def test_pretraining_runs_and_reports_reconstruction(pretrained):
     assert model.pretrained_cfg["mask_ratio"] == 0.9 and model.config["decoder_depth"] == 1
 
 
+def test_eval_of_a_model_without_classifier_says_so(actions, tmp_path, capsys):
+    encoder = intern2.create_model("videomae_vit_s", num_classes=0, embed_dim=32, depth=1, num_heads=2, img_size=32,
+                                   all_frames=4)  # what UMT trains: no head to score the labels with
+    intern2.save_pretrained(encoder, tmp_path / "encoder")
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["eval", "--data", str(actions / "val.txt"), "--checkpoint", str(tmp_path / "encoder")])
+    assert stop.value.code == 2
+    assert "has no classifier" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_fine_tune_from_pretraining_then_eval_predict_extract(actions, pretrained, tmp_path, capsys):
     out = tmp_path / "cls"
     assert cli.main(["train", "video-cls", "--data", str(actions / "train.txt"), "--out", str(out), *TINY_CLS,
@@ -135,6 +145,12 @@ def test_bad_video_arguments_are_named(actions, tmp_path, capsys):
         cli.main(["train", "video-pretrain", "--data", str(actions / "train.txt"), *TINY_PRETRAIN,
                   "--set", "mask_ratio=1.5"])
     assert "mask_ratio" in capsys.readouterr().err
+    for setting, message in (("decoder_mask_ratio=0.1", "decoder_mask_ratio: expected a value in [0.25, 1)"),
+                             ("test_crops=2", "test_crops: expected 1 or 3, got 2")):
+        with pytest.raises(SystemExit):
+            cli.main(["train", "video-pretrain", "--data", str(actions / "train.txt"), *TINY_PRETRAIN,
+                      "--set", setting])
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
     with pytest.raises(SystemExit):
         cli.main(["extract-features", str(tmp_path), "--model", "videomae_vit_s", "--out", str(tmp_path / "f.txt")])
     assert "f.txt" in capsys.readouterr().err

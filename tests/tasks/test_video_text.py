@@ -102,7 +102,9 @@ def test_bad_inputs_get_clear_messages(actions, trained, tmp_path, capsys):
              (["zero-shot", str(actions / "videos" / "val" / "00000.mp4"), "--labels", "left,", "--checkpoint",
                model], "at least two"),
              (["retrieve", "--videos", str(actions / "videos"), "--query", "x", "--model", "internvideo_mm_tiny"],
-              "--tokenizer is required")]
+              "--tokenizer is required"),
+             (["train", "video-text", "--data", str(actions / "train.txt"), "--set", "vocab_size=0"],
+              "vocab_size: expected at least 258")]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:
             cli.main(argv)
@@ -207,7 +209,9 @@ def test_umt_with_a_videomae_teacher(actions, tmp_path, capsys):
 
 
 def test_umt_bad_teacher_is_a_usage_error(actions, capsys):
-    for teacher, message in (("no_such_model", "unknown model"), ("", "teacher: give a model folder")):
+    for teacher, message in (("no_such_model", "unknown model"), ("", "teacher: give a model folder"),
+                             ("/nonexistent", "teacher /nonexistent: no such model folder"),
+                             (str(actions / "train.txt"), "a file; give the model's registered name as teacher")):
         with pytest.raises(SystemExit):
             cli.main(["train", "umt", "--data", str(actions / "train.txt"), "--set", f"teacher={teacher}"])
         assert message in capsys.readouterr().err

@@ -86,7 +86,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"train.{name}: expected a positive integer, got {value}")
-        for name in ("warmup_steps", "num_workers", "weight_decay"):
+        for name in ("warmup_steps", "num_workers", "weight_decay", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name}: expected a number >= 0, got {getattr(self, name)}")
         if not (math.isfinite(self.lr) and self.lr > 0):

@@ -118,6 +118,9 @@ class ImageClassificationTask:
             self.train_source, self.val_source = source, open_image_source(cfg.val_data, source.classes)
         else:
             self.train_source, self.val_source = split_source(source, cfg.val_fraction, cfg.train.seed)
+            if not self.val_source.samples:
+                log.warning("val_fraction %s of data %s holds no image (too few per class): the run will not be "
+                            "evaluated; give a larger fraction or val_data", cfg.val_fraction, cfg.data)
         self.classes = source.classes
         self.metrics = ClassificationMetrics(self.classes)
         self.skipped = 0

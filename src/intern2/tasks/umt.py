@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -151,8 +152,14 @@ class UMTTask:
             raise ValueError(f"keep_ratio: expected a value in (0, 1), got {cfg.keep_ratio}")
         if cfg.masking not in ("attention", "random"):
             raise ValueError(f"masking: expected 'attention' or 'random', got {cfg.masking!r}")
+        given = Path(cfg.teacher)
+        if given.is_file():
+            raise ValueError(f"teacher {cfg.teacher}: a file; give the model's registered name as teacher and the "
+                             f"file as teacher_checkpoint")
+        if not given.is_dir() and ("/" in cfg.teacher or os.sep in cfg.teacher):  # no registered name has one
+            raise ValueError(f"teacher {cfg.teacher}: no such model folder")
         try:
-            teacher = load_model(cfg.teacher, None) if Path(cfg.teacher).is_dir() else \
+            teacher = load_model(cfg.teacher, None) if given.is_dir() else \
                 load_model(cfg.teacher_checkpoint, cfg.teacher)
         except KeyError as exc:  # an unknown model name
             raise ValueError(f"teacher: {exc.args[0]}") from None

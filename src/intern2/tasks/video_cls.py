@@ -71,9 +71,10 @@ class VideoDataConfig:
         check_range(self, "train_scale", "(0, 1]", pair=True)
         check_range(self, "std", "(0, inf)")
         check_range(self, "mean", "(-inf, inf)")
-        if self.test_crops not in (1, 3) or self.sampling not in SAMPLINGS:
-            raise ValueError(f"test_crops in (1, 3) and sampling in {list(SAMPLINGS)} expected, got "
-                             f"{self.test_crops}, {self.sampling!r}")
+        if self.test_crops not in (1, 3):
+            raise ValueError(f"test_crops: expected 1 or 3, got {self.test_crops!r}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling: expected one of {list(SAMPLINGS)}, got {self.sampling!r}")
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,9 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     args = parser.parse_args(argv)
     pipeline = pipeline_from_args(parser, args, VideoClassificationPipeline, **protocol_options(args))
+    if not pipeline.labels:
+        parser.error(f"{pipeline.source}: has no classifier (a pre-training, UMT or num_classes=0 model): fine-tune "
+                     f"it with 'intern2 train video-cls', or take its features with 'intern2 extract-features'")
     try:
         if args.data == BUILTIN:
             from ..data.actions import builtin_actions_root

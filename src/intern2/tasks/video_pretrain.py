@@ -46,6 +46,10 @@ class VideoPretrainTask(VideoTask):
     def __init__(self, cfg: VideoPretrainConfig):
         if not 0 < cfg.mask_ratio < 1:
             raise ValueError(f"mask_ratio: expected a value in (0, 1), got {cfg.mask_ratio}")
+        # The running cell masks int(4 * ratio) of each 2x2 cell's slots: one to three.
+        if cfg.decoder_mask_ratio is not None and not 0.25 <= cfg.decoder_mask_ratio < 1:
+            raise ValueError(f"decoder_mask_ratio: expected a value in [0.25, 1) (the running cell masks "
+                             f"int(4 x ratio) of 4 slots), got {cfg.decoder_mask_ratio}")
         super().__init__(cfg)
 
     def build_model(self) -> nn.Module:

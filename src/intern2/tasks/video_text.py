@@ -73,6 +73,11 @@ class VideoTextConfig(VideoDataConfig):
     std: Tuple[float, float, float] = CLIP_STD
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-4, weight_decay=0.2, warmup_steps=20))
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.vocab_size < 258:  # the 256 bytes and the two specials; fewer would be raised silently
+            raise ValueError(f"vocab_size: expected at least 258 (256 bytes + 2 special tokens), got {self.vocab_size}")
+
 
 # ------------------------------------------------------------------------------------------------------- data
 @dataclass(frozen=True)
