@@ -467,6 +467,11 @@ class Trainer:
         if source is not None:
             self._load(source, wrapped, optimizer, scheduler, ema, progress)
             self._saved_at = progress.step  # that checkpoint is this step's
+            if cfg.time_limit_s is not None and progress.elapsed_s >= cfg.time_limit_s:
+                total_steps = min(total_steps, progress.step)  # a resumed run whose time was already spent
+            # A finished run resumed still returns its final metrics: measured again (an evaluation setting may
+            # have changed), their record replaced.
+            progress.evaluated = progress.evaluated and progress.step < total_steps
             self._evaluated_at = progress.step if progress.evaluated else None
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -495,8 +500,6 @@ class Trainer:
         finite = True  # every micro-batch loss of the step being accumulated was finite
         started = self._started = time.perf_counter() - progress.elapsed_s
         elapsed[0] = progress.elapsed_s
-        if source is not None and cfg.time_limit_s is not None and elapsed[0] >= cfg.time_limit_s:
-            total_steps = min(total_steps, progress.step)  # a resumed run whose time was already spent
         try:
             if source is not None and progress.eval_pending and eval_set is not None:
                 eval_metrics = self._eval_and_log(model, ema, eval_set, metrics_file, progress)
@@ -579,9 +582,7 @@ class Trainer:
                 if evaluate:
                     eval_metrics = self._eval_and_log(model, ema, eval_set, metrics_file, progress)
             self._check_samples_used(drawn, getattr(self.task, "skipped", 0) - skipped_at_start)
-            # The final model's metrics, also when they were measured by the process a resume continues (a
-            # finished run resumed, perhaps with another evaluation setting, returns them measured now).
-            evaluate = eval_set is not None and (self._evaluated_at != progress.step or not eval_metrics)
+            evaluate = eval_set is not None and self._evaluated_at != progress.step  # the final model's metrics
             if self._saved_at != progress.step:  # a stop mid-epoch (max_steps, time limit) is resumable too
                 self._save(wrapped, optimizer, scheduler, ema, progress, eval_next=evaluate)
             if evaluate:
