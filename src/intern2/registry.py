@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 from typing import Any, Callable, Dict, List, Optional
 
 from torch import nn
@@ -36,7 +37,15 @@ def register_variant(name: str, build: Callable[[Dict[str, Any]], nn.Module], do
         defaults = dict(weights.arch_overrides)
         if weights.num_classes is not None:
             defaults["num_classes"] = weights.num_classes
-        model = build({**defaults, **kwargs})
+        try:
+            model = build({**defaults, **kwargs})
+        except TypeError as exc:  # a constructor's words for a config key it does not take
+            unknown = re.search(r"unexpected keyword argument '([^']+)'", str(exc))
+            if unknown is None:
+                raise
+            key = unknown.group(1)
+            hint = f" (a nested field is a mapping: {key.split('.')[0]}={{...}})" if "." in key else ""
+            raise ValueError(f"{name}: unknown config key {key!r}{hint}") from None
         cfg = weights.pretrained_cfg(**(cfg_of_model(model, weights) if cfg_of_model else {}))
         model.pretrained_cfg = cfg_for_head(cfg, getattr(model, "num_classes", weights.num_classes))
         return model

@@ -184,3 +184,15 @@ def test_timm_transform_is_the_pipelines_preprocessing(tag):
     ours = ImageClassificationPipeline(model).transform(image)
     theirs = create_transform(**resolve_data_config({}, model=model))(image)
     assert ours.shape == theirs.shape and (ours - theirs).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name,key", [("mask_rcnn_internimage_t", "box_score_treshold"),
+                                      ("cascade_mask_rcnn_internimage_l", "box_score_treshold"),
+                                      ("upernet_internimage_t", "backbone.channels"),
+                                      ("dino_4scale_internimage_t", "bogus"), ("videomae_vit_s", "embed_dimm")])
+def test_an_unknown_config_key_is_named(name, key):
+    """A misspelt key is refused by name (torchvision's Mask R-CNN would ignore it; other constructors say
+    TypeError in their own words) before any weights are built."""
+    with pytest.raises(ValueError, match=rf"unknown config key.*{key}") as refused:
+        intern2.create_model(name, **{key: 0.9})
+    assert ("mapping" in str(refused.value)) == ("." in key)

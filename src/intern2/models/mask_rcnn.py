@@ -7,12 +7,13 @@ scores, masks); ``model(images, targets)`` in training mode returns the loss dic
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Dict, List
 
 import torch
 from torch import nn
-from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection import FasterRCNN, MaskRCNN
 
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..heads.cascade import CASCADE_STDS, CascadeRoIHeads, cascade_stage
@@ -26,6 +27,12 @@ __all__ = ["InternImageMaskRCNN", "InternImageCascadeMaskRCNN", "MASK_RCNN_VARIA
 
 log = logging.getLogger(__name__)
 _MMDET_PREFIXES = ("neck.", "rpn_head.", "roi_head.")
+
+
+# torchvision's Faster R-CNN options a caller may set (the transform, backbone and RoI heads are ours).
+_TORCHVISION_OPTIONS = frozenset(inspect.signature(FasterRCNN.__init__).parameters) - {
+    "self", "backbone", "num_classes", "min_size", "max_size", "image_mean", "image_std", "box_roi_pool", "box_head",
+    "box_predictor", "kwargs"}
 
 
 class InternImageMaskRCNN(MaskRCNN):
@@ -42,6 +49,10 @@ class InternImageMaskRCNN(MaskRCNN):
 
     def __init__(self, backbone: Dict, num_classes: int = 80, min_size: int = 800, max_size: int = 1333,
                  fpn_channels: int = 256, box_fc_channels: int = 1024, mask_channels: int = 256, **kwargs):
+        unknown = sorted(set(kwargs) - _TORCHVISION_OPTIONS)
+        if unknown:  # torchvision would pass them on to its transform, which ignores them
+            raise ValueError(f"{type(self).__name__}: unknown config key(s) {unknown}; the torchvision options are "
+                             f"{sorted(_TORCHVISION_OPTIONS)}")
         body = InternImage(**backbone, features_only=True)
         super().__init__(InternImageFPN(body, fpn_channels), num_classes=None, min_size=min_size,  # heads given
                          max_size=max_size, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
