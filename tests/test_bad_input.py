@@ -170,6 +170,8 @@ CASES = [
      "predict: error: --slide-stride: needs --slide"),
     ("video-clips-flag", ["predict", "{root}/clip.mp4", "--model", "videomae_vit_s", "--sampling", "uniform",
                           "--clips", "4"], "--clips: expected 1 with --sampling 'uniform' (one view per video), got 4"),
+    ("export-opset-99", ["export", "onnx", "--checkpoint", "{good}", "--out", "{root}/m.onnx", "--opset", "99"],
+     "--opset 99: expected 17 to "),
     ("export-img-size-0", ["export", "onnx", "--checkpoint", "{good}", "--out", "{root}/m.onnx", "--img-size", "0"],
      "--img-size 0: expected a positive number of pixels, at most 8192"),
     ("size-divisor-huge", ["predict", "{image}", "--checkpoint", "{seg}", "--size-divisor", "100000"],

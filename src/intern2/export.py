@@ -15,6 +15,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.onnx._constants import ONNX_MAX_OPSET  # the newest opset torch's exporter writes
 
 __all__ = ["export_onnx", "export_detector_onnx", "needs_external_data", "main", "EXPORTABLE", "ExportCheckError"]
 
@@ -87,8 +88,13 @@ def export_onnx(model: nn.Module, path: Path, img_size: int, opset: int = 18, ch
             return -1.0
         import onnx
         import onnxruntime as ort
-        onnx.checker.check_model(str(target), full_check=True)
-        session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+        try:
+            onnx.checker.check_model(str(target), full_check=True)
+            session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnx's ValidationError, onnxruntime's INVALID_GRAPH: the exporter's output
+            reason = " ".join(str(exc).split())[:200]
+            raise ExportCheckError(f"{path}: the exported graph is not valid ONNX ({reason}); nothing written") \
+                from None
         probe_shape = (3, 3, img_size, img_size + 32) if spatial else (3, 3, *clip, img_size, img_size)
         probe = torch.randn(*probe_shape, generator=torch.Generator().manual_seed(1))
         (got,) = session.run(None, {session.get_inputs()[0].name: probe.numpy()})[:1]
@@ -193,7 +199,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--img-size", type=int, help="example input size (default: the model's input size)")
     parser.add_argument("--image-size", type=pair, metavar="H,W", help="a detector's input height and width "
                         "(default: its test size, e.g. 800,1333); resize images to it before inference")
-    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17; GridSample needs >= 16)")
+    parser.add_argument("--opset", type=int, default=18, help=f"ONNX opset, 17 to {ONNX_MAX_OPSET} (what torch's "
+                        "exporter writes)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="model config override, e.g. --set depths=[1,1,2,1] (with --model)")
     parser.add_argument("--static", action="store_true", help="fixed height and width (--img-size) instead of "
@@ -201,8 +208,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--no-check", action="store_true", help="skip onnx.checker and the onnxruntime parity check")
     args = parser.parse_args(argv)
     setup_logging()  # onnx / onnxscript log at INFO by the thousand: libraries stay at WARNING unless -v
-    if args.opset < 17:
-        parser.error(f"--opset {args.opset}: expected >= 17")
+    if not 17 <= args.opset <= ONNX_MAX_OPSET:  # above it the exporter writes a graph onnx refuses
+        parser.error(f"--opset {args.opset}: expected 17 to {ONNX_MAX_OPSET}")
     from .checkpoint import check_output
     from .config import error_message, parse_assignments
     try:
@@ -217,6 +224,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             model = load_model(args.checkpoint, args.model)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         parser.error(error_message(exc))
+    model = model.float()  # the graph is float32, also of a model saved in bfloat16
     task = model_task(model)
     source = args.checkpoint or args.model
     if task not in EXPORTABLE or getattr(model, "features_only", False):
@@ -249,7 +257,9 @@ def _export(parser: argparse.ArgumentParser, args: argparse.Namespace, model: nn
     cfg = getattr(model, "pretrained_cfg", {})
     input_size = cfg.get("input_size", (3, cfg.get("crop_size", 224)))
     num_frames = input_size[1] if len(input_size) == 4 else None  # (3, T, H, W): a video classifier
-    size = args.img_size if args.img_size is not None else input_size[-1]
+    # A segmentor exports at one size: by default its test protocol's short side (512 for ADE20K's 2048 x 512).
+    default = min(cfg["test_size"]) if task == "segment" and cfg.get("test_size") else input_size[-1]
+    size = args.img_size if args.img_size is not None else default
     if not 1 <= size <= MAX_SIDE:
         parser.error(f"--img-size {size}: expected a positive number of pixels, at most {MAX_SIDE}")
     try:  # a size the model cannot take fails here in one line, not deep in the exporter

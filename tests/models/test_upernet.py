@@ -110,3 +110,15 @@ def test_cli_exports_a_segmentor_at_its_fixed_size(tmp_path, capsys):
     assert cli.main(["export", "onnx", "--checkpoint", str(tmp_path / "seg"), "--out", str(tmp_path / "s.onnx"),
                      "--img-size", "64"]) == 0
     assert "input image (B, 3, 64, 64) (onnxruntime vs torch max |diff|" in capsys.readouterr().out
+
+
+def test_cli_exports_a_bfloat16_segmentor_at_its_test_short_side(tmp_path, capsys):
+    """Without --img-size a segmentor exports at its protocol's short side (ADE20K: 512), and a folder saved in
+    bfloat16 exports as the float32 graph."""
+    pytest.importorskip("onnxruntime")
+    model = intern2.create_model("upernet_internimage_t", **TINY)
+    assert min(model.pretrained_cfg["test_size"]) == 512
+    intern2.save_pretrained(model.to(torch.bfloat16), tmp_path / "seg")
+    assert cli.main(["export", "onnx", "--checkpoint", str(tmp_path / "seg"), "--out", str(tmp_path / "s.onnx"),
+                     "--no-check"]) == 0
+    assert "input image (B, 3, 512, 512)" in capsys.readouterr().out
