@@ -237,6 +237,11 @@ def test_pretraining_checkpoint_fine_tunes(caplog):
     for key, value in pretrain.encoder.state_dict().items():
         if key.startswith("blocks."):
             assert torch.equal(classifier.state_dict()[key], value)
+    # A tagged classifier given a file without a head: its random head is not labelled with the tag's classes.
+    tagged = intern2.create_model("videomae_vit_s.k400", **{**SMALL, "all_frames": 4})
+    assert tagged.pretrained_cfg["label_names"]
+    load_checkpoint(tagged, wrapped)
+    assert "label_names" not in tagged.pretrained_cfg and "metrics" not in tagged.pretrained_cfg
 
 
 def test_hf_checkpoint_and_resampled_learnable_positions():

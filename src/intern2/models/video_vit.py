@@ -621,6 +621,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
         if kept:
             log.info("checkpoint has no %s: keeping their initialisation", ", ".join(sorted(kept)))
             out.update({k: own[k] for k in kept})
+        if any(k.startswith("head.") for k in kept):  # a random head: the tag's class names are not its own
+            model.pretrained_cfg = fresh_head_cfg(getattr(model, "pretrained_cfg", {}), model.num_classes)
     prefix = "encoder." if isinstance(model, VideoMAEPretrain) else ""
     encoder = model.encoder if isinstance(model, VideoMAEPretrain) else model
     key = prefix + "pos_embed"
