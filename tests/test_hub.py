@@ -79,6 +79,20 @@ def test_an_explicit_file_then_intern2_home_win_over_the_cache(tmp_path, referen
     assert _outputs_equal(model, other)
 
 
+def test_a_file_of_the_published_name_in_the_current_folder_is_not_read(tmp_path, reference, monkeypatch):
+    """timm's keys: the published name is ``hf_hub_filename``; only ``file`` is a local path."""
+    torch.save({"model": reference.state_dict()}, hub_path(tmp_path, "OpenGVLab/InternImage",
+                                                           "internimage_t_1k_224.pth"))
+    work = tmp_path / "work"
+    (work / "internimage_t_1k_224.pth").mkdir(parents=True)  # not a checkpoint: must not be read
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("INTERN2_HOME", str(tmp_path / "empty_home"))
+    model = intern2.create_model("internimage_t.in1k", pretrained=True, cache_dir=tmp_path, **TINY)
+    assert _outputs_equal(model, reference)
+    assert model.pretrained_cfg["file"] is None and model.pretrained_cfg["hf_hub_filename"] == \
+        "internimage_t_1k_224.pth"
+
+
 def test_a_damaged_cached_file_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("INTERN2_HOME", str(tmp_path / "home"))
     path = hub_path(tmp_path, "OpenGVLab/InternImage", "internimage_t_1k_224.pth")
@@ -132,6 +146,7 @@ def test_hf_hub_names_load_timm_format_repos(tmp_path, reference, monkeypatch):
     loaded = timm.create_model("hf-hub:someone/internimage-tiny", pretrained=True)
     assert _outputs_equal(loaded, reference)
     assert json.loads((folder / "config.json").read_text())["architecture"] == "internimage_t"
+    assert loaded.pretrained_cfg["hf_hub_id"] == "someone/internimage-tiny"  # not the weights it came from
 
 
 def test_folders_written_by_timm_load_through_every_door(tmp_path, reference, capsys):

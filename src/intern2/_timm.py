@@ -46,7 +46,10 @@ def _entrypoint(name: str):
                 return from_pretrained(cfg["file"], weights=pretrained, **kept)
             folder = resolve_weights({"hf_hub_id": cfg["hf_hub_id"]}, cache_dir)
             with reading_download(folder):
-                return from_pretrained(folder, weights=pretrained, **kept)
+                model = from_pretrained(folder, weights=pretrained, **kept)
+            # The repo it came from (its saved config may name the weights it was fine-tuned from).
+            model.pretrained_cfg = {**model.pretrained_cfg, "hf_hub_id": cfg["hf_hub_id"], "hf_hub_filename": None}
+            return model
         tag = cfg if isinstance(cfg, str) else (cfg or {}).get("tag")
         return create_model(f"{name}.{tag}" if tag else name, pretrained=pretrained,
                             pretrained_cfg_overlay=pretrained_cfg_overlay, cache_dir=cache_dir, **kwargs)

@@ -1,10 +1,10 @@
 """Where a pretrained tag's weights are on this machine: an explicit path, ``$INTERN2_HOME``, else the Hugging Face
 Hub cache through ``huggingface_hub`` (as timm, open_clip and transformers resolve theirs).
 
-The order: the ``file`` of the pretrained config as a path (a file or folder the user gave), then that name in
-``$INTERN2_HOME`` (default ``~/.cache/intern2``), then the tag's Hub repo (``hf_hub_id``): ``hf_hub_download`` of
-the file, or, for a tag whose ``file`` is a folder name (an HF transformers folder such as NLLB-200's), the repo's
-snapshot. With ``HF_HUB_OFFLINE=1`` (or ``download=False``) only the cache is read, and a missing file is an error
+The order, in timm's pretrained-config keys: ``file``, a local path (a file or folder the user gave); then the
+published name (``hf_hub_filename``) in ``$INTERN2_HOME`` (default ``~/.cache/intern2``); then the tag's Hub repo
+(``hf_hub_id``): ``hf_hub_download`` of the file, or, for a name without a suffix (an HF transformers folder such as
+NLLB-200's), the repo's snapshot. A published name is never read from the current folder. With ``HF_HUB_OFFLINE=1`` (or ``download=False``) only the cache is read, and a missing file is an error
 that says which repo and file to fetch. Downloads go through ``huggingface_hub``, which writes into the cache
 atomically (an interrupted download leaves no partial file under the name it will be read by).
 """
@@ -41,13 +41,17 @@ def resolve_weights(cfg: Mapping[str, Any], cache_dir: Optional[Union[str, os.Pa
                     download: bool = True) -> Path:
     """The local path of a pretrained config's weights (a file, or a folder for folder tags); see the module
     docstring for the order. Errors name the tag, the repo and the file, and what to do."""
-    name, hub, url = cfg.get("file"), cfg.get("hf_hub_id"), cfg.get("url")
+    local, hub, url = cfg.get("file"), cfg.get("hf_hub_id"), cfg.get("url")
     tag = ".".join(p for p in (cfg.get("architecture"), cfg.get("tag")) if p) or "the model"
+    if local and Path(local).exists():
+        return Path(local)
+    if local and "hf_hub_filename" in cfg:
+        raise FileNotFoundError(f"{tag}: file {local}: no such file or folder")
+    # A config saved before the keys were split names the published file under ``file``.
+    name = cfg.get("hf_hub_filename") or local
     if not name and not hub:
         raise ValueError(f"{tag}: its pretrained config names no weights (no file, no Hub repo): pass "
                          f"checkpoint_path=..., or use a tag (intern2 list --pretrained)")
-    if name and Path(name).exists():
-        return Path(name)
     home = intern2_home() / Path(name).name if name else None
     if home is not None and home.exists():
         return home

@@ -99,7 +99,7 @@ def test_imagenet_backbone_initialisation():
     model = intern2.create_model("mask_rcnn_internimage_t", **TINY)
     intern2.load_checkpoint(model, classifier.state_dict())
     torch.testing.assert_close(model.backbone.body.patch_embed.conv1.weight, classifier.patch_embed.conv1.weight)
-    assert model.pretrained_cfg["file"] == "mask_rcnn_internimage_t_fpn_1x_coco.pth"
+    assert model.pretrained_cfg["hf_hub_filename"] == "mask_rcnn_internimage_t_fpn_1x_coco.pth"
 
 
 def test_detector_backbone_initialises_a_segmentor():
