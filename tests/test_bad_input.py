@@ -61,6 +61,7 @@ def files(tmp_path_factory):
     for i in range(2):
         (root / "val_bad" / "0" / f"{i}.png").write_bytes(b"not a png")
     (root / "junk.pth").write_text("hello, not a pickle")
+    (root / "page.pth").write_text("<html>404 Not Found</html>")  # what a failed download may leave
     (root / "one_image" / "cat").mkdir(parents=True)
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(root / "one_image" / "cat" / "a.png")
     wide = intern2.create_model("internimage_t", num_classes=3, **{**TINY, "channels": 32})
@@ -99,6 +100,8 @@ CASES = [
     ("evil-checkpoint", TRAIN + ["--set", "checkpoint={root}/evil.pth"], "evil.pth: Unsupported global: GLOBAL print"),
     ("junk-checkpoint", ["predict", "{image}", "--model", "internimage_t", "--checkpoint", "{root}/junk.pth"],
      "junk.pth: KeyError: 101 (a damaged or truncated file, or not a PyTorch checkpoint?)"),
+    ("html-checkpoint", ["predict", "{image}", "--model", "internimage_t", "--checkpoint", "{root}/page.pth"],
+     "page.pth: not a pickle (a damaged or truncated file, or not a PyTorch checkpoint?)"),
     ("out-is-a-file", TRAIN + ["--out", "{root}/not_a_dir"], "not_a_dir"),
     ("topk", ["predict", "{image}", "--checkpoint", "{good}", "--topk", "0"],
      "argument --topk: expected a positive int, got '0'"),

@@ -49,7 +49,10 @@ def _torch_load(path: Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle.UnpicklingError, RuntimeError for truncated zips, ...
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
-        if lines[0].startswith("Weights only load failed"):
+        # "Unsupported operand N": bytes that are no pickle opcode at all (an HTML page, an LFS pointer), not a
+        # refused object.
+        refused = not any("unsupported operand" in line.lower() for line in lines)
+        if lines[0].startswith("Weights only load failed") and refused:
             # torch ends a refusal with a generic pointer to its docs; the line naming what it refused says more
             # ("Unsupported global: GLOBAL builtins.print", "Trying to load unsupported GLOBAL posix.system ...")
             named = [line[line.lower().index("unsupported"):].split(". ")[0] for line in lines
@@ -58,8 +61,9 @@ def _torch_load(path: Path) -> Any:
             raise ValueError(f"cannot read checkpoint {path}: {reason.rstrip('.')}. intern2 loads pickles with "
                              f"weights_only=True and refuses objects other than tensors and plain data") from exc
         # Not a refusal: a damaged file (torch's first sentence says what broke; the rest is advice)
-        raise ValueError(f"cannot read checkpoint {path}: {type(exc).__name__}: {lines[0].split('. ')[0].rstrip('.')}"
-                         f" (a damaged or truncated file, or not a PyTorch checkpoint?)") from exc
+        reason = f"{type(exc).__name__}: {lines[0].split('. ')[0].rstrip('.')}" if refused else "not a pickle"
+        raise ValueError(f"cannot read checkpoint {path}: {reason} (a damaged or truncated file, or not a PyTorch "
+                         f"checkpoint?)") from exc
 
 
 def read_config(folder: Union[str, os.PathLike]) -> Dict[str, Any]:
