@@ -133,6 +133,19 @@ def test_a_folder_tag_is_the_repos_snapshot(tmp_path, monkeypatch, capsys):
     assert resolve_weights(cfg) == folder
     assert cli.main(["translate", "--src", "en", "--tgt", "fr", "--max-new-tokens", "4", "Hello."]) == 0
     assert capsys.readouterr().out.count("\n") == 1  # one line per input (a random model may decode </s> first)
+    # Damaged downloads are named, with what to do.
+    weights = (folder / "model.safetensors").read_bytes()
+    for damaged, message in (("model.safetensors", "model.safetensors"), ("sentencepiece.bpe.model",
+                                                                          "is not a SentencePiece model file")):
+        original = (folder / damaged).read_bytes()
+        (folder / damaged).write_bytes(original[:1000])
+        with pytest.raises(SystemExit) as stop:
+            cli.main(["translate", "--src", "en", "--tgt", "fr", "Hello."])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert message in err and "a damaged download? delete" in err
+        (folder / damaged).write_bytes(original)
+    assert (folder / "model.safetensors").read_bytes() == weights
 
 
 def test_hf_hub_names_load_timm_format_repos(tmp_path, reference, monkeypatch):

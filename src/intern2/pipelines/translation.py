@@ -3,6 +3,7 @@ tokenizer and its decoding defaults (:class:`~intern2.weights.TranslationProtoco
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from ..config import error_message
+from ..hub import reading_download
 from ..text import check_text
 from ..text.corpus import read_lines
 from ..text.languages import get_language
@@ -252,7 +254,9 @@ def translate_main(argv: Optional[List[str]] = None) -> int:
         if not any(text.strip() for text in texts):
             parser.error("empty input: nothing to translate")
         setup_logging()
-        translator = Translator.from_pretrained(args.model or _default_model(), int8=args.int8, dtype=args.dtype)
+        folder = args.model or _default_model()
+        with contextlib.nullcontext() if args.model else reading_download(folder):  # from the cache: a download
+            translator = Translator.from_pretrained(folder, int8=args.int8, dtype=args.dtype)
         rows = [i for i, text in enumerate(texts) if text.strip()]  # blank lines stay blank
         source = args.input or ("text" if args.text else "stdin")
         for i in rows:  # text the model cannot take (not Unicode, too long), named by its line before any work

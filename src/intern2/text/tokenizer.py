@@ -90,10 +90,17 @@ class NllbTokenizer:
         path = Path(spm_model_path)
         if not path.is_file():
             raise FileNotFoundError(f"SentencePiece model {path} does not exist")
+        return cls._read(path, languages)
+
+    @classmethod
+    def _read(cls, path: Path, languages: Optional[Sequence[str]], added_languages: Sequence[str] = ()
+              ) -> "NllbTokenizer":
         try:
-            return cls(path.read_bytes(), languages)
+            return cls(path.read_bytes(), languages, added_languages)
         except RuntimeError as err:  # sentencepiece's parse error names neither file nor format
-            raise ValueError(f"{path} is not a SentencePiece model file ({err})") from None
+            reason = " ".join(str(err).split())[:160]
+            raise ValueError(f"{path} is not a SentencePiece model file ({reason}; a damaged download? delete it "
+                             f"and fetch it again)") from None
 
     @classmethod
     def train(cls, corpus_lines: Iterable[str], vocab_size: int, languages: Sequence[str],
@@ -135,7 +142,7 @@ class NllbTokenizer:
         if config.get("format") != "intern2-nllb-tokenizer":
             raise ValueError(f"{config_path}: not an intern2 tokenizer config "
                              f"(format {config.get('format')!r})")
-        tokenizer = cls(model_path.read_bytes(), config["languages"], config.get("added_languages", ()))
+        tokenizer = cls._read(model_path, config["languages"], config.get("added_languages", ()))
         if tokenizer.num_pieces != config["num_pieces"]:
             raise ValueError(f"{config_path} was written for a SentencePiece model with "
                              f"{config['num_pieces']} pieces but {model_path} has {tokenizer.num_pieces}")
