@@ -4,8 +4,9 @@ Hub cache through ``huggingface_hub`` (as timm, open_clip and transformers resol
 The order, in timm's pretrained-config keys: ``file``, a local path (a file or folder the user gave); then the
 published name (``hf_hub_filename``) in ``$INTERN2_HOME`` (default ``~/.cache/intern2``); then the tag's Hub repo
 (``hf_hub_id``): ``hf_hub_download`` of the file, or, for a name without a suffix (an HF transformers folder such as
-NLLB-200's), the repo's snapshot. A published name is never read from the current folder. With ``HF_HUB_OFFLINE=1`` (or ``download=False``) only the cache is read, and a missing file is an error
-that says which repo and file to fetch. Downloads go through ``huggingface_hub``, which writes into the cache
+NLLB-200's), the repo's snapshot. A published name is never read from the current folder. With
+``HF_HUB_OFFLINE=1`` (or ``download=False``) only the cache is read, and a missing file is an error that says which
+repo and file to fetch. Downloads go through ``huggingface_hub``, which writes into the cache
 atomically (an interrupted download leaves no partial file under the name it will be read by).
 """
 from __future__ import annotations

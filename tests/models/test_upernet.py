@@ -39,7 +39,8 @@ def test_official_backbone_keys_for_h():
     backbone = [(k[len("backbone."):], list(v.shape)) for k, v in model.state_dict().items()
                 if k.startswith("backbone.")]
     assert backbone == [(k, s) for k, s, _ in entry["keys"]]
-    assert model.num_classes == 150 and model.pretrained_cfg["hf_hub_filename"] == "upernet_internimage_h_896_160k_ade20k.pth"
+    assert model.num_classes == 150
+    assert model.pretrained_cfg["hf_hub_filename"] == "upernet_internimage_h_896_160k_ade20k.pth"
 
 
 def test_forward_shapes_heads_and_slide():
