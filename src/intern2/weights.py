@@ -452,7 +452,8 @@ class Weights:
         # timm's keys: ``file`` is a local path (None until one is given), ``hf_hub_filename`` the published name.
         cfg = dict(architecture=self.architecture, tag=self.tag, task=self.task, file=None,
                    hf_hub_filename=self.file, hf_hub_id=self.hf_hub_id, url=self.url, num_classes=self.num_classes,
-                   label_names=self.labels, classifier=self.classifier, first_conv=self.first_conv, **self.protocol.to_cfg())
+                   label_names=self.labels, classifier=self.classifier, first_conv=self.first_conv,
+                   **self.protocol.to_cfg())
         if self.metrics:
             cfg["metrics"] = [dataclasses.asdict(m) for m in self.metrics]
         return {**cfg, **self.extra, **extra}
