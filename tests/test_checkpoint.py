@@ -82,7 +82,10 @@ def test_hf_hub_folder(reference, tmp_path):
               "torch_dtype": "float32", **{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}}
     (tmp_path / "config.json").write_text(json.dumps(config))
     save_file({f"model.{k}": v.contiguous() for k, v in reference.state_dict().items()}, tmp_path / "model.safetensors")
-    _same_outputs(intern2.from_pretrained(tmp_path), reference)
+    loaded = intern2.from_pretrained(tmp_path)
+    _same_outputs(loaded, reference)
+    intern2.save_pretrained(loaded, tmp_path / "saved")  # re-saved in intern2's layout, it loads back
+    _same_outputs(intern2.from_pretrained(tmp_path / "saved"), reference)
 
 
 def test_save_pretrained_round_trip(reference, tmp_path):

@@ -175,9 +175,14 @@ def from_pretrained(directory: Union[str, os.PathLike], weights: bool = True, dt
                          f"intern2 or an HF model_type intern2 reads ({', '.join(HF_MODEL_TYPES)}), got "
                          f"{arch or model_type!r}")
     if model_type == "intern_image":
-        from .models.internimage import InternImage, InternImageConfig
-        model = InternImage(**{**InternImageConfig.from_dict(config).to_dict(), **kwargs})
-        model.pretrained_cfg = dict(architecture="internimage_custom")
+        # The registered variant of that width and depth (else T's name; every field is given, so what is built
+        # and saved is the folder's architecture, and save_pretrained writes a folder intern2 reads back).
+        from .models.internimage import INTERNIMAGE_VARIANTS, InternImageConfig
+        fields = InternImageConfig.from_dict(config).to_dict()
+        name = next((name for name, variant in INTERNIMAGE_VARIANTS.items() if variant.channels == fields["channels"]
+                     and tuple(variant.depths) == tuple(fields["depths"])), "internimage_t")
+        model = create_model(name, **{**fields, **kwargs})
+        model.pretrained_cfg = {**model.pretrained_cfg, "file": str(directory)}
     elif model_type == "videomae":
         model = _hf_videomae(directory, config, kwargs)
     else:
