@@ -52,14 +52,19 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """``write(temp_path)`` into a temp folder next to ``path``, then the files moved into place (an ONNX graph
     over 2 GB keeps its weights in a ``<name>.data`` file the graph names, so the graph is moved last): a failed
     export or check leaves no file and an existing ``path`` whole."""
+    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         write(folder / path.name)
         for item in sorted(folder.iterdir(), key=lambda p: p.name == path.name):
             os.replace(item, path.parent / item.name)
+        created = []
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+        for parent in created:  # a failed export leaves no folder it made either
+            with contextlib.suppress(OSError):
+                parent.rmdir()
 
 
 def export_onnx(model: nn.Module, path: Path, img_size: int, opset: int = 18, check: bool = True,

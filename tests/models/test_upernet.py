@@ -103,6 +103,19 @@ def test_onnx_export_matches_onnxruntime(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["upernet.onnx"]
 
 
+def test_a_failed_export_leaves_no_folder_it_made(tmp_path):
+    from intern2.export import ExportCheckError, _write_atomically
+
+    def fails(target):
+        target.write_bytes(b"half a graph")
+        raise ExportCheckError("check failed")
+    with pytest.raises(ExportCheckError):
+        _write_atomically(tmp_path / "new" / "deeper" / "m.onnx", fails)
+    assert list(tmp_path.iterdir()) == []
+    _write_atomically(tmp_path / "new" / "m.onnx", lambda target: target.write_bytes(b"graph"))
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["m.onnx"]
+
+
 def test_cli_exports_a_segmentor_at_its_fixed_size(tmp_path, capsys):
     """A dynamic UperNet graph would be wrong at other sizes (its logits resize is traced at one): the CLI
     exports it fixed, batch dynamic, whatever --static says."""
