@@ -191,6 +191,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--batch-size", type=positive(int), default=2)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    import pycocotools.cocoeval  # noqa: F401  the metric's package, missing or not, is known before the model loads
     pipeline = pipeline_from_args(parser, args, DetectionPipeline, test_size=args.test_size)
     try:
         source = open_coco_source(args.data, args.split)
