@@ -12,6 +12,7 @@ from safetensors import safe_open
 import intern2
 from intern2 import cli
 from intern2.data.actions import ACTION_CLASSES
+from intern2.data.video import VideoDecodeError
 from intern2.tasks.video_text import read_captions, retrieval_metrics
 
 pytest.importorskip("av")
@@ -74,6 +75,12 @@ def test_retrieve_zero_shot_embed_and_eval_commands(actions, trained, tmp_path, 
                      "--topk", "10", "--json"]) == 0
     (result,) = json.loads(capsys.readouterr().out)
     assert len(result["top"]) == 10 and result["top"][0]["label"] in ACTION_CLASSES
+    # ... which the pipeline's call gives too (one video, as every pipeline's call)
+    from intern2.pipelines import open_pipeline
+    pipeline = open_pipeline(model)
+    assert pipeline(str(videos / "00001.mp4"), topk=10) == {"top": result["top"]}
+    with pytest.raises(VideoDecodeError):
+        pipeline(str(broken))
     out = tmp_path / "emb.safetensors"
     assert cli.main(["embed", "--videos", str(videos), "--texts", "a red square", "a blue star", "--checkpoint",
                      model, "--out", str(out)]) == 0

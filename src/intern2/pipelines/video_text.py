@@ -147,11 +147,26 @@ class VideoTextPipeline(Pipeline):
     def _scale(self) -> float:
         return self.model.logit_scale.exp().clamp(max=100.0).item()
 
-    def zero_shot(self, files: Sequence[str], labels: Sequence[str], prompt: Optional[str] = None,
+    def __call__(self, file: str, labels: Optional[Sequence[str]] = None, prompt: Optional[str] = None,
+                 topk: int = 5) -> Dict[str, Any]:
+        """Zero-shot classification of one video (as the other pipelines' calls): ``{"top": [{"label", "index",
+        "prob"}]}``; ``labels`` default to the model's training classes. An unreadable file raises
+        VideoDecodeError."""
+        (result,) = self.zero_shot([file], labels, prompt, topk)
+        if "error" in result:
+            raise VideoDecodeError(result["error"])
+        return {"top": result["top"]}
+
+    def zero_shot(self, files: Sequence[str], labels: Optional[Sequence[str]] = None, prompt: Optional[str] = None,
                   topk: int = 5) -> List[Dict[str, Any]]:
-        """Per video, ``labels`` ranked by the similarity of the clip to ``prompt.format(label)`` (softmax at the
-        model's logit scale): ``{"file", "top": [{"label", "index", "prob"}]}``, or ``{"file", "error"}``."""
+        """Per video, ``labels`` (default: the model's training classes) ranked by the similarity of the clip to
+        ``prompt.format(label)`` (softmax at the model's logit scale): ``{"file", "top": [{"label", "index",
+        "prob"}]}``, or ``{"file", "error"}``."""
         prompt = check_prompt(prompt or self.prompt)
+        if labels is None:
+            if len(self.class_names) < 2:
+                raise ValueError("labels: required, the model records no class names of its own")
+            labels = self.class_names
         labels = [check_text(label, "label") for label in items(labels, "labels")]
         if len(labels) < 2:  # the softmax ranks labels against each other: one is always "certain"
             raise ValueError(f"labels: expected at least two to choose between, got {len(labels)}")
@@ -266,11 +281,10 @@ def zero_shot_main(argv: Optional[List[str]] = None, prog: str = "intern2 zero-s
             parser.error(str(exc))
     files = video_files_or_exit(parser, args.videos)
     pipeline = pipeline_from_args(parser, args)
-    if args.labels is None:
-        labels = pipeline.class_names
-        if len(labels) < 2:
-            parser.error("--labels is required: the model records no class names of its own")
-    else:
+    labels = None
+    if args.labels is None and len(pipeline.class_names) < 2:
+        parser.error("--labels is required: the model records no class names of its own")
+    if args.labels is not None:
         labels = [label.strip() for label in _checked_text(parser, args.labels, "--labels").split(",")
                   if label.strip()]
         if len(labels) < 2:
