@@ -76,3 +76,18 @@ def test_video_text_pipeline_refuses_what_ranks_nothing():
         pipeline.rank_captions("clip.mp4", ["a cat", "  "])
     with pytest.raises(ValueError, match="captions: nothing to rank"):
         pipeline.rank_captions("clip.mp4", [])
+
+
+def test_a_pipeline_takes_a_device():
+    """``device=`` as in HF pipelines: the model moves there (every pipeline's base takes it, also through
+    open_pipeline); a device torch does not have is named."""
+    from intern2.pipelines import open_pipeline
+    model = intern2.create_model("internimage_t", num_classes=3, channels=16, depths=[1, 1, 1, 1],
+                                 groups=[1, 2, 4, 8])
+    assert ImageClassificationPipeline(model, device="cpu").device == torch.device("cpu")
+    assert open_pipeline(model=model, device=torch.device("cpu")).device.type == "cpu"
+    with pytest.raises(ValueError, match="device: expected 'cpu', 'cuda' or 'cuda:N', got 'gpu0'"):
+        ImageClassificationPipeline(model, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device: 'cuda' asked for, but torch sees no CUDA device"):
+            ImageClassificationPipeline(model, device="cuda")

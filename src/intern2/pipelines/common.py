@@ -132,6 +132,18 @@ def inference_dtype(dtype: Any, device: torch.device) -> torch.dtype:
     return resolved
 
 
+def pipeline_device(device: Any) -> torch.device:
+    """``device`` ('cpu', 'cuda', 'cuda:1' or a torch.device) to run a pipeline on; a CUDA device where torch sees
+    none is a ValueError naming the argument."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} asked for, but torch sees no CUDA device here")
+    return resolved
+
+
 def model_dtype(model: nn.Module) -> torch.dtype:
     """The floating dtype of a model's parameters: inputs are cast to it (a bfloat16 model takes bfloat16)."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -144,20 +156,24 @@ class Pipeline:
 
     ``source`` names where the model came from (a folder, a file) in error messages. Protocol fields given as
     keyword arguments override the metadata (the CLI's ``--test-size``, ``--clips``, ...; None: keep).
-    ``dtype`` (``'bf16'`` / ``torch.bfloat16``) converts the model in place, as ``nn.Module.to`` does
-    (:func:`inference_dtype`: float32 where the CPU has no bfloat16 instructions); inputs are cast to the model's
-    dtype, so a model converted by the caller (``model.to(torch.bfloat16)``) runs in it as well; results are
-    float32.
+    ``device`` (``'cuda'``, ``'cuda:1'``, ...) moves the model there, as HF pipelines' ``device=`` does (default:
+    where the model is); inputs follow the model. ``dtype`` (``'bf16'`` / ``torch.bfloat16``) converts the model
+    in place, as ``nn.Module.to`` does (:func:`inference_dtype`: float32 where the CPU has no bfloat16
+    instructions); inputs are cast to the model's dtype, so a model converted by the caller
+    (``model.to(torch.bfloat16)``) runs in it as well; results are float32.
     """
 
     task: ClassVar[str] = ""
     expects: ClassVar[str] = ""  # what the pipeline takes, for the wrong-model error
     bfloat16: ClassVar[bool] = True  # whether the family runs in bfloat16 (detection: float32 only)
 
-    def __init__(self, model: nn.Module, source: Optional[str] = None, dtype: Any = None, **protocol: Any):
+    def __init__(self, model: nn.Module, source: Optional[str] = None, dtype: Any = None, device: Any = None,
+                 **protocol: Any):
         self.check_model(model)
         cfg = getattr(model, "pretrained_cfg", None) or {}
         where = f"{source or cfg.get('architecture') or type(model).__name__}: pretrained_cfg"
+        if device is not None:
+            model = model.to(pipeline_device(device))
         if dtype is not None:
             # The family's refusal first: it must not depend on whether this CPU would fall back to float32.
             if requested_dtype(dtype) == torch.bfloat16 and not self.bfloat16:
