@@ -384,6 +384,14 @@ def fresh_head_cfg(cfg: Mapping[str, Any], num_classes: int) -> Dict[str, Any]:
             "num_classes": num_classes}
 
 
+def trained_cfg(cfg: Mapping[str, Any], entries: Mapping[str, Any]) -> Dict[str, Any]:
+    """The ``pretrained_cfg`` of a model a training run produced: ``entries`` (its classes, protocol) over ``cfg``,
+    without a local file, the published metrics or label descriptions (they describe the weights it started from,
+    not these)."""
+    return {**{k: v for k, v in cfg.items() if k not in ("metrics", "label_descriptions")}, "file": None,
+            **entries}
+
+
 def labels_from_cfg(cfg: Mapping[str, Any], num_classes: int, where: str = "pretrained_cfg") -> List[str]:
     """Class names of a model with ``num_classes`` outputs: ``cfg['label_names']`` (a label set's name or a
     list), else (or when the head was replaced by one of another size) the class indices as strings."""

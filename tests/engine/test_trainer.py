@@ -221,6 +221,7 @@ def test_bookkeeping_files_and_metrics(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt"]  # no temp files left
     saved = json.loads((tmp_path / "model" / "config.json").read_text())
     assert saved["num_classes"] == 10 and saved["pretrained_cfg"]["label_names"] == [str(i) for i in range(10)]
+    assert saved["pretrained_cfg"]["file"] is None and "metrics" not in saved["pretrained_cfg"]
 
 
 def test_an_unwritable_out_dir_is_refused_before_the_work(tmp_path):
@@ -357,3 +358,16 @@ def test_evaluating_more_often_trains_the_same_weights(tmp_path):
     Trainer(ImageClassificationTask(once), once.train).fit()
     want, got = _weights(tmp_path / "once"), _weights(tmp_path / "often")
     assert all(torch.equal(got[key], want[key]) for key in want)
+
+
+def test_a_trained_model_does_not_carry_the_published_metrics():
+    """Fine-tuned from a tag at the same class count, the saved model is not the tag's weights: their metrics
+    and label descriptions are dropped, the tag's lineage (architecture, tag, Hub repo) stays."""
+    from intern2 import create_model
+    from intern2.weights import trained_cfg
+    published = create_model("internimage_t.in1k", **TINY).pretrained_cfg
+    assert published["metrics"] and published["hf_hub_filename"]
+    cfg = trained_cfg(published, {"label_names": ["a", "b"], "crop_pct": 1.0})
+    assert "metrics" not in cfg and "label_descriptions" not in cfg and cfg["file"] is None
+    assert (cfg["tag"], cfg["hf_hub_id"], cfg["label_names"], cfg["crop_pct"]) == ("in1k", published["hf_hub_id"],
+                                                                                  ["a", "b"], 1.0)

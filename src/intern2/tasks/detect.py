@@ -23,7 +23,7 @@ from ..engine import TrainConfig
 from ..factory import create_model, save_pretrained
 from ..pipelines.common import add_model_arguments, pair, pipeline_from_args, positive
 from ..pipelines.detect import DetectionPipeline
-from ..weights import DetectionProtocol
+from ..weights import DetectionProtocol, trained_cfg
 from .common import head_model_args, train_cli
 
 __all__ = ["DetectConfig", "DetectionTask", "coco_evaluate", "evaluate_detector", "train_main", "eval_main"]
@@ -170,8 +170,8 @@ class DetectionTask:
 
     def save_model(self, model: nn.Module, directory: Path) -> None:
         protocol = DetectionProtocol(test_size=(self.cfg.max_size, self.cfg.min_size))
-        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "file": None, "num_classes": len(self.classes),
-                                "label_names": list(self.classes), **protocol.to_cfg()}
+        model.pretrained_cfg = trained_cfg(getattr(model, "pretrained_cfg", {}), {
+            "num_classes": len(self.classes), "label_names": list(self.classes), **protocol.to_cfg()})
         save_pretrained(model, directory)
 
 

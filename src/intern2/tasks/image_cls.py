@@ -30,7 +30,7 @@ from ..engine.trainer import accumulate_eval
 from ..factory import create_model, save_pretrained
 from ..pipelines.common import add_model_arguments, check_aspect, model_dtype, pipeline_from_args, positive, progress
 from ..pipelines.image_cls import ImageClassificationPipeline
-from ..weights import ImageClassificationProtocol
+from ..weights import ImageClassificationProtocol, trained_cfg
 from .common import head_model_args, train_cli
 
 __all__ = ["ImageClsConfig", "ImageClassificationTask", "ClassificationMetrics", "train_main", "eval_main"]
@@ -179,8 +179,8 @@ class ImageClassificationTask:
 
     def save_model(self, model: nn.Module, directory: Path) -> None:
         protocol = self.cfg.protocol()
-        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "file": None, "num_classes": len(self.classes),
-                                "label_names": list(self.classes), **protocol.to_cfg()}
+        model.pretrained_cfg = trained_cfg(getattr(model, "pretrained_cfg", {}), {
+            "num_classes": len(self.classes), "label_names": list(self.classes), **protocol.to_cfg()})
         save_pretrained(model, directory)
 
 

@@ -22,7 +22,7 @@ from ..engine.trainer import accumulate_eval
 from ..factory import create_model, save_pretrained
 from ..pipelines.common import add_model_arguments, pipeline_from_args, progress
 from ..pipelines.segment import SegmentationPipeline, add_protocol_arguments, protocol_options, segment_probabilities
-from ..weights import SegmentationProtocol
+from ..weights import SegmentationProtocol, trained_cfg
 from .common import head_model_args, train_cli
 
 __all__ = ["SegmentConfig", "SegmentationTask", "SegmentationMetrics", "train_main", "eval_main"]
@@ -169,9 +169,9 @@ class SegmentationTask:
         return self.metrics.summarize(sums)
 
     def save_model(self, model: nn.Module, directory: Path) -> None:
-        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "file": None, "num_classes": len(self.classes),
-                                "label_names": self.classes, "crop_size": self.cfg.crop_size,
-                                **self.protocol.to_cfg()}
+        model.pretrained_cfg = trained_cfg(getattr(model, "pretrained_cfg", {}), {
+            "num_classes": len(self.classes), "label_names": self.classes, "crop_size": self.cfg.crop_size,
+            **self.protocol.to_cfg()})
         save_pretrained(model, directory)
 
 

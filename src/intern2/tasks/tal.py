@@ -40,7 +40,7 @@ from ..data.temporal import TemporalDataset, TemporalSource, class_names, collat
 from ..engine import TrainConfig
 from ..factory import create_model, save_pretrained
 from ..pipelines.common import add_model_arguments, pipeline_from_args, progress
-from ..weights import TemporalLocalizationProtocol
+from ..weights import TemporalLocalizationProtocol, trained_cfg
 from .common import head_model_args, train_cli
 
 __all__ = ["TIOU_PRESETS", "Segment", "load_ground_truth", "load_predictions", "interpolated_ap",
@@ -442,9 +442,9 @@ class TALTask:
         return metrics
 
     def save_model(self, model: nn.Module, directory: Path) -> None:
-        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "file": None, "num_classes": len(self.classes),
-                                "label_names": list(self.classes), **self.protocol.to_cfg(),
-                                "feature_encoder": self.cfg.encoder}
+        model.pretrained_cfg = trained_cfg(getattr(model, "pretrained_cfg", {}), {
+            "num_classes": len(self.classes), "label_names": list(self.classes), **self.protocol.to_cfg(),
+            "feature_encoder": self.cfg.encoder})
         save_pretrained(model, directory)
 
 

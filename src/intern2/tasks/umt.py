@@ -35,6 +35,7 @@ from ..factory import create_model, save_pretrained
 from ..models.video_vit import VideoMAEPretrain, VideoViT, keep_visible
 from ..models.videotext import VideoTextModel
 from ..pipelines.common import load_model
+from ..weights import trained_cfg
 from .common import train_cli
 from .video_cls import VideoDataConfig, video_datasets
 
@@ -232,11 +233,10 @@ class UMTTask:
     def save_model(self, model: nn.Module, directory: Path) -> None:
         cfg = self.cfg
         student = getattr(model, "module", model).student
-        student.pretrained_cfg = {**getattr(student, "pretrained_cfg", {}), "file": None,
-                                  "input_size": (3, cfg.num_frames, cfg.img_size, cfg.img_size),
-                                  "mean": tuple(cfg.mean), "std": tuple(cfg.std), "num_frames": cfg.num_frames,
-                                  "stride": cfg.stride, "sampling": cfg.sampling, "distilled_from": cfg.teacher,
-                                  "keep_ratio": cfg.keep_ratio, "masking": cfg.masking}
+        student.pretrained_cfg = trained_cfg(getattr(student, "pretrained_cfg", {}), {
+            "input_size": (3, cfg.num_frames, cfg.img_size, cfg.img_size), "mean": tuple(cfg.mean),
+            "std": tuple(cfg.std), "num_frames": cfg.num_frames, "stride": cfg.stride, "sampling": cfg.sampling,
+            "distilled_from": cfg.teacher, "keep_ratio": cfg.keep_ratio, "masking": cfg.masking})
         save_pretrained(student, directory)
 
 

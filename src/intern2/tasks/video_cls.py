@@ -36,7 +36,7 @@ from ..pipelines.video_cls import (
     protocol_options,
     view_probabilities,
 )
-from ..weights import SAMPLINGS, VideoProtocol
+from ..weights import SAMPLINGS, VideoProtocol, trained_cfg
 from .common import head_model_args, train_cli
 from .image_cls import ClassificationMetrics
 
@@ -196,9 +196,8 @@ class VideoClassificationTask(VideoTask):
         return self.metrics.summarize(sums)
 
     def save_model(self, model: nn.Module, directory: Path) -> None:
-        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "file": None,
-                                "num_classes": len(self.classes), "label_names": list(self.classes),
-                                **video_protocol(self.cfg).to_cfg()}
+        model.pretrained_cfg = trained_cfg(getattr(model, "pretrained_cfg", {}), {
+            "num_classes": len(self.classes), "label_names": list(self.classes), **video_protocol(self.cfg).to_cfg()})
         save_pretrained(model, directory)
 
 

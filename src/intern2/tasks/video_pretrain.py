@@ -16,6 +16,7 @@ from torch import nn
 from ..engine import TrainConfig
 from ..factory import save_pretrained
 from ..models.video_vit import VideoMAEPretrain, pixel_targets, running_cell_mask, tube_mask, videomae_loss
+from ..weights import trained_cfg
 from .common import train_cli
 from .video_cls import VideoDataConfig, VideoTask
 
@@ -90,10 +91,10 @@ class VideoPretrainTask(VideoTask):
 
     def save_model(self, model: nn.Module, directory: Path) -> None:
         cfg = self.cfg
-        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "file": None,
-                                "input_size": (3, cfg.num_frames, cfg.img_size, cfg.img_size),
-                                "mean": tuple(cfg.mean), "std": tuple(cfg.std), "num_frames": cfg.num_frames,
-                                "stride": cfg.stride, "sampling": cfg.sampling, "mask_ratio": cfg.mask_ratio}
+        model.pretrained_cfg = trained_cfg(getattr(model, "pretrained_cfg", {}), {
+            "input_size": (3, cfg.num_frames, cfg.img_size, cfg.img_size), "mean": tuple(cfg.mean),
+            "std": tuple(cfg.std), "num_frames": cfg.num_frames, "stride": cfg.stride, "sampling": cfg.sampling,
+            "mask_ratio": cfg.mask_ratio})
         save_pretrained(model, directory)
 
 

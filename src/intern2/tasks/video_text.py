@@ -43,7 +43,7 @@ from ..pipelines.video_text import (
     encode_views,
     pipeline_from_args,
 )
-from ..weights import VideoTextProtocol
+from ..weights import VideoTextProtocol, trained_cfg
 from .common import train_cli
 from .video_cls import BUILTIN, VideoDataConfig, video_protocol
 
@@ -354,9 +354,9 @@ class VideoTextTask:
                                    self.cfg.train.num_workers)
 
     def save_model(self, model: nn.Module, directory: Path) -> None:
-        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "file": None,
-                                "label_names": list(self.classes), "prompt": self.cfg.prompt,
-                                **video_protocol(self.cfg, VideoTextProtocol).to_cfg()}
+        model.pretrained_cfg = trained_cfg(getattr(model, "pretrained_cfg", {}), {
+            "label_names": list(self.classes), "prompt": self.cfg.prompt,
+            **video_protocol(self.cfg, VideoTextProtocol).to_cfg()})
         save_pretrained(model, directory)
         self.tokenizer.save(directory)
 
