@@ -122,6 +122,13 @@ def _by_timestamp(container, stream, first: int):
         expected = index + 1
 
 
+def _rgb(frame) -> np.ndarray:
+    """A decoded frame as a uint8 (H, W, 3) RGB array. One swscale thread: its slice-thread pool, made on the first
+    conversion, does not survive a fork, and a DataLoader worker forked after the parent had converted a frame
+    waited forever for the pool's threads (seen in the test suite)."""
+    return frame.to_ndarray(format="rgb24", threads=1)
+
+
 def _collect(path, frames, wanted: set, last: int, total: int):
     """(RGB arrays of the wanted indices, last index reached, last frame) from (index, frame) pairs."""
     decoded: Dict[int, np.ndarray] = {}
@@ -129,7 +136,7 @@ def _collect(path, frames, wanted: set, last: int, total: int):
     try:
         for index, frame in frames:
             if index in wanted:
-                decoded[index] = frame.to_ndarray(format="rgb24")
+                decoded[index] = _rgb(frame)
             if index >= last:
                 break
     except _av().FFmpegError as exc:
@@ -184,7 +191,7 @@ def read_video(path: Union[str, Path], frames: Optional[FrameSpec] = None, seek:
             raise VideoDecodeError(f"{path}: no frame could be decoded ({total} expected)")
         if position < last:  # a small gap (see _check_complete) is filled with the last frame
             _check_complete(path, position + 1, total)
-            final = frame.to_ndarray(format="rgb24")
+            final = _rgb(frame)
             decoded.update({i: final for i in wanted if i > position})
     frames = [decoded[i] for i in indices]
     for frame in frames:
@@ -208,7 +215,7 @@ def iter_frames(path: Union[str, Path]) -> Iterator[np.ndarray]:
         decoded, first = 0, None
         try:
             for frame in container.decode(stream):
-                array = frame.to_ndarray(format="rgb24")
+                array = _rgb(frame)
                 first = array if first is None else first
                 _check_frame_size(path, first, array)
                 yield array
