@@ -66,7 +66,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", default="runs/demo", help="folder for summary.json, report.html and the runs")
     parser.add_argument("--only", help=f"comma-separated stages to run (default: all of {','.join(STAGES)})")
     parser.add_argument("--budget", type=float, default=1.0,
-                        help="multiplier of every recipe's training steps (1.0: about 16 minutes on 2 CPU cores)")
+                        help="multiplier of every recipe's training steps (1.0: about 13 minutes on 2 CPU cores)")
     parser.add_argument("--steps", type=positive(int), default=300, help="optimisation steps of the displacement fit")
     parser.add_argument("--rounds", type=positive(int), default=5, help="timing rounds of the DCNv3 paths")
     args = parser.parse_args(argv)

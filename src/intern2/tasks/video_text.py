@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class VideoTextConfig(VideoDataConfig):
     data: str = BUILTIN  # a caption list (.jsonl of {path, caption[, label]}) or builtin:actions
+    val_data: Optional[str] = None  # default: val*.jsonl beside a train*.jsonl `data` (the same name), else no eval
     model: str = "internvideo_mm_tiny"
     model_args: Optional[Dict[str, Any]] = None  # architecture overrides, e.g. {vision: videomae}
     checkpoint: Optional[str] = None  # initial weights: a model folder (its tokenizer is kept) or an official file
