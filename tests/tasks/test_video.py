@@ -13,6 +13,7 @@ from intern2.checkpoint import load_checkpoint
 from intern2.data.actions import ACTION_CLASSES, generate_actions
 from intern2.data.video import write_video
 from intern2.pipelines.video_cls import VideoClassificationPipeline
+from intern2.tasks.video_cls import VideoClassificationTask, VideoClsConfig
 
 pytest.importorskip("av")
 DATA = ["--set", "num_frames=4", "--set", "stride=2", "--set", "img_size=32"]
@@ -123,6 +124,33 @@ def test_pretrained_encoder_transfers_to_classifier(pretrained):
     load_checkpoint(classifier, pretrained / "model")
     assert torch.equal(classifier.blocks[0].attn.qkv.weight, encoder.blocks[0].attn.qkv.weight)
     assert torch.equal(classifier.patch_embed.proj.weight, encoder.patch_embed.proj.weight)
+
+
+def test_fine_tune_builds_the_checkpoint_folders_architecture(actions, pretrained, tmp_path, capsys):
+    # No --model, no model_args: a UMT-like ViT-B student folder and the tiny pre-training folder give their own
+    # architectures and geometry (the default ViT-S was built before, and the weights refused).
+    student = intern2.create_model("videomae_vit_b", num_classes=0, embed_dim=48, depth=1, num_heads=3, patch_size=16,
+                                   img_size=32, all_frames=4)
+    intern2.save_pretrained(student, tmp_path / "student")
+    encoder = intern2.from_pretrained(pretrained / "model").encoder
+    for folder, arch, source in ((tmp_path / "student", "videomae_vit_b", student),
+                                 (pretrained / "model", "videomae_vit_s", encoder)):
+        cfg = VideoClsConfig(data=str(actions / "train.txt"), num_frames=4, stride=2, img_size=32,
+                             checkpoint=str(folder))
+        model = VideoClassificationTask(cfg).build_model()
+        assert model.pretrained_cfg["architecture"] == arch and model.num_classes == len(ACTION_CLASSES)
+        assert torch.equal(model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    out = tmp_path / "cls"
+    assert cli.main(["train", "video-cls", "--data", str(actions / "train.txt"), "--out", str(out), *DATA,
+                     "--set", "train.max_steps=1", "--set", "train.batch_size=2",
+                     "--set", f"checkpoint={tmp_path / 'student'}"]) == 0
+    capsys.readouterr()
+    model = intern2.from_pretrained(out / "model")
+    assert model.pretrained_cfg["architecture"] == "videomae_vit_b" and model.config["embed_dim"] == 48
+    # A model asked for by name is built as asked: the folder's weights do not fit it, and that is said.
+    assert cli.main(["train", "video-cls", "--data", str(actions / "train.txt"), "--out", str(tmp_path / "s"), *DATA,
+                     "--model", "videomae_vit_s", "--set", f"checkpoint={tmp_path / 'student'}"]) == 2
+    assert "student: 17 tensor shapes do not match" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_multi_view_prediction_averages_views(tmp_path):

@@ -26,7 +26,7 @@ torch.fx.wrap("linear")  # symbolic tracing records calls to it (fx.wrap applies
 
 __all__ = ["VideoViT", "VideoMAEPretrain", "clip_cfg", "keep_visible", "sinusoid_table", "resize_pos_embed",
            "tube_mask", "running_cell_mask", "pixel_targets", "videomae_loss", "official_to_hf", "hf_to_official",
-           "config_from_hf", "VIDEO_VIT_VARIANTS", "HF_VIDEOMAE_ARCHITECTURES"]
+           "config_from_hf", "classifier_config", "VIDEO_VIT_VARIANTS", "HF_VIDEOMAE_ARCHITECTURES"]
 
 log = logging.getLogger(__name__)
 
@@ -679,6 +679,31 @@ def config_from_hf(hf: Dict) -> Tuple[str, Dict, Optional[List[str]]]:
     return f"videomae_vit_{size}", dict(common, in_chans=hf.get("num_channels", 3), num_classes=num_classes,
                                         embed_dim=hidden, depth=layers, num_heads=heads,
                                         use_mean_pooling=mean_pooling, fc_norm_eps=1e-5), names
+
+
+# The encoder geometry a fine-tune takes from the model it starts from; the clip size, dropout, drop path and head
+# initialisation are the new run's settings.
+_ENCODER_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
+                   "init_values", "use_learnable_pos_emb", "tubelet_size", "norm_eps")
+
+
+def classifier_config(config: Dict[str, Any]) -> Optional[Tuple[str, Dict[str, Any]]]:
+    """(``videomae_vit_*`` name, encoder fields) of the classifier that fine-tunes the model a folder's
+    ``config.json`` describes: a classifier or UMT student (``videomae_vit_*``; its pooling too), a VideoMAE
+    pre-training model (``videomae_pretrain_vit_*``: its ``encoder_*`` fields) or an HF VideoMAE folder. None for
+    a config of another model."""
+    arch = config.get("architecture")
+    if arch is None and config.get("model_type") == "videomae":
+        arch, config, _ = config_from_hf(config)
+    if not isinstance(arch, str):
+        return None
+    if arch.startswith("videomae_pretrain_vit_"):
+        encoder = {**config, **{k[len("encoder_"):]: v for k, v in config.items() if k.startswith("encoder_")}}
+        return f"videomae_vit_{arch.rsplit('_', 1)[1]}", {k: encoder[k] for k in _ENCODER_FIELDS if k in encoder}
+    if arch.startswith("videomae_vit_"):
+        keys = (*_ENCODER_FIELDS, "use_mean_pooling", "fc_norm_eps")
+        return arch, {k: config[k] for k in keys if k in config}
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ variants

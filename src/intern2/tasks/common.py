@@ -53,7 +53,8 @@ def train_cli(argv: Optional[List[str]], task_name: str, description: str, confi
         recipe = get_recipe(args.recipe, task_name) if args.recipe else None
         cfg = load_config(config_cls, args.config, overrides, recipe and recipe.config,
                           f"recipe {args.recipe}")
-        _check_model_kind(cfg.model, config_cls().model, task_name)
+        if cfg.model is not None:  # None: the task picks it (e.g. a checkpoint folder's architecture)
+            _check_model_kind(cfg.model, config_cls().model or model_example, task_name)
         check_output(cfg.train.out_dir, "--out" if args.out is not None else "train.out_dir", folder=True)
         task = task_cls(cfg)
     except (ValueError, FileNotFoundError) as exc:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..checkpoint import CONFIG_NAME, read_config
 from ..config import check_positive, check_range
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..data.video import (
@@ -29,6 +30,7 @@ from ..data.video import (
 from ..engine import TrainConfig
 from ..engine.trainer import accumulate_eval
 from ..factory import create_model, save_pretrained
+from ..models.video_vit import classifier_config
 from ..pipelines.common import add_model_arguments, pipeline_from_args, positive, progress
 from ..pipelines.video_cls import (
     VideoClassificationPipeline,
@@ -45,6 +47,7 @@ __all__ = ["VideoDataConfig", "VideoClsConfig", "VideoTask", "VideoClassificatio
 
 log = logging.getLogger(__name__)
 BUILTIN = "builtin:actions"
+DEFAULT_MODEL = "videomae_vit_s"  # fine-tuned when neither a model nor a model folder is given
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ class VideoDataConfig:
 
 @dataclass(frozen=True)
 class VideoClsConfig(VideoDataConfig):
-    model: str = "videomae_vit_s"
+    model: Optional[str] = None  # null: the checkpoint folder's architecture, else videomae_vit_s
     model_args: Optional[Dict[str, Any]] = None  # architecture overrides, e.g. {depth: 4, embed_dim: 96}
     checkpoint: Optional[str] = None  # initial weights: a fine-tuned, pre-training (VideoMAE) or HF file/folder
     label_smoothing: float = 0.1
@@ -138,10 +141,11 @@ class VideoTask:
         self.train_source, self._train_set, self._eval_set = video_datasets(cfg, cfg.train.seed)
         self.skipped = 0
 
-    def _create_model(self, **model_args: Any) -> nn.Module:
+    def _create_model(self, model: str, base: Optional[Dict[str, Any]] = None, **model_args: Any) -> nn.Module:
+        """``model`` at the clip size: ``base`` fields, then the config's ``model_args``, then ``model_args``."""
         cfg = self.cfg
-        return create_model(cfg.model, **{"all_frames": cfg.num_frames, "img_size": cfg.img_size,
-                                          **(cfg.model_args or {}), **model_args})
+        return create_model(model, **{**(base or {}), "all_frames": cfg.num_frames, "img_size": cfg.img_size,
+                                      **(cfg.model_args or {}), **model_args})
 
     def _load_initial_weights(self, model: nn.Module) -> nn.Module:
         if self.cfg.checkpoint:
@@ -182,7 +186,9 @@ class VideoClassificationTask(VideoTask):
         self.metrics = ClassificationMetrics(self.classes)
 
     def build_model(self) -> nn.Module:
-        model = self._create_model(**head_model_args(self.cfg.model_args, len(self.classes), self.cfg.data))
+        name, base = starting_architecture(self.cfg.model, self.cfg.checkpoint)
+        model = self._create_model(name, base, **head_model_args(self.cfg.model_args, len(self.classes),
+                                                                 self.cfg.data))
         return self._load_initial_weights(model)
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
@@ -201,6 +207,22 @@ class VideoClassificationTask(VideoTask):
         save_pretrained(model, directory)
 
 
+def starting_architecture(model: Optional[str], checkpoint: Optional[str]) -> Tuple[str, Dict[str, Any]]:
+    """(classifier to build, encoder fields taken from ``checkpoint``) of a fine-tune: a model folder's own
+    architecture when ``model`` is None (as HF's ``from_pretrained``; without a folder, ViT-S), and its geometry
+    under a ``model`` of that architecture too (a tiny pre-trained ViT-S needs no ``model_args`` repeated). Another
+    ``model`` is built as asked: the folder's weights then fit it or are refused by name."""
+    implied = None
+    if checkpoint and (Path(checkpoint) / CONFIG_NAME).is_file():
+        implied = classifier_config(read_config(checkpoint))
+    if implied is None:
+        return model or DEFAULT_MODEL, {}
+    name, fields = implied
+    if model is None or model.partition(".")[0] == name:
+        return model or name, fields
+    return model, {}
+
+
 def video_protocol(cfg: VideoDataConfig, protocol_cls: type = VideoProtocol) -> VideoProtocol:
     """The test protocol a model trained with ``cfg`` is evaluated with (stored in its folder)."""
     return protocol_cls(num_frames=cfg.num_frames, sampling=cfg.sampling, stride=cfg.stride,
@@ -212,7 +234,7 @@ def video_protocol(cfg: VideoDataConfig, protocol_cls: type = VideoProtocol) -> 
 def train_main(argv: Optional[List[str]] = None) -> int:
     return train_cli(argv, "video-cls", "Fine-tune a video ViT for action recognition.", VideoClsConfig,
                      VideoClassificationTask, "annotation list (`path label` lines or path,label CSV) or "
-                     "builtin:actions", "videomae_vit_s", hide=("per_class_top1",))
+                     "builtin:actions", DEFAULT_MODEL, hide=("per_class_top1",))
 
 
 def eval_main(argv: Optional[List[str]] = None) -> int:

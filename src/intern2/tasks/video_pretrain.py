@@ -54,7 +54,7 @@ class VideoPretrainTask(VideoTask):
         super().__init__(cfg)
 
     def build_model(self) -> nn.Module:
-        model = self._create_model()
+        model = self._create_model(self.cfg.model)
         if not isinstance(model, VideoMAEPretrain):
             raise ValueError(f"model: {self.cfg.model} is not a VideoMAE pre-training model "
                              f"(use videomae_pretrain_vit_*)")
