@@ -25,9 +25,9 @@ def _timm_cfg(record) -> Dict[str, Any]:
     protocol = record.protocol
     cfg = dict(hf_hub_id=record.hf_hub_id, hf_hub_filename=record.file, url=record.url or "",
                num_classes=record.num_classes, input_size=tuple(protocol.input_size), crop_pct=protocol.crop_pct,
-               interpolation=protocol.interpolation, mean=tuple(protocol.mean), std=tuple(protocol.std),
-               first_conv=record.first_conv, classifier=record.classifier, **_ORIGIN)
-    return {**cfg, **{k: v for k, v in record.extra.items() if k == "pool_size"}}
+               crop_mode=protocol.crop_mode, interpolation=protocol.interpolation, mean=tuple(protocol.mean),
+               std=tuple(protocol.std), first_conv=record.first_conv, classifier=record.classifier, **_ORIGIN)
+    return {**cfg, **{k: v for k, v in record.extra.items() if k in ("pool_size", "fixed_input_size")}}
 
 
 def _entrypoint(name: str):

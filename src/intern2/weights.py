@@ -102,12 +102,18 @@ class _Protocol:
                         f"{name}: expected at most {MAX_SIDE} pixels, got {value}")
 
 
+CROP_MODES = ("center", "squash", "border")  # timm's eval crop modes
+
+
 @dataclass(frozen=True)
 class ImageClassificationProtocol(_Protocol):
-    """Shorter side to ``input_size / crop_pct`` (``interpolation``), centre crop ``input_size``, normalise."""
+    """timm's eval transform: resize to ``floor(input_size / crop_pct)`` (``interpolation``; ``crop_mode``
+    ``center``: the shorter side, ``squash``: both sides, ``border``: the longer side), then centre crop (or, for
+    ``border``, pad with the mean colour) to ``input_size``, normalise."""
     task = "image-cls"
     input_size: Tuple[int, int, int] = (3, 224, 224)  # timm's (C, H, W)
     crop_pct: float = 1.0
+    crop_mode: str = "center"
     interpolation: str = "bicubic"
     mean: Tuple[float, float, float] = IMAGENET_MEAN
     std: Tuple[float, float, float] = IMAGENET_STD
@@ -115,6 +121,8 @@ class ImageClassificationProtocol(_Protocol):
     def __post_init__(self):
         self._check(min(self.input_size) >= 1, f"input_size: expected positive sizes, got {self.input_size}")
         self._check(0 < self.crop_pct <= 1, f"crop_pct: expected a number in (0, 1], got {self.crop_pct}")
+        self._check(self.crop_mode in CROP_MODES,
+                    f"crop_mode: expected one of {', '.join(CROP_MODES)}, got {self.crop_mode!r}")
         self._check(self.interpolation in ("bicubic", "bilinear", "nearest"),
                     f"interpolation: expected bicubic, bilinear or nearest, got {self.interpolation!r}")
         self._check_pixels("input_size")
@@ -536,7 +544,7 @@ def _imagenet(arch: str, tag: str, file: str, size: int, top1: Optional[float], 
     return Weights(arch, tag, "image-cls", ImageClassificationProtocol(input_size=(3, size, size)),
                    num_classes=classes, labels="imagenet-1k" if classes == 1000 else "imagenet-22k", file=file,
                    hf_hub_id=_INTERNIMAGE_HUB, metrics=metrics, classifier="head", first_conv="patch_embed.conv1",
-                   extra=dict(pool_size=(size // stride, size // stride)))
+                   extra=dict(pool_size=(size // stride, size // stride), fixed_input_size=False))
 
 
 _add(

@@ -170,20 +170,40 @@ def test_num_classes_zero_and_in_chans_through_timm(tmp_path, monkeypatch):
         assert torch.allclose(grey(x), reference(x.repeat(1, 3, 1, 1)), atol=1e-5)
 
 
-@pytest.mark.parametrize("tag", ["internimage_t.in1k", "internimage_l.in22k_ft_in1k"])
-def test_timm_transform_is_the_pipelines_preprocessing(tag):
-    """timm's create_transform(resolve_data_config(model)) and the image pipeline prepare an image alike: both
-    resize with PIL, as the official evaluation does."""
+@pytest.mark.parametrize("tag,crop", [("internimage_t.in1k", {}), ("internimage_l.in22k_ft_in1k", {}),
+                                      ("internimage_t.in1k", dict(crop_pct=0.95, crop_mode="squash")),
+                                      ("internimage_t.in1k", dict(crop_pct=0.9, crop_mode="border")),
+                                      ("internimage_t.in1k", dict(crop_pct=0.95, crop_mode="center"))])
+def test_timm_transform_is_the_pipelines_preprocessing(tag, crop):
+    """timm's create_transform(resolve_data_config(model)) and the image pipeline prepare an image alike, for
+    each of timm's crop modes and a crop_pct whose scaled size is not whole: both resize with PIL, as the official
+    evaluation does."""
     import numpy as np
     from PIL import Image
     from timm.data import create_transform, resolve_data_config
 
     from intern2.pipelines.image_cls import ImageClassificationPipeline
     model = intern2.create_model(tag, **TINY["internimage_t"])
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8))
-    ours = ImageClassificationPipeline(model).transform(image)
-    theirs = create_transform(**resolve_data_config({}, model=model))(image)
-    assert ours.shape == theirs.shape and (ours - theirs).abs().max() < 1e-5
+    model.pretrained_cfg.update(crop)
+    for shape in ((300, 400, 3), (401, 250, 3)):
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8))
+        ours = ImageClassificationPipeline(model).transform(image)
+        theirs = create_transform(**resolve_data_config({}, model=model))(image)
+        assert ours.shape == theirs.shape and (ours - theirs).abs().max() < 1e-5
+
+
+def test_pretrained_cfg_has_timms_crop_keys():
+    """A model's own pretrained_cfg carries timm's crop_mode and fixed_input_size, as timm's registry does; an
+    unknown crop mode is refused by name."""
+    import timm
+    model = intern2.create_model("internimage_t.in1k", **TINY["internimage_t"])
+    registered = timm.get_pretrained_cfg("internimage_t.in1k")
+    assert (model.pretrained_cfg["crop_mode"], model.pretrained_cfg["fixed_input_size"]) == \
+        (registered.crop_mode, registered.fixed_input_size) == ("center", False)
+    from intern2.pipelines.image_cls import ImageClassificationPipeline
+    model.pretrained_cfg["crop_mode"] = "letterbox"
+    with pytest.raises(ValueError, match="crop_mode: expected one of center, squash, border, got 'letterbox'"):
+        ImageClassificationPipeline(model)
 
 
 @pytest.mark.parametrize("name,key", [("mask_rcnn_internimage_t", "box_score_treshold"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 import re
 import zlib
@@ -175,13 +176,50 @@ def train_transform(img_size: int, mean: Sequence[float], std: Sequence[float], 
 
 
 def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float = 1.0,
-                   interpolation: str = "bicubic") -> Callable:
-    """The official eval preprocessing: shorter side to img_size / crop_pct, centre crop img_size. The resize is
-    PIL's, on the PIL image, as the official code (and timm) resize: torch's bicubic on a tensor differs by up
-    to a grey level."""
-    return v2.Compose([v2.Resize(int(round(img_size / crop_pct)), interpolation=v2.InterpolationMode(interpolation)),
-                       v2.CenterCrop(img_size), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(mean, std)])
+                   interpolation: str = "bicubic", crop_mode: str = "center") -> Callable:
+    """The official (and timm's) eval preprocessing to ``scale = floor(img_size / crop_pct)``, then ``img_size``:
+    ``center`` resizes the shorter side to ``scale`` and centre-crops; ``squash`` resizes both sides to ``scale``
+    (the aspect ratio is lost) and centre-crops; ``border`` resizes the longer side to ``scale`` and centre-crops
+    or pads with the mean colour. The resize is PIL's, on the PIL image, as the official code (and timm) resize:
+    torch's bicubic on a tensor differs by up to a grey level."""
+    scale, mode = math.floor(img_size / crop_pct), v2.InterpolationMode(interpolation)
+    if crop_mode == "center":
+        fit = [v2.Resize(scale, interpolation=mode), v2.CenterCrop(img_size)]
+    elif crop_mode == "squash":
+        fit = [v2.Resize((scale, scale), interpolation=mode), v2.CenterCrop(img_size)]
+    elif crop_mode == "border":
+        fill = tuple(round(255 * m) for m in mean)
+        fit = [_FitLongerSide(scale, mode), _CropOrPad(img_size, fill if len(fill) > 1 else fill[0])]
+    else:
+        raise ValueError(f"crop_mode: expected center, squash or border, got {crop_mode!r}")
+    return v2.Compose([*fit, v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+class _FitLongerSide:
+    """Resize so that the longer side is ``size`` (each side rounded, as timm's ``ResizeKeepRatio``)."""
+
+    def __init__(self, size: int, interpolation: v2.InterpolationMode):
+        self.size, self.interpolation = size, interpolation
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        ratio = max(image.height, image.width) / self.size
+        return v2.functional.resize(image, [round(image.height / ratio), round(image.width / ratio)],
+                                    interpolation=self.interpolation)
+
+
+class _CropOrPad:
+    """Centre crop to ``size`` x ``size``, padding a side that is shorter with ``fill`` (torchvision pads black)."""
+
+    def __init__(self, size: int, fill: Union[int, Tuple[int, ...]]):
+        self.size, self.fill = size, fill
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        if width < self.size or height < self.size:
+            left, top = max(self.size - width, 0) // 2, max(self.size - height, 0) // 2
+            image = v2.functional.pad(image, [left, top, max(self.size - width, 0) - left,
+                                              max(self.size - height, 0) - top], fill=self.fill)
+        return v2.functional.center_crop(image, [self.size, self.size])
 
 
 class ClassificationDataset(Dataset):

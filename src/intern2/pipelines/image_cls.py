@@ -17,7 +17,7 @@ __all__ = ["ImageClassificationPipeline", "predict_main"]
 
 class ImageClassificationPipeline(Pipeline):
     """``pipeline(image, topk=5) -> {"top": [{"label", "index", "prob"}]}`` with the weights' preprocessing
-    (shorter side to ``input_size / crop_pct``, centre crop, normalise)."""
+    (timm's: resize to ``input_size / crop_pct`` as ``crop_mode`` says, centre crop, normalise)."""
 
     task = "image-cls"
     expects = "an image classifier (InternImage with a head)"
@@ -46,9 +46,9 @@ class ImageClassificationPipeline(Pipeline):
         p = self.protocol
         if getattr(self.model, "in_chans", 3) == 1:
             grey = eval_transform(p.img_size, [sum(p.mean) / len(p.mean)], [sum(p.std) / len(p.std)], p.crop_pct,
-                                  p.interpolation)
+                                  p.interpolation, p.crop_mode)
             return lambda image: grey(image.convert("L"))
-        return eval_transform(p.img_size, p.mean, p.std, p.crop_pct, p.interpolation)
+        return eval_transform(p.img_size, p.mean, p.std, p.crop_pct, p.interpolation, p.crop_mode)
 
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:

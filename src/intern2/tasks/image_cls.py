@@ -49,6 +49,7 @@ class ImageClsConfig:
     val_fraction: float = 0.2
     img_size: int = 224
     crop_pct: float = 1.0
+    crop_mode: str = "center"  # evaluation resize, as timm's: center, squash or border
     train_crop_scale: Tuple[float, float] = (0.6, 1.0)
     hflip: float = 0.5
     label_smoothing: float = 0.1
@@ -66,7 +67,8 @@ class ImageClsConfig:
 
     def protocol(self) -> ImageClassificationProtocol:
         """The evaluation protocol the trained model is saved with."""
-        return ImageClassificationProtocol(input_size=(3, self.img_size, self.img_size), crop_pct=self.crop_pct)
+        return ImageClassificationProtocol(input_size=(3, self.img_size, self.img_size), crop_pct=self.crop_pct,
+                                           crop_mode=self.crop_mode)
 
 
 class ClassificationMetrics:
@@ -109,7 +111,7 @@ class ImageClassificationTask:
     """Cross-entropy classification of an ImageFolder / CSV / built-in dataset with any intern2 image model."""
 
     # Fields a resumed run may change: the evaluation's crop; initial weights (the resume replaces them).
-    resume_may_change = frozenset({"crop_pct", "checkpoint", "pretrained"})
+    resume_may_change = frozenset({"crop_pct", "crop_mode", "checkpoint", "pretrained"})
 
     def __init__(self, cfg: ImageClsConfig):
         self.cfg = cfg
@@ -147,7 +149,8 @@ class ImageClassificationTask:
     def _dataset(self, source: ImageSource, train: bool) -> Dataset:
         cfg = self.cfg
         transform = (train_transform(cfg.img_size, IMAGENET_MEAN, IMAGENET_STD, cfg.train_crop_scale, cfg.hflip)
-                     if train else eval_transform(cfg.img_size, IMAGENET_MEAN, IMAGENET_STD, cfg.crop_pct))
+                     if train else eval_transform(cfg.img_size, IMAGENET_MEAN, IMAGENET_STD, cfg.crop_pct,
+                                                             crop_mode=cfg.crop_mode))
         return ClassificationDataset(source, transform, seed=cfg.train.seed, check=None if train else check_aspect)
 
     def train_dataset(self) -> Dataset:
