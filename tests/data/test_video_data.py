@@ -420,3 +420,23 @@ def test_a_list_that_is_not_utf8_is_named(tmp_path):
     listed.write_bytes("clip_é.mp4 0\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"val_latin.txt: not a UTF-8 text file \(byte 0xe9"):
         read_annotations(listed)
+
+
+def test_rgb_conversion_asks_for_one_thread_only_where_pyav_has_the_option(monkeypatch):
+    """PyAV 17 added ``threads`` to frame conversion (and the thread pool it limits); older PyAV refuses it."""
+    from intern2.data import video
+
+    class OldFrame:  # PyAV < 17's signature
+        def to_ndarray(self, format=None):
+            return np.zeros((2, 2, 3), np.uint8)
+
+    class NewFrame:
+        def to_ndarray(self, format=None, threads=None):
+            assert threads == 1
+            return np.zeros((2, 2, 3), np.uint8)
+
+    monkeypatch.setattr(video, "_AV_THREADED_REFORMAT", False)
+    assert video._rgb(OldFrame()).shape == (2, 2, 3)
+    monkeypatch.setattr(video, "_AV_THREADED_REFORMAT", True)
+    assert video._rgb(NewFrame()).shape == (2, 2, 3)
+    assert video._threaded_reformat() == (int(pytest.importorskip("av").__version__.split(".")[0]) >= 17)

@@ -125,8 +125,23 @@ def _by_timestamp(container, stream, first: int):
 def _rgb(frame) -> np.ndarray:
     """A decoded frame as a uint8 (H, W, 3) RGB array. One swscale thread: its slice-thread pool, made on the first
     conversion, does not survive a fork, and a DataLoader worker forked after the parent had converted a frame
-    waited forever for the pool's threads (seen in the test suite)."""
-    return frame.to_ndarray(format="rgb24", threads=1)
+    waited forever for the pool's threads (seen in the test suite). PyAV before 17 has neither the pool nor the
+    ``threads`` argument."""
+    if _AV_THREADED_REFORMAT:
+        return frame.to_ndarray(format="rgb24", threads=1)
+    return frame.to_ndarray(format="rgb24")
+
+
+def _threaded_reformat() -> bool:
+    """Whether the installed PyAV converts frames on a thread pool (17.0 and later)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return int(version("av").split(".")[0]) >= 17
+    except (PackageNotFoundError, ValueError):
+        return True
+
+
+_AV_THREADED_REFORMAT = _threaded_reformat()
 
 
 def _collect(path, frames, wanted: set, last: int, total: int):
