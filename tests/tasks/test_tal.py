@@ -98,7 +98,7 @@ def test_bad_thresholds_are_refused(tmp_path, capsys):
 def test_training_evaluation_leaves_out_what_eval_tal_refuses(tmp_path):
     """The evaluation of a training run skips the annotations its data source skipped; eval-tal names them."""
     from intern2.tasks.tal import load_ground_truth
-    good = {"label_id": 0, "label": "a", "segment": [1, 2]}
+    good = {"label_id": 0, "segment": [1, 2]}  # name-less: its taxonomy node names it
     gt = {"taxonomy": [{"nodeId": "0", "nodeName": "a"}],
           "database": {"v1": {"subset": "validation", "annotations": [good, {"label_id": 0, "segment": [3, 1]}]},
                        "v2": "not a video", "v3": {"subset": "validation", "annotations": [good]}}}
@@ -108,3 +108,21 @@ def test_training_evaluation_leaves_out_what_eval_tal_refuses(tmp_path):
     instances, names = load_ground_truth(path, skip_unusable=True)
     assert [(i.video, i.start, i.end) for i in instances] == [("v1", 1.0, 2.0), ("v3", 1.0, 2.0)]
     assert names == {0: "a"}  # a taxonomy id written as a string still names its class
+
+
+def test_named_labels_are_scored_by_name_whatever_the_taxonomy_numbers(tmp_path, capsys):
+    """Official ActivityNet files: names only in the annotations and results, and a taxonomy whose node ids
+    (parents included) are not class ids. Perfect predictions score 1 (Archery's were numbered by its taxonomy
+    node, 2, while its ground truth was class 0 of the sorted names: mAP 0.5)."""
+    gt = {"taxonomy": [{"nodeId": 0, "nodeName": "Root"}, {"nodeId": 1, "nodeName": "Zumba", "parentId": 0},
+                       {"nodeId": 2, "nodeName": "Archery", "parentId": 0}],
+          "database": {video: {"subset": "validation", "duration": 10.0,
+                               "annotations": [{"label": label, "segment": [1, 5]}]}
+                       for video, label in (("v1", "Zumba"), ("v2", "Archery"))}}
+    predictions = {"results": {video: [{"label": label, "score": 0.9, "segment": [1, 5]}]
+                               for video, label in (("v1", "Zumba"), ("v2", "Archery"))}}
+    assert cli.main(["eval-tal", _write(tmp_path / "gt.json", gt), _write(tmp_path / "pred.json", predictions),
+                     "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["average_mAP"] == 1.0 and sorted(metrics["ap_per_class"]) == ["Archery", "Zumba"]
+    assert metrics["dropped_predictions"] == 0

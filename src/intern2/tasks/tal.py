@@ -90,41 +90,45 @@ def _entries(value: Any, where: str, what: str) -> List[Dict[str, Any]]:
 
 def load_ground_truth(path: Path, subset: str = "validation", skip_unusable: bool = False,
                       classes: Optional[Sequence[str]] = None) -> Tuple[List[Segment], Dict[int, str]]:
-    """The de-duplicated instances of ``subset`` in an ActivityNet-layout file and the class names by id (from
-    the taxonomy, else from the annotations' labels). A label is its name's index in ``classes`` (a training
-    run's), by default numbered as training numbers them (the ``label_id`` when every annotation has one, else
-    the sorted names); a name-less annotation gives its ``label_id``. An unusable video record or annotation is
-    an error naming it, or with ``skip_unusable`` (the evaluation of a training run, whose data source skips and
-    counts them too) left out."""
+    """The de-duplicated instances of ``subset`` in an ActivityNet-layout file and the class names by id. A label
+    is its name's index in ``classes`` (a training run's), by default numbered as training numbers them (the
+    ``label_id`` when every annotation has one, else the sorted names); a name-less annotation gives its
+    ``label_id``, named by the taxonomy node of that id if there is one (the taxonomy's ids number its nodes,
+    parents included, not the classes: they never renumber a named label). An unusable video record or
+    annotation is an error naming it, or with ``skip_unusable`` (the evaluation of a training run, whose data
+    source skips and counts them too) left out."""
     data = _read_json(path, "ground truth")
     database = data.get("database")
     if not isinstance(database, dict):
         raise ValueError(f"ground truth {path}: expected a 'database' object of videos (ActivityNet layout)")
     ids = {name: i for i, name in enumerate(classes if classes is not None else class_names(path, database))}
-    names: Dict[int, str] = {}
+    taxonomy: Dict[int, str] = {}
     for node in _entries(data.get("taxonomy", []), f"ground truth {path}: taxonomy", "class"):
         if "nodeId" in node:
             try:
-                names[int(node["nodeId"])] = str(node.get("nodeName", node["nodeId"]))
+                taxonomy[int(node["nodeId"])] = str(node.get("nodeName", node["nodeId"]))
             except (TypeError, ValueError):
                 raise ValueError(f"ground truth {path}: taxonomy: nodeId {node['nodeId']!r} is not an integer") \
                     from None
     instances: List[Segment] = []
     for video, record in database.items():
         try:
-            instances += _video_instances(path, video, record, subset, names, ids, skip_unusable)
+            instances += _video_instances(path, video, record, subset, ids, skip_unusable)
         except ValueError:  # the record itself
             if not skip_unusable:
                 raise
     if not instances:
         raise ValueError(f"ground truth {path}: no annotated video in subset {subset!r}")
+    names = {i: name for name, i in ids.items()}
+    for label in sorted({instance.label for instance in instances} - set(names)):  # name-less label_ids
+        names[label] = taxonomy.get(label, str(label))
     return instances, names
 
 
-def _video_instances(path: Path, video: str, record: Any, subset: str, names: Dict[int, str], ids: Dict[str, int],
+def _video_instances(path: Path, video: str, record: Any, subset: str, ids: Dict[str, int],
                      skip_unusable: bool) -> List[Segment]:
     """One video's de-duplicated instances if it is in ``subset`` (unusable annotations left out with
-    ``skip_unusable``); class names of its labels go into ``names``."""
+    ``skip_unusable``)."""
     if not isinstance(record, dict):
         raise ValueError(f"ground truth {path}: {video}: expected a video object ('subset', 'annotations'), "
                          f"got {json.dumps(record)[:60]}")
@@ -141,9 +145,6 @@ def _video_instances(path: Path, video: str, record: Any, subset: str, names: Di
             if skip_unusable:
                 continue
             raise
-        if isinstance(entry.get("label"), str):  # the annotation's own name over the taxonomy's
-            names[label] = entry["label"]
-        names.setdefault(label, str(label))
         instance = Segment(video, label, start, end)
         if not any(k.label == instance.label and abs(k.start - start) <= DUPLICATE_TOLERANCE_S
                    and abs(k.end - end) <= DUPLICATE_TOLERANCE_S for k in kept):
