@@ -189,7 +189,10 @@ def from_pretrained(directory: Union[str, os.PathLike], weights: bool = True, dt
         fields, labels = _model_fields(config)
         tag = config.get("pretrained_cfg", {}).get("tag")
         model = create_model(f"{arch}.{tag}" if tag else arch, **{**fields, **kwargs})
-        model.pretrained_cfg = cfg_for_head({**model.pretrained_cfg, **config.get("pretrained_cfg", {}), **labels},
+        # Metrics and label descriptions are the folder's own or none: a model trained from the tag dropped the
+        # tag's (weights.trained_cfg), and they must not come back from its record.
+        tag_cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in ("metrics", "label_descriptions")}
+        model.pretrained_cfg = cfg_for_head({**tag_cfg, **config.get("pretrained_cfg", {}), **labels},
                                             getattr(model, "num_classes", None))
     if weights:
         load_checkpoint(model, directory, allow_new_head="num_classes" in kwargs)

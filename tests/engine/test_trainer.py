@@ -360,14 +360,21 @@ def test_evaluating_more_often_trains_the_same_weights(tmp_path):
     assert all(torch.equal(got[key], want[key]) for key in want)
 
 
-def test_a_trained_model_does_not_carry_the_published_metrics():
+def test_a_trained_model_does_not_carry_the_published_metrics(tmp_path):
     """Fine-tuned from a tag at the same class count, the saved model is not the tag's weights: their metrics
-    and label descriptions are dropped, the tag's lineage (architecture, tag, Hub repo) stays."""
-    from intern2 import create_model
+    and label descriptions are dropped, also once the folder is loaded back (the tag's record supplied them
+    again); the tag's lineage (architecture, tag, Hub repo) stays."""
+    from intern2 import create_model, from_pretrained, save_pretrained
     from intern2.weights import trained_cfg
-    published = create_model("internimage_t.in1k", **TINY).pretrained_cfg
+    model = create_model("internimage_t.in1k", **TINY)
+    published = model.pretrained_cfg
     assert published["metrics"] and published["hf_hub_filename"]
-    cfg = trained_cfg(published, {"label_names": ["a", "b"], "crop_pct": 1.0})
+    cfg = trained_cfg(published, {"crop_pct": 1.0})
     assert "metrics" not in cfg and "label_descriptions" not in cfg and cfg["file"] is None
-    assert (cfg["tag"], cfg["hf_hub_id"], cfg["label_names"], cfg["crop_pct"]) == ("in1k", published["hf_hub_id"],
-                                                                                  ["a", "b"], 1.0)
+    assert (cfg["tag"], cfg["hf_hub_id"], cfg["crop_pct"]) == ("in1k", published["hf_hub_id"], 1.0)
+    model.pretrained_cfg = cfg
+    save_pretrained(model, tmp_path / "trained")
+    loaded = from_pretrained(tmp_path / "trained").pretrained_cfg
+    assert "metrics" not in loaded and (loaded["tag"], loaded["num_classes"]) == ("in1k", 1000)
+    save_pretrained(create_model("internimage_t.in1k", **TINY), tmp_path / "published")  # the tag's own weights
+    assert from_pretrained(tmp_path / "published").pretrained_cfg["metrics"] == published["metrics"]
