@@ -157,6 +157,29 @@ def test_classify_top_k(client):
     assert client.post("/v1/classify", files=_upload("a.png", _png()), data={"topk": 0}).status_code == 422
 
 
+def test_exif_orientation_is_applied_by_every_door(client, models, tmp_path, capsys):
+    """A phone photo stored 64 x 48 with EXIF orientation 6 (shown 48 x 64) is read upright by the server, the
+    CLI and the Python pipeline alike (the server answered 64 x 48 and drew its overlay sideways)."""
+    from intern2.pipelines.detect import DetectionPipeline
+    pixels = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    path = tmp_path / "phone.jpg"
+    Image.fromarray(pixels).save(path, format="JPEG", exif=exif)
+    served = client.post("/v1/detect", files=_upload("phone.jpg", path.read_bytes()), data={"threshold": 0.0})
+    assert served.status_code == 200, served.text
+    assert (served.json()["width"], served.json()["height"]) == (48, 64)
+    intern2.save_pretrained(models["detect_model"], tmp_path / "detector")
+    assert cli.main(["predict", str(path), "--checkpoint", str(tmp_path / "detector"), "--json",
+                     "--threshold", "0"]) == 0
+    printed = json.loads(capsys.readouterr().out)[0]
+    python = DetectionPipeline(models["detect_model"])(str(path), threshold=0.0)
+    boxes = [o["box"] for o in served.json()["objects"]]
+    assert len(boxes) == len(printed["objects"]) == len(python["objects"]) > 0
+    for door in (printed, python):  # the CLI rounds to 0.1 pixel
+        assert np.allclose([o["box"] for o in door["objects"]], boxes, atol=0.051)
+
+
 def test_detect_boxes_masks_and_drawing(client):
     response = client.post("/v1/detect", files=_upload("a.png", _png()), data={"threshold": 0.0, "masks": "true"})
     assert response.status_code == 200, response.text

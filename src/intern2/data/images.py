@@ -17,12 +17,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 __all__ = ["ImageSource", "open_image_source", "split_source", "ClassificationDataset", "collate_images",
-           "collate_skipping", "train_transform", "eval_transform", "load_image", "IMAGE_EXTENSIONS"]
+           "collate_skipping", "train_transform", "eval_transform", "load_image", "upright_rgb", "IMAGE_EXTENSIONS"]
 
 log = logging.getLogger(__name__)
 _WORDNET_ID = re.compile(r"n\d{8}")
@@ -139,6 +139,12 @@ def split_source(source: ImageSource, val_fraction: float, seed: int) -> Tuple[I
             ImageSource(pick(val), source.classes, source.name + "[val]"))
 
 
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """A decoded file's pixels as RGB, turned as its EXIF orientation says (a phone photo is stored sideways; the
+    official mmcv loader and HF's ``load_image`` turn it too)."""
+    return ImageOps.exif_transpose(image).convert("RGB")
+
+
 def load_image(sample: Union[Sample, Image.Image]) -> Image.Image:
     """RGB PIL image from a path, a PIL image of any mode or an (H, W[, C]) uint8 array; a ValueError names the
     file that is not an image, or an image without pixels; a TypeError says what else it takes."""
@@ -154,7 +160,7 @@ def load_image(sample: Union[Sample, Image.Image]) -> Image.Image:
         try:
             with Image.open(sample) as img:
                 img.load()
-                image = img.convert("RGB")
+                image = upright_rgb(img)
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
             raise ValueError(f"{sample}: not a readable image ({exc.__class__.__name__}: {exc})") from exc
     else:

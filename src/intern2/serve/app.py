@@ -230,7 +230,9 @@ class _Slot:
 
 # --------------------------------------------------------------------------------------------------- decoding
 def _decode_image(data: bytes, filename: str, max_pixels: int) -> Image.Image:
-    """RGB image from uploaded bytes; the pixel count is checked from the header, before any decoding."""
+    """RGB image from uploaded bytes, upright (EXIF orientation, as files read by the other doors); the pixel
+    count is checked from the header, before any decoding."""
+    from ..data.images import upright_rgb
     if not data:
         raise ServeError(400, "invalid_image", f"{filename}: the upload is empty")
     try:
@@ -240,7 +242,7 @@ def _decode_image(data: bytes, filename: str, max_pixels: int) -> Image.Image:
                 raise ServeError(413, "image_too_large", f"{filename}: {width} x {height} pixels is more than the "
                                  f"server's limit of {max_pixels:,} pixels")
             img.load()
-            return img.convert("RGB")
+            return upright_rgb(img)
     except ServeError:
         raise
     except Image.DecompressionBombError as exc:
