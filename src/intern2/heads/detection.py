@@ -79,7 +79,12 @@ class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
 class KeepRatioTransform(GeneralizedRCNNTransform):
     """torchvision's transform with mmdet's keep-ratio resize: the scale is min(short / min(h, w), long /
     max(h, w)) as in torchvision, but the size is rounded (mmcv's ``int(x * scale + 0.5)``) where torchvision
-    floors it, so an image gets the size the official pipeline gives it (e.g. 427 x 640 -> 800 x 1199)."""
+    floors it, so an image gets the size the official pipeline gives it (e.g. 427 x 640 -> 800 x 1199).
+
+    ``pastes_masks``: whether :meth:`postprocess` pastes every detection's mask at the image size (4 bytes per pixel
+    each, as an evaluation needs); a caller that keeps only some detections turns it off and pastes those itself."""
+
+    pastes_masks = True
 
     def resize(self, image: Tensor, target: Optional[Dict[str, Tensor]] = None):
         height, width = image.shape[-2:]
@@ -94,12 +99,13 @@ class KeepRatioTransform(GeneralizedRCNNTransform):
 
     def postprocess(self, result: List[Dict[str, Tensor]], image_shapes: List[Tuple[int, int]],
                     original_image_sizes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
-        """torchvision's (boxes back to the original size), with mmdet's mask pasting (:func:`paste_masks`)."""
+        """torchvision's (boxes back to the original size), with mmdet's mask pasting (:func:`paste_masks`) unless
+        ``pastes_masks`` is off: then masks stay (N, 1, M, M) probabilities in their boxes."""
         if self.training:
             return result
         for prediction, resized, original in zip(result, image_shapes, original_image_sizes):
             prediction["boxes"] = resize_boxes(prediction["boxes"], resized, original)
-            if "masks" in prediction:
+            if "masks" in prediction and self.pastes_masks:
                 prediction["masks"] = paste_masks(prediction["masks"], prediction["boxes"], *original)
         return result
 

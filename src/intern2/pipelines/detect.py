@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from ..data.images import load_image
+from ..heads.detection import paste_masks
 from ..weights import DetectionProtocol
 from .common import (Pipeline, add_model_arguments, image_files_or_exit, output_or_exit, pair, pipeline_from_args,
                      run_on_images)
@@ -83,10 +84,26 @@ class DetectionPipeline(Pipeline):
         return (InternImageMaskRCNN, InternImageDINO)
 
     @torch.inference_mode()
-    def raw(self, images: Sequence[torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
-        """torchvision's per-image output dicts (on the CPU) for (3, H, W) [0, 1] images."""
+    def raw(self, images: Sequence[torch.Tensor], threshold: float = 0.0) -> List[Dict[str, torch.Tensor]]:
+        """torchvision's per-image output dicts (on the CPU) for (3, H, W) [0, 1] images, with the detections scoring
+        at least ``threshold``; their masks are (K, 1, H, W) bool at the image size (mmdet's ``>= 0.5``), pasted one
+        at a time so that a large image holds one float mask, not one per detection."""
         self.model.eval()
-        return [{k: v.cpu() for k, v in out.items()} for out in self.model([i.to(self.device) for i in images])]
+        transform, outputs = self.model.transform, []
+        pastes, transform.pastes_masks = transform.pastes_masks, False  # 100 masks of a 12 MP photo are 5 GB
+        try:
+            found = self.model([i.to(self.device) for i in images])
+        finally:
+            transform.pastes_masks = pastes  # the model itself (an evaluation) pastes every mask
+        for image, out in zip(images, found):
+            out = {k: v[out["scores"] >= threshold].cpu() for k, v in out.items()}
+            if "masks" in out:
+                height, width = image.shape[-2:]
+                pasted = [paste_masks(mask[None], box[None], height, width)[0] >= 0.5
+                          for mask, box in zip(out["masks"], out["boxes"])]
+                out["masks"] = torch.stack(pasted) if pasted else torch.zeros(0, 1, height, width, dtype=torch.bool)
+            outputs.append(out)
+        return outputs
 
     def objects(self, output: Dict[str, torch.Tensor], threshold: float = 0.5,
                 masks: bool = False) -> List[Dict[str, Any]]:
@@ -97,7 +114,7 @@ class DetectionPipeline(Pipeline):
             entry = {"label": self.labels[index], "index": index, "score": round(float(output["scores"][i]), 4),
                      "box": [round(v, 1) for v in output["boxes"][i].tolist()]}
             if masks and "masks" in output:
-                entry["mask"] = mask_to_rle(output["masks"][i, 0].numpy() >= 0.5)
+                entry["mask"] = mask_to_rle(output["masks"][i, 0].numpy() >= 0.5)  # float (torchvision's) or bool
             found.append(entry)
         return found
 
@@ -105,7 +122,7 @@ class DetectionPipeline(Pipeline):
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
             raise ValueError(f"threshold {threshold!r}: expected a score in [0, 1]")  # NaN and 2 used to find nothing
         image = load_image(image)
-        (output,) = self.raw([image_tensor(image)])
+        (output,) = self.raw([image_tensor(image)], threshold)
         return {"width": image.width, "height": image.height, "objects": self.objects(output, threshold, masks),
                 "output": output}
 

@@ -7,7 +7,7 @@ import argparse
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -21,10 +21,11 @@ from ..weights import SegmentationProtocol
 from .common import (Pipeline, add_model_arguments, image_files_or_exit, model_dtype, output_or_exit, pair,
                      pipeline_from_args, run_on_images)
 
-__all__ = ["SegmentationPipeline", "eval_input_size", "segment_probabilities", "slide_inference", "palette",
-           "colourise", "image_tensor", "predict_main"]
+__all__ = ["SegmentationPipeline", "eval_input_size", "segment_probabilities", "segment_labels", "slide_inference",
+           "palette", "colourise", "image_tensor", "predict_main"]
 
 Pair = Tuple[int, int]
+BAND_BYTES = 64 << 20  # probabilities resized at a time: a few hundred rows of a large photo on 150 classes
 
 
 def image_tensor(image: Union[Image.Image, np.ndarray]) -> torch.Tensor:
@@ -67,32 +68,91 @@ def slide_inference(model: nn.Module, images: torch.Tensor, crop: Pair, stride: 
     return logits / counts
 
 
+def _views(protocol: SegmentationProtocol, tta: bool) -> List[Tuple[float, bool]]:
+    """(ratio, flip) of each test view: ``protocol.tta_ratios`` (x2 with flips) with ``tta``, else the one view."""
+    if not tta:
+        return [(1.0, False)]
+    return [(r, f) for r in protocol.tta_ratios for f in ((False, True) if protocol.tta_flip else (False,))]
+
+
+@torch.no_grad()
+def _view_logits(model: nn.Module, image: torch.Tensor, protocol: SegmentationProtocol, ratio: float,
+                 flip: bool) -> torch.Tensor:
+    """(1, num_classes, h, w) float logits of one view, at the size the model sees (not yet at the image's)."""
+    device, dtype = next(model.parameters()).device, model_dtype(model)
+    mean = torch.tensor(protocol.mean, device=device).view(3, 1, 1)
+    std = torch.tensor(protocol.std, device=device).view(3, 1, 1)
+    x = (_resize(image, eval_input_size(*image.shape[-2:], protocol, ratio)).to(device) - mean) / std
+    x = (x.flip(-1)[None] if flip else x[None]).to(dtype)
+    logits = slide_inference(model, x, protocol.slide_crop, protocol.stride) if protocol.slide_crop else model(x)
+    return logits.float()
+
+
+def _rows_probabilities(logits: torch.Tensor, rows: slice, size: Pair, flip: bool) -> torch.Tensor:
+    """(num_classes, len(rows), W) softmax of ``logits`` (1, C, h, w) resized bilinearly to ``size`` (H, W), for
+    output ``rows`` only: the numbers of ``F.interpolate(logits, size, mode="bilinear")[..., rows, :]`` (source rows
+    and weights by ATen's half-pixel rule), without the other rows' C x W floats; flipped back along the width for a
+    flipped view."""
+    (height, width), source_height, device = size, logits.shape[-2], logits.device
+    centres = (torch.arange(rows.start, rows.stop, dtype=torch.float32, device=device) + 0.5) \
+        * (source_height / height) - 0.5
+    centres = centres.clamp(min=0)
+    top = centres.long().clamp(max=source_height - 1)
+    bottom = (top + 1).clamp(max=source_height - 1)
+    weight = (centres - top).clamp(0, 1).view(-1, 1)
+    first, last = int(top[0]), int(bottom[-1]) + 1
+    # Along the width first, on the source rows this band needs (their count kept: an identity along the height),
+    # then the blend of each output row's two source rows.
+    across = F.interpolate(logits[:, :, first:last], size=(last - first, width), mode="bilinear",
+                           align_corners=False)[0]
+    probs = (across[:, top - first] * (1 - weight) + across[:, bottom - first] * weight).softmax(0)
+    return probs.flip(-1) if flip else probs
+
+
+def _bands(height: int, width: int, classes: int, band_bytes: int) -> Iterator[slice]:
+    """Slices of consecutive rows whose (classes, rows, width) float32 probabilities fit in ``band_bytes``."""
+    step = max(1, band_bytes // (4 * classes * width))
+    return (slice(start, min(start + step, height)) for start in range(0, height, step))
+
+
 @torch.no_grad()
 def segment_probabilities(model: nn.Module, image: torch.Tensor, protocol: SegmentationProtocol,
-                          tta: bool = False) -> torch.Tensor:
+                          tta: bool = False, band_bytes: int = BAND_BYTES) -> torch.Tensor:
     """(num_classes, H, W) class probabilities of a (3, H, W) [0, 1] image at its own size.
 
     Per view: resize as :func:`eval_input_size`, normalise, whole-image or sliding-window logits, bilinear back to
     the image size, softmax. With ``tta`` the views are ``protocol.tta_ratios`` (x2 with flips) and their
-    probabilities are averaged, as mmseg's ``aug_test``; without, the single view at ratio 1.
+    probabilities are averaged, as mmseg's ``aug_test``; without, the single view at ratio 1. Each view is resized
+    and added in bands of rows of ``band_bytes``, so the result (4 bytes per class and pixel) is the one full-size
+    tensor; :func:`segment_labels` gives the class map without it.
     """
-    device, dtype = next(model.parameters()).device, model_dtype(model)
     height, width = image.shape[-2:]
-    mean = torch.tensor(protocol.mean, device=device).view(3, 1, 1)
-    std = torch.tensor(protocol.std, device=device).view(3, 1, 1)
-    views = [(r, f) for r in protocol.tta_ratios for f in ((False, True) if protocol.tta_flip else (False,))] \
-        if tta else [(1.0, False)]
+    views = _views(protocol, tta)
     total = None
     for ratio, flip in views:
-        x = (_resize(image, eval_input_size(height, width, protocol, ratio)).to(device) - mean) / std
-        x = (x.flip(-1)[None] if flip else x[None]).to(dtype)
-        logits = slide_inference(model, x, protocol.slide_crop, protocol.stride) if protocol.slide_crop \
-            else model(x)
-        probs = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
-        probs = probs.softmax(1)[0]
-        probs = probs.flip(-1) if flip else probs
-        total = probs if total is None else total + probs
-    return (total / len(views)).cpu()
+        logits = _view_logits(model, image, protocol, ratio, flip)
+        if total is None:
+            total = logits.new_zeros(logits.shape[1], height, width)
+        for rows in _bands(height, width, logits.shape[1], band_bytes):
+            total[:, rows] += _rows_probabilities(logits, rows, (height, width), flip)
+    return total.div_(len(views)).cpu()
+
+
+@torch.no_grad()
+def segment_labels(model: nn.Module, image: torch.Tensor, protocol: SegmentationProtocol, tta: bool = False,
+                   band_bytes: int = BAND_BYTES) -> torch.Tensor:
+    """(H, W) int64 class index per pixel: the argmax of :func:`segment_probabilities`. Without ``tta`` it is taken
+    band by band, so memory follows the model's input size, not the image's (a 12-megapixel photo on a 150-class
+    model would otherwise hold 7 GB of probabilities); test-time augmentation averages its views in the one
+    full-size sum."""
+    if tta:
+        return segment_probabilities(model, image, protocol, True, band_bytes).argmax(0)
+    height, width = image.shape[-2:]
+    logits = _view_logits(model, image, protocol, 1.0, False)
+    labels = torch.empty(height, width, dtype=torch.int64)
+    for rows in _bands(height, width, logits.shape[1], band_bytes):
+        labels[rows] = _rows_probabilities(logits, rows, (height, width), False).argmax(0).cpu()
+    return labels
 
 
 def palette(count: int) -> np.ndarray:
@@ -141,7 +201,7 @@ class SegmentationPipeline(Pipeline):
     def predict(self, image: Union[Image.Image, str]) -> np.ndarray:
         """(H, W) int64 class index per pixel."""
         image = load_image(image)
-        return self.probabilities(image_tensor(image)).argmax(0).numpy().astype(np.int64)
+        return segment_labels(self.model, image_tensor(image), self.protocol, self.tta).numpy()
 
     def describe(self, prediction: np.ndarray) -> List[Dict[str, Any]]:
         """Each present class with its share of the pixels and its overlay colour, largest first."""

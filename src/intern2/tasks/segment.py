@@ -21,7 +21,7 @@ from ..engine import TrainConfig
 from ..engine.trainer import accumulate_eval
 from ..factory import create_model, save_pretrained
 from ..pipelines.common import add_model_arguments, pipeline_from_args, progress
-from ..pipelines.segment import SegmentationPipeline, add_protocol_arguments, protocol_options, segment_probabilities
+from ..pipelines.segment import SegmentationPipeline, add_protocol_arguments, protocol_options, segment_labels
 from ..weights import SegmentationProtocol, trained_cfg
 from .common import head_model_args, train_cli
 
@@ -58,7 +58,7 @@ class SegmentConfig:
 
 class SegmentationMetrics:
     """mIoU, per-class IoU and pixel accuracy from a summable confusion matrix; predictions come from the
-    segmentation pipeline's :func:`~intern2.pipelines.segment.segment_probabilities` under ``protocol``."""
+    segmentation pipeline's :func:`~intern2.pipelines.segment.segment_labels` under ``protocol``."""
 
     def __init__(self, classes: Sequence[str], protocol: Optional[SegmentationProtocol] = None, tta: bool = False):
         self.classes = list(classes)
@@ -70,7 +70,7 @@ class SegmentationMetrics:
         confusion = torch.zeros(k * k, dtype=torch.float64)
         images, labels = batch["image"], batch["label"]
         for image, label in zip(images, labels):
-            prediction = segment_probabilities(model, image, self.protocol, self.tta).argmax(0)
+            prediction = segment_labels(model, image, self.protocol, self.tta)
             valid = label != IGNORE_INDEX
             confusion += torch.bincount(label[valid] * k + prediction[valid], minlength=k * k).double().cpu()
         return {"confusion": confusion, "skipped": torch.tensor(float(batch["skipped"]))}
