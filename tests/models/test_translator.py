@@ -281,6 +281,25 @@ def test_default_length_follows_source_and_long_input_warns(golden):
         model.generate(long, forced_bos_token_id=TGT_LANG, max_new_tokens=1)
 
 
+def test_each_source_has_its_own_default_budget(golden):
+    """The default budget of new tokens is per source row: a short sentence batched with longer ones gets what it
+    gets alone, greedy and beam (before, every row got the longest row's budget, so a translation that runs on
+    depended on what shared its batch, and the server's batches differed from the CLI's)."""
+    model, t, _ = golden
+    ids, mask = _inputs(t)
+    lengths = mask.sum(1)
+    assert len(set(lengths.tolist())) > 1
+    pad = model.config.pad_token_id
+    for kwargs in ({}, {"num_beams": 3}):
+        batched = model.generate(ids, mask, forced_bos_token_id=TGT_LANG, min_new_tokens=1000, **kwargs)  # no EOS
+        for row, length in enumerate(lengths.tolist()):
+            budget = min(2 * length + 10, model.config.max_position_embeddings)
+            alone = model.generate(ids[row:row + 1][mask[row:row + 1].bool()][None], forced_bos_token_id=TGT_LANG,
+                                   min_new_tokens=1000, **kwargs)[0]
+            assert len(alone) == 1 + budget
+            assert torch.equal(batched[row, :len(alone)], alone) and (batched[row, len(alone):] == pad).all()
+
+
 def test_generate_rejects_bad_arguments(golden):
     model, t, _ = golden
     ids, mask = _inputs(t)

@@ -151,8 +151,9 @@ class GenerationMixin:
             attention_mask: [B, S], 1 for real tokens; default: ``input_ids != pad``.
             forced_bos_token_id: the target-language token, forced as first generated token (NLLB/M2M-100
                 answer in an arbitrary language without it, so leaving it out warns).
-            max_new_tokens: default ``min(2 * source length + 10, max_position_embeddings)`` (source length =
-                longest unpadded row), long enough for any sane translation, never a fixed 20/200 that truncates.
+            max_new_tokens: default ``min(2 * source length + 10, max_position_embeddings)`` for each source row
+                (its unpadded length), long enough for any sane translation, never a fixed 20/200 that truncates;
+                a row's budget is its own, so its translation does not depend on what else is in the batch.
             min_new_tokens: EOS is forbidden until this many tokens (the forced one included) exist.
             num_beams, num_return_sequences, length_penalty, early_stopping (True, False or "never"): beam search;
                 scores are sum log-prob / generated_length ** length_penalty.
@@ -213,13 +214,18 @@ class GenerationMixin:
         if do_sample and temperature <= 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
 
-        source_length = int(attention_mask.sum(1).max())
+        source_lengths = attention_mask.sum(1)
+        source_length = int(source_lengths.max())
         if self.max_source_tokens is not None and source_length > self.max_source_tokens:
             warnings.warn(f"source has {source_length} tokens; NLLB models are trained on at most "
                           f"{self.max_source_tokens} and translate long inputs poorly or only in part: split the "
                           f"text into sentences (intern2.pipelines.translation.translate_in_sentences)", stacklevel=3)
         if max_new_tokens is None:
-            max_new_tokens = min(2 * source_length + 10, cfg.max_position_embeddings)
+            budgets = (2 * source_lengths + 10).clamp(max=cfg.max_position_embeddings)
+        else:
+            budgets = torch.full_like(source_lengths, max_new_tokens)
+        budgets = budgets.to(device=input_ids.device, dtype=torch.long)
+        max_new_tokens = int(budgets.max())
         rules = _ScoreRules(cfg.eos_token_id, forced_bos_token_id, min_new_tokens, no_repeat_ngram_size,
                             repetition_penalty)
         sampler = _Sampler(temperature, top_k, top_p, 2 if num_beams > 1 else 1, generator) if do_sample else None
@@ -227,44 +233,46 @@ class GenerationMixin:
         rows = num_beams if num_beams > 1 else num_return_sequences  # decoder rows per source
         cache = self._prepare_cache(input_ids, attention_mask, max_length=max_new_tokens + 1)
         if num_beams > 1:
-            sequences, scores = self._beam_search(cache, input_ids.shape[0], num_beams, max_new_tokens, rules,
+            sequences, scores = self._beam_search(cache, input_ids.shape[0], num_beams, budgets, rules,
                                                   sampler, length_penalty, early_stopping, num_return_sequences, stop)
         else:
-            sequences, scores = self._greedy_or_sample(cache, input_ids.shape[0] * rows, max_new_tokens, rules,
-                                                       sampler, stop), None
+            sequences, scores = self._greedy_or_sample(cache, budgets.repeat_interleave(rows), rules, sampler,
+                                                       stop), None
         return GenerateOutput(sequences, scores) if return_dict_in_generate else sequences
 
     def _next_scores(self, tokens: Tensor, cache: DecoderCache) -> Tensor:
         """float32 logits [N, V] for the token after ``tokens`` [N, 1]."""
         return self._decode_step(tokens, cache).float()
 
-    def _greedy_or_sample(self, cache: DecoderCache, rows: int, max_new_tokens: int, rules: _ScoreRules,
+    def _greedy_or_sample(self, cache: DecoderCache, budgets: Tensor, rules: _ScoreRules,
                           sampler: Optional[_Sampler], stop: Optional[Callable[[], None]] = None) -> Tensor:
+        """Greedy or sampled decoding of each row up to EOS or its budget of new tokens (``budgets`` [rows])."""
         cfg = self.config
         device = cache.device
-        seqs = torch.full((rows, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
-        done = torch.zeros(rows, dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens):
+        seqs = torch.full((len(budgets), 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
+        done = torch.zeros(len(budgets), dtype=torch.bool, device=device)
+        for step in range(1, int(budgets.max()) + 1):
             if stop is not None:
                 stop()
             scores = rules(seqs, self._next_scores(seqs[:, -1:], cache))
             token = sampler.draw(sampler.warp(scores), 1)[:, 0] if sampler else scores.argmax(-1)
             token = token.masked_fill(done, cfg.pad_token_id)  # finished rows only pad
             seqs = torch.cat([seqs, token[:, None]], dim=1)
-            done |= token == cfg.eos_token_id
+            done |= (token == cfg.eos_token_id) | (budgets <= step)
             if done.all():
                 break
         return seqs
 
-    def _beam_search(self, cache: DecoderCache, batch: int, beams: int, max_new_tokens: int, rules: _ScoreRules,
+    def _beam_search(self, cache: DecoderCache, batch: int, beams: int, budgets: Tensor, rules: _ScoreRules,
                      sampler: Optional[_Sampler], length_penalty: float, early_stopping: Union[bool, str],
                      num_return: int, stop: Optional[Callable[[], None]] = None) -> Tuple[Tensor, Tensor]:
         """transformers' vectorised beam search: each step keeps 2 * beams candidates per source, the best
-        ``beams`` that do not end go on, the ones among the first ``beams`` that end (EOS or length limit) compete
-        for the ``beams`` finished slots by length-normalised score."""
+        ``beams`` that do not end go on, the ones among the first ``beams`` that end (EOS or the source's budget of
+        new tokens, ``budgets`` [batch]) compete for the ``beams`` finished slots by length-normalised score."""
         cfg = self.config
         device = cache.device
-        keep, total = 2 * beams, max_new_tokens + 1
+        keep, total = 2 * beams, int(budgets.max()) + 1
+        budgets = budgets[:, None]
         running = torch.full((batch, beams, total), cfg.pad_token_id, dtype=torch.long, device=device)
         running[:, :, 0] = cfg.decoder_start_token_id
         running_scores = torch.zeros(batch, beams, device=device)
@@ -297,7 +305,7 @@ class GenerationMixin:
             origin = index // vocab
             candidates = take(running, origin)
             candidates[:, :, t] = index % vocab
-            ends = (candidates[:, :, t] == cfg.eos_token_id) | (t == total - 1)
+            ends = (candidates[:, :, t] == cfg.eos_token_id) | (budgets == t)  # a source past it: never improvable
 
             going_on = top + ends.float() * _BEAM_PENALTY
             pick = going_on.topk(beams).indices
@@ -316,7 +324,7 @@ class GenerationMixin:
             finished_length = take(torch.cat([finished_length, torch.full_like(ended, t, dtype=torch.long)], 1), best)
 
             # Can a running beam still beat the worst finished one? ("never" assumes it may grow to the limit.)
-            best_length = total - 1 if early_stopping == "never" and length_penalty > 0 else t
+            best_length = budgets if early_stopping == "never" and length_penalty > 0 else t
             worst = torch.where(is_finished, finished_scores.min(1, keepdim=True).values, _BEAM_PENALTY)
             improvable &= (running_scores[:, :1] / best_length ** length_penalty > worst).any(1, keepdim=True)
             if not improvable.any() or (early_stopping is True and is_finished.all()) or ends.all():
