@@ -238,3 +238,34 @@ def test_categories_must_match_and_training_needs_annotations(shapes, tmp_path, 
     with pytest.raises(SystemExit):
         cli.main(["train", "detect", "--data", str(data), "--out", str(tmp_path / "run"), "--set", TINY])
     assert "instances_train.json: no usable annotation to train on" in capsys.readouterr().err
+
+
+def test_no_detections_score_as_pycocotools_scores_useless_ones(shapes, tmp_path, capsys):
+    """No detection at all gives what COCOeval gives a detection that matches nothing: 0 where ground truth exists,
+    None for the object sizes absent from the data (32 px shapes: no medium or large object); a split without any
+    annotation is refused by name, not scored None and then printed with a TypeError."""
+    from intern2.tasks.detect import coco_evaluate
+    source = open_coco_source(str(shapes), "val")
+    useless = [{"image_id": source.images[0]["id"], "category_id": source.category_ids[0], "score": 0.01,
+                "bbox": [0.0, 0.0, 1.0, 1.0]}]
+    expected = coco_evaluate(source, useless, masks=False)
+    assert expected["bbox_AP"] == 0.0 and expected["bbox_APm"] is None and expected["bbox_APl"] is None
+    assert coco_evaluate(source, [], masks=False) == expected
+    assert coco_evaluate(source, []) == {**expected, **{k.replace("bbox", "segm"): v for k, v in expected.items()}}
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    val = json.loads((data / "instances_val.json").read_text())
+    (data / "instances_val.json").write_text(json.dumps({**val, "annotations": []}))
+    import intern2
+    model = intern2.create_model("mask_rcnn_internimage_t", num_classes=len(source.classes), fpn_channels=32,
+                                 backbone=dict(channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8]))
+    model.pretrained_cfg["label_names"] = source.classes
+    intern2.save_pretrained(model, tmp_path / "detector")
+    for argv in (["eval", "--data", str(data), "--checkpoint", str(tmp_path / "detector")],
+                 ["train", "detect", "--data", str(data), "--out", str(tmp_path / "run"), "--set", TINY]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(argv)
+        assert exc.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+            "instances_val.json: no usable annotation to evaluate against")

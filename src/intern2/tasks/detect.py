@@ -57,7 +57,8 @@ class DetectConfig:
             raise ValueError(f"augment: expected one of {list(AUGMENTS)}, got {self.augment!r}")
 
 
-def coco_evaluate(source: CocoSource, detections: List[Dict[str, Any]], masks: bool = True) -> Dict[str, float]:
+def coco_evaluate(source: CocoSource, detections: List[Dict[str, Any]],
+                  masks: bool = True) -> Dict[str, Optional[float]]:
     """COCO bbox (and, for a detector with masks, segm) AP / AP50 / AP75 of ``detections`` (COCO result dicts)
     against ``source``, in percent (None where no ground-truth object has that size). pycocotools would score box-only
     results as box-shaped masks: ``masks=False`` skips segm."""
@@ -65,15 +66,22 @@ def coco_evaluate(source: CocoSource, detections: List[Dict[str, Any]], masks: b
     from pycocotools.cocoeval import COCOeval
     keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
     kinds = ("bbox", "segm") if masks else ("bbox",)
-    if not detections:
-        return {f"{kind}_{k}": 0.0 for kind in kinds for k in keys}
+    image_ids = [image["id"] for image in source.images]
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress and tables
         ground_truth = COCO(str(source.annotation_file))
+        if not detections:  # loadRes refuses an empty list; COCOeval would score 0 where ground truth exists
+            objects = [a for a in ground_truth.loadAnns(ground_truth.getAnnIds(imgIds=image_ids))
+                       if not a.get("iscrowd")]
+            areas = [a.get("area", a["bbox"][2] * a["bbox"][3]) for a in objects]
+            ranges = COCOeval(iouType="bbox").params.areaRng  # all, small, medium, large
+            present = [any(low <= area <= high for area in areas) for low, high in ranges]
+            by_key = dict(zip(keys, present[:1] * 3 + present[1:]))
+            return {f"{kind}_{k}": 0.0 if by_key[k] else None for kind in kinds for k in keys}
         results = ground_truth.loadRes(detections)
         metrics = {}
         for kind in kinds:
             evaluator = COCOeval(ground_truth, results, kind)
-            evaluator.params.imgIds = [image["id"] for image in source.images]
+            evaluator.params.imgIds = image_ids
             evaluator.evaluate()
             evaluator.accumulate()
             evaluator.summarize()
@@ -131,6 +139,8 @@ class DetectionTask:
         if not self.train_source.annotations:
             raise ValueError(f"{self.train_source.annotation_file}: no usable annotation to train on")
         self.val_source = open_coco_source(cfg.data, cfg.val_split)
+        if not self.val_source.annotations:  # every AP would be undefined
+            raise ValueError(f"{self.val_source.annotation_file}: no usable annotation to evaluate against")
         self.classes = self.train_source.classes
         check_categories(self.val_source, self.classes, self.train_source.annotation_file)
         self.skipped = 0
@@ -196,6 +206,8 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     try:
         source = open_coco_source(args.data, args.split)
         check_categories(source, pipeline.labels, f"the model {pipeline.source}")
+        if not source.annotations:  # every AP would be undefined
+            raise ValueError(f"{source.annotation_file}: no usable annotation to evaluate against")
     except ValueError as exc:
         parser.error(str(exc))
     metrics = evaluate_detector(pipeline.model, CocoDetection(source, False), args.batch_size, pipeline.device)
