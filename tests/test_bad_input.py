@@ -235,6 +235,8 @@ CASES = [
                                   "--img-size", "64"], "--img-size is an image model's option; a detector takes"),
     ("export-detector-huge", ["export", "onnx", "--model", "mask_rcnn_internimage_t", "--out", "{root}/d.onnx",
                               "--image-size", "9000,9000"], "--image-size 9000,9000: expected at most 8192 pixels"),
+    ("export-detector-opset-23", ["export", "onnx", "--model", "mask_rcnn_internimage_t", "--out", "{root}/d.onnx",
+                                  "--opset", "23"], "--opset 23: a detector exports with opsets 17 to 20"),
     ("export-dtype", ["export", "onnx", "--checkpoint", "{good}", "--out", "{root}/m.onnx", "--dtype", "bf16"],
      "unrecognized arguments: --dtype bf16"),
     ("snippets-short-side-huge", ["extract-features", "{root}/clip.mp4", "--snippets", "thumos14", "--short-side",

@@ -16,6 +16,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 from torch.onnx._constants import ONNX_MAX_OPSET  # the newest opset torch's exporter writes
+# torchvision's detectors go through the TorchScript-based exporter, which writes opsets up to 20 (above, torch only
+# warns and writes 20)
+from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as DETECTOR_MAX_OPSET
 
 __all__ = ["export_onnx", "export_detector_onnx", "needs_external_data", "main", "EXPORTABLE", "ExportCheckError"]
 
@@ -67,6 +70,23 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
                 parent.rmdir()
 
 
+def _checked_session(target: Path, path: Path, quiet: bool = False):
+    """An onnxruntime session of the graph at ``target`` once onnx's full check passes; an invalid graph (the
+    exporter's output, not the user's input) is an :class:`ExportCheckError` naming ``path``, where it would go.
+    ``quiet``: onnxruntime logs errors only."""
+    import onnx
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    if quiet:
+        options.log_severity_level = 3
+    try:
+        onnx.checker.check_model(str(target), full_check=True)
+        return ort.InferenceSession(str(target), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnx's ValidationError, onnxruntime's INVALID_GRAPH
+        reason = " ".join(str(exc).split())[:200]
+        raise ExportCheckError(f"{path}: the exported graph is not valid ONNX ({reason}); nothing written") from None
+
+
 def export_onnx(model: nn.Module, path: Path, img_size: int, opset: int = 18, check: bool = True,
                 atol: float = 1e-4, dynamic: bool = True, num_frames: Optional[int] = None) -> float:
     """Export with a dynamic batch, and dynamic height and width unless ``dynamic=False`` (then fixed at
@@ -91,15 +111,7 @@ def export_onnx(model: nn.Module, path: Path, img_size: int, opset: int = 18, ch
                           dynamic_shapes={name: dims}, external_data=needs_external_data(model))
         if not check:
             return -1.0
-        import onnx
-        import onnxruntime as ort
-        try:
-            onnx.checker.check_model(str(target), full_check=True)
-            session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnx's ValidationError, onnxruntime's INVALID_GRAPH: the exporter's output
-            reason = " ".join(str(exc).split())[:200]
-            raise ExportCheckError(f"{path}: the exported graph is not valid ONNX ({reason}); nothing written") \
-                from None
+        session = _checked_session(target, path)
         probe_shape = (3, 3, img_size, img_size + 32) if spatial else (3, 3, *clip, img_size, img_size)
         probe = torch.randn(*probe_shape, generator=torch.Generator().manual_seed(1))
         (got,) = session.run(None, {session.get_inputs()[0].name: probe.numpy()})[:1]
@@ -145,7 +157,10 @@ def export_detector_onnx(model: nn.Module, path: Path, size: Tuple[int, int], op
 
     torchvision's detection code is traceable (its ``_is_tracing`` paths keep box counts dynamic), not
     torch.export-able, so this uses the TorchScript-based exporter; the image size is fixed because the resize
-    computes its output size in Python."""
+    computes its output size in Python; that exporter writes opsets up to 20."""
+    if opset > DETECTOR_MAX_OPSET:
+        raise ValueError(f"opset {opset}: a detector exports with torch's TorchScript-based exporter, which writes "
+                         f"opsets up to {DETECTOR_MAX_OPSET}")
     height, width = size
     example = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0))
     result = []
@@ -168,13 +183,8 @@ def _write_detector(model: nn.Module, target: Path, path: Path, example: torch.T
                           dynamic_axes={name: {0: "objects"} for name in outputs})
     if not check:
         return -1.0
-    import onnx
-    import onnxruntime as ort
-    onnx.checker.check_model(str(target), full_check=True)
-    options = ort.SessionOptions()
     # torchvision's traced mask paste loop declares one object; onnxruntime warns once per object it sees.
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(target), options, providers=["CPUExecutionProvider"])
+    session = _checked_session(target, path, quiet=True)
     probe = torch.rand(*example.shape, generator=torch.Generator().manual_seed(1))
     got = dict(zip(outputs, session.run(None, {"image": probe.numpy()})))
     with torch.no_grad():
@@ -205,7 +215,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--image-size", type=pair, metavar="H,W", help="a detector's input height and width "
                         "(default: its test size, e.g. 800,1333); resize images to it before inference")
     parser.add_argument("--opset", type=int, default=18, help=f"ONNX opset, 17 to {ONNX_MAX_OPSET} (what torch's "
-                        "exporter writes)")
+                        f"exporter writes; detectors up to {DETECTOR_MAX_OPSET})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="model config override, e.g. --set depths=[1,1,2,1] (with --model)")
     parser.add_argument("--static", action="store_true", help="fixed height and width (--img-size) instead of "
@@ -252,6 +262,9 @@ def _export(parser: argparse.ArgumentParser, args: argparse.Namespace, model: nn
         size = args.image_size or (min(test_size), max(test_size))
         if max(size) > MAX_SIDE:
             parser.error(f"--image-size {size[0]},{size[1]}: expected at most {MAX_SIDE} pixels a side")
+        if args.opset > DETECTOR_MAX_OPSET:
+            parser.error(f"--opset {args.opset}: a detector exports with opsets 17 to {DETECTOR_MAX_OPSET} (torch's "
+                         f"TorchScript-based exporter; image models and video classifiers take up to {ONNX_MAX_OPSET})")
         diff, outputs = export_detector_onnx(model, Path(args.out), size, args.opset, check=not args.no_check)
         check = f" (onnxruntime vs torch max |diff| {diff:.2e})" if diff >= 0 else ""
         print(f"wrote {args.out}: input image (3, {size[0]}, {size[1]}) in [0, 1]; outputs "
