@@ -20,9 +20,14 @@ from torch import nn
 
 __all__ = ["read_checkpoint", "read_state_dict", "read_config", "load_checkpoint", "save_pretrained",
            "atomic_write", "atomic_write_all", "remove_stale_temps", "check_output", "adapt_input_conv", "WEIGHTS_NAME",
-           "CONFIG_NAME"]
+           "CONFIG_NAME", "UnreadableFileError"]
 
 log = logging.getLogger(__name__)
+
+
+class UnreadableFileError(ValueError):
+    """A weights or tokenizer file that exists but whose bytes do not parse (truncated, damaged, another format):
+    where the file came from a download, :func:`~intern2.hub.reading_download` adds what to do about it."""
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -62,8 +67,8 @@ def _torch_load(path: Path) -> Any:
                              f"weights_only=True and refuses objects other than tensors and plain data") from exc
         # Not a refusal: a damaged file (torch's first sentence says what broke; the rest is advice)
         reason = f"{type(exc).__name__}: {lines[0].split('. ')[0].rstrip('.')}" if refused else "not a pickle"
-        raise ValueError(f"cannot read checkpoint {path}: {reason} (a damaged or truncated file, or not a PyTorch "
-                         f"checkpoint?)") from exc
+        raise UnreadableFileError(f"cannot read checkpoint {path}: {reason} (a damaged or truncated file, or not a "
+                                  f"PyTorch checkpoint?)") from exc
 
 
 def read_config(folder: Union[str, os.PathLike]) -> Dict[str, Any]:
@@ -126,7 +131,7 @@ def read_checkpoint(source: Source, keys: Sequence[str] = _WEIGHT_KEYS
         try:
             return load_file(str(path)), None
         except SafetensorError as exc:
-            raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
+            raise UnreadableFileError(f"cannot read checkpoint {path}: {exc}") from exc
     if path.suffix in _PICKLE_SUFFIXES:
         return _unwrap(_torch_load(path), str(path), keys), None
     raise ValueError(f"checkpoint {path}: unsupported file type {path.suffix!r}; expected .safetensors, "

@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Union
 
+from .checkpoint import UnreadableFileError
+
 __all__ = ["resolve_weights", "reading_download", "intern2_home", "hub_offline", "ENV_HOME"]
 
 ENV_HOME = "INTERN2_HOME"
@@ -69,10 +71,8 @@ def reading_download(path: Path) -> Iterator[None]:
     damaged download, and the error says what to do about it."""
     try:
         yield
-    except ValueError as exc:
-        if not str(exc).startswith("cannot read checkpoint"):
-            raise
-        raise ValueError(f"{exc} (a damaged download? delete {path} and fetch it again)") from None
+    except UnreadableFileError as exc:
+        raise UnreadableFileError(f"{exc} (a damaged download? delete {path} and fetch it again)") from None
 
 
 def _from_hub(repo: str, name: Optional[str], tag: str, cache_dir: Optional[Union[str, os.PathLike]],

@@ -130,5 +130,6 @@ def test_from_file_defaults_to_nllb200_ids(trained, tmp_path):
     (tmp_path / "sentencepiece.bpe.model").write_bytes((folder / "sentencepiece.bpe.model").read_bytes())
     assert NllbTokenizer.from_pretrained(tmp_path).languages == nllb_codes()
     (tmp_path / "bad.model").write_bytes(b"not a model")
-    with pytest.raises(ValueError, match="not a SentencePiece model"):
+    with pytest.raises(ValueError, match="not a SentencePiece model") as error:
         NllbTokenizer.from_file(tmp_path / "bad.model")
+    assert "download" not in str(error.value)  # the user's own file: only a file from the Hub gets that advice

@@ -23,6 +23,7 @@ import logging
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
+from ..checkpoint import UnreadableFileError
 from . import check_text
 from .languages import get_language, nllb_codes
 
@@ -99,8 +100,7 @@ class NllbTokenizer:
             return cls(path.read_bytes(), languages, added_languages)
         except RuntimeError as err:  # sentencepiece's parse error names neither file nor format
             reason = " ".join(str(err).split())[:160]
-            raise ValueError(f"{path} is not a SentencePiece model file ({reason}; a damaged download? delete it "
-                             f"and fetch it again)") from None
+            raise UnreadableFileError(f"{path} is not a SentencePiece model file ({reason})") from None
 
     @classmethod
     def train(cls, corpus_lines: Iterable[str], vocab_size: int, languages: Sequence[str],
