@@ -88,6 +88,23 @@ def test_hf_hub_folder(reference, tmp_path):
     _same_outputs(intern2.from_pretrained(tmp_path / "saved"), reference)
 
 
+def test_hf_hub_folder_gets_the_published_tag_of_its_shape_only(tmp_path):
+    """An HF InternImage folder of T's width, depth and 1000 classes is T's in1k record (metrics, ImageNet names);
+    another class count or a width of no variant gets no tag's record: no published metrics, file or names."""
+    t_shape = dict(channels=64, depths=[4, 4, 18, 4], groups=[4, 8, 16, 32])
+    for i, (fields, tag) in enumerate(((dict(t_shape, num_classes=1000), "in1k"), (dict(t_shape, num_classes=10), None),
+                                       (dict(TINY, num_classes=1000), None))):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        config = {"model_type": "intern_image", "core_op": "DCNv3",
+                  **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
+        (folder / "config.json").write_text(json.dumps(config))
+        cfg = intern2.from_pretrained(folder, weights=False).pretrained_cfg
+        assert cfg.get("tag") == tag and cfg["num_classes"] == fields["num_classes"] and cfg["file"] == str(folder)
+        assert ("metrics" in cfg) == ("hf_hub_filename" in cfg) == (tag is not None)
+        assert ("label_names" in cfg) == (fields["num_classes"] == 1000)
+
+
 def test_save_pretrained_round_trip(reference, tmp_path):
     reference.pretrained_cfg = _fresh().pretrained_cfg
     intern2.save_pretrained(reference, tmp_path / "saved")

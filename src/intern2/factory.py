@@ -175,14 +175,23 @@ def from_pretrained(directory: Union[str, os.PathLike], weights: bool = True, dt
                          f"intern2 or an HF model_type intern2 reads ({', '.join(HF_MODEL_TYPES)}), got "
                          f"{arch or model_type!r}")
     if model_type == "intern_image":
-        # The registered variant of that width and depth (else T's name; every field is given, so what is built
-        # and saved is the folder's architecture, and save_pretrained writes a folder intern2 reads back).
+        # The registered variant of that width and depth, with its published tag of that class count (L's in22k
+        # or in22k_ft_in1k). Else T's name, and no tag's record: every field is given, so what is built and saved
+        # is the folder's architecture and save_pretrained writes a folder intern2 reads back, but no published
+        # weights, metrics or input size describe it.
         from .models.internimage import INTERNIMAGE_VARIANTS, InternImageConfig
+        from .weights import get_weights, pretrained_tags
         fields = InternImageConfig.from_dict(config).to_dict()
         name = next((name for name, variant in INTERNIMAGE_VARIANTS.items() if variant.channels == fields["channels"]
-                     and tuple(variant.depths) == tuple(fields["depths"])), "internimage_t")
-        model = create_model(name, **{**fields, **kwargs})
-        model.pretrained_cfg = {**model.pretrained_cfg, "file": str(directory)}
+                     and tuple(variant.depths) == tuple(fields["depths"])), None)
+        tag = next((tag for tag in pretrained_tags(name) if get_weights(name, tag).pretrained_cfg().get(
+            "num_classes") == fields["num_classes"]), None) if name else None
+        model = create_model(f"{name}.{tag}" if tag else name or "internimage_t", **{**fields, **kwargs})
+        cfg = model.pretrained_cfg
+        if tag is None:
+            record_only = ("tag", "metrics", "label_descriptions", "hf_hub_id", "hf_hub_filename", "url")
+            cfg = cfg_for_head({k: v for k, v in cfg.items() if k not in record_only}, fields["num_classes"])
+        model.pretrained_cfg = {**cfg, "file": str(directory)}
     elif model_type == "videomae":
         model = _hf_videomae(directory, config, kwargs)
     else:
