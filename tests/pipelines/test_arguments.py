@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import intern2
-from intern2.pipelines.common import items, positive_count
+from intern2.pipelines.common import items, pipeline_device, positive_count
 from intern2.pipelines.image_cls import ImageClassificationPipeline
 from intern2.pipelines.tal import TemporalLocalizationPipeline
 
@@ -78,7 +78,7 @@ def test_video_text_pipeline_refuses_what_ranks_nothing():
         pipeline.rank_captions("clip.mp4", [])
 
 
-def test_a_pipeline_takes_a_device():
+def test_a_pipeline_takes_a_device(monkeypatch):
     """``device=`` as in HF pipelines: the model moves there (every pipeline's base takes it, also through
     open_pipeline); a device torch does not have is named."""
     from intern2.pipelines import open_pipeline
@@ -91,3 +91,9 @@ def test_a_pipeline_takes_a_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device: 'cuda' asked for, but torch sees no CUDA device"):
             ImageClassificationPipeline(model, device="cuda")
+    # A GPU index past the count is named before the model moves (the move failed later with a traceback).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pipeline_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ValueError, match="device: 'cuda:7' asked for, but torch sees only cuda:0$"):
+        ImageClassificationPipeline(model, device="cuda:7")
