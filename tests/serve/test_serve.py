@@ -300,6 +300,15 @@ def test_bad_requests_are_4xx_naming_the_field(client):
         ("/v1/translate", dict(json={"text": "Hi", "src_lang": "en", "tgt_lang": "fr", "num_beams": "2"}), 422,
          "num_beams"),
         ("/v1/classify", dict(files={"file": ("", _png(), "image/png")}), 422, "file: expected a file upload"),
+        # JSON without its header: FastAPI did not parse it and said "body: Input should be a valid dictionary"
+        ("/v1/translate", dict(content=b'{"text": "Hi", "src_lang": "en", "tgt_lang": "fr"}',
+                               headers={"content-type": "text/plain"}), 415,
+         "/v1/translate: expected a JSON body sent with Content-Type: application/json, got text/plain"),
+        ("/v1/translate", dict(content=b'{"text": "Hi"}'), 415, "got no Content-Type"),
+        # a syntax error's position is a character, not a field ("body.15")
+        ("/v1/translate", dict(content=b'{"text": "Hi", ', headers={"content-type": "application/json"}), 422,
+         "body: not valid JSON at character 15 (Expecting property name"),
+        ("/v1/translate", dict(json=["Hi", "en", "fr"]), 422, "body: expected a JSON object"),
     ]
     for path, request, status, culprit in cases:
         response = client.post(path, **request)

@@ -398,6 +398,7 @@ ERRORS: Dict[Any, Dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "bad input: an unreadable upload, an unknown or repeated field"},
     403: {"model": ErrorBody, "description": "a cross-site request, or a request under another host name"},
     413: {"model": ErrorBody, "description": "more than the server's limits (body, pixels, text, work)"},
+    415: {"model": ErrorBody, "description": "a JSON body sent without Content-Type: application/json"},
     422: {"model": ErrorBody, "description": "a field of the wrong type or range, or input the model cannot take"},
     503: {"model": ErrorBody, "description": "the model is not loaded, busy, or the request ran past its time"},
 }
@@ -541,12 +542,24 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = []
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         for e in exc.errors():
-            where = ".".join(str(p) for p in e.get("loc", ()))
+            loc = tuple(e.get("loc", ()))
+            where = ".".join(str(p) for p in loc)
             if "Expected UploadFile" in str(e.get("msg")):  # a part without a filename is a text field
                 problems.append(f"{where}: expected a file upload (a form part with a filename)")
                 continue
+            if loc == ("body",) and e.get("type") == "model_attributes_type":  # FastAPI parses JSON bodies only
+                if media_type != "application/json" and not media_type.endswith("+json"):
+                    return _error(415, "unsupported_media_type", f"{request.url.path}: expected a JSON body sent "
+                                  f"with Content-Type: application/json, got {media_type or 'no Content-Type'}")
+                problems.append("body: expected a JSON object")
+                continue
             cause = (e.get("ctx") or {}).get("error")  # JSON syntax errors keep the reason here
+            if e.get("type") == "json_invalid":  # its loc ends with a character offset, not a field
+                problems.append(f"body: not valid JSON at character {loc[-1]}" +
+                                (f" ({cause})" if isinstance(cause, str) else ""))
+                continue
             problems.append(f"{where}: {e.get('msg', 'invalid')}" + (f" ({cause})" if isinstance(cause, str) else ""))
         return _error(422, "invalid_request", "; ".join(problems))
 
