@@ -326,8 +326,10 @@ def _localize(pipeline: Pipeline, data: bytes, filename: str, fps: Optional[floa
     try:
         return pipeline(load_npy(io.BytesIO(data), filename), fps=fps, duration=duration, min_score=min_score,
                         topk=topk)
-    except ValueError as exc:  # not an .npy array, wrong shape, no frame rate
+    except ValueError as exc:  # not an .npy array, a wrong shape; or a duration the features run past
         message = str(exc)
+        if duration is not None and ": duration " in message:  # the field, as fps's checks answer
+            raise ServeError(422, "invalid_field", f"duration: {message.split(': duration ', 1)[1]}") from None
         raise ServeError(400, "invalid_features", message if message.startswith(filename) else
                          f"{filename}: {message}") from None
 
@@ -656,7 +658,15 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
                              topk: int = Form(DEFAULT_TOPK, ge=1, le=1000)) -> Dict[str, Any]:
         slot = slot_of("localizer")
         filename = file.filename or "upload"
+        if fps is not None:  # before the upload is read or decoded
+            try:
+                check_fps(fps, filename)
+            except ValueError as exc:
+                raise ServeError(422, "invalid_field", str(exc)) from None
         if filename.lower().endswith(".npy"):
+            if fps is None and not slot.model.protocol.default_fps:
+                raise ServeError(422, "invalid_field", f"fps: needed with snippet features ({filename}): the frames "
+                                 f"per second of their video (an upload has no sidecar JSON to read it from)")
             data, _ = await read_upload(file)
             return await slot.run(lambda: _timed(_localize, slot.model, data, filename, fps, duration, min_score,
                                                  topk))
@@ -666,11 +676,6 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
         if duration is not None:
             raise ServeError(400, "invalid_field", "duration: only for snippet features (.npy); a video's length is "
                              "its container's")
-        if fps is not None:  # before the upload is decoded
-            try:
-                check_fps(fps, filename)
-            except ValueError as exc:
-                raise ServeError(422, "invalid_field", str(exc)) from None
         return await slot.run(lambda: _timed(_video_upload, file, lambda path: slot.model.video(
             path, fps=fps, min_score=min_score, topk=topk), max_frame_pixels))
 
