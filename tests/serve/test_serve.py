@@ -315,6 +315,16 @@ def test_bad_requests_are_4xx_naming_the_field(client):
         assert response.status_code == status and culprit in response.json()["detail"], (path, response.text)
 
 
+def test_models_lists_at_most_100_labels_and_says_how_many_are_left_out():
+    """Only real names in ``labels`` (a "... 30 more" entry there read as a class), the rest counted beside."""
+    names = [f"class {i}" for i in range(130)]
+    model = intern2.create_model("internimage_t", num_classes=130, **BACKBONE)
+    model.pretrained_cfg["label_names"] = names
+    with TestClient(create_app(image_model=model)) as client:
+        listed = client.get("/v1/models").json()["models"]["image"]
+    assert (listed["num_classes"], listed["labels"], listed["labels_left_out"]) == (130, names[:100], 30)
+
+
 def test_health_probes_may_use_head_and_a_wrong_method_says_which_are_allowed():
     with TestClient(create_app()) as empty:
         for path in ("/healthz", "/v1/models", "/"):
