@@ -89,8 +89,10 @@ def _sets(overrides: List[str], field: str) -> bool:
 def _file_sets(path: Optional[str], field: str) -> bool:
     """Whether the --config YAML file gives ``train.<field>`` (an unreadable file: no; load_config names it)."""
     import yaml
+    if not path:
+        return False
     try:
-        with open(path or "", encoding="utf-8") as file:
+        with open(path, encoding="utf-8") as file:
             config = yaml.safe_load(file)
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return False
