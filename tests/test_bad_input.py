@@ -141,6 +141,11 @@ CASES = [
     ("train-nothing-readable", TRAIN + ["--data", "{root}/all_bad", "--out", "{root}/all_bad_run"],
      "training data: all 4 samples drawn were unreadable and skipped, so nothing was learned"),
     ("config-not-yaml", ["train", "image-cls", "--config", "{image}"], "a.png: not a readable YAML file"),
+    ("device-unknown", ["predict", "{image}", "--checkpoint", "{good}", "--device", "gpu0"],
+     "--device: expected 'cpu', 'cuda' or 'cuda:N', got 'gpu0'"),
+    ("translate-int8-on-gpu", ["translate", "--src", "en", "--tgt", "fr", "--int8", "--device", "cuda:0", "Hi"],
+     "--device: 'cuda:0' asked for, but torch sees no CUDA device" if not torch.cuda.is_available() else
+     "--int8 and --device cuda:0: int8 layers run on the CPU only"),
     ("topk-negative", ["predict", "{image}", "--checkpoint", "{good}", "--topk", "-3"],
      "argument --topk: expected a positive int, got '-3'"),
     ("config-deep", ["predict", "{image}", "--checkpoint", "{deep_config}"], "config.json: nested too deeply"),
@@ -288,9 +293,16 @@ def test_a_diverging_run_ends_in_one_line_with_the_advice(tmp_path, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
-def test_a_gpu_asked_for_without_one_is_named(tmp_path, capsys):
+def test_a_gpu_asked_for_without_one_is_named(tmp_path, capsys, files):
     assert cli.main([*TRAIN, "--set", "train.device=cuda", "--out", str(tmp_path)]) == 2
     assert "train.device: 'cuda' asked for, but torch sees no CUDA device" in capsys.readouterr().err
+    for argv in (["predict", files["image"], "--checkpoint", files["good"], "--device", "cuda"],
+                 ["eval", "--data", "builtin:digits", "--checkpoint", files["good"], "--device", "cuda"]):
+        with pytest.raises(SystemExit) as stop:
+            cli.main(argv)
+        assert stop.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+            "--device: 'cuda' asked for, but torch sees no CUDA device here")
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -70,7 +70,8 @@ def test_image_classification(tmp_path, inputs, capsys):
     folder = _folder(tmp_path, "image", model)
     from intern2.pipelines.image_cls import ImageClassificationPipeline
     python = ImageClassificationPipeline.from_pretrained(folder)(inputs["image"], topk=3)["top"]
-    (cli_result,) = _predict_json(capsys, ["predict", inputs["image"], "--checkpoint", folder, "--topk", "3", "--json"])
+    (cli_result,) = _predict_json(capsys, ["predict", inputs["image"], "--checkpoint", folder, "--topk", "3", "--json",
+                                           "--device", "cpu"])
     http = _post(dict(image_model=load_model_spec(folder)), "/v1/classify", data={"topk": 3},
                  files={"file": ("image.png", open(inputs["image"], "rb").read(), "image/png")})["top"]
     _same_ranking(python, cli_result["top"], http)

@@ -281,6 +281,18 @@ def add_model_arguments(parser: argparse.ArgumentParser, run_options: bool = Tru
                         "(default: from the model's weights metadata or architecture)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), help="run the model in bfloat16 (fast where the CPU "
                         "has AVX-512-BF16 or AMX; elsewhere it falls back to fp32 and says so)")
+    parser.add_argument("--device", help="where the model runs: cpu (default), cuda or cuda:N")
+
+
+def device_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Optional[torch.device]:
+    """The --device asked for (None: not given), checked before any model loads; a device torch does not have is a
+    usage error naming the flag."""
+    if getattr(args, "device", None) is None:
+        return None
+    try:
+        return pipeline_device(args.device)
+    except ValueError as exc:
+        parser.error(f"--{exc}")
 
 
 def model_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> nn.Module:
@@ -387,10 +399,11 @@ def pipeline_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace
                        **options: Any) -> Pipeline:
     """The family's pipeline for parsed CLI arguments; a wrong model, bad metadata or bad option is a usage
     error naming it (an option by its flag: :func:`option_error`)."""
+    device = device_from_args(parser, args)
     model = model_from_args(parser, args)
     try:
         return pipeline_cls(model, source=args.checkpoint or args.model, dtype=getattr(args, "dtype", None),
-                            **options)
+                            device=device, **options)
     except (ValueError, TypeError, KeyError, ImportError) as exc:
         parser.error(option_error(exc))
 

@@ -41,7 +41,7 @@ from ..checkpoint import atomic_write
 from ..config import error_message
 from ..data.video import VideoDecodeError, VideoEvalTransform, iter_frames, probe_video, uniform_indices
 from ..weights import MAX_SIDE, protocol_from_cfg
-from .common import check_aspect, model_from_args, model_task, positive, progress, unique_stems
+from .common import check_aspect, device_from_args, model_from_args, model_task, positive, progress, unique_stems
 from .video_cls import VideoClassificationPipeline, pooled_features, video_files_or_exit, write_npy
 from .video_text import VideoTextPipeline, encode_views
 
@@ -289,7 +289,10 @@ def snippets_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         unique_stems(files, "{stem}.npy")
     except ValueError as exc:
         parser.error(str(exc))
+    device = device_from_args(parser, args)
     model = model_from_args(parser, args)
+    if device is not None:
+        model = model.to(device)
     try:
         extractor = SnippetFeatureExtractor(model, snippets, args.checkpoint or args.model, args.fps, args.task)
     except (ValueError, TypeError, KeyError) as exc:

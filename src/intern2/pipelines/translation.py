@@ -18,7 +18,7 @@ from ..text import check_text
 from ..text.corpus import read_lines
 from ..text.languages import get_language
 from ..weights import TranslationProtocol
-from .common import Pipeline, progress, setup_logging
+from .common import Pipeline, device_from_args, progress, setup_logging
 
 __all__ = ["Translator", "split_sentences", "translate_in_sentences", "translate_main", "predict_main"]
 
@@ -230,9 +230,13 @@ def translate_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of the Linear layers (CPU)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), help="run the model in bfloat16 (fast where the CPU "
                         "has AVX-512-BF16 or AMX; elsewhere it falls back to fp32 and says so)")
+    parser.add_argument("--device", help="where the model runs: cpu (default), cuda or cuda:N")
     args = parser.parse_args(argv)
     if args.int8 and args.dtype == "bf16":
         parser.error("--int8 and --dtype bf16: choose one (int8 layers take float32 activations)")
+    device = device_from_args(parser, args)
+    if args.int8 and device is not None and device.type != "cpu":
+        parser.error(f"--int8 and --device {args.device}: int8 layers run on the CPU only")
     for flag in ("beams", "max_new_tokens", "batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a positive integer")
@@ -256,7 +260,7 @@ def translate_main(argv: Optional[List[str]] = None) -> int:
         setup_logging()
         folder = args.model or _default_model()
         with contextlib.nullcontext() if args.model else reading_download(folder):  # from the cache: a download
-            translator = Translator.from_pretrained(folder, int8=args.int8, dtype=args.dtype)
+            translator = Translator.from_pretrained(folder, int8=args.int8, dtype=args.dtype, device=device or "cpu")
         rows = [i for i, text in enumerate(texts) if text.strip()]  # blank lines stay blank
         source = args.input or ("text" if args.text else "stdin")
         for i in rows:  # text the model cannot take (not Unicode, too long), named by its line before any work

@@ -220,7 +220,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
                         batch_size=args.batch_size, collate_fn=collate_images)
     metrics_of = ClassificationMetrics(source.classes)
     batches = progress(loader, "eval", len(loader))
-    metrics = metrics_of.summarize(accumulate_eval(pipeline.model, batches, metrics_of.eval_step, torch.device("cpu")))
+    metrics = metrics_of.summarize(accumulate_eval(pipeline.model, batches, metrics_of.eval_step, pipeline.device))
     if not metrics["count"]:
         parser.error(f"--data {args.data}: no readable images ({metrics['skipped']} unreadable)")
     if args.json:

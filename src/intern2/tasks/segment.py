@@ -70,7 +70,7 @@ class SegmentationMetrics:
         confusion = torch.zeros(k * k, dtype=torch.float64)
         images, labels = batch["image"], batch["label"]
         for image, label in zip(images, labels):
-            prediction = segment_labels(model, image, self.protocol, self.tta)
+            prediction = segment_labels(model, image, self.protocol, self.tta).to(label.device)
             valid = label != IGNORE_INDEX
             confusion += torch.bincount(label[valid] * k + prediction[valid], minlength=k * k).double().cpu()
         return {"confusion": confusion, "skipped": torch.tensor(float(batch["skipped"]))}
@@ -206,7 +206,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     metrics_of = SegmentationMetrics(pipeline.labels, protocol, pipeline.tta)
     loader = DataLoader(dataset, batch_size=1, collate_fn=collate_segmentation)
     batches = progress(loader, "eval", len(loader))
-    metrics = metrics_of.summarize(accumulate_eval(pipeline.model, batches, metrics_of.eval_step, torch.device("cpu")))
+    metrics = metrics_of.summarize(accumulate_eval(pipeline.model, batches, metrics_of.eval_step, pipeline.device))
     if metrics["skipped"] >= len(dataset):
         parser.error(f"--data {args.data}: no readable images ({metrics['skipped']} unreadable)")
     if args.json:

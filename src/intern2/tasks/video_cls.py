@@ -264,7 +264,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
                         batch_size=args.batch_size, collate_fn=collate_videos)
     metrics_of = ClassificationMetrics(source.classes)
     batches = progress(loader, "eval", len(loader))
-    sums = accumulate_eval(pipeline.model, batches, lambda m, b: _eval_sums(m, b, metrics_of), torch.device("cpu"))
+    sums = accumulate_eval(pipeline.model, batches, lambda m, b: _eval_sums(m, b, metrics_of), pipeline.device)
     metrics = metrics_of.summarize(sums)
     if not metrics["count"]:
         parser.error(f"--data {args.data}: no readable videos ({metrics['skipped']} unreadable)")
