@@ -97,3 +97,33 @@ def test_a_pipeline_takes_a_device(monkeypatch):
     assert pipeline_device("cuda:0") == torch.device("cuda:0")
     with pytest.raises(ValueError, match="device: 'cuda:7' asked for, but torch sees only cuda:0$"):
         ImageClassificationPipeline(model, device="cuda:7")
+
+
+def test_a_pipeline_called_on_a_list_answers_each_input_in_order(tmp_path):
+    """As HF pipelines: a list (or tuple) of inputs gives a list of results, the options applied to each."""
+    from intern2.pipelines.detect import DetectionPipeline
+    from intern2.pipelines.segment import SegmentationPipeline
+    torch.manual_seed(0)
+    backbone = dict(channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8])
+    paths = []
+    for seed in range(2):
+        paths.append(tmp_path / f"{seed}.png")
+        Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(paths[-1])
+    image = Image.open(paths[1])
+    classify = ImageClassificationPipeline(intern2.create_model("internimage_t", num_classes=4, **backbone))
+    detect = DetectionPipeline(intern2.create_model("mask_rcnn_internimage_t", backbone=backbone, num_classes=2,
+                                                    min_size=64, max_size=96, fpn_channels=32,
+                                                    box_detections_per_img=5, box_score_thresh=0.0))
+    segment = SegmentationPipeline(intern2.create_model("upernet_internimage_t", num_classes=3, backbone=backbone,
+                                                        channels=16, aux_channels=16), test_size=(96, 64))
+    for pipeline, options in ((classify, dict(topk=2)), (detect, dict(threshold=0.0)), (segment, {})):
+        one_by_one = [pipeline(str(paths[0]), **options), pipeline(image, **options)]
+        for inputs in ([str(paths[0]), image], (str(paths[0]), image)):
+            together = pipeline(inputs, **options)
+            assert isinstance(together, list) and len(together) == 2
+            for got, want in zip(together, one_by_one):
+                assert got.keys() == want.keys()
+                for key in got:
+                    same = np.array_equal if isinstance(got[key], np.ndarray) else (lambda a, b: str(a) == str(b))
+                    assert same(got[key], want[key]), (type(pipeline).__name__, key)
+        assert pipeline([], **options) == []

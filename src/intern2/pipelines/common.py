@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import collections.abc
+import functools
 import json
 import logging
 import math
@@ -345,6 +346,17 @@ def items(values: Any, what: str) -> List[Any]:
     if isinstance(values, (str, bytes, os.PathLike)) or not isinstance(values, collections.abc.Iterable):
         raise TypeError(f"{what}: expected a list, got {type(values).__name__}; pass [value] for one")
     return list(values)
+
+
+def one_or_many(call: Callable[..., Dict[str, Any]]) -> Callable[..., Any]:
+    """A pipeline's ``__call__`` on one input that also takes a list or tuple of inputs, as HF pipelines do: then
+    a list of results, in order, the other arguments applied to each (an input is never itself a list here)."""
+    @functools.wraps(call)
+    def run(self: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(inputs, (list, tuple)):
+            return [call(self, item, *args, **kwargs) for item in inputs]
+        return call(self, inputs, *args, **kwargs)
+    return run
 
 
 def positive(kind: type) -> Callable[[str], Any]:

@@ -19,8 +19,8 @@ from torch import nn
 from ..data.images import load_image
 from ..heads.detection import paste_masks
 from ..weights import DetectionProtocol
-from .common import (Pipeline, add_model_arguments, image_files_or_exit, output_or_exit, pair, pipeline_from_args,
-                     run_on_images)
+from .common import (Pipeline, add_model_arguments, image_files_or_exit, one_or_many, output_or_exit, pair,
+                     pipeline_from_args, run_on_images)
 from .segment import image_tensor
 
 __all__ = ["DetectionPipeline", "draw_detections", "mask_to_rle", "predict_main"]
@@ -118,6 +118,7 @@ class DetectionPipeline(Pipeline):
             found.append(entry)
         return found
 
+    @one_or_many
     def __call__(self, image: Union[Image.Image, str], threshold: float = 0.5, masks: bool = False) -> Dict[str, Any]:
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
             raise ValueError(f"threshold {threshold!r}: expected a score in [0, 1]")  # NaN and 2 used to find nothing

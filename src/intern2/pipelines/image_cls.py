@@ -9,8 +9,8 @@ from PIL import Image
 
 from ..data.images import eval_transform, load_image
 from ..weights import ImageClassificationProtocol
-from .common import (Pipeline, add_model_arguments, check_aspect, image_files_or_exit, items, pipeline_from_args,
-                     positive, print_topk, progress, top_k)
+from .common import (Pipeline, add_model_arguments, check_aspect, image_files_or_exit, items, one_or_many,
+                     pipeline_from_args, positive, print_topk, progress, top_k)
 
 __all__ = ["ImageClassificationPipeline", "predict_main"]
 
@@ -55,6 +55,7 @@ class ImageClassificationPipeline(Pipeline):
         """(N, C, H, W) preprocessed images -> (N, num_classes) float32 class probabilities."""
         return self.model(images.to(self.device, self.dtype)).float().softmax(-1).cpu()
 
+    @one_or_many
     def __call__(self, image: Union[Image.Image, str], topk: int = 5) -> Dict[str, Any]:
         image = load_image(image)
         check_aspect(*image.size)

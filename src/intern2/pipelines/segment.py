@@ -18,8 +18,8 @@ from torch import nn
 from ..data.images import load_image
 from ..data.segmentation import keep_ratio_size
 from ..weights import SegmentationProtocol
-from .common import (Pipeline, add_model_arguments, image_files_or_exit, model_dtype, output_or_exit, pair,
-                     pipeline_from_args, run_on_images)
+from .common import (Pipeline, add_model_arguments, image_files_or_exit, model_dtype, one_or_many, output_or_exit,
+                     pair, pipeline_from_args, run_on_images)
 
 __all__ = ["SegmentationPipeline", "eval_input_size", "segment_probabilities", "segment_labels", "slide_inference",
            "palette", "colourise", "image_tensor", "predict_main"]
@@ -215,6 +215,7 @@ class SegmentationPipeline(Pipeline):
         """The class map as a greyscale PNG-ready image (8-bit, 16-bit for more than 256 classes)."""
         return Image.fromarray(prediction.astype(np.uint8 if len(self.labels) <= 256 else np.uint16))
 
+    @one_or_many
     def __call__(self, image: Union[Image.Image, str]) -> Dict[str, Any]:
         image = load_image(image)
         prediction = self.predict(image)

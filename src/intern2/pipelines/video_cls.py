@@ -19,7 +19,8 @@ from torch import nn
 from ..data.video import FrameSampler, VideoEvalTransform, read_video
 from ..weights import SAMPLINGS, VideoProtocol
 from .common import (Pipeline, add_model_arguments, check_aspect, expand_files, files_or_exit, items, model_dtype,
-                     output_or_exit, pipeline_from_args, positive, print_topk, progress, setup_logging, top_k)
+                     one_or_many, output_or_exit, pipeline_from_args, positive, print_topk, progress, setup_logging,
+                     top_k)
 
 __all__ = ["VideoClassificationPipeline", "VIDEO_SUFFIXES", "video_files", "video_files_or_exit", "view_probabilities",
            "pooled_features", "add_protocol_arguments", "protocol_options", "predict_main",
@@ -93,6 +94,7 @@ class VideoClassificationPipeline(Pipeline):
                             f"num_classes=0 model): use features()")
         return view_probabilities(self.model, views.to(self.device)).cpu()
 
+    @one_or_many
     def __call__(self, file: str, topk: int = 5) -> Dict[str, Any]:
         return self._top(self.views(file), topk)
 

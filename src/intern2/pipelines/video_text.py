@@ -21,8 +21,8 @@ from torch import nn
 from ..data.video import FrameSampler, VideoDecodeError, VideoEvalTransform, read_video
 from ..text import check_text
 from ..weights import VideoProtocol
-from .common import (Pipeline, add_model_arguments, check_aspect, items, load_model, model_dtype, option_error,
-                     output_or_exit, positive, positive_count, print_topk, progress, setup_logging)
+from .common import (Pipeline, add_model_arguments, check_aspect, items, load_model, model_dtype, one_or_many,
+                     option_error, output_or_exit, positive, positive_count, print_topk, progress, setup_logging)
 from .video_cls import add_protocol_arguments, protocol_options, video_files_or_exit, write_arrays
 
 __all__ = ["VideoTextPipeline", "DEFAULT_PROMPT", "check_prompt", "encode_texts", "encode_views", "retrieve_main",
@@ -147,6 +147,7 @@ class VideoTextPipeline(Pipeline):
     def _scale(self) -> float:
         return self.model.logit_scale.exp().clamp(max=100.0).item()
 
+    @one_or_many
     def __call__(self, file: str, labels: Optional[Sequence[str]] = None, prompt: Optional[str] = None,
                  topk: int = 5) -> Dict[str, Any]:
         """Zero-shot classification of one video (as the other pipelines' calls): ``{"top": [{"label", "index",
