@@ -171,6 +171,10 @@ CASES = [
     ("serve-unknown-model-unquoted", ["serve", "--image-model", "nosuch"], "serve: error: unknown model 'nosuch'"),
     ("convert-out-empty", ["convert", "--model", "internimage_t", "--checkpoint", "{root}/weights.pth", "--out", ""],
      "--out: empty path"),
+    ("zero-shot-labels-file-missing", ["zero-shot", "{root}/clip.mp4", "--labels-file", "{root}/nope.txt"],
+     "--labels-file {root}/nope.txt: cannot read it (No such file or directory)"),
+    ("zero-shot-labels-twice", ["zero-shot", "{root}/clip.mp4", "--labels", "a,b", "--labels-file", "{root}/x.txt"],
+     "--labels and --labels-file: give the class names one way"),
     ("zero-shot-two-fields", ["zero-shot", "{image}", "--prompt", "{} and {}", "--labels", "a,b"],
      "--prompt '{} and {}': expected one '{}' where the label goes, found 2 fields"),
     # a protocol option's error names the flag the user typed, not the protocol field behind it

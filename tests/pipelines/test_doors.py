@@ -170,7 +170,16 @@ def test_video_text(tmp_path, inputs, capsys):
     http = _post(dict(retrieval=load_retrieval(folder)), "/v1/video/retrieve", data={"texts": "\n".join(CAPTIONS)},
                  files={"file": ("clip.mp4", open(inputs["video"], "rb").read(), "video/mp4")})["ranking"]
     http = [{"label": r["text"], "index": r["index"], "prob": r["prob"]} for r in http]
-    _same_ranking(python, cli_result["top"], http)
+    # --labels-file: one name per line, so a name may hold a comma
+    labels_file = tmp_path / "captions.txt"
+    labels_file.write_text("\n".join(CAPTIONS) + "\n", encoding="utf-8")
+    (from_file,) = _predict_json(capsys, ["zero-shot", inputs["video"], "--checkpoint", folder, "--labels-file",
+                                          str(labels_file), "--prompt", "{}", "--json"])
+    _same_ranking(python, cli_result["top"], from_file["top"], http)
+    labels_file.write_text("\n".join(CAPTIONS + ["a circle, then a square"]), encoding="utf-8")
+    (with_comma,) = _predict_json(capsys, ["zero-shot", inputs["video"], "--checkpoint", folder, "--labels-file",
+                                           str(labels_file), "--json"])
+    assert {r["label"] for r in with_comma["top"]} == {*CAPTIONS, "a circle, then a square"}
 
 
 def test_translation(tmp_path, capsys):

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import read_text
 from ..data.video import FrameSampler, VideoDecodeError, VideoEvalTransform, read_video
 from ..text import check_text
 from ..weights import VideoProtocol
@@ -270,6 +271,7 @@ def zero_shot_main(argv: Optional[List[str]] = None, prog: str = "intern2 zero-s
     parser.add_argument("videos", nargs="+", help="video files or folders")
     parser.add_argument("--labels", help="comma-separated class names, e.g. 'moving left,moving up' (default: "
                         "the class names of the model's training list)")
+    parser.add_argument("--labels-file", help="class names one per line (names may hold commas)")
     parser.add_argument("--prompt", help="prompt template (default: as trained, else 'a video of {}')")
     add_inference_arguments(parser)
     parser.add_argument("--topk", type=positive(int), default=5)
@@ -280,16 +282,28 @@ def zero_shot_main(argv: Optional[List[str]] = None, prog: str = "intern2 zero-s
             check_prompt(args.prompt, "--prompt")
         except ValueError as exc:
             parser.error(str(exc))
-    files = video_files_or_exit(parser, args.videos)
-    pipeline = pipeline_from_args(parser, args)
+    if args.labels is not None and args.labels_file is not None:
+        parser.error("--labels and --labels-file: give the class names one way")
     labels = None
-    if args.labels is None and len(pipeline.class_names) < 2:
-        parser.error("--labels is required: the model records no class names of its own")
     if args.labels is not None:
         labels = [label.strip() for label in _checked_text(parser, args.labels, "--labels").split(",")
                   if label.strip()]
         if len(labels) < 2:
             parser.error(f"--labels {args.labels!r}: give at least two comma-separated class names")
+    if args.labels_file is not None:  # before the model loads
+        try:
+            text = read_text(Path(args.labels_file))
+        except OSError as exc:
+            parser.error(f"--labels-file {args.labels_file}: cannot read it ({exc.strerror or exc})")
+        except ValueError as exc:  # not UTF-8, the file named
+            parser.error(str(exc))
+        labels = [line.strip() for line in _checked_text(parser, text, "--labels-file").splitlines() if line.strip()]
+        if len(labels) < 2:
+            parser.error(f"--labels-file {args.labels_file}: expected at least two class names, one per line")
+    files = video_files_or_exit(parser, args.videos)
+    pipeline = pipeline_from_args(parser, args)
+    if labels is None and len(pipeline.class_names) < 2:
+        parser.error("--labels is required: the model records no class names of its own")
     return print_topk(pipeline.zero_shot(files, labels, args.prompt, args.topk), args.json)
 
 
