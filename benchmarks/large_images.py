@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-from typing import Tuple
+from queue import Empty
+from typing import Any, Callable, Tuple
 
 import torch
 
@@ -66,22 +67,27 @@ def _detect(size: Tuple[int, int], kept_only: bool, threshold: float, queue) -> 
 
 def _threshold(size: Tuple[int, int], keep: int) -> float:
     """The score of the ``keep``-th best detection of the benchmark's model on its photo (in this process)."""
+    from intern2.heads.detection import unpasted_masks
     model = _detector()
-    model.transform.pastes_masks = False  # scores only
     image = torch.rand(3, size[1], size[0], generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
+    with torch.inference_mode(), unpasted_masks():  # scores only
         (output,) = model([image])
     return float(output["scores"].sort(descending=True).values[min(keep, len(output["scores"])) - 1])
 
 
-def _child(target, *args):
+def _child(target: Callable[..., None], *args: Any) -> Tuple[float, float, Any]:
+    """``target(*args, queue)`` in a fresh process: (peak MiB before the call, after it, what it reports)."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=target, args=(*args, queue))
     process.start()
-    result = queue.get()
-    process.join()
-    return result
+    try:
+        return queue.get(timeout=1800)
+    except Empty:  # killed (out of memory: what this measures) or hung
+        raise RuntimeError(f"{target.__name__}{args}: the child process gave no result (exit code "
+                           f"{process.exitcode})") from None
+    finally:
+        process.join(timeout=60)
 
 
 def main() -> int:

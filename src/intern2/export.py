@@ -11,7 +11,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -70,7 +70,7 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
                 parent.rmdir()
 
 
-def _checked_session(target: Path, path: Path, quiet: bool = False):
+def _checked_session(target: Path, path: Path, quiet: bool = False) -> Any:
     """An onnxruntime session of the graph at ``target`` once onnx's full check passes; an invalid graph (the
     exporter's output, not the user's input) is an :class:`ExportCheckError` naming ``path``, where it would go.
     ``quiet``: onnxruntime logs errors only."""

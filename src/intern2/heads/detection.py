@@ -10,8 +10,10 @@ reorders rows.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +29,8 @@ from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setu
 from ..data.segmentation import keep_ratio_size
 
 __all__ = ["InternImageFPN", "UnroundedAnchorGenerator", "AlignedMultiScaleRoIAlign", "KeepRatioTransform",
-           "test_size_cfg", "paste_masks", "mmdet_to_torchvision", "torchvision_to_mmdet", "mask_rcnn_components"]
+           "test_size_cfg", "paste_masks", "unpasted_masks", "mmdet_to_torchvision", "torchvision_to_mmdet",
+           "mask_rcnn_components"]
 
 
 class InternImageFPN(nn.Module):
@@ -81,10 +84,8 @@ class KeepRatioTransform(GeneralizedRCNNTransform):
     max(h, w)) as in torchvision, but the size is rounded (mmcv's ``int(x * scale + 0.5)``) where torchvision
     floors it, so an image gets the size the official pipeline gives it (e.g. 427 x 640 -> 800 x 1199).
 
-    ``pastes_masks``: whether :meth:`postprocess` pastes every detection's mask at the image size (4 bytes per pixel
-    each, as an evaluation needs); a caller that keeps only some detections turns it off and pastes those itself."""
-
-    pastes_masks = True
+    :meth:`postprocess` pastes every detection's mask at the image size (4 bytes per pixel each, as an evaluation
+    needs) unless called within :func:`unpasted_masks`."""
 
     def resize(self, image: Tensor, target: Optional[Dict[str, Tensor]] = None):
         height, width = image.shape[-2:]
@@ -99,15 +100,30 @@ class KeepRatioTransform(GeneralizedRCNNTransform):
 
     def postprocess(self, result: List[Dict[str, Tensor]], image_shapes: List[Tuple[int, int]],
                     original_image_sizes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
-        """torchvision's (boxes back to the original size), with mmdet's mask pasting (:func:`paste_masks`) unless
-        ``pastes_masks`` is off: then masks stay (N, 1, M, M) probabilities in their boxes."""
+        """torchvision's (boxes back to the original size), with mmdet's mask pasting (:func:`paste_masks`) outside
+        :func:`unpasted_masks`; within it masks stay (N, 1, M, M) probabilities in their boxes."""
         if self.training:
             return result
         for prediction, resized, original in zip(result, image_shapes, original_image_sizes):
             prediction["boxes"] = resize_boxes(prediction["boxes"], resized, original)
-            if "masks" in prediction and self.pastes_masks:
+            if "masks" in prediction and _PASTE_MASKS.get():
                 prediction["masks"] = paste_masks(prediction["masks"], prediction["boxes"], *original)
         return result
+
+
+# Per thread (and task): one caller's choice cannot leak into another's call on the same model.
+_PASTE_MASKS: contextvars.ContextVar[bool] = contextvars.ContextVar("paste_masks", default=True)
+
+
+@contextlib.contextmanager
+def unpasted_masks() -> Iterator[None]:
+    """Within it, detectors return each mask as (N, 1, M, M) probabilities in its box instead of pasting all N at
+    the image size, for a caller that pastes only the detections it keeps (100 masks of a 12 MP photo are 5 GB)."""
+    token = _PASTE_MASKS.set(False)
+    try:
+        yield
+    finally:
+        _PASTE_MASKS.reset(token)
 
 
 def test_size_cfg(model: nn.Module, record: object = None) -> Dict:

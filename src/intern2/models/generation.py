@@ -305,7 +305,7 @@ class GenerationMixin:
             origin = index // vocab
             candidates = take(running, origin)
             candidates[:, :, t] = index % vocab
-            ends = (candidates[:, :, t] == cfg.eos_token_id) | (budgets == t)  # a source past it: never improvable
+            ends = (candidates[:, :, t] == cfg.eos_token_id) | (budgets == t)
 
             going_on = top + ends.float() * _BEAM_PENALTY
             pick = going_on.topk(beams).indices
@@ -327,6 +327,7 @@ class GenerationMixin:
             best_length = budgets if early_stopping == "never" and length_penalty > 0 else t
             worst = torch.where(is_finished, finished_scores.min(1, keepdim=True).values, _BEAM_PENALTY)
             improvable &= (running_scores[:, :1] / best_length ** length_penalty > worst).any(1, keepdim=True)
+            improvable &= budgets > t  # a source at its budget has ended all its beams: nothing may join later
             if not improvable.any() or (early_stopping is True and is_finished.all()) or ends.all():
                 break
             cache.reorder((take(origin, pick) + offsets).view(-1))

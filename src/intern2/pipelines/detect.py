@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from ..data.images import load_image
-from ..heads.detection import paste_masks
+from ..heads.detection import paste_masks, unpasted_masks
 from ..weights import DetectionProtocol
 from .common import (Pipeline, add_model_arguments, image_files_or_exit, one_or_many, output_or_exit, pair,
                      pipeline_from_args, run_on_images)
@@ -89,20 +89,18 @@ class DetectionPipeline(Pipeline):
         at least ``threshold``; their masks are (K, 1, H, W) bool at the image size (mmdet's ``>= 0.5``), pasted one
         at a time so that a large image holds one float mask, not one per detection."""
         self.model.eval()
-        transform, outputs = self.model.transform, []
-        pastes, transform.pastes_masks = transform.pastes_masks, False  # 100 masks of a 12 MP photo are 5 GB
-        try:
+        with unpasted_masks():  # the model called directly (an evaluation) still pastes every mask
             found = self.model([i.to(self.device) for i in images])
-        finally:
-            transform.pastes_masks = pastes  # the model itself (an evaluation) pastes every mask
+        outputs = []
         for image, out in zip(images, found):
-            out = {k: v[out["scores"] >= threshold].cpu() for k, v in out.items()}
-            if "masks" in out:
+            keep = out["scores"] >= threshold
+            out = {k: v[keep] for k, v in out.items()}
+            if "masks" in out:  # pasted where the model runs, one at a time
                 height, width = image.shape[-2:]
-                pasted = [paste_masks(mask[None], box[None], height, width)[0] >= 0.5
+                pasted = [(paste_masks(mask[None], box[None], height, width)[0] >= 0.5).cpu()
                           for mask, box in zip(out["masks"], out["boxes"])]
                 out["masks"] = torch.stack(pasted) if pasted else torch.zeros(0, 1, height, width, dtype=torch.bool)
-            outputs.append(out)
+            outputs.append({k: v.cpu() for k, v in out.items()})
         return outputs
 
     def objects(self, output: Dict[str, torch.Tensor], threshold: float = 0.5,

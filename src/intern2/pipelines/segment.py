@@ -25,7 +25,7 @@ __all__ = ["SegmentationPipeline", "eval_input_size", "segment_probabilities", "
            "palette", "colourise", "image_tensor", "predict_main"]
 
 Pair = Tuple[int, int]
-BAND_BYTES = 64 << 20  # probabilities resized at a time: a few hundred rows of a large photo on 150 classes
+BAND_BYTES = 64 << 20  # probabilities resized at a time (~27 rows of a 4000 px wide photo on 150 classes)
 
 
 def image_tensor(image: Union[Image.Image, np.ndarray]) -> torch.Tensor:
@@ -105,12 +105,13 @@ def _rows_probabilities(logits: torch.Tensor, rows: slice, size: Pair, flip: boo
     # then the blend of each output row's two source rows.
     across = F.interpolate(logits[:, :, first:last], size=(last - first, width), mode="bilinear",
                            align_corners=False)[0]
-    probs = (across[:, top - first] * (1 - weight) + across[:, bottom - first] * weight).softmax(0)
+    probs = torch.lerp(across[:, top - first], across[:, bottom - first], weight).softmax(0)
     return probs.flip(-1) if flip else probs
 
 
 def _bands(height: int, width: int, classes: int, band_bytes: int) -> Iterator[slice]:
-    """Slices of consecutive rows whose (classes, rows, width) float32 probabilities fit in ``band_bytes``."""
+    """Slices of consecutive rows whose (classes, rows, width) float32 probabilities fit in ``band_bytes`` (a band
+    holds a few such tensors at once: the two source rows gathered, their blend, its softmax)."""
     step = max(1, band_bytes // (4 * classes * width))
     return (slice(start, min(start + step, height)) for start in range(0, height, step))
 

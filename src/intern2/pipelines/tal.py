@@ -128,6 +128,7 @@ class TemporalLocalizationPipeline(Pipeline):
         snippets (``feat_num_frames`` frames every ``feat_stride``); its feature size must be the localizer's."""
         from .snippets import SnippetFeatureExtractor, SnippetProtocol
         p = self.protocol
+        encoder = encoder.to(self.device)  # the encoder is the heavy part: it runs where the localizer does
         extractor = SnippetFeatureExtractor(encoder, SnippetProtocol(p.feat_num_frames, p.feat_stride), source=source)
         if extractor.feature_dim != self.model.input_dim:
             raise ValueError(f"its features have {extractor.feature_dim} channels, the localizer reads "

@@ -22,8 +22,9 @@ from ..data import read_text
 from ..data.video import FrameSampler, VideoDecodeError, VideoEvalTransform, read_video
 from ..text import check_text
 from ..weights import VideoProtocol
-from .common import (Pipeline, add_model_arguments, check_aspect, items, load_model, model_dtype, one_or_many,
-                     option_error, output_or_exit, positive, positive_count, print_topk, progress, setup_logging)
+from .common import (Pipeline, add_model_arguments, check_aspect, device_from_args, items, load_model, model_dtype,
+                     one_or_many, option_error, output_or_exit, positive, positive_count, print_topk, progress,
+                     setup_logging)
 from .video_cls import add_protocol_arguments, protocol_options, video_files_or_exit, write_arrays
 
 __all__ = ["VideoTextPipeline", "DEFAULT_PROMPT", "check_prompt", "encode_texts", "encode_views", "retrieve_main",
@@ -227,8 +228,10 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
 
 def pipeline_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> VideoTextPipeline:
     setup_logging()
+    device = device_from_args(parser, args)
     try:
-        return VideoTextPipeline.from_pretrained(args.checkpoint, args.model, args.tokenizer, **protocol_options(args))
+        return VideoTextPipeline.from_pretrained(args.checkpoint, args.model, args.tokenizer, device=device,
+                                                 dtype=args.dtype, **protocol_options(args))
     except (ValueError, TypeError, FileNotFoundError, KeyError, ImportError) as exc:
         parser.error(option_error(exc))
 
