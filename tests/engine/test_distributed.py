@@ -31,9 +31,13 @@ def single(tmp_path_factory):
 
 
 def _assert_close(got, want):
+    """Weights after 3 AdamW steps at lr 1e-3. AdamW divides each gradient element by its own running size, so
+    the rounding of a near-zero gradient summed as one batch of 16 or as two of 8 moves that element's step by up
+    to ~1.2e-5 (measured on the AVX2-only EPYC; under 1e-5 on AVX-512); a rank that trained on its half of the
+    batch alone differs by up to 4e-3 (300k elements beyond 5e-5, measured)."""
     assert got.keys() == want.keys()
     for key in want:
-        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-4, msg=key)
+        torch.testing.assert_close(got[key], want[key], atol=5e-5, rtol=1e-4, msg=key)
 
 
 def test_ddp_two_ranks_equal_single_process(single, tmp_path):
