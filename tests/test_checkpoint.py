@@ -77,7 +77,7 @@ def test_mmdet_checkpoint_into_backbone(reference, tmp_path):
 
 
 def test_hf_hub_folder(reference, tmp_path):
-    config = {"architectures": ["InternImageModelForImageClassification"], "model_type": "intern_image",
+    config = {"architectures": ["InternImageModelForImageClassification"], "model_type": "internimage",
               "auto_map": {"AutoConfig": "configuration_internimage.InternImageConfig"}, "core_op": "DCNv3",
               "torch_dtype": "float32", **{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}}
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -96,13 +96,56 @@ def test_hf_hub_folder_gets_the_published_tag_of_its_shape_only(tmp_path):
                                        (dict(TINY, num_classes=1000), None))):
         folder = tmp_path / str(i)
         folder.mkdir()
-        config = {"model_type": "intern_image", "core_op": "DCNv3",
+        config = {"model_type": "internimage", "core_op": "DCNv3",
                   **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
         (folder / "config.json").write_text(json.dumps(config))
         cfg = intern2.from_pretrained(folder, weights=False).pretrained_cfg
         assert cfg.get("tag") == tag and cfg["num_classes"] == fields["num_classes"] and cfg["file"] == str(folder)
         assert ("metrics" in cfg) == ("hf_hub_filename" in cfg) == (tag is not None)
         assert ("label_names" in cfg) == (fields["num_classes"] == 1000)
+
+
+# OpenGVLab/internimage_t_1k_224's config.json as published (classification/huggingface/in1k_model/), less the
+# remote-code entries (_name_or_path, auto_map).
+OFFICIAL_HF_T = {
+    "act_layer": "GELU", "architectures": ["InternImageModel"], "center_feature_scale": False, "channels": 64,
+    "cls_scale": 1.5, "core_op": "DCNv3", "depths": [4, 4, 18, 4], "drop_path_rate": 0.0, "drop_path_type": "linear",
+    "drop_rate": 0.0, "dw_kernel_size": None, "groups": [4, 8, 16, 32], "layer_scale": None,
+    "level2_post_norm": False, "level2_post_norm_block_ids": None, "mlp_ratio": 4.0, "model_type": "internimage",
+    "norm_layer": "LN", "num_classes": 1000, "offset_scale": 1.0, "post_norm": False, "remove_center": False,
+    "res_post_norm": False, "torch_dtype": "float32", "transformers_version": "4.37.2", "use_clip_projector": False,
+    "with_cp": False}
+
+
+def test_official_hf_config_is_the_published_tag(tmp_path):
+    """OpenGVLab's published HF config (model_type 'internimage', no id2label) is T's in1k record, and the CLI
+    reads the folder as an image classifier."""
+    from intern2.pipelines.common import task_of_arguments
+    (tmp_path / "config.json").write_text(json.dumps(OFFICIAL_HF_T))
+    model = intern2.from_pretrained(tmp_path, weights=False)
+    assert model.pretrained_cfg["tag"] == "in1k" and model.pretrained_cfg["metrics"]
+    assert intern2.create_model("internimage_t", drop_path_rate=0.0).config == model.config
+    assert task_of_arguments(["--checkpoint", str(tmp_path)]) == "image-cls"
+
+
+@pytest.mark.parametrize("id2label, published", [
+    ({str(i): f"dish {i}" for i in range(1000)}, False),  # a fine-tune on 1000 other classes
+    ({str(i): f"LABEL_{i}" for i in range(1000)}, True),  # transformers' placeholders name nothing
+    ({"0": "LABEL_0", "1": "LABEL_1"}, True),  # transformers' 2-class default, in a config of 1000 classes
+])
+def test_hf_folder_id2label(tmp_path, id2label, published):
+    """A folder whose id2label names its classes is someone's fine-tune: its names, no published metrics."""
+    (tmp_path / "config.json").write_text(json.dumps({**OFFICIAL_HF_T, "id2label": id2label}))
+    cfg = intern2.from_pretrained(tmp_path, weights=False).pretrained_cfg
+    assert ("metrics" in cfg) == ("tag" in cfg) == published
+    names = intern2.weights.labels_from_cfg(cfg, 1000)
+    assert (names[1] == "goldfish" if published else names[1] == "dish 1"), names[1]
+
+
+def test_hf_folder_bad_id2label(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**OFFICIAL_HF_T, "id2label": {"1": "a", "2": "b"}}))
+    with pytest.raises(ValueError, match=r"config\.json: id2label: expected an object mapping the class indices"):
+        intern2.from_pretrained(tmp_path, weights=False)
 
 
 def test_save_pretrained_round_trip(reference, tmp_path):

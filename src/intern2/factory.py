@@ -100,7 +100,7 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike]) -> Pat
 
 
 # HF transformers config.json model types that from_pretrained rebuilds (no remote code runs).
-HF_MODEL_TYPES = ("intern_image", "m2m_100", "videomae")
+HF_MODEL_TYPES = ("internimage", "m2m_100", "videomae")
 # An HF VideoMAE head of this many classes is the tag of that dataset (its test protocol and label set).
 _VIDEOMAE_TAGS = {400: "k400", 174: "ssv2", 710: "k710_distilled"}
 
@@ -142,7 +142,7 @@ def _model_fields(config: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any
 def from_pretrained(directory: Union[str, os.PathLike], weights: bool = True, dtype: Optional[torch.dtype] = None,
                     **kwargs) -> nn.Module:
     """Rebuild a model from a folder written by :func:`save_pretrained` or from an HF folder of a model type in
-    :data:`HF_MODEL_TYPES` (no remote code is executed): OpenGVLab's HF-hub InternImage ('intern_image'), HF
+    :data:`HF_MODEL_TYPES` (no remote code is executed): OpenGVLab's HF-hub InternImage ('internimage'), HF
     transformers VideoMAE classifiers and pre-training models ('videomae'), NLLB/M2M-100 ('m2m_100', e.g. one
     written by ``TranslationModel.save_pretrained``; ``kwargs`` are then its ``dtype`` / ``device``).
     ``weights=False`` builds the folder's architecture without loading its weights; ``num_classes`` of another
@@ -174,24 +174,32 @@ def from_pretrained(directory: Union[str, os.PathLike], weights: bool = True, dt
         raise ValueError(f"{directory / CONFIG_NAME}: cannot tell the model: expected an 'architecture' known to "
                          f"intern2 or an HF model_type intern2 reads ({', '.join(HF_MODEL_TYPES)}), got "
                          f"{arch or model_type!r}")
-    if model_type == "intern_image":
+    if model_type == "internimage":
         # The registered variant of that width and depth, with its published tag of that class count (L's in22k
         # or in22k_ft_in1k). Else T's name, and no tag's record: every field is given, so what is built and saved
         # is the folder's architecture and save_pretrained writes a folder intern2 reads back, but no published
-        # weights, metrics or input size describe it.
+        # weights, metrics or input size describe it. OpenGVLab's folders name no classes; a folder whose
+        # id2label does (a fine-tune saved by transformers) is not the published weights either.
         from .models.internimage import INTERNIMAGE_VARIANTS, InternImageConfig
-        from .weights import get_weights, pretrained_tags
+        from .weights import get_weights, hf_label_names, is_placeholder_labels, pretrained_tags
         fields = InternImageConfig.from_dict(config).to_dict()
+        try:
+            names = hf_label_names(config)
+        except ValueError as exc:
+            raise ValueError(f"{directory / CONFIG_NAME}: {exc}") from None
+        # transformers writes its 2-class default id2label into configs that never set num_labels
+        own_names = names if names and len(names) == fields["num_classes"] and not is_placeholder_labels(names) \
+            else None
         name = next((name for name, variant in INTERNIMAGE_VARIANTS.items() if variant.channels == fields["channels"]
                      and tuple(variant.depths) == tuple(fields["depths"])), None)
         tag = next((tag for tag in pretrained_tags(name) if get_weights(name, tag).pretrained_cfg().get(
-            "num_classes") == fields["num_classes"]), None) if name else None
+            "num_classes") == fields["num_classes"]), None) if name and own_names is None else None
         model = create_model(f"{name}.{tag}" if tag else name or "internimage_t", **{**fields, **kwargs})
         cfg = model.pretrained_cfg
         if tag is None:
             record_only = ("tag", "metrics", "label_descriptions", "hf_hub_id", "hf_hub_filename", "url")
             cfg = cfg_for_head({k: v for k, v in cfg.items() if k not in record_only}, fields["num_classes"])
-        model.pretrained_cfg = {**cfg, "file": str(directory)}
+        model.pretrained_cfg = {**cfg, "file": str(directory), **({"label_names": own_names} if own_names else {})}
     elif model_type == "videomae":
         model = _hf_videomae(directory, config, kwargs)
     else:

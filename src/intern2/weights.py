@@ -400,6 +400,25 @@ def trained_cfg(cfg: Mapping[str, Any], entries: Mapping[str, Any]) -> Dict[str,
             **entries}
 
 
+def hf_label_names(config: Mapping[str, Any]) -> Optional[List[str]]:
+    """The class names of an HF ``config.json``'s ``id2label`` in index order, or None without one (a ValueError
+    naming the field when it is not an index -> name object). transformers' placeholders (``LABEL_0``, ...) are
+    names too: HF's pipelines show them."""
+    id2label = config.get("id2label")
+    if not id2label:
+        return None
+    indices = [str(i) for i in range(len(id2label))] if isinstance(id2label, dict) else []
+    if not indices or sorted(indices) != sorted(id2label) or not all(isinstance(v, str) for v in id2label.values()):
+        raise ValueError(f"id2label: expected an object mapping the class indices 0..N-1 to names, got "
+                         f"{id2label!r:.60}")
+    return [id2label[index] for index in indices]
+
+
+def is_placeholder_labels(names: Sequence[str]) -> bool:
+    """Whether ``names`` are transformers' defaults (``LABEL_0``, ``LABEL_1``, ...): no one chose them."""
+    return list(names) == [f"LABEL_{i}" for i in range(len(names))]
+
+
 def labels_from_cfg(cfg: Mapping[str, Any], num_classes: int, where: str = "pretrained_cfg") -> List[str]:
     """Class names of a model with ``num_classes`` outputs: ``cfg['label_names']`` (a label set's name or a
     list), else (or when the head was replaced by one of another size) the class indices as strings."""

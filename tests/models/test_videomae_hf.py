@@ -76,5 +76,5 @@ def test_other_hf_model_types_are_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit", "architectures": ["ViTModel"]}))
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="expected an 'architecture' known to intern2 or an HF model_type intern2 "
-                                         "reads \\(intern_image, m2m_100, videomae\\), got 'vit'"):
+                                         "reads \\(internimage, m2m_100, videomae\\), got 'vit'"):
         intern2.from_pretrained(tmp_path)

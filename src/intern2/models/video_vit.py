@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..layers import DropPath, LayerNorm, Linear, Mlp, check_rates, linear
 from ..registry import register_variant
-from ..weights import fresh_head_cfg
+from ..weights import fresh_head_cfg, hf_label_names
 
 torch.fx.wrap("linear")  # symbolic tracing records calls to it (fx.wrap applies per module namespace)
 
@@ -673,8 +673,7 @@ def config_from_hf(hf: Dict) -> Tuple[str, Dict, Optional[List[str]]]:
             decoder_num_heads=hf.get("decoder_num_attention_heads", 6),
             decoder_mlp_ratio=hf.get("decoder_intermediate_size", 4 * decoder) / decoder,
             encoder_norm=not mean_pooling, decoder_norm_eps=1e-5), None
-    id2label = hf.get("id2label") or {}
-    names = [id2label[k] for k in sorted(id2label, key=int)] if id2label else None
+    names = hf_label_names(hf)
     num_classes = len(names) if names and "VideoMAEForVideoClassification" in architectures else 0
     return f"videomae_vit_{size}", dict(common, in_chans=hf.get("num_channels", 3), num_classes=num_classes,
                                         embed_dim=hidden, depth=layers, num_heads=heads,

@@ -480,7 +480,7 @@ def pair(text: str) -> Tuple[int, int]:
 
 
 # HF config.json model types intern2 reads -> task
-_HF_TASKS = {"intern_image": "image-cls", "m2m_100": "translation", "videomae": "video-cls"}
+_HF_TASKS = {"internimage": "image-cls", "m2m_100": "translation", "videomae": "video-cls"}
 
 
 def task_of_arguments(argv: Sequence[str]) -> str:
