@@ -107,6 +107,10 @@ def test_every_door_gives_the_same_segments(trained, capsys):
         assert short.status_code == 422 and short.json()["error"] == "invalid_field", short.text
         assert re.match(r"duration: 1e-300 s: the \d+ features at .* expected the video's length",
                         short.json()["detail"])
+        endless = client.post("/v1/video/localize", files={"file": ("v12.npy", file.read_bytes())},
+                              data={"fps": str(FPS), "duration": "inf"})  # form validation lets infinity through
+        assert (endless.status_code, endless.json()["detail"]) == (
+            422, "duration: inf: expected a positive finite number"), endless.text
         # Fields are answered as fields, whatever the upload: a frame rate out of range, none for features (an
         # upload has no sidecar JSON; the advice to write one was of no use here).
         for data, detail in (({"fps": "1e9"}, "v12.npy: fps 1000000000.0: expected a frame rate between"),

@@ -35,16 +35,25 @@ DEFAULT_TOPK = 10
 FPS_RANGE = (1e-3, 1e5)
 
 
+class RateError(ValueError):
+    """An fps or duration that cannot be the video's: the argument's fault, not the features' (the server answers
+    422 on that field). ``field`` names it; ``detail`` is the message after its name."""
+
+    def __init__(self, where: Any, field: str, detail: str):
+        super().__init__(f"{where}: {field} {detail}")
+        self.field, self.detail = field, detail
+
+
 def _check_rate(value: Any, name: str, where: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{where}: {name} {value!r}: expected a positive finite number")
+        raise RateError(where, name, f"{value!r}: expected a positive finite number")
 
 
 def check_fps(fps: Any, where: Any) -> None:
-    """A ValueError naming ``where`` unless ``fps`` is a frame rate in :data:`FPS_RANGE`."""
+    """A :class:`RateError` naming ``where`` unless ``fps`` is a frame rate in :data:`FPS_RANGE`."""
     _check_rate(fps, "fps", where)
     if not FPS_RANGE[0] <= fps <= FPS_RANGE[1]:
-        raise ValueError(f"{where}: fps {fps}: expected a frame rate between {FPS_RANGE[0]:g} and {FPS_RANGE[1]:g}")
+        raise RateError(where, "fps", f"{fps}: expected a frame rate between {FPS_RANGE[0]:g} and {FPS_RANGE[1]:g}")
 
 
 class TemporalLocalizationPipeline(Pipeline):
@@ -112,9 +121,9 @@ class TemporalLocalizationPipeline(Pipeline):
         _check_rate(duration, "duration", where)
         last_start = (len(array) - 1) * p.feat_stride / fps
         if duration < last_start:
-            raise ValueError(f"{where}: duration {duration:g} s: the {len(array)} features at {fps:g} fps run to "
-                             f"{last_start:g} s (their last snippet's start); expected the video's length, at least "
-                             f"that")
+            raise RateError(where, "duration", f"{duration:g} s: the {len(array)} features at {fps:g} fps run to "
+                            f"{last_start:g} s (their last snippet's start); expected the video's length, at least "
+                            f"that")
         seconds, scores, labels = self.model.detect(torch.from_numpy(array).T, fps, duration, p.feat_stride,
                                                     p.feat_num_frames)
         keep = scores >= min_score

@@ -323,13 +323,14 @@ def _localize(pipeline: Pipeline, data: bytes, filename: str, fps: Optional[floa
     import io
 
     from ..data.temporal import load_npy
+    from ..pipelines.tal import RateError
     try:
         return pipeline(load_npy(io.BytesIO(data), filename), fps=fps, duration=duration, min_score=min_score,
                         topk=topk)
-    except ValueError as exc:  # not an .npy array, a wrong shape; or a duration the features run past
+    except RateError as exc:  # a given duration the features run past (fps was checked before the upload)
+        raise ServeError(422, "invalid_field", f"{exc.field}: {exc.detail}") from None
+    except ValueError as exc:  # not an .npy array, a wrong shape
         message = str(exc)
-        if duration is not None and ": duration " in message:  # the field, as fps's checks answer
-            raise ServeError(422, "invalid_field", f"duration: {message.split(': duration ', 1)[1]}") from None
         raise ServeError(400, "invalid_features", message if message.startswith(filename) else
                          f"{filename}: {message}") from None
 
