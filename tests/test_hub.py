@@ -133,6 +133,9 @@ def test_a_folder_tag_is_the_repos_snapshot(tmp_path, monkeypatch, capsys):
     assert resolve_weights(cfg) == folder
     assert cli.main(["translate", "--src", "en", "--tgt", "fr", "--max-new-tokens", "4", "Hello."]) == 0
     assert capsys.readouterr().out.count("\n") == 1  # one line per input (a random model may decode </s> first)
+    assert cli.main(["translate", "--model", "facebook/nllb-200-distilled-600M", "--src", "en", "--tgt", "fr",
+                     "--max-new-tokens", "4", "Hello."]) == 0  # the repo named, as transformers users do
+    assert capsys.readouterr().out.count("\n") == 1
     # Damaged downloads are named, with what to do.
     weights = (folder / "model.safetensors").read_bytes()
     for damaged, message in (("model.safetensors", "model.safetensors"), ("sentencepiece.bpe.model",
@@ -200,3 +203,48 @@ def test_online_hub_errors_name_the_repo_and_file(error, message, tmp_path, monk
     monkeypatch.setenv("INTERN2_HOME", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=message):
         intern2.create_model("internimage_t", pretrained=True, cache_dir=tmp_path, **TINY)
+
+
+def test_a_hub_repo_id_loads_from_the_cache_through_every_door(tmp_path, reference, monkeypatch, capsys):
+    """`OpenGVLab/...` where a model folder goes (from_pretrained, open_pipeline, --checkpoint, the server's
+    --image-model) is the repo's snapshot in the Hugging Face cache, as transformers reads one: here an HF-layout
+    InternImage repo (model_type 'internimage', weights under 'model.')."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from intern2.pipelines import open_pipeline
+    from intern2.serve import load_model_spec
+    from intern2.serve.app import create_app
+    repo = "OpenGVLab/internimage-tiny"
+    folder = hub_path(tmp_path / "hub", repo)
+    (folder / "config.json").write_text(json.dumps({"model_type": "internimage", "num_classes": 1000,
+                                                    "architectures": ["InternImageModel"], **TINY}))
+    from safetensors.torch import save_file
+    save_file({f"model.{k}": v.contiguous() for k, v in reference.state_dict().items()}, folder / "model.safetensors")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    model = intern2.from_pretrained(repo)
+    assert _outputs_equal(model, reference) and model.pretrained_cfg["hf_hub_id"] == repo
+    assert _outputs_equal(intern2.from_pretrained(f"hf-hub:{repo}"), reference)
+    image = tmp_path / "a.png"
+    Image.new("RGB", (48, 40), (120, 30, 200)).save(image)
+    python = open_pipeline(checkpoint=repo)(str(image), topk=3)["top"]
+    capsys.readouterr()
+    assert cli.main(["predict", str(image), "--checkpoint", repo, "--json", "--topk", "3"]) == 0
+    (cli_result,) = json.loads(capsys.readouterr().out)
+    with TestClient(create_app(image_model=load_model_spec(repo))) as client:
+        http = client.post("/v1/classify", data={"topk": 3}, files={"file": ("a.png", image.read_bytes())}).json()
+    for answer in (cli_result["top"], http["top"]):
+        assert [(r["label"], r["index"]) for r in answer] == [(r["label"], r["index"]) for r in python]
+        assert [r["prob"] for r in answer] == pytest.approx([r["prob"] for r in python], abs=1e-6)
+    # A repo the cache lacks, offline: one line naming the flag, the name and what to fetch.
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["predict", str(image), "--checkpoint", "runs/missing"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("intern2 predict: error: --checkpoint runs/missing (no such local folder: read as a Hub "
+                          "repo): runs/missing is not in the Hugging Face cache"), err
+    assert "HF_HUB_OFFLINE=1: fetch it with `hf download runs/missing --cache-dir " in err
+    assert err.endswith("(or download it to a folder and give that folder)"), err
+    with pytest.raises(FileNotFoundError, match=r"runs/missing\.pth: no such file or folder"):
+        open_pipeline(checkpoint="runs/missing.pth")  # a file's name is a path, never a repo

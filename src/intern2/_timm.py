@@ -40,16 +40,11 @@ def _entrypoint(name: str):
         cfg = pretrained_cfg if isinstance(pretrained_cfg, (str, type(None))) else \
             (pretrained_cfg if isinstance(pretrained_cfg, dict) else pretrained_cfg.to_dict())
         if isinstance(cfg, dict) and cfg.get("source") in ("local-dir", "hf-hub"):
-            from .hub import reading_download, resolve_weights
+            from .hub import HF_HUB_PREFIX
             kept = {k: v for k, v in kwargs.items() if k not in (pretrained_model_args or {})}
             if cfg["source"] == "local-dir":
                 return from_pretrained(cfg["file"], weights=pretrained, **kept)
-            folder = resolve_weights({"hf_hub_id": cfg["hf_hub_id"]}, cache_dir)
-            with reading_download(folder):
-                model = from_pretrained(folder, weights=pretrained, **kept)
-            # The repo it came from (its saved config may name the weights it was fine-tuned from).
-            model.pretrained_cfg = {**model.pretrained_cfg, "hf_hub_id": cfg["hf_hub_id"], "hf_hub_filename": None}
-            return model
+            return from_pretrained(HF_HUB_PREFIX + cfg["hf_hub_id"], weights=pretrained, cache_dir=cache_dir, **kept)
         tag = cfg if isinstance(cfg, str) else (cfg or {}).get("tag")
         return create_model(f"{name}.{tag}" if tag else name, pretrained=pretrained,
                             pretrained_cfg_overlay=pretrained_cfg_overlay, cache_dir=cache_dir, **kwargs)

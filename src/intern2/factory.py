@@ -140,7 +140,7 @@ def _model_fields(config: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any
 
 
 def from_pretrained(directory: Union[str, os.PathLike], weights: bool = True, dtype: Optional[torch.dtype] = None,
-                    **kwargs) -> nn.Module:
+                    cache_dir: Optional[Union[str, os.PathLike]] = None, **kwargs) -> nn.Module:
     """Rebuild a model from a folder written by :func:`save_pretrained` or from an HF folder of a model type in
     :data:`HF_MODEL_TYPES` (no remote code is executed): OpenGVLab's HF-hub InternImage ('internimage'), HF
     transformers VideoMAE classifiers and pre-training models ('videomae'), NLLB/M2M-100 ('m2m_100', e.g. one
@@ -148,7 +148,18 @@ def from_pretrained(directory: Union[str, os.PathLike], weights: bool = True, dt
     ``weights=False`` builds the folder's architecture without loading its weights; ``num_classes`` of another
     count gives a new head (fine-tuning, as timm's ``pretrained=True, num_classes=``). ``dtype`` defaults to
     float32, or bfloat16 for weights saved in bfloat16 (``model.to(torch.bfloat16)`` then ``save_pretrained``
-    round-trips, as the translator's HF layout does)."""
+    round-trips, as the translator's HF layout does). ``directory`` may be a Hub repo (``owner/name`` or timm's
+    ``hf-hub:owner/name``, e.g. ``OpenGVLab/internimage_t_1k_224``): its snapshot in the Hugging Face cache
+    (``cache_dir``, default ``$HF_HUB_CACHE``), downloaded when online, as transformers reads one."""
+    from .hub import hub_repo, reading_download, resolve_folder
+    repo = hub_repo(directory)
+    if repo is not None:
+        folder = resolve_folder(directory, cache_dir)
+        with reading_download(folder):
+            model = from_pretrained(folder, weights=weights, dtype=dtype, **kwargs)
+        if hasattr(model, "pretrained_cfg"):  # the repo it came from (its config may name the weights it started from)
+            model.pretrained_cfg = {**model.pretrained_cfg, "hf_hub_id": repo, "hf_hub_filename": None}
+        return model
     directory = Path(directory)
     if directory.is_file():
         raise ValueError(f"{directory} is a file, not a model folder: load a weight file with "
@@ -158,8 +169,6 @@ def from_pretrained(directory: Union[str, os.PathLike], weights: bool = True, dt
         hint = ""
         if is_model(name.split(".", 1)[0]):
             hint = f"; {name} is a model name: intern2.create_model({name!r}, pretrained=True) loads official weights"
-        elif name.count("/") == 1 and not name.startswith((".", "/")):
-            hint = f"; for a Hub repo, download it first: hf download {name} --local-dir DIR, then from_pretrained(DIR)"
         raise FileNotFoundError(f"{directory}: no such model folder{hint}")
     config = read_config(directory)
     if not isinstance(config.get("pretrained_cfg", {}), dict):

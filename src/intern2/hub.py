@@ -13,16 +13,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Union
 
 from .checkpoint import UnreadableFileError
 
-__all__ = ["resolve_weights", "reading_download", "intern2_home", "hub_offline", "ENV_HOME"]
+__all__ = ["resolve_weights", "resolve_folder", "hub_repo", "reading_download", "intern2_home", "hub_offline",
+           "ENV_HOME"]
 
 ENV_HOME = "INTERN2_HOME"
 # What a folder tag needs from its repo (weights, configs, tokenizer files); not the repo's other formats.
 _FOLDER_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]
+# A Hub repo id as huggingface_hub spells one: owner/name of letters, digits, '-', '_' and '.'.
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]")
+HF_HUB_PREFIX = "hf-hub:"  # timm's spelling of a Hub repo
+# Names of files a user passes where a folder may go ("runs/model.pth" is a missing file, not a repo).
+_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".pkl", ".npy", ".onnx", ".json", ".yaml", ".tar")
 
 
 def intern2_home() -> Path:
@@ -65,6 +72,28 @@ def resolve_weights(cfg: Mapping[str, Any], cache_dir: Optional[Union[str, os.Pa
     return _from_hub(hub, name, tag, cache_dir or os.environ.get("HF_HUB_CACHE"), download and not hub_offline())
 
 
+def hub_repo(name: Union[str, os.PathLike]) -> Optional[str]:
+    """The Hub repo ``name`` stands for, as transformers' ``from_pretrained`` reads one: ``owner/name`` that is no
+    local path (a weight file's name is a path), or timm's ``hf-hub:owner/name``; None for a local path."""
+    name = os.fspath(name)
+    if name.startswith(HF_HUB_PREFIX):
+        return name[len(HF_HUB_PREFIX):]
+    if _REPO_ID.fullmatch(name) and not name.lower().endswith(_FILE_SUFFIXES) and not Path(name).exists():
+        return name
+    return None
+
+
+def resolve_folder(name: Union[str, os.PathLike], cache_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
+    """``name`` as a local path: itself, or for a Hub repo (:func:`hub_repo`) its snapshot in the Hugging Face cache,
+    downloaded when online. Errors say that ``name`` is no local folder and what to fetch."""
+    repo = hub_repo(name)
+    if repo is None:
+        return Path(name)
+    tag = f"{os.fspath(name)} (no such local folder: read as a Hub repo)"
+    return _from_hub(repo, None, tag, cache_dir or os.environ.get("HF_HUB_CACHE"), not hub_offline(),
+                     elsewhere="download it to a folder and give that folder")
+
+
 @contextlib.contextmanager
 def reading_download(path: Path) -> Iterator[None]:
     """Around loading weights :func:`resolve_weights` found: a file that cannot be read there is most likely a
@@ -76,14 +105,17 @@ def reading_download(path: Path) -> Iterator[None]:
 
 
 def _from_hub(repo: str, name: Optional[str], tag: str, cache_dir: Optional[Union[str, os.PathLike]],
-              download: bool) -> Path:
+              download: bool, elsewhere: Optional[str] = None) -> Path:
+    """``name`` of ``repo`` (its snapshot for a folder) from the cache, or downloaded; errors start with ``tag`` and
+    end with ``elsewhere``, the other place the user can put it (default: ``$INTERN2_HOME``)."""
+    elsewhere = elsewhere or f"put {Path(name or repo).name} in {intern2_home()}"
     try:
         from huggingface_hub import hf_hub_download, snapshot_download
         from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
                                             OfflineModeIsEnabled, RepositoryNotFoundError)
     except ImportError:
         raise ImportError(f"{tag}: fetching weights from the Hub needs huggingface_hub: pip install huggingface_hub "
-                          f"(or put {name or repo} in {intern2_home()})") from None
+                          f"(or {elsewhere})") from None
     from huggingface_hub import constants
     cache = cache_dir or constants.HF_HUB_CACHE
     what = f"{repo}" if not name or _is_folder(name) else f"{name} of {repo}"
@@ -99,11 +131,11 @@ def _from_hub(repo: str, name: Optional[str], tag: str, cache_dir: Optional[Unio
         reason = ("HF_HUB_OFFLINE=1" if hub_offline() else "downloading is off (download=False)" if not download
                   else "the Hub could not be reached")
         raise FileNotFoundError(f"{tag}: {what} is not in the Hugging Face cache ({cache}) and {reason}: fetch it "
-                                f"with `{fetch}` (or put {Path(name or repo).name} in {intern2_home()})") from None
+                                f"with `{fetch}` (or {elsewhere})") from None
     except RepositoryNotFoundError:
         raise FileNotFoundError(f"{tag}: the Hub has no repo {repo} (or it is private)") from None
     except EntryNotFoundError:
         raise FileNotFoundError(f"{tag}: the Hub repo {repo} has no file {name}") from None
     except (HfHubHTTPError, OSError) as exc:
         raise OSError(f"{tag}: could not fetch {what} from the Hub ({type(exc).__name__}: {exc}); fetch it with "
-                      f"`{fetch}` or put it in {intern2_home()}") from None
+                      f"`{fetch}` (or {elsewhere})") from None

@@ -63,8 +63,17 @@ def load_model(checkpoint: Optional[str], model_name: Optional[str], pretrained:
     """``model_name`` ('arch' or 'arch.tag') with an optional checkpoint in any supported layout (a file, or a
     folder holding one, e.g. an HF VideoMAE conversion) or ``pretrained`` (the tag's official weights, through the
     Hub cache), or without a name a folder written by training / save_pretrained (or an HF folder intern2
-    rebuilds); in eval mode. Errors call the two arguments ``names`` (the CLI's flags by default)."""
+    rebuilds); in eval mode. A checkpoint that is a Hub repo (``owner/name``) is its snapshot in the Hugging Face
+    cache, downloaded when online. Errors call the two arguments ``names`` (the CLI's flags by default)."""
     from ..factory import create_model, from_pretrained
+    from ..hub import hub_repo, reading_download, resolve_folder
+    if checkpoint and hub_repo(checkpoint):
+        try:
+            folder = resolve_folder(checkpoint)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{names[0]} {exc}") from None
+        with reading_download(folder):
+            return load_model(str(folder), model_name, pretrained, names)
     if checkpoint and Path(checkpoint).is_dir() and model_name is None:
         return from_pretrained(checkpoint).eval()
     if model_name is None:
@@ -81,8 +90,10 @@ def load_model(checkpoint: Optional[str], model_name: Optional[str], pretrained:
 
 
 def load_model_spec(spec: str) -> nn.Module:
-    """A model from ``FOLDER``, ``NAME`` (random weights: for trying the API) or ``NAME:WEIGHTS_FILE``."""
-    if Path(spec).is_dir():
+    """A model from ``FOLDER``, a Hub repo (``owner/name``), ``NAME`` (random weights: for trying the API) or
+    ``NAME:WEIGHTS_FILE``."""
+    from ..hub import hub_repo
+    if Path(spec).is_dir() or hub_repo(spec):
         return load_model(spec, None)
     name, colon, weights = spec.partition(":")
     if "/" in name or name.startswith("."):  # a path, not a registered name
@@ -501,9 +512,15 @@ def task_of_arguments(argv: Sequence[str]) -> str:
 def folder_task(checkpoint: Optional[str]) -> Optional[str]:
     """The task a model folder's config.json states: its weights metadata, architecture, or HF model type (an HF
     NLLB folder says only ``m2m_100``); None when it says nothing or cannot be read (loading reports that)."""
+    from ..checkpoint import read_config
+    from ..hub import hub_repo, resolve_folder
+    if checkpoint and hub_repo(checkpoint):
+        try:  # the download loading would make next
+            checkpoint = str(resolve_folder(checkpoint))
+        except (OSError, ImportError):
+            return None
     if not checkpoint or not (Path(checkpoint) / "config.json").is_file():
         return None
-    from ..checkpoint import read_config
     try:
         values = read_config(checkpoint)
     except (OSError, ValueError):

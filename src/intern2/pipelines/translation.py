@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..config import error_message
-from ..hub import reading_download
+from ..hub import hub_repo, reading_download, resolve_folder
 from ..text import check_text
 from ..text.corpus import read_lines
 from ..text.languages import get_language
@@ -123,15 +123,16 @@ class Translator(Pipeline):
     @classmethod
     def from_pretrained(cls, folder: Union[str, Path], int8: bool = False,
                         device: Union[str, torch.device] = "cpu", **protocol: Any) -> "Translator":
-        """Model and tokenizer of a model folder (ours or an HF NLLB folder); ``int8``: dynamic int8 Linear
-        layers (CPU)."""
+        """Model and tokenizer of a model folder (ours or an HF NLLB folder, or a Hub repo of one:
+        ``facebook/nllb-200-distilled-600M``, from the Hugging Face cache); ``int8``: dynamic int8 Linear layers
+        (CPU)."""
         from ..models.translator import TranslationModel
         from ..text.tokenizer import NllbTokenizer
         from .common import requested_dtype
         if int8 and protocol.get("dtype") is not None and requested_dtype(protocol["dtype"]) != torch.float32:
             raise ValueError(f"int8=True and dtype={protocol['dtype']!r}: choose one (int8 layers take float32 "
                              f"activations)")
-        folder = Path(folder)
+        folder = resolve_folder(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"model folder {folder} " + ("is a file; expected a folder (config.json, weights, "
                                     "tokenizer)" if folder.exists() else "does not exist"))
@@ -258,8 +259,9 @@ def translate_main(argv: Optional[List[str]] = None) -> int:
         if not any(text.strip() for text in texts):
             parser.error("empty input: nothing to translate")
         setup_logging()
-        folder = args.model or _default_model()
-        with contextlib.nullcontext() if args.model else reading_download(folder):  # from the cache: a download
+        folder = resolve_folder(args.model) if args.model else _default_model()
+        from_cache = not args.model or hub_repo(args.model) is not None  # a download
+        with reading_download(folder) if from_cache else contextlib.nullcontext():
             translator = Translator.from_pretrained(folder, int8=args.int8, dtype=args.dtype, device=device or "cpu")
         rows = [i for i, text in enumerate(texts) if text.strip()]  # blank lines stay blank
         source = args.input or ("text" if args.text else "stdin")

@@ -28,11 +28,13 @@ DEFAULT_MAX_FRAME_PIXELS = 3840 * 2160
 DEFAULT_MAX_TRANSLATE_STEPS = 50_000  # decoding steps x beams per translate request
 DEFAULT_MAX_REQUEST_SECONDS = 60.0
 
-SPEC_HELP = "a model folder (config.json + weights), or a registered model name optionally followed by :WEIGHTS"
+SPEC_HELP = ("a model folder (config.json + weights) or a Hub repo of one (owner/name), or a registered model name "
+             "optionally followed by :WEIGHTS")
 
 
 def load_model_spec(spec: str) -> Any:
-    """A model from ``FOLDER``, ``NAME`` (random weights: for trying the API) or ``NAME:WEIGHTS_FILE``."""
+    """A model from ``FOLDER``, a Hub repo (``owner/name``), ``NAME`` (random weights: for trying the API) or
+    ``NAME:WEIGHTS_FILE``."""
     from ..pipelines.common import load_model_spec as load
     return load(spec)
 
