@@ -377,6 +377,19 @@ def label_set(name: str) -> Tuple[str, ...]:
     return names
 
 
+def imagenet_wordnet_ids(names: Sequence[str]) -> Optional[List[str]]:
+    """The WordNet ids (``n01440764``, ...) of ``names`` in their order when they are an ImageNet label set
+    (ImageNet-1k, ImageNet-22k), else None. ImageNet's folders are named by them; timm ships the lists."""
+    for set_name in ("imagenet-1k", "imagenet-22k"):
+        if len(names) == LABEL_SETS[set_name].size and tuple(names) == label_set(set_name):
+            try:
+                from timm.data import ImageNetInfo
+            except ImportError:
+                raise ImportError(f"the {set_name} WordNet ids come from timm: pip install 'intern2[timm]'") from None
+            return list(ImageNetInfo(set_name).label_names())
+    return None
+
+
 def cfg_for_head(cfg: Mapping[str, Any], num_classes: Optional[int]) -> Dict[str, Any]:
     """``cfg`` for a model with ``num_classes`` outputs: the label names and published metrics of another class
     count are not its own, so they are left out (as timm drops a source's labels on export)."""

@@ -142,3 +142,28 @@ def test_eval_in_bfloat16_skips_strips_and_names_an_empty_split(tmp_path, capsys
     with pytest.raises(SystemExit) as exc:
         cli.main(["eval", "--data", str(data), "--checkpoint", str(tmp_path / "model"), "--val-fraction", "0.1"])
     assert exc.value.code == 2 and "the held-out split of --data" in capsys.readouterr().err
+
+
+def test_imagenet_wordnet_id_folders_of_a_subset(tmp_path, capsys):
+    """An ImageNet subset in ImageNet's layout (Imagenette: a WordNet-id folder per class) scores an ImageNet model
+    on the outputs of those ids, not on the first classes; through `intern2 eval` too."""
+    pytest.importorskip("timm")
+    import intern2
+    from intern2.weights import label_set
+    wordnet_ids = {"n01440764": 0, "n02102040": 217, "n03888257": 701}  # tench, English springer, parachute
+    for wnid in wordnet_ids:
+        (tmp_path / "val" / wnid).mkdir(parents=True)
+        Image.new("RGB", (40, 32), (int(wnid[-2:]), 90, 160)).save(tmp_path / "val" / wnid / "a.png")
+    imagenet = label_set("imagenet-1k")
+    source = open_image_source(str(tmp_path / "val"), imagenet)
+    assert [y for _, y in source.samples] == list(wordnet_ids.values()) and source.classes == imagenet
+    # A model of as many other classes reads them in sorted order (ImageFolder's convention); one of more cannot.
+    assert [y for _, y in open_image_source(str(tmp_path / "val"), ["x", "y", "z"]).samples] == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"class folders \['n01440764', .* are not among the model's classes"):
+        open_image_source(str(tmp_path / "val"), ["w", "x", "y", "z"])
+    model = intern2.create_model("internimage_t", channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8])
+    intern2.save_pretrained(model, tmp_path / "model")  # ImageNet-1k's 1000 names, random weights
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "model"), "--data", str(tmp_path / "val"),
+                     "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["count"] == 3 and set(metrics["per_class_top1"]) == {"tench", "English springer", "parachute"}

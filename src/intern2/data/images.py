@@ -21,6 +21,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from ..weights import imagenet_wordnet_ids
+
 __all__ = ["ImageSource", "open_image_source", "split_source", "ClassificationDataset", "collate_images",
            "collate_skipping", "train_transform", "eval_transform", "load_image", "upright_rgb", "IMAGE_EXTENSIONS"]
 
@@ -54,20 +56,29 @@ BUILTIN = {"builtin:digits": _builtin_digits}
 
 def _folder(root: Path, classes: Optional[Sequence[str]] = None) -> ImageSource:
     """One sub-folder per class; with ``classes`` (a model's labels) folders may cover a subset of them. ImageNet's
-    layout, one WordNet-id folder (n01440764, ...) per class of the model, is read as its classes in sorted order
-    (torchvision's ImageFolder convention, the order of the official ImageNet checkpoints)."""
+    layout, one WordNet-id folder (n01440764, ...) per class: for a model of an ImageNet label set, each folder is
+    its WordNet id's class, so a subset (Imagenette, ImageNet-100) is scored on the right outputs; for another
+    model with as many classes as folders, the classes in sorted order (torchvision's ImageFolder convention)."""
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise ValueError(f"data {root}: expected one sub-folder per class (ImageFolder layout), found none")
     names = list(classes) if classes is not None else folders
     index = {name: i for i, name in enumerate(names)}
-    if len(folders) == len(names) and all(_WORDNET_ID.fullmatch(f) for f in folders):
-        log.info("data %s: %d WordNet-id folders: class i is the i-th in sorted order (%s = %s, ...)", root,
-                 len(names), folders[0], names[0])
-        index = {name: i for i, name in enumerate(folders)}
+    if classes is not None and not set(folders) <= set(index) and all(_WORDNET_ID.fullmatch(f) for f in folders):
+        try:
+            wordnet_ids = imagenet_wordnet_ids(names)
+        except ImportError as exc:
+            raise ValueError(f"data {root}: WordNet-id folders: {exc}") from None
+        if wordnet_ids is not None:
+            index = {wnid: i for i, wnid in enumerate(wordnet_ids)}
+        elif len(folders) == len(names):
+            index = {name: i for i, name in enumerate(folders)}
     unknown = [f for f in folders if f not in index]
     if unknown:
         raise ValueError(f"data {root}: class folders {unknown[:10]} are not among the model's classes {names[:10]}")
+    if folders[0] not in names:
+        log.info("data %s: %d WordNet-id folders, each read as its class (%s = class %d, %s)", root, len(folders),
+                 folders[0], index[folders[0]], names[index[folders[0]]])
     samples = []
     for name in folders:
         files = sorted(p for p in (root / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
