@@ -246,5 +246,7 @@ def test_a_hub_repo_id_loads_from_the_cache_through_every_door(tmp_path, referen
                           "repo): runs/missing is not in the Hugging Face cache"), err
     assert "HF_HUB_OFFLINE=1: fetch it with `hf download runs/missing --cache-dir " in err
     assert err.endswith("(or download it to a folder and give that folder)"), err
+    with pytest.raises(ValueError, match=r"^hf-hub:a/b/c: expected hf-hub:owner/name \(a Hugging Face Hub repo id\)$"):
+        intern2.from_pretrained("hf-hub:a/b/c")
     with pytest.raises(FileNotFoundError, match=r"runs/missing\.pth: no such file or folder"):
         open_pipeline(checkpoint="runs/missing.pth")  # a file's name is a path, never a repo

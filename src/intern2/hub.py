@@ -74,9 +74,12 @@ def resolve_weights(cfg: Mapping[str, Any], cache_dir: Optional[Union[str, os.Pa
 
 def hub_repo(name: Union[str, os.PathLike]) -> Optional[str]:
     """The Hub repo ``name`` stands for, as transformers' ``from_pretrained`` reads one: ``owner/name`` that is no
-    local path (a weight file's name is a path), or timm's ``hf-hub:owner/name``; None for a local path."""
+    local path (a weight file's name is a path), or timm's ``hf-hub:owner/name`` (a ValueError when what follows is
+    no repo id); None for a local path."""
     name = os.fspath(name)
     if name.startswith(HF_HUB_PREFIX):
+        if not _REPO_ID.fullmatch(name[len(HF_HUB_PREFIX):]):
+            raise ValueError(f"{name}: expected {HF_HUB_PREFIX}owner/name (a Hugging Face Hub repo id)")
         return name[len(HF_HUB_PREFIX):]
     if _REPO_ID.fullmatch(name) and not name.lower().endswith(_FILE_SUFFIXES) and not Path(name).exists():
         return name
