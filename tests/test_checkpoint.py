@@ -148,6 +148,29 @@ def test_hf_folder_bad_id2label(tmp_path):
         intern2.from_pretrained(tmp_path, weights=False)
 
 
+def test_hf_folder_without_a_tag_takes_its_preprocessor_config(tmp_path):
+    """A folder no tag describes (H/G's 22K heads, a fine-tune) is evaluated as its preprocessor_config.json says
+    (transformers' CLIP-style processor: shorter side to `size`, centre crop `crop_size`); a tag's own protocol
+    wins where there is one (OpenGVLab's processors state the tags' protocols)."""
+    from intern2.pipelines.image_cls import ImageClassificationPipeline
+    processor = {"crop_size": 256, "size": {"shortest_edge": 292}, "resample": 2, "image_mean": [0.5, 0.5, 0.5],
+                 "image_std": [0.25, 0.25, 0.25], "do_center_crop": True}
+    for classes, want in ((10, dict(input_size=[3, 256, 256], crop_pct=256 / 292, interpolation="bilinear",
+                                    mean=[0.5] * 3, std=[0.25] * 3)),
+                          (1000, dict(input_size=[3, 224, 224], crop_pct=1.0, interpolation="bicubic"))):
+        folder = tmp_path / str(classes)
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({**OFFICIAL_HF_T, "num_classes": classes}))
+        (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+        model = intern2.from_pretrained(folder, weights=False)
+        assert {k: model.pretrained_cfg[k] for k in want} == want
+        assert ImageClassificationPipeline(model).protocol.input_size[-1] == want["input_size"][-1]
+    (folder / "config.json").write_text(json.dumps({**OFFICIAL_HF_T, "num_classes": 10}))
+    (folder / "preprocessor_config.json").write_text(json.dumps({**processor, "resample": 7}))
+    with pytest.raises(ValueError, match=r"preprocessor_config\.json: resample: expected one of PIL's codes"):
+        intern2.from_pretrained(folder, weights=False)
+
+
 def test_save_pretrained_round_trip(reference, tmp_path):
     reference.pretrained_cfg = _fresh().pretrained_cfg
     intern2.save_pretrained(reference, tmp_path / "saved")

@@ -71,11 +71,12 @@ def _torch_load(path: Path) -> Any:
                                   f"PyTorch checkpoint?)") from exc
 
 
-def read_config(folder: Union[str, os.PathLike]) -> Dict[str, Any]:
-    """A model folder's ``config.json`` (a JSON object); errors name the file."""
-    config_path = Path(folder) / CONFIG_NAME
+def read_config(folder: Union[str, os.PathLike], name: str = CONFIG_NAME) -> Dict[str, Any]:
+    """A model folder's ``config.json`` (or another JSON file ``name`` of it) as a JSON object; errors name the
+    file."""
+    config_path = Path(folder) / name
     if not config_path.exists():
-        raise ValueError(f"checkpoint folder {folder} has no {CONFIG_NAME}")
+        raise ValueError(f"checkpoint folder {folder} has no {name}")
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

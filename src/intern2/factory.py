@@ -122,6 +122,36 @@ def _hf_videomae(directory: Path, config: Dict[str, Any], kwargs: Dict[str, Any]
     return model
 
 
+# An HF image processor's PIL resample code -> the interpolation name of pretrained_cfg
+_PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+HF_PREPROCESSOR_NAME = "preprocessor_config.json"
+
+
+def _hf_preprocessing(directory: Path) -> Dict[str, Any]:
+    """The eval preprocessing an HF folder's ``preprocessor_config.json`` states (the shorter side resized to
+    ``size``, a centre crop of ``crop_size``, PIL's ``resample``, ``image_mean`` / ``image_std``) in pretrained_cfg
+    keys; {} without the file. Sizes may be ints or transformers' newer dicts (``shortest_edge``, ``height``)."""
+    if not (directory / HF_PREPROCESSOR_NAME).is_file():
+        return {}
+    config = read_config(directory, HF_PREPROCESSOR_NAME)
+    where = directory / HF_PREPROCESSOR_NAME
+    size, crop = config.get("size"), config.get("crop_size", config.get("size"))
+    size = size.get("shortest_edge", size.get("height")) if isinstance(size, dict) else size
+    crop = crop.get("height") if isinstance(crop, dict) else crop
+    for field, value in (("size", size), ("crop_size", crop)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}: {field}: expected a positive number of pixels, got {value!r}")
+    entries: Dict[str, Any] = {"input_size": [3, crop, crop], "crop_pct": crop / size}
+    if config.get("resample") is not None:
+        if config["resample"] not in _PIL_RESAMPLE:
+            raise ValueError(f"{where}: resample: expected one of PIL's codes {sorted(_PIL_RESAMPLE)}, got "
+                             f"{config['resample']!r}")
+        entries["interpolation"] = _PIL_RESAMPLE[config["resample"]]
+    entries.update({key: config[hf_key] for key, hf_key in (("mean", "image_mean"), ("std", "image_std"))
+                    if config.get(hf_key) is not None})
+    return entries
+
+
 # timm's save_for_hf layout: reconstruction arguments under model_args, the rest informational or label metadata.
 _TIMM_CONFIG_KEYS = ("model_args", "num_features", "global_pool", "label_names", "label_descriptions")
 
@@ -187,8 +217,9 @@ def from_pretrained(directory: Union[str, os.PathLike], weights: bool = True, dt
         # The registered variant of that width and depth, with its published tag of that class count (L's in22k
         # or in22k_ft_in1k). Else T's name, and no tag's record: every field is given, so what is built and saved
         # is the folder's architecture and save_pretrained writes a folder intern2 reads back, but no published
-        # weights, metrics or input size describe it. OpenGVLab's folders name no classes; a folder whose
-        # id2label does (a fine-tune saved by transformers) is not the published weights either.
+        # weights or metrics describe it; its preprocessor_config.json, where it has one, gives the input size.
+        # OpenGVLab's folders name no classes; a folder whose id2label does (a fine-tune saved by transformers) is
+        # not the published weights either.
         from .models.internimage import INTERNIMAGE_VARIANTS, InternImageConfig
         from .weights import get_weights, hf_label_names, is_placeholder_labels, pretrained_tags
         fields = InternImageConfig.from_dict(config).to_dict()
@@ -205,9 +236,10 @@ def from_pretrained(directory: Union[str, os.PathLike], weights: bool = True, dt
             "num_classes") == fields["num_classes"]), None) if name and own_names is None else None
         model = create_model(f"{name}.{tag}" if tag else name or "internimage_t", **{**fields, **kwargs})
         cfg = model.pretrained_cfg
-        if tag is None:
+        if tag is None:  # the folder's own preprocessing, where it states one
             record_only = ("tag", "metrics", "label_descriptions", "hf_hub_id", "hf_hub_filename", "url")
             cfg = cfg_for_head({k: v for k, v in cfg.items() if k not in record_only}, fields["num_classes"])
+            cfg = {**cfg, **_hf_preprocessing(directory)}
         model.pretrained_cfg = {**cfg, "file": str(directory), **({"label_names": own_names} if own_names else {})}
     elif model_type == "videomae":
         model = _hf_videomae(directory, config, kwargs)
