@@ -136,6 +136,11 @@ def test_a_folder_tag_is_the_repos_snapshot(tmp_path, monkeypatch, capsys):
     assert cli.main(["translate", "--model", "facebook/nllb-200-distilled-600M", "--src", "en", "--tgt", "fr",
                      "--max-new-tokens", "4", "Hello."]) == 0  # the repo named, as transformers users do
     assert capsys.readouterr().out.count("\n") == 1
+    from intern2.pipelines import open_pipeline
+    from intern2.pipelines.translation import Translator
+    opened = open_pipeline("facebook/nllb-200-distilled-600M")  # the tokenizer comes from the repo's snapshot too
+    assert isinstance(opened, Translator) and len(opened.translate(["Hello."], "eng_Latn", "fra_Latn",
+                                                                   max_new_tokens=4)) == 1
     # Damaged downloads are named, with what to do.
     weights = (folder / "model.safetensors").read_bytes()
     for damaged, message in (("model.safetensors", "model.safetensors"), ("sentencepiece.bpe.model",

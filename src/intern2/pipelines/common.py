@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import collections.abc
+import contextlib
 import functools
 import json
 import logging
@@ -58,6 +59,23 @@ CLI_NAMES = ("--checkpoint", "--model")  # how load_model's arguments are named 
 PYTHON_NAMES = ("checkpoint=", "model=")
 
 
+@contextlib.contextmanager
+def local_checkpoint(checkpoint: Optional[str], names: Tuple[str, str] = CLI_NAMES) -> Iterator[Optional[str]]:
+    """``checkpoint`` as a local path in the ``with`` body: a Hub repo (``owner/name``, ``hf-hub:owner/name``) is
+    its snapshot in the Hugging Face cache, downloaded when online, and a file there that cannot be read is named
+    as a damaged download. Errors start with ``names[0]``."""
+    from ..hub import hub_repo, reading_download, resolve_folder
+    if not checkpoint or not hub_repo(checkpoint):
+        yield checkpoint
+        return
+    try:
+        folder = resolve_folder(checkpoint)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{names[0]} {exc}") from None
+    with reading_download(folder):
+        yield str(folder)
+
+
 def load_model(checkpoint: Optional[str], model_name: Optional[str], pretrained: bool = False,
                names: Tuple[str, str] = CLI_NAMES) -> nn.Module:
     """``model_name`` ('arch' or 'arch.tag') with an optional checkpoint in any supported layout (a file, or a
@@ -66,14 +84,10 @@ def load_model(checkpoint: Optional[str], model_name: Optional[str], pretrained:
     rebuilds); in eval mode. A checkpoint that is a Hub repo (``owner/name``) is its snapshot in the Hugging Face
     cache, downloaded when online. Errors call the two arguments ``names`` (the CLI's flags by default)."""
     from ..factory import create_model, from_pretrained
-    from ..hub import hub_repo, reading_download, resolve_folder
+    from ..hub import hub_repo
     if checkpoint and hub_repo(checkpoint):
-        try:
-            folder = resolve_folder(checkpoint)
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"{names[0]} {exc}") from None
-        with reading_download(folder):
-            return load_model(str(folder), model_name, pretrained, names)
+        with local_checkpoint(checkpoint, names) as folder:
+            return load_model(folder, model_name, pretrained, names)
     if checkpoint and Path(checkpoint).is_dir() and model_name is None:
         return from_pretrained(checkpoint).eval()
     if model_name is None:
@@ -220,7 +234,8 @@ class Pipeline:
                         **options: Any) -> "Pipeline":
         """Load ``checkpoint`` (a model folder, or a weight file with ``model``: a registered name) and wrap
         it; ``options`` go to the pipeline (protocol overrides)."""
-        return cls(load_model(checkpoint, model, names=PYTHON_NAMES), source=checkpoint or model, **options)
+        with local_checkpoint(checkpoint, PYTHON_NAMES) as local:
+            return cls(load_model(local, model, names=PYTHON_NAMES), source=local or model, **options)
 
     @property
     def device(self) -> torch.device:
@@ -241,11 +256,11 @@ def open_pipeline(checkpoint: Optional[str] = None, model: Any = None, task: Opt
     if isinstance(model, nn.Module):
         if checkpoint is not None or pretrained:
             raise ValueError("open_pipeline: model= is a built model; checkpoint= and pretrained= are for a name")
-        loaded, source = model, None
-    else:
-        loaded, source = load_model(checkpoint, model, pretrained, PYTHON_NAMES), checkpoint or model
-    task = task or model_task(loaded) or folder_task(checkpoint)
-    return pipeline_class(task)(loaded, source=source, **options)
+        return pipeline_class(task or model_task(model))(model, source=None, **options)
+    with local_checkpoint(checkpoint, PYTHON_NAMES) as local:
+        loaded = load_model(local, model, pretrained, PYTHON_NAMES)
+        return pipeline_class(task or model_task(loaded) or folder_task(local))(loaded, source=local or model,
+                                                                                **options)
 
 
 def progress(items: Iterable[T], desc: str, total: Optional[int] = None) -> Iterator[T]:

@@ -22,9 +22,9 @@ from ..data import read_text
 from ..data.video import FrameSampler, VideoDecodeError, VideoEvalTransform, read_video
 from ..text import check_text
 from ..weights import VideoProtocol
-from .common import (Pipeline, add_model_arguments, check_aspect, device_from_args, items, load_model, model_dtype,
-                     one_or_many, option_error, output_or_exit, positive, positive_count, print_topk, progress,
-                     setup_logging)
+from .common import (Pipeline, add_model_arguments, check_aspect, device_from_args, items, load_model, local_checkpoint,
+                     model_dtype, one_or_many, option_error, output_or_exit, positive, positive_count, print_topk,
+                     progress, setup_logging)
 from .video_cls import add_protocol_arguments, protocol_options, video_files_or_exit, write_arrays
 
 __all__ = ["VideoTextPipeline", "DEFAULT_PROMPT", "check_prompt", "encode_texts", "encode_views", "retrieve_main",
@@ -121,7 +121,8 @@ class VideoTextPipeline(Pipeline):
     @classmethod
     def from_pretrained(cls, checkpoint: Optional[str] = None, model: Optional[str] = None,
                         tokenizer: Any = None, **options: Any) -> "VideoTextPipeline":
-        return cls(load_model(checkpoint, model), tokenizer, source=checkpoint or model, **options)
+        with local_checkpoint(checkpoint) as local:
+            return cls(load_model(local, model), tokenizer, source=local or model, **options)
 
     def views(self, file: str) -> torch.Tensor:
         """(V, C, T, H, W) test views of a video file."""
