@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -144,8 +145,24 @@ def test_hf_folder_id2label(tmp_path, id2label, published):
 
 def test_hf_folder_bad_id2label(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**OFFICIAL_HF_T, "id2label": {"1": "a", "2": "b"}}))
-    with pytest.raises(ValueError, match=r"config\.json: id2label: expected an object mapping the class indices"):
+    with pytest.raises(ValueError, match=r"config\.json: id2label: key '2': expected the class indices 0\.\.1$"):
         intern2.from_pretrained(tmp_path, weights=False)
+
+
+def test_hf_label_names():
+    """id2label as JSON writes it (string keys) or as PretrainedConfig.to_dict keeps it (int keys); anything else
+    is one line naming the key or value."""
+    from intern2.weights import hf_label_names
+    assert hf_label_names({"id2label": {"1": "dog", "0": "cat"}}) == ["cat", "dog"]
+    assert hf_label_names({"id2label": {1: "dog", 0: "cat"}}) == ["cat", "dog"]
+    assert hf_label_names({}) is None and hf_label_names({"id2label": {}}) is None
+    for id2label, message in ((["cat"], "expected an object mapping class indices to names, got list"),
+                              ({"0": "cat", "01": "dog"}, "key '01': expected the class indices 0..1"),
+                              ({"0": "cat", "1": 7}, "'1': expected a class name, got 7"),
+                              ({True: "cat", "1": "dog"}, "key True: expected the class indices 0..1"),
+                              ({0: "cat", "0": "dog"}, "an index given twice")):
+        with pytest.raises(ValueError, match=f"^id2label: {re.escape(message)}"):
+            hf_label_names({"id2label": id2label})
 
 
 def test_hf_folder_without_a_tag_takes_its_preprocessor_config(tmp_path):

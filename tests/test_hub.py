@@ -255,3 +255,29 @@ def test_a_hub_repo_id_loads_from_the_cache_through_every_door(tmp_path, referen
         intern2.from_pretrained("hf-hub:a/b/c")
     with pytest.raises(FileNotFoundError, match=r"runs/missing\.pth: no such file or folder"):
         open_pipeline(checkpoint="runs/missing.pth")  # a file's name is a path, never a repo
+
+
+def test_what_is_read_as_a_hub_repo(tmp_path, monkeypatch):
+    """`owner/name` is a Hub repo only when no such path exists here and it names no file; a name the Hub would
+    refuse ('--', '..', non-ASCII) stays a local path, whose error says it does not exist."""
+    from intern2.hub import hub_repo
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "model").mkdir(parents=True)
+    (tmp_path / "runs" / "weights").write_bytes(b"")  # a file without a suffix
+    for name in ("runs/model", "runs/weights", "./x/y", "/abs/x", "runs\\model", "a..b/c", "exp--1/model",
+                 "x/y.pth", "x/y.npz", "dir/sub/model", "ünï/x", "model", "a/" + "b" * 97):
+        assert hub_repo(name) is None, name
+    for name, repo in (("OpenGVLab/InternVideo2.5", "OpenGVLab/InternVideo2.5"), ("runs/other", "runs/other"),
+                       ("hf-hub:runs/model", "runs/model"), ("facebook/nllb-200-distilled-600M", None)):
+        assert hub_repo(name) == (repo or name), name
+    with pytest.raises(ValueError, match="hf-hub:a--b/c: expected hf-hub:owner/name"):
+        hub_repo("hf-hub:a--b/c")
+
+
+def test_serve_names_the_flag_of_a_missing_model(tmp_path, capsys):
+    pytest.importorskip("uvicorn")
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["serve", "--image-model", "runs/missing"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--image-model runs/missing (no such local folder: read as a Hub repo)" in err, err

@@ -1,6 +1,7 @@
 """Public model API: create_model, from_pretrained, save_pretrained (re-exported by ``intern2``)."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
@@ -13,6 +14,8 @@ from .registry import get_model_builder, is_model
 from .weights import cfg_for_head
 
 __all__ = ["create_model", "from_pretrained", "save_pretrained", "unwrap_model", "HF_MODEL_TYPES"]
+
+log = logging.getLogger(__name__)
 
 
 def create_model(
@@ -181,14 +184,13 @@ def from_pretrained(directory: Union[str, os.PathLike], weights: bool = True, dt
     round-trips, as the translator's HF layout does). ``directory`` may be a Hub repo (``owner/name`` or timm's
     ``hf-hub:owner/name``, e.g. ``OpenGVLab/internimage_t_1k_224``): its snapshot in the Hugging Face cache
     (``cache_dir``, default ``$HF_HUB_CACHE``), downloaded when online, as transformers reads one."""
-    from .hub import hub_repo, reading_download, resolve_folder
+    from .hub import hub_origin, hub_repo, local_folder
     repo = hub_repo(directory)
     if repo is not None:
-        folder = resolve_folder(directory, cache_dir)
-        with reading_download(folder):
+        with local_folder(directory, cache_dir=cache_dir) as folder:
             model = from_pretrained(folder, weights=weights, dtype=dtype, **kwargs)
-        if hasattr(model, "pretrained_cfg"):  # the repo it came from (its config may name the weights it started from)
-            model.pretrained_cfg = {**model.pretrained_cfg, "hf_hub_id": repo, "hf_hub_filename": None}
+        if hasattr(model, "pretrained_cfg"):
+            model.pretrained_cfg = hub_origin(model.pretrained_cfg, repo)
         return model
     directory = Path(directory)
     if directory.is_file():
@@ -230,6 +232,9 @@ def from_pretrained(directory: Union[str, os.PathLike], weights: bool = True, dt
         # transformers writes its 2-class default id2label into configs that never set num_labels
         own_names = names if names and len(names) == fields["num_classes"] and not is_placeholder_labels(names) \
             else None
+        if names and len(names) not in (2, fields["num_classes"]):  # 2: the default of a config that set no labels
+            log.warning("%s: id2label names %d classes but num_classes is %d: its names are not used",
+                        directory / CONFIG_NAME, len(names), fields["num_classes"])
         name = next((name for name, variant in INTERNIMAGE_VARIANTS.items() if variant.channels == fields["channels"]
                      and tuple(variant.depths) == tuple(fields["depths"])), None)
         tag = next((tag for tag in pretrained_tags(name) if get_weights(name, tag).pretrained_cfg().get(

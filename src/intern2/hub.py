@@ -15,21 +15,24 @@ import contextlib
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Any, Dict, Iterator, Mapping, Optional, Union
 
 from .checkpoint import UnreadableFileError
 
-__all__ = ["resolve_weights", "resolve_folder", "hub_repo", "reading_download", "intern2_home", "hub_offline",
-           "ENV_HOME"]
+__all__ = ["resolve_weights", "local_folder", "hub_repo", "hub_origin", "reading_download", "intern2_home",
+           "hub_offline", "ENV_HOME", "HF_HUB_PREFIX"]
 
 ENV_HOME = "INTERN2_HOME"
 # What a folder tag needs from its repo (weights, configs, tokenizer files); not the repo's other formats.
 _FOLDER_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]
-# A Hub repo id as huggingface_hub spells one: owner/name of letters, digits, '-', '_' and '.'.
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]")
+# A Hub repo id as huggingface_hub validates one: owner/name of ASCII letters, digits, '-', '_' and '.', no '--'
+# or '..', at most 96 characters a part.
+_REPO_ID = re.compile(r"(?!.*(--|\.\.))(?=[^/]{1,96}/[^/]{1,96}$)"
+                      r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]*[A-Za-z0-9_]")
 HF_HUB_PREFIX = "hf-hub:"  # timm's spelling of a Hub repo
 # Names of files a user passes where a folder may go ("runs/model.pth" is a missing file, not a repo).
-_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".pkl", ".npy", ".onnx", ".json", ".yaml", ".tar")
+_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".pkl", ".pickle", ".npy", ".npz", ".h5", ".onnx",
+                  ".json", ".yaml", ".yml", ".txt", ".csv", ".tar", ".zip", ".gz", ".gguf")
 
 
 def intern2_home() -> Path:
@@ -86,15 +89,29 @@ def hub_repo(name: Union[str, os.PathLike]) -> Optional[str]:
     return None
 
 
-def resolve_folder(name: Union[str, os.PathLike], cache_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
-    """``name`` as a local path: itself, or for a Hub repo (:func:`hub_repo`) its snapshot in the Hugging Face cache,
-    downloaded when online. Errors say that ``name`` is no local folder and what to fetch."""
+@contextlib.contextmanager
+def local_folder(name: Union[str, os.PathLike], flag: str = "", cache_dir: Optional[Union[str, os.PathLike]] = None,
+                 download: bool = True) -> Iterator[Path]:
+    """``name`` as a local path in the ``with`` body: itself, or for a Hub repo (:func:`hub_repo`) its snapshot in
+    the Hugging Face cache, downloaded when online (and ``download``), where a file the body cannot read is named as
+    a damaged download. Errors start with ``flag`` (the argument that gave ``name``) and say what to fetch."""
     repo = hub_repo(name)
     if repo is None:
-        return Path(name)
-    tag = f"{os.fspath(name)} (no such local folder: read as a Hub repo)"
-    return _from_hub(repo, None, tag, cache_dir or os.environ.get("HF_HUB_CACHE"), not hub_offline(),
-                     elsewhere="download it to a folder and give that folder")
+        yield Path(name)
+        return
+    name = os.fspath(name)
+    tag = " ".join(filter(None, (flag, name if name.startswith(HF_HUB_PREFIX) else
+                                 f"{name} (no such local folder: read as a Hub repo)")))
+    folder = _from_hub(repo, None, tag, cache_dir or os.environ.get("HF_HUB_CACHE"), download and not hub_offline(),
+                       elsewhere="download it to a folder and give that folder")
+    with reading_download(folder):
+        yield folder
+
+
+def hub_origin(cfg: Mapping[str, Any], repo: str) -> Dict[str, Any]:
+    """A pretrained_cfg loaded from the Hub repo ``repo``: the repo it came from (the folder's own config may name
+    the published file of the weights it started from)."""
+    return {**cfg, "hf_hub_id": repo, "hf_hub_filename": None}
 
 
 @contextlib.contextmanager

@@ -415,16 +415,26 @@ def trained_cfg(cfg: Mapping[str, Any], entries: Mapping[str, Any]) -> Dict[str,
 
 def hf_label_names(config: Mapping[str, Any]) -> Optional[List[str]]:
     """The class names of an HF ``config.json``'s ``id2label`` in index order, or None without one (a ValueError
-    naming the field when it is not an index -> name object). transformers' placeholders (``LABEL_0``, ...) are
-    names too: HF's pipelines show them."""
+    naming the field when it is not an index -> name object). Keys may be ints, as ``PretrainedConfig.to_dict``
+    keeps them. transformers' placeholders (``LABEL_0``, ...) are names too: HF's pipelines show them."""
     id2label = config.get("id2label")
     if not id2label:
         return None
-    indices = [str(i) for i in range(len(id2label))] if isinstance(id2label, dict) else []
-    if not indices or sorted(indices) != sorted(id2label) or not all(isinstance(v, str) for v in id2label.values()):
-        raise ValueError(f"id2label: expected an object mapping the class indices 0..N-1 to names, got "
-                         f"{id2label!r:.60}")
-    return [id2label[index] for index in indices]
+    if not isinstance(id2label, dict):
+        raise ValueError(f"id2label: expected an object mapping class indices to names, got "
+                         f"{type(id2label).__name__}")
+    names = {}
+    for key, name in id2label.items():
+        index = key if isinstance(key, int) and not isinstance(key, bool) else \
+            int(key) if isinstance(key, str) and key.isdigit() and str(int(key)) == key else None
+        if index is None or not 0 <= index < len(id2label):
+            raise ValueError(f"id2label: key {key!r}: expected the class indices 0..{len(id2label) - 1}")
+        if not isinstance(name, str):
+            raise ValueError(f"id2label: {key!r}: expected a class name, got {name!r:.40}")
+        names[index] = name
+    if len(names) != len(id2label):  # 1 and "1"
+        raise ValueError(f"id2label: an index given twice; expected the class indices 0..{len(id2label) - 1}")
+    return [names[i] for i in range(len(names))]
 
 
 def is_placeholder_labels(names: Sequence[str]) -> bool:

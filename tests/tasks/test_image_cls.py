@@ -167,3 +167,21 @@ def test_imagenet_wordnet_id_folders_of_a_subset(tmp_path, capsys):
                      "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["count"] == 3 and set(metrics["per_class_top1"]) == {"tench", "English springer", "parachute"}
+
+
+def test_a_whole_imagenet_folder_needs_no_timm(tmp_path, monkeypatch):
+    """All 1000 WordNet-id folders map in sorted order without timm's id list; only a subset needs it."""
+    import sys
+    timm_data = pytest.importorskip("timm.data")
+    from intern2.weights import label_set
+    wordnet_ids = timm_data.ImageNetInfo("imagenet-1k").label_names()
+    for wnid in wordnet_ids:
+        (tmp_path / "val" / wnid).mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "val" / wordnet_ids[5] / "a.png")
+    monkeypatch.setitem(sys.modules, "timm.data", None)  # timm not installed
+    source = open_image_source(str(tmp_path / "val"), label_set("imagenet-1k"))
+    assert [y for _, y in source.samples] == [5]
+    for wnid in wordnet_ids[500:]:
+        (tmp_path / "val" / wnid).rmdir()
+    with pytest.raises(ValueError, match=r"a subset of WordNet-id folders: .* pip install 'intern2\[timm\]'"):
+        open_image_source(str(tmp_path / "val"), label_set("imagenet-1k"))

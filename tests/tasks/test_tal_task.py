@@ -111,9 +111,13 @@ def test_every_door_gives_the_same_segments(trained, capsys):
                               data={"fps": str(FPS), "duration": "inf"})  # form validation lets infinity through
         assert (endless.status_code, endless.json()["detail"]) == (
             422, "duration: inf: expected a positive finite number"), endless.text
+        # The features' own errors stay theirs, whatever the file is called.
+        odd = client.post("/v1/video/localize", files={"file": ("take 2: duration cut.npy", b"not an array")},
+                          data={"fps": str(FPS), "duration": "9"})
+        assert (odd.status_code, odd.json()["error"]) == (400, "invalid_features"), odd.text
         # Fields are answered as fields, whatever the upload: a frame rate out of range, none for features (an
         # upload has no sidecar JSON; the advice to write one was of no use here).
-        for data, detail in (({"fps": "1e9"}, "v12.npy: fps 1000000000.0: expected a frame rate between"),
+        for data, detail in (({"fps": "1e9"}, "fps: 1000000000.0: expected a frame rate between"),
                              ({}, "fps: needed with snippet features (v12.npy): the frames per second")):
             answer = client.post("/v1/video/localize", files={"file": ("v12.npy", file.read_bytes())}, data=data)
             assert (answer.status_code, answer.json()["error"]) == (422, "invalid_field"), answer.text
@@ -292,7 +296,7 @@ def test_builtin_features_extract_once_and_localize_videos(tmp_path, monkeypatch
         answer = client.post("/v1/video/localize", files=upload, data={"min_score": "0"})
         assert answer.status_code == 200 and answer.json()["segments"] == from_video["segments"]
         for data, status, message in (({"duration": "9"}, 400, "duration: only for snippet features"),
-                                      ({"fps": "1e-40"}, 422, "clip.mp4: fps 1e-40: expected a frame rate between")):
+                                      ({"fps": "1e-40"}, 422, "fps: 1e-40: expected a frame rate between")):
             refused = client.post("/v1/video/localize", files=upload, data=data)
             assert refused.status_code == status and refused.json()["detail"].startswith(message), refused.text
 

@@ -67,8 +67,10 @@ def _folder(root: Path, classes: Optional[Sequence[str]] = None) -> ImageSource:
     if classes is not None and not set(folders) <= set(index) and all(_WORDNET_ID.fullmatch(f) for f in folders):
         try:
             wordnet_ids = imagenet_wordnet_ids(names)
-        except ImportError as exc:
-            raise ValueError(f"data {root}: WordNet-id folders: {exc}") from None
+        except ImportError as exc:  # a whole set needs no list: the ids are in sorted order
+            if len(folders) != len(names):
+                raise ValueError(f"data {root}: a subset of WordNet-id folders: {exc}") from None
+            wordnet_ids = None
         if wordnet_ids is not None:
             index = {wnid: i for i, wnid in enumerate(wordnet_ids)}
         elif len(folders) == len(names):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import collections.abc
-import contextlib
 import functools
 import json
 import logging
@@ -59,21 +58,14 @@ CLI_NAMES = ("--checkpoint", "--model")  # how load_model's arguments are named 
 PYTHON_NAMES = ("checkpoint=", "model=")
 
 
-@contextlib.contextmanager
-def local_checkpoint(checkpoint: Optional[str], names: Tuple[str, str] = CLI_NAMES) -> Iterator[Optional[str]]:
-    """``checkpoint`` as a local path in the ``with`` body: a Hub repo (``owner/name``, ``hf-hub:owner/name``) is
-    its snapshot in the Hugging Face cache, downloaded when online, and a file there that cannot be read is named
-    as a damaged download. Errors start with ``names[0]``."""
-    from ..hub import hub_repo, reading_download, resolve_folder
-    if not checkpoint or not hub_repo(checkpoint):
-        yield checkpoint
-        return
-    try:
-        folder = resolve_folder(checkpoint)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"{names[0]} {exc}") from None
-    with reading_download(folder):
-        yield str(folder)
+def local_checkpoint(checkpoint: Optional[str]) -> Optional[str]:
+    """The local path of a checkpoint argument :func:`load_model` has loaded: a Hub repo's snapshot in the cache
+    (where a pipeline finds the tokenizer), else the argument itself."""
+    from ..hub import local_folder
+    if not checkpoint:
+        return checkpoint
+    with local_folder(checkpoint, download=False) as folder:
+        return str(folder) if folder != Path(checkpoint) else checkpoint
 
 
 def load_model(checkpoint: Optional[str], model_name: Optional[str], pretrained: bool = False,
@@ -84,10 +76,13 @@ def load_model(checkpoint: Optional[str], model_name: Optional[str], pretrained:
     rebuilds); in eval mode. A checkpoint that is a Hub repo (``owner/name``) is its snapshot in the Hugging Face
     cache, downloaded when online. Errors call the two arguments ``names`` (the CLI's flags by default)."""
     from ..factory import create_model, from_pretrained
-    from ..hub import hub_repo
-    if checkpoint and hub_repo(checkpoint):
-        with local_checkpoint(checkpoint, names) as folder:
-            return load_model(folder, model_name, pretrained, names)
+    from ..hub import hub_origin, hub_repo, local_folder
+    repo = hub_repo(checkpoint) if checkpoint else None
+    if repo is not None:
+        with local_folder(checkpoint, names[0]) as folder:
+            model = load_model(str(folder), model_name, pretrained, names)
+        model.pretrained_cfg = hub_origin(model.pretrained_cfg, repo)
+        return model
     if checkpoint and Path(checkpoint).is_dir() and model_name is None:
         return from_pretrained(checkpoint).eval()
     if model_name is None:
@@ -103,12 +98,13 @@ def load_model(checkpoint: Optional[str], model_name: Optional[str], pretrained:
     return model
 
 
-def load_model_spec(spec: str) -> nn.Module:
+def load_model_spec(spec: str, flag: Optional[str] = None) -> nn.Module:
     """A model from ``FOLDER``, a Hub repo (``owner/name``), ``NAME`` (random weights: for trying the API) or
-    ``NAME:WEIGHTS_FILE``."""
+    ``NAME:WEIGHTS_FILE``; errors name ``flag``, the argument that gave it."""
     from ..hub import hub_repo
+    names = (flag, flag) if flag else CLI_NAMES
     if Path(spec).is_dir() or hub_repo(spec):
-        return load_model(spec, None)
+        return load_model(spec, None, names=names)
     name, colon, weights = spec.partition(":")
     if "/" in name or name.startswith("."):  # a path, not a registered name
         raise FileNotFoundError(f"{spec}: no such file or folder (expected a model folder, NAME or NAME:WEIGHTS)")
@@ -116,7 +112,7 @@ def load_model_spec(spec: str) -> nn.Module:
         raise ValueError(f"{spec}: nothing after ':'; expected NAME:WEIGHTS_FILE (or NAME alone for random weights)")
     if not name.strip():
         raise ValueError(f"{spec!r}: no model name; expected a model folder, NAME or NAME:WEIGHTS_FILE")
-    return load_model(weights or None, name)
+    return load_model(weights or None, name, names=names)
 
 
 def model_task(model: nn.Module) -> Optional[str]:
@@ -234,8 +230,8 @@ class Pipeline:
                         **options: Any) -> "Pipeline":
         """Load ``checkpoint`` (a model folder, or a weight file with ``model``: a registered name) and wrap
         it; ``options`` go to the pipeline (protocol overrides)."""
-        with local_checkpoint(checkpoint, PYTHON_NAMES) as local:
-            return cls(load_model(local, model, names=PYTHON_NAMES), source=local or model, **options)
+        loaded = load_model(checkpoint, model, names=PYTHON_NAMES)
+        return cls(loaded, source=local_checkpoint(checkpoint) or model, **options)
 
     @property
     def device(self) -> torch.device:
@@ -257,10 +253,9 @@ def open_pipeline(checkpoint: Optional[str] = None, model: Any = None, task: Opt
         if checkpoint is not None or pretrained:
             raise ValueError("open_pipeline: model= is a built model; checkpoint= and pretrained= are for a name")
         return pipeline_class(task or model_task(model))(model, source=None, **options)
-    with local_checkpoint(checkpoint, PYTHON_NAMES) as local:
-        loaded = load_model(local, model, pretrained, PYTHON_NAMES)
-        return pipeline_class(task or model_task(loaded) or folder_task(local))(loaded, source=local or model,
-                                                                                **options)
+    loaded = load_model(checkpoint, model, pretrained, PYTHON_NAMES)
+    local = local_checkpoint(checkpoint)
+    return pipeline_class(task or model_task(loaded) or folder_task(local))(loaded, source=local or model, **options)
 
 
 def progress(items: Iterable[T], desc: str, total: Optional[int] = None) -> Iterator[T]:
@@ -299,7 +294,8 @@ def top_k(probs: torch.Tensor, labels: Sequence[str], k: int) -> List[Dict[str, 
 def add_model_arguments(parser: argparse.ArgumentParser, run_options: bool = True) -> None:
     """--checkpoint / --model, shared by the commands that load a trained or official model; with ``run_options``
     (the commands that run it) also --task (chosen by the dispatcher) and --dtype."""
-    parser.add_argument("--checkpoint", help="model folder, or a weight file used with --model")
+    parser.add_argument("--checkpoint", help="model folder or a Hub repo of one (owner/name), or a weight file used "
+                        "with --model")
     parser.add_argument("--model", help="registered model name, optionally with a pretrained tag "
                         "(internimage_t.in1k); needed unless --checkpoint is a model folder")
     if not run_options:
@@ -528,13 +524,15 @@ def folder_task(checkpoint: Optional[str]) -> Optional[str]:
     """The task a model folder's config.json states: its weights metadata, architecture, or HF model type (an HF
     NLLB folder says only ``m2m_100``); None when it says nothing or cannot be read (loading reports that)."""
     from ..checkpoint import read_config
-    from ..hub import hub_repo, resolve_folder
-    if checkpoint and hub_repo(checkpoint):
-        try:  # the download loading would make next
-            checkpoint = str(resolve_folder(checkpoint))
-        except (OSError, ImportError):
-            return None
-    if not checkpoint or not (Path(checkpoint) / "config.json").is_file():
+    if not checkpoint:
+        return None
+    from ..hub import local_folder
+    try:  # a Hub repo's snapshot: the download loading would make next
+        with local_folder(checkpoint) as folder:
+            checkpoint = str(folder)
+    except (OSError, ImportError, ValueError):
+        return None
+    if not (Path(checkpoint) / "config.json").is_file():
         return None
     try:
         values = read_config(checkpoint)

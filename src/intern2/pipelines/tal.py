@@ -23,7 +23,7 @@ from ..data.temporal import read_features
 from ..weights import TemporalLocalizationProtocol
 from .common import Pipeline, add_model_arguments, items, load_model_spec, pipeline_from_args, positive, progress
 
-__all__ = ["TemporalLocalizationPipeline", "predict_main"]
+__all__ = ["TemporalLocalizationPipeline", "RateError", "check_fps", "predict_main"]
 
 Features = Union[str, Path, np.ndarray, torch.Tensor]
 
@@ -195,7 +195,7 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
     pipeline = pipeline_from_args(parser, args, TemporalLocalizationPipeline)
     if args.encoder:
         try:
-            pipeline.encoder = pipeline.snippet_extractor(load_model_spec(args.encoder), args.encoder)
+            pipeline.encoder = pipeline.snippet_extractor(load_model_spec(args.encoder, "--encoder"), args.encoder)
         except (ValueError, FileNotFoundError, TypeError, KeyError) as exc:
             parser.error(f"--encoder {args.encoder}: {error_message(exc)}")
     inputs = []

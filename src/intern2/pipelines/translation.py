@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..config import error_message
-from ..hub import hub_repo, reading_download, resolve_folder
+from ..hub import local_folder, reading_download
 from ..text import check_text
 from ..text.corpus import read_lines
 from ..text.languages import get_language
@@ -132,12 +132,12 @@ class Translator(Pipeline):
         if int8 and protocol.get("dtype") is not None and requested_dtype(protocol["dtype"]) != torch.float32:
             raise ValueError(f"int8=True and dtype={protocol['dtype']!r}: choose one (int8 layers take float32 "
                              f"activations)")
-        folder = resolve_folder(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"model folder {folder} " + ("is a file; expected a folder (config.json, weights, "
-                                    "tokenizer)" if folder.exists() else "does not exist"))
-        tokenizer = NllbTokenizer.from_pretrained(folder)
-        model = TranslationModel.from_pretrained(folder, device=device)
+        with local_folder(folder) as folder:
+            if not folder.is_dir():
+                raise FileNotFoundError(f"model folder {folder} " + ("is a file; expected a folder (config.json, "
+                                        "weights, tokenizer)" if folder.exists() else "does not exist"))
+            tokenizer = NllbTokenizer.from_pretrained(folder)
+            model = TranslationModel.from_pretrained(folder, device=device)
         return cls(model.quantize_dynamic() if int8 else model, tokenizer, source=str(folder), **protocol)
 
     def __call__(self, texts: Sequence[str], src_lang: Union[str, Sequence[str]], tgt_lang: str,
@@ -220,7 +220,8 @@ def translate_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("text", nargs="*", help="text to translate")
     parser.add_argument("--src", required=True, help="source language: any code or name, e.g. eng_Latn, en, English")
     parser.add_argument("--tgt", required=True, help="target language, e.g. fra_Latn")
-    parser.add_argument("--model", help="model folder (default: nllb-200-distilled-600M in $INTERN2_HOME)")
+    parser.add_argument("--model", help="model folder or a Hub repo of one, e.g. facebook/nllb-200-distilled-600M "
+                        "(default: nllb-200-distilled-600M in $INTERN2_HOME or the Hugging Face cache)")
     parser.add_argument("--input", help="file with one text per line")
     parser.add_argument("--output", help="write the translations here (one per line) instead of stdout")
     parser.add_argument("--beams", type=int, default=None, help="beam size (1: greedy; default: the model's, 4)")
@@ -259,9 +260,8 @@ def translate_main(argv: Optional[List[str]] = None) -> int:
         if not any(text.strip() for text in texts):
             parser.error("empty input: nothing to translate")
         setup_logging()
-        folder = resolve_folder(args.model) if args.model else _default_model()
-        from_cache = not args.model or hub_repo(args.model) is not None  # a download
-        with reading_download(folder) if from_cache else contextlib.nullcontext():
+        folder = args.model or _default_model()
+        with contextlib.nullcontext() if args.model else reading_download(folder):  # from the cache: a download
             translator = Translator.from_pretrained(folder, int8=args.int8, dtype=args.dtype, device=device or "cpu")
         rows = [i for i, text in enumerate(texts) if text.strip()]  # blank lines stay blank
         source = args.input or ("text" if args.text else "stdin")

@@ -121,8 +121,8 @@ class VideoTextPipeline(Pipeline):
     @classmethod
     def from_pretrained(cls, checkpoint: Optional[str] = None, model: Optional[str] = None,
                         tokenizer: Any = None, **options: Any) -> "VideoTextPipeline":
-        with local_checkpoint(checkpoint) as local:
-            return cls(load_model(local, model), tokenizer, source=local or model, **options)
+        loaded = load_model(checkpoint, model)
+        return cls(loaded, tokenizer, source=local_checkpoint(checkpoint) or model, **options)
 
     def views(self, file: str) -> torch.Tensor:
         """(V, C, T, H, W) test views of a video file."""

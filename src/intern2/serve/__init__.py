@@ -32,11 +32,11 @@ SPEC_HELP = ("a model folder (config.json + weights) or a Hub repo of one (owner
              "optionally followed by :WEIGHTS")
 
 
-def load_model_spec(spec: str) -> Any:
+def load_model_spec(spec: str, flag: Optional[str] = None) -> Any:
     """A model from ``FOLDER``, a Hub repo (``owner/name``), ``NAME`` (random weights: for trying the API) or
-    ``NAME:WEIGHTS_FILE``."""
+    ``NAME:WEIGHTS_FILE``; errors name ``flag``."""
     from ..pipelines.common import load_model_spec as load
-    return load(spec)
+    return load(spec, flag)
 
 
 def load_translator(folder: str, int8: bool = False, dtype: Optional[str] = None) -> Any:
@@ -48,9 +48,10 @@ def load_translator(folder: str, int8: bool = False, dtype: Optional[str] = None
 
 def load_retrieval(folder: str, dtype: Optional[str] = None) -> Any:
     """A :class:`~intern2.pipelines.video_text.VideoTextPipeline` from a folder written by `intern2 train
-    video-text` (with tokenizer.json)."""
+    video-text` (with tokenizer.json), or a Hub repo of one."""
+    from ..hub import hub_repo
     from ..pipelines.video_text import VideoTextPipeline
-    if not Path(folder).is_dir():
+    if not Path(folder).is_dir() and not hub_repo(folder):
         raise FileNotFoundError(f"--retrieval-model {folder}: expected a video-text model folder (config.json, "
                                 f"weights and tokenizer.json)")
     return VideoTextPipeline.from_pretrained(folder, dtype=dtype)
@@ -76,9 +77,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--segment-model", metavar="SPEC", help=f"UperNet segmentor: {SPEC_HELP}")
     parser.add_argument("--video-model", metavar="SPEC", help=f"video classifier: {SPEC_HELP}")
     parser.add_argument("--retrieval-model", metavar="FOLDER",
-                        help="video-text model folder (with its tokenizer.json) for /v1/video/retrieve")
+                        help="video-text model folder (with its tokenizer.json), or a Hub repo of one, for "
+                        "/v1/video/retrieve")
     parser.add_argument("--translator", metavar="FOLDER",
-                        help="translation model folder with its tokenizer (NLLB/M2M-100 layout)")
+                        help="translation model folder with its tokenizer (NLLB/M2M-100 layout), or a Hub repo of "
+                        "one (facebook/nllb-200-distilled-600M)")
     parser.add_argument("--tal-model", metavar="SPEC", help=f"temporal action localizer: {SPEC_HELP}")
     parser.add_argument("--tal-encoder", metavar="SPEC", help="the video model whose snippet features the localizer "
                         "reads: then /v1/video/localize also takes videos")
@@ -131,7 +134,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ValueError("--int8 and --dtype bf16: choose one (int8 layers take float32 activations)")
         for flag in ("image_model", "detect_model", "segment_model", "video_model"):
             if getattr(args, flag):
-                models[flag] = load_model_spec(getattr(args, flag))
+                models[flag] = load_model_spec(getattr(args, flag), "--" + flag.replace("_", "-"))
                 if args.dtype and flag != "detect_model":
                     from ..pipelines.common import inference_dtype
                     model = models[flag]
@@ -144,9 +147,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ValueError("--tal-encoder needs --tal-model (the localizer that reads its features)")
         if args.tal_model:
             from ..pipelines.tal import TemporalLocalizationPipeline
-            localizer = TemporalLocalizationPipeline(load_model_spec(args.tal_model), source=args.tal_model)
+            localizer = TemporalLocalizationPipeline(load_model_spec(args.tal_model, "--tal-model"),
+                                                     source=args.tal_model)
             if args.tal_encoder:
-                localizer.encoder = localizer.snippet_extractor(load_model_spec(args.tal_encoder), args.tal_encoder)
+                localizer.encoder = localizer.snippet_extractor(load_model_spec(args.tal_encoder, "--tal-encoder"),
+                                                                args.tal_encoder)
             models["localizer"] = localizer
         app = create_app(**models, max_upload_mb=args.max_upload_mb, max_image_pixels=args.max_image_pixels,
                          max_frame_pixels=args.max_frame_pixels, max_translate_steps=args.max_translate_steps,

@@ -499,7 +499,7 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
             :data:`LOOPBACK_HOSTS` and its ``--allow-host`` names on a loopback address or when names are given);
             None: any.
     """
-    from ..pipelines.tal import DEFAULT_MIN_SCORE, DEFAULT_TOPK, check_fps  # the Python and CLI defaults too
+    from ..pipelines.tal import DEFAULT_MIN_SCORE, DEFAULT_TOPK, RateError, check_fps  # the Python and CLI defaults
     given = {"image": image_model, "detect": detect_model, "segment": segment_model, "video": video_model,
              "translator": translator, "retrieval": retrieval, "localizer": localizer}
     pipelines = {slot: _pipeline(slot, model) for slot, model in given.items() if model is not None}
@@ -662,8 +662,8 @@ def create_app(image_model: Any = None, detect_model: Any = None, segment_model:
         if fps is not None:  # before the upload is read or decoded
             try:
                 check_fps(fps, filename)
-            except ValueError as exc:
-                raise ServeError(422, "invalid_field", str(exc)) from None
+            except RateError as exc:
+                raise ServeError(422, "invalid_field", f"{exc.field}: {exc.detail}") from None
         if filename.lower().endswith(".npy"):
             if fps is None and not slot.model.protocol.default_fps:
                 raise ServeError(422, "invalid_field", f"fps: needed with snippet features ({filename}): the frames "

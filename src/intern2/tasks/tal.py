@@ -458,7 +458,7 @@ BUILTIN_ENCODER = ("videomae_vit_s", dict(embed_dim=96, depth=4, num_heads=4, pa
 def _builtin_encoder(spec: Optional[str]) -> nn.Module:
     if spec:
         from ..pipelines.common import load_model_spec
-        return load_model_spec(spec)
+        return load_model_spec(spec, "encoder")
     name, kwargs = BUILTIN_ENCODER
     with torch.random.fork_rng():
         torch.manual_seed(0)

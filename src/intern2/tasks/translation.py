@@ -306,13 +306,16 @@ class TranslationTask:
 
     def _tokenizer(self):
         """(tokenizer, ids of language tokens it had to add)."""
+        from ..hub import local_folder
         from ..text.tokenizer import NllbTokenizer
-        folder = self.cfg.tokenizer or self.cfg.checkpoint
-        if folder:
-            tokenizer = NllbTokenizer.from_pretrained(folder)
+        name, given = (("tokenizer", self.cfg.tokenizer) if self.cfg.tokenizer else
+                       ("checkpoint", self.cfg.checkpoint))
+        if given:
+            with local_folder(given, name) as folder:  # a Hub repo (facebook/nllb-200-distilled-600M) too
+                tokenizer = NllbTokenizer.from_pretrained(folder)
             missing = [lang for lang in self._languages() if lang not in tokenizer.languages]
             if missing:
-                log.info("adding language tokens %s to the tokenizer of %s", ", ".join(missing), folder)
+                log.info("adding language tokens %s to the tokenizer of %s", ", ".join(missing), given)
             return tokenizer, tokenizer.add_languages(missing)
         lines = dict.fromkeys(text for pair in self.train_pairs for text in pair[2:])
         log.info("training a SentencePiece tokenizer (<= %d pieces) on %d training lines", self.cfg.vocab_size,
@@ -388,7 +391,8 @@ def _codes(text: Optional[str]) -> List[str]:
 def eval_main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="intern2 eval translation",
                                      description="Translate a held-out set and score it (chrF++, BLEU, copy baseline).")
-    parser.add_argument("--checkpoint", "--model", dest="model", required=True, help="model folder")
+    parser.add_argument("--checkpoint", "--model", dest="model", required=True,
+                        help="model folder, or a Hub repo of one (owner/name)")
     parser.add_argument("--task", help=argparse.SUPPRESS)  # given by `intern2 eval --task translation`
     parser.add_argument("--data", help="builtin:cldr or flores:ROOT (default: the data the model was trained on)")
     parser.add_argument("--split", default="test", choices=("dev", "test"),
@@ -408,7 +412,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
         parser.error("--src-file and --ref-file go together")
     try:
         translator = Translator.from_pretrained(args.model, int8=args.int8)
-        info_path = Path(args.model) / DIRECTIONS_FILE
+        info_path = Path(translator.source) / DIRECTIONS_FILE  # the folder, also of a Hub repo
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         if bool(args.src) != bool(args.tgt):
             parser.error("--src and --tgt go together")

@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from ..data.video import collate_videos
 from ..engine import TrainConfig
 from ..factory import create_model, save_pretrained
+from ..hub import hub_repo
 from ..models.video_vit import VideoMAEPretrain, VideoViT, keep_visible
 from ..models.videotext import VideoTextModel
 from ..pipelines.common import load_model
@@ -157,10 +158,11 @@ class UMTTask:
         if given.is_file():
             raise ValueError(f"teacher {cfg.teacher}: a file; give the model's registered name as teacher and the "
                              f"file as teacher_checkpoint")
-        if not given.is_dir() and ("/" in cfg.teacher or os.sep in cfg.teacher):  # no registered name has one
+        folder = given.is_dir() or hub_repo(cfg.teacher) is not None  # a Hub repo's snapshot is a folder too
+        if not folder and ("/" in cfg.teacher or os.sep in cfg.teacher):  # no registered name has one
             raise ValueError(f"teacher {cfg.teacher}: no such model folder")
         try:
-            teacher = load_model(cfg.teacher, None) if given.is_dir() else \
+            teacher = load_model(cfg.teacher, None, names=("teacher", "teacher")) if folder else \
                 load_model(cfg.teacher_checkpoint, cfg.teacher)
         except KeyError as exc:  # an unknown model name
             raise ValueError(f"teacher: {exc.args[0]}") from None
