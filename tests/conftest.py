@@ -22,6 +22,20 @@ os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="intern2-test-hf-cache-")
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
 
+HUB_COMMIT = "4c3e7a1f" * 5
+
+
+def hub_path(cache: Path, repo: str, filename: str = "") -> Path:
+    """Where huggingface_hub keeps ``filename`` of ``repo`` at its main revision (refs/main -> snapshot): tests
+    build Hub caches offline with it."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(HUB_COMMIT)
+    path = root / "snapshots" / HUB_COMMIT / filename
+    (path.parent if filename else path).mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def fixture_path(*parts: str) -> Path:
     """Path inside ../shared/fixtures, skipping the test when the fixtures are not checked out."""
     path = FIXTURES.joinpath(*parts)

@@ -9,22 +9,10 @@ import torch
 
 import intern2
 from intern2 import cli
+from conftest import hub_path
 from intern2.hub import resolve_weights
 
 TINY = dict(channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8], drop_path_rate=0.0)
-COMMIT = "4c3e7a1f" * 5
-
-
-def hub_path(cache, repo: str, filename: str = ""):
-    """Where huggingface_hub keeps ``filename`` of ``repo`` at its main revision (refs/main -> snapshot)."""
-    root = cache / f"models--{repo.replace('/', '--')}"
-    (root / "refs").mkdir(parents=True, exist_ok=True)
-    (root / "refs" / "main").write_text(COMMIT)
-    path = root / "snapshots" / COMMIT / filename
-    (path.parent if filename else path).mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def _outputs_equal(a, b):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():

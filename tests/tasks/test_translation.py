@@ -121,6 +121,22 @@ def test_eval_cli(model_dir, tmp_path, capsys):
     assert "FLORES-200 file for deu_Latn not found" in capsys.readouterr().err
 
 
+def test_a_hub_repo_trains_and_evaluates(model_dir, tmp_path, monkeypatch, capsys):
+    """`--set checkpoint=owner/name` fine-tunes a repo's snapshot (its tokenizer too) and `eval translation
+    --checkpoint owner/name` reads the directions file in it, as for a local folder."""
+    import shutil
+
+    from conftest import hub_path
+    shutil.copytree(model_dir, hub_path(tmp_path / "hub", "someone/tiny-mt"), dirs_exist_ok=True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert cli.main(["train", "translation", "--data", "builtin:cldr", "--out", str(tmp_path / "ft"), "--set",
+                     "checkpoint=someone/tiny-mt", "--set", "tgt_langs=[fra_Latn]", "--set", "max_tokens=512",
+                     "--set", "max_eval_examples=4", "--set", "train.max_steps=1", "--set", "train.device=cpu"]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", "translation", "--checkpoint", "someone/tiny-mt", "--max-examples", "4", "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)["pairs"]) == {"eng_Latn-fra_Latn", "fra_Latn-eng_Latn"}
+
+
 def test_pair_probabilities():
     assert pair_probabilities([900, 100], 1.0) == pytest.approx([0.9, 0.1])
     assert pair_probabilities([900, 100], 5.0) == pytest.approx([900 ** 0.2 / (900 ** 0.2 + 100 ** 0.2),
