@@ -269,3 +269,21 @@ def test_serve_names_the_flag_of_a_missing_model(tmp_path, capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--image-model runs/missing (no such local folder: read as a Hub repo)" in err, err
+
+
+def test_a_hub_repo_without_its_weights_downloads_none(tmp_path, reference, monkeypatch):
+    """from_pretrained(repo, weights=False) (timm's pretrained=False) fetches the configs, not the weight files."""
+    import huggingface_hub
+    folder = hub_path(tmp_path, "someone/internimage-tiny")
+    intern2.save_pretrained(reference, folder)
+    asked = []
+
+    def snapshot_download(repo, **kwargs):  # the Hub, simulated: tests never reach the network
+        asked.append(kwargs["allow_patterns"])
+        return str(folder)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    intern2.from_pretrained("someone/internimage-tiny", weights=False)
+    assert _outputs_equal(intern2.from_pretrained("someone/internimage-tiny"), reference)
+    assert not any(p.endswith((".safetensors", ".bin")) for p in asked[0]) and "*.json" in asked[0]
+    assert {"*.safetensors", "*.bin"} <= set(asked[1])

@@ -187,7 +187,7 @@ def from_pretrained(directory: Union[str, os.PathLike], weights: bool = True, dt
     from .hub import hub_origin, hub_repo, local_folder
     repo = hub_repo(directory)
     if repo is not None:
-        with local_folder(directory, cache_dir=cache_dir) as folder:
+        with local_folder(directory, cache_dir=cache_dir, weights=weights) as folder:
             model = from_pretrained(folder, weights=weights, dtype=dtype, **kwargs)
         if hasattr(model, "pretrained_cfg"):
             model.pretrained_cfg = hub_origin(model.pretrained_cfg, repo)

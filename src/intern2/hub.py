@@ -15,7 +15,7 @@ import contextlib
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional, Union
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Union
 
 from .checkpoint import UnreadableFileError
 
@@ -25,6 +25,8 @@ __all__ = ["resolve_weights", "local_folder", "hub_repo", "hub_origin", "reading
 ENV_HOME = "INTERN2_HOME"
 # What a folder tag needs from its repo (weights, configs, tokenizer files); not the repo's other formats.
 _FOLDER_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]
+# Left out for a model built without its weights (timm's pretrained=False downloads no weights either).
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 # A Hub repo id as huggingface_hub validates one: owner/name of ASCII letters, digits, '-', '_' and '.', no '--'
 # or '..', at most 96 characters a part.
 _REPO_ID = re.compile(r"(?!.*(--|\.\.))(?=[^/]{1,96}/[^/]{1,96}$)"
@@ -91,10 +93,11 @@ def hub_repo(name: Union[str, os.PathLike]) -> Optional[str]:
 
 @contextlib.contextmanager
 def local_folder(name: Union[str, os.PathLike], flag: str = "", cache_dir: Optional[Union[str, os.PathLike]] = None,
-                 download: bool = True) -> Iterator[Path]:
+                 download: bool = True, weights: bool = True) -> Iterator[Path]:
     """``name`` as a local path in the ``with`` body: itself, or for a Hub repo (:func:`hub_repo`) its snapshot in
-    the Hugging Face cache, downloaded when online (and ``download``), where a file the body cannot read is named as
-    a damaged download. Errors start with ``flag`` (the argument that gave ``name``) and say what to fetch."""
+    the Hugging Face cache, downloaded when online (and ``download``; the weight files only with ``weights``), where
+    a file the body cannot read is named as a damaged download. Errors start with ``flag`` (the argument that gave
+    ``name``) and say what to fetch."""
     repo = hub_repo(name)
     if repo is None:
         yield Path(name)
@@ -102,8 +105,9 @@ def local_folder(name: Union[str, os.PathLike], flag: str = "", cache_dir: Optio
     name = os.fspath(name)
     tag = " ".join(filter(None, (flag, name if name.startswith(HF_HUB_PREFIX) else
                                  f"{name} (no such local folder: read as a Hub repo)")))
+    patterns = _FOLDER_PATTERNS if weights else [p for p in _FOLDER_PATTERNS if p not in _WEIGHT_PATTERNS]
     folder = _from_hub(repo, None, tag, cache_dir or os.environ.get("HF_HUB_CACHE"), download and not hub_offline(),
-                       elsewhere="download it to a folder and give that folder")
+                       elsewhere="download it to a folder and give that folder", patterns=patterns)
     with reading_download(folder):
         yield folder
 
@@ -125,9 +129,10 @@ def reading_download(path: Path) -> Iterator[None]:
 
 
 def _from_hub(repo: str, name: Optional[str], tag: str, cache_dir: Optional[Union[str, os.PathLike]],
-              download: bool, elsewhere: Optional[str] = None) -> Path:
-    """``name`` of ``repo`` (its snapshot for a folder) from the cache, or downloaded; errors start with ``tag`` and
-    end with ``elsewhere``, the other place the user can put it (default: ``$INTERN2_HOME``)."""
+              download: bool, elsewhere: Optional[str] = None, patterns: Sequence[str] = _FOLDER_PATTERNS) -> Path:
+    """``name`` of ``repo`` (its snapshot of the files matching ``patterns`` for a folder) from the cache, or
+    downloaded; errors start with ``tag`` and end with ``elsewhere``, the other place the user can put it (default:
+    ``$INTERN2_HOME``)."""
     elsewhere = elsewhere or f"put {Path(name or repo).name} in {intern2_home()}"
     try:
         from huggingface_hub import hf_hub_download, snapshot_download
@@ -144,7 +149,7 @@ def _from_hub(repo: str, name: Optional[str], tag: str, cache_dir: Optional[Unio
     try:
         if not name or _is_folder(name):
             return Path(snapshot_download(repo, cache_dir=cache_dir, local_files_only=not download,
-                                          allow_patterns=_FOLDER_PATTERNS))
+                                          allow_patterns=list(patterns)))
         return Path(hf_hub_download(repo, name, cache_dir=cache_dir, local_files_only=not download))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
         # huggingface_hub answers LocalEntryNotFoundError also when it tried to download and could not connect.
