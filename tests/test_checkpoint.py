@@ -183,6 +183,13 @@ def test_hf_folder_without_a_tag_takes_its_preprocessor_config(tmp_path):
         assert {k: model.pretrained_cfg[k] for k in want} == want
         assert ImageClassificationPipeline(model).protocol.input_size[-1] == want["input_size"][-1]
     (folder / "config.json").write_text(json.dumps({**OFFICIAL_HF_T, "num_classes": 10}))
+    # No crop (or none done): the resized shorter side is the input; sizes it cannot read leave the defaults.
+    for other, size in (({"size": {"shortest_edge": 300}}, 300), ({"size": 320, "crop_size": 288,
+                                                                   "do_center_crop": False}, 320),
+                        ({"size": "large"}, 224)):
+        (folder / "preprocessor_config.json").write_text(json.dumps(other))
+        cfg = intern2.from_pretrained(folder, weights=False).pretrained_cfg
+        assert (cfg["input_size"][-1], cfg["crop_pct"]) == (size, 1.0), other
     (folder / "preprocessor_config.json").write_text(json.dumps({**processor, "resample": 7}))
     with pytest.raises(ValueError, match=r"preprocessor_config\.json: resample: expected one of PIL's codes"):
         intern2.from_pretrained(folder, weights=False)

@@ -262,13 +262,14 @@ def test_what_is_read_as_a_hub_repo(tmp_path, monkeypatch):
         hub_repo("hf-hub:a--b/c")
 
 
-def test_serve_names_the_flag_of_a_missing_model(tmp_path, capsys):
+@pytest.mark.parametrize("flag", ["--image-model", "--translator", "--retrieval-model", "--tal-model"])
+def test_serve_names_the_flag_of_a_missing_model(flag, capsys):
     pytest.importorskip("uvicorn")
     with pytest.raises(SystemExit) as stop:
-        cli.main(["serve", "--image-model", "runs/missing"])
+        cli.main(["serve", flag, "runs/missing"])
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "--image-model runs/missing (no such local folder: read as a Hub repo)" in err, err
+    assert err.startswith(f"intern2 serve: error: {flag} runs/missing (no such local folder: read as a Hub repo)"), err
 
 
 def test_a_hub_repo_without_its_weights_downloads_none(tmp_path, reference, monkeypatch):
@@ -287,3 +288,9 @@ def test_a_hub_repo_without_its_weights_downloads_none(tmp_path, reference, monk
     assert _outputs_equal(intern2.from_pretrained("someone/internimage-tiny"), reference)
     assert not any(p.endswith((".safetensors", ".bin")) for p in asked[0]) and "*.json" in asked[0]
     assert {"*.safetensors", "*.bin"} <= set(asked[1])
+    # A translation repo of configs only builds its architecture too (its own loader reads weights otherwise).
+    translator = intern2.create_model("intern2_mt_tiny", vocab_size=64, encoder_layers=1, decoder_layers=1)
+    translator.save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    built = intern2.from_pretrained("someone/internimage-tiny", weights=False)
+    assert type(built) is type(translator) and built.config == translator.config

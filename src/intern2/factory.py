@@ -138,12 +138,17 @@ def _hf_preprocessing(directory: Path) -> Dict[str, Any]:
         return {}
     config = read_config(directory, HF_PREPROCESSOR_NAME)
     where = directory / HF_PREPROCESSOR_NAME
-    size, crop = config.get("size"), config.get("crop_size", config.get("size"))
-    size = size.get("shortest_edge", size.get("height")) if isinstance(size, dict) else size
-    crop = crop.get("height") if isinstance(crop, dict) else crop
+
+    def pixels(value: Any) -> Any:  # an int, or {"shortest_edge": N} / {"height": N, "width": N}
+        return value.get("shortest_edge", value.get("height")) if isinstance(value, dict) else value
+    size = pixels(config.get("size"))
+    crop = pixels(config.get("crop_size")) if config.get("do_center_crop", True) else None
+    crop = size if crop is None else crop
     for field, value in (("size", size), ("crop_size", crop)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{where}: {field}: expected a positive number of pixels, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # it loaded before this was read
+            log.warning("%s: %s %r is not a number of pixels: the folder's preprocessing is not used", where, field,
+                        value)
+            return {}
     entries: Dict[str, Any] = {"input_size": [3, crop, crop], "crop_pct": crop / size}
     if config.get("resample") is not None:
         if config["resample"] not in _PIL_RESAMPLE:
@@ -189,8 +194,7 @@ def from_pretrained(directory: Union[str, os.PathLike], weights: bool = True, dt
     if repo is not None:
         with local_folder(directory, cache_dir=cache_dir, weights=weights) as folder:
             model = from_pretrained(folder, weights=weights, dtype=dtype, **kwargs)
-        if hasattr(model, "pretrained_cfg"):
-            model.pretrained_cfg = hub_origin(model.pretrained_cfg, repo)
+        model.pretrained_cfg = hub_origin(getattr(model, "pretrained_cfg", {}), repo)
         return model
     directory = Path(directory)
     if directory.is_file():
@@ -209,7 +213,10 @@ def from_pretrained(directory: Union[str, os.PathLike], weights: bool = True, dt
     arch = config.get("architecture")
     model_type = None if arch else config.get("model_type")
     if model_type == "m2m_100":  # also sharded folders, which read_checkpoint does not read
-        from .models.translator import TranslationModel
+        from .models.translator import TranslationModel, TranslatorConfig
+        if not weights:  # the folder's architecture, freshly initialised: its weight files need not be there
+            model = TranslationModel(TranslatorConfig.from_dict(config)).eval()
+            return model if dtype is None else model.to(dtype)
         return TranslationModel.from_pretrained(directory, dtype=dtype, **kwargs)
     if not (arch and is_model(arch)) and model_type not in HF_MODEL_TYPES:
         raise ValueError(f"{directory / CONFIG_NAME}: cannot tell the model: expected an 'architecture' known to "

@@ -426,7 +426,7 @@ def hf_label_names(config: Mapping[str, Any]) -> Optional[List[str]]:
     names = {}
     for key, name in id2label.items():
         index = key if isinstance(key, int) and not isinstance(key, bool) else \
-            int(key) if isinstance(key, str) and key.isdigit() and str(int(key)) == key else None
+            int(key) if isinstance(key, str) and key.isascii() and key.isdecimal() and str(int(key)) == key else None
         if index is None or not 0 <= index < len(id2label):
             raise ValueError(f"id2label: key {key!r}: expected the class indices 0..{len(id2label) - 1}")
         if not isinstance(name, str):

@@ -58,14 +58,14 @@ CLI_NAMES = ("--checkpoint", "--model")  # how load_model's arguments are named 
 PYTHON_NAMES = ("checkpoint=", "model=")
 
 
-def local_checkpoint(checkpoint: Optional[str]) -> Optional[str]:
-    """The local path of a checkpoint argument :func:`load_model` has loaded: a Hub repo's snapshot in the cache
-    (where a pipeline finds the tokenizer), else the argument itself."""
-    from ..hub import local_folder
-    if not checkpoint:
-        return checkpoint
-    with local_folder(checkpoint, download=False) as folder:
-        return str(folder) if folder != Path(checkpoint) else checkpoint
+def local_checkpoint(source: Optional[str]) -> Optional[str]:
+    """The local path of a pipeline's ``source``: for a Hub repo its snapshot, looked up in the cache only (after
+    :func:`load_model` read the model from it), where the pipeline finds the tokenizer; else ``source`` itself."""
+    from ..hub import hub_repo, local_folder
+    if not source or hub_repo(source) is None:
+        return source
+    with local_folder(source, download=False) as folder:
+        return str(folder)
 
 
 def load_model(checkpoint: Optional[str], model_name: Optional[str], pretrained: bool = False,
@@ -81,7 +81,7 @@ def load_model(checkpoint: Optional[str], model_name: Optional[str], pretrained:
     if repo is not None:
         with local_folder(checkpoint, names[0]) as folder:
             model = load_model(str(folder), model_name, pretrained, names)
-        model.pretrained_cfg = hub_origin(model.pretrained_cfg, repo)
+        model.pretrained_cfg = hub_origin(getattr(model, "pretrained_cfg", {}), repo)
         return model
     if checkpoint and Path(checkpoint).is_dir() and model_name is None:
         return from_pretrained(checkpoint).eval()
@@ -93,7 +93,8 @@ def load_model(checkpoint: Optional[str], model_name: Optional[str], pretrained:
         raise TypeError(f"{names[1]} expected a model name, got {type(model_name).__name__}")
     model = create_model(model_name, pretrained=pretrained, checkpoint_path=checkpoint).eval()
     if checkpoint is None and not pretrained:  # after the name was found: a typo is its own error
-        log.warning("no %s: %s has random weights (its answers mean nothing)%s", names[0].rstrip("="), model_name,
+        missing = "no :WEIGHTS after the name" if names[0] == names[1] else f"no {names[0].rstrip('=')}"
+        log.warning("%s: %s has random weights (its answers mean nothing)%s", missing, model_name,
                     "; pretrained=True loads the official ones" if names == PYTHON_NAMES else "")
     return model
 
@@ -230,8 +231,7 @@ class Pipeline:
                         **options: Any) -> "Pipeline":
         """Load ``checkpoint`` (a model folder, or a weight file with ``model``: a registered name) and wrap
         it; ``options`` go to the pipeline (protocol overrides)."""
-        loaded = load_model(checkpoint, model, names=PYTHON_NAMES)
-        return cls(loaded, source=local_checkpoint(checkpoint) or model, **options)
+        return cls(load_model(checkpoint, model, names=PYTHON_NAMES), source=checkpoint or model, **options)
 
     @property
     def device(self) -> torch.device:
@@ -254,8 +254,8 @@ def open_pipeline(checkpoint: Optional[str] = None, model: Any = None, task: Opt
             raise ValueError("open_pipeline: model= is a built model; checkpoint= and pretrained= are for a name")
         return pipeline_class(task or model_task(model))(model, source=None, **options)
     loaded = load_model(checkpoint, model, pretrained, PYTHON_NAMES)
-    local = local_checkpoint(checkpoint)
-    return pipeline_class(task or model_task(loaded) or folder_task(local))(loaded, source=local or model, **options)
+    task = task or model_task(loaded) or folder_task(local_checkpoint(checkpoint))
+    return pipeline_class(task)(loaded, source=checkpoint or model, **options)
 
 
 def progress(items: Iterable[T], desc: str, total: Optional[int] = None) -> Iterator[T]:

@@ -197,7 +197,8 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
         try:
             pipeline.encoder = pipeline.snippet_extractor(load_model_spec(args.encoder, "--encoder"), args.encoder)
         except (ValueError, FileNotFoundError, TypeError, KeyError) as exc:
-            parser.error(f"--encoder {args.encoder}: {error_message(exc)}")
+            message = error_message(exc)  # loading's errors name the flag already
+            parser.error(message if message.startswith("--encoder") else f"--encoder {args.encoder}: {message}")
     inputs = []
     for item in args.inputs:  # a folder: its feature files (extract-features --snippets writes one per video)
         path = Path(item)

@@ -18,7 +18,7 @@ from ..text import check_text
 from ..text.corpus import read_lines
 from ..text.languages import get_language
 from ..weights import TranslationProtocol
-from .common import Pipeline, device_from_args, progress, setup_logging
+from .common import Pipeline, device_from_args, local_checkpoint, progress, setup_logging
 
 __all__ = ["Translator", "split_sentences", "translate_in_sentences", "translate_main", "predict_main"]
 
@@ -75,11 +75,12 @@ class Translator(Pipeline):
     def __init__(self, model: nn.Module, tokenizer: Any = None, source: Optional[str] = None, **protocol: Any):
         super().__init__(model, source, **protocol)
         if tokenizer is None:
-            if not source or not Path(source).is_dir():
+            folder = local_checkpoint(source)  # a Hub repo's snapshot
+            if not folder or not Path(folder).is_dir():
                 raise ValueError("a translator needs its tokenizer: pass tokenizer=, or load a model folder that "
                                  "holds it")
             from ..text.tokenizer import NllbTokenizer
-            tokenizer = NllbTokenizer.from_pretrained(source)
+            tokenizer = NllbTokenizer.from_pretrained(folder)
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
                              f"{model.config.vocab_size} embedding rows: they do not belong together")
@@ -122,22 +123,23 @@ class Translator(Pipeline):
 
     @classmethod
     def from_pretrained(cls, folder: Union[str, Path], int8: bool = False,
-                        device: Union[str, torch.device] = "cpu", **protocol: Any) -> "Translator":
+                        device: Union[str, torch.device] = "cpu", flag: str = "", **protocol: Any) -> "Translator":
         """Model and tokenizer of a model folder (ours or an HF NLLB folder, or a Hub repo of one:
         ``facebook/nllb-200-distilled-600M``, from the Hugging Face cache); ``int8``: dynamic int8 Linear layers
-        (CPU)."""
+        (CPU); errors name ``flag``, the argument that gave ``folder``."""
         from ..models.translator import TranslationModel
         from ..text.tokenizer import NllbTokenizer
         from .common import requested_dtype
         if int8 and protocol.get("dtype") is not None and requested_dtype(protocol["dtype"]) != torch.float32:
             raise ValueError(f"int8=True and dtype={protocol['dtype']!r}: choose one (int8 layers take float32 "
                              f"activations)")
-        with local_folder(folder) as folder:
-            if not folder.is_dir():
-                raise FileNotFoundError(f"model folder {folder} " + ("is a file; expected a folder (config.json, "
-                                        "weights, tokenizer)" if folder.exists() else "does not exist"))
-            tokenizer = NllbTokenizer.from_pretrained(folder)
-            model = TranslationModel.from_pretrained(folder, device=device)
+        with local_folder(folder, flag) as local:
+            if not local.is_dir():
+                raise FileNotFoundError(f"{flag or 'model folder'} {local} " + (
+                    "is a file; expected a folder (config.json, weights, tokenizer)" if local.exists() else
+                    "does not exist"))
+            tokenizer = NllbTokenizer.from_pretrained(local)
+            model = TranslationModel.from_pretrained(local, device=device)
         return cls(model.quantize_dynamic() if int8 else model, tokenizer, source=str(folder), **protocol)
 
     def __call__(self, texts: Sequence[str], src_lang: Union[str, Sequence[str]], tgt_lang: str,
@@ -262,7 +264,8 @@ def translate_main(argv: Optional[List[str]] = None) -> int:
         setup_logging()
         folder = args.model or _default_model()
         with contextlib.nullcontext() if args.model else reading_download(folder):  # from the cache: a download
-            translator = Translator.from_pretrained(folder, int8=args.int8, dtype=args.dtype, device=device or "cpu")
+            translator = Translator.from_pretrained(folder, int8=args.int8, dtype=args.dtype, device=device or "cpu",
+                                                    flag="--model" if args.model else "")
         rows = [i for i, text in enumerate(texts) if text.strip()]  # blank lines stay blank
         source = args.input or ("text" if args.text else "stdin")
         for i in rows:  # text the model cannot take (not Unicode, too long), named by its line before any work

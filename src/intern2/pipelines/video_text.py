@@ -102,7 +102,8 @@ class VideoTextPipeline(Pipeline):
                                 f"{type(tokenizer).__name__}")
             found = tokenizer
         else:
-            path = tokenizer or (source if source and Path(source).is_dir() else None)
+            folder = local_checkpoint(source)  # a Hub repo's snapshot
+            path = tokenizer or (folder if folder and Path(folder).is_dir() else None)
             if path is None:
                 raise ValueError("--tokenizer is required unless --checkpoint is a model folder holding "
                                  "tokenizer.json (for an official checkpoint: CLIP's bpe_simple_vocab_16e6.txt.gz, "
@@ -121,8 +122,7 @@ class VideoTextPipeline(Pipeline):
     @classmethod
     def from_pretrained(cls, checkpoint: Optional[str] = None, model: Optional[str] = None,
                         tokenizer: Any = None, **options: Any) -> "VideoTextPipeline":
-        loaded = load_model(checkpoint, model)
-        return cls(loaded, tokenizer, source=local_checkpoint(checkpoint) or model, **options)
+        return cls(load_model(checkpoint, model), tokenizer, source=checkpoint or model, **options)
 
     def views(self, file: str) -> torch.Tensor:
         """(V, C, T, H, W) test views of a video file."""

@@ -43,18 +43,19 @@ def load_translator(folder: str, int8: bool = False, dtype: Optional[str] = None
     """A :class:`~intern2.pipelines.translation.Translator` from a model folder holding the tokenizer too (written
     by `intern2 train translation`, or a Hugging Face NLLB folder)."""
     from ..pipelines.translation import Translator
-    return Translator.from_pretrained(folder, int8=int8, dtype=dtype)
+    return Translator.from_pretrained(folder, int8=int8, dtype=dtype, flag="--translator")
 
 
 def load_retrieval(folder: str, dtype: Optional[str] = None) -> Any:
     """A :class:`~intern2.pipelines.video_text.VideoTextPipeline` from a folder written by `intern2 train
     video-text` (with tokenizer.json), or a Hub repo of one."""
-    from ..hub import hub_repo
+    from ..hub import hub_repo, local_folder
     from ..pipelines.video_text import VideoTextPipeline
     if not Path(folder).is_dir() and not hub_repo(folder):
         raise FileNotFoundError(f"--retrieval-model {folder}: expected a video-text model folder (config.json, "
                                 f"weights and tokenizer.json)")
-    return VideoTextPipeline.from_pretrained(folder, dtype=dtype)
+    with local_folder(folder, "--retrieval-model") as local:
+        return VideoTextPipeline.from_pretrained(str(local), dtype=dtype)
 
 
 def _port(text: str) -> int:

@@ -40,7 +40,7 @@ from ..checkpoint import atomic_write
 from ..config import check_positive, check_range, error_message
 from ..engine import TrainConfig
 from ..models.translator import TranslationModel, resize_embeddings_for_languages
-from ..pipelines.common import positive, setup_logging
+from ..pipelines.common import local_checkpoint, positive, setup_logging
 from ..pipelines.translation import Translator
 from ..text.corpus import read_lines
 from ..text.languages import get_language
@@ -412,7 +412,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
         parser.error("--src-file and --ref-file go together")
     try:
         translator = Translator.from_pretrained(args.model, int8=args.int8)
-        info_path = Path(translator.source) / DIRECTIONS_FILE  # the folder, also of a Hub repo
+        info_path = Path(local_checkpoint(translator.source)) / DIRECTIONS_FILE  # a Hub repo: its snapshot
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         if bool(args.src) != bool(args.tgt):
             parser.error("--src and --tgt go together")

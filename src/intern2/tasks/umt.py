@@ -158,7 +158,10 @@ class UMTTask:
         if given.is_file():
             raise ValueError(f"teacher {cfg.teacher}: a file; give the model's registered name as teacher and the "
                              f"file as teacher_checkpoint")
-        folder = given.is_dir() or hub_repo(cfg.teacher) is not None  # a Hub repo's snapshot is a folder too
+        try:
+            folder = given.is_dir() or hub_repo(cfg.teacher) is not None  # a Hub repo's snapshot is a folder too
+        except ValueError as exc:  # hf-hub: without a repo id
+            raise ValueError(f"teacher: {exc}") from None
         if not folder and ("/" in cfg.teacher or os.sep in cfg.teacher):  # no registered name has one
             raise ValueError(f"teacher {cfg.teacher}: no such model folder")
         try:
