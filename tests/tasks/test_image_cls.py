@@ -167,6 +167,11 @@ def test_imagenet_wordnet_id_folders_of_a_subset(tmp_path, capsys):
                      "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["count"] == 3 and set(metrics["per_class_top1"]) == {"tench", "English springer", "parachute"}
+    for wnid in list(wordnet_ids)[1:]:  # the summary line of one image says so
+        (tmp_path / "val" / wnid / "a.png").unlink()
+        (tmp_path / "val" / wnid).rmdir()
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "model"), "--data", str(tmp_path / "val")]) == 0
+    assert "(1 image at 224px, 0 unreadable)" in capsys.readouterr().out
 
 
 def test_a_whole_imagenet_folder_needs_no_timm(tmp_path, monkeypatch):

@@ -26,7 +26,7 @@ __all__ = ["Pipeline", "DTYPES", "cpu_has_bf16", "requested_dtype", "inference_d
            "load_model_spec", "model_task", "top_k", "setup_logging", "add_model_arguments", "model_from_args",
            "pipeline_from_args", "option_error", "print_topk", "open_pipeline", "pair",
            "task_of_arguments", "run_on_images", "check_aspect", "progress", "expand_files",
-           "files_or_exit", "image_files_or_exit"]
+           "files_or_exit", "image_files_or_exit", "counted"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -379,6 +379,13 @@ def one_or_many(call: Callable[..., Dict[str, Any]]) -> Callable[..., Any]:
             return [call(self, item, *args, **kwargs) for item in inputs]
         return call(self, inputs, *args, **kwargs)
     return run
+
+
+def counted(count: int, noun: str) -> str:
+    """``count`` and ``noun`` in words a summary line prints: '1 image', '12 images', '2 entries'."""
+    if count == 1:
+        return f"1 {noun}"
+    return f"{count} {noun[:-1] + 'ies' if noun.endswith('y') and noun[-2:-1] not in 'aeiou' else noun + 's'}"
 
 
 def positive(kind: type) -> Callable[[str], Any]:

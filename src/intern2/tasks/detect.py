@@ -21,7 +21,7 @@ from ..data.coco import (AUGMENTS, CocoDetection, CocoSource, autoaugment_short_
                          collate_detection, open_coco_source)
 from ..engine import TrainConfig
 from ..factory import create_model, save_pretrained
-from ..pipelines.common import add_model_arguments, pair, pipeline_from_args, positive
+from ..pipelines.common import add_model_arguments, counted, pair, pipeline_from_args, positive
 from ..pipelines.detect import DetectionPipeline
 from ..weights import DetectionProtocol, trained_cfg
 from .common import head_model_args, train_cli
@@ -214,5 +214,5 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     mask = f"mask AP {metrics['segm_AP']:.2f} (AP50 {metrics['segm_AP50']:.2f}) " if "segm_AP" in metrics else ""
     print(json.dumps(metrics) if args.json else
           f"{source.annotation_file}: box AP {metrics['bbox_AP']:.2f} (AP50 {metrics['bbox_AP50']:.2f}), "
-          f"{mask}on {metrics['images']} images")
+          f"{mask}on {counted(metrics['images'], 'image')}")
     return 0

@@ -28,7 +28,8 @@ from ..data.images import (
 from ..engine import TrainConfig
 from ..engine.trainer import accumulate_eval
 from ..factory import create_model, save_pretrained
-from ..pipelines.common import add_model_arguments, check_aspect, model_dtype, pipeline_from_args, positive, progress
+from ..pipelines.common import (add_model_arguments, check_aspect, counted, model_dtype, pipeline_from_args, positive,
+                                progress)
 from ..pipelines.image_cls import ImageClassificationPipeline
 from ..weights import ImageClassificationProtocol, trained_cfg
 from .common import head_model_args, train_cli
@@ -227,8 +228,8 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps(metrics))
     else:
         print(f"{source.name}: top-1 {metrics.get('top1', 0):.2f}%  top-5 {metrics.get('top5', 0):.2f}%  "
-              f"({metrics['count']} images at {pipeline.protocol.img_size}px, {metrics.get('skipped', 0)} "
-              f"unreadable)")
+              f"({counted(metrics['count'], 'image')} at {pipeline.protocol.img_size}px, "
+              f"{metrics.get('skipped', 0)} unreadable)")
         for name, acc in metrics.get("per_class_top1", {}).items():
             print(f"  {name}: {acc:.2f}%")
     return 0

@@ -20,7 +20,7 @@ from ..data.segmentation import IGNORE_INDEX, SegmentationDataset, collate_segme
 from ..engine import TrainConfig
 from ..engine.trainer import accumulate_eval
 from ..factory import create_model, save_pretrained
-from ..pipelines.common import add_model_arguments, pipeline_from_args, progress
+from ..pipelines.common import add_model_arguments, counted, pipeline_from_args, progress
 from ..pipelines.segment import SegmentationPipeline, add_protocol_arguments, protocol_options, segment_labels
 from ..weights import SegmentationProtocol, trained_cfg
 from .common import head_model_args, train_cli
@@ -212,8 +212,9 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     if args.json:
         print(json.dumps(metrics))
     else:
-        print(f"{source.name}: mIoU {metrics['mIoU']:.2f}  aAcc {metrics['aAcc']:.2f}  ({len(dataset)} images, "
-              f"{metrics['skipped']} unreadable; test size {protocol.test_size[0]}x{protocol.test_size[1]}"
+        print(f"{source.name}: mIoU {metrics['mIoU']:.2f}  aAcc {metrics['aAcc']:.2f}  "
+              f"({counted(len(dataset), 'image')}, {metrics['skipped']} unreadable; test size "
+              f"{protocol.test_size[0]}x{protocol.test_size[1]}"
               f"{', multi-scale + flip' if pipeline.tta else ''})")
         for name, iou in metrics["per_class_IoU"].items():
             print(f"  {name}: {iou:.2f}")

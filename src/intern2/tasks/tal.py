@@ -39,7 +39,7 @@ from ..config import check_positive, check_range
 from ..data.temporal import TemporalDataset, TemporalSource, class_names, collate_temporal, open_temporal_source
 from ..engine import TrainConfig
 from ..factory import create_model, save_pretrained
-from ..pipelines.common import add_model_arguments, pipeline_from_args, progress
+from ..pipelines.common import add_model_arguments, counted, pipeline_from_args, progress
 from ..weights import TemporalLocalizationProtocol, trained_cfg
 from .common import head_model_args, train_cli
 
@@ -527,6 +527,6 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
         return 0
     print(f"{source.name}: average mAP {100 * metrics['average_mAP']:.2f} over tIoU "
           + " ".join(f"{t:.2f}" for t in metrics["tiou"])
-          + f" ({metrics['videos']} videos, {metrics['skipped']} skipped entries)")
+          + f" ({counted(metrics['videos'], 'video')}, {metrics['skipped']} skipped)")
     print("  mAP: " + "  ".join(f"{100 * m:.2f}" for m in metrics["mAP"]))
     return 0

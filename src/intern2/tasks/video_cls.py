@@ -31,7 +31,7 @@ from ..engine import TrainConfig
 from ..engine.trainer import accumulate_eval
 from ..factory import create_model, save_pretrained
 from ..models.video_vit import classifier_config
-from ..pipelines.common import add_model_arguments, pipeline_from_args, positive, progress
+from ..pipelines.common import add_model_arguments, counted, pipeline_from_args, positive, progress
 from ..pipelines.video_cls import (
     VideoClassificationPipeline,
     add_protocol_arguments,
@@ -273,6 +273,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     else:
         p = pipeline.protocol
         print(f"{source.name}: top-1 {metrics.get('top1', 0):.2f}%  top-5 {metrics.get('top5', 0):.2f}%  "
-              f"({metrics['count']} videos x {clips} clips x {p.test_crops} crops, {p.sampling} sampling, "
+              f"({counted(metrics['count'], 'video')} x {counted(clips, 'clip')} x {counted(p.test_crops, 'crop')}, "
+              f"{p.sampling} sampling, "
               f"{metrics.get('skipped', 0)} unreadable)")
     return 0
