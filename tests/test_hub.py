@@ -284,10 +284,23 @@ def test_a_hub_repo_without_its_weights_downloads_none(tmp_path, reference, monk
         return str(folder)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    from intern2.pipelines.common import task_of_arguments
     intern2.from_pretrained("someone/internimage-tiny", weights=False)
+    assert task_of_arguments(["--checkpoint", "someone/internimage-tiny"]) == "image-cls"  # the CLI reads the task
     assert _outputs_equal(intern2.from_pretrained("someone/internimage-tiny"), reference)
-    assert not any(p.endswith((".safetensors", ".bin")) for p in asked[0]) and "*.json" in asked[0]
-    assert {"*.safetensors", "*.bin"} <= set(asked[1])
+    for patterns in asked[:2]:
+        assert not any(p.endswith((".safetensors", ".bin")) for p in patterns) and "*.json" in patterns
+    assert {"*.safetensors", "*.bin"} <= set(asked[2])
+    # Offline (the Hub no longer simulated), a snapshot cached without its weights says what to fetch.
+    monkeypatch.undo()
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    weights = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"the cached snapshot of someone/internimage-tiny has no weight files "
+                                                r"\(\*\.safetensors, \*\.bin\) and downloading is off: fetch them with "
+                                                r"`hf download someone/internimage-tiny`"):
+        intern2.from_pretrained("someone/internimage-tiny")
+    (folder / "model.safetensors").write_bytes(weights)
     # A translation repo of configs only builds its architecture too (its own loader reads weights otherwise).
     translator = intern2.create_model("intern2_mt_tiny", vocab_size=64, encoder_layers=1, decoder_layers=1)
     translator.save_pretrained(folder)

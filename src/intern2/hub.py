@@ -106,8 +106,16 @@ def local_folder(name: Union[str, os.PathLike], flag: str = "", cache_dir: Optio
     tag = " ".join(filter(None, (flag, name if name.startswith(HF_HUB_PREFIX) else
                                  f"{name} (no such local folder: read as a Hub repo)")))
     patterns = _FOLDER_PATTERNS if weights else [p for p in _FOLDER_PATTERNS if p not in _WEIGHT_PATTERNS]
-    folder = _from_hub(repo, None, tag, cache_dir or os.environ.get("HF_HUB_CACHE"), download and not hub_offline(),
+    download = download and not hub_offline()
+    folder = _from_hub(repo, None, tag, cache_dir or os.environ.get("HF_HUB_CACHE"), download,
                        elsewhere="download it to a folder and give that folder", patterns=patterns)
+    if weights and not any(any(folder.glob(pattern)) for pattern in _WEIGHT_PATTERNS):
+        # e.g. a snapshot cached without its weights (weights=False), read offline
+        files = ", ".join(_WEIGHT_PATTERNS)
+        reason = (f"the Hub repo {repo} has no weight files ({files})" if download else
+                  f"the cached snapshot of {repo} has no weight files ({files}) and downloading is off: fetch them "
+                  f"with `hf download {repo}`")
+        raise FileNotFoundError(f"{tag}: {reason}")
     with reading_download(folder):
         yield folder
 

@@ -534,8 +534,8 @@ def folder_task(checkpoint: Optional[str]) -> Optional[str]:
     if not checkpoint:
         return None
     from ..hub import local_folder
-    try:  # a Hub repo's snapshot: the download loading would make next
-        with local_folder(checkpoint) as folder:
+    try:  # a Hub repo's configs (loading fetches the weights after the arguments were checked)
+        with local_folder(checkpoint, weights=False) as folder:
             checkpoint = str(folder)
     except (OSError, ImportError, ValueError):
         return None

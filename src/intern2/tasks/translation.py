@@ -311,7 +311,7 @@ class TranslationTask:
         name, given = (("tokenizer", self.cfg.tokenizer) if self.cfg.tokenizer else
                        ("checkpoint", self.cfg.checkpoint))
         if given:
-            with local_folder(given, name) as folder:  # a Hub repo (facebook/nllb-200-distilled-600M) too
+            with local_folder(given, name, weights=False) as folder:  # a Hub repo (facebook/nllb-...) too
                 tokenizer = NllbTokenizer.from_pretrained(folder)
             missing = [lang for lang in self._languages() if lang not in tokenizer.languages]
             if missing:
